@@ -1,0 +1,25 @@
+"""Adaptrix: a compiler for model adapters.
+
+`import adaptrix` stays cheap: the compiler's parts load when first used.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "compile_adapter", "inspect_adapter", "load"]
+
+_API = {
+    "compile_adapter": "adaptrix.toolchain.pipeline",
+    "load": "adaptrix.toolchain.pipeline",
+    "inspect_adapter": "adaptrix.toolchain.report",
+}
+
+
+def __getattr__(name: str):
+    """Load the public API lazily."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'adaptrix' has no attribute {name!r}")

@@ -1,0 +1,26 @@
+"""Phi-3: `qkv_proj` fuses q, k, v in blocks with the GQA sizes; `gate_up_proj` fuses gate and up."""
+
+from adaptrix.toolchain.binders.llama import DECODER_CONFIG_KEYS, HEADS, NORMS
+from adaptrix.toolchain.binders.table import Binder, Module, Split
+from adaptrix.toolchain.ir import Role
+
+BINDER = Binder(
+    name="phi3",
+    model_types=("phi3",),
+    layer_container="layers",
+    layer_modules={
+        "self_attn.qkv_proj": Module(
+            (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V),
+            split=Split("blocked", ("q_size", "kv_size", "kv_size")),
+        ),
+        "self_attn.o_proj": Module((Role.ATTN_O,)),
+        "mlp.gate_up_proj": Module(
+            (Role.MLP_GATE, Role.MLP_UP),
+            split=Split("blocked", ("intermediate_size", "intermediate_size")),
+        ),
+        "mlp.down_proj": Module((Role.MLP_DOWN,)),
+        **NORMS,
+    },
+    model_modules=HEADS,
+    config_keys=DECODER_CONFIG_KEYS,
+)

@@ -1,0 +1,220 @@
+"""PEFT's adapter_config.json for LoRA: read, checked, and PEFT's own targeting and scaling rules.
+
+PEFT is not imported here: `import peft` takes seconds and hundreds of MB (it imports all of
+transformers), which a streaming compile cannot afford. The rules below follow PEFT 0.21's
+`check_target_module_exists`, `get_pattern_key` and `LoraLayer.update_layer`; tests check them
+against those functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+
+__all__ = ["CONFIG_NAME", "LoraSettings", "read_lora_settings"]
+
+CONFIG_NAME = "adapter_config.json"
+
+# Fields that change what the adapter computes and that Adaptrix cannot honour: refused when set.
+_UNSUPPORTED = {
+    "layer_replication": "layer replication duplicates base layers",
+    "target_parameters": "LoRA on nn.Parameter targets (MoE experts)",
+    "trainable_token_indices": "trainable token embeddings",
+    "alora_invocation_tokens": "activated LoRA depends on the input tokens and cannot be merged",
+    "use_qalora": "QA-LoRA pools the input groupwise",
+    "megatron_config": "Megatron-parallel LoRA layers",
+    "arrow_config": "Arrow routing among several LoRA experts",
+    "use_bdlora": "block-diagonal LoRA",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
+# Fields that only matter while training or initialising, or that are described by the tensors.
+_HARMLESS = {
+    "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode",
+    "peft_version", "lora_dropout", "init_lora_weights", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "megatron_core", "runtime_config", "qalora_group_size",
+    "ensure_weight_tying", "fan_in_fan_out", "peft_type",
+}  # fmt: skip
+_SUPPORTED = {
+    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "bias",
+    "use_dora", "lora_bias",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSettings:
+    """The parts of a LoRA adapter_config.json that decide what the adapter computes."""
+
+    path: Path
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rank_pattern: dict
+    alpha_pattern: dict
+    target_modules: tuple[str, ...] | str | None
+    exclude_modules: tuple[str, ...] | str | None
+    layers_to_transform: tuple[int, ...] | int | None
+    layers_pattern: tuple[str, ...] | str | None
+    modules_to_save: tuple[str, ...]
+    bias: str
+    use_dora: bool
+    lora_bias: bool
+    fan_in_fan_out: bool
+
+    def rank(self, key: str) -> int:
+        """The rank PEFT gives module `key` (rank_pattern first, then r)."""
+        return int(self.rank_pattern.get(pattern_key(self.rank_pattern, key), self.r))
+
+    def alpha(self, key: str) -> float:
+        """The alpha PEFT gives module `key` (alpha_pattern first, then lora_alpha)."""
+        return float(self.alpha_pattern.get(pattern_key(self.alpha_pattern, key), self.lora_alpha))
+
+    def scale(self, key: str) -> float:
+        """LoRA's scale for module `key`: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        rank = self.rank(key)
+        return self.alpha(key) / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def saves(self, key: str) -> bool:
+        """Whether module `key` lies inside a modules_to_save entry."""
+        return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save)
+
+    def targets(self, key: str, is_linear: bool) -> bool:
+        """Whether PEFT puts LoRA on module `key` (the module name inside the base model)."""
+        if self._excluded(key) or self.saves(key):
+            return False
+        if self.target_modules is None:
+            return False
+        if self.target_modules == "all-linear":
+            return is_linear
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, key) is not None
+        if key in self.target_modules:
+            return True
+        found = any(key.endswith(f".{t}") for t in self.target_modules)
+        layers = self.layers_to_transform
+        if not found or layers is None or (isinstance(layers, tuple) and not layers):
+            return found
+        index = self._layer_index(key)
+        if index is None:
+            return False
+        return index == layers if isinstance(layers, int) else index in layers
+
+    def _excluded(self, key: str) -> bool:
+        excluded = self.exclude_modules
+        if not excluded:
+            return False
+        if isinstance(excluded, str):
+            return re.fullmatch(excluded, key) is not None
+        return key in excluded or any(key.endswith(f".{e}") for e in excluded)
+
+    def _layer_index(self, key: str) -> int | None:
+        patterns = self.layers_pattern
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            match = None
+            for pattern in (patterns,) if isinstance(patterns, str) else patterns:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if match is not None:
+                    break
+        return int(match.group("idx")) if match else None
+
+
+def pattern_key(patterns: dict, key: str) -> str:
+    """PEFT's get_pattern_key: the first pattern that matches the end of `key`, else `key`."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return key
+
+
+def read_lora_settings(adapter: Path) -> LoraSettings:
+    """Read and check a PEFT adapter_config.json; anything Adaptrix cannot honour is an error."""
+    file = adapter / CONFIG_NAME
+    if not file.is_file():
+        raise BadInputError(
+            f"has no {CONFIG_NAME}", path=adapter, fix="pass a PEFT adapter directory (save_pretrained)"
+        )
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"is not valid JSON ({exc.msg})", path=file, fix="re-save the adapter") from None
+    if not isinstance(raw, dict):
+        raise BadInputError("is not a JSON object", path=file, fix="re-save the adapter")
+    peft_type = raw.get("peft_type")
+    if peft_type != "LORA":
+        raise UnsupportedError(
+            f"peft_type is {peft_type!r}; Adaptrix compiles LORA adapters",
+            path=file,
+            fix="convert the adapter to LoRA or use PEFT directly",
+        )
+    _check_fields(raw, file)
+    return _settings(raw, file)
+
+
+def _check_fields(raw: dict, file: Path) -> None:
+    for name, value in raw.items():
+        if name in _SUPPORTED or name in _HARMLESS or _unset(value):
+            continue
+        if name in _UNSUPPORTED:
+            raise UnsupportedError(
+                f"sets {name} ({_UNSUPPORTED[name]}), which Adaptrix cannot compile exactly",
+                path=file,
+                fix="use PEFT's own forward for this adapter",
+            )
+        raise UnsupportedError(
+            f"has field {name!r} = {value!r}, unknown to Adaptrix",
+            path=file,
+            fix="remove it if it does not change what the adapter computes",
+        )
+    if raw.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise BadInputError(f"has bias {raw['bias']!r}; expected none, all or lora_only", path=file)
+
+
+def _unset(value: object) -> bool:
+    return value is None or value is False or value == {} or value == [] or value == ""
+
+
+def _settings(raw: dict, file: Path) -> LoraSettings:
+    try:
+        r, alpha = int(raw["r"]), float(raw.get("lora_alpha", 8))
+        if r <= 0:
+            raise ValueError("r must be positive")
+        return LoraSettings(
+            path=file,
+            r=r,
+            lora_alpha=alpha,
+            use_rslora=bool(raw.get("use_rslora", False)),
+            rank_pattern={str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
+            alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
+            target_modules=_strings(raw.get("target_modules")),
+            exclude_modules=_strings(raw.get("exclude_modules")),
+            layers_to_transform=_layers(raw.get("layers_to_transform")),
+            layers_pattern=_strings(raw.get("layers_pattern")),
+            modules_to_save=tuple(raw.get("modules_to_save") or ()),
+            bias=str(raw.get("bias", "none")),
+            use_dora=bool(raw.get("use_dora", False)),
+            lora_bias=bool(raw.get("lora_bias", False)),
+            fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInputError(f"has an invalid LoRA setting ({exc})", path=file) from None
+
+
+def _strings(value: object) -> tuple[str, ...] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return tuple(str(v) for v in value)
+
+
+def _layers(value: object) -> tuple[int, ...] | int | None:
+    if value is None or isinstance(value, int):
+        return value
+    return tuple(int(v) for v in value)

@@ -1,0 +1,278 @@
+"""The IR: per-layer, per-role weight deltas, independent of any file format or architecture.
+
+Every value here is immutable. Tensors are referenced lazily (`LazyTensor`): a shape and a
+loader, read and checked (shape, finite) only when a target or pass needs the numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+
+import torch
+
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = [
+    "GLOBAL_ROLES",
+    "AdapterIR",
+    "Bias",
+    "DoRA",
+    "LazyTensor",
+    "LowRank",
+    "Op",
+    "Replace",
+    "Role",
+    "Site",
+    "SourceModel",
+]
+
+
+class Role(StrEnum):
+    """The semantic role of a weight, whatever the architecture calls it."""
+
+    ATTN_Q = "attn_q"
+    ATTN_K = "attn_k"
+    ATTN_V = "attn_v"
+    ATTN_O = "attn_o"
+    MLP_GATE = "mlp_gate"
+    MLP_UP = "mlp_up"
+    MLP_DOWN = "mlp_down"
+    ATTN_NORM = "attn_norm"
+    MLP_NORM = "mlp_norm"
+    EMBED = "embed"
+    EMBED_POS = "embed_pos"
+    EMBED_TYPE = "embed_type"
+    EMBED_NORM = "embed_norm"
+    FINAL_NORM = "final_norm"
+    LM_HEAD = "lm_head"
+    POOLER = "pooler"
+    CLS_DENSE = "cls_dense"
+    CLS_HEAD = "cls_head"
+
+
+GLOBAL_ROLES = frozenset(
+    {
+        Role.EMBED,
+        Role.EMBED_POS,
+        Role.EMBED_TYPE,
+        Role.EMBED_NORM,
+        Role.FINAL_NORM,
+        Role.LM_HEAD,
+        Role.POOLER,
+        Role.CLS_DENSE,
+        Role.CLS_HEAD,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Site:
+    """Where an op applies: a layer (None for model-level roles) and a role."""
+
+    layer: int | None
+    role: Role
+
+    def __post_init__(self) -> None:
+        """Check that model-level roles have no layer and layer roles have one."""
+        if (self.layer is None) != (self.role in GLOBAL_ROLES):
+            raise ValueError(f"role {self.role} {'needs' if self.layer is None else 'takes no'} layer")
+
+    def __str__(self) -> str:
+        """`layer 3 attn_q`, or `embed` for a model-level role."""
+        return str(self.role) if self.layer is None else f"layer {self.layer} {self.role}"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceModel:
+    """The architecture and dimensions an adapter was made for."""
+
+    arch: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @property
+    def q_size(self) -> int:
+        """Output width of the query projection."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        """Output width of the key and value projections."""
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LazyTensor:
+    """A tensor known by shape and origin, loaded as float32 and checked when used."""
+
+    shape: tuple[int, ...]
+    origin: str
+    loader: Callable[[], torch.Tensor] = field(repr=False)
+    itemsize: int = 4
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor, origin: str) -> LazyTensor:
+        """Wrap a tensor already in memory."""
+        value = tensor.detach()
+        return cls(tuple(value.shape), origin, lambda: value, value.element_size())
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor takes in its source file."""
+        return self.numel * self.itemsize
+
+    def load(self) -> torch.Tensor:
+        """Read the tensor as float32; its shape must match and its values must be finite."""
+        value = self.loader().to(torch.float32)
+        if tuple(value.shape) != self.shape:
+            raise BadInputError(
+                f"{self.origin} has shape {list(value.shape)}, expected {list(self.shape)}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise BadInputError(
+                f"{self.origin} holds NaN or Inf values",
+                fix="the adapter is corrupt or diverged in training; re-save or retrain it",
+            )
+        return value
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> LazyTensor:
+        """A lazy tensor computed from this one by `fn` when loaded."""
+        return LazyTensor(shape, self.origin, lambda: fn(self.load()), self.itemsize)
+
+    def rows(self, index: torch.Tensor) -> LazyTensor:
+        """The rows (first dimension) picked by `index`."""
+        shape = (len(index), *self.shape[1:])
+        return self.map(lambda t: t.index_select(0, index), shape)
+
+    def transposed(self) -> LazyTensor:
+        """The transpose of a 2-D tensor."""
+        return self.map(lambda t: t.T.contiguous(), (self.shape[1], self.shape[0]))
+
+    def scaled(self, factor: float) -> LazyTensor:
+        """This tensor times a constant."""
+        return self.map(lambda t: t * factor, self.shape)
+
+
+@dataclass(frozen=True, slots=True)
+class LowRank:
+    """delta = scale * B @ A, with A [rank, in] and B [out, rank] (canonical [out, in] layout)."""
+
+    a: LazyTensor
+    b: LazyTensor
+    scale: float
+
+    def __post_init__(self) -> None:
+        """Check that A and B share the rank."""
+        if len(self.a.shape) != 2 or len(self.b.shape) != 2 or self.a.shape[0] != self.b.shape[1]:
+            raise BadInputError(
+                f"{self.b.origin} {list(self.b.shape)} and {self.a.origin} {list(self.a.shape)} "
+                "do not form a low-rank pair B[out, r] @ A[r, in]"
+            )
+
+    @property
+    def rank(self) -> int:
+        """The rank r."""
+        return self.a.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Shape of the delta, [out, in]."""
+        return (self.b.shape[0], self.a.shape[1])
+
+    def delta(self) -> torch.Tensor:
+        """The dense delta in float32."""
+        return (self.b.load() @ self.a.load()) * self.scale
+
+
+@dataclass(frozen=True, slots=True)
+class Bias:
+    """An additive change to a module's bias (or a norm's bias)."""
+
+    delta: LazyTensor
+
+
+@dataclass(frozen=True, slots=True)
+class DoRA:
+    """Weight-decomposed LoRA: W' = magnitude * (W + delta) / row_norm(W + delta)."""
+
+    low_rank: LowRank
+    magnitude: LazyTensor
+
+    def __post_init__(self) -> None:
+        """Check one magnitude per output row."""
+        if self.magnitude.shape != (self.low_rank.shape[0],):
+            raise BadInputError(
+                f"{self.magnitude.origin} has shape {list(self.magnitude.shape)}, "
+                f"expected [{self.low_rank.shape[0]}] (one magnitude per output row)"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    """New values for a module's parameters (PEFT modules_to_save, saved base layers)."""
+
+    tensors: Mapping[str, LazyTensor]
+
+    def __post_init__(self) -> None:
+        """Freeze the mapping."""
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+
+Op = LowRank | Bias | DoRA | Replace
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterIR:
+    """An adapter as ops at sites, with the model it was made for."""
+
+    ops: tuple[tuple[Site, Op], ...]
+    source: SourceModel
+    name: str = "adapter"
+
+    def __post_init__(self) -> None:
+        """Check that a DoRA op is the only weight op at its site."""
+        weight_ops: dict[Site, list[Op]] = {}
+        for site, op in self.ops:
+            if isinstance(op, LowRank | DoRA):
+                weight_ops.setdefault(site, []).append(op)
+        for site, found in weight_ops.items():
+            if len(found) > 1 and any(isinstance(op, DoRA) for op in found):
+                raise BadInputError(f"{self.name}: {site} has a DoRA op beside other weight ops")
+
+    def sites(self) -> list[Site]:
+        """Every site with an op, in order, each once."""
+        return sorted({site for site, _ in self.ops}, key=_site_key)
+
+    def at(self, site: Site) -> list[Op]:
+        """The ops at one site, in order."""
+        return [op for s, op in self.ops if s == site]
+
+    def by_site(self) -> dict[Site, list[Op]]:
+        """All ops grouped by site."""
+        grouped: dict[Site, list[Op]] = {}
+        for site, op in self.ops:
+            grouped.setdefault(site, []).append(op)
+        return grouped
+
+    def __iter__(self) -> Iterator[tuple[Site, Op]]:
+        """Iterate over (site, op) pairs."""
+        return iter(self.ops)
+
+
+def _site_key(site: Site) -> tuple[int, str]:
+    return (-1 if site.layer is None else site.layer, str(site.role))

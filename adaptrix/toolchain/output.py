@@ -1,0 +1,75 @@
+"""Atomic output: write into a temporary sibling, rename into place only when complete."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["atomic_output"]
+
+logger = logging.getLogger(__name__)
+
+_TMP = ".adaptrix-tmp-"
+
+
+@contextmanager
+def atomic_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `out`; on success it becomes `out`, else vanishes."""
+    out = out.absolute()
+    _check_target(out, force, inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.adaptrix-old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def _check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
+    for given in inputs:
+        path = given.absolute()
+        if out == path or out in path.parents:
+            raise BadInputError(
+                f"would overwrite the input {given}", path=out, fix="choose another output directory"
+            )
+    if out.exists() and not out.is_dir():
+        raise BadInputError("exists and is not a directory", path=out, fix="choose another -o")
+    if out.exists() and not force:
+        raise BadInputError("already exists", path=out, fix="pass --force to replace it")
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary siblings left by a killed run of an earlier process."""
+    for stale in out.parent.glob(f".{out.name}.adaptrix-*-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

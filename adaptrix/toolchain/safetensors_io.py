@@ -1,0 +1,176 @@
+"""The safetensors container at the byte level: header parsing and a streaming writer.
+
+The safetensors library reads tensors (memory-mapped) and is used for that; it has no way to
+write a file one tensor at a time, which a merge of a model larger than memory needs, and no
+way to tell where a tensor's bytes lie, which a raw copy needs. Both are here, following the
+format's specification: an 8-byte little-endian header length, a JSON header, the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["DTYPES", "TensorInfo", "dtype_name", "read_header", "write_safetensors"]
+
+DTYPES: Mapping[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file, and what it is."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype."""
+    return _NAMES[dtype]
+
+
+def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check a safetensors header: tensors by name, and the metadata."""
+    fix = "the file is truncated or not safetensors; copy or re-save it"
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise BadInputError("is too short to be safetensors", path=file, fix=fix)
+            (length,) = struct.unpack("<Q", head)
+            if length > min(size - 8, _MAX_HEADER):
+                raise BadInputError("has a header longer than the file", path=file, fix=fix)
+            header = json.loads(handle.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadInputError("has a header that is not JSON", path=file, fix=fix) from None
+    except OSError as exc:
+        raise BadInputError(f"cannot be read ({exc.strerror})", path=file) from None
+    if not isinstance(header, dict):
+        raise BadInputError("has a header that is not a JSON object", path=file, fix=fix)
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + length
+    tensors = {
+        name: _tensor_info(name, entry, file, data_start, size, fix)
+        for name, entry in header.items()
+    }
+    return tensors, metadata
+
+
+def _tensor_info(name: str, entry: object, file: Path, data_start: int, size: int, fix: str):
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise BadInputError(f"has a malformed header entry for {name!r}", path=file, fix=fix) from None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if end - begin != math.prod(shape) * itemsize or begin < 0 or data_start + end > size:
+        raise BadInputError(f"tensor {name!r} lies outside the file", path=file, fix=fix)
+    return TensorInfo(name, dtype, shape, file, data_start + begin, end - begin)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedTensor:
+    """A tensor to be written: name, dtype, shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes it takes."""
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class write_safetensors:  # noqa: N801 - used as a context manager, reads like a function
+    """Write a safetensors file tensor by tensor, in the planned order, never holding more than one."""
+
+    def __init__(self, file: Path, planned: Iterable[PlannedTensor], metadata: Mapping[str, str]):
+        self.file = file
+        self.planned = list(planned)
+        self.metadata = dict(metadata)
+        self._next = 0
+        self._handle: BinaryIO | None = None
+
+    def __enter__(self) -> write_safetensors:
+        """Open the file and write the header."""
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for item in self.planned:
+            header[item.name] = {
+                "dtype": dtype_name(item.dtype),
+                "shape": list(item.shape),
+                "data_offsets": [offset, offset + item.nbytes],
+            }
+            offset += item.nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._handle = self.file.open("wb")
+        self._handle.write(struct.pack("<Q", len(text)) + text)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next planned tensor's bytes."""
+        item = self.planned[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (item.name, item.dtype, item.shape):
+            raise ValueError(f"wrote {name} {tensor.dtype} {list(tensor.shape)}, planned {item}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._handle.write(memoryview(data))
+        self._next += 1
+
+    def copy_bytes(self, name: str, source: TensorInfo) -> None:
+        """Write the next planned tensor by copying its bytes from a source file, unchanged."""
+        item = self.planned[self._next]
+        if (name, source.dtype, source.shape) != (item.name, item.dtype, item.shape):
+            raise ValueError(f"copied {name} from {source}, planned {item}")
+        self._handle.flush()
+        with source.file.open("rb") as src:
+            remaining, offset = source.nbytes, source.start
+            while remaining:
+                sent = os.copy_file_range(src.fileno(), self._handle.fileno(), remaining, offset)
+                if sent == 0:
+                    raise BadInputError("ended early while copying", path=source.file)
+                remaining -= sent
+                offset += sent
+        self._handle.seek(0, os.SEEK_END)
+        self._next += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the file; a complete write must have written every planned tensor."""
+        self._handle.close()
+        if exc_info[0] is None and self._next != len(self.planned):
+            raise ValueError(f"{self.file}: wrote {self._next} of {len(self.planned)} tensors")
