@@ -1,0 +1,171 @@
+"""The `adaptrix` command: parses options, calls the API, prints. The work lives in the API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adaptrix import __version__
+from adaptrix.toolchain.errors import AdaptrixError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Adaptrix: compile model adapters into merged models, hook bundles and ONNX.",
+)
+out = Console()
+err = Console(stderr=True)
+_state = {"debug": False}
+T = TypeVar("T")
+
+
+def _run(action: Callable[[], T]) -> T:
+    """Run an API call; an AdaptrixError becomes one line on stderr and its exit code."""
+    try:
+        return action()
+    except AdaptrixError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"error: {exc.line()}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command("compile")
+def compile_command(
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory.")],
+    base: Annotated[Path, typer.Option("--base", help="Base model directory (safetensors).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
+    target: Annotated[str, typer.Option("--target", help="Target; see `adaptrix targets`.")] = "merged",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype (default: the base's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Compile ADAPTER for BASE into OUTPUT."""
+    from adaptrix.toolchain.pipeline import compile_adapter
+
+    with _progress(enabled=not as_json) as progress:
+        result = _run(
+            lambda: compile_adapter(
+                adapter, base, target, output, dtype=dtype, force=force, progress=progress
+            )
+        )
+    if as_json:
+        out.print_json(json.dumps({"output": str(result.out), "target": result.target,
+                                   "dtype": result.dtype, "files": result.files,
+                                   "sites": result.sites}))  # fmt: skip
+    else:
+        out.print(f"wrote {result.out} ({result.target}, {result.dtype}, {result.sites} sites)")
+
+
+@app.command("inspect")
+def inspect_command(
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory.")],
+    base: Annotated[Path | None, typer.Option("--base", help="Base model: show IR sites.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+) -> None:
+    """Show an adapter's layers, roles, ranks, scales, parameters and bytes."""
+    from adaptrix.toolchain.report import inspect_adapter
+
+    summary = _run(lambda: inspect_adapter(adapter, base))
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    first = "role" if base is not None else "module"
+    table = Table(title=f"{adapter} ({summary['format']})")
+    for column in ("layer", first, "op", "rank", "scale", "parameters", "bytes"):
+        table.add_column(column, justify="right" if column in ("parameters", "bytes") else "left")
+    for row in summary["rows"]:
+        table.add_row(*(_cell(row.get(c)) for c in ("layer", first, "op", "rank", "scale", "parameters", "bytes")))
+    out.print(table)
+    out.print(
+        f"{len(summary['rows'])} entries over {len(summary['layers'])} layers; "
+        f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes"
+    )
+
+
+@app.command("archs")
+def archs_command() -> None:
+    """List the supported model architectures (model_type values)."""
+    from adaptrix.toolchain.binders import BINDERS
+
+    for model_type, binder in sorted(BINDERS.items()):
+        out.print(f"{model_type:12} {binder.name} binder")
+
+
+@app.command("targets")
+def targets_command() -> None:
+    """List the compile targets."""
+    from adaptrix.targets import TARGETS
+
+    for name, target in TARGETS.items():
+        out.print(f"{name:12} {target.summary}")
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class _progress:  # noqa: N801 - a context manager used like a function
+    """A progress bar over bytes on stderr, shown only on a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and err.is_terminal
+        self._bar = None
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+        self._bar = Progress("{task.description}", BarColumn(), DownloadColumn(),
+                             TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
+        self._bar.start()
+        task = self._bar.add_task("compiling", total=None)
+        done = [0]
+
+        def advance(step: int, total: int) -> None:
+            done[0] += step
+            self._bar.update(task, completed=done[0], total=total)
+
+        return advance
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

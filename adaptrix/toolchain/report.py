@@ -1,0 +1,107 @@
+"""What an adapter holds, per site or per module: ranks, scales, parameters, bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.toolchain.frontends.peft import lower_peft
+from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
+from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace
+
+__all__ = ["inspect_adapter"]
+
+_KINDS = {LowRank: "lora", DoRA: "dora", Bias: "bias", Replace: "replace"}
+
+
+def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict:
+    """Describe an adapter: per IR site when the base is known, else per PEFT module."""
+    peft_adapter = read_peft(adapter)
+    settings = peft_adapter.settings
+    summary = {
+        "adapter": str(adapter),
+        "format": "peft-lora",
+        "r": settings.r,
+        "lora_alpha": settings.lora_alpha,
+        "use_rslora": settings.use_rslora,
+        "use_dora": settings.use_dora,
+        "bias": settings.bias,
+        "modules_to_save": list(settings.modules_to_save),
+    }
+    if base is None:
+        rows, tensors = _module_rows(peft_adapter)
+    else:
+        checkpoint = Checkpoint(base)
+        ir = lower_peft(peft_adapter, checkpoint)
+        summary["base"] = str(base)
+        summary["source"] = {name: getattr(ir.source, name) for name in ir.source.__slots__}
+        rows, tensors = _site_rows(ir)
+    layers = sorted({row["layer"] for row in rows if row["layer"] is not None})
+    summary.update(
+        layers=layers,
+        roles=sorted({row["role"] for row in rows if row.get("role")}),
+        parameters=sum(t.numel for t in tensors.values()),
+        bytes=sum(t.nbytes for t in tensors.values()),
+        rows=rows,
+    )
+    return summary
+
+
+def _site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:
+    rows, unique = [], {}
+    for site, op in ir:
+        tensors = _op_tensors(op)
+        unique.update((id(t), t) for t in tensors)
+        low_rank = op.low_rank if isinstance(op, DoRA) else op
+        rows.append(
+            {
+                "layer": site.layer,
+                "role": str(site.role),
+                "op": _KINDS[type(op)],
+                "rank": low_rank.rank if isinstance(low_rank, LowRank) else None,
+                "scale": low_rank.scale if isinstance(low_rank, LowRank) else None,
+                "parameters": sum(t.numel for t in tensors),
+                "bytes": sum(t.nbytes for t in tensors),
+            }
+        )
+    return rows, unique
+
+
+def _op_tensors(op: Op) -> list[LazyTensor]:
+    if isinstance(op, LowRank):
+        return [op.a, op.b]
+    if isinstance(op, DoRA):
+        return [op.low_rank.a, op.low_rank.b, op.magnitude]
+    if isinstance(op, Bias):
+        return [op.delta]
+    return list(op.tensors.values())
+
+
+def _module_rows(adapter: PeftAdapter) -> tuple[list[dict], dict[int, LazyTensor]]:
+    rows, unique = [], {}
+    settings = adapter.settings
+    for record in adapter.modules.values():
+        tensors = [
+            t
+            for t in (record.lora_a, record.lora_b, record.embedding_a, record.embedding_b,
+                      record.magnitude, record.lora_b_bias, *record.params.values())
+            if t is not None
+        ]  # fmt: skip
+        unique.update((id(t), t) for t in tensors)
+        rows.append(
+            {
+                "module": record.name,
+                "layer": _layer_of(record.name),
+                "op": ("dora" if record.magnitude is not None else "lora") if record.has_lora else "replace",
+                "rank": settings.rank(record.name) if record.has_lora else None,
+                "scale": settings.scale(record.name) if record.has_lora else None,
+                "parameters": sum(t.numel for t in tensors),
+                "bytes": sum(t.nbytes for t in tensors),
+            }
+        )
+    return rows, unique
+
+
+def _layer_of(name: str) -> int | None:
+    digits = [part for part in name.split(".") if part.isdigit()]
+    return int(digits[0]) if digits else None
