@@ -74,7 +74,7 @@ def _plan(ir: AdapterIR, base: Checkpoint) -> tuple[list[_Item], bool]:
     items, used = [], set()
     tied = base.source.tie_word_embeddings
     head_sites = {Site(None, Role.EMBED), Site(None, Role.LM_HEAD)}
-    untie = tied and bool(head_sites & by_site.keys())
+    untie = tied and _has_lm_head(base) and bool(head_sites & by_site.keys())
     embed_name = None
     for name, info in base.tensors.items():
         module_name, _, param = name.rpartition(".")
@@ -94,6 +94,16 @@ def _plan(ir: AdapterIR, base: Checkpoint) -> tuple[list[_Item], bool]:
         items.append(_Item(base.binder.lm_head_weight, embed_name, len(base.shards) - 1, head, "weight", role_ops))
     _check_all_used(ir, used, base)
     return items, untie
+
+
+def _has_lm_head(base: Checkpoint) -> bool:
+    """Whether the base model has an output head (tied to its embedding when the config says so)."""
+    head = base.binder.lm_head_weight
+    if head in base.tensors:
+        return True
+    has_head_module = any(m.roles == (Role.LM_HEAD,) for m in base.binder.model_modules.values())
+    architectures = base.config.get("architectures") or []
+    return has_head_module and any("LMHead" in a or "CausalLM" in a for a in architectures)
 
 
 def _role_ops(placement: Placement, param: str, by_site: dict, used: set) -> tuple[tuple[Op, ...], ...]:

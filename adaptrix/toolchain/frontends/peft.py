@@ -10,7 +10,8 @@ from adaptrix.toolchain.binders.table import Layout, Placement, split_rows
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, PeftModule, read_peft
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Site
+from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Role, Site
+from adaptrix.toolchain.safetensors_io import TensorInfo
 
 __all__ = ["base_modules", "load_peft", "lower_peft"]
 
@@ -84,12 +85,16 @@ class _Lowering:
             )
         return placement
 
+    def _base_tensor(self, placement: Placement, param: str) -> TensorInfo | None:
+        """The base tensor a module's parameter is stored in (a tied head's is the embedding's)."""
+        name = self.modules.get((placement.layer, placement.key))
+        if name is None and placement.module.roles == (Role.LM_HEAD,) and param == "weight":
+            name = self.modules.get((None, _embed_key(self.base)))
+        return self.base.info(f"{name}.{param}") if name else None
+
     def _base_shape(self, placement: Placement) -> tuple[int, int]:
         """The module's weight shape in canonical [out, in] order (1-D norms: [dim, 0])."""
-        name = self.modules.get((placement.layer, placement.key))
-        if name is None and placement.module.roles[0].value == "lm_head":
-            name = self.modules.get((None, _embed_key(self.base)))  # tied: lm_head is the embedding
-        info = self.base.info(f"{name}.weight") if name else None
+        info = self._base_tensor(placement, "weight")
         if info is None:
             raise BadInputError(
                 f"targets {placement.name!r}, which the base {self.base.path} does not have",
@@ -148,8 +153,7 @@ class _Lowering:
 
     def _canonical(self, placement: Placement, param: str, value: LazyTensor) -> LazyTensor:
         """A saved module parameter in canonical layout, checked against the base."""
-        module_name = self.modules.get((placement.layer, placement.key))
-        info = self.base.info(f"{module_name}.{param}") if module_name else None
+        info = self._base_tensor(placement, param)
         if info is None or info.shape != value.shape:
             found = "no such tensor" if info is None else f"shape {list(info.shape)}"
             raise BadInputError(
@@ -164,8 +168,7 @@ class _Lowering:
 
     def _bias_delta(self, placement: Placement, trained: LazyTensor, out_rows: int) -> LazyTensor:
         """PEFT saves trained biases as values; the IR holds them as deltas from the base's."""
-        module_name = self.modules.get((placement.layer, placement.key))
-        info = self.base.info(f"{module_name}.bias") if module_name else None
+        info = self._base_tensor(placement, "bias")
         if info is None:
             raise UnsupportedError(
                 f"trains a bias for {placement.name!r}, which has no bias in the base",
@@ -208,7 +211,7 @@ _SAVED_NAMES = {
 
 
 def _embed_key(base: Checkpoint) -> str:
-    return next(k for k, m in base.binder.model_modules.items() if m.roles[0].value == "embed")
+    return next(k for k, m in base.binder.model_modules.items() if m.roles == (Role.EMBED,))
 
 
 def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> None:
