@@ -1,0 +1,5 @@
+"""`python -m adaptrix` runs the CLI."""
+
+from adaptrix.cli import main
+
+main()
