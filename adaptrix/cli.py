@@ -99,7 +99,9 @@ def inspect_command(
     for column in ("layer", first, "op", "rank", "scale", "parameters", "bytes"):
         table.add_column(column, justify="right" if column in ("parameters", "bytes") else "left")
     for row in summary["rows"]:
-        table.add_row(*(_cell(row.get(c)) for c in ("layer", first, "op", "rank", "scale", "parameters", "bytes")))
+        table.add_row(
+            *(_cell(row.get(c)) for c in ("layer", first, "op", "rank", "scale", "parameters", "bytes"))
+        )
     out.print(table)
     out.print(
         f"{len(summary['rows'])} entries over {len(summary['layers'])} layers; "

@@ -31,7 +31,11 @@ def _register(*targets: Target) -> Mapping[str, Target]:
 
 
 TARGETS = _register(
-    Target("merged", "Hugging Face model directory with the adapter merged (sharded safetensors)", write_merged),
+    Target(
+        "merged",
+        "Hugging Face model directory with the adapter merged (sharded safetensors)",
+        write_merged,
+    ),
 )
 
 

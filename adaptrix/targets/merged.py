@@ -91,7 +91,16 @@ def _plan(ir: AdapterIR, base: Checkpoint) -> tuple[list[_Item], bool]:
     if untie:
         head = base.binder.resolve(base.binder.lm_head_weight.rpartition(".")[0])
         role_ops = _role_ops(head, "weight", by_site, used)
-        items.append(_Item(base.binder.lm_head_weight, embed_name, len(base.shards) - 1, head, "weight", role_ops))
+        items.append(
+            _Item(
+                base.binder.lm_head_weight,
+                embed_name,
+                len(base.shards) - 1,
+                head,
+                "weight",
+                role_ops,
+            )
+        )
     _check_all_used(ir, used, base)
     return items, untie
 
@@ -139,7 +148,11 @@ def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
 
 def _write_shard(file: Path, batch: list[_Item], base: Checkpoint, dtype, progress) -> None:
     planned = [
-        PlannedTensor(item.name, _out_dtype(base.tensors[item.source].dtype, dtype), base.tensors[item.source].shape)
+        PlannedTensor(
+            item.name,
+            _out_dtype(base.tensors[item.source].dtype, dtype),
+            base.tensors[item.source].shape,
+        )
         for item in batch
     ]
     with write_safetensors(file, planned, {"format": "pt"}) as writer:
@@ -162,7 +175,9 @@ def _merged_value(item: _Item, base: Checkpoint) -> torch.Tensor:
 
 def _write_index(out: Path, items: list[_Item], shards: list[str], base: Checkpoint, dtype) -> None:
     total = sum(
-        PlannedTensor(i.name, _out_dtype(base.tensors[i.source].dtype, dtype), base.tensors[i.source].shape).nbytes
+        PlannedTensor(
+            i.name, _out_dtype(base.tensors[i.source].dtype, dtype), base.tensors[i.source].shape
+        ).nbytes
         for i in items
     )
     index = {

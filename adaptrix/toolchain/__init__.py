@@ -1,0 +1,1 @@
+"""The compiler core: IR, binders, frontends, checkpoint reader, pipeline."""

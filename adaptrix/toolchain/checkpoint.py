@@ -37,9 +37,7 @@ class Checkpoint:
                 fix="pass the base model's directory as --base",
             )
         self.config = read_config(self.path)
-        self.binder: Binder = binder_for_model_type(
-            str(self.config["model_type"]), self.path / "config.json"
-        )
+        self.binder: Binder = binder_for_model_type(str(self.config["model_type"]), self.path / "config.json")
         self.source: SourceModel = self.binder.source_model(self.config, self.path / "config.json")
         self.shards = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
@@ -84,9 +82,7 @@ class Checkpoint:
 
     def dtype(self) -> torch.dtype:
         """The dtype most of the base's floating-point weights are stored in."""
-        counts = Counter(
-            info.dtype for info in self.tensors.values() if info.dtype.is_floating_point
-        )
+        counts = Counter(info.dtype for info in self.tensors.values() if info.dtype.is_floating_point)
         return counts.most_common(1)[0][0] if counts else torch.float32
 
     def files(self) -> list[Path]:

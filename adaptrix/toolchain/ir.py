@@ -140,9 +140,7 @@ class LazyTensor:
         """Read the tensor as float32; its shape must match and its values must be finite."""
         value = self.loader().to(torch.float32)
         if tuple(value.shape) != self.shape:
-            raise BadInputError(
-                f"{self.origin} has shape {list(value.shape)}, expected {list(self.shape)}"
-            )
+            raise BadInputError(f"{self.origin} has shape {list(value.shape)}, expected {list(self.shape)}")
         if not bool(torch.isfinite(value).all()):
             raise BadInputError(
                 f"{self.origin} holds NaN or Inf values",
@@ -164,7 +162,7 @@ class LazyTensor:
         return self.map(lambda t: t.T.contiguous(), (self.shape[1], self.shape[0]))
 
     def scaled(self, factor: float) -> LazyTensor:
-        """This tensor times a constant."""
+        """Multiply by a constant, lazily."""
         return self.map(lambda t: t * factor, self.shape)
 
 

@@ -36,7 +36,10 @@ class InputHashes:
         """Wait for every hash: {label: {path, files: {name: sha256}}}."""
         try:
             return {
-                label: {"path": str(root), "files": {n: f.result() for n, f in sorted(futures.items())}}
+                label: {
+                    "path": str(root),
+                    "files": {n: f.result() for n, f in sorted(futures.items())},
+                }
                 for label, (root, futures) in self._groups.items()
             }
         finally:
@@ -47,7 +50,9 @@ class InputHashes:
         self._pool.shutdown(cancel_futures=True)
 
 
-def write_manifest(out: Path, *, target: str, dtype: str, inputs: dict, passes: list, files: list[str], extra: dict) -> None:
+def write_manifest(
+    out: Path, *, target: str, dtype: str, inputs: dict, passes: list, files: list[str], extra: dict
+) -> None:
     """Write manifest.json into an output directory."""
     manifest = {
         "format": MANIFEST_FORMAT,

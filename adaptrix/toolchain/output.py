@@ -48,7 +48,9 @@ def _check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
         path = given.absolute()
         if out == path or out in path.parents:
             raise BadInputError(
-                f"would overwrite the input {given}", path=out, fix="choose another output directory"
+                f"would overwrite the input {given}",
+                path=out,
+                fix="choose another output directory",
             )
     if out.exists() and not out.is_dir():
         raise BadInputError("exists and is not a directory", path=out, fix="choose another -o")

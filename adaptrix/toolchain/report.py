@@ -7,11 +7,16 @@ from pathlib import Path
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.frontends.peft import lower_peft
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace
+from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Role, Site
 
 __all__ = ["inspect_adapter"]
 
 _KINDS = {LowRank: "lora", DoRA: "dora", Bias: "bias", Replace: "replace"}
+_ROLES = list(Role)
+
+
+def _site_order(site: Site) -> tuple[int, int]:
+    return (-1 if site.layer is None else site.layer, _ROLES.index(site.role))
 
 
 def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict:
@@ -49,7 +54,7 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
 
 def _site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:
     rows, unique = [], {}
-    for site, op in ir:
+    for site, op in sorted(ir, key=lambda pair: _site_order(pair[0])):
         tensors = _op_tensors(op)
         unique.update((id(t), t) for t in tensors)
         low_rank = op.low_rank if isinstance(op, DoRA) else op
@@ -92,7 +97,7 @@ def _module_rows(adapter: PeftAdapter) -> tuple[list[dict], dict[int, LazyTensor
             {
                 "module": record.name,
                 "layer": _layer_of(record.name),
-                "op": ("dora" if record.magnitude is not None else "lora") if record.has_lora else "replace",
+                "op": _module_kind(record),
                 "rank": settings.rank(record.name) if record.has_lora else None,
                 "scale": settings.scale(record.name) if record.has_lora else None,
                 "parameters": sum(t.numel for t in tensors),
@@ -100,6 +105,12 @@ def _module_rows(adapter: PeftAdapter) -> tuple[list[dict], dict[int, LazyTensor
             }
         )
     return rows, unique
+
+
+def _module_kind(record) -> str:
+    if record.has_lora:
+        return "dora" if record.magnitude is not None else "lora"
+    return "bias" if set(record.params) == {"bias"} else "replace"
 
 
 def _layer_of(name: str) -> int | None:

@@ -82,10 +82,7 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise BadInputError("has a header that is not a JSON object", path=file, fix=fix)
     metadata = header.pop("__metadata__", None) or {}
     data_start = 8 + length
-    tensors = {
-        name: _tensor_info(name, entry, file, data_start, size, fix)
-        for name, entry in header.items()
-    }
+    tensors = {name: _tensor_info(name, entry, file, data_start, size, fix) for name, entry in header.items()}
     return tensors, metadata
 
 

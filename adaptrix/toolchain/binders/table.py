@@ -145,10 +145,7 @@ def split_rows(split: Split | None, source: SourceModel) -> list[torch.Tensor] |
     if split.kind == "headwise":
         parts, head_dim = len(split.sizes), source.head_dim
         base = torch.arange(source.num_heads)[:, None] * parts * head_dim
-        return [
-            (base + i * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-            for i in range(parts)
-        ]
+        return [(base + i * head_dim + torch.arange(head_dim)[None, :]).reshape(-1) for i in range(parts)]
     raise ValueError(f"unknown split kind {split.kind!r}")
 
 

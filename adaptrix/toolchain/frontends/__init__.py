@@ -1,0 +1,1 @@
+"""Frontends: adapter file formats -> IR."""

@@ -10,7 +10,17 @@ from adaptrix.toolchain.binders.table import Layout, Placement, split_rows
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, PeftModule, read_peft
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Role, Site
+from adaptrix.toolchain.ir import (
+    AdapterIR,
+    Bias,
+    DoRA,
+    LazyTensor,
+    LowRank,
+    Op,
+    Replace,
+    Role,
+    Site,
+)
 from adaptrix.toolchain.safetensors_io import TensorInfo
 
 __all__ = ["base_modules", "load_peft", "lower_peft"]
@@ -137,7 +147,9 @@ class _Lowering:
             return low_rank
         if embedding:
             raise UnsupportedError(
-                f"uses DoRA on embedding {name!r}", path=self.file, fix="use DoRA on linear layers only"
+                f"uses DoRA on embedding {name!r}",
+                path=self.file,
+                fix="use DoRA on linear layers only",
             )
         return DoRA(low_rank, self._checked(record.magnitude, (out_rows,)))
 
@@ -157,8 +169,7 @@ class _Lowering:
         if info is None or info.shape != value.shape:
             found = "no such tensor" if info is None else f"shape {list(info.shape)}"
             raise BadInputError(
-                f"replaces {placement.name}.{param} with shape {list(value.shape)} but the base has "
-                f"{found}",
+                f"replaces {placement.name}.{param} with shape {list(value.shape)} but the base has {found}",
                 path=self.file,
                 fix="use the base the adapter was trained on",
             )
@@ -230,10 +241,10 @@ def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> Non
                 )
     for where, name in modules.items():
         module = binder.resolve(name).module
-        if module.layout is not Layout.NORM and settings.targets(name, module.is_linear):
-            if where not in have:
-                raise BadInputError(
-                    f"has no LoRA weights for {name!r}, which adapter_config.json targets",
-                    path=adapter.weights_file,
-                    fix="the adapter file is incomplete; re-save it",
-                )
+        targeted = module.layout is not Layout.NORM and settings.targets(name, module.is_linear)
+        if targeted and where not in have:
+            raise BadInputError(
+                f"has no LoRA weights for {name!r}, which adapter_config.json targets",
+                path=adapter.weights_file,
+                fix="the adapter file is incomplete; re-save it",
+            )

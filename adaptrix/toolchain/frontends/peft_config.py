@@ -140,7 +140,9 @@ def read_lora_settings(adapter: Path) -> LoraSettings:
     file = adapter / CONFIG_NAME
     if not file.is_file():
         raise BadInputError(
-            f"has no {CONFIG_NAME}", path=adapter, fix="pass a PEFT adapter directory (save_pretrained)"
+            f"has no {CONFIG_NAME}",
+            path=adapter,
+            fix="pass a PEFT adapter directory (save_pretrained)",
         )
     try:
         raw = json.loads(file.read_text())

@@ -105,7 +105,9 @@ def _read_tensors(path: Path) -> tuple[Path, dict[str, LazyTensor]]:
             name: LazyTensor.of(value, f"{file.name}:{name}") for name, value in _load_bin(file).items()
         }
     raise BadInputError(
-        f"has no {SAFETENSORS_NAME} or {BIN_NAME}", path=path, fix="the adapter's weights are missing"
+        f"has no {SAFETENSORS_NAME} or {BIN_NAME}",
+        path=path,
+        fix="the adapter's weights are missing",
     )
 
 
