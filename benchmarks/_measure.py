@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -9,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,10 +77,8 @@ def descendants_rss_bytes(proc: psutil.Process) -> int:
     except psutil.Error:
         return 0
     for k in kids:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += k.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -94,25 +93,28 @@ def _poll_tree(pid: int, stop: threading.Event, peak: list[int], interval: float
         stop.wait(interval)
 
 
-def run_measured(cmd: list[str], log_path: Path | None = None, env: dict | None = None,
-                 poll_s: float = 0.02) -> Sample:
+def run_measured(
+    cmd: list[str], log_path: Path | None = None, env: dict | None = None, poll_s: float = 0.02
+) -> Sample:
     """Run cmd via the launcher; return its wall time and peak RSS including descendants."""
     fd, report = tempfile.mkstemp(prefix="adaptrix-bench-", suffix=".rusage")
     os.close(fd)
-    out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", LAUNCHER, report, *cmd],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-        stop, peak = threading.Event(), [0]
-        poller = threading.Thread(target=_poll_tree, args=(proc.pid, stop, peak, poll_s), daemon=True)
-        poller.start()
-        rc = proc.wait()
-        stop.set()
-        poller.join()
+        with open(log_path or os.devnull, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", LAUNCHER, report, *cmd],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            stop, peak = threading.Event(), [0]
+            poller = threading.Thread(target=_poll_tree, args=(proc.pid, stop, peak, poll_s), daemon=True)
+            poller.start()
+            rc = proc.wait()
+            stop.set()
+            poller.join()
         text = Path(report).read_text().split()
     finally:
-        if log_path:
-            out.close()
         os.unlink(report)
     wall, maxrss_kib = (float(text[0]), int(text[1])) if len(text) == 2 else (float("nan"), 0)
     # ru_maxrss covers the command plus its reaped descendants (a max, not a sum);
@@ -151,8 +153,35 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
     """Format rows as a plain left-aligned text table."""
-    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*headers), fmt.format(*["-" * w for w in widths])]
     lines += [fmt.format(*[str(c) for c in r]) for r in rows]
     return "\n".join(lines)
+
+
+def load_tensor(folder: Path, name: str):
+    """Load one tensor from a (possibly sharded) safetensors folder, or None if absent."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shard = json.loads(index.read_text())["weight_map"].get(name)
+        path = folder / shard if shard else None
+    else:
+        path = folder / "model.safetensors"
+    if path is None or not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name) if name in f.keys() else None  # noqa: SIM118
+
+
+def max_bf16_ulps(a, b) -> int:
+    """Return the largest distance in bf16 ulps between two bf16 tensors."""
+    import torch
+
+    def ordered(t):
+        i = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(i < 0, -(i & 0x7FFF), i)
+
+    return int((ordered(a) - ordered(b)).abs().max())

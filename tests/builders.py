@@ -97,7 +97,8 @@ def make_adapter(
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if param.requires_grad and "lora_A" not in name and "lora_B" not in name and "lora_embedding" not in name:
+            is_lora = any(part in name for part in ("lora_A", "lora_B", "lora_embedding"))
+            if param.requires_grad and not is_lora:
                 noise = torch.randn(param.shape, generator=generator)
                 param.mul_(1 + 0.2 * noise) if "magnitude" in name else param.add_(0.1 * noise)
     peft_model.save_pretrained(path, safe_serialization=safe)

@@ -46,7 +46,10 @@ FEATURES = [
 ]
 
 
-@pytest.mark.parametrize(("family", "variant", "lora"), [f[1:] for f in FEATURES], ids=[f[0] for f in FEATURES])
+CASES = [case[1:] for case in FEATURES]
+
+
+@pytest.mark.parametrize(("family", "variant", "lora"), CASES, ids=[case[0] for case in FEATURES])
 def test_feature_matches_peft(family, variant, lora, bases, tmp_path):
     base = bases(family, json.dumps(variant, sort_keys=True), **variant)
     adapter = make_adapter(family, base, tmp_path / "adapter", **lora)

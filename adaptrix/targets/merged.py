@@ -10,16 +10,18 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from adaptrix.targets.merge_math import apply_ops, op_params
+from adaptrix.targets.merge_math import merge_tensor, op_params
 from adaptrix.toolchain.binders.table import Placement
 from adaptrix.toolchain.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.ir import AdapterIR, Op, Role, Site
+from adaptrix.toolchain.output import sync_path
 from adaptrix.toolchain.safetensors_io import PlannedTensor, write_safetensors
 
 __all__ = ["write_merged"]
@@ -57,10 +59,18 @@ def write_merged(
     items, untied = _plan(ir, base)
     shards = _shard_names(1 + max(item.shard for item in items))
     written: list[str] = []
-    for index, shard_name in enumerate(shards):
-        batch = [item for item in items if item.shard == index]
-        _write_shard(out / shard_name, batch, base, dtype, progress)
-        written.append(shard_name)
+    # Each finished shard is flushed to disk on a thread while the next one is merged.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptrix-fsync") as flusher:
+        flushed = []
+        for index, shard_name in enumerate(shards):
+            batch = [item for item in items if item.shard == index]
+            for shard in {base.tensors[item.source].file for item in batch}:
+                base.prefetch(shard)
+            _write_shard(out / shard_name, batch, base, dtype, progress)
+            flushed.append(flusher.submit(sync_path, out / shard_name))
+            written.append(shard_name)
+        for future in flushed:
+            future.result()
     if len(shards) > 1:
         _write_index(out, items, shards, base, dtype)
         written.append(INDEX_NAME)
@@ -161,16 +171,17 @@ def _write_shard(file: Path, batch: list[_Item], base: Checkpoint, dtype, progre
             if not item.touched and plan.dtype == info.dtype:
                 writer.copy_bytes(item.name, info)
             else:
-                writer.write(item.name, _merged_value(item, base).to(plan.dtype))
+                writer.write(item.name, _merged_value(item, base, plan.dtype))
             if progress:
                 progress(info.nbytes)
 
 
-def _merged_value(item: _Item, base: Checkpoint) -> torch.Tensor:
+def _merged_value(item: _Item, base: Checkpoint, dtype: torch.dtype) -> torch.Tensor:
     value = base.read(item.source)
     if not item.touched:
-        return value
-    return apply_ops(value, item.param, item.placement, [list(o) for o in item.role_ops], base.source)
+        return value.to(dtype)
+    role_ops = [list(ops) for ops in item.role_ops]
+    return merge_tensor(value, item.param, item.placement, role_ops, base.source, dtype)
 
 
 def _write_index(out: Path, items: list[_Item], shards: list[str], base: Checkpoint, dtype) -> None:

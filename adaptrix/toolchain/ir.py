@@ -141,7 +141,7 @@ class LazyTensor:
         value = self.loader().to(torch.float32)
         if tuple(value.shape) != self.shape:
             raise BadInputError(f"{self.origin} has shape {list(value.shape)}, expected {list(self.shape)}")
-        if not bool(torch.isfinite(value).all()):
+        if value.numel() and not bool(torch.isfinite(value.abs().amax())):  # amax keeps NaN
             raise BadInputError(
                 f"{self.origin} holds NaN or Inf values",
                 fix="the adapter is corrupt or diverged in training; re-save or retrain it",

@@ -2,52 +2,26 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from adaptrix import __version__
+from adaptrix.toolchain.hashing import hash_files
 
-__all__ = ["MANIFEST_NAME", "InputHashes", "write_manifest"]
+__all__ = ["MANIFEST_NAME", "input_hashes", "write_manifest"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 
 
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's bytes."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-class InputHashes:
-    """Hashes input files on a background thread while the compile runs (hashlib frees the GIL)."""
-
-    def __init__(self, groups: dict[str, tuple[Path, Sequence[Path]]]):
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptrix-sha256")
-        self._groups = {
-            label: (root, {f.name: self._pool.submit(sha256_file, f) for f in files})
-            for label, (root, files) in groups.items()
-        }
-
-    def result(self) -> dict[str, dict]:
-        """Wait for every hash: {label: {path, files: {name: sha256}}}."""
-        try:
-            return {
-                label: {
-                    "path": str(root),
-                    "files": {n: f.result() for n, f in sorted(futures.items())},
-                }
-                for label, (root, futures) in self._groups.items()
-            }
-        finally:
-            self._pool.shutdown()
-
-    def cancel(self) -> None:
-        """Stop hashing (the compile failed)."""
-        self._pool.shutdown(cancel_futures=True)
+def input_hashes(groups: dict[str, tuple[Path, Sequence[Path]]]) -> dict[str, dict]:
+    """sha256 of every input file: {label: {path, files: {name: sha256}}}."""
+    digests = hash_files([f for _, files in groups.values() for f in files])
+    return {
+        label: {"path": str(root), "files": {f.name: digests[f] for f in sorted(files)}}
+        for label, (root, files) in groups.items()
+    }
 
 
 def write_manifest(

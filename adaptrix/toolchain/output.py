@@ -11,7 +11,7 @@ from pathlib import Path
 
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["atomic_output"]
+__all__ = ["atomic_output", "sync_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def atomic_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _sync_tree(tmp)
     if out.exists():
         old = out.parent / f".{out.name}.adaptrix-old-{os.getpid()}"
         out.rename(old)
@@ -41,6 +42,24 @@ def atomic_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
         shutil.rmtree(old)
     else:
         tmp.rename(out)
+    sync_path(out.parent)
+
+
+def sync_path(path: Path) -> None:
+    """Flush a file's or a directory's contents to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """Make a finished output durable before it is renamed into place (files, then the folder)."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            sync_path(path)
+    sync_path(root)
 
 
 def _check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:

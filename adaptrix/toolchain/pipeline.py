@@ -15,7 +15,7 @@ from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 from adaptrix.toolchain.frontends.peft import load_peft, lower_peft
 from adaptrix.toolchain.frontends.peft_weights import read_peft
 from adaptrix.toolchain.ir import AdapterIR
-from adaptrix.toolchain.manifest import InputHashes, write_manifest
+from adaptrix.toolchain.manifest import input_hashes, write_manifest
 from adaptrix.toolchain.output import atomic_output
 
 __all__ = ["CompileResult", "compile_adapter", "load", "parse_dtype"]
@@ -72,31 +72,25 @@ def compile_adapter(
     peft_adapter = read_peft(adapter)
     ir = lower_peft(peft_adapter, checkpoint)
     out_dtype = str(torch_dtype or checkpoint.dtype()).removeprefix("torch.")
-    hashes = InputHashes(
-        {
-            "adapter": (Path(adapter), peft_adapter.files()),
-            "base": (Path(base), checkpoint.files()),
-        }
-    )
+    inputs = {"adapter": (Path(adapter), peft_adapter.files()), "base": (Path(base), checkpoint.files())}
     total = sum(info.nbytes for info in checkpoint.tensors.values())
     step = (lambda done: progress(done, total)) if progress else None
-    try:
-        with atomic_output(Path(out), force=force, inputs=[Path(adapter), Path(base)]) as tmp:
-            try:
-                files = emit.write(ir, checkpoint, tmp, dtype=torch_dtype, progress=step)
-            except AdaptrixError as exc:
-                raise exc.with_context(target) from None
-            write_manifest(
-                tmp,
-                target=target,
-                dtype=out_dtype,
-                inputs=hashes.result(),
-                passes=[],
-                files=files,
-                extra={"sites": len(ir.sites()), "source": _source_dict(ir)},
-            )
-    finally:
-        hashes.cancel()
+    with atomic_output(Path(out), force=force, inputs=[Path(adapter), Path(base)]) as tmp:
+        try:
+            files = emit.write(ir, checkpoint, tmp, dtype=torch_dtype, progress=step)
+        except AdaptrixError as exc:
+            raise exc.with_context(target) from None
+        # Hashed after the merge, not beside it: on two cores a hashing thread slows the
+        # merge's own threads by more than the hashing costs.
+        write_manifest(
+            tmp,
+            target=target,
+            dtype=out_dtype,
+            inputs=input_hashes(inputs),
+            passes=[],
+            files=files,
+            extra={"sites": len(ir.sites()), "source": _source_dict(ir)},
+        )
     logger.info("compiled %s for %s into %s (%s)", adapter, base, out, target)
     return CompileResult(Path(out), target, out_dtype, files, len(ir.sites()))
 

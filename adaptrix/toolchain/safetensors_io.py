@@ -15,7 +15,6 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -114,14 +113,18 @@ class PlannedTensor:
 
 
 class write_safetensors:  # noqa: N801 - used as a context manager, reads like a function
-    """Write a safetensors file tensor by tensor, in the planned order, never holding more than one."""
+    """Write a safetensors file tensor by tensor, in the planned order, never holding more than one.
+
+    Writes go straight to the file descriptor: Python's buffered writer is several times slower
+    for buffers of hundreds of megabytes.
+    """
 
     def __init__(self, file: Path, planned: Iterable[PlannedTensor], metadata: Mapping[str, str]):
         self.file = file
         self.planned = list(planned)
         self.metadata = dict(metadata)
         self._next = 0
-        self._handle: BinaryIO | None = None
+        self._fd = -1
 
     def __enter__(self) -> write_safetensors:
         """Open the file and write the header."""
@@ -136,38 +139,42 @@ class write_safetensors:  # noqa: N801 - used as a context manager, reads like a
             offset += item.nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        self._handle = self.file.open("wb")
-        self._handle.write(struct.pack("<Q", len(text)) + text)
+        self._fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _write_all(self._fd, struct.pack("<Q", len(text)) + text)
         return self
+
+    def _expect(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        item = self.planned[self._next]
+        if (name, dtype, shape) != (item.name, item.dtype, item.shape):
+            raise ValueError(f"{self.file}: got {name} {dtype} {list(shape)}, planned {item}")
+        self._next += 1
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor's bytes."""
-        item = self.planned[self._next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (item.name, item.dtype, item.shape):
-            raise ValueError(f"wrote {name} {tensor.dtype} {list(tensor.shape)}, planned {item}")
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._handle.write(memoryview(data))
-        self._next += 1
+        self._expect(name, tensor.dtype, tuple(tensor.shape))
+        if tensor.numel():
+            _write_all(self._fd, tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def copy_bytes(self, name: str, source: TensorInfo) -> None:
-        """Write the next planned tensor by copying its bytes from a source file, unchanged."""
-        item = self.planned[self._next]
-        if (name, source.dtype, source.shape) != (item.name, item.dtype, item.shape):
-            raise ValueError(f"copied {name} from {source}, planned {item}")
-        self._handle.flush()
+        """Write the next planned tensor by copying its bytes from a source file, in the kernel."""
+        self._expect(name, source.dtype, source.shape)
         with source.file.open("rb") as src:
             remaining, offset = source.nbytes, source.start
             while remaining:
-                sent = os.copy_file_range(src.fileno(), self._handle.fileno(), remaining, offset)
+                sent = os.copy_file_range(src.fileno(), self._fd, remaining, offset)
                 if sent == 0:
                     raise BadInputError("ended early while copying", path=source.file)
                 remaining -= sent
                 offset += sent
-        self._handle.seek(0, os.SEEK_END)
-        self._next += 1
 
     def __exit__(self, *exc_info: object) -> None:
         """Close the file; a complete write must have written every planned tensor."""
-        self._handle.close()
+        os.close(self._fd)
         if exc_info[0] is None and self._next != len(self.planned):
             raise ValueError(f"{self.file}: wrote {self._next} of {len(self.planned)} tensors")
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]

@@ -157,7 +157,7 @@ class _Lowering:
         if tensor.shape == expected:
             return tensor
         raise BadInputError(
-            f"tensor {tensor.origin.partition(':')[2]!r} has shape {list(tensor.shape)} but the "
+            f"tensor {tensor.origin.rpartition(':')[2]!r} has shape {list(tensor.shape)} but the "
             f"base and adapter_config.json (r={self.adapter.settings.r}) need {list(expected)}",
             path=self.file,
             fix="the adapter does not fit this base: use the base it was trained on, or fix r/rank_pattern",

@@ -94,20 +94,16 @@ def _read_tensors(path: Path) -> tuple[Path, dict[str, LazyTensor]]:
     if file.is_file():
         infos, _ = read_header(file)
         return file, {
-            name: LazyTensor(
-                info.shape, f"{file.name}:{name}", _safetensors_loader(file, name), info.itemsize
-            )
+            name: LazyTensor(info.shape, f"{file}:{name}", _safetensors_loader(file, name), info.itemsize)
             for name, info in infos.items()
         }
     file = path / BIN_NAME
     if file.is_file():
-        return file, {
-            name: LazyTensor.of(value, f"{file.name}:{name}") for name, value in _load_bin(file).items()
-        }
+        return file, {name: LazyTensor.of(value, f"{file}:{name}") for name, value in _load_bin(file).items()}
     raise BadInputError(
         f"has no {SAFETENSORS_NAME} or {BIN_NAME}",
         path=path,
-        fix="the adapter's weights are missing",
+        fix="the adapter's weights are missing: copy them in or re-save the adapter with save_pretrained",
     )
 
 

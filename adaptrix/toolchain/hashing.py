@@ -1,0 +1,83 @@
+"""sha256 of input files, with a cache keyed by file identity so an unchanged base is hashed once.
+
+Like git's index, a cached digest is reused only while the file's device, inode, size, mtime and
+ctime are all unchanged (ctime cannot be set back by tools such as `touch`), and a file changed
+in the last two seconds is never cached. Set ADAPTRIX_HASH_CACHE=0 to always hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+__all__ = ["hash_files", "sha256_file"]
+
+logger = logging.getLogger(__name__)
+
+_SETTLE_SECONDS = 2.0
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _cache_file() -> Path | None:
+    if os.environ.get("ADAPTRIX_HASH_CACHE", "1") == "0":
+        return None
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "adaptrix" / "sha256.json"
+
+
+def _identity(path: Path) -> tuple[str, str]:
+    st = path.stat()
+    return str(path.resolve()), f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _load(cache: Path | None) -> dict:
+    if cache is None or not cache.is_file():
+        return {}
+    try:
+        loaded = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        logger.warning("ignoring unreadable hash cache %s", cache)
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _save(cache: Path, entries: dict) -> None:
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, sort_keys=True))
+        tmp.replace(cache)
+    except OSError as exc:
+        logger.warning("could not update hash cache %s: %s", cache, exc)
+
+
+def hash_files(files: Sequence[Path], workers: int = 2) -> dict[Path, str]:
+    """sha256 of each file, hashed on `workers` threads (hashlib frees the GIL), cached by identity."""
+    cache = _cache_file()
+    entries = _load(cache)
+    identities = {f: _identity(f) for f in files}
+    digests = {f: entries[key][1] for f, (key, ident) in identities.items()
+               if key in entries and entries[key][0] == ident}  # fmt: skip
+    todo = [f for f in files if f not in digests]
+    if todo:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaptrix-sha256") as pool:
+            digests.update(zip(todo, pool.map(sha256_file, todo), strict=True))
+    if cache is not None and todo:
+        now = time.time_ns()
+        for f in todo:
+            key, ident = identities[f]
+            if (now - f.stat().st_mtime_ns) / 1e9 > _SETTLE_SECONDS and _identity(f)[1] == ident:
+                entries[key] = [ident, digests[f]]
+        _save(cache, entries)
+    return digests
