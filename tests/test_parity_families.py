@@ -20,3 +20,17 @@ def test_merged_matches_peft(family, use_dora, bases, tmp_path):
     # The adapter must matter, or the comparison proves nothing.
     assert (model_logits(family, base, inputs) - expected).abs().max() > 100 * FP32_TOLERANCE
     assert (got - expected).abs().max() <= FP32_TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox", "gpt2", "llama"])
+def test_merge_in_many_row_blocks_matches_peft(family, bases, tmp_path, monkeypatch):
+    """Tiny models fit one block; shrink blocks so every role (fused offsets too) spans several."""
+    import adaptrix.targets.merge_math as merge_math
+
+    monkeypatch.setattr(merge_math, "_BLOCK_ELEMENTS", 100)
+    base = bases(family)
+    adapter = make_adapter(family, base, tmp_path / "adapter", use_dora=True)
+    compile_adapter(adapter, base, "merged", tmp_path / "merged")
+    inputs = sample_inputs(family)
+    expected = peft_logits(family, base, adapter, inputs)
+    assert (model_logits(family, tmp_path / "merged", inputs) - expected).abs().max() <= FP32_TOLERANCE

@@ -50,7 +50,7 @@ def merge_tensor(
             if not kernels:
                 merged[whole] = stored[whole]
                 continue
-            part = stored[whole].to(torch.float32)
+            part = stored[whole].to(torch.float32, copy=True)  # never alias the caller's tensor
             for kernel in kernels:
                 part = kernel(part, local)
             merged[whole] = part

@@ -256,10 +256,6 @@ class AdapterIR:
         """Every site with an op, in order, each once."""
         return sorted({site for site, _ in self.ops}, key=_site_key)
 
-    def at(self, site: Site) -> list[Op]:
-        """The ops at one site, in order."""
-        return [op for s, op in self.ops if s == site]
-
     def by_site(self) -> dict[Site, list[Op]]:
         """All ops grouped by site."""
         grouped: dict[Site, list[Op]] = {}
