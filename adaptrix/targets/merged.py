@@ -10,7 +10,6 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from adaptrix.toolchain.binders.table import Placement
 from adaptrix.toolchain.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.ir import AdapterIR, Op, Role, Site
-from adaptrix.toolchain.output import sync_path
 from adaptrix.toolchain.safetensors_io import PlannedTensor, write_safetensors
 
 __all__ = ["write_merged"]
@@ -59,18 +57,12 @@ def write_merged(
     items, untied = _plan(ir, base)
     shards = _shard_names(1 + max(item.shard for item in items))
     written: list[str] = []
-    # Each finished shard is flushed to disk on a thread while the next one is merged.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptrix-fsync") as flusher:
-        flushed = []
-        for index, shard_name in enumerate(shards):
-            batch = [item for item in items if item.shard == index]
-            for shard in {base.tensors[item.source].file for item in batch}:
-                base.prefetch(shard)
-            _write_shard(out / shard_name, batch, base, dtype, progress)
-            flushed.append(flusher.submit(sync_path, out / shard_name))
-            written.append(shard_name)
-        for future in flushed:
-            future.result()
+    for index, shard_name in enumerate(shards):
+        batch = [item for item in items if item.shard == index]
+        for shard in {base.tensors[item.source].file for item in batch}:
+            base.prefetch(shard)
+        _write_shard(out / shard_name, batch, base, dtype, progress)
+        written.append(shard_name)
     if len(shards) > 1:
         _write_index(out, items, shards, base, dtype)
         written.append(INDEX_NAME)

@@ -1,4 +1,8 @@
-"""Atomic output: write into a temporary sibling, rename into place only when complete."""
+"""Atomic output: write into a temporary sibling, rename into place only when complete.
+
+Atomic against failures and kills of the compile; like cp, tar and save_pretrained it leaves
+flushing to the operating system (run `sync` where power loss must not lose a fresh artifact).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["atomic_output", "sync_path"]
+__all__ = ["atomic_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,6 @@ def atomic_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _sync_tree(tmp)
     if out.exists():
         old = out.parent / f".{out.name}.adaptrix-old-{os.getpid()}"
         out.rename(old)
@@ -42,24 +45,6 @@ def atomic_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
         shutil.rmtree(old)
     else:
         tmp.rename(out)
-    sync_path(out.parent)
-
-
-def sync_path(path: Path) -> None:
-    """Flush a file's or a directory's contents to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sync_tree(root: Path) -> None:
-    """Make a finished output durable before it is renamed into place (files, then the folder)."""
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            sync_path(path)
-    sync_path(root)
 
 
 def _check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
