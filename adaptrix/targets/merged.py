@@ -59,8 +59,6 @@ def write_merged(
     written: list[str] = []
     for index, shard_name in enumerate(shards):
         batch = [item for item in items if item.shard == index]
-        for shard in {base.tensors[item.source].file for item in batch}:
-            base.prefetch(shard)
         _write_shard(out / shard_name, batch, base, dtype, progress)
         written.append(shard_name)
     if len(shards) > 1:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -67,14 +66,6 @@ class Checkpoint:
             path=self.path,
             fix="re-save the base with save_pretrained(..., safe_serialization=True)",
         )
-
-    def prefetch(self, shard: Path) -> None:
-        """Ask the kernel to read a whole shard ahead, so reads of its tensors find it in memory."""
-        fd = os.open(shard, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
 
     def info(self, name: str) -> TensorInfo | None:
         """Where a tensor lies, or None."""
