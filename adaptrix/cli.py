@@ -97,7 +97,11 @@ def inspect_command(
     first = "role" if base is not None else "module"
     table = Table(title=f"{adapter} ({summary['format']})")
     for column in ("layer", first, "op", "rank", "scale", "parameters", "bytes"):
-        table.add_column(column, justify="right" if column in ("parameters", "bytes") else "left")
+        table.add_column(
+            column,
+            justify="right" if column in ("parameters", "bytes") else "left",
+            overflow="fold",  # full module names, wrapped, never cut
+        )
     for row in summary["rows"]:
         table.add_row(
             *(_cell(row.get(c)) for c in ("layer", first, "op", "rank", "scale", "parameters", "bytes"))

@@ -1,0 +1,75 @@
+"""The CLI's listing and inspect commands, and the manifest's sha256 cache."""
+
+import hashlib
+import json
+import os
+import time
+
+from builders import make_adapter
+from typer.testing import CliRunner
+
+from adaptrix.cli import app
+from adaptrix.toolchain.binders import BINDERS
+from adaptrix.toolchain.hashing import hash_files
+
+runner = CliRunner()
+
+
+def test_archs_and_targets_list_the_registries():
+    archs = runner.invoke(app, ["archs"])
+    assert archs.exit_code == 0
+    assert all(model_type in archs.stdout for model_type in BINDERS)
+    targets = runner.invoke(app, ["targets"])
+    assert targets.exit_code == 0 and "merged" in targets.stdout
+
+
+def test_inspect_reports_sites_ranks_scales_and_sizes(bases, tmp_path):
+    base = bases("phi3")
+    adapter = make_adapter("phi3", base, tmp_path / "adapter", rank_pattern={"o_proj": 2}, use_rslora=True)
+    result = runner.invoke(app, ["inspect", str(adapter), "--base", str(base), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["layers"] == [0, 1]
+    # The fused qkv_proj and gate_up_proj are reported per role.
+    assert {"attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down"} <= set(report["roles"])
+    by_role = {(row["layer"], row["role"]): row for row in report["rows"]}
+    assert by_role[(0, "attn_o")]["rank"] == 2 and by_role[(0, "attn_q")]["rank"] == 4
+    assert abs(by_role[(0, "attn_o")]["scale"] - 8 / 2**0.5) < 1e-9
+    file_params = sum(1 for _ in adapter.glob("adapter_model.safetensors"))
+    assert file_params == 1 and report["parameters"] > 0
+    assert report["bytes"] == 4 * report["parameters"]  # PEFT saves LoRA weights in float32
+    plain = runner.invoke(app, ["inspect", str(adapter), "--json"])  # no base: per PEFT module
+    assert plain.exit_code == 0
+    modules = {row["module"] for row in json.loads(plain.stdout)["rows"]}
+    assert "model.layers.1.self_attn.qkv_proj" in modules
+    table = runner.invoke(app, ["inspect", str(adapter)], terminal_width=60)
+    assert table.exit_code == 0 and "…" not in table.stdout
+
+
+def test_hash_cache_reuses_digests_and_sees_every_change(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    file = tmp_path / "weights.bin"
+    file.write_bytes(b"a" * 1000)
+    old = time.time() - 60
+    os.utime(file, (old, old))  # settled: old enough to be cached
+    first = hash_files([file])[file]
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert (tmp_path / "cache" / "adaptrix" / "sha256.json").is_file()
+    # Same size, mtime put back: ctime still changes, so the new content is hashed.
+    file.write_bytes(b"b" * 1000)
+    os.utime(file, (old, old))
+    assert hash_files([file])[file] == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_fresh_files_are_not_cached_and_the_cache_can_be_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    file = tmp_path / "fresh.bin"
+    file.write_bytes(b"x")
+    hash_files([file])
+    cache = tmp_path / "cache" / "adaptrix" / "sha256.json"
+    assert not cache.exists() or str(file.resolve()) not in json.loads(cache.read_text())
+    monkeypatch.setenv("ADAPTRIX_HASH_CACHE", "0")
+    old = time.time() - 60
+    os.utime(file, (old, old))
+    hash_files([file])
+    assert not cache.exists() or str(file.resolve()) not in json.loads(cache.read_text())
