@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -36,7 +37,7 @@ def _run(action: Callable[[], T]) -> T:
         return action()
     except AdaptrixError as exc:
         if _state["debug"]:
-            raise
+            traceback.print_exc()
         err.print(f"error: {exc.line()}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 

@@ -73,3 +73,13 @@ def test_fresh_files_are_not_cached_and_the_cache_can_be_off(tmp_path, monkeypat
     os.utime(file, (old, old))
     hash_files([file])
     assert not cache.exists() or str(file.resolve()) not in json.loads(cache.read_text())
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
+    result = runner.invoke(
+        app,
+        ["--debug", "compile", str(tmp_path / "nope"), "--base", str(tmp_path), "-o", str(tmp_path / "o")],
+    )
+    assert result.exit_code == 2
+    assert "Traceback" in result.output and "does not exist" in result.output
+    assert not (tmp_path / "o").exists()
