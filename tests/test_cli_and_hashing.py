@@ -81,5 +81,5 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
         ["--debug", "compile", str(tmp_path / "nope"), "--base", str(tmp_path), "-o", str(tmp_path / "o")],
     )
     assert result.exit_code == 2
-    assert "Traceback" in result.output and "does not exist" in result.output
+    assert "Traceback" in result.output and "has no config.json" in result.output
     assert not (tmp_path / "o").exists()
