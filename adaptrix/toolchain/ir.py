@@ -100,6 +100,10 @@ class SourceModel:
     vocab_size: int
     tie_word_embeddings: bool = False
 
+    def as_dict(self) -> dict[str, object]:
+        """The fields as a plain dict (for manifests and reports)."""
+        return {name: getattr(self, name) for name in self.__slots__}
+
     @property
     def q_size(self) -> int:
         """Output width of the query projection."""

@@ -89,12 +89,7 @@ def compile_adapter(
             inputs=input_hashes(inputs),
             passes=[],
             files=files,
-            extra={"sites": len(ir.sites()), "source": _source_dict(ir)},
+            extra={"sites": len(ir.sites()), "source": ir.source.as_dict()},
         )
     logger.info("compiled %s for %s into %s (%s)", adapter, base, out, target)
     return CompileResult(Path(out), target, out_dtype, files, len(ir.sites()))
-
-
-def _source_dict(ir: AdapterIR) -> dict:
-    source = ir.source
-    return {name: getattr(source, name) for name in source.__slots__}

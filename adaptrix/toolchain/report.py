@@ -39,7 +39,7 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
         checkpoint = Checkpoint(base)
         ir = lower_peft(peft_adapter, checkpoint)
         summary["base"] = str(base)
-        summary["source"] = {name: getattr(ir.source, name) for name in ir.source.__slots__}
+        summary["source"] = ir.source.as_dict()
         rows, tensors = _site_rows(ir)
     layers = sorted({row["layer"] for row in rows if row["layer"] is not None})
     summary.update(
