@@ -29,6 +29,7 @@ FEATURES = [
     ("modules-to-save-head", "llama", {}, dict(modules_to_save=["lm_head"])),
     ("modules-to-save-norm", "gpt2", {}, dict(modules_to_save=["ln_f"])),
     ("modules-to-save-classifier", "bert", {}, dict(modules_to_save=["classifier"])),
+    ("bias-all-with-modules-to-save", "gpt2", {}, dict(bias="all", modules_to_save=["ln_f"])),
     ("modules-to-save-roberta-head", "roberta", {}, dict(modules_to_save=["classifier"])),
     ("embedding-and-head", "llama", {}, dict(target_modules=["embed_tokens", "lm_head", "q_proj"])),
     (
@@ -43,6 +44,8 @@ FEATURES = [
     ("dora-rslora-pattern", "phi3", {}, dict(use_dora=True, use_rslora=True, rank_pattern={"qkv_proj": 6})),
     ("dora-conv1d-bias-all", "gpt2", {}, dict(use_dora=True, bias="all")),
     ("bert-embeddings", "bert", {}, dict(target_modules=["word_embeddings", "query", "value"])),
+    ("dora-embedding", "llama", {}, dict(use_dora=True, target_modules=["embed_tokens", "q_proj"])),
+    ("dora-embedding-tied", "gpt2", {}, dict(use_dora=True, target_modules=["wte", "lm_head", "c_attn"])),
 ]
 
 

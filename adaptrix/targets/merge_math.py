@@ -46,7 +46,9 @@ def merge_tensor(
     for rows, ops in zip(index, role_ops, strict=True):
         relevant = sorted((op for op in ops if param in op_params(op)), key=lambda o: _ORDER[type(o)])
         kernels = [_kernel(op, param) for op in relevant]
-        for whole, local in _segments(rows, stored):
+        # A per-column norm spans every row of the role: such a role is merged in one piece.
+        in_one_piece = any(isinstance(op, DoRA) and op.per_column for op in relevant)
+        for whole, local in _segments(rows, stored, in_one_piece):
             if not kernels:
                 merged[whole] = stored[whole]
                 continue
@@ -57,12 +59,13 @@ def merge_tensor(
     return merged.T.contiguous() if conv1d else merged
 
 
-def _segments(rows: torch.Tensor | None, stored: torch.Tensor):
+def _segments(rows: torch.Tensor | None, stored: torch.Tensor, in_one_piece: bool = False):
     """(rows of the tensor, rows of the role) pairs covering a role in cache-sized blocks."""
     count = stored.shape[0] if rows is None else len(rows)
     start = 0 if rows is None else int(rows[0])
-    if rows is not None and not torch.equal(rows, torch.arange(start, start + count)):
-        yield rows, slice(None)  # interleaved rows (per-head fused layouts): one gather
+    interleaved = rows is not None and not torch.equal(rows, torch.arange(start, start + count))
+    if in_one_piece or interleaved:
+        yield (slice(None) if rows is None else rows), slice(None)  # one piece, or one gather
         return
     width = max(1, stored[0].numel()) if stored.dim() > 1 else 1
     step = max(1, _BLOCK_ELEMENTS // width)
@@ -87,6 +90,8 @@ def _kernel(op: Op, param: str) -> Kernel:
 
     def dora(part: torch.Tensor, local: slice | torch.Tensor) -> torch.Tensor:
         combined = part.addmm_(b[local], a, alpha=scale)
+        if op.per_column:
+            return combined.mul_((magnitude / torch.linalg.vector_norm(combined, dim=0))[None, :])
         norm = torch.linalg.vector_norm(combined, dim=1)
         return combined.mul_((magnitude[local] / norm)[:, None])
 

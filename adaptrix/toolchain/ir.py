@@ -210,17 +210,24 @@ class Bias:
 
 @dataclass(frozen=True, slots=True)
 class DoRA:
-    """Weight-decomposed LoRA: W' = magnitude * (W + delta) / row_norm(W + delta)."""
+    """Weight-decomposed LoRA: W' = magnitude * (W + delta) / norm(W + delta).
+
+    The norm is per row of the [out, in] weight (linear layers); `per_column` makes it per
+    column, as PEFT does for embeddings ([num, dim]: one magnitude per hidden dimension).
+    """
 
     low_rank: LowRank
     magnitude: LazyTensor
+    per_column: bool = False
 
     def __post_init__(self) -> None:
-        """Check one magnitude per output row."""
-        if self.magnitude.shape != (self.low_rank.shape[0],):
+        """Check one magnitude per row (or per column)."""
+        size = self.low_rank.shape[1 if self.per_column else 0]
+        if self.magnitude.shape != (size,):
+            unit = "column" if self.per_column else "output row"
             raise BadInputError(
                 f"{self.magnitude.origin} has shape {list(self.magnitude.shape)}, "
-                f"expected [{self.low_rank.shape[0]}] (one magnitude per output row)"
+                f"expected [{size}] (one magnitude per {unit})"
             )
 
 

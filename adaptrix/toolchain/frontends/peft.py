@@ -145,12 +145,8 @@ class _Lowering:
             if settings.use_dora:
                 raise BadInputError(f"has no lora_magnitude_vector for DoRA module {name!r}", path=self.file)
             return low_rank
-        if embedding:
-            raise UnsupportedError(
-                f"uses DoRA on embedding {name!r}",
-                path=self.file,
-                fix="use DoRA on linear layers only",
-            )
+        if embedding:  # PEFT normalises an embedding per hidden dimension: over the vocabulary
+            return DoRA(low_rank, self._checked(record.magnitude, (in_cols,)), per_column=True)
         return DoRA(low_rank, self._checked(record.magnitude, (out_rows,)))
 
     def _checked(self, tensor: LazyTensor, expected: tuple[int, ...]) -> LazyTensor:
