@@ -3,7 +3,6 @@
 import hashlib
 import json
 import os
-import time
 
 from builders import make_adapter
 from typer.testing import CliRunner
@@ -50,7 +49,7 @@ def test_hash_cache_reuses_digests_and_sees_every_change(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     file = tmp_path / "weights.bin"
     file.write_bytes(b"a" * 1000)
-    old = time.time() - 60
+    old = file.stat().st_mtime - 60
     os.utime(file, (old, old))  # settled: old enough to be cached
     first = hash_files([file])[file]
     assert first == hashlib.sha256(b"a" * 1000).hexdigest()
@@ -69,7 +68,7 @@ def test_fresh_files_are_not_cached_and_the_cache_can_be_off(tmp_path, monkeypat
     cache = tmp_path / "cache" / "adaptrix" / "sha256.json"
     assert not cache.exists() or str(file.resolve()) not in json.loads(cache.read_text())
     monkeypatch.setenv("ADAPTRIX_HASH_CACHE", "0")
-    old = time.time() - 60
+    old = file.stat().st_mtime - 60
     os.utime(file, (old, old))
     hash_files([file])
     assert not cache.exists() or str(file.resolve()) not in json.loads(cache.read_text())

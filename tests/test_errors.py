@@ -233,8 +233,9 @@ def test_existing_output_is_left_untouched(valid, tmp_path):
 def _console_script() -> str:
     beside = Path(sys.executable).parent / "adaptrix"
     found = str(beside) if beside.is_file() else shutil.which("adaptrix")
-    if found is None:
-        pytest.skip("the adaptrix console script is not installed")
+    assert found is not None, (
+        "the adaptrix console script is not installed (see pyproject's [project.scripts])"
+    )
     return found
 
 
