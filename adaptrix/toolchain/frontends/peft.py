@@ -73,7 +73,8 @@ class _Lowering:
         if bias_value is not None:
             ops.append(Bias(self._bias_delta(placement, bias_value, out_rows)))
         if record.lora_b_bias is not None:
-            ops.append(Bias(self._checked(record.lora_b_bias, (out_rows,)).scaled(self._scale(record))))
+            scale = self.adapter.settings.scale(record.name)
+            ops.append(Bias(self._checked(record.lora_b_bias, (out_rows,)).scaled(scale)))
         return self._split(placement, ops)
 
     def _place(self, name: str) -> Placement:
@@ -115,9 +116,6 @@ class _Lowering:
         if placement.module.layout is Layout.CONV1D:
             return shape[1], shape[0]
         return (shape[0], shape[1]) if len(shape) == 2 else (shape[0], 0)
-
-    def _scale(self, record: PeftModule) -> float:
-        return self.adapter.settings.scale(record.name)
 
     def _low_rank(self, record: PeftModule, placement: Placement, out_rows: int, in_cols: int) -> Op:
         settings, name = self.adapter.settings, record.name
@@ -202,8 +200,9 @@ def _rows(op: Op, rows: torch.Tensor) -> Op:
     """The part of an op that acts on some output rows of a fused module."""
     if isinstance(op, LowRank):
         return LowRank(op.a, op.b.rows(rows), op.scale)
-    if isinstance(op, DoRA):
-        return DoRA(_rows(op.low_rank, rows), op.magnitude.rows(rows))
+    if isinstance(op, DoRA):  # a per-column magnitude belongs to every row: it is not split
+        magnitude = op.magnitude if op.per_column else op.magnitude.rows(rows)
+        return DoRA(_rows(op.low_rank, rows), magnitude, op.per_column)
     if isinstance(op, Bias):
         return Bias(op.delta.rows(rows))
     return Replace({p: t.rows(rows) for p, t in op.tensors.items()})
