@@ -7,13 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from adaptrix.toolchain.binders import Binder, binder_for_model_type
 from adaptrix.toolchain.binders.table import read_config
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.ir import SourceModel
-from adaptrix.toolchain.safetensors_io import TensorInfo, read_header
+from adaptrix.toolchain.safetensors_io import TensorInfo, read_header, read_tensor
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint"]
 
@@ -73,12 +72,7 @@ class Checkpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor in its stored dtype."""
-        info = self.tensors[name]
-        try:
-            with safe_open(str(info.file), framework="pt") as handle:
-                return handle.get_tensor(name)
-        except SafetensorError as exc:
-            raise BadInputError(f"cannot read tensor {name!r} ({exc})", path=info.file) from None
+        return read_tensor(self.tensors[name].file, name)
 
     def dtype(self) -> torch.dtype:
         """The dtype most of the base's floating-point weights are stored in."""

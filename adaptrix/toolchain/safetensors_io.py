@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["DTYPES", "TensorInfo", "dtype_name", "read_header", "write_safetensors"]
+__all__ = ["DTYPES", "TensorInfo", "dtype_name", "read_header", "read_tensor", "write_safetensors"]
 
 DTYPES: Mapping[str, torch.dtype] = {
     "F64": torch.float64,
@@ -48,11 +49,6 @@ class TensorInfo:
     file: Path
     start: int  # absolute byte offset in the file
     nbytes: int
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element."""
-        return torch.empty((), dtype=self.dtype).element_size()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -85,6 +81,15 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
+def read_tensor(file: Path, name: str) -> torch.Tensor:
+    """Read one tensor through a memory map opened for this read only (pages never pile up in RSS)."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_tensor(name)
+    except SafetensorError as exc:
+        raise BadInputError(f"cannot read tensor {name!r} ({exc})", path=file) from None
+
+
 def _tensor_info(name: str, entry: object, file: Path, data_start: int, size: int, fix: str):
     try:
         dtype = DTYPES[entry["dtype"]]
@@ -92,8 +97,7 @@ def _tensor_info(name: str, entry: object, file: Path, data_start: int, size: in
         begin, end = (int(x) for x in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise BadInputError(f"has a malformed header entry for {name!r}", path=file, fix=fix) from None
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if end - begin != math.prod(shape) * itemsize or begin < 0 or data_start + end > size:
+    if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or data_start + end > size:
         raise BadInputError(f"tensor {name!r} lies outside the file", path=file, fix=fix)
     return TensorInfo(name, dtype, shape, file, data_start + begin, end - begin)
 
@@ -109,7 +113,7 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         """Bytes it takes."""
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class write_safetensors:  # noqa: N801 - used as a context manager, reads like a function

@@ -7,15 +7,15 @@ import pickle
 import re
 import zipfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.frontends.peft_config import LoraSettings, read_lora_settings
 from adaptrix.toolchain.ir import LazyTensor
-from adaptrix.toolchain.safetensors_io import read_header
+from adaptrix.toolchain.safetensors_io import read_header, read_tensor
 
 __all__ = ["PeftAdapter", "PeftModule", "read_peft"]
 
@@ -94,7 +94,9 @@ def _read_tensors(path: Path) -> tuple[Path, dict[str, LazyTensor]]:
     if file.is_file():
         infos, _ = read_header(file)
         return file, {
-            name: LazyTensor(info.shape, f"{file}:{name}", _safetensors_loader(file, name), info.itemsize)
+            name: LazyTensor(
+                info.shape, f"{file}:{name}", partial(read_tensor, file, name), info.dtype.itemsize
+            )
             for name, info in infos.items()
         }
     file = path / BIN_NAME
@@ -105,17 +107,6 @@ def _read_tensors(path: Path) -> tuple[Path, dict[str, LazyTensor]]:
         path=path,
         fix="the adapter's weights are missing: copy them in or re-save the adapter with save_pretrained",
     )
-
-
-def _safetensors_loader(file: Path, name: str):
-    def load() -> torch.Tensor:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                return handle.get_tensor(name)
-        except SafetensorError as exc:
-            raise BadInputError(f"cannot read {name!r} ({exc})", path=file) from None
-
-    return load
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
