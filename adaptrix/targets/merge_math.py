@@ -7,7 +7,7 @@ than whole-tensor passes on a 2-core machine, and bit for bit the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ def merge_tensor(
     value: torch.Tensor,
     param: str,
     placement: Placement,
-    role_ops: list[list[Op]],
+    role_ops: Sequence[Sequence[Op]],
     source: SourceModel,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:

@@ -146,15 +146,14 @@ def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
+def _planned(item: _Item, base: Checkpoint, dtype: torch.dtype | None) -> PlannedTensor:
+    """The output tensor an item becomes: its name, output dtype and shape."""
+    info = base.tensors[item.source]
+    return PlannedTensor(item.name, _out_dtype(info.dtype, dtype), info.shape)
+
+
 def _write_shard(file: Path, batch: list[_Item], base: Checkpoint, dtype, progress) -> None:
-    planned = [
-        PlannedTensor(
-            item.name,
-            _out_dtype(base.tensors[item.source].dtype, dtype),
-            base.tensors[item.source].shape,
-        )
-        for item in batch
-    ]
+    planned = [_planned(item, base, dtype) for item in batch]
     with write_safetensors(file, planned, {"format": "pt"}) as writer:
         for item, plan in zip(batch, planned, strict=True):
             info = base.tensors[item.source]
@@ -170,17 +169,11 @@ def _merged_value(item: _Item, base: Checkpoint, dtype: torch.dtype) -> torch.Te
     value = base.read(item.source)
     if not item.touched:
         return value.to(dtype)
-    role_ops = [list(ops) for ops in item.role_ops]
-    return merge_tensor(value, item.param, item.placement, role_ops, base.source, dtype)
+    return merge_tensor(value, item.param, item.placement, item.role_ops, base.source, dtype)
 
 
 def _write_index(out: Path, items: list[_Item], shards: list[str], base: Checkpoint, dtype) -> None:
-    total = sum(
-        PlannedTensor(
-            i.name, _out_dtype(base.tensors[i.source].dtype, dtype), base.tensors[i.source].shape
-        ).nbytes
-        for i in items
-    )
+    total = sum(_planned(item, base, dtype).nbytes for item in items)
     index = {
         "metadata": {"total_size": total},
         "weight_map": {item.name: shards[item.shard] for item in items},

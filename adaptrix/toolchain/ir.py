@@ -28,6 +28,7 @@ __all__ = [
     "Role",
     "Site",
     "SourceModel",
+    "site_order",
 ]
 
 
@@ -265,7 +266,7 @@ class AdapterIR:
 
     def sites(self) -> list[Site]:
         """Every site with an op, in order, each once."""
-        return sorted({site for site, _ in self.ops}, key=_site_key)
+        return sorted({site for site, _ in self.ops}, key=site_order)
 
     def by_site(self) -> dict[Site, list[Op]]:
         """All ops grouped by site."""
@@ -279,5 +280,9 @@ class AdapterIR:
         return iter(self.ops)
 
 
-def _site_key(site: Site) -> tuple[int, str]:
-    return (-1 if site.layer is None else site.layer, str(site.role))
+_ROLE_ORDER = {role: i for i, role in enumerate(Role)}
+
+
+def site_order(site: Site) -> tuple[int, int]:
+    """Sort key for sites: model-level roles first, then by layer, roles in declaration order."""
+    return (-1 if site.layer is None else site.layer, _ROLE_ORDER[site.role])

@@ -7,16 +7,11 @@ from pathlib import Path
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.frontends.peft import lower_peft
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Role, Site
+from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, site_order
 
 __all__ = ["inspect_adapter"]
 
 _KINDS = {LowRank: "lora", DoRA: "dora", Bias: "bias", Replace: "replace"}
-_ROLES = list(Role)
-
-
-def _site_order(site: Site) -> tuple[int, int]:
-    return (-1 if site.layer is None else site.layer, _ROLES.index(site.role))
 
 
 def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict:
@@ -54,7 +49,7 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
 
 def _site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:
     rows, unique = [], {}
-    for site, op in sorted(ir, key=lambda pair: _site_order(pair[0])):
+    for site, op in sorted(ir, key=lambda pair: site_order(pair[0])):
         tensors = _op_tensors(op)
         unique.update((id(t), t) for t in tensors)
         low_rank = op.low_rank if isinstance(op, DoRA) else op
