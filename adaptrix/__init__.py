@@ -7,12 +7,25 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compile_adapter", "inspect_adapter", "load"]
+__all__ = [
+    "__version__",
+    "attach",
+    "attached",
+    "compile_adapter",
+    "inspect_adapter",
+    "load",
+    "load_bundle",
+    "switch",
+]
 
 _API = {
     "compile_adapter": "adaptrix.toolchain.pipeline",
     "load": "adaptrix.toolchain.pipeline",
     "inspect_adapter": "adaptrix.toolchain.report",
+    "attach": "adaptrix.runtime",
+    "attached": "adaptrix.runtime",
+    "switch": "adaptrix.runtime",
+    "load_bundle": "adaptrix.runtime",
 }
 
 

@@ -6,19 +6,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+import torch
+
+from adaptrix.targets.hooks import write_hooks
 from adaptrix.targets.merged import write_merged
+from adaptrix.targets.written import Written
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["TARGETS", "Target", "target_named"]
+__all__ = ["TARGETS", "Target", "Written", "target_named"]
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """A named output format."""
+    """A named output format: `write(ir, base, out, dtype=, progress=)` fills directory `out`."""
 
     name: str
     summary: str
-    write: Callable[..., list[str]]
+    write: Callable[..., Written]
+    default_dtype: torch.dtype | None = None  # None: the base's
 
 
 def _register(*targets: Target) -> Mapping[str, Target]:
@@ -35,6 +40,12 @@ TARGETS = _register(
         "merged",
         "Hugging Face model directory with the adapter merged (sharded safetensors)",
         write_merged,
+    ),
+    Target(
+        "hooks",
+        "bundle of unmerged deltas for adaptrix.attach on an eager PyTorch model",
+        write_hooks,
+        default_dtype=torch.float32,
     ),
 )
 

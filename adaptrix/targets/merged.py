@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from adaptrix.targets.merge_math import merge_tensor, op_params
+from adaptrix.targets.written import Written
 from adaptrix.toolchain.binders.table import Placement
 from adaptrix.toolchain.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
 from adaptrix.toolchain.errors import BadInputError
@@ -52,7 +53,7 @@ def write_merged(
     out: Path,
     dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
-) -> list[str]:
+) -> Written:
     """Write the merged model into directory `out`; return the files written."""
     items, untied = _plan(ir, base)
     shards = _shard_names(1 + max(item.shard for item in items))
@@ -65,7 +66,7 @@ def write_merged(
         _write_index(out, items, shards, base, dtype)
         written.append(INDEX_NAME)
     written += _copy_side_files(base, out, dtype, untied)
-    return written
+    return Written(written, {"untied_lm_head": untied})
 
 
 def _plan(ir: AdapterIR, base: Checkpoint) -> tuple[list[_Item], bool]:

@@ -67,7 +67,7 @@ def compile_adapter(
 ) -> CompileResult:
     """Compile an adapter for a base into `out` with the named target; all or nothing."""
     emit = target_named(target)
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype) or emit.default_dtype
     checkpoint = Checkpoint(base)
     peft_adapter = read_peft(adapter)
     ir = lower_peft(peft_adapter, checkpoint)
@@ -77,7 +77,7 @@ def compile_adapter(
     step = (lambda done: progress(done, total)) if progress else None
     with atomic_output(Path(out), force=force, inputs=[Path(adapter), Path(base)]) as tmp:
         try:
-            files = emit.write(ir, checkpoint, tmp, dtype=torch_dtype, progress=step)
+            written = emit.write(ir, checkpoint, tmp, dtype=torch_dtype, progress=step)
         except AdaptrixError as exc:
             raise exc.with_context(target) from None
         # Hashed after the merge, not beside it: on two cores a hashing thread slows the
@@ -88,8 +88,8 @@ def compile_adapter(
             dtype=out_dtype,
             inputs=input_hashes(inputs),
             passes=[],
-            files=files,
-            extra={"sites": len(ir.sites()), "source": ir.source.as_dict()},
+            files=written.files,
+            extra={"sites": len(ir.sites()), "source": ir.source.as_dict(), **written.manifest},
         )
     logger.info("compiled %s for %s into %s (%s)", adapter, base, out, target)
-    return CompileResult(Path(out), target, out_dtype, files, len(ir.sites()))
+    return CompileResult(Path(out), target, out_dtype, written.files, len(ir.sites()))

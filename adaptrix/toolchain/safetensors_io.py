@@ -21,7 +21,15 @@ from safetensors import SafetensorError, safe_open
 
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["DTYPES", "TensorInfo", "dtype_name", "read_header", "read_tensor", "write_safetensors"]
+__all__ = [
+    "DTYPES",
+    "TensorInfo",
+    "dtype_name",
+    "read_elements",
+    "read_header",
+    "read_tensor",
+    "write_safetensors",
+]
 
 DTYPES: Mapping[str, torch.dtype] = {
     "F64": torch.float64,
@@ -88,6 +96,20 @@ def read_tensor(file: Path, name: str) -> torch.Tensor:
             return handle.get_tensor(name)
     except SafetensorError as exc:
         raise BadInputError(f"cannot read tensor {name!r} ({exc})", path=file) from None
+
+
+def read_elements(info: TensorInfo, flat_indices: Iterable[int]) -> torch.Tensor:
+    """A few elements of a stored tensor, by flat index, read straight from the file (as float32)."""
+    size = info.dtype.itemsize
+    with info.file.open("rb") as handle:
+        chunks = []
+        for index in flat_indices:
+            handle.seek(info.start + index * size)
+            chunks.append(handle.read(size))
+    data = bytearray(b"".join(chunks))
+    if not data:
+        return torch.empty(0)
+    return torch.frombuffer(data, dtype=info.dtype).to(torch.float32)
 
 
 def _tensor_info(name: str, entry: object, file: Path, data_start: int, size: int, fix: str):

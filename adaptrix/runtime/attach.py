@@ -1,0 +1,154 @@
+"""attach / detach / switch: hook bundles onto a plain PyTorch model and take them off again.
+
+Attaching never changes a parameter's values: deltas are added to module outputs by forward
+hooks, and a replaced module's parameters (PEFT modules_to_save) are swapped for new Parameter
+objects whose originals are put back on detach. So a detached model is bit for bit the model
+it was, state_dict included.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from pathlib import Path
+
+import torch
+
+from adaptrix.runtime.bundle import Bundle, ModuleEntry, load_bundle
+from adaptrix.runtime.fit import fit_modules
+from adaptrix.runtime.module_hook import ModuleHook
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["Handle", "attach", "attached", "switch"]
+
+logger = logging.getLogger(__name__)
+
+_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, list[Handle]] = weakref.WeakKeyDictionary()
+
+
+class Handle:
+    """One bundle attached to one model: `scale` is live, `detach()` takes it off."""
+
+    def __init__(self, model: torch.nn.Module, bundle: Bundle, scale: float):
+        self._model = weakref.ref(model)
+        self.bundle = bundle
+        self._scale = float(scale)
+        self._hooks: list[ModuleHook] = []
+        self._removers: list[torch.utils.hooks.RemovableHandle] = []
+        self._swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The model the bundle is attached to (None once that model is gone)."""
+        return self._model()
+
+    @property
+    def scale(self) -> float:
+        """The factor every delta of this bundle is multiplied by (1.0: as trained)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = float(value)
+        for hook in self._hooks:
+            hook.refresh()
+
+    @property
+    def attached(self) -> bool:
+        """Whether the bundle is still attached."""
+        model = self.model
+        return model is not None and self in _ATTACHED.get(model, ())
+
+    def detach(self) -> None:
+        """Remove the hooks and put back every replaced parameter; a second call does nothing."""
+        for remover in self._removers:
+            remover.remove()
+        for module, name, original in reversed(self._swapped):
+            module._parameters[name] = original
+        self._removers, self._swapped, self._hooks = [], [], []
+        model = self.model
+        handles = _ATTACHED.get(model, []) if model is not None else []
+        if self in handles:
+            handles.remove(self)
+        logger.debug("detached %s", self.bundle.path)
+
+    def original(self, module: torch.nn.Module, name: str) -> torch.nn.Parameter | None:
+        """The parameter this handle replaced on `module`, if it replaced one."""
+        return next((p for m, n, p in self._swapped if m is module and n == name), None)
+
+    def __enter__(self) -> Handle:
+        """Use as a context manager: detached on exit."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Detach."""
+        self.detach()
+
+    def __repr__(self) -> str:
+        """`Handle(bundle path, scale, attached)`."""
+        return f"Handle({str(self.bundle.path)!r}, scale={self._scale}, attached={self.attached})"
+
+    def _apply(self, fitted: list[tuple[ModuleEntry, torch.nn.Module]]) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            for entry, module in fitted:
+                for name, key in entry.replace.items():
+                    self._swap(module, name, self.bundle.tensors[key])
+                if entry.lora or entry.bias:
+                    hook = ModuleHook(self, module, entry, self.bundle)
+                    self._hooks.append(hook)
+                    self._removers.append(module.register_forward_hook(hook, with_kwargs=True))
+
+    def _swap(self, module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+        current = module._parameters[name]
+        new = torch.nn.Parameter(value.to(current.device, current.dtype), requires_grad=False)
+        self._swapped.append((module, name, current))
+        module._parameters[name] = new
+
+
+def attach(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float = 1.0) -> Handle:
+    """Attach a hooks bundle to `model`; bundles attached together add up."""
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    return _attach(model, loaded, scale, keep=_ATTACHED.get(model, []))
+
+
+def switch(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float = 1.0) -> Handle:
+    """Replace every bundle attached to `model` by this one (checked first: a misfit changes nothing)."""
+    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    return _attach(model, loaded, scale, keep=[])
+
+
+def attached(model: torch.nn.Module) -> list[Handle]:
+    """The handles attached to `model`, in the order they were attached."""
+    return list(_ATTACHED.get(model, []))
+
+
+def _attach(model: torch.nn.Module, bundle: Bundle, scale: float, keep: list[Handle]) -> Handle:
+    current = list(_ATTACHED.get(model, []))
+
+    def original(module: torch.nn.Module, name: str) -> torch.nn.Parameter | None:
+        return next((p for h in current if (p := h.original(module, name)) is not None), None)
+
+    fitted = fit_modules(model, bundle, original)
+    _check_replacements(bundle, fitted, keep)
+    for handle in current:
+        if handle not in keep:
+            handle.detach()
+    handle = Handle(model, bundle, scale)
+    handle._apply(fitted)
+    _ATTACHED.setdefault(model, []).append(handle)
+    logger.debug("attached %s to %d modules", bundle.path, len(fitted))
+    return handle
+
+
+def _check_replacements(bundle: Bundle, fitted: list, keep: list[Handle]) -> None:
+    """Two attached bundles may not both replace the same parameter."""
+    for entry, module in fitted:
+        for name in entry.replace:
+            other = next((h for h in keep if h.original(module, name) is not None), None)
+            if other is not None:
+                raise BadInputError(
+                    f"replaces {entry.name}.{name}, which the attached bundle {other.bundle.path} "
+                    "replaces too; the model was left unchanged",
+                    path=bundle.path,
+                    fix="detach the other bundle first, or use adaptrix.switch",
+                )

@@ -1,0 +1,178 @@
+"""The hooks bundle format: manifest.json's "bundle" section and one safetensors file of deltas.
+
+A bundle holds, per module of the base (its name as in the base's checkpoint), what to add to
+the module's output, already in the module's own layout: fused projections (GPT-2 c_attn,
+GPT-NeoX query_key_value, Phi-3 qkv_proj / gate_up_proj) get one fused low-rank pair, and every
+module is seen as a linear map from `in_features` to `out_features`:
+
+- `lora`: A [rank, in] and B [out, rank]; the module's output gains scale * B @ A @ x. For an
+  embedding, `in` is the vocabulary: A [rank, num], B [dim, r], as PEFT stores them.
+- `dora`: a magnitude [out]; the output becomes PEFT's DoRA: m * (W x) + bias + m * scale * B A x
+  with m = magnitude / ||W + scale * B A|| per output feature, computed when attached.
+- `bias`: a delta [out] added to the output.
+- `replace`: new values for the module's parameters, in the module's own layout.
+- `probe`: a few elements of the base's stored weight, so that a bundle refuses another base.
+
+This module reads bundles; it needs torch and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["BUNDLE_FORMAT", "TENSORS_FILE", "Bundle", "ModuleEntry", "load_bundle", "probe_indices"]
+
+BUNDLE_FORMAT = 1
+TENSORS_FILE = "bundle.safetensors"
+MANIFEST_NAME = "manifest.json"
+LAYOUTS = ("linear", "conv1d", "embedding", "norm")
+_PROBES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleEntry:
+    """What a bundle does to one module of the base."""
+
+    name: str
+    layout: str
+    sites: tuple[str, ...]
+    weight_shape: tuple[int, ...]
+    out_features: int
+    probe: dict
+    lora: dict | None
+    dora: dict | None
+    bias: str | None
+    replace: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """A bundle read into memory: its manifest section, module entries and tensors (on CPU)."""
+
+    path: Path
+    manifest: dict
+    modules: tuple[ModuleEntry, ...]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def base(self) -> dict:
+        """What the bundle was compiled for: model_type, config values, probes' source."""
+        return self.manifest["bundle"]["base"]
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the deltas are stored in."""
+        return self.manifest["bundle"]["dtype"]
+
+
+def probe_indices(numel: int) -> list[int]:
+    """Flat indices of the elements a probe samples from a weight of `numel` elements."""
+    if numel <= _PROBES:
+        return list(range(numel))
+    return sorted({(k * numel) // _PROBES + (k * 7919) % max(1, numel // _PROBES) for k in range(_PROBES)})
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Read a bundle directory; a malformed one is an error that names the file."""
+    root = Path(path)
+    manifest_file = root / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise BadInputError(
+            "is not a hooks bundle (no manifest.json)",
+            path=root,
+            fix="compile one with `adaptrix compile ADAPTER --base BASE --target hooks -o BUNDLE`",
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"is not valid JSON ({exc})", path=manifest_file) from None
+    section = manifest.get("bundle") if isinstance(manifest, dict) else None
+    if not isinstance(section, dict):
+        target = manifest.get("target") if isinstance(manifest, dict) else None
+        raise BadInputError(
+            f"describes a {target or 'non-bundle'} artifact, not a hooks bundle",
+            path=manifest_file,
+            fix="compile the adapter with --target hooks",
+        )
+    if section.get("format_version") != BUNDLE_FORMAT:
+        raise BadInputError(
+            f"has bundle format {section.get('format_version')!r}; this adaptrix reads {BUNDLE_FORMAT}",
+            path=manifest_file,
+            fix="recompile the bundle with this version of adaptrix",
+        )
+    tensors = _load_tensors(root / section.get("tensors_file", TENSORS_FILE))
+    modules = tuple(_entry(raw, manifest_file) for raw in section.get("modules", []))
+    _check_tensors(modules, tensors, root / section.get("tensors_file", TENSORS_FILE))
+    return Bundle(root, manifest, modules, tensors)
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise BadInputError("is missing", path=file, fix="the bundle is incomplete; compile it again")
+    try:
+        with torch.inference_mode(False):  # inference tensors could not serve a later forward with grad
+            return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise BadInputError(f"cannot be read ({exc})", path=file, fix="compile the bundle again") from None
+
+
+def _entry(raw: object, file: Path) -> ModuleEntry:
+    try:
+        entry = ModuleEntry(
+            name=str(raw["name"]),
+            layout=str(raw["layout"]),
+            sites=tuple(raw["sites"]),
+            weight_shape=tuple(int(n) for n in raw["weight_shape"]),
+            out_features=int(raw["out_features"]),
+            probe=dict(raw["probe"]),
+            lora=raw.get("lora"),
+            dora=raw.get("dora"),
+            bias=raw.get("bias"),
+            replace=dict(raw.get("replace") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadInputError(f"has a malformed module entry ({exc!r})", path=file) from None
+    if entry.layout not in LAYOUTS:
+        raise BadInputError(f"module {entry.name!r} has unknown layout {entry.layout!r}", path=file)
+    return entry
+
+
+def _check_tensors(modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Every tensor an entry names exists, with the shape the entry implies, and is finite."""
+    for entry in modules:
+        expected: dict[str, tuple[int, ...] | None] = {}
+        if entry.lora:
+            rank, in_features = int(entry.lora["rank"]), _in_features(entry)
+            expected[entry.lora["A"]] = (rank, in_features)
+            expected[entry.lora["B"]] = (entry.out_features, rank)
+        if entry.dora:
+            expected[entry.dora["magnitude"]] = (entry.out_features,)
+        if entry.bias:
+            expected[entry.bias] = (entry.out_features,)
+        expected.update((key, None) for key in entry.replace.values())
+        for key, shape in expected.items():
+            tensor = tensors.get(key)
+            if tensor is None:
+                raise BadInputError(f"lacks tensor {key!r}", path=file, fix="compile the bundle again")
+            if shape is not None and tuple(tensor.shape) != shape:
+                raise BadInputError(
+                    f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)}", path=file
+                )
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise BadInputError(f"tensor {key!r} holds NaN or Inf", path=file, fix="compile it again")
+
+
+def _in_features(entry: ModuleEntry) -> int:
+    """The width a module's input has, seen as a linear map (the vocabulary for an embedding)."""
+    shape = entry.weight_shape
+    if entry.layout == "linear":
+        return shape[1]
+    return shape[0]  # conv1d [in, out], embedding [num, dim]

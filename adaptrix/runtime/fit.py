@@ -1,0 +1,112 @@
+"""Does a bundle fit a model? Every check runs before the model is touched."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from adaptrix.runtime.bundle import Bundle, ModuleEntry
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["find_module", "fit_modules"]
+
+_FIX = "compile the adapter against this model's base (adaptrix compile ADAPTER --base BASE --target hooks)"
+# Largest relative rounding error of each dtype: a probe passes through at most two of them.
+_EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-52}
+_PROBE_ATOL = 1e-7  # float16 subnormals
+
+
+def fit_modules(
+    model: torch.nn.Module,
+    bundle: Bundle,
+    original: Callable[[torch.nn.Module, str], torch.Tensor | None],
+) -> list[tuple[ModuleEntry, torch.nn.Module]]:
+    """The model's module for each bundle entry, after checking that the bundle was made for it.
+
+    `original(module, param)` gives a parameter as it was before other bundles replaced it.
+    """
+    _check_config(model, bundle)
+    found = []
+    for entry in bundle.modules:
+        module = find_module(model, entry.name)
+        if module is None:
+            _refuse(bundle, f"the model has no module {entry.name!r} ({', '.join(entry.sites)})")
+        weight = original(module, "weight")
+        if weight is None:
+            weight = getattr(module, "weight", None)
+        _check_layout(bundle, entry, module, weight)
+        _check_probe(bundle, entry, weight)
+        found.append((entry, module))
+    return found
+
+
+def find_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    """A module by its checkpoint name, with or without the model's base prefix (`model.`, `bert.`)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1 :])
+    elif prefix:
+        candidates.append(f"{prefix}.{name}")
+    for candidate in candidates:
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def _check_config(model: torch.nn.Module, bundle: Bundle) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    base = bundle.base
+    model_type = getattr(config, "model_type", None)
+    if model_type is not None and model_type != base["model_type"]:
+        _refuse(bundle, f"it was compiled for a {base['model_type']} model, this one is {model_type}")
+    for key, expected in base.get("config", {}).items():
+        value = getattr(config, key, None)
+        if value is not None and value != expected:
+            _refuse(bundle, f"it was compiled for {key}={expected}, this model has {key}={value}")
+
+
+def _check_layout(bundle: Bundle, entry: ModuleEntry, module: torch.nn.Module, weight) -> None:
+    kind = type(module).__name__
+    expected_kind = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding"}.get(entry.layout)
+    if expected_kind is not None and not _is_kind(module, expected_kind):
+        _refuse(bundle, f"{entry.name} is a {kind} here, the bundle expects a {expected_kind}")
+    shape = None if weight is None else tuple(weight.shape)
+    if shape != entry.weight_shape:
+        found, expected = list(shape or []), list(entry.weight_shape)
+        _refuse(bundle, f"{entry.name}.weight has shape {found}, expected {expected}")
+
+
+def _is_kind(module: torch.nn.Module, kind: str) -> bool:
+    if kind == "Linear":
+        return isinstance(module, torch.nn.Linear)
+    if kind == "Embedding":
+        return isinstance(module, torch.nn.Embedding)
+    return type(module).__name__ == kind
+
+
+def _check_probe(bundle: Bundle, entry: ModuleEntry, weight: torch.Tensor) -> None:
+    """A few of the base's weight values must be this model's, up to rounding between dtypes."""
+    probe = entry.probe
+    stored = torch.tensor(probe["values"], dtype=torch.float32)
+    indices = torch.tensor(probe["indices"], dtype=torch.long)
+    with torch.no_grad():
+        found = weight.detach().reshape(-1)[indices.to(weight.device)].to("cpu", torch.float32)
+    stored_dtype = getattr(torch, str(probe.get("dtype", "float32")), torch.float32)
+    rtol = 2 * max(_EPS.get(weight.dtype, _EPS[torch.bfloat16]), _EPS.get(stored_dtype, _EPS[torch.bfloat16]))
+    if not bool(((found - stored).abs() <= rtol * stored.abs() + _PROBE_ATOL).all()):
+        _refuse(
+            bundle,
+            f"{entry.name}.weight holds other values than the base it was compiled for "
+            "(another checkpoint of the same shape)",
+        )
+
+
+def _refuse(bundle: Bundle, reason: str) -> None:
+    raise BadInputError(f"does not fit this model: {reason}; the model was left unchanged", path=bundle.path,
+                        fix=_FIX)  # fmt: skip

@@ -1,0 +1,110 @@
+"""The forward hook that adds one bundle's deltas to one module's output."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812  (the usual name)
+
+from adaptrix.runtime.bundle import Bundle, ModuleEntry
+
+__all__ = ["ModuleHook", "compute_dtype"]
+
+
+def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype deltas are computed in: float32 for half-precision models, as PEFT does."""
+    return torch.float32 if param_dtype in (torch.float16, torch.bfloat16) else param_dtype
+
+
+class ModuleHook:
+    """Adds scale * B @ A @ x (LoRA), PEFT's DoRA rescaling and a bias delta to a module's output.
+
+    The module's own scale (alpha / r, rslora, patterns) is folded into B when attached; the
+    handle's live scale multiplies it at each call. DoRA's per-feature factor depends on that
+    scale and is recomputed when the scale changes.
+    """
+
+    __slots__ = ("a", "b", "bias", "device", "embedding", "handle", "layout", "mag_scale", "mag_scale_at",
+                 "magnitude", "module")  # fmt: skip
+
+    def __init__(self, handle, module: torch.nn.Module, entry: ModuleEntry, bundle: Bundle):
+        weight = getattr(module, "weight", None)
+        reference = weight if weight is not None else next(module.parameters())
+        dtype, device = compute_dtype(reference.dtype), reference.device
+        tensors = bundle.tensors
+        self.handle, self.module, self.layout, self.device = handle, module, entry.layout, device
+        self.embedding = entry.layout == "embedding"
+        self.a = self.b = self.bias = self.magnitude = self.mag_scale = None
+        self.mag_scale_at: float | None = None
+        if entry.lora:
+            a = tensors[entry.lora["A"]].to(device, dtype)
+            self.a = a.T.contiguous() if self.embedding else a  # an embedding gathers rows of A.T
+            b = tensors[entry.lora["B"]].to(device, torch.float32) * float(entry.lora["scale"])
+            self.b = b.to(dtype)
+        if entry.dora:
+            self.magnitude = tensors[entry.dora["magnitude"]].to(device, torch.float32)
+            self.refresh()
+        if entry.bias:
+            self.bias = tensors[entry.bias].to(device, dtype)
+
+    def refresh(self) -> None:
+        """Recompute DoRA's factor m = magnitude / ||W + s B A|| for the handle's current scale."""
+        if self.magnitude is None or self.mag_scale_at == self.handle.scale:
+            return
+        scale = self.handle.scale
+        with torch.inference_mode(False), torch.no_grad():
+            weight = self.module.weight.to(torch.float32)
+            weight = weight if self.layout == "linear" else weight.T  # as a map [out, in]
+            a = self.a.T if self.embedding else self.a
+            combined = torch.addmm(weight, self.b.to(torch.float32), a.to(torch.float32), alpha=scale)
+            norm = torch.linalg.vector_norm(combined, dim=1)
+            self.mag_scale = (self.magnitude / norm).to(self.a.dtype)
+        self.mag_scale_at = scale
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+        """The forward hook: return the module's output with this bundle's deltas added."""
+        scale = self.handle.scale
+        if self.a is not None and (scale != 0.0 or self.magnitude is not None):
+            x = args[0] if args else next(iter(kwargs.values()))
+            if x.device != self.device:
+                self._move(x.device)
+            a = self.a
+            if self.embedding:
+                delta = F.linear(F.embedding(x, a), self.b)
+            else:
+                delta = F.linear(F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a), self.b)
+            output = self._add_dora(module, output, delta, scale) if self.magnitude is not None else (
+                _add(output, delta, scale))  # fmt: skip
+        if self.bias is not None:
+            output = _add(output, self.bias, 1.0)
+        return output
+
+    def _add_dora(self, module, output: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+        """PEFT's DoRA: m * (W x) + bias + m * s * B A x, given output = W x + bias."""
+        if self.mag_scale_at != scale:
+            self.refresh()
+        m = self.mag_scale
+        result = output.to(m.dtype)
+        if self.embedding:
+            extra = (m - 1) * result + (m * scale) * delta
+        else:
+            bias = getattr(module, "bias", None)
+            base = result if bias is None else result - bias.to(m.dtype)
+            extra = (m - 1) * base + (m * scale) * delta
+        return _add(output, extra, 1.0)
+
+    def _move(self, device: torch.device) -> None:
+        """Follow the module to another device (the model was moved after attaching)."""
+        for name in ("a", "b", "bias", "magnitude", "mag_scale"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        self.device = device
+
+
+def _add(output: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return output + scale * delta: in place when no gradient flows through the output."""
+    if delta.dtype != output.dtype:
+        delta = delta.to(output.dtype)
+    if output.requires_grad:
+        return torch.add(output, delta, alpha=scale)
+    return output.add_(delta, alpha=scale)

@@ -1,0 +1,15 @@
+"""What a target reports after writing: its files and what it adds to manifest.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Written"]
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """The files a target wrote (relative names) and its own section of the manifest."""
+
+    files: list[str]
+    manifest: dict = field(default_factory=dict)
