@@ -84,7 +84,7 @@ def compile_command(
 
 @app.command("inspect")
 def inspect_command(
-    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory.")],
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory, or a hooks bundle.")],
     base: Annotated[Path | None, typer.Option("--base", help="Base model: show IR sites.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:

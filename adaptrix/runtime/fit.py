@@ -65,10 +65,15 @@ def _check_config(model: torch.nn.Module, bundle: Bundle) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type is not None and model_type != base["model_type"]:
         _refuse(bundle, f"it was compiled for a {base['model_type']} model, this one is {model_type}")
-    for key, expected in base.get("config", {}).items():
-        value = getattr(config, key, None)
-        if value is not None and value != expected:
-            _refuse(bundle, f"it was compiled for {key}={expected}, this model has {key}={value}")
+    differ = {
+        key: (expected, value)
+        for key, expected in base.get("config", {}).items()
+        if (value := getattr(config, key, None)) is not None and value != expected
+    }
+    if differ:
+        compiled = ", ".join(f"{key}={expected}" for key, (expected, _) in differ.items())
+        found = ", ".join(f"{key}={value}" for key, (_, value) in differ.items())
+        _refuse(bundle, f"it was compiled for {compiled}; this model has {found}")
 
 
 def _check_layout(bundle: Bundle, entry: ModuleEntry, module: torch.nn.Module, weight) -> None:

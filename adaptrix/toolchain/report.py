@@ -9,13 +9,15 @@ from adaptrix.toolchain.frontends.peft import lower_peft
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, site_order
 
-__all__ = ["inspect_adapter"]
+__all__ = ["inspect_adapter", "inspect_bundle"]
 
 _KINDS = {LowRank: "lora", DoRA: "dora", Bias: "bias", Replace: "replace"}
 
 
 def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict:
-    """Describe an adapter: per IR site when the base is known, else per PEFT module."""
+    """Describe an adapter: per IR site when the base is known, else per PEFT module; or a bundle."""
+    if _is_bundle(Path(adapter)):
+        return inspect_bundle(adapter)
     peft_adapter = read_peft(adapter)
     settings = peft_adapter.settings
     summary = {
@@ -45,6 +47,51 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
         rows=rows,
     )
     return summary
+
+
+def inspect_bundle(path: Path | str) -> dict:
+    """Describe a hooks bundle per module: its ops, rank, scale, parameters and bytes."""
+    from adaptrix.runtime.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    rows = []
+    for entry in bundle.modules:
+        keys = [entry.lora["A"], entry.lora["B"]] if entry.lora else []
+        keys += [entry.dora["magnitude"]] if entry.dora else []
+        keys += [entry.bias] if entry.bias else []
+        keys += list(entry.replace.values())
+        tensors = [bundle.tensors[key] for key in keys]
+        ops = [kind for kind, there in (("lora", entry.lora and not entry.dora), ("dora", entry.dora),
+               ("bias", entry.bias), ("replace", entry.replace)) if there]  # fmt: skip
+        rows.append(
+            {
+                "module": entry.name,
+                "layer": _layer_of(entry.name),
+                "sites": list(entry.sites),
+                "op": "+".join(ops),
+                "rank": entry.lora["rank"] if entry.lora else None,
+                "scale": entry.lora["scale"] if entry.lora else None,
+                "parameters": sum(t.numel() for t in tensors),
+                "bytes": sum(t.numel() * t.element_size() for t in tensors),
+            }
+        )
+    base = bundle.base
+    return {
+        "adapter": str(path),
+        "format": "adaptrix-hooks-bundle",
+        "dtype": bundle.dtype,
+        "base": {"model_type": base["model_type"], **base["dimensions"]},
+        "layers": sorted({row["layer"] for row in rows if row["layer"] is not None}),
+        "roles": sorted({site.rpartition(" ")[2] for row in rows for site in row["sites"]}),
+        "parameters": sum(row["parameters"] for row in rows),
+        "bytes": sum(row["bytes"] for row in rows),
+        "rows": rows,
+    }
+
+
+def _is_bundle(path: Path) -> bool:
+    manifest = path / "manifest.json"
+    return manifest.is_file() and not (path / "adapter_config.json").is_file()
 
 
 def _site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:
