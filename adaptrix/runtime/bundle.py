@@ -19,7 +19,7 @@ This module reads bundles; it needs torch and safetensors only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,7 +46,9 @@ class ModuleEntry:
     sites: tuple[str, ...]
     weight_shape: tuple[int, ...]
     out_features: int
-    probe: dict
+    probe_at: torch.Tensor  # flat indices into the base's stored weight
+    probe_values: torch.Tensor  # the values there, float32
+    probe_dtype: str  # the dtype they were stored in
     lora: dict | None
     dora: dict | None
     bias: str | None
@@ -61,6 +63,18 @@ class Bundle:
     manifest: dict
     modules: tuple[ModuleEntry, ...]
     tensors: dict[str, torch.Tensor]
+    _prepared: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def prepared(self, key: str, device: torch.device, dtype: torch.dtype, scale: float = 1.0):
+        """A tensor of the bundle times `scale`, on a device and in a dtype; made once, then reused."""
+        cache_key = (key, str(device), dtype, scale)
+        if cache_key not in self._prepared:
+            value = self.tensors[key]
+            if scale != 1.0:
+                value = value.to(device, torch.float32) * scale
+            with torch.inference_mode(False):
+                self._prepared[cache_key] = value.to(device, dtype)
+        return self._prepared[cache_key]
 
     @property
     def base(self) -> dict:
@@ -132,7 +146,9 @@ def _entry(raw: object, file: Path) -> ModuleEntry:
             sites=tuple(raw["sites"]),
             weight_shape=tuple(int(n) for n in raw["weight_shape"]),
             out_features=int(raw["out_features"]),
-            probe=dict(raw["probe"]),
+            probe_at=torch.tensor(raw["probe"]["indices"], dtype=torch.long),
+            probe_values=torch.tensor(raw["probe"]["values"], dtype=torch.float32),
+            probe_dtype=str(raw["probe"].get("dtype", "float32")),
             lora=raw.get("lora"),
             dora=raw.get("dora"),
             bias=raw.get("bias"),
@@ -166,8 +182,15 @@ def _check_tensors(modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Te
                 raise BadInputError(
                     f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)}", path=file
                 )
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if tensor.is_floating_point() and not _finite(tensor):
                 raise BadInputError(f"tensor {key!r} holds NaN or Inf", path=file, fix="compile it again")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf: a sum is finite only if every element is (the full check runs only on doubt)."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _in_features(entry: ModuleEntry) -> int:

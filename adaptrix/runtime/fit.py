@@ -97,12 +97,10 @@ def _is_kind(module: torch.nn.Module, kind: str) -> bool:
 
 def _check_probe(bundle: Bundle, entry: ModuleEntry, weight: torch.Tensor) -> None:
     """A few of the base's weight values must be this model's, up to rounding between dtypes."""
-    probe = entry.probe
-    stored = torch.tensor(probe["values"], dtype=torch.float32)
-    indices = torch.tensor(probe["indices"], dtype=torch.long)
     with torch.no_grad():
-        found = weight.detach().reshape(-1)[indices.to(weight.device)].to("cpu", torch.float32)
-    stored_dtype = getattr(torch, str(probe.get("dtype", "float32")), torch.float32)
+        found = weight.detach().reshape(-1)[entry.probe_at.to(weight.device)].to("cpu", torch.float32)
+    stored = entry.probe_values
+    stored_dtype = getattr(torch, entry.probe_dtype, torch.float32)
     rtol = 2 * max(_EPS.get(weight.dtype, _EPS[torch.bfloat16]), _EPS.get(stored_dtype, _EPS[torch.bfloat16]))
     if not bool(((found - stored).abs() <= rtol * stored.abs() + _PROBE_ATOL).all()):
         _refuse(

@@ -30,21 +30,19 @@ class ModuleHook:
         weight = getattr(module, "weight", None)
         reference = weight if weight is not None else next(module.parameters())
         dtype, device = compute_dtype(reference.dtype), reference.device
-        tensors = bundle.tensors
         self.handle, self.module, self.layout, self.device = handle, module, entry.layout, device
         self.embedding = entry.layout == "embedding"
         self.a = self.b = self.bias = self.magnitude = self.mag_scale = None
         self.mag_scale_at: float | None = None
         if entry.lora:
-            a = tensors[entry.lora["A"]].to(device, dtype)
+            a = bundle.prepared(entry.lora["A"], device, dtype)
             self.a = a.T.contiguous() if self.embedding else a  # an embedding gathers rows of A.T
-            b = tensors[entry.lora["B"]].to(device, torch.float32) * float(entry.lora["scale"])
-            self.b = b.to(dtype)
+            self.b = bundle.prepared(entry.lora["B"], device, dtype, float(entry.lora["scale"]))
         if entry.dora:
-            self.magnitude = tensors[entry.dora["magnitude"]].to(device, torch.float32)
+            self.magnitude = bundle.prepared(entry.dora["magnitude"], device, torch.float32)
             self.refresh()
         if entry.bias:
-            self.bias = tensors[entry.bias].to(device, dtype)
+            self.bias = bundle.prepared(entry.bias, device, dtype)
 
     def refresh(self) -> None:
         """Recompute DoRA's factor m = magnitude / ||W + s B A|| for the handle's current scale."""
@@ -62,18 +60,23 @@ class ModuleHook:
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
         """The forward hook: return the module's output with this bundle's deltas added."""
-        scale = self.handle.scale
+        scale = self.handle._scale
         if self.a is not None and (scale != 0.0 or self.magnitude is not None):
             x = args[0] if args else next(iter(kwargs.values()))
             if x.device != self.device:
                 self._move(x.device)
             a = self.a
             if self.embedding:
-                delta = F.linear(F.embedding(x, a), self.b)
+                low = F.embedding(x, a)
             else:
-                delta = F.linear(F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a), self.b)
-            output = self._add_dora(module, output, delta, scale) if self.magnitude is not None else (
-                _add(output, delta, scale))  # fmt: skip
+                low = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)
+            if self.magnitude is not None:
+                output = self._add_dora(module, output, F.linear(low, self.b), scale)
+            elif output.dtype == a.dtype and not output.requires_grad and output.is_contiguous():
+                # The common case in one kernel: output += scale * low @ B.T, in place.
+                output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.b.T, alpha=scale)
+            else:
+                output = _add(output, F.linear(low, self.b), scale)
         if self.bias is not None:
             output = _add(output, self.bias, 1.0)
         return output
