@@ -65,15 +65,16 @@ class Bundle:
     tensors: dict[str, torch.Tensor]
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def prepared(self, key: str, device: torch.device, dtype: torch.dtype, scale: float = 1.0):
-        """A tensor of the bundle times `scale`, on a device and in a dtype; made once, then reused."""
-        cache_key = (key, str(device), dtype, scale)
+    def prepared(self, key: str, device, dtype: torch.dtype, scale: float = 1.0, transposed: bool = False):
+        """A tensor of the bundle times `scale` (transposed: contiguous) on a device in a dtype; made once."""
+        cache_key = (key, str(device), dtype, scale, transposed)
         if cache_key not in self._prepared:
-            value = self.tensors[key]
-            if scale != 1.0:
-                value = value.to(device, torch.float32) * scale
             with torch.inference_mode(False):
-                self._prepared[cache_key] = value.to(device, dtype)
+                value = self.tensors[key]
+                if scale != 1.0:
+                    value = value.to(device, torch.float32) * scale
+                value = value.to(device, dtype)
+                self._prepared[cache_key] = value.T.contiguous() if transposed else value
         return self._prepared[cache_key]
 
     @property

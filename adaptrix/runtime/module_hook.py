@@ -23,7 +23,7 @@ class ModuleHook:
     scale and is recomputed when the scale changes.
     """
 
-    __slots__ = ("a", "b", "bias", "device", "embedding", "handle", "layout", "mag_scale", "mag_scale_at",
+    __slots__ = ("a", "b_t", "bias", "device", "embedding", "handle", "layout", "mag_scale", "mag_scale_at",
                  "magnitude", "module")  # fmt: skip
 
     def __init__(self, handle, module: torch.nn.Module, entry: ModuleEntry, bundle: Bundle):
@@ -32,12 +32,13 @@ class ModuleHook:
         dtype, device = compute_dtype(reference.dtype), reference.device
         self.handle, self.module, self.layout, self.device = handle, module, entry.layout, device
         self.embedding = entry.layout == "embedding"
-        self.a = self.b = self.bias = self.magnitude = self.mag_scale = None
+        self.a = self.b_t = self.bias = self.magnitude = self.mag_scale = None
         self.mag_scale_at: float | None = None
         if entry.lora:
-            a = bundle.prepared(entry.lora["A"], device, dtype)
-            self.a = a.T.contiguous() if self.embedding else a  # an embedding gathers rows of A.T
-            self.b = bundle.prepared(entry.lora["B"], device, dtype, float(entry.lora["scale"]))
+            # An embedding gathers rows of A.T; B is kept as B.T, contiguous, for one fast addmm.
+            self.a = bundle.prepared(entry.lora["A"], device, dtype, transposed=self.embedding)
+            scale = float(entry.lora["scale"])
+            self.b_t = bundle.prepared(entry.lora["B"], device, dtype, scale, transposed=True)
         if entry.dora:
             self.magnitude = bundle.prepared(entry.dora["magnitude"], device, torch.float32)
             self.refresh()
@@ -53,7 +54,7 @@ class ModuleHook:
             weight = self.module.weight.to(torch.float32)
             weight = weight if self.layout == "linear" else weight.T  # as a map [out, in]
             a = self.a.T if self.embedding else self.a
-            combined = torch.addmm(weight, self.b.to(torch.float32), a.to(torch.float32), alpha=scale)
+            combined = torch.addmm(weight, self.b_t.T.to(torch.float32), a.to(torch.float32), alpha=scale)
             norm = torch.linalg.vector_norm(combined, dim=1)
             self.mag_scale = (self.magnitude / norm).to(self.a.dtype)
         self.mag_scale_at = scale
@@ -71,12 +72,12 @@ class ModuleHook:
             else:
                 low = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)
             if self.magnitude is not None:
-                output = self._add_dora(module, output, F.linear(low, self.b), scale)
+                output = self._add_dora(module, output, low @ self.b_t, scale)
             elif output.dtype == a.dtype and not output.requires_grad and output.is_contiguous():
                 # The common case in one kernel: output += scale * low @ B.T, in place.
-                output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.b.T, alpha=scale)
+                output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.b_t, alpha=scale)
             else:
-                output = _add(output, F.linear(low, self.b), scale)
+                output = _add(output, low @ self.b_t, scale)
         if self.bias is not None:
             output = _add(output, self.bias, 1.0)
         return output
@@ -97,7 +98,7 @@ class ModuleHook:
 
     def _move(self, device: torch.device) -> None:
         """Follow the module to another device (the model was moved after attaching)."""
-        for name in ("a", "b", "bias", "magnitude", "mag_scale"):
+        for name in ("a", "b_t", "bias", "magnitude", "mag_scale"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
