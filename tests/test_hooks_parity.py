@@ -85,7 +85,8 @@ def test_bundle_layout_is_the_modules_own(bases, tmp_path):
     assert entry["sites"] == ["layer 0 attn_q", "layer 0 attn_k", "layer 0 attn_v"]
     assert entry["lora"]["rank"] == 4 and entry["lora"]["scale"] == 2.0  # one shared A: rank stays 4
     bundled = adaptrix.load_bundle(bundle)
-    assert tuple(bundled.tensors[entry["lora"]["B"]].shape) == (96, 4)
+    assert tuple(bundled.tensors[entry["lora"]["up"]].shape) == (4, 96)  # (scale B).T, fused rows
+    assert tuple(bundled.tensors[entry["lora"]["down"]].shape) == (32, 4)
     assert manifest["files"] == ["bundle.safetensors"]
 
 

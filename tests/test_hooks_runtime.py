@@ -144,7 +144,7 @@ def _tensors_missing(bundle, tmp):
 
 def _tensor_wrong_shape(bundle, tmp):
     tensors = load_file(bundle / "bundle.safetensors")
-    key = next(k for k in tensors if k.endswith("lora_B"))
+    key = next(k for k in tensors if k.endswith("lora_up"))
     tensors[key] = tensors[key][:, :2].contiguous()
     save_file(tensors, bundle / "bundle.safetensors")
     return bundle / "bundle.safetensors", "expected"
@@ -152,7 +152,7 @@ def _tensor_wrong_shape(bundle, tmp):
 
 def _tensor_not_finite(bundle, tmp):
     tensors = load_file(bundle / "bundle.safetensors")
-    key = next(k for k in tensors if k.endswith("lora_A"))
+    key = next(k for k in tensors if k.endswith("lora_down"))
     tensors[key][0, 0] = float("nan")
     save_file(tensors, bundle / "bundle.safetensors")
     return bundle / "bundle.safetensors", "NaN"

@@ -5,8 +5,9 @@ the module's output, already in the module's own layout: fused projections (GPT-
 GPT-NeoX query_key_value, Phi-3 qkv_proj / gate_up_proj) get one fused low-rank pair, and every
 module is seen as a linear map from `in_features` to `out_features`:
 
-- `lora`: A [rank, in] and B [out, rank]; the module's output gains scale * B @ A @ x. For an
-  embedding, `in` is the vocabulary: A [rank, num], B [dim, r], as PEFT stores them.
+- `lora`: `down` = A.T [in, rank] and `up` = (scale * B).T [rank, out]: the module's output gains
+  x @ down @ up (scale is recorded, and already folded into `up`). For an embedding, `in` is the
+  vocabulary and x @ down is a row lookup: down [num, rank], up [rank, dim].
 - `dora`: a magnitude [out]; the output becomes PEFT's DoRA: m * (W x) + bias + m * scale * B A x
   with m = magnitude / ||W + scale * B A|| per output feature, computed when attached.
 - `bias`: a delta [out] added to the output.
@@ -65,16 +66,12 @@ class Bundle:
     tensors: dict[str, torch.Tensor]
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def prepared(self, key: str, device, dtype: torch.dtype, scale: float = 1.0, transposed: bool = False):
-        """A tensor of the bundle times `scale` (transposed: contiguous) on a device in a dtype; made once."""
-        cache_key = (key, str(device), dtype, scale, transposed)
+    def prepared(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of the bundle on a device in a dtype: made once, then shared by every attach."""
+        cache_key = (key, str(device), dtype)
         if cache_key not in self._prepared:
             with torch.inference_mode(False):
-                value = self.tensors[key]
-                if scale != 1.0:
-                    value = value.to(device, torch.float32) * scale
-                value = value.to(device, dtype)
-                self._prepared[cache_key] = value.T.contiguous() if transposed else value
+                self._prepared[cache_key] = self.tensors[key].to(device, dtype)
         return self._prepared[cache_key]
 
     @property
@@ -168,8 +165,8 @@ def _check_tensors(modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Te
         expected: dict[str, tuple[int, ...] | None] = {}
         if entry.lora:
             rank, in_features = int(entry.lora["rank"]), _in_features(entry)
-            expected[entry.lora["A"]] = (rank, in_features)
-            expected[entry.lora["B"]] = (entry.out_features, rank)
+            expected[entry.lora["down"]] = (in_features, rank)
+            expected[entry.lora["up"]] = (rank, entry.out_features)
         if entry.dora:
             expected[entry.dora["magnitude"]] = (entry.out_features,)
         if entry.bias:

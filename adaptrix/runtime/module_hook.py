@@ -16,15 +16,15 @@ def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 class ModuleHook:
-    """Adds scale * B @ A @ x (LoRA), PEFT's DoRA rescaling and a bias delta to a module's output.
+    """Adds x @ down @ up (LoRA), PEFT's DoRA rescaling and a bias delta to a module's output.
 
-    The module's own scale (alpha / r, rslora, patterns) is folded into B when attached; the
-    handle's live scale multiplies it at each call. DoRA's per-feature factor depends on that
+    The module's own scale (alpha / r, rslora, patterns) is folded into `up` at compile time;
+    the handle's live scale multiplies it at each call. DoRA's per-feature factor depends on that
     scale and is recomputed when the scale changes.
     """
 
-    __slots__ = ("a", "b_t", "bias", "device", "embedding", "handle", "layout", "mag_scale", "mag_scale_at",
-                 "magnitude", "module")  # fmt: skip
+    __slots__ = ("bias", "device", "down", "embedding", "handle", "layout", "mag_scale", "mag_scale_at",
+                 "magnitude", "module", "up")  # fmt: skip
 
     def __init__(self, handle, module: torch.nn.Module, entry: ModuleEntry, bundle: Bundle):
         weight = getattr(module, "weight", None)
@@ -32,13 +32,11 @@ class ModuleHook:
         dtype, device = compute_dtype(reference.dtype), reference.device
         self.handle, self.module, self.layout, self.device = handle, module, entry.layout, device
         self.embedding = entry.layout == "embedding"
-        self.a = self.b_t = self.bias = self.magnitude = self.mag_scale = None
+        self.down = self.up = self.bias = self.magnitude = self.mag_scale = None
         self.mag_scale_at: float | None = None
         if entry.lora:
-            # An embedding gathers rows of A.T; B is kept as B.T, contiguous, for one fast addmm.
-            self.a = bundle.prepared(entry.lora["A"], device, dtype, transposed=self.embedding)
-            scale = float(entry.lora["scale"])
-            self.b_t = bundle.prepared(entry.lora["B"], device, dtype, scale, transposed=True)
+            self.down = bundle.prepared(entry.lora["down"], device, dtype)
+            self.up = bundle.prepared(entry.lora["up"], device, dtype)
         if entry.dora:
             self.magnitude = bundle.prepared(entry.dora["magnitude"], device, torch.float32)
             self.refresh()
@@ -53,31 +51,31 @@ class ModuleHook:
         with torch.inference_mode(False), torch.no_grad():
             weight = self.module.weight.to(torch.float32)
             weight = weight if self.layout == "linear" else weight.T  # as a map [out, in]
-            a = self.a.T if self.embedding else self.a
-            combined = torch.addmm(weight, self.b_t.T.to(torch.float32), a.to(torch.float32), alpha=scale)
+            delta_t = self.down.to(torch.float32) @ self.up.to(torch.float32)  # [in, out]
+            combined = weight.add(delta_t.T, alpha=scale)
             norm = torch.linalg.vector_norm(combined, dim=1)
-            self.mag_scale = (self.magnitude / norm).to(self.a.dtype)
+            self.mag_scale = (self.magnitude / norm).to(self.down.dtype)
         self.mag_scale_at = scale
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
         """The forward hook: return the module's output with this bundle's deltas added."""
         scale = self.handle._scale
-        if self.a is not None and (scale != 0.0 or self.magnitude is not None):
+        if self.down is not None and (scale != 0.0 or self.magnitude is not None):
             x = args[0] if args else next(iter(kwargs.values()))
             if x.device != self.device:
                 self._move(x.device)
-            a = self.a
+            down = self.down
             if self.embedding:
-                low = F.embedding(x, a)
+                low = F.embedding(x, down)
             else:
-                low = F.linear(x if x.dtype == a.dtype else x.to(a.dtype), a)
+                low = (x if x.dtype == down.dtype else x.to(down.dtype)) @ down
             if self.magnitude is not None:
-                output = self._add_dora(module, output, low @ self.b_t, scale)
-            elif output.dtype == a.dtype and not output.requires_grad and output.is_contiguous():
+                output = self._add_dora(module, output, low @ self.up, scale)
+            elif output.dtype == down.dtype and not output.requires_grad and output.is_contiguous():
                 # The common case in one kernel: output += scale * low @ B.T, in place.
-                output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.b_t, alpha=scale)
+                output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.up, alpha=scale)
             else:
-                output = _add(output, low @ self.b_t, scale)
+                output = _add(output, low @ self.up, scale)
         if self.bias is not None:
             output = _add(output, self.bias, 1.0)
         return output
@@ -98,7 +96,7 @@ class ModuleHook:
 
     def _move(self, device: torch.device) -> None:
         """Follow the module to another device (the model was moved after attaching)."""
-        for name in ("a", "b_t", "bias", "magnitude", "mag_scale"):
+        for name in ("down", "up", "bias", "magnitude", "mag_scale"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))

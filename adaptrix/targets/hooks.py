@@ -176,9 +176,15 @@ class _EntryBuilder:
             a, b, scale = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs], 1), scales.pop()
         else:  # different scales: fold each into its B
             a, b, scale = torch.cat([p[0] for p in pairs]), torch.cat([p[1] * p[2] for p in pairs], 1), 1.0
-        if self.layout is Layout.EMBEDDING:  # canonical [num, dim] -> a map from the vocabulary
-            a, b = b.T, a.T
-        return {"rank": a.shape[0], "scale": scale, "A": self._put("lora_A", a), "B": self._put("lora_B", b)}
+        # The runtime right-multiplies: x @ down @ up, so down = A.T [in, r] and up = (scale B).T [r, out].
+        # An embedding's canonical delta is [num, dim] = B A: down = B [num, r] (rows gathered by id).
+        down, up = (b, a * scale) if self.layout is Layout.EMBEDDING else (a.T, (b * scale).T)
+        return {
+            "rank": a.shape[0],
+            "scale": scale,
+            "down": self._put("lora_down", down),
+            "up": self._put("lora_up", up),
+        }
 
     def _canonical_out(self) -> int:
         """Rows of the IR's canonical [out, in] delta (the vocabulary for an embedding)."""

@@ -56,7 +56,7 @@ def inspect_bundle(path: Path | str) -> dict:
     bundle = load_bundle(path)
     rows = []
     for entry in bundle.modules:
-        keys = [entry.lora["A"], entry.lora["B"]] if entry.lora else []
+        keys = [entry.lora["down"], entry.lora["up"]] if entry.lora else []
         keys += [entry.dora["magnitude"]] if entry.dora else []
         keys += [entry.bias] if entry.bias else []
         keys += list(entry.replace.values())
