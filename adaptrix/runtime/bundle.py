@@ -6,7 +6,7 @@ GPT-NeoX query_key_value, Phi-3 qkv_proj / gate_up_proj) get one fused low-rank 
 module is seen as a linear map from `in_features` to `out_features`:
 
 - `lora`: `down` = A.T [in, rank] and `up` = (scale * B).T [rank, out]: the module's output gains
-  x @ down @ up (scale is recorded, and already folded into `up`). For an embedding, `in` is the
+  x @ down @ up (scale is recorded, and already folded in). For an embedding, `in` is the
   vocabulary and x @ down is a row lookup: down [num, rank], up [rank, dim].
 - `dora`: a magnitude [out]; the output becomes PEFT's DoRA: m * (W x) + bias + m * scale * B A x
   with m = magnitude / ||W + scale * B A|| per output feature, computed when attached.

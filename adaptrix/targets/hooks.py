@@ -165,23 +165,21 @@ class _EntryBuilder:
                 if key not in groups:
                     groups[key] = (low_rank.a.load(), [])
                 groups[key][1].append((rows, low_rank.b))
-        pairs = []
+        downs, ups = [], []
         for (_, scale), (a, parts) in groups.items():
             b = torch.zeros(self._canonical_out(), a.shape[0])
             for rows, part in parts:
                 b[slice(None) if rows is None else rows] = part.load()
-            pairs.append((a, b, scale))
-        scales = {scale for _, _, scale in pairs}
-        if len(scales) == 1:
-            a, b, scale = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs], 1), scales.pop()
-        else:  # different scales: fold each into its B
-            a, b, scale = torch.cat([p[0] for p in pairs]), torch.cat([p[1] * p[2] for p in pairs], 1), 1.0
+            downs.append(a)
+            ups.append(b * scale)  # each group's scale folded into its B
+        a, b = torch.cat(downs), torch.cat(ups, 1)
+        scales = {scale for _, scale in groups}
         # The runtime right-multiplies: x @ down @ up, so down = A.T [in, r] and up = (scale B).T [r, out].
-        # An embedding's canonical delta is [num, dim] = B A: down = B [num, r] (rows gathered by id).
-        down, up = (b, a * scale) if self.layout is Layout.EMBEDDING else (a.T, (b * scale).T)
+        # An embedding's canonical delta is [num, dim] = (scale B) A: down = scale B [num, r], gathered by id.
+        down, up = (b, a) if self.layout is Layout.EMBEDDING else (a.T, b.T)
         return {
             "rank": a.shape[0],
-            "scale": scale,
+            "scale": scales.pop() if len(scales) == 1 else None,  # informative: it is folded into `up`
             "down": self._put("lora_down", down),
             "up": self._put("lora_up", up),
         }
