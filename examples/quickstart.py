@@ -1,5 +1,7 @@
 """Build a tiny Llama base and a PEFT LoRA adapter locally, compile it, and prove it equals PEFT.
 
+Compiles twice: a merged model, and a hooks bundle attached to the plain base with adaptrix.attach.
+
 Runs offline in a few seconds: `python examples/quickstart.py [OUT_DIR]` (default examples/out).
 """
 
@@ -35,23 +37,32 @@ def build(root: Path) -> tuple[Path, Path]:
 
 
 def main() -> int:
-    """Build, compile with the CLI, inspect, compare logits with PEFT."""
+    """Build, compile with the CLI (merged and hooks), inspect, compare logits with PEFT."""
     root = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "out")
     base, adapter = build(root)
-    merged = root / "merged"
-    adaptrix = [sys.executable, "-m", "adaptrix"]
-    subprocess.run([*adaptrix, "inspect", str(adapter), "--base", str(base)], check=True)
-    subprocess.run([*adaptrix, "compile", str(adapter), "--base", str(base), "--target", "merged",
-                    "-o", str(merged), "--force"], check=True)  # fmt: skip
+    merged, bundle = root / "merged", root / "bundle"
+    cli = [sys.executable, "-m", "adaptrix"]
+    subprocess.run([*cli, "inspect", str(adapter), "--base", str(base)], check=True)
+    for target, out in (("merged", merged), ("hooks", bundle)):
+        subprocess.run([*cli, "compile", str(adapter), "--base", str(base), "--target", target,
+                        "-o", str(out), "--force"], check=True)  # fmt: skip
+    import adaptrix
+
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter)
         expected = reference.eval()(ids).logits
-        got = LlamaForCausalLM.from_pretrained(merged).eval()(ids).logits
-    diff = (got - expected).abs().max().item()
-    verdict = "OK" if diff <= TOLERANCE else "MISMATCH"
-    print(f"merged vs PEFT forward: max |diff| = {diff:.2e} (tolerance {TOLERANCE:g}): {verdict}")
-    return 0 if diff <= TOLERANCE else 1
+        results = {"merged": LlamaForCausalLM.from_pretrained(merged).eval()(ids).logits}
+        model = LlamaForCausalLM.from_pretrained(base).eval()
+        with adaptrix.attach(model, bundle):  # detached again on exit
+            results["hooks"] = model(ids).logits
+    ok = True
+    for target, got in results.items():
+        diff = (got - expected).abs().max().item()
+        ok &= diff <= TOLERANCE
+        verdict = "OK" if diff <= TOLERANCE else "MISMATCH"
+        print(f"{target} vs PEFT forward: max |diff| = {diff:.2e} (tolerance {TOLERANCE:g}): {verdict}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
