@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.finite import all_finite
 
 __all__ = ["BUNDLE_FORMAT", "TENSORS_FILE", "Bundle", "ModuleEntry", "load_bundle", "probe_indices"]
 
@@ -180,15 +181,8 @@ def _check_tensors(modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Te
                 raise BadInputError(
                     f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)}", path=file
                 )
-            if tensor.is_floating_point() and not _finite(tensor):
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise BadInputError(f"tensor {key!r} holds NaN or Inf", path=file, fix="compile it again")
-
-
-def _finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf: a sum is finite only if every element is (the full check runs only on doubt)."""
-    if bool(torch.isfinite(tensor.sum())):
-        return True
-    return bool(torch.isfinite(tensor).all())
 
 
 def _in_features(entry: ModuleEntry) -> int:

@@ -15,6 +15,7 @@ from types import MappingProxyType
 import torch
 
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.finite import all_finite
 
 __all__ = [
     "GLOBAL_ROLES",
@@ -146,7 +147,7 @@ class LazyTensor:
         value = self.loader().to(torch.float32)
         if tuple(value.shape) != self.shape:
             raise BadInputError(f"{self.origin} has shape {list(value.shape)}, expected {list(self.shape)}")
-        if value.numel() and not bool(torch.isfinite(value.abs().amax())):  # amax keeps NaN
+        if not all_finite(value):
             raise BadInputError(
                 f"{self.origin} holds NaN or Inf values",
                 fix="the adapter is corrupt or diverged in training; re-save or retrain it",
