@@ -107,14 +107,12 @@ class Handle:
 
 def attach(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float = 1.0) -> Handle:
     """Attach a hooks bundle to `model`; bundles attached together add up."""
-    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    return _attach(model, loaded, scale, keep=_ATTACHED.get(model, []))
+    return _attach(model, bundle, scale, keep=_ATTACHED.get(model, []))
 
 
 def switch(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float = 1.0) -> Handle:
     """Replace every bundle attached to `model` by this one (checked first: a misfit changes nothing)."""
-    loaded = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    return _attach(model, loaded, scale, keep=[])
+    return _attach(model, bundle, scale, keep=[])
 
 
 def attached(model: torch.nn.Module) -> list[Handle]:
@@ -122,7 +120,8 @@ def attached(model: torch.nn.Module) -> list[Handle]:
     return list(_ATTACHED.get(model, []))
 
 
-def _attach(model: torch.nn.Module, bundle: Bundle, scale: float, keep: list[Handle]) -> Handle:
+def _attach(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float, keep: list[Handle]) -> Handle:
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     current = list(_ATTACHED.get(model, []))
 
     def original(module: torch.nn.Module, name: str) -> torch.nn.Parameter | None:

@@ -82,9 +82,7 @@ class ModuleHook:
 
     def _add_dora(self, module, output: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         """PEFT's DoRA: m * (W x) + bias + m * s * B A x, given output = W x + bias."""
-        if self.mag_scale_at != scale:
-            self.refresh()
-        m = self.mag_scale
+        m = self.mag_scale  # kept current by Handle.scale's setter
         result = output.to(m.dtype)
         if self.embedding:
             extra = (m - 1) * result + (m * scale) * delta
