@@ -75,12 +75,14 @@ def _modules(ir: AdapterIR, base: Checkpoint) -> list[_Module]:
     head = base.binder.lm_head_weight.rpartition(".")[0]
     if head not in names:
         names.append(head)  # a tied head has no tensor of its own
-    embed = next((n for n in base.tensors if _is_embed_weight(base, n)), None)
+    placements = {name: p for name in names if (p := base.binder.resolve(name)) is not None}
+    embed = next(
+        (f"{n}.weight" for n, p in placements.items()
+         if p.module.roles == (Role.EMBED,) and f"{n}.weight" in base.tensors),
+        None,
+    )  # fmt: skip
     modules, used = [], set()
-    for name in names:
-        placement = base.binder.resolve(name)
-        if placement is None:
-            continue
+    for name, placement in placements.items():
         role_ops = tuple(tuple(by_site.get(Site(placement.layer, r), ())) for r in placement.module.roles)
         if not any(role_ops) or any(Site(placement.layer, r) in used for r in placement.module.roles):
             continue
@@ -98,12 +100,6 @@ def _modules(ir: AdapterIR, base: Checkpoint) -> list[_Module]:
             fix="use the base the adapter was made for",
         )
     return modules
-
-
-def _is_embed_weight(base: Checkpoint, name: str) -> bool:
-    module, _, param = name.rpartition(".")
-    placement = base.binder.resolve(module)
-    return param == "weight" and placement is not None and placement.module.roles == (Role.EMBED,)
 
 
 class _EntryBuilder:
