@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.fileio import copy_range, write_all
 
 __all__ = [
     "DTYPES",
@@ -166,7 +167,7 @@ class write_safetensors:  # noqa: N801 - used as a context manager, reads like a
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
         self._fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        _write_all(self._fd, struct.pack("<Q", len(text)) + text)
+        write_all(self._fd, struct.pack("<Q", len(text)) + text)
         return self
 
     def _expect(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -179,28 +180,15 @@ class write_safetensors:  # noqa: N801 - used as a context manager, reads like a
         """Write the next planned tensor's bytes."""
         self._expect(name, tensor.dtype, tuple(tensor.shape))
         if tensor.numel():
-            _write_all(self._fd, tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            write_all(self._fd, tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def copy_bytes(self, name: str, source: TensorInfo) -> None:
         """Write the next planned tensor by copying its bytes from a source file, in the kernel."""
         self._expect(name, source.dtype, source.shape)
-        with source.file.open("rb") as src:
-            remaining, offset = source.nbytes, source.start
-            while remaining:
-                sent = os.copy_file_range(src.fileno(), self._fd, remaining, offset)
-                if sent == 0:
-                    raise BadInputError("ended early while copying", path=source.file)
-                remaining -= sent
-                offset += sent
+        copy_range(source.file, self._fd, source.start, source.nbytes)
 
     def __exit__(self, *exc_info: object) -> None:
         """Close the file; a complete write must have written every planned tensor."""
         os.close(self._fd)
         if exc_info[0] is None and self._next != len(self.planned):
             raise ValueError(f"{self.file}: wrote {self._next} of {len(self.planned)} tensors")
-
-
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        view = view[os.write(fd, view) :]
