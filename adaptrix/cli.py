@@ -57,21 +57,39 @@ def _options(
 
 @app.command("compile")
 def compile_command(
-    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory.")],
+    adapters: Annotated[list[Path], typer.Argument(help="PEFT adapter directory (several with --unmerged).")],
     base: Annotated[Path, typer.Option("--base", help="Base model directory (safetensors).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
     target: Annotated[str, typer.Option("--target", help="Target; see `adaptrix targets`.")] = "merged",
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Output dtype (default: the base's).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Output dtype (default: the target's).")
+    ] = None,
+    unmerged: Annotated[
+        bool, typer.Option("--unmerged", help="ONNX: LoRA as swappable adapter files.")
+    ] = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="ONNX: int8 or int4 weights.")] = None,
+    block_size: Annotated[
+        int | None, typer.Option("--block-size", help="ONNX int4: block size (32).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="ONNX: where base exports are cached.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
-    """Compile ADAPTER for BASE into OUTPUT."""
+    """Compile ADAPTERS for BASE into OUTPUT."""
     from adaptrix.toolchain.pipeline import compile_adapter
 
+    options = {
+        "unmerged": unmerged or None,
+        "quantize": quantize,
+        "block_size": block_size,
+        "cache_dir": cache_dir,
+    }
     with _progress(enabled=not as_json) as progress:
         result = _run(
             lambda: compile_adapter(
-                adapter, base, target, output, dtype=dtype, force=force, progress=progress
+                adapters, base, target, output, dtype=dtype, force=force, progress=progress, options=options
             )
         )
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -24,6 +25,21 @@ class Target:
     summary: str
     write: Callable[..., Written]
     default_dtype: torch.dtype | None = None  # None: the base's
+    options: tuple[str, ...] = ()  # the keyword options `write` takes beyond the common ones
+    several: bool = False  # takes several adapters at once (`adapters=[(name, ir), ...]`)
+
+
+def _onnx(target: str) -> Callable[..., Written]:
+    """The ONNX writer for `target`, imported on first use (onnx and onnxruntime are heavy)."""
+
+    def write(*args, **kwargs) -> Written:
+        module = importlib.import_module("adaptrix.targets.onnx")
+        return module.write_onnx(*args, target=target, **kwargs)
+
+    return write
+
+
+_ONNX_OPTIONS = ("unmerged", "quantize", "block_size", "cache_dir")
 
 
 def _register(*targets: Target) -> Mapping[str, Target]:
@@ -46,6 +62,22 @@ TARGETS = _register(
         "bundle of unmerged deltas for adaptrix.attach on an eager PyTorch model",
         write_hooks,
         default_dtype=torch.float32,
+    ),
+    Target(
+        "onnx-cpu",
+        "onnxruntime model directory for the CPU provider (optimum, onnxruntime-genai), float32",
+        _onnx("onnx-cpu"),
+        default_dtype=torch.float32,
+        options=_ONNX_OPTIONS,
+        several=True,
+    ),
+    Target(
+        "onnx-cuda",
+        "onnxruntime model directory for the CUDA provider (optimum, onnxruntime-genai), float16",
+        _onnx("onnx-cuda"),
+        default_dtype=torch.float16,
+        options=_ONNX_OPTIONS,
+        several=True,
     ),
 )
 

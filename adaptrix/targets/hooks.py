@@ -25,7 +25,7 @@ from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LowRank, Op, Replace, Role, Site
 from adaptrix.toolchain.safetensors_io import read_elements
 
-__all__ = ["write_hooks"]
+__all__ = ["LowRankPair", "low_rank_pairs", "write_hooks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +100,34 @@ def _modules(ir: AdapterIR, base: Checkpoint) -> list[_Module]:
             fix="use the base the adapter was made for",
         )
     return modules
+
+
+@dataclass(frozen=True, slots=True)
+class LowRankPair:
+    """A module's whole low-rank delta in its own layout: output += (x @ down) @ up."""
+
+    placement: Placement
+    weight: str  # the stored tensor holding the module's weight
+    down: torch.Tensor  # [in, r]
+    up: torch.Tensor  # [r, out], every scale folded in
+
+
+def low_rank_pairs(ir: AdapterIR, base: Checkpoint, dtype: torch.dtype) -> list[LowRankPair]:
+    """One low-rank pair per touched module; any other kind of op is an error."""
+    pairs = []
+    for module in _modules(ir, base):
+        name = module.placement.name
+        if module.placement.module.layout not in (Layout.LINEAR, Layout.CONV1D):
+            raise UnsupportedError(f"{name}: LoRA on an embedding cannot stay unmerged here",
+                                   fix="compile without --unmerged")  # fmt: skip
+        if other := {type(op).__name__ for ops in module.role_ops for op in ops if type(op) is not LowRank}:
+            raise UnsupportedError(f"{name}: {', '.join(sorted(other))} cannot stay unmerged here",
+                                   fix="compile without --unmerged, or use --target hooks")  # fmt: skip
+        builder = _EntryBuilder(module, base, dtype)
+        lora = builder._lora([list(ops) for ops in module.role_ops])
+        pairs.append(LowRankPair(module.placement, module.weight, builder.tensors[lora["down"]],
+                                 builder.tensors[lora["up"]]))  # fmt: skip
+    return pairs
 
 
 class _EntryBuilder:

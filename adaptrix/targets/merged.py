@@ -23,7 +23,7 @@ from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.ir import AdapterIR, Op, Role, Site
 from adaptrix.toolchain.safetensors_io import PlannedTensor, write_safetensors
 
-__all__ = ["write_merged"]
+__all__ = ["TensorPlan", "copy_side_files", "merged_value", "plan_tensors", "write_merged"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ _WEIGHT_FILES = {INDEX_NAME, "pytorch_model.bin.index.json", "manifest.json"}
 
 
 @dataclass(frozen=True, slots=True)
-class _Item:
+class TensorPlan:
     """One output tensor: where its value comes from and which ops change it."""
 
     name: str
@@ -44,6 +44,7 @@ class _Item:
 
     @property
     def touched(self) -> bool:
+        """Whether any op changes this tensor."""
         return any(self.role_ops)
 
 
@@ -55,7 +56,7 @@ def write_merged(
     progress: Callable[[int], None] | None = None,
 ) -> Written:
     """Write the merged model into directory `out`; return the files written."""
-    items, untied = _plan(ir, base)
+    items, untied = plan_tensors(ir, base)
     shards = _shard_names(1 + max(item.shard for item in items))
     written: list[str] = []
     for index, shard_name in enumerate(shards):
@@ -65,11 +66,12 @@ def write_merged(
     if len(shards) > 1:
         _write_index(out, items, shards, base, dtype)
         written.append(INDEX_NAME)
-    written += _copy_side_files(base, out, dtype, untied)
+    written += copy_side_files(base, out, dtype, untied)
     return Written(written, {"untied_lm_head": untied})
 
 
-def _plan(ir: AdapterIR, base: Checkpoint) -> tuple[list[_Item], bool]:
+def plan_tensors(ir: AdapterIR, base: Checkpoint) -> tuple[list[TensorPlan], bool]:
+    """Every output tensor with the ops that change it, and whether the head is untied."""
     by_site = ir.by_site()
     shard_of = {shard: i for i, shard in enumerate(base.shards)}
     items, used = [], set()
@@ -81,19 +83,19 @@ def _plan(ir: AdapterIR, base: Checkpoint) -> tuple[list[_Item], bool]:
         module_name, _, param = name.rpartition(".")
         placement = base.binder.resolve(module_name)
         if placement is None:
-            items.append(_Item(name, name, shard_of[info.file], None, param, ()))
+            items.append(TensorPlan(name, name, shard_of[info.file], None, param, ()))
             continue
         if placement.module.roles == (Role.EMBED,) and param == "weight":
             embed_name = name
         if untie and placement.module.roles == (Role.LM_HEAD,):
             continue  # a tied head is rebuilt from the embedding below
         role_ops = _role_ops(placement, param, by_site, used)
-        items.append(_Item(name, name, shard_of[info.file], placement, param, role_ops))
+        items.append(TensorPlan(name, name, shard_of[info.file], placement, param, role_ops))
     if untie:
         head = base.binder.resolve(base.binder.lm_head_weight.rpartition(".")[0])
         role_ops = _role_ops(head, "weight", by_site, used)
         items.append(
-            _Item(
+            TensorPlan(
                 base.binder.lm_head_weight,
                 embed_name,
                 len(base.shards) - 1,
@@ -147,13 +149,13 @@ def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and stored.is_floating_point else stored
 
 
-def _planned(item: _Item, base: Checkpoint, dtype: torch.dtype | None) -> PlannedTensor:
+def _planned(item: TensorPlan, base: Checkpoint, dtype: torch.dtype | None) -> PlannedTensor:
     """The output tensor an item becomes: its name, output dtype and shape."""
     info = base.tensors[item.source]
     return PlannedTensor(item.name, _out_dtype(info.dtype, dtype), info.shape)
 
 
-def _write_shard(file: Path, batch: list[_Item], base: Checkpoint, dtype, progress) -> None:
+def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, progress) -> None:
     planned = [_planned(item, base, dtype) for item in batch]
     with write_safetensors(file, planned, {"format": "pt"}) as writer:
         for item, plan in zip(batch, planned, strict=True):
@@ -161,19 +163,20 @@ def _write_shard(file: Path, batch: list[_Item], base: Checkpoint, dtype, progre
             if not item.touched and plan.dtype == info.dtype:
                 writer.copy_bytes(item.name, info)
             else:
-                writer.write(item.name, _merged_value(item, base, plan.dtype))
+                writer.write(item.name, merged_value(item, base, plan.dtype))
             if progress:
                 progress(info.nbytes)
 
 
-def _merged_value(item: _Item, base: Checkpoint, dtype: torch.dtype) -> torch.Tensor:
+def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torch.Tensor:
+    """An output tensor's value in `dtype`, in the checkpoint's layout."""
     value = base.read(item.source)
     if not item.touched:
         return value.to(dtype)
     return merge_tensor(value, item.param, item.placement, item.role_ops, base.source, dtype)
 
 
-def _write_index(out: Path, items: list[_Item], shards: list[str], base: Checkpoint, dtype) -> None:
+def _write_index(out: Path, items: list[TensorPlan], shards: list[str], base: Checkpoint, dtype) -> None:
     total = sum(_planned(item, base, dtype).nbytes for item in items)
     index = {
         "metadata": {"total_size": total},
@@ -182,7 +185,7 @@ def _write_index(out: Path, items: list[_Item], shards: list[str], base: Checkpo
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_side_files(base: Checkpoint, out: Path, dtype, untied: bool) -> list[str]:
+def copy_side_files(base: Checkpoint, out: Path, dtype, untied: bool) -> list[str]:
     """Config (updated), generation config, tokenizer files: every non-weight file of the base."""
     copied = []
     for file in base.files():

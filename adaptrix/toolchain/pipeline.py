@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from adaptrix.targets import target_named
+from adaptrix.targets import TARGETS, Target, target_named
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 from adaptrix.toolchain.frontends.peft import load_peft, lower_peft
@@ -56,7 +57,7 @@ def load(adapter: Path | str, base: Path | str | Checkpoint) -> AdapterIR:
 
 
 def compile_adapter(
-    adapter: Path | str,
+    adapter: Path | str | Sequence[Path | str],
     base: Path | str,
     target: str,
     out: Path | str,
@@ -64,20 +65,31 @@ def compile_adapter(
     dtype: str | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    options: Mapping[str, object] | None = None,
 ) -> CompileResult:
-    """Compile an adapter for a base into `out` with the named target; all or nothing."""
+    """Compile an adapter (or several, for targets that take several) for a base into `out`."""
     emit = target_named(target)
+    adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
+    options = {key: value for key, value in (options or {}).items() if value is not None}
+    _check_options(emit, adapters, options)
     torch_dtype = parse_dtype(dtype) or emit.default_dtype
     checkpoint = Checkpoint(base)
-    peft_adapter = read_peft(adapter)
-    ir = lower_peft(peft_adapter, checkpoint)
+    read = [read_peft(path) for path in adapters]
+    irs = [lower_peft(peft_adapter, checkpoint) for peft_adapter in read]
+    if emit.several:
+        taken: set[str] = set()
+        options["adapters"] = [
+            (adapter_label(path, taken), ir) for path, ir in zip(adapters, irs, strict=True)
+        ]
     out_dtype = str(torch_dtype or checkpoint.dtype()).removeprefix("torch.")
-    inputs = {"adapter": (Path(adapter), peft_adapter.files()), "base": (Path(base), checkpoint.files())}
+    inputs = {"adapter" if i == 0 else f"adapter.{i + 1}": (path, peft_adapter.files())
+              for i, (path, peft_adapter) in enumerate(zip(adapters, read, strict=True))}  # fmt: skip
+    inputs["base"] = (Path(base), checkpoint.files())
     total = sum(info.nbytes for info in checkpoint.tensors.values())
     step = (lambda done: progress(done, total)) if progress else None
-    with atomic_output(Path(out), force=force, inputs=[Path(adapter), Path(base)]) as tmp:
+    with atomic_output(Path(out), force=force, inputs=[*adapters, Path(base)]) as tmp:
         try:
-            written = emit.write(ir, checkpoint, tmp, dtype=torch_dtype, progress=step)
+            written = emit.write(irs[0], checkpoint, tmp, dtype=torch_dtype, progress=step, **options)
         except AdaptrixError as exc:
             raise exc.with_context(target) from None
         # Hashed after the merge, not beside it: on two cores a hashing thread slows the
@@ -89,7 +101,30 @@ def compile_adapter(
             inputs=input_hashes(inputs),
             passes=[],
             files=written.files,
-            extra={"sites": len(ir.sites()), "source": ir.source.as_dict(), **written.manifest},
+            extra={"sites": len(irs[0].sites()), "source": irs[0].source.as_dict(), **written.manifest},
         )
     logger.info("compiled %s for %s into %s (%s)", adapter, base, out, target)
-    return CompileResult(Path(out), target, out_dtype, written.files, len(ir.sites()))
+    return CompileResult(Path(out), target, out_dtype, written.files, len(irs[0].sites()))
+
+
+def _check_options(emit: Target, adapters: list[Path], options: Mapping[str, object]) -> None:
+    """Options and adapter counts the target does not take are errors, never ignored."""
+    for key, value in options.items():
+        if key not in emit.options and value is not False:
+            flag = "--" + key.replace("_", "-")
+            users = [t.name for t in TARGETS.values() if key in t.options]
+            raise BadInputError(f"{flag} does not apply to --target {emit.name}",
+                                fix=f"it applies to: {', '.join(users)}")  # fmt: skip
+    if len(adapters) > 1 and not emit.several:
+        raise BadInputError(f"--target {emit.name} takes one adapter, {len(adapters)} were given",
+                            fix="compile them one at a time")  # fmt: skip
+
+
+def adapter_label(path: Path, taken: set[str]) -> str:
+    """A file-safe, unique name for an adapter, from its directory's name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.absolute().name).strip(".-") or "adapter"
+    if name in taken:
+        raise BadInputError(f"two adapters are named {name!r}", path=path,
+                            fix="give the adapter directories different names")  # fmt: skip
+    taken.add(name)
+    return name

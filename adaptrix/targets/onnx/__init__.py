@@ -1,0 +1,122 @@
+"""The `onnx-cpu` and `onnx-cuda` targets: an onnxruntime model directory, merged or unmerged.
+
+The base is exported once per (weights, dtype, task) with optimum and cached; each compile
+copies the cached graph and patches the adapter into it (merged), or adds LoRA inputs and writes
+one `.onnx_adapter` file per adapter (`unmerged`). Quantization, when asked for, comes last.
+The directory also holds the base's config and tokenizer files (optimum's ORTModel classes load
+it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import onnx
+import torch
+
+from adaptrix.targets.hooks import low_rank_pairs
+from adaptrix.targets.merged import copy_side_files, plan_tensors
+from adaptrix.targets.onnx.export import DATA_NAME, MODEL_NAME, BaseExport, export_base
+from adaptrix.targets.onnx.external import write_model
+from adaptrix.targets.onnx.genai import write_genai_config
+from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
+from adaptrix.targets.onnx.patch import base_uses, merged_patches
+from adaptrix.targets.onnx.quantize import quantize_model
+from adaptrix.targets.written import Written
+from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.ir import AdapterIR
+
+__all__ = ["write_onnx"]
+
+logger = logging.getLogger(__name__)
+
+
+def write_onnx(
+    ir: AdapterIR,
+    base: Checkpoint,
+    out: Path,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    target: str,
+    adapters: Sequence[tuple[str, AdapterIR]] = (),
+    unmerged: bool = False,
+    quantize: str | None = None,
+    block_size: int = 32,
+    cache_dir: Path | str | None = None,
+) -> Written:
+    """Write the ONNX model directory for `target` (onnx-cpu or onnx-cuda) into `out`."""
+    adapters = list(adapters) or [("adapter", ir)]
+    if len(adapters) > 1 and not unmerged:
+        raise BadInputError(f"{len(adapters)} adapters given for one merged model",
+                            fix="pass --unmerged to ship them as swappable adapter files")  # fmt: skip
+    dtype = dtype or torch.float32
+    export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
+    model = onnx.load(export.model, load_external_data=False)
+    section: dict = {"task": export.task, "base_export": export.key, "quantize": quantize}
+    if quantize == "int4":
+        section["block_size"] = block_size
+    exclude: list[str] = []
+    if unmerged:
+        values, lora, exclude = _unmerged(adapters, base, model, dtype, export, out)
+        section["lora"] = lora
+        untied = False
+    else:
+        values = merged_patches(ir, base, model, export.path, progress)
+        untied = plan_tensors(ir, base)[1]
+    if quantize is None:
+        write_model(model, export.path, values, out, DATA_NAME)
+    else:
+        _write_quantized(model, export, values, out, quantize, block_size, exclude)
+    files = [MODEL_NAME, DATA_NAME]
+    if export.task == "text-generation-with-past":
+        files.append(write_genai_config(base, model.graph, out, target, MODEL_NAME))
+    files += copy_side_files(base, out, dtype, untied)
+    if unmerged:
+        files += [entry["file"] for entry in section["lora"]["adapters"].values()]
+    section["inputs"] = [value.name for value in model.graph.input if value.name not in _lora_names(section)]
+    section["outputs"] = [value.name for value in model.graph.output]
+    return Written(files, {"onnx": section})
+
+
+def _lora_names(section: dict) -> set[str]:
+    return set(section.get("lora", {}).get("inputs", {}))
+
+
+def _unmerged(adapters, base: Checkpoint, model: onnx.ModelProto, dtype, export: BaseExport, out: Path):
+    """LoRA inputs for the union of the adapters' modules, and one adapter file per adapter."""
+    pairs = [(name, low_rank_pairs(ir, base, dtype)) for name, ir in adapters]
+    union = {}
+    for _, found in pairs:
+        for pair in found:
+            union.setdefault(pair.placement.name, pair)
+    branches = add_lora_inputs(model, base_uses(base, model.graph), list(union.values()))
+    version = model_version(export.key)
+    lora = {
+        "model_version": version,
+        "inputs": {
+            **{b.a: {"shape": [b.in_features, "rank"], "module": b.module} for b in branches},
+            **{b.b: {"shape": ["rank", b.out_features], "module": b.module} for b in branches},
+        },
+        "dtype": str(dtype).removeprefix("torch."),
+        "adapters": write_adapter_files(pairs, branches, out, version),
+    }
+    return {}, lora, [name for b in branches for name in b.nodes]
+
+
+def _write_quantized(
+    model, export: BaseExport, values, out: Path, scheme: str, block_size: int, exclude
+) -> None:
+    work = out / ".quantize"
+    work.mkdir()
+    try:
+        write_model(model, export.path, values, work, DATA_NAME)
+        quantized = quantize_model(work / MODEL_NAME, scheme, block_size, exclude, work)
+        onnx.save_model(quantized, out / MODEL_NAME, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_NAME, size_threshold=1024)  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,148 @@
+"""The base model exported to ONNX once, with optimum, and cached by what it was built from.
+
+The cache key is the sha256 of the base's weight and config files, the ONNX dtype, the export
+task and the versions of the exporting libraries. A cached export holds `model.onnx` with every
+weight in `model.onnx_data`, unquantized; each compile for the same base patches a copy of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import onnx
+
+from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.hashing import hash_files
+
+__all__ = ["DATA_NAME", "EXPORT_FORMAT", "MODEL_NAME", "BaseExport", "cache_root", "export_base", "task_of"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx_data"
+EXPORT_FORMAT = 1  # bump when the cached layout changes
+_DTYPES = {"float32": "fp32", "float16": "fp16"}
+_WEIGHT_SUFFIXES = (".safetensors", ".json")
+
+
+@dataclass(frozen=True, slots=True)
+class BaseExport:
+    """A cached, unquantized export of one base: graph, weights and what it was built from."""
+
+    path: Path
+    key: str
+    task: str
+    dtype: str
+
+    @property
+    def model(self) -> Path:
+        """The cached graph."""
+        return self.path / MODEL_NAME
+
+    @property
+    def data(self) -> Path:
+        """The cached graph's weights."""
+        return self.path / DATA_NAME
+
+
+def cache_root(cache_dir: Path | str | None = None) -> Path:
+    """Where exports are cached: `cache_dir`, else $ADAPTRIX_CACHE_DIR, else the XDG cache."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("ADAPTRIX_CACHE_DIR"):
+        return Path(os.environ["ADAPTRIX_CACHE_DIR"])
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "adaptrix" / "onnx"
+
+
+def task_of(base: Checkpoint) -> str:
+    """Optimum's export task for the base's architecture (decoders keep their KV cache)."""
+    architectures = [str(a) for a in base.config.get("architectures") or []]
+    for arch in architectures:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "text-generation-with-past"
+        if arch.endswith("ForSequenceClassification"):
+            return "text-classification"
+        if arch in ("BertModel", "RobertaModel"):
+            return "feature-extraction"
+    raise UnsupportedError(
+        f"architectures {architectures} have no ONNX export task here",
+        path=base.path / "config.json",
+        fix="use a *ForCausalLM, *ForSequenceClassification or BertModel/RobertaModel base",
+    )
+
+
+def export_key(base: Checkpoint, dtype: str, task: str) -> str:
+    """The cache key: the base's files, the dtype, the task and the exporters' versions."""
+    files = [f for f in base.files() if f.name.endswith(_WEIGHT_SUFFIXES) and f.name != "manifest.json"]
+    digests = hash_files(files)
+    parts = {
+        "format": EXPORT_FORMAT,
+        "files": {f.name: digests[f] for f in files},
+        "dtype": dtype,
+        "task": task,
+        "versions": {p: version(p) for p in ("torch", "transformers", "optimum-onnx", "onnx")},
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = None) -> BaseExport:
+    """The cached export of `base` in `dtype` (float32 or float16), exporting it on first use."""
+    if dtype not in _DTYPES:
+        raise UnsupportedError(
+            f"ONNX targets emit float32 or float16, not {dtype}",
+            fix="pass --dtype fp32 or --dtype fp16",
+        )
+    task = task_of(base)
+    key = export_key(base, dtype, task)
+    root = cache_root(cache_dir)
+    entry = root / key[:32]
+    if (entry / MODEL_NAME).is_file() and (entry / "export.json").is_file():
+        logger.info("using the cached ONNX export %s", entry)
+        return BaseExport(entry, key, task, dtype)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInputError(f"cannot create the cache directory: {exc.strerror}", path=root,
+                            fix="pass --cache-dir with a writable directory") from None  # fmt: skip
+    tmp = root / f".{entry.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _export(base, task, dtype, tmp)
+        (tmp / "export.json").write_text(json.dumps({"key": key, "task": task, "dtype": dtype,
+                                                     "base": str(base.path)}, indent=2) + "\n")  # fmt: skip
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process cached the same export meanwhile
+            if not (entry / "export.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BaseExport(entry, key, task, dtype)
+
+
+def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
+    """Optimum's main_export of the base, rewritten with every weight in one external data file."""
+    from optimum.exporters.onnx import main_export
+
+    logger.info(
+        "exporting %s to ONNX (%s, %s); later compiles for this base reuse it", base.path, task, dtype
+    )
+    raw = into / "raw"
+    kwargs = {}
+    if task == "text-classification":
+        kwargs["pad_token_id"] = base.config.get("pad_token_id") or 0
+    main_export(str(base.path), raw, task=task, device="cpu", dtype=_DTYPES[dtype], local_files_only=True,
+                do_validation=False, **kwargs)  # fmt: skip
+    model = onnx.load(raw / MODEL_NAME, load_external_data=True)
+    onnx.save_model(model, into / MODEL_NAME, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_NAME, size_threshold=1024)  # fmt: skip
+    shutil.rmtree(raw)

@@ -1,0 +1,81 @@
+"""genai_config.json: what onnxruntime-genai needs to run a decoder graph exported by optimum.
+
+optimum's decoder graphs concatenate past and present key/values and take position_ids, so the
+KV buffers cannot be shared (`past_present_share_buffer` false). onnxruntime-genai knows the
+Llama-family names as model types; GPT-2 and GPT-NeoX graphs run as its generic "decoder".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from adaptrix.toolchain.checkpoint import Checkpoint
+
+__all__ = ["GENAI_CONFIG", "write_genai_config"]
+
+GENAI_CONFIG = "genai_config.json"
+_OWN_TYPES = {"llama", "mistral", "qwen2", "phi3"}
+_PROVIDERS = {"onnx-cpu": [], "onnx-cuda": [{"cuda": {}}]}
+
+
+def write_genai_config(
+    base: Checkpoint, graph: onnx.GraphProto, out: Path, target: str, model_file: str
+) -> str:
+    """Write genai_config.json for a decoder graph; return its file name."""
+    inputs = {value.name: value for value in graph.input}
+    past = inputs["past_key_values.0.key"].type.tensor_type.shape.dim
+    layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
+    source, config = base.source, base.config
+    eos = config.get("eos_token_id")
+    first_eos = eos[0] if isinstance(eos, list) and eos else eos
+    pad = config.get("pad_token_id")
+    context = config.get("max_position_embeddings") or config.get("n_positions") or 2048
+    names = {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key",
+             "past_value_names": "past_key_values.%d.value"}  # fmt: skip
+    names.update({name: name for name in ("attention_mask", "position_ids") if name in inputs})
+    genai = {
+        "model": {
+            "bos_token_id": config.get("bos_token_id", first_eos),
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else first_eos,
+            "context_length": context,
+            "vocab_size": source.vocab_size,
+            "type": source.arch if source.arch in _OWN_TYPES else "decoder",
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": _PROVIDERS[target]},
+                "filename": model_file,
+                "head_size": past[3].dim_value,
+                "hidden_size": source.hidden_size,
+                "num_attention_heads": source.num_heads,
+                "num_hidden_layers": layers,
+                "num_key_value_heads": past[1].dim_value,
+                "inputs": names,
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": context,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "diversity_penalty": 0.0,
+            "no_repeat_ngram_size": 0,
+        },
+    }
+    (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
+    return GENAI_CONFIG

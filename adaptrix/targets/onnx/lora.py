@@ -1,0 +1,131 @@
+"""--unmerged: LoRA pairs as overridable graph inputs, and one `.onnx_adapter` file per adapter.
+
+Each touched module's MatMul (or Gemm) gets a side branch, y = base(x) + (x @ A) @ B, where A
+[in, rank] and B [rank, out] are graph inputs named `<module>.lora_A` / `.lora_B` with a dynamic
+rank, backed by zero-rank initializers of the same names: with no adapter active the branch adds
+nothing. An adapter file sets A = down and B = up (every scale folded into B) for the modules it
+touches; onnxruntime activates it with `RunOptions.add_active_adapter`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from adaptrix.targets.hooks import LowRankPair
+from adaptrix.targets.onnx.graph import Use
+from adaptrix.toolchain.errors import UnsupportedError
+
+__all__ = [
+    "ADAPTERS_DIR",
+    "ADAPTER_SUFFIX",
+    "LoraBranch",
+    "add_lora_inputs",
+    "model_version",
+    "write_adapter_files",
+]
+
+ADAPTERS_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+@dataclass(frozen=True, slots=True)
+class LoraBranch:
+    """The graph inputs of one module's LoRA branch and the nodes that compute it."""
+
+    module: str
+    a: str
+    b: str
+    in_features: int
+    out_features: int
+    nodes: tuple[str, ...]
+
+
+def model_version(base_key: str) -> int:
+    """The model version written into adapter files: 31 bits of the base export's key."""
+    return int(base_key[:8], 16) & 0x7FFFFFFF
+
+
+def add_lora_inputs(
+    model: onnx.ModelProto, uses: dict[str, list[Use]], modules: Sequence[LowRankPair]
+) -> list[LoraBranch]:
+    """Give each module's MatMul / Gemm a LoRA branch with overridable, zero-rank inputs."""
+    graph = model.graph
+    after: dict[int, list[onnx.NodeProto]] = {}
+    branches = []
+    for pair in modules:
+        name = pair.placement.name
+        use = next((u for u in uses.get(pair.weight, ()) if u.index == 1
+                    and graph.node[u.node].op_type in ("MatMul", "Gemm")), None)  # fmt: skip
+        if use is None:
+            raise UnsupportedError(f"{name}: the exported graph has no MatMul for this module",
+                                   fix="compile without --unmerged")  # fmt: skip
+        node = graph.node[use.node]
+        if any(a.name == "transA" and a.i for a in node.attribute):
+            raise UnsupportedError(f"{name}: its Gemm transposes its input", fix="compile without --unmerged")
+        dtype = _initializer_dtype(graph, use.initializer)
+        in_features, out_features = pair.down.shape[0], pair.up.shape[1]
+        a, b, rank = f"{name}.lora_A", f"{name}.lora_B", f"{name}.lora_rank"
+        graph.input.extend([helper.make_tensor_value_info(a, dtype, [in_features, rank]),
+                            helper.make_tensor_value_info(b, dtype, [rank, out_features])])  # fmt: skip
+        graph.initializer.extend([helper.make_tensor(a, dtype, [in_features, 0], []),
+                                  helper.make_tensor(b, dtype, [0, out_features], [])])  # fmt: skip
+        output = node.output[0]
+        node.output[0] = f"{output}/adaptrix_base"
+        prefix = node.name.rpartition("/")[0] + "/lora"
+        nodes = [
+            helper.make_node("MatMul", [node.input[0], a], [f"{prefix}/down"], name=f"{prefix}/MatMul_A"),
+            helper.make_node("MatMul", [f"{prefix}/down", b], [f"{prefix}/up"], name=f"{prefix}/MatMul_B"),
+            helper.make_node("Add", [node.output[0], f"{prefix}/up"], [output], name=f"{prefix}/Add"),
+        ]
+        after[use.node] = nodes
+        branches.append(LoraBranch(name, a, b, in_features, out_features, tuple(n.name for n in nodes[:2])))
+    ordered = []
+    for position, node in enumerate(graph.node):
+        ordered.append(node)
+        ordered.extend(after.get(position, ()))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return branches
+
+
+def _initializer_dtype(graph: onnx.GraphProto, name: str) -> int:
+    return next(init.data_type for init in graph.initializer if init.name == name)
+
+
+def write_adapter_files(
+    adapters: Sequence[tuple[str, list[LowRankPair]]],
+    branches: Sequence[LoraBranch],
+    out: Path,
+    version: int,
+) -> dict[str, dict]:
+    """One `.onnx_adapter` per adapter; returns the manifest's entries for them."""
+    by_module = {branch.module: branch for branch in branches}
+    folder = out / ADAPTERS_DIR
+    folder.mkdir()
+    entries = {}
+    for name, pairs in adapters:
+        params = {}
+        for pair in pairs:
+            branch = by_module[pair.placement.name]
+            params[branch.a] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pair.down.numpy()))
+            params[branch.b] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pair.up.numpy()))
+        file = folder / f"{name}{ADAPTER_SUFFIX}"
+        writer = ort.AdapterFormat()
+        writer.set_adapter_version(1)
+        writer.set_model_version(version)
+        writer.set_parameters(params)
+        writer.export_adapter(str(file))
+        entries[name] = {
+            "file": f"{ADAPTERS_DIR}/{file.name}",
+            "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+            "ranks": {pair.placement.name: int(pair.down.shape[1]) for pair in pairs},
+        }
+    return entries

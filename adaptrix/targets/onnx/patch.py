@@ -1,0 +1,138 @@
+"""Merged weights written into a copy of the cached base graph, found by the module using each.
+
+An initializer that only the patched tensor uses is replaced in place; one that the exporter
+shares with other inputs (equal tensors deduplicated, a tied head's embedding) is left to its
+other users and the patched inputs get an initializer of their own. Before a tensor is patched,
+a probe of its elements is compared with the base's, so a mapping error cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from adaptrix.runtime.bundle import probe_indices
+from adaptrix.targets.merged import TensorPlan, merged_value, plan_tensors
+from adaptrix.targets.onnx.external import read_initializer
+from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
+from adaptrix.toolchain.binders.table import Layout
+from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.ir import AdapterIR
+from adaptrix.toolchain.safetensors_io import read_elements
+
+__all__ = ["base_uses", "merged_patches"]
+
+logger = logging.getLogger(__name__)
+
+
+def base_uses(base: Checkpoint, graph: onnx.GraphProto) -> dict[str, list[Use]]:
+    """Where each of the base's tensors is used in the exported graph."""
+    known = set(base.tensors) | {base.binder.lm_head_weight}
+
+    def tensor_name(name: str) -> str | None:
+        if name in known:
+            return name
+        rest = name.partition(".")[2]  # a head model's prefix ("bert.") on a bare base
+        return rest if rest in known else None
+
+    def layout_of(module: str) -> Layout | None:
+        placement = base.binder.resolve(module)
+        return None if placement is None else placement.module.layout
+
+    return tensor_uses(graph, tensor_name, layout_of)
+
+
+def merged_patches(
+    ir: AdapterIR,
+    base: Checkpoint,
+    model: onnx.ModelProto,
+    folder: Path,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """{initializer: new value} with the adapter merged; rewires `model` where needed."""
+    graph = model.graph
+    items, _ = plan_tensors(ir, base)
+    uses = base_uses(base, graph)
+    users = initializer_users(graph)
+    initializers = {init.name: init for init in graph.initializer}
+    values: dict[str, np.ndarray] = {}
+    for item in (item for item in items if item.touched):
+        found = uses.get(item.name)
+        if not found:
+            raise UnsupportedError(
+                f"{item.name}: the exported graph has no initializer for it",
+                path=base.path,
+                fix="use --target merged or hooks for this model",
+            )
+        _check_probe(item, base, found, initializers, folder)
+        value = merged_value(item, base, torch.float32).numpy()
+        groups: dict[str, list[Use]] = defaultdict(list)
+        for use in found:
+            groups[use.initializer].append(use)
+        for name, group in groups.items():
+            init = initializers[name]
+            dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+            flags = {use.stored_transposed for use in group}
+            if users.get(name) == len(group) and len(flags) == 1 and name not in values:
+                values[name] = (value.T if flags.pop() else value).astype(dtype)
+                continue
+            for transposed in sorted({use.input_transposed for use in group}):
+                own = _unique(f"{item.name}.T" if transposed else item.name, initializers)
+                array = (value.T if transposed else value).astype(dtype)
+                new = onnx.TensorProto(name=own, data_type=init.data_type, dims=array.shape)
+                graph.initializer.append(new)
+                initializers[own] = graph.initializer[-1]
+                values[own] = array
+                for use in group:
+                    if use.input_transposed == transposed:
+                        graph.node[use.node].input[use.index] = own
+        if progress:
+            progress(base.tensors[item.source].nbytes)
+    logger.info("patched %d tensors into the graph", len(values))
+    return values
+
+
+def _unique(name: str, taken: dict) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}.{n}"
+    return candidate
+
+
+def _check_probe(
+    item: TensorPlan, base: Checkpoint, found: list[Use], initializers: dict, folder: Path
+) -> None:
+    """The graph's values at a few elements must be the base tensor's (up to the graph's rounding)."""
+    info = base.tensors[item.source]
+    indices = probe_indices(math.prod(info.shape))
+    expected = read_elements(info, indices).to(torch.float64).numpy()
+    for use in found:
+        stored = read_initializer(initializers[use.initializer], folder)
+        if tuple(stored.shape) != (
+            tuple(reversed(info.shape)) if use.stored_transposed else tuple(info.shape)
+        ):
+            raise BadInputError(
+                f"{item.name}: the graph's initializer {use.initializer} has shape {list(stored.shape)}, "
+                f"the base's tensor {list(info.shape)}",
+                path=folder,
+                fix="clear the ONNX cache directory and compile again",
+            )
+        matrix = stored.T if use.stored_transposed else stored
+        got = np.asarray(matrix.reshape(-1)[indices] if matrix.ndim == 1 else
+                         matrix[np.unravel_index(indices, info.shape)], dtype=np.float64)  # fmt: skip
+        if not np.allclose(got, expected, rtol=2e-3, atol=1e-6):
+            raise BadInputError(
+                f"{item.name}: the graph's initializer {use.initializer} does not hold the base's values",
+                path=folder,
+                fix="clear the ONNX cache directory and compile again",
+            )
