@@ -112,15 +112,19 @@ class LowRankPair:
     up: torch.Tensor  # [r, out], every scale folded in
 
 
-def low_rank_pairs(ir: AdapterIR, base: Checkpoint, dtype: torch.dtype) -> list[LowRankPair]:
-    """One low-rank pair per touched module; any other kind of op is an error."""
+def low_rank_pairs(
+    ir: AdapterIR, base: Checkpoint, dtype: torch.dtype, strict: bool = True
+) -> list[LowRankPair]:
+    """One low-rank pair per touched module; any other kind of op is an error (skipped if not strict)."""
     pairs = []
     for module in _modules(ir, base):
         name = module.placement.name
+        other = {type(op).__name__ for ops in module.role_ops for op in ops if type(op) is not LowRank}
         if module.placement.module.layout not in (Layout.LINEAR, Layout.CONV1D):
-            raise UnsupportedError(f"{name}: LoRA on an embedding cannot stay unmerged here",
-                                   fix="compile without --unmerged")  # fmt: skip
-        if other := {type(op).__name__ for ops in module.role_ops for op in ops if type(op) is not LowRank}:
+            other.add("LoRA on an embedding")
+        if other and not strict:
+            continue
+        if other:
             raise UnsupportedError(f"{name}: {', '.join(sorted(other))} cannot stay unmerged here",
                                    fix="compile without --unmerged, or use --target hooks")  # fmt: skip
         builder = _EntryBuilder(module, base, dtype)

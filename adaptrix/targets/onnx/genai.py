@@ -31,14 +31,14 @@ def write_genai_config(
     source, config = base.source, base.config
     eos = config.get("eos_token_id")
     first_eos = eos[0] if isinstance(eos, list) and eos else eos
-    pad = config.get("pad_token_id")
+    pad, bos = config.get("pad_token_id"), config.get("bos_token_id")
     context = config.get("max_position_embeddings") or config.get("n_positions") or 2048
     names = {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key",
              "past_value_names": "past_key_values.%d.value"}  # fmt: skip
     names.update({name: name for name in ("attention_mask", "position_ids") if name in inputs})
     genai = {
         "model": {
-            "bos_token_id": config.get("bos_token_id", first_eos),
+            "bos_token_id": bos if bos is not None else first_eos,
             "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else first_eos,
             "context_length": context,

@@ -20,6 +20,7 @@ import torch
 from onnx import helper
 
 from adaptrix.runtime.bundle import probe_indices
+from adaptrix.targets.hooks import LowRankPair, low_rank_pairs
 from adaptrix.targets.merged import TensorPlan, merged_value, plan_tensors
 from adaptrix.targets.onnx.external import read_initializer
 from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
@@ -64,6 +65,7 @@ def merged_patches(
     uses = base_uses(base, graph)
     users = initializer_users(graph)
     initializers = {init.name: init for init in graph.initializer}
+    pairs = {f"{p.placement.name}.weight": p for p in low_rank_pairs(ir, base, torch.float32, strict=False)}
     values: dict[str, np.ndarray] = {}
     for item in (item for item in items if item.touched):
         found = uses.get(item.name)
@@ -73,32 +75,65 @@ def merged_patches(
                 path=base.path,
                 fix="use --target merged or hooks for this model",
             )
-        _check_probe(item, base, found, initializers, folder)
-        value = merged_value(item, base, torch.float32).numpy()
-        groups: dict[str, list[Use]] = defaultdict(list)
-        for use in found:
-            groups[use.initializer].append(use)
-        for name, group in groups.items():
-            init = initializers[name]
-            dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-            flags = {use.stored_transposed for use in group}
-            if users.get(name) == len(group) and len(flags) == 1 and name not in values:
-                values[name] = (value.T if flags.pop() else value).astype(dtype)
-                continue
-            for transposed in sorted({use.input_transposed for use in group}):
-                own = _unique(f"{item.name}.T" if transposed else item.name, initializers)
-                array = (value.T if transposed else value).astype(dtype)
-                new = onnx.TensorProto(name=own, data_type=init.data_type, dims=array.shape)
-                graph.initializer.append(new)
-                initializers[own] = graph.initializer[-1]
-                values[own] = array
-                for use in group:
-                    if use.input_transposed == transposed:
-                        graph.node[use.node].input[use.index] = own
+        exact = _check_probe(item, base, found, initializers, folder)
+        use = found[0]
+        if exact and item.name in pairs and _plain_matmul_weight(found, users, graph, initializers):
+            # The cached float32 weight is the base's, already in the [in, out] layout MatMul takes.
+            values[use.initializer] = _add_low_rank(read_initializer(initializers[use.initializer], folder),
+                                                    pairs[item.name])  # fmt: skip
+        else:
+            _patch_general(item, base, found, users, graph, initializers, values)
         if progress:
             progress(base.tensors[item.source].nbytes)
     logger.info("patched %d tensors into the graph", len(values))
     return values
+
+
+def _plain_matmul_weight(found: list[Use], users: dict, graph: onnx.GraphProto, initializers: dict) -> bool:
+    """One use, as a float32 MatMul / Gemm (no transB) weight read straight from its own initializer."""
+    if len(found) != 1:
+        return False
+    use = found[0]
+    node = graph.node[use.node]
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    return (
+        use.index == 1
+        and (node.op_type == "MatMul" or (node.op_type == "Gemm" and not trans_b))
+        and use.stored_transposed == use.input_transposed
+        and users.get(use.initializer) == 1
+        and initializers[use.initializer].data_type == onnx.TensorProto.FLOAT
+    )
+
+
+def _add_low_rank(weight: np.ndarray, pair: LowRankPair) -> np.ndarray:
+    """The weight [in, out] plus down @ up, in float32, without transposing anything."""
+    merged = torch.from_numpy(np.array(weight, dtype=np.float32))
+    merged.addmm_(pair.down, pair.up)
+    return merged.numpy()
+
+
+def _patch_general(item, base, found, users, graph, initializers, values) -> None:
+    """Merge from the base in float32; give the patched inputs their own initializer where shared."""
+    value = merged_value(item, base, torch.float32).numpy()
+    groups: dict[str, list[Use]] = defaultdict(list)
+    for use in found:
+        groups[use.initializer].append(use)
+    for name, group in groups.items():
+        init = initializers[name]
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        flags = {use.stored_transposed for use in group}
+        if users.get(name) == len(group) and len(flags) == 1 and name not in values:
+            values[name] = np.ascontiguousarray((value.T if flags.pop() else value).astype(dtype))
+            continue
+        for transposed in sorted({use.input_transposed for use in group}):
+            own = _unique(f"{item.name}.T" if transposed else item.name, initializers)
+            array = np.ascontiguousarray((value.T if transposed else value).astype(dtype))
+            graph.initializer.append(onnx.TensorProto(name=own, data_type=init.data_type, dims=array.shape))
+            initializers[own] = graph.initializer[-1]
+            values[own] = array
+            for use in group:
+                if use.input_transposed == transposed:
+                    graph.node[use.node].input[use.index] = own
 
 
 def _unique(name: str, taken: dict) -> str:
@@ -111,16 +146,19 @@ def _unique(name: str, taken: dict) -> str:
 
 def _check_probe(
     item: TensorPlan, base: Checkpoint, found: list[Use], initializers: dict, folder: Path
-) -> None:
-    """The graph's values at a few elements must be the base tensor's (up to the graph's rounding)."""
+) -> bool:
+    """The graph's values at a few elements must be the base tensor's, up to the graph's rounding.
+
+    Returns whether they are exactly equal (a float32 graph holds the base's values exactly).
+    """
     info = base.tensors[item.source]
     indices = probe_indices(math.prod(info.shape))
     expected = read_elements(info, indices).to(torch.float64).numpy()
+    exact = True
     for use in found:
         stored = read_initializer(initializers[use.initializer], folder)
-        if tuple(stored.shape) != (
-            tuple(reversed(info.shape)) if use.stored_transposed else tuple(info.shape)
-        ):
+        shape = tuple(reversed(info.shape)) if use.stored_transposed else tuple(info.shape)
+        if tuple(stored.shape) != shape:
             raise BadInputError(
                 f"{item.name}: the graph's initializer {use.initializer} has shape {list(stored.shape)}, "
                 f"the base's tensor {list(info.shape)}",
@@ -128,11 +166,15 @@ def _check_probe(
                 fix="clear the ONNX cache directory and compile again",
             )
         matrix = stored.T if use.stored_transposed else stored
-        got = np.asarray(matrix.reshape(-1)[indices] if matrix.ndim == 1 else
-                         matrix[np.unravel_index(indices, info.shape)], dtype=np.float64)  # fmt: skip
+        flat = (
+            matrix.reshape(-1)[indices] if matrix.ndim == 1 else matrix[np.unravel_index(indices, info.shape)]
+        )
+        got = np.asarray(flat, dtype=np.float64)
         if not np.allclose(got, expected, rtol=2e-3, atol=1e-6):
             raise BadInputError(
                 f"{item.name}: the graph's initializer {use.initializer} does not hold the base's values",
                 path=folder,
                 fix="clear the ONNX cache directory and compile again",
             )
+        exact = exact and bool(np.array_equal(got, expected))
+    return exact
