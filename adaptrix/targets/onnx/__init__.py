@@ -27,7 +27,7 @@ from adaptrix.targets.onnx.patch import base_uses, merged_patches
 from adaptrix.targets.onnx.quantize import quantize_model
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR
 
 __all__ = ["write_onnx"]
@@ -54,6 +54,11 @@ def write_onnx(
     if len(adapters) > 1 and not unmerged:
         raise BadInputError(f"{len(adapters)} adapters given for one merged model",
                             fix="pass --unmerged to ship them as swappable adapter files")  # fmt: skip
+    if quantize is not None and target != "onnx-cpu":
+        raise UnsupportedError(
+            f"--quantize {quantize} is for the CPU provider's edge targets",
+            fix="use --target onnx-cpu, or leave out --quantize for onnx-cuda's float16",
+        )
     dtype = dtype or torch.float32
     export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
     model = onnx.load(export.model, load_external_data=False)
