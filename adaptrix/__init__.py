@@ -15,6 +15,7 @@ __all__ = [
     "inspect_adapter",
     "load",
     "load_bundle",
+    "open_onnx",
     "switch",
 ]
 
@@ -26,6 +27,7 @@ _API = {
     "attached": "adaptrix.runtime",
     "switch": "adaptrix.runtime",
     "load_bundle": "adaptrix.runtime",
+    "open_onnx": "adaptrix.onnx_session",
 }
 
 

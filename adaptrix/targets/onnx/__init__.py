@@ -24,7 +24,7 @@ from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.genai import write_genai_config
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
-from adaptrix.targets.onnx.quantize import quantize_model
+from adaptrix.targets.onnx.quantize import check_quantize, quantize_model
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
@@ -59,7 +59,10 @@ def write_onnx(
             f"--quantize {quantize} is for the CPU provider's edge targets",
             fix="use --target onnx-cpu, or leave out --quantize for onnx-cuda's float16",
         )
+    check_quantize(quantize, block_size)
     dtype = dtype or torch.float32
+    # What the adapters can be refused for is checked before the (slow, noisy) first export.
+    pairs = [(name, low_rank_pairs(adapter, base, dtype)) for name, adapter in adapters] if unmerged else []
     export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
     model = onnx.load(export.model, load_external_data=False)
     section: dict = {"task": export.task, "base_export": export.key, "quantize": quantize}
@@ -67,7 +70,7 @@ def write_onnx(
         section["block_size"] = block_size
     exclude: list[str] = []
     if unmerged:
-        values, lora, exclude = _unmerged(adapters, base, model, dtype, export, out)
+        values, lora, exclude = _unmerged(pairs, base, model, dtype, export, out)
         section["lora"] = lora
         untied = False
     else:
@@ -92,9 +95,8 @@ def _lora_names(section: dict) -> set[str]:
     return set(section.get("lora", {}).get("inputs", {}))
 
 
-def _unmerged(adapters, base: Checkpoint, model: onnx.ModelProto, dtype, export: BaseExport, out: Path):
+def _unmerged(pairs, base: Checkpoint, model: onnx.ModelProto, dtype, export: BaseExport, out: Path):
     """LoRA inputs for the union of the adapters' modules, and one adapter file per adapter."""
-    pairs = [(name, low_rank_pairs(ir, base, dtype)) for name, ir in adapters]
     union = {}
     for _, found in pairs:
         for pair in found:
@@ -104,13 +106,17 @@ def _unmerged(adapters, base: Checkpoint, model: onnx.ModelProto, dtype, export:
     lora = {
         "model_version": version,
         "inputs": {
-            **{b.a: {"shape": [b.in_features, "rank"], "module": b.module} for b in branches},
-            **{b.b: {"shape": ["rank", b.out_features], "module": b.module} for b in branches},
+            **{b.a: _input_entry(b, [b.in_features, "rank"]) for b in branches},
+            **{b.b: _input_entry(b, ["rank", b.out_features]) for b in branches},
         },
         "dtype": str(dtype).removeprefix("torch."),
         "adapters": write_adapter_files(pairs, branches, out, version),
     }
     return {}, lora, [name for b in branches for name in b.nodes]
+
+
+def _input_entry(branch, shape: list) -> dict:
+    return {"shape": shape, "dtype": branch.dtype.name, "module": branch.module}
 
 
 def _write_quantized(

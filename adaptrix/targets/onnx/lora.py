@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import helper
 
 from adaptrix.targets.hooks import LowRankPair
@@ -45,6 +46,7 @@ class LoraBranch:
     b: str
     in_features: int
     out_features: int
+    dtype: np.dtype  # the dtype of the module's weight: an fp16 graph keeps some MatMuls in fp32
     nodes: tuple[str, ...]
 
 
@@ -86,7 +88,9 @@ def add_lora_inputs(
             helper.make_node("Add", [node.output[0], f"{prefix}/up"], [output], name=f"{prefix}/Add"),
         ]
         after[use.node] = nodes
-        branches.append(LoraBranch(name, a, b, in_features, out_features, tuple(n.name for n in nodes[:2])))
+        names = tuple(n.name for n in nodes[:2])
+        np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(dtype))
+        branches.append(LoraBranch(name, a, b, in_features, out_features, np_dtype, names))
     ordered = []
     for position, node in enumerate(graph.node):
         ordered.append(node)
@@ -115,8 +119,9 @@ def write_adapter_files(
         params = {}
         for pair in pairs:
             branch = by_module[pair.placement.name]
-            params[branch.a] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pair.down.numpy()))
-            params[branch.b] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pair.up.numpy()))
+            for key, value in ((branch.a, pair.down), (branch.b, pair.up)):
+                array = np.ascontiguousarray(value.to(torch.float32).numpy().astype(branch.dtype))
+                params[key] = ort.OrtValue.ortvalue_from_numpy(array)
         file = folder / f"{name}{ADAPTER_SUFFIX}"
         writer = ort.AdapterFormat()
         writer.set_adapter_version(1)
