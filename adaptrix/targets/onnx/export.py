@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -132,6 +133,7 @@ def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = Non
 def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
     """Optimum's main_export of the base, rewritten with every weight in one external data file."""
     from optimum.exporters.onnx import main_export
+    from transformers.utils import logging as hf_logging
 
     logger.info(
         "exporting %s to ONNX (%s, %s); later compiles for this base reuse it", base.path, task, dtype
@@ -140,8 +142,15 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
     kwargs = {}
     if task == "text-classification":
         kwargs["pad_token_id"] = base.config.get("pad_token_id") or 0
-    main_export(str(base.path), raw, task=task, device="cpu", dtype=_DTYPES[dtype], local_files_only=True,
-                do_validation=False, **kwargs)  # fmt: skip
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' deprecation notes are not the user's concern here
+    try:
+        with warnings.catch_warnings():  # torch's tracer warns about every data-dependent branch it records
+            warnings.simplefilter("ignore")
+            main_export(str(base.path), raw, task=task, device="cpu", dtype=_DTYPES[dtype],
+                        local_files_only=True, do_validation=False, **kwargs)  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model = onnx.load(raw / MODEL_NAME, load_external_data=True)
     onnx.save_model(model, into / MODEL_NAME, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_NAME, size_threshold=1024)  # fmt: skip
