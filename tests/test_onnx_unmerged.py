@@ -262,3 +262,18 @@ def test_block_size_reaches_the_int4_quantizer(bases, tmp_path):
     assert blocks == {16}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["onnx"]["block_size"] == 16
     assert prefill(session(tmp_path / "out"), sample_inputs("llama")).isfinite().all()
+
+
+def test_int4_quantizes_gpt2_conv1d_projections(bases, tmp_path):
+    """GPT-2's Conv1D layers export as Gemm; int4 rewrites them as MatMul so they are quantized too."""
+    base = bases("gpt2")
+    adapter = seeded_adapter("gpt2", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "onnx-cpu", tmp_path / "fp32")
+    compile_adapter(adapter, base, "onnx-cpu", tmp_path / "int4", options={"quantize": "int4"})
+    ops = op_types(tmp_path / "int4")
+    assert ops.count("MatMulNBits") >= 4 * FAMILIES["gpt2"].config_kwargs["n_layer"] and "Gemm" not in ops
+    inputs = sample_inputs("gpt2")
+    reference = prefill(session(tmp_path / "fp32"), inputs)
+    assert (
+        relative_error(prefill(session(tmp_path / "int4"), inputs), reference) <= QUANTIZED_TOLERANCE["int4"]
+    )

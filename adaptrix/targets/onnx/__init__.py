@@ -82,7 +82,9 @@ def write_onnx(
         _write_quantized(model, export, values, out, quantize, block_size, exclude)
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":
-        files.append(write_genai_config(base, model.graph, out, target, MODEL_NAME))
+        genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)
+        files += [genai] if genai else []
+        section["genai_config"] = genai
     files += copy_side_files(base, out, dtype, untied)
     if unmerged:
         files += [entry["file"] for entry in section["lora"]["adapters"].values()]

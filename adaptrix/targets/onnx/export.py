@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx_data"
-EXPORT_FORMAT = 1  # bump when the cached layout changes
-_DTYPES = {"float32": "fp32", "float16": "fp16"}
+EXPORT_FORMAT = 2  # bump when the cached layout changes
+_DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 
 
@@ -130,8 +130,23 @@ def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = Non
     return BaseExport(entry, key, task, dtype)
 
 
+def _to_float16(path: Path) -> onnx.ModelProto:
+    """A float32 model file as float16 throughout (inputs and outputs included), weights loaded."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    inferred = path.with_name("inferred.onnx")
+    onnx.shape_inference.infer_shapes_path(str(path), str(inferred))  # works past protobuf's 2 GB
+    model = onnx.load(inferred, load_external_data=True)
+    return convert_float_to_float16(model, keep_io_types=False, disable_shape_infer=True)
+
+
 def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
-    """Optimum's main_export of the base, rewritten with every weight in one external data file."""
+    """Optimum's main_export of the base, rewritten with every weight in one external data file.
+
+    float16 is exported in float32 and converted with onnxruntime's float16 converter: optimum's
+    own fp16 export on the CPU leaves parts of the attention in float32, which onnxruntime then
+    refuses for GPT-2 and GPT-NeoX ("LayerNormalization bound to different types").
+    """
     from optimum.exporters.onnx import main_export
     from transformers.utils import logging as hf_logging
 
@@ -147,11 +162,14 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
     try:
         with warnings.catch_warnings():  # torch's tracer warns about every data-dependent branch it records
             warnings.simplefilter("ignore")
-            main_export(str(base.path), raw, task=task, device="cpu", dtype=_DTYPES[dtype],
+            main_export(str(base.path), raw, task=task, device="cpu", dtype="fp32",
                         local_files_only=True, do_validation=False, **kwargs)  # fmt: skip
     finally:
         hf_logging.set_verbosity(verbosity)
-    model = onnx.load(raw / MODEL_NAME, load_external_data=True)
+    if dtype == "float16":
+        model = _to_float16(raw / MODEL_NAME)
+    else:
+        model = onnx.load(raw / MODEL_NAME, load_external_data=True)
     onnx.save_model(model, into / MODEL_NAME, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_NAME, size_threshold=1024)  # fmt: skip
     shutil.rmtree(raw)

@@ -8,6 +8,7 @@ Llama-family names as model types; GPT-2 and GPT-NeoX graphs run as its generic 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import onnx
@@ -17,14 +18,24 @@ from adaptrix.toolchain.checkpoint import Checkpoint
 __all__ = ["GENAI_CONFIG", "write_genai_config"]
 
 GENAI_CONFIG = "genai_config.json"
+logger = logging.getLogger(__name__)
+
 _OWN_TYPES = {"llama", "mistral", "qwen2", "phi3"}
 _PROVIDERS = {"onnx-cpu": [], "onnx-cuda": [{"cuda": {}}]}
 
 
 def write_genai_config(
     base: Checkpoint, graph: onnx.GraphProto, out: Path, target: str, model_file: str
-) -> str:
-    """Write genai_config.json for a decoder graph; return its file name."""
+) -> str | None:
+    """Write genai_config.json for a decoder graph; return its file name (None: not written)."""
+    eos_ids = base.config.get("eos_token_id")
+    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+    if not eos_ids or any(not isinstance(e, int) or not 0 <= e < base.source.vocab_size for e in eos_ids):
+        # onnxruntime-genai refuses such a file when it loads it; ORT and optimum do not need it.
+        logger.warning("%s: eos_token_id %s is not a token of the vocabulary (%d): no %s written",
+                       base.path / "config.json", base.config.get("eos_token_id"), base.source.vocab_size,
+                       GENAI_CONFIG)  # fmt: skip
+        return None
     inputs = {value.name: value for value in graph.input}
     past = inputs["past_key_values.0.key"].type.tensor_type.shape.dim
     layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
