@@ -12,6 +12,7 @@ __all__ = [
     "attach",
     "attached",
     "compile_adapter",
+    "convert_adapter",
     "inspect_adapter",
     "load",
     "load_bundle",
@@ -22,6 +23,7 @@ __all__ = [
 _API = {
     "compile_adapter": "adaptrix.toolchain.pipeline",
     "load": "adaptrix.toolchain.pipeline",
+    "convert_adapter": "adaptrix.toolchain.convert",
     "inspect_adapter": "adaptrix.toolchain.report",
     "attach": "adaptrix.runtime",
     "attached": "adaptrix.runtime",

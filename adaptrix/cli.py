@@ -58,7 +58,9 @@ def _options(
 
 @app.command("compile")
 def compile_command(
-    adapters: Annotated[list[Path], typer.Argument(help="PEFT adapter directory (several with --unmerged).")],
+    adapters: Annotated[
+        list[Path], typer.Argument(help="PEFT adapter directory or AIR file (several with --unmerged).")
+    ],
     base: Annotated[Path, typer.Option("--base", help="Base model directory (safetensors).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
     target: Annotated[str, typer.Option("--target", help="Target; see `adaptrix targets`.")] = "merged",
@@ -101,9 +103,30 @@ def compile_command(
         out.print(f"wrote {result.out} ({result.target}, {result.dtype}, {result.sites} sites)")
 
 
+@app.command("convert")
+def convert_command(
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory or AIR file.")],
+    to: Annotated[str, typer.Option("--to", help="air (one file) or peft (a directory).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file (air) or directory (peft).")],
+    base: Annotated[Path | None, typer.Option("--base", help="Base model: required for AIR to PEFT.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Re-export ADAPTER as an AIR file or a PEFT adapter directory."""
+    from adaptrix.toolchain.convert import convert_adapter
+
+    result = _run(lambda: convert_adapter(adapter, to, output, base=base, force=force))
+    if as_json:
+        out.print_json(json.dumps({"output": str(result.out), "to": result.to, "files": result.files,
+                                   "sites": result.sites,
+                                   "base": None if result.base is None else str(result.base)}))  # fmt: skip
+    else:
+        out.print(f"wrote {result.out} ({result.to}, {result.sites} sites)", markup=False, highlight=False)
+
+
 @app.command("inspect")
 def inspect_command(
-    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory, or a hooks bundle.")],
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory, AIR file, or a hooks bundle.")],
     base: Annotated[Path | None, typer.Option("--base", help="Base model: show IR sites.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
@@ -114,7 +137,7 @@ def inspect_command(
     if as_json:
         out.print_json(json.dumps(summary))
         return
-    first = "role" if base is not None else "module"
+    first = "role" if summary["rows"] and "role" in summary["rows"][0] else "module"
     table = Table(title=f"{adapter} ({summary['format']})")
     for column in ("layer", first, "op", "rank", "scale", "parameters", "bytes"):
         table.add_column(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["atomic_output"]
+__all__ = ["atomic_file", "atomic_output"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +47,40 @@ def atomic_output(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Ite
         tmp.rename(out)
 
 
-def _check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
+@contextmanager
+def atomic_file(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling file name; on success it replaces `out`, else it is removed."""
+    out = out.absolute()
+    _check_inputs(out, inputs, "file")
+    if out.is_dir():
+        raise BadInputError("is a directory", path=out, fix="give -o the name of the file to write")
+    if out.exists() and not force:
+        raise BadInputError("already exists", path=out, fix="pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}{_TMP}{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+
+
+def _check_inputs(out: Path, inputs: Sequence[Path], kind: str) -> None:
     for given in inputs:
         path = given.absolute()
         if out == path or out in path.parents:
             raise BadInputError(
                 f"would overwrite the input {given}",
                 path=out,
-                fix="choose another output directory",
+                fix=f"choose another output {kind}",
             )
+
+
+def _check_target(out: Path, force: bool, inputs: Sequence[Path]) -> None:
+    _check_inputs(out, inputs, "directory")
     if out.exists() and not out.is_dir():
         raise BadInputError("exists and is not a directory", path=out, fix="choose another -o")
     if out.exists() and not force:
@@ -68,7 +93,10 @@ def _remove_stale(out: Path) -> None:
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             logger.info("removing %s, left by an interrupted run", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

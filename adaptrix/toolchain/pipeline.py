@@ -13,8 +13,7 @@ import torch
 from adaptrix.targets import TARGETS, Target, target_named
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
-from adaptrix.toolchain.frontends.peft import load_peft, lower_peft
-from adaptrix.toolchain.frontends.peft_weights import read_peft
+from adaptrix.toolchain.frontends.formats import lower_adapter, read_adapter
 from adaptrix.toolchain.ir import AdapterIR
 from adaptrix.toolchain.manifest import input_hashes, write_manifest
 from adaptrix.toolchain.output import atomic_output
@@ -51,9 +50,9 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def load(adapter: Path | str, base: Path | str | Checkpoint) -> AdapterIR:
-    """Read an adapter directory and lower it onto a base model into the IR."""
+    """Read an adapter (PEFT directory or AIR file) and lower it onto a base model into the IR."""
     checkpoint = base if isinstance(base, Checkpoint) else Checkpoint(base)
-    return load_peft(adapter, checkpoint)
+    return lower_adapter(read_adapter(adapter), checkpoint)
 
 
 def compile_adapter(
@@ -67,23 +66,23 @@ def compile_adapter(
     progress: Callable[[int, int], None] | None = None,
     options: Mapping[str, object] | None = None,
 ) -> CompileResult:
-    """Compile an adapter (or several, for targets that take several) for a base into `out`."""
+    """Compile an adapter (PEFT directory or AIR file; several for targets that take several) into `out`."""
     emit = target_named(target)
     adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
     options = {key: value for key, value in (options or {}).items() if value is not None}
     _check_options(emit, adapters, options)
     torch_dtype = parse_dtype(dtype) or emit.default_dtype
     checkpoint = Checkpoint(base)
-    read = [read_peft(path) for path in adapters]
-    irs = [lower_peft(peft_adapter, checkpoint) for peft_adapter in read]
+    read = [read_adapter(path) for path in adapters]
+    irs = [lower_adapter(adapter_read, checkpoint) for adapter_read in read]
     if emit.several:
         taken: set[str] = set()
         options["adapters"] = [
             (adapter_label(path, taken), ir) for path, ir in zip(adapters, irs, strict=True)
         ]
     out_dtype = str(torch_dtype or checkpoint.dtype()).removeprefix("torch.")
-    inputs = {"adapter" if i == 0 else f"adapter.{i + 1}": (path, peft_adapter.files())
-              for i, (path, peft_adapter) in enumerate(zip(adapters, read, strict=True))}  # fmt: skip
+    inputs = {"adapter" if i == 0 else f"adapter.{i + 1}": (path, adapter_read.files())
+              for i, (path, adapter_read) in enumerate(zip(adapters, read, strict=True))}  # fmt: skip
     inputs["base"] = (Path(base), checkpoint.files())
     total = sum(info.nbytes for info in checkpoint.tensors.values())
     step = (lambda done: progress(done, total)) if progress else None

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.toolchain.frontends.air import is_air, read_air
+from adaptrix.toolchain.frontends.air_lower import lower_air
 from adaptrix.toolchain.frontends.peft import lower_peft
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, site_order
 
-__all__ = ["inspect_adapter", "inspect_bundle"]
+__all__ = ["inspect_adapter", "inspect_air", "inspect_bundle"]
 
 _KINDS = {LowRank: "lora", DoRA: "dora", Bias: "bias", Replace: "replace"}
 
@@ -18,6 +20,8 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
     """Describe an adapter: per IR site when the base is known, else per PEFT module; or a bundle."""
     if _is_bundle(Path(adapter)):
         return inspect_bundle(adapter)
+    if is_air(adapter) and not (Path(adapter) / "adapter_config.json").is_file():
+        return inspect_air(adapter, base)
     peft_adapter = read_peft(adapter)
     settings = peft_adapter.settings
     summary = {
@@ -47,6 +51,25 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
         rows=rows,
     )
     return summary
+
+
+def inspect_air(path: Path | str, base: Path | str | None = None) -> dict:
+    """Describe an AIR file per site: its source model, provenance, ranks, scales and sizes."""
+    air = read_air(path)
+    ir = air.ir() if base is None else lower_air(air, Checkpoint(base))
+    rows, tensors = _site_rows(ir)
+    return {
+        "adapter": str(path),
+        "format": "air",
+        "source": air.source.as_dict(),
+        "provenance": dict(air.provenance),
+        **({} if base is None else {"base": str(base)}),
+        "layers": sorted({row["layer"] for row in rows if row["layer"] is not None}),
+        "roles": sorted({row["role"] for row in rows}),
+        "parameters": sum(t.numel for t in tensors.values()),
+        "bytes": sum(t.nbytes for t in tensors.values()),
+        "rows": rows,
+    }
 
 
 def inspect_bundle(path: Path | str) -> dict:

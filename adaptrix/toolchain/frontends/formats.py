@@ -1,0 +1,81 @@
+"""The registry of adapter formats: which frontend reads a path, and how it lowers onto a base.
+
+A PEFT adapter is a directory with adapter_config.json; an AIR adapter is a file, or a directory
+holding adapter.air.safetensors. Anything else goes to the PEFT reader, whose errors say what a
+PEFT directory needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.toolchain.frontends.air import AirAdapter, is_air, read_air
+from adaptrix.toolchain.frontends.air_lower import lower_air
+from adaptrix.toolchain.frontends.peft import lower_peft
+from adaptrix.toolchain.frontends.peft_config import CONFIG_NAME
+from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
+from adaptrix.toolchain.ir import AdapterIR
+
+__all__ = [
+    "FORMATS",
+    "AdapterFormat",
+    "ReadAdapter",
+    "adapter_format",
+    "format_name",
+    "lower_adapter",
+    "read_adapter",
+]
+
+ReadAdapter = PeftAdapter | AirAdapter
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterFormat:
+    """A file format: whether a path is one, how to read it, how to lower what was read."""
+
+    name: str
+    detect: Callable[[Path], bool]
+    read: Callable[[Path], ReadAdapter]
+    lower: Callable[..., AdapterIR]
+    kind: type
+
+
+def _register(*formats: AdapterFormat) -> Mapping[str, AdapterFormat]:
+    table: dict[str, AdapterFormat] = {}
+    for entry in formats:
+        if entry.name in table:
+            raise ValueError(f"adapter format {entry.name!r} is registered twice")
+        table[entry.name] = entry
+    return MappingProxyType(table)
+
+
+FORMATS = _register(
+    AdapterFormat("peft-lora", lambda p: (p / CONFIG_NAME).is_file(), read_peft, lower_peft, PeftAdapter),
+    AdapterFormat("air", is_air, read_air, lower_air, AirAdapter),
+)
+
+
+def adapter_format(path: Path | str) -> AdapterFormat:
+    """The format a path is in (PEFT first: a directory with adapter_config.json is PEFT)."""
+    path = Path(path)
+    return next((f for f in FORMATS.values() if f.detect(path)), FORMATS["peft-lora"])
+
+
+def read_adapter(path: Path | str) -> ReadAdapter:
+    """Read an adapter in whichever format it is (tensors stay lazy)."""
+    return adapter_format(path).read(Path(path))
+
+
+def lower_adapter(adapter: ReadAdapter, base: Checkpoint) -> AdapterIR:
+    """Lower a read adapter onto a base."""
+    found = next(f for f in FORMATS.values() if isinstance(adapter, f.kind))
+    return found.lower(adapter, base)
+
+
+def format_name(adapter: ReadAdapter) -> str:
+    """The registered name of a read adapter's format."""
+    return next(f.name for f in FORMATS.values() if isinstance(adapter, f.kind))
