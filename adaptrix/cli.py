@@ -58,9 +58,7 @@ def _options(
 
 @app.command("compile")
 def compile_command(
-    adapters: Annotated[
-        list[Path], typer.Argument(help="PEFT adapter directory or AIR file (several with --unmerged).")
-    ],
+    adapters: Annotated[list[Path], typer.Argument(help="PEFT adapter directories or AIR files.")],
     base: Annotated[Path, typer.Option("--base", help="Base model directory (safetensors).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
     target: Annotated[str, typer.Option("--target", help="Target; see `adaptrix targets`.")] = "merged",
@@ -77,6 +75,10 @@ def compile_command(
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="ONNX: where base exports are cached.")
     ] = None,
+    passes: Annotated[
+        list[str] | None,
+        typer.Option("--pass", help="Pass NAME[:key=value,...] to run before the target; repeat, in order."),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
@@ -89,12 +91,9 @@ def compile_command(
         "block_size": block_size,
         "cache_dir": cache_dir,
     }
+    kwargs = {"dtype": dtype, "force": force, "options": options, "passes": passes or ()}
     with _progress(enabled=not as_json) as progress:
-        result = _run(
-            lambda: compile_adapter(
-                adapters, base, target, output, dtype=dtype, force=force, progress=progress, options=options
-            )
-        )
+        result = _run(lambda: compile_adapter(adapters, base, target, output, progress=progress, **kwargs))
     if as_json:
         out.print_json(json.dumps({"output": str(result.out), "target": result.target,
                                    "dtype": result.dtype, "files": result.files,
@@ -248,6 +247,15 @@ def targets_command() -> None:
 
     for name, target in TARGETS.items():
         out.print(f"{name:12} {target.summary}")
+
+
+@app.command("passes")
+def passes_command() -> None:
+    """List the passes `compile --pass` runs."""
+    from adaptrix.passes import PASSES
+
+    for name, spec in PASSES.items():
+        out.print(f"{name:12} {spec.summary}", markup=False, highlight=False)
 
 
 @app.command("version")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.passes import parse_pass
+from adaptrix.passes.runner import run_passes
 from adaptrix.targets import TARGETS, Target, target_named
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
@@ -65,21 +67,23 @@ def compile_adapter(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     options: Mapping[str, object] | None = None,
+    passes: Sequence[str] = (),
 ) -> CompileResult:
-    """Compile an adapter (PEFT directory or AIR file; several for targets that take several) into `out`."""
+    """Compile adapters (PEFT directories or AIR files), after `passes` (`NAME:k=v,...`), into `out`."""
     emit = target_named(target)
     adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
     options = {key: value for key, value in (options or {}).items() if value is not None}
-    _check_options(emit, adapters, options)
+    combining = any(parse_pass(text)[0].several for text in passes)
+    _check_options(emit, adapters, options, combining)
     torch_dtype = parse_dtype(dtype) or emit.default_dtype
     checkpoint = Checkpoint(base)
     read = [read_adapter(path) for path in adapters]
-    irs = [lower_adapter(adapter_read, checkpoint) for adapter_read in read]
+    irs, records = run_passes([lower_adapter(adapter_read, checkpoint) for adapter_read in read], passes)
     if emit.several:
         taken: set[str] = set()
-        options["adapters"] = [
-            (adapter_label(path, taken), ir) for path, ir in zip(adapters, irs, strict=True)
-        ]
+        labels = [adapter_label(path, taken) for path in adapters]
+        labels = labels if len(irs) == len(adapters) else ["combined"]
+        options["adapters"] = list(zip(labels, irs, strict=True))
     out_dtype = str(torch_dtype or checkpoint.dtype()).removeprefix("torch.")
     inputs = {"adapter" if i == 0 else f"adapter.{i + 1}": (path, adapter_read.files())
               for i, (path, adapter_read) in enumerate(zip(adapters, read, strict=True))}  # fmt: skip
@@ -98,7 +102,7 @@ def compile_adapter(
             target=target,
             dtype=out_dtype,
             inputs=input_hashes(inputs),
-            passes=[],
+            passes=records,
             files=written.files,
             extra={"sites": len(irs[0].sites()), "source": irs[0].source.as_dict(), **written.manifest},
         )
@@ -106,7 +110,9 @@ def compile_adapter(
     return CompileResult(Path(out), target, out_dtype, written.files, len(irs[0].sites()))
 
 
-def _check_options(emit: Target, adapters: list[Path], options: Mapping[str, object]) -> None:
+def _check_options(
+    emit: Target, adapters: list[Path], options: Mapping[str, object], combining: bool
+) -> None:
     """Options and adapter counts the target does not take are errors, never ignored."""
     for key, value in options.items():
         if key not in emit.options and value is not False:
@@ -114,9 +120,9 @@ def _check_options(emit: Target, adapters: list[Path], options: Mapping[str, obj
             users = [t.name for t in TARGETS.values() if key in t.options]
             raise BadInputError(f"{flag} does not apply to --target {emit.name}",
                                 fix=f"it applies to: {', '.join(users)}")  # fmt: skip
-    if len(adapters) > 1 and not emit.several:
+    if len(adapters) > 1 and not emit.several and not combining:
         raise BadInputError(f"--target {emit.name} takes one adapter, {len(adapters)} were given",
-                            fix="compile them one at a time")  # fmt: skip
+                            fix="compile them one at a time, or into one with --pass combine")  # fmt: skip
 
 
 def adapter_label(path: Path, taken: set[str]) -> str:

@@ -1,0 +1,48 @@
+"""The registry of passes: each is a named IR -> IR rewrite with typed options."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from adaptrix.passes.base import Pass, PassResult, parse_options
+from adaptrix.passes.combine import CombineOptions, combine
+from adaptrix.passes.fold_blend import FoldBlendOptions, fold_blend
+from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["PASSES", "Pass", "PassResult", "parse_pass", "pass_named", "register"]
+
+
+def register(*passes: Pass) -> Mapping[str, Pass]:
+    """A read-only table of passes by name; a name registered twice is an error."""
+    table: dict[str, Pass] = {}
+    for spec in passes:
+        if spec.name in table:
+            raise ValueError(f"pass {spec.name!r} is registered twice")
+        table[spec.name] = spec
+    return MappingProxyType(table)
+
+
+PASSES = register(
+    Pass("fold-blend", "fold out = (1-alpha)*base + alpha*adapted into the deltas (exact)",
+         FoldBlendOptions, fold_blend),
+    Pass("reduce-rank", "truncated SVD of each low-rank delta to a rank or an energy share",
+         ReduceRankOptions, reduce_rank),
+    Pass("combine", "several adapters into one: linear / cat (exact), svd (with rank)",
+         CombineOptions, combine, several=True),
+)  # fmt: skip
+
+
+def pass_named(name: str) -> Pass:
+    """The pass called `name`, or an error listing the known ones."""
+    if name not in PASSES:
+        raise BadInputError(f"unknown pass {name!r}", fix=f"choose one of: {', '.join(PASSES)}")
+    return PASSES[name]
+
+
+def parse_pass(text: str) -> tuple[Pass, object]:
+    """A `NAME[:key=value,...]` spec as the pass and its parsed options."""
+    name, _, options = text.partition(":")
+    spec = pass_named(name.strip())
+    return spec, parse_options(spec, options)

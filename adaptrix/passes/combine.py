@@ -1,0 +1,111 @@
+"""combine: several adapters into one, on the deltas (never A and B separately)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adaptrix.passes.base import PassResult, site_context
+from adaptrix.passes.reduce_rank import truncate
+from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.ir import AdapterIR, Bias, LazyTensor, LowRank, Site, site_order
+
+__all__ = ["METHODS", "CombineOptions", "combine"]
+
+METHODS = ("linear", "cat", "svd")
+
+
+@dataclass(frozen=True, slots=True)
+class CombineOptions:
+    """method: linear, cat or svd; weights: one per adapter (default all 1); rank: svd's rank."""
+
+    method: str = "linear"
+    weights: tuple[float, ...] | None = None
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        """A known method; rank with svd only, and at least 1."""
+        if self.method not in METHODS:
+            raise ValueError(f"option method={self.method!r} is not one of {', '.join(METHODS)}")
+        if (self.rank is not None) != (self.method == "svd"):
+            raise ValueError("option rank goes with method=svd, and method=svd needs it")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"option rank={self.rank} must be at least 1")
+
+
+def combine(irs: Sequence[AdapterIR], options: CombineOptions) -> PassResult:
+    """Make one adapter whose delta at every site is sum_i weight_i * delta_i.
+
+    Usage: `--pass combine:method=linear,weights=0.7,0.3` (weights are comma-separated, one per
+    adapter, in the order the adapters are given). `linear` and `cat` both stack the factors
+    (A = [A_1; A_2], B = [w_1 s_1 B_1, w_2 s_2 B_2], scale 1): exact, the ranks add up, mixed
+    ranks allowed (PEFT's "cat"; its "linear" averages A and B separately, which is not the
+    weighted sum). `svd` with `rank=N` is linear followed by reduce-rank to N, and reports the
+    relative Frobenius error per site. Bias deltas are summed with the weights. DoRA and Replace
+    ops cannot be combined exactly and are refused, naming the site.
+    """
+    weights = options.weights or (1.0,) * len(irs)
+    if len(weights) != len(irs):
+        raise BadInputError(f"pass combine: option weights has {len(weights)} values for {len(irs)} adapters",
+                            fix="give one weight per adapter, in order")  # fmt: skip
+    _check_same_source(irs)
+    gathered: dict[Site, list[tuple[float, object]]] = {}
+    for ir, weight in zip(irs, weights, strict=True):
+        for site, op in ir:
+            gathered.setdefault(site, []).append((weight, op))
+    ops, sites = [], []
+    for index, site in enumerate(sorted(gathered, key=site_order)):
+        with site_context(site):
+            low_rank, biases = _stack(site, gathered[site], f"combine.{index}")
+            entry: dict[str, object] = {"site": str(site), "adapters": len(gathered[site])}
+            if low_rank is not None and options.method == "svd":
+                low_rank, report = truncate(low_rank, f"combine.{index}", options.rank, None)
+                entry.update(report)
+            elif low_rank is not None:
+                entry["rank"] = low_rank.rank
+        ops.extend((site, op) for op in ([low_rank] if low_rank else []) + biases)
+        sites.append(entry)
+    name = "+".join(ir.name for ir in irs)
+    report = {"method": options.method, "weights": list(weights), "sites": sites}
+    return PassResult(AdapterIR(tuple(ops), irs[0].source, name), True, report)
+
+
+def _stack(site: Site, ops: list[tuple[float, object]], origin: str) -> tuple[LowRank | None, list[Bias]]:
+    """The weighted LowRank ops at a site stacked into one, and the weighted Bias ops summed."""
+    low = [(w, op) for w, op in ops if isinstance(op, LowRank)]
+    bias = [(w, op) for w, op in ops if isinstance(op, Bias)]
+    other = [op for _, op in ops if not isinstance(op, LowRank | Bias)]
+    if other:
+        raise UnsupportedError(f"a {type(other[0]).__name__} op cannot be combined exactly with others",
+                               fix="combine adapters made of LoRA and bias deltas only")  # fmt: skip
+    low_rank = None
+    if low:
+        shapes = {op.shape for _, op in low}
+        if len(shapes) > 1:
+            raise BadInputError(f"the adapters' deltas have different shapes {sorted(shapes)}")
+        rank = sum(op.rank for _, op in low)
+        out, inner = low[0][1].shape
+        a = LazyTensor((rank, inner), f"{origin}.lora_A", lambda: torch.cat([op.a.load() for _, op in low]))
+        b = LazyTensor((out, rank), f"{origin}.lora_B",
+                       lambda: torch.cat([op.b.load() * (w * op.scale) for w, op in low], dim=1))  # fmt: skip
+        low_rank = LowRank(a, b, 1.0)
+    biases = []
+    if bias:
+        shape = bias[0][1].delta.shape
+        if any(op.delta.shape != shape for _, op in bias):
+            raise BadInputError("the adapters' bias deltas have different shapes")
+        total = LazyTensor(shape, f"{origin}.bias", lambda: sum(op.delta.load() * w for w, op in bias))
+        biases.append(Bias(total))
+    return low_rank, biases
+
+
+def _check_same_source(irs: Sequence[AdapterIR]) -> None:
+    """All adapters must be made for the same model dimensions."""
+    first = irs[0].source
+    for ir in irs[1:]:
+        if ir.source != first:
+            raise BadInputError(f"pass combine: {ir.name} was made for {ir.source.as_dict()}, "
+                                f"{irs[0].name} for {first.as_dict()}",
+                                fix="project one adapter onto the other's base first")  # fmt: skip

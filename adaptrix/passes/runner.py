@@ -1,0 +1,43 @@
+"""Run parsed passes in order over one or several IRs, recording each for the manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+from adaptrix.passes import parse_pass
+from adaptrix.toolchain.errors import AdaptrixError, BadInputError
+from adaptrix.toolchain.ir import AdapterIR
+
+__all__ = ["run_passes"]
+
+logger = logging.getLogger(__name__)
+
+
+def run_passes(irs: Sequence[AdapterIR], specs: Sequence[str]) -> tuple[list[AdapterIR], list[dict]]:
+    """Apply `NAME[:k=v,...]` passes in order; a combining pass makes one IR of all of them."""
+    parsed = [parse_pass(text) for text in specs]  # every option is checked before any work
+    irs, records = list(irs), []
+    for spec, options in parsed:
+        try:
+            if spec.several:
+                if len(irs) < 2:
+                    raise BadInputError("needs two adapters or more", fix="give several ADAPTER arguments")
+                results = [spec.run(irs, options)]
+            else:
+                results = [spec.run(ir, options) for ir in irs]
+        except AdaptrixError as exc:
+            raise exc.with_context(f"pass {spec.name}") from None
+        irs = [result.ir for result in results]
+        report = results[0].report if len(results) == 1 else {"adapters": [r.report for r in results]}
+        changed = any(result.changed for result in results)
+        logger.info("pass %s: %s", spec.name, "changed the adapter" if changed else "changed nothing")
+        records.append({"name": spec.name, "options": _plain(dataclasses.asdict(options)),
+                        "changed": changed, "report": report})  # fmt: skip
+    return irs, records
+
+
+def _plain(options: dict) -> dict:
+    """Options as JSON values (tuples as lists)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in options.items()}

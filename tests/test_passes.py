@@ -1,0 +1,161 @@
+"""Passes: fold-blend, combine and reduce-rank are exact where they should be, lossy as Eckart-Young says."""
+
+import json
+
+import pytest
+import torch
+from builders import FP32_TOLERANCE, load_model, make_adapter, model_logits, sample_inputs
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from adaptrix.cli import app
+from adaptrix.passes import PASSES, Pass, register
+from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
+from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.ir import LowRank
+from adaptrix.toolchain.pipeline import compile_adapter, load
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def case(bases, tmp_path_factory):
+    """A llama base and two LoRA adapters of different ranks."""
+    root = tmp_path_factory.mktemp("passes")
+    base = bases("llama")
+    first = make_adapter("llama", base, root / "first", seed=1)
+    second = make_adapter("llama", base, root / "second", seed=5, r=2, lora_alpha=3)
+    return base, first, second
+
+
+@torch.no_grad()
+def reference_logits(base, parts, inputs, family="llama"):
+    """Logits of base + sum(coeff * (PEFT-merged parameters - base parameters)), built by hand."""
+    model = load_model(family, base)
+    original = {key: value.clone() for key, value in model.state_dict().items()}
+    blended = {key: value.clone() for key, value in original.items()}
+    for adapter, coeff in parts:
+        merged = PeftModel.from_pretrained(load_model(family, base), adapter).merge_and_unload().state_dict()
+        for key, value in blended.items():
+            value += coeff * (merged[key] - original[key])
+    model.load_state_dict(blended)
+    return model(**inputs).logits
+
+
+def compiled_logits(adapters, base, out, passes, family="llama"):
+    compile_adapter(adapters, base, "merged", out, dtype="float32", passes=passes)
+    return model_logits(family, out, sample_inputs(family))
+
+
+def test_fold_blend_is_exact(case, tmp_path):
+    base, first, _ = case
+    got = compiled_logits(first, base, tmp_path / "out", ["fold-blend:alpha=0.3"])
+    expected = reference_logits(base, [(first, 0.3)], sample_inputs("llama"))
+    assert (got - expected).abs().max() <= FP32_TOLERANCE
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    [record] = manifest["passes"]
+    assert record["name"] == "fold-blend" and record["options"] == {"alpha": 0.3} and record["changed"]
+    assert "layer 0 attn_q" in record["report"]["sites"]
+
+
+@pytest.mark.parametrize("method", ["linear", "cat"])
+def test_combine_is_the_exact_weighted_sum_with_mixed_ranks(case, tmp_path, method):
+    base, first, second = case
+    spec = f"combine:method={method},weights=0.7,-0.4"
+    got = compiled_logits([first, second], base, tmp_path / "out", [spec])
+    expected = reference_logits(base, [(first, 0.7), (second, -0.4)], sample_inputs("llama"))
+    assert (got - expected).abs().max() <= FP32_TOLERANCE
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    [record] = manifest["passes"]
+    assert record["options"] == {"method": method, "weights": [0.7, -0.4], "rank": None}
+    assert {entry["rank"] for entry in record["report"]["sites"]} == {6}
+    assert set(manifest["inputs"]) == {"adapter", "adapter.2", "base"}
+
+
+def test_combine_svd_at_full_rank_and_reduce_rank_at_full_rank_are_exact(case, tmp_path):
+    base, first, second = case
+    passes = ["combine:method=svd,weights=1,1,rank=6", "reduce-rank:rank=6"]
+    got = compiled_logits([first, second], base, tmp_path / "out", passes)
+    expected = reference_logits(base, [(first, 1.0), (second, 1.0)], sample_inputs("llama"))
+    assert (got - expected).abs().max() <= FP32_TOLERANCE
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [record["name"] for record in manifest["passes"]] == ["combine", "reduce-rank"]
+    assert manifest["passes"][1]["report"]["max_relative_error"] < 1e-6
+
+
+def test_reduce_rank_meets_the_eckart_young_bound(case):
+    base, first, _ = case
+    ir = load(first, base)
+    result = reduce_rank(ir, ReduceRankOptions(rank=2))
+    assert result.changed
+    for (site, before), (_, after), entry in zip(ir, result.ir, result.report["sites"], strict=True):
+        assert entry["site"] == str(site) and entry["rank_after"] == 2 and isinstance(after, LowRank)
+        dense = before.delta().double()
+        values = torch.linalg.svdvals(dense)
+        bound = float(values[2:].square().sum().sqrt() / dense.norm())
+        actual = float((after.delta().double() - dense).norm() / dense.norm())
+        assert abs(entry["relative_error"] - bound) < 1e-5 and abs(actual - bound) < 1e-5
+        assert abs(entry["energy_kept"] - float(values[:2].square().sum() / values.square().sum())) < 1e-6
+    by_energy = reduce_rank(ir, ReduceRankOptions(energy=0.9)).report["sites"]
+    assert all(entry["energy_kept"] >= 0.9 - 1e-9 for entry in by_energy)
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("no-such-pass", "unknown pass 'no-such-pass'"),
+        ("fold-blend:alpha=abc", "pass fold-blend: option alpha='abc' is not a single number"),
+        ("fold-blend:alpha=nan", "option alpha='nan' is not a single number"),
+        ("fold-blend:beta=1", "pass fold-blend: unknown option 'beta'"),
+        ("fold-blend", "pass fold-blend: option alpha is required"),
+        ("reduce-rank:rank=0", "pass reduce-rank: option rank=0 must be at least 1"),
+        ("reduce-rank:rank=2,energy=0.5", "give exactly one of the options rank and energy"),
+        ("combine:method=ties", "pass combine: option method='ties' is not one of"),
+        ("combine:weights=1,x", "option weights='1,x' is not a comma-separated list of numbers"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line_naming_pass_and_option(case, tmp_path, spec, words):
+    base, first, _ = case
+    result = runner.invoke(app, ["compile", str(first), "--base", str(base), "-o", str(tmp_path / "o"),
+                                 "--pass", spec])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_pass_that_does_not_fit_the_ir_fails_with_pass_and_counts(case, tmp_path):
+    base, first, second = case
+    with pytest.raises(BadInputError, match="pass combine: option weights has 1 values for 2 adapters"):
+        compile_adapter([first, second], base, "merged", tmp_path / "a", passes=["combine:weights=1"])
+    with pytest.raises(BadInputError, match="pass combine: needs two adapters"):
+        compile_adapter(first, base, "merged", tmp_path / "b", passes=["combine"])
+    with pytest.raises(BadInputError, match="takes one adapter, 2 were given"):
+        compile_adapter([first, second], base, "merged", tmp_path / "c", passes=["fold-blend:alpha=1"])
+
+
+def test_fold_blend_refuses_dora_naming_the_site(bases, tmp_path):
+    base = bases("llama")
+    adapter = make_adapter("llama", base, tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
+    with pytest.raises(UnsupportedError, match=r"^pass fold-blend: layer 0 attn_q: a DoRA op is not linear"):
+        compile_adapter(adapter, base, "merged", tmp_path / "out", passes=["fold-blend:alpha=0.5"])
+
+
+@pytest.mark.parametrize("spec", ["fold-blend:alpha=1.7", "combine:weights=0.6,0.9"])
+def test_bias_deltas_blend_and_combine_exactly_on_gpt2(bases, tmp_path, spec):
+    base = bases("gpt2")
+    first = make_adapter("gpt2", base, tmp_path / "first", bias="lora_only")
+    second = make_adapter("gpt2", base, tmp_path / "second", seed=3, r=3, bias="lora_only")
+    adapters, parts = (
+        ([first], [(first, 1.7)]) if "fold" in spec else ([first, second], [(first, 0.6), (second, 0.9)])
+    )
+    got = compiled_logits(adapters, base, tmp_path / "out", [spec], family="gpt2")
+    expected = reference_logits(base, parts, sample_inputs("gpt2"), family="gpt2")
+    assert (got - expected).abs().max() <= FP32_TOLERANCE
+
+
+def test_registry_lists_passes_and_refuses_a_name_twice():
+    listed = runner.invoke(app, ["passes"])
+    assert listed.exit_code == 0 and all(name in listed.stdout for name in PASSES)
+    spec = PASSES["fold-blend"]
+    with pytest.raises(ValueError, match="registered twice"):
+        register(spec, Pass(spec.name, "again", spec.options, spec.run))
