@@ -67,7 +67,8 @@ def test_combine_is_the_exact_weighted_sum_with_mixed_ranks(case, tmp_path, meth
     assert (got - expected).abs().max() <= FP32_TOLERANCE
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     [record] = manifest["passes"]
-    assert record["options"] == {"method": method, "weights": [0.7, -0.4], "rank": None}
+    assert record["options"] == {"method": method, "weights": [0.7, -0.4], "rank": None, "density": None,
+                                 "seed": None, "majority_sign_method": None}  # fmt: skip
     assert {entry["rank"] for entry in record["report"]["sites"]} == {6}
     assert set(manifest["inputs"]) == {"adapter", "adapter.2", "base"}
 
@@ -110,7 +111,7 @@ def test_reduce_rank_meets_the_eckart_young_bound(case):
         ("fold-blend", "pass fold-blend: option alpha is required"),
         ("reduce-rank:rank=0", "pass reduce-rank: option rank=0 must be at least 1"),
         ("reduce-rank:rank=2,energy=0.5", "give exactly one of the options rank and energy"),
-        ("combine:method=ties", "pass combine: option method='ties' is not one of"),
+        ("combine:method=mean", "pass combine: option method='mean' is not one of"),
         ("combine:weights=1,x", "option weights='1,x' is not a comma-separated list of numbers"),
     ],
 )

@@ -29,7 +29,7 @@ PASSES = register(
          FoldBlendOptions, fold_blend),
     Pass("reduce-rank", "truncated SVD of each low-rank delta to a rank or an energy share",
          ReduceRankOptions, reduce_rank),
-    Pass("combine", "several adapters into one: linear / cat (exact), svd (with rank)",
+    Pass("combine", "several adapters into one: linear, cat, svd, ties, dare_linear, dare_ties",
          CombineOptions, combine, several=True),
 )  # fmt: skip
 

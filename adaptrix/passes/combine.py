@@ -8,31 +8,56 @@ from dataclasses import dataclass
 import torch
 
 from adaptrix.passes.base import PassResult, site_context
+from adaptrix.passes.combine_sparse import SPARSE_METHODS, factor_dense, merge_deltas
 from adaptrix.passes.reduce_rank import truncate
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bias, LazyTensor, LowRank, Site, site_order
 
 __all__ = ["METHODS", "CombineOptions", "combine"]
 
-METHODS = ("linear", "cat", "svd")
+METHODS = ("linear", "cat", "svd", *SPARSE_METHODS)
+SIGN_METHODS = ("total", "frequency")
 
 
 @dataclass(frozen=True, slots=True)
 class CombineOptions:
-    """method: linear, cat or svd; weights: one per adapter (default all 1); rank: svd's rank."""
+    """method; weights: one per adapter (default all 1); rank: svd's (or ties/dare's) rank.
+
+    density (ties, dare_*: the share of entries kept, required), seed (dare_*: default 0) and
+    majority_sign_method (ties, dare_ties: total or frequency, default total) as in PEFT.
+    """
 
     method: str = "linear"
     weights: tuple[float, ...] | None = None
     rank: int | None = None
+    density: float | None = None
+    seed: int | None = None
+    majority_sign_method: str | None = None
 
     def __post_init__(self) -> None:
-        """A known method; rank with svd only, and at least 1."""
+        """A known method and only the options that method takes, in range."""
         if self.method not in METHODS:
             raise ValueError(f"option method={self.method!r} is not one of {', '.join(METHODS)}")
-        if (self.rank is not None) != (self.method == "svd"):
-            raise ValueError("option rank goes with method=svd, and method=svd needs it")
+        sparse = self.method in SPARSE_METHODS
+        if self.rank is not None and not (sparse or self.method == "svd"):
+            raise ValueError(f"option rank goes with method=svd or {', '.join(SPARSE_METHODS)}")
+        if self.method == "svd" and self.rank is None:
+            raise ValueError("option rank is required with method=svd")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"option rank={self.rank} must be at least 1")
+        if self.density is not None and not sparse:
+            raise ValueError(f"option density goes with method={'|'.join(SPARSE_METHODS)} only")
+        if self.density is None and sparse:
+            raise ValueError(f"option density is required with method={self.method} (PEFT has no default)")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise ValueError(f"option density={self.density} must be in (0, 1]")
+        if self.seed is not None and not self.method.startswith("dare"):
+            raise ValueError("option seed goes with method=dare_linear or dare_ties")
+        if self.majority_sign_method is not None and self.method not in ("ties", "dare_ties"):
+            raise ValueError("option majority_sign_method goes with method=ties or dare_ties")
+        if self.majority_sign_method not in (None, *SIGN_METHODS):
+            found = self.majority_sign_method
+            raise ValueError(f"option majority_sign_method={found!r} is not one of {', '.join(SIGN_METHODS)}")
 
 
 def combine(irs: Sequence[AdapterIR], options: CombineOptions) -> PassResult:
@@ -45,6 +70,11 @@ def combine(irs: Sequence[AdapterIR], options: CombineOptions) -> PassResult:
     weighted sum). `svd` with `rank=N` is linear followed by reduce-rank to N, and reports the
     relative Frobenius error per site. Bias deltas are summed with the weights. DoRA and Replace
     ops cannot be combined exactly and are refused, naming the site.
+
+    `ties`, `dare_linear` and `dare_ties` (`density=D`, PEFT's `*_svd` combination types) apply
+    PEFT's formula to each site's dense delta (sites in model order, one seeded random stream for
+    dare) and re-factor the result by SVD to `rank` (default: the sum of the adapters' ranks at
+    the site); the report gives the SVD's error per site. They refuse bias deltas.
     """
     weights = options.weights or (1.0,) * len(irs)
     if len(weights) != len(irs):
@@ -55,6 +85,8 @@ def combine(irs: Sequence[AdapterIR], options: CombineOptions) -> PassResult:
     for ir, weight in zip(irs, weights, strict=True):
         for site, op in ir:
             gathered.setdefault(site, []).append((weight, op))
+    if options.method in SPARSE_METHODS:
+        return _combine_sparse(irs, gathered, weights, options)
     ops, sites = [], []
     for index, site in enumerate(sorted(gathered, key=site_order)):
         with site_context(site):
@@ -69,6 +101,36 @@ def combine(irs: Sequence[AdapterIR], options: CombineOptions) -> PassResult:
         sites.append(entry)
     name = "+".join(ir.name for ir in irs)
     report = {"method": options.method, "weights": list(weights), "sites": sites}
+    return PassResult(AdapterIR(tuple(ops), irs[0].source, name), True, report)
+
+
+def _combine_sparse(irs: Sequence[AdapterIR], gathered: dict, weights: tuple[float, ...],
+                    options: CombineOptions) -> PassResult:  # fmt: skip
+    """Methods ties / dare_*: PEFT's formula on each site's weighted deltas, then an SVD to the rank."""
+    generator = torch.Generator().manual_seed(options.seed or 0)
+    sign_method = options.majority_sign_method or "total"
+    ops, sites = [], []
+    for index, site in enumerate(sorted(gathered, key=site_order)):
+        with site_context(site):
+            found = gathered[site]
+            odd = [type(op).__name__ for _, op in found if not isinstance(op, LowRank)]
+            if odd:
+                raise UnsupportedError(f"method={options.method} merges LoRA deltas only, not a {odd[0]} op",
+                                       fix="use method=linear, or adapters without bias or DoRA")  # fmt: skip
+            shapes = {op.shape for _, op in found}
+            if len(shapes) > 1:
+                raise BadInputError(f"the adapters' deltas have different shapes {sorted(shapes)}")
+            deltas = [op.delta() for _, op in found]
+            merged = merge_deltas(options.method, deltas, [w for w, _ in found], options.density,
+                                  sign_method, generator)  # fmt: skip
+            rank = options.rank or sum(op.rank for _, op in found)
+            low_rank, report = factor_dense(merged, f"combine.{index}", rank)
+        ops.append((site, low_rank))
+        sites.append({"site": str(site), "adapters": len(found), **report})
+    name = "+".join(ir.name for ir in irs)
+    report = {"method": options.method, "weights": list(weights), "density": options.density,
+              "max_relative_error": max((entry["relative_error"] for entry in sites), default=0.0),
+              "sites": sites}  # fmt: skip
     return PassResult(AdapterIR(tuple(ops), irs[0].source, name), True, report)
 
 

@@ -1,0 +1,153 @@
+"""combine's ties / dare_linear / dare_ties match PEFT's add_weighted_adapter(*_svd) at full rank."""
+
+import json
+
+import peft.tuners.lora.model as peft_lora_model
+import pytest
+import torch
+from builders import FP32_TOLERANCE, load_model, make_adapter, model_logits, sample_inputs
+from peft import PeftModel
+from typer.testing import CliRunner
+
+from adaptrix.cli import app
+from adaptrix.passes.combine import CombineOptions, combine
+from adaptrix.passes.combine_sparse import merge_deltas
+from adaptrix.toolchain.errors import UnsupportedError
+from adaptrix.toolchain.pipeline import compile_adapter, load
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def case(bases, tmp_path_factory):
+    """A llama base and two LoRA adapters of different ranks (4 and 2: full rank 6)."""
+    root = tmp_path_factory.mktemp("ties-dare")
+    base = bases("llama")
+    first = make_adapter("llama", base, root / "first", seed=1)
+    second = make_adapter("llama", base, root / "second", seed=5, r=2, lora_alpha=3)
+    return base, first, second
+
+
+@torch.no_grad()
+def peft_combined_logits(base, adapters, weights, combination_type, seed, monkeypatch, **kwargs):
+    """Logits of PEFT's add_weighted_adapter, with torch seeded just before the merge loop.
+
+    Injecting the new adapter initialises its layers from the global random stream, so the seed
+    goes in after that (PEFT calls `_freeze_adapter` between the two), as a user would seed it.
+    """
+    model = PeftModel.from_pretrained(load_model("llama", base), adapters[0], adapter_name="a0")
+    for index, adapter in enumerate(adapters[1:], start=1):
+        model.load_adapter(adapter, adapter_name=f"a{index}")
+    freeze = peft_lora_model._freeze_adapter
+
+    def freeze_then_seed(*args):
+        freeze(*args)
+        torch.manual_seed(seed)
+
+    monkeypatch.setattr(peft_lora_model, "_freeze_adapter", freeze_then_seed)
+    names = [f"a{index}" for index in range(len(adapters))]
+    model.add_weighted_adapter(names, list(weights), "mix", combination_type=combination_type, **kwargs)
+    model.set_adapter("mix")
+    return model(**sample_inputs("llama")).logits
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("ties", {"density": 0.5}),
+        ("ties", {"density": 0.3, "majority_sign_method": "frequency"}),
+        ("dare_linear", {"density": 0.6, "seed": 7}),
+        ("dare_ties", {"density": 0.4, "seed": 3, "majority_sign_method": "total"}),
+        ("dare_ties", {"density": 1.0}),
+    ],
+)
+def test_matches_peft_add_weighted_adapter_svd_at_full_rank(case, tmp_path, monkeypatch, method, extra):
+    base, first, second = case
+    weights = (0.7, -0.4)
+    spec = f"combine:method={method},weights=0.7,-0.4," + ",".join(f"{k}={v}" for k, v in extra.items())
+    compile_adapter([first, second], base, "merged", tmp_path / "out", dtype="float32", passes=[spec])
+    got = model_logits("llama", tmp_path / "out", sample_inputs("llama"))
+    peft_kwargs = {k: v for k, v in extra.items() if k != "seed"}
+    expected = peft_combined_logits(base, [first, second], weights, f"{method}_svd", extra.get("seed", 0),
+                                    monkeypatch, svd_rank=6, **peft_kwargs)  # fmt: skip
+    assert got.shape == expected.shape and got.dtype == expected.dtype == torch.float32
+    assert (got - expected).abs().max() <= FP32_TOLERANCE
+    if method.startswith("dare") and extra["density"] < 1:  # the match is the seed's, not luck
+        other = peft_combined_logits(base, [first, second], weights, f"{method}_svd", extra["seed"] + 1,
+                                     monkeypatch, svd_rank=6, **peft_kwargs)  # fmt: skip
+        assert (got - other).abs().max() > 100 * FP32_TOLERANCE
+    [record] = json.loads((tmp_path / "out" / "manifest.json").read_text())["passes"]
+    assert record["options"]["method"] == method and record["options"]["density"] == extra["density"]
+    assert {entry["rank_after"] for entry in record["report"]["sites"]} == {6}
+
+
+def test_the_random_stream_moves_with_the_seed(case):
+    base, first, second = case
+    irs = [load(first, base), load(second, base)]
+
+    def deltas(seed):
+        result = combine(irs, CombineOptions(method="dare_linear", density=0.5, seed=seed))
+        return [op.delta() for _, op in result.ir]
+
+    same, again, other = deltas(1), deltas(1), deltas(2)
+    assert all(torch.equal(x, y) for x, y in zip(same, again, strict=True))
+    assert any(not torch.allclose(x, y) for x, y in zip(same, other, strict=True))
+
+
+def test_at_the_matrix_rank_the_refactoring_loses_nothing(case):
+    base, first, second = case
+    irs = [load(first, base), load(second, base)]
+    result = combine(irs, CombineOptions(method="ties", weights=(1.0, 0.5), density=0.5, rank=64))
+    by_site = [irs[0].by_site(), irs[1].by_site()]
+    for (site, op), entry in zip(result.ir, result.report["sites"], strict=True):
+        deltas = [found[site][0].delta() for found in by_site]
+        merged = merge_deltas("ties", deltas, [1.0, 0.5], 0.5, "total", torch.Generator())
+        assert (op.delta() - merged).abs().max() < 1e-5 and entry["relative_error"] < 1e-6
+        assert entry["density_kept"] <= 1.0 and entry["site"] == str(site)
+
+
+def test_ties_formula_on_a_small_case():
+    deltas = [torch.tensor([[3.0, -1.0], [0.5, 2.0]]), torch.tensor([[-1.0, -2.0], [4.0, 0.1]])]
+    merged = merge_deltas("ties", deltas, [1.0, 1.0], 0.5, "total", torch.Generator())
+    # pruned: [[3, 0], [0, 2]] and [[0, -2], [4, 0]]; every kept entry agrees with its elected sign
+    assert torch.equal(merged, torch.tensor([[3.0, -2.0], [4.0, 2.0]]))
+    by_count = merge_deltas("ties", [deltas[0], -deltas[0], deltas[0]], [1.0] * 3, 1.0, "frequency",
+                            torch.Generator())  # fmt: skip
+    assert torch.equal(by_count, deltas[0])
+
+
+def test_bias_deltas_are_refused_naming_the_site(bases, tmp_path):
+    base = bases("gpt2")
+    first = make_adapter("gpt2", base, tmp_path / "first", bias="lora_only")
+    second = make_adapter("gpt2", base, tmp_path / "second", seed=3, r=3, bias="lora_only")
+    words = r"^pass combine: .*method=ties merges LoRA deltas only, not a Bias"
+    spec = "combine:method=ties,density=0.5"
+    with pytest.raises(UnsupportedError, match=words):
+        compile_adapter([first, second], base, "merged", tmp_path / "out", passes=[spec])
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("combine:method=ties", "pass combine: option density is required with method=ties"),
+        ("combine:method=ties,density=0", "pass combine: option density=0.0 must be in (0, 1]"),
+        ("combine:method=dare_ties,density=1.5", "pass combine: option density=1.5 must be in (0, 1]"),
+        ("combine:method=cat,density=0.5", "density goes with method=ties|dare_linear|dare_ties only"),
+        ("combine:method=dare_linear", "option density is required with method=dare_linear"),
+        ("combine:method=ties,density=0.5,seed=3", "option seed goes with method=dare_linear or dare_ties"),
+        ("combine:method=dare_linear,density=0.5,majority_sign_method=total",
+         "option majority_sign_method goes with method=ties or dare_ties"),
+        ("combine:method=ties,density=0.5,majority_sign_method=mean",
+         "option majority_sign_method='mean' is not one of total, frequency"),
+        ("combine:method=cat,rank=3", "option rank goes with method=svd or ties"),
+        ("combine:method=svd", "option rank is required with method=svd"),
+        ("combine:method=ties,density=0.5,rank=0", "option rank=0 must be at least 1"),
+    ],
+)  # fmt: skip
+def test_bad_options_exit_2_with_one_line_naming_pass_and_option(case, tmp_path, spec, words):
+    base, first, second = case
+    result = runner.invoke(app, ["compile", str(first), str(second), "--base", str(base),
+                                 "-o", str(tmp_path / "o"), "--pass", spec])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
