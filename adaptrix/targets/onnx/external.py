@@ -48,12 +48,16 @@ def read_initializer(init: onnx.TensorProto, folder: Path) -> np.ndarray:
 def write_model(
     model: onnx.ModelProto,
     source: Path,
-    values: Mapping[str, np.ndarray],
+    values: Mapping[str, np.ndarray | Callable[[], np.ndarray]],
     out: Path,
     data_name: str,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Write `model` into `out`: initializers in `values` get new data, the rest keep `source`'s."""
+    """Write `model` into `out`: initializers in `values` get new data, the rest keep `source`'s.
+
+    A value may be a function: it is called when its initializer is written and dropped after,
+    so at most one new tensor is in memory at a time.
+    """
     data_path = out / data_name
     fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -68,7 +72,10 @@ def write_model(
                 write_all(fd, bytes(pad))
                 offset += pad
             if init.name in values:
-                write_all(fd, np.ascontiguousarray(values[init.name]).reshape(-1).view(np.uint8))
+                value = values[init.name]
+                value = value() if callable(value) else value
+                _check_value(init, value)
+                write_all(fd, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
             else:
                 copy_range(source / where[0], fd, where[1], where[2])
             _point_to(init, data_name, offset, length)
@@ -81,15 +88,18 @@ def write_model(
         handle.write(model.SerializeToString())
 
 
-def _nbytes(init: onnx.TensorProto, values: Mapping[str, np.ndarray]) -> int:
+def _nbytes(init: onnx.TensorProto, values: Mapping) -> int:
     if init.name in values:
-        value = values[init.name]
-        expected = helper.tensor_dtype_to_np_dtype(init.data_type)
-        if value.dtype != expected or tuple(value.shape) != tuple(init.dims):
-            raise ValueError(f"{init.name}: new value {value.dtype}{list(value.shape)}, "
-                             f"initializer {expected}{list(init.dims)}")  # fmt: skip
-        return value.nbytes
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        return int(np.prod(init.dims, dtype=np.int64)) * itemsize
     return external_location(init)[2]
+
+
+def _check_value(init: onnx.TensorProto, value: np.ndarray) -> None:
+    expected = helper.tensor_dtype_to_np_dtype(init.data_type)
+    if value.dtype != expected or tuple(value.shape) != tuple(init.dims):
+        raise ValueError(f"{init.name}: new value {value.dtype}{list(value.shape)}, "
+                         f"initializer {expected}{list(init.dims)}")  # fmt: skip
 
 
 def _point_to(init: onnx.TensorProto, location: str, offset: int, length: int) -> None:

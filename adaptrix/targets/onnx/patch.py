@@ -12,6 +12,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def merged_patches(
     folder: Path,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """{initializer: new value} with the adapter merged; rewires `model` where needed."""
+    """{initializer: new value, or a function computing it} with the adapter merged; rewires `model`."""
     graph = model.graph
     items, _ = plan_tensors(ir, base)
     uses = base_uses(base, graph)
@@ -79,8 +80,9 @@ def merged_patches(
         use = found[0]
         if exact and item.name in pairs and _plain_matmul_weight(found, users, graph, initializers):
             # The cached float32 weight is the base's, already in the [in, out] layout MatMul takes.
-            values[use.initializer] = _add_low_rank(read_initializer(initializers[use.initializer], folder),
-                                                    pairs[item.name])  # fmt: skip
+            # Computed when written, so that one merged tensor at a time is in memory.
+            values[use.initializer] = partial(_add_low_rank, initializers[use.initializer], folder,
+                                              pairs[item.name])  # fmt: skip
         else:
             _patch_general(item, base, found, users, graph, initializers, values)
         if progress:
@@ -105,9 +107,9 @@ def _plain_matmul_weight(found: list[Use], users: dict, graph: onnx.GraphProto, 
     )
 
 
-def _add_low_rank(weight: np.ndarray, pair: LowRankPair) -> np.ndarray:
-    """The weight [in, out] plus down @ up, in float32, without transposing anything."""
-    merged = torch.from_numpy(np.array(weight, dtype=np.float32))
+def _add_low_rank(init: onnx.TensorProto, folder: Path, pair: LowRankPair) -> np.ndarray:
+    """The cached weight [in, out] plus down @ up, in float32, without transposing anything."""
+    merged = torch.from_numpy(np.array(read_initializer(init, folder), dtype=np.float32))
     merged.addmm_(pair.down, pair.up)
     return merged.numpy()
 
