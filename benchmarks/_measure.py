@@ -185,3 +185,38 @@ def max_bf16_ulps(a, b) -> int:
         return torch.where(i < 0, -(i & 0x7FFF), i)
 
     return int((ordered(a) - ordered(b)).abs().max())
+
+
+class OrtDecoder:
+    """A decoder graph in onnxruntime on the CPU provider, fed by name."""
+
+    def __init__(self, path: Path, threads: int = 2, options=None):
+        import onnxruntime as ort
+
+        options = options or ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
+        _, self.kv_heads, _, self.head_dim = inputs["past_key_values.0.key"].shape
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def empty_past(self) -> dict:
+        """Past key/values of length 0."""
+        import numpy as np
+
+        zero = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        return {f"past_key_values.{i}.{kv}": zero for i in range(self.layers) for kv in ("key", "value")}
+
+    def forward(self, ids, past: dict | None = None):
+        """(logits, the next call's past) for input_ids `ids` [1, n] after `past`."""
+        import numpy as np
+
+        past = past if past is not None else self.empty_past()
+        done = past["past_key_values.0.key"].shape[2]
+        n = ids.shape[1]
+        feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, done + n), dtype=np.int64),
+                 "position_ids": np.arange(done, done + n, dtype=np.int64)[None], **past}  # fmt: skip
+        values = dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
+        present = {k.replace("present.", "past_key_values."): v for k, v in values.items() if k != "logits"}
+        return values["logits"], present
