@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import MappingProxyType
 
 from adaptrix.passes.base import Pass, PassResult, parse_options
 from adaptrix.passes.combine import CombineOptions, combine
 from adaptrix.passes.fold_blend import FoldBlendOptions, fold_blend
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.registry import registry
 
 __all__ = ["PASSES", "Pass", "PassResult", "parse_pass", "pass_named", "register"]
 
 
 def register(*passes: Pass) -> Mapping[str, Pass]:
     """A read-only table of passes by name; a name registered twice is an error."""
-    table: dict[str, Pass] = {}
-    for spec in passes:
-        if spec.name in table:
-            raise ValueError(f"pass {spec.name!r} is registered twice")
-        table[spec.name] = spec
-    return MappingProxyType(table)
+    return registry("pass", ((spec.name, spec) for spec in passes))
 
 
 PASSES = register(

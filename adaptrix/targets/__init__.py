@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import torch
 
@@ -13,6 +12,7 @@ from adaptrix.targets.hooks import write_hooks
 from adaptrix.targets.merged import write_merged
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.registry import registry
 
 __all__ = ["TARGETS", "Target", "Written", "target_named"]
 
@@ -43,12 +43,7 @@ _ONNX_OPTIONS = ("unmerged", "quantize", "block_size", "cache_dir")
 
 
 def _register(*targets: Target) -> Mapping[str, Target]:
-    table: dict[str, Target] = {}
-    for target in targets:
-        if target.name in table:
-            raise ValueError(f"target {target.name!r} is registered twice")
-        table[target.name] = target
-    return MappingProxyType(table)
+    return registry("target", ((target.name, target) for target in targets))
 
 
 TARGETS = _register(

@@ -4,23 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from types import MappingProxyType
 
 from adaptrix.toolchain.binders import bert, gpt2, gpt_neox, llama, phi3
 from adaptrix.toolchain.binders.table import Binder, read_config
 from adaptrix.toolchain.errors import UnsupportedError
+from adaptrix.toolchain.registry import registry
 
 __all__ = ["BINDERS", "Binder", "binder_for", "binder_for_model_type"]
 
 
 def _register(*binders: Binder) -> Mapping[str, Binder]:
-    table: dict[str, Binder] = {}
-    for binder in binders:
-        for model_type in binder.model_types:
-            if model_type in table:
-                raise ValueError(f"model_type {model_type!r} is registered twice")
-            table[model_type] = binder
-    return MappingProxyType(table)
+    return registry("model_type", ((t, binder) for binder in binders for t in binder.model_types))
 
 
 BINDERS = _register(gpt2.BINDER, llama.BINDER, gpt_neox.BINDER, phi3.BINDER, bert.BINDER)

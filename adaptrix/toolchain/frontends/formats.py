@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.frontends.air import AirAdapter, is_air, read_air
@@ -19,6 +18,7 @@ from adaptrix.toolchain.frontends.peft import lower_peft
 from adaptrix.toolchain.frontends.peft_config import CONFIG_NAME
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
 from adaptrix.toolchain.ir import AdapterIR
+from adaptrix.toolchain.registry import registry
 
 __all__ = [
     "FORMATS",
@@ -45,12 +45,7 @@ class AdapterFormat:
 
 
 def _register(*formats: AdapterFormat) -> Mapping[str, AdapterFormat]:
-    table: dict[str, AdapterFormat] = {}
-    for entry in formats:
-        if entry.name in table:
-            raise ValueError(f"adapter format {entry.name!r} is registered twice")
-        table[entry.name] = entry
-    return MappingProxyType(table)
+    return registry("adapter format", ((entry.name, entry) for entry in formats))
 
 
 FORMATS = _register(
