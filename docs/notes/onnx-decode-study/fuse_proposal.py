@@ -1,7 +1,7 @@
 """Each layer's attention in a Llama-family decoder graph fused into onnxruntime's GroupQueryAttention.
 
 optimum's export spells attention out in about 100 nodes per layer (shape arithmetic, rotary
-halves, repeat_kv, the masked softmax), each one kernel call in onnxruntime: some 5 ms of a 40 ms
+halves, repeat_kv, the masked softmax), each one kernel call in onnxruntime: 6-8 ms of a 55 ms
 int4 decode step of a 1.1B model on 2 cores. This pass puts RotaryEmbedding on q and k and one
 GroupQueryAttention in their place and keeps the graph's contract: the same inputs and outputs,
 rotary positions read from position_ids, and the graph's own causal + padding mask passed as
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from adaptrix.toolchain.checkpoint import Checkpoint
@@ -94,13 +95,13 @@ def rotary_caches(graph: onnx.GraphProto, positions: int) -> tuple[np.ndarray, n
     )
     if expand is None or cos_mul is None or sin_mul is None:
         return None
-    initializers = {init.name: init for init in graph.initializer}
-    inv_freq = initializers.get(expand.input[0])
+    inv_freq = _array(expand.input[0], graph, producer)
     scales = [_constant(mul.input[1], producer) for mul in (cos_mul, sin_mul)]
     if inv_freq is None or None in scales:
         return None
-    angles = np.arange(positions, dtype=np.float32)[:, None] * numpy_helper.to_array(inv_freq).reshape(1, -1)
-    return np.cos(angles) * np.float32(scales[0]), np.sin(angles) * np.float32(scales[1])
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32).reshape(1, -1)
+    angles = torch.from_numpy(angles)  # torch's cos / sin: the values PyTorch's own forward uses
+    return (angles.cos() * scales[0]).numpy(), (angles.sin() * scales[1]).numpy()
 
 
 def _find_layers(graph: onnx.GraphProto, count: int) -> tuple[list[_Layer], str | None]:
@@ -141,6 +142,19 @@ def _softmax_mask(prefix: str, graph: onnx.GraphProto, producer: dict) -> str | 
         return None
     sliced = producer.get(where.input[0])
     return sliced.input[0] if sliced is not None and sliced.op_type == "Slice" else where.input[0]
+
+
+def _array(name: str, graph: onnx.GraphProto, producer: dict) -> np.ndarray | None:
+    """The value of an inline initializer or a Constant node's tensor, or None."""
+    node = producer.get(name)
+    if node is not None:
+        return numpy_helper.to_array(node.attribute[0].t) if node.op_type == "Constant" else None
+    init = next((init for init in graph.initializer if init.name == name), None)
+    return (
+        None
+        if init is None or init.data_location == onnx.TensorProto.EXTERNAL
+        else numpy_helper.to_array(init)
+    )
 
 
 def _constant(name: str, producer: dict) -> float | None:
