@@ -173,6 +173,24 @@ def test_prefill_matches_peft(family, merged):
     assert ("genai_config.json" in manifest["files"]) == (family in DECODERS)
 
 
+FUSED_ATTENTION = {"llama", "mistral", "qwen2"}
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_llama_family_attention_is_fused_and_others_say_why_not(family, merged):
+    """onnx-cpu decoders of the Llama family run GroupQueryAttention; the rest keep the export's graph."""
+    case = merged(family)
+    attention = json.loads((case.out / "manifest.json").read_text())["onnx"]["attention"]
+    ops = {node.op_type for node in onnx.load(case.out / "model.onnx", load_external_data=False).graph.node}
+    if family in FUSED_ATTENTION:
+        layers = json.loads((case.base / "config.json").read_text())["num_hidden_layers"]
+        assert attention == {"fused_layers": layers, "declined": None}
+        assert {"GroupQueryAttention", "RotaryEmbedding"} <= ops and "Softmax" not in ops
+    else:
+        assert attention["fused_layers"] == 0 and "model_type" in attention["declined"]
+        assert "GroupQueryAttention" not in ops
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_left_padded_prefill_and_decode_step_match_peft(family, merged):
     """Batch of 2, the second row left-padded: prefill L-1 tokens, then one step with the cache."""

@@ -43,7 +43,7 @@ from adaptrix.toolchain.pipeline import compile_adapter
 # every weight row one int4 block (and one int8 scale); measured on llama: int8 0.037 merged,
 # <= 0.02 unmerged; int4 0.27 merged, <= 0.17 unmerged (the LoRA branch stays float32).
 QUANTIZED_TOLERANCE = {"int8": 0.1, "int4": 0.4}
-QUANTIZED_OPS = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
+QUANTIZED_OPS = {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}
 
 
 def lora_variants(family: str) -> dict[str, dict]:

@@ -10,7 +10,6 @@ it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,10 +20,11 @@ from adaptrix.targets.hooks import low_rank_pairs
 from adaptrix.targets.merged import copy_side_files, plan_tensors
 from adaptrix.targets.onnx.export import DATA_NAME, MODEL_NAME, BaseExport, export_base
 from adaptrix.targets.onnx.external import write_model
+from adaptrix.targets.onnx.fuse import fuse_attention
 from adaptrix.targets.onnx.genai import write_genai_config
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
-from adaptrix.targets.onnx.quantize import check_quantize, quantize_model
+from adaptrix.targets.onnx.quantize import check_quantize, quantize_weights
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
@@ -65,6 +65,9 @@ def write_onnx(
     pairs = [(name, low_rank_pairs(adapter, base, dtype)) for name, adapter in adapters] if unmerged else []
     export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
     model = onnx.load(export.model, load_external_data=False)
+    fused = None
+    if target == "onnx-cpu" and export.task == "text-generation-with-past":
+        fused = fuse_attention(model, base)  # first: patches and LoRA branches find nodes by position
     section: dict = {"task": export.task, "base_export": export.key, "quantize": quantize}
     if quantize == "int4":
         section["block_size"] = block_size
@@ -76,10 +79,15 @@ def write_onnx(
     else:
         values = merged_patches(ir, base, model, export.path, progress)
         untied = plan_tensors(ir, base)[1]
-    if quantize is None:
-        write_model(model, export.path, values, out, DATA_NAME)
-    else:
-        _write_quantized(model, export, values, out, quantize, block_size, exclude)
+    if fused is not None:
+        values.update(fused.values)
+        section["attention"] = {"fused_layers": fused.layers, "declined": fused.declined}
+    if quantize is not None:
+        report = quantize_weights(model, export.path, values, quantize, block_size, exclude)
+        section["quantized"] = {"weights": report.quantized, "float_bytes": report.float_bytes,
+                                "quantized_bytes": report.quantized_bytes,
+                                "left_in_float": report.skipped}  # fmt: skip
+    write_model(model, export.path, values, out, DATA_NAME)
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":
         genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)
@@ -119,17 +127,3 @@ def _unmerged(pairs, base: Checkpoint, model: onnx.ModelProto, dtype, export: Ba
 
 def _input_entry(branch, shape: list) -> dict:
     return {"shape": shape, "dtype": branch.dtype.name, "module": branch.module}
-
-
-def _write_quantized(
-    model, export: BaseExport, values, out: Path, scheme: str, block_size: int, exclude
-) -> None:
-    work = out / ".quantize"
-    work.mkdir()
-    try:
-        write_model(model, export.path, values, work, DATA_NAME)
-        quantized = quantize_model(work / MODEL_NAME, scheme, block_size, exclude, work)
-        onnx.save_model(quantized, out / MODEL_NAME, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_NAME, size_threshold=1024)  # fmt: skip
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

@@ -1,28 +1,49 @@
-"""Weight quantization after the merge, with onnxruntime's own quantizers.
+"""Weight quantization after the merge, one weight at a time, inside the single write of the model.
 
-int8: dynamic quantization (MatMulInteger, activations quantized per call). int4: MatMulNBits
-with blocks of `block_size` along the input, symmetric, computed with int8 activations
-(accuracy level 4), as onnxruntime-genai's CPU models are. LoRA branches of an unmerged graph
-stay in float: quantizing them would turn their overridable inputs into constants.
+int8: DynamicQuantizeMatMul, onnxruntime's fused form of dynamic quantization (int8 weights,
+symmetric, one scale per tensor; activations quantized per call): the bytes quantize_dynamic
+writes, without its MatMulInteger detour. int4: MatMulNBits with blocks of `block_size` along the
+input, symmetric, computed with int8 activations (accuracy level 4), as onnxruntime-genai's CPU
+models are; the blocks come from onnxruntime's own kernel (quantize_matmul_4bits), so they are the
+bytes MatMulNBitsQuantizer writes. Neither loads the model: write_model asks for a weight's
+quantized arrays when it reaches them, and only then is that one weight merged (or memory-mapped
+from the cached export) and quantized. LoRA branches of an unmerged graph stay in float: their
+weights are overridable graph inputs.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import TensorProto, helper
 
+from adaptrix.targets.onnx.external import read_initializer
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["QUANTIZE_SCHEMES", "check_quantize", "quantize_model"]
+__all__ = ["QUANTIZE_SCHEMES", "QuantizeReport", "check_quantize", "quantize_weights"]
 
 logger = logging.getLogger(__name__)
 
 QUANTIZE_SCHEMES = ("int8", "int4")
 _INT4_ACCURACY_LEVEL = 4
+_INT8_MAX = 127
+
+
+@dataclass(frozen=True, slots=True)
+class QuantizeReport:
+    """What quantize_weights changed: nodes rewritten, bytes before and after, and why others were not."""
+
+    quantized: int
+    float_bytes: int
+    quantized_bytes: int
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
 def check_quantize(scheme: str | None, block_size: int) -> None:
@@ -34,82 +55,167 @@ def check_quantize(scheme: str | None, block_size: int) -> None:
         raise BadInputError(f"--block-size {block_size} is not a power of two >= 16", fix="use 32, 64 or 128")
 
 
-def quantize_model(
-    source: Path, scheme: str, block_size: int, exclude: Sequence[str], work: Path
-) -> onnx.ModelProto:
-    """The quantized graph of the model file `source` (weights loaded), written via `work`."""
-    check_quantize(scheme, block_size)
-    if scheme == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_weights(
+    model: onnx.ModelProto,
+    folder: Path,
+    values: dict[str, np.ndarray],
+    scheme: str,
+    block_size: int,
+    exclude: Sequence[str] = (),
+) -> QuantizeReport:
+    """Rewrite each MatMul / plain Gemm with a constant float32 weight in place; new weights go to `values`.
 
-        target = work / "int8.onnx"
-        with _quiet_root_logger():  # it advises shape pre-processing on the root logger, every time
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=list(exclude),
-                             use_external_data_format=True)  # fmt: skip
-        return onnx.load(target, load_external_data=True)
-    with _quiet_root_logger():  # the module calls logging.basicConfig(level=INFO) when imported
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-
-    model = onnx.load(source, load_external_data=True)
-    _gemms_to_matmuls(model)
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=4,
-        block_size=block_size,
-        is_symmetric=True,
-        accuracy_level=_INT4_ACCURACY_LEVEL,
-        nodes_to_exclude=list(exclude),
-        op_types_to_quantize=("MatMul",),
-    )
-    quantizer.process()
-    return quantizer.model.model
-
-
-def _gemms_to_matmuls(model: onnx.ModelProto) -> None:
-    """Rewrite each plain Gemm with a constant weight (GPT-2's Conv1D) as MatMul + Add, in place.
-
-    MatMulNBits replaces MatMuls only; without this a GPT-2 graph would keep every projection
-    in float. Gemms that transpose or scale an input (classifier heads) stay as they are.
+    `values` holds the patched (merged) weights; a weight not in it is read from the graph's
+    external data in `folder`. Quantized float weights no other node reads leave the graph.
     """
-    from onnx import helper
-
-    initializers = {init.name for init in model.graph.initializer}
-    nodes = []
-    for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        plain = attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 0
-        plain = plain and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
-        if node.op_type != "Gemm" or not plain or node.input[1] not in initializers:
-            nodes.append(node)
+    check_quantize(scheme, block_size)
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    for node in graph.node:  # deduplicated constants (equal biases) are read through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in initializers:
+            initializers.setdefault(node.output[0], initializers[node.input[0]])
+    overridable = {value.name for value in graph.input}
+    excluded, skipped = set(exclude), Counter()
+    done: dict[str, list[str]] = {}  # float weight -> its quantized initializers (shared weights)
+    float_bytes = quantized_bytes = 0
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
             continue
-        stem = node.name.rpartition("/")[0] or node.name
-        product = f"{stem}/MatMul_output_0"
-        nodes.append(helper.make_node("MatMul", node.input[:2], [product], name=f"{stem}/MatMul"))
-        if len(node.input) > 2 and node.input[2]:
-            nodes.append(
-                helper.make_node("Add", [product, node.input[2]], list(node.output), name=f"{stem}/Add")
+        reason = _why_not(node, initializers, overridable, excluded)
+        if reason is not None:
+            skipped[reason] += 1
+            continue
+        init = initializers[node.input[1]]  # through an Identity: the initializer behind it
+        if init.name not in done:
+            source = values.get(init.name)  # a patched (merged) weight, or None: the export's
+            shapes = _shapes(scheme, tuple(init.dims), init.name, block_size)
+            pending = _Pending(partial(_quantize, scheme, source, init, folder, block_size))
+            for array_name, (shape, dtype) in shapes.items():
+                graph.initializer.append(
+                    onnx.TensorProto(
+                        name=array_name,
+                        data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                        dims=shape,
+                    )
+                )
+                values[array_name] = partial(pending.take, array_name)
+            done[init.name] = list(shapes)
+            float_bytes += int(np.prod(init.dims)) * 4
+            quantized_bytes += sum(
+                int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in shapes.values()
             )
-        else:
-            nodes[-1].output[0] = node.output[0]
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+        _rewrite(node, scheme, done[init.name], init.dims, block_size)
+    _drop_unused(graph, set(done))
+    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    report = QuantizeReport(len(done), float_bytes, quantized_bytes, {k: v for k, v in skipped.items() if v})
+    logger.info("quantized %d weights to %s (%.0f MB -> %.0f MB); left in float: %s", report.quantized,
+                scheme, float_bytes / 2**20, quantized_bytes / 2**20, report.skipped or "none")  # fmt: skip
+    return report
 
 
-@contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    """Keep onnxruntime's quantizers from configuring or writing to the root logger."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+def _why_not(node, initializers: dict, overridable: set[str], excluded: set[str]) -> str | None:
+    """Why a MatMul's / Gemm's weight stays in float, or None when it is quantized."""
+    if node.name in excluded:
+        return "LoRA branch"
+    init = initializers.get(node.input[1])
+    if init is None or node.input[1] in overridable:
+        return "weight is not a constant initializer (tied head via Transpose, or a graph input)"
+    if len(init.dims) != 2 or init.data_type != TensorProto.FLOAT:
+        return "weight is not a 2-D float32 matrix"
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0:
+            return "Gemm transposes or scales an input"
+        bias = initializers.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and (bias is None or len(bias.dims) != 1):
+            return "Gemm bias is not a 1-D constant"
+        if attrs.get("beta", 1.0) != 1.0:
+            return "Gemm scales its bias"
+    return None
 
-    def drop(record: logging.LogRecord) -> bool:
-        return record.name != "root"
 
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-        root.handlers[:] = handlers
-        root.setLevel(level)
+class _Pending:
+    """One weight's quantized arrays, computed when write_model reaches the first and dropped as taken."""
+
+    def __init__(self, compute: Callable[[], dict[str, np.ndarray]]):
+        self._compute, self._arrays = compute, None
+
+    def take(self, name: str) -> np.ndarray:
+        """The array `name`, computing all of them on the first call."""
+        if self._arrays is None:
+            self._arrays = self._compute()
+        return self._arrays.pop(name)
+
+
+def _shapes(scheme: str, dims: tuple[int, ...], name: str, block_size: int) -> dict[str, tuple]:
+    """{initializer: (shape, dtype)} of a [K, N] weight's quantized form, as _int4 / _int8 make it."""
+    k, n = dims
+    if scheme == "int4":
+        blocks = -(-k // block_size)
+        return {
+            f"{name}_Q4": ((n, blocks, block_size // 2), np.uint8),
+            f"{name}_scales": ((n, blocks), np.float32),
+        }
+    return {f"{name}_quantized": ((k, n), np.int8), f"{name}_scale": ((), np.float32),
+            f"{name}_zero_point": ((), np.int8)}  # fmt: skip
+
+
+def _quantize(scheme: str, source, init: onnx.TensorProto, folder: Path, block_size: int) -> dict:
+    """Quantize one weight: `source` (an array or a function making one) or the export's initializer."""
+    weight = read_initializer(init, folder) if source is None else source
+    weight = weight() if callable(weight) else weight
+    return _int4(weight, init.name, block_size) if scheme == "int4" else _int8(weight, init.name)
+
+
+def _int4(weight: np.ndarray, name: str, block_size: int) -> dict[str, np.ndarray]:
+    """MatMulNBits blocks of a [K, N] weight: packed [N, blocks, block/2] uint8 and scales [N, blocks]."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
+    padded[:k] = weight
+    packed = np.zeros((n, blocks, block_size // 2), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    zero_points = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)  # unused: symmetric
+    quantize_matmul_4bits(packed, padded, scales, zero_points, block_size, n, k, True)
+    return {f"{name}_Q4": packed, f"{name}_scales": scales}
+
+
+def _int8(weight: np.ndarray, name: str) -> dict[str, np.ndarray]:
+    """Symmetric per-tensor int8 of a weight, as quantize_dynamic's QInt8 weights."""
+    amax = float(np.abs(weight).max())
+    scale = np.float32(amax / _INT8_MAX if amax > 0 else 1.0)
+    quantized = np.clip(np.rint(np.asarray(weight, dtype=np.float32) / scale), -_INT8_MAX, _INT8_MAX)
+    return {
+        f"{name}_quantized": quantized.astype(np.int8),
+        f"{name}_scale": np.array(scale, dtype=np.float32),
+        f"{name}_zero_point": np.array(0, dtype=np.int8),
+    }
+
+
+def _rewrite(node: onnx.NodeProto, scheme: str, weights: list[str], dims, block_size: int) -> None:
+    """Turn a MatMul / plain Gemm into MatMulNBits or DynamicQuantizeMatMul, keeping a Gemm's bias."""
+    bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
+    if scheme == "int4":
+        inputs = [node.input[0], *weights, "", "", bias] if bias else [node.input[0], *weights]
+        attrs = {"K": dims[0], "N": dims[1], "bits": 4, "block_size": block_size,
+                 "accuracy_level": _INT4_ACCURACY_LEVEL}  # fmt: skip
+        op = "MatMulNBits"
+    else:
+        inputs, attrs, op = [node.input[0], *weights, *([bias] if bias else [])], {}, "DynamicQuantizeMatMul"
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.attribute[:]
+    node.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
+    node.op_type, node.domain = op, "com.microsoft"
+    node.name = f"{node.name}_Q{4 if scheme == 'int4' else 8}"
+
+
+def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    """Remove the float weights in `candidates` that no node or graph output reads any more."""
+    read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    kept = [init for init in graph.initializer if init.name not in candidates or init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
