@@ -30,14 +30,17 @@ class Pass:
     """A named IR -> IR rewrite with a frozen dataclass of options.
 
     `run(ir, options)` takes one IR; a pass with `several` set (combine) takes a sequence of
-    IRs instead and makes one from them.
+    IRs instead and makes one from them. A pass with `uses_base` set (redistribute, project) is
+    called as `run(ir, options, base)` with the Checkpoint of the base being compiled for; its
+    input IR may be in other dimensions than the base's (an AIR adapter made for another model).
     """
 
     name: str
     summary: str
     options: type
-    run: Callable[[Any, Any], PassResult]
+    run: Callable[..., PassResult]
     several: bool = False
+    uses_base: bool = False
 
 
 class site_context:  # noqa: N801 - a context manager used like a function

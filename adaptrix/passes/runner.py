@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from adaptrix.passes import parse_pass
+from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 from adaptrix.toolchain.ir import AdapterIR
 
@@ -15,18 +16,27 @@ __all__ = ["run_passes"]
 logger = logging.getLogger(__name__)
 
 
-def run_passes(irs: Sequence[AdapterIR], specs: Sequence[str]) -> tuple[list[AdapterIR], list[dict]]:
-    """Apply `NAME[:k=v,...]` passes in order; a combining pass makes one IR of all of them."""
+def run_passes(
+    irs: Sequence[AdapterIR], specs: Sequence[str], base: Checkpoint | None = None
+) -> tuple[list[AdapterIR], list[dict]]:
+    """Apply `NAME[:k=v,...]` passes in order; a combining pass makes one IR of all of them.
+
+    `base` is the model the result is compiled for; passes that carry an adapter to it
+    (redistribute, project) read its dimensions and weights.
+    """
     parsed = [parse_pass(text) for text in specs]  # every option is checked before any work
     irs, records = list(irs), []
     for spec, options in parsed:
         try:
+            if spec.uses_base and base is None:
+                raise BadInputError("needs the base the adapter is carried to", fix="give --base BASE")
+            extra = (base,) if spec.uses_base else ()
             if spec.several:
                 if len(irs) < 2:
                     raise BadInputError("needs two adapters or more", fix="give several ADAPTER arguments")
-                results = [spec.run(irs, options)]
+                results = [spec.run(irs, options, *extra)]
             else:
-                results = [spec.run(ir, options) for ir in irs]
+                results = [spec.run(ir, options, *extra) for ir in irs]
         except AdaptrixError as exc:
             raise exc.with_context(f"pass {spec.name}") from None
         irs = [result.ir for result in results]

@@ -15,7 +15,9 @@ from adaptrix.passes.runner import run_passes
 from adaptrix.targets import TARGETS, Target, target_named
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
-from adaptrix.toolchain.frontends.formats import lower_adapter, read_adapter
+from adaptrix.toolchain.frontends.air import AirAdapter
+from adaptrix.toolchain.frontends.air_lower import fit_ir
+from adaptrix.toolchain.frontends.formats import lower_adapter, read_adapter, source_ir
 from adaptrix.toolchain.ir import AdapterIR
 from adaptrix.toolchain.manifest import input_hashes, write_manifest
 from adaptrix.toolchain.output import atomic_output
@@ -78,7 +80,11 @@ def compile_adapter(
     torch_dtype = parse_dtype(dtype) or emit.default_dtype
     checkpoint = Checkpoint(base)
     read = [read_adapter(path) for path in adapters]
-    irs, records = run_passes([lower_adapter(adapter_read, checkpoint) for adapter_read in read], passes)
+    irs, records = run_passes([source_ir(each, checkpoint) for each in read], passes, checkpoint)
+    carried = any(ir.source != checkpoint.source for ir in irs)
+    if carried or any(isinstance(each, AirAdapter) for each in read):
+        # AIR and what passes carried are checked against the base here (a combined IR: by its first input)
+        irs = [fit_ir(ir, checkpoint, path) for ir, path in zip(irs, adapters, strict=False)]
     if emit.several:
         taken: set[str] = set()
         labels = [adapter_label(path, taken) for path in adapters]

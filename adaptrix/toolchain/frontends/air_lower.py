@@ -1,14 +1,16 @@
 """Lowering AIR onto a base: roles found in the base's binder, shapes equal to the base's.
 
 AIR is role-based, so an adapter applies to any base whose architecture has its roles and whose
-dimensions match, whatever family it was trained on. Other sizes are an error here (a pass that
-projects deltas onto other dimensions is the way there).
+dimensions match, whatever family it was trained on. Other sizes and depths are an error here: the
+`project` and `redistribute` passes carry an adapter there first, and the pipeline fits their
+result onto the base with `fit_ir`.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from adaptrix.toolchain.binders.table import Layout, split_rows
 from adaptrix.toolchain.checkpoint import Checkpoint
@@ -17,12 +19,12 @@ from adaptrix.toolchain.frontends.air import AirAdapter
 from adaptrix.toolchain.frontends.peft import base_modules
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Role, Site
 
-__all__ = ["BaseSite", "base_sites", "lower_air"]
+__all__ = ["BaseSite", "base_sites", "fit_ir", "lower_air"]
 
 logger = logging.getLogger(__name__)
 
 _ATTENTION = frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O})
-_FIX = "use a base with the adapter's dimensions (a later `project` pass will carry deltas to other sizes)"
+_FIX = "use a base with the adapter's dimensions, or add `--pass project` to carry the deltas to the base's"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,44 +66,54 @@ def base_sites(base: Checkpoint) -> dict[Site, BaseSite]:
 
 def lower_air(adapter: AirAdapter, base: Checkpoint) -> AdapterIR:
     """The AIR adapter's IR on `base`: each site must exist there with the same shapes."""
+    return fit_ir(adapter.ir(), base, adapter.path)
+
+
+def fit_ir(ir: AdapterIR, base: Checkpoint, path: Path) -> AdapterIR:
+    """`ir` (in its source model's dimensions) as an IR of `base`, or an error naming `path` and the fix.
+
+    Every site must exist in the base with the shapes the base needs, and attention deltas need
+    the same heads; an adapter shallower than the base keeps its ops on their layers (a warning).
+    """
     sites = base_sites(base)
-    _check_heads(adapter, base)
-    if adapter.source.num_layers != base.source.num_layers:
-        ours, theirs = adapter.source.num_layers, base.source.num_layers
-        logger.warning("%s was made for %d layers, the base %s has %d: ops stay on their layers",
-                       adapter.path, ours, base.path, theirs)  # fmt: skip
-    for site, op in adapter.ops:
-        _check_site(adapter, base, sites, site, op)
-    return AdapterIR(adapter.ops, base.source, name=adapter.name)
+    _check_heads(ir, base, path)
+    if ir.source.num_layers != base.source.num_layers:
+        ours, theirs = ir.source.num_layers, base.source.num_layers
+        logger.warning("%s was made for %d layers, the base %s has %d: ops stay on their layers "
+                       "(`--pass redistribute` spreads them over the base's depth)",
+                       path, ours, base.path, theirs)  # fmt: skip
+    for site, op in ir.ops:
+        _check_site(path, base, sites, site, op)
+    return AdapterIR(ir.ops, base.source, name=ir.name)
 
 
-def _check_heads(adapter: AirAdapter, base: Checkpoint) -> None:
+def _check_heads(ir: AdapterIR, base: Checkpoint, path: Path) -> None:
     """Attention deltas keep their meaning only with the same heads, kv heads and head size."""
-    attention = [site for site, _ in adapter.ops if site.role in _ATTENTION]
-    ours, theirs = adapter.source, base.source
+    attention = [site for site, _ in ir.ops if site.role in _ATTENTION]
+    ours, theirs = ir.source, base.source
     layout = ("num_heads", "num_kv_heads", "head_dim")
     if attention and any(getattr(ours, f) != getattr(theirs, f) for f in layout):
         raise BadInputError(
             f"{attention[0]}: the adapter's attention has {ours.num_heads} heads ({ours.num_kv_heads} kv) of "
             f"{ours.head_dim}, the base {base.path} has {theirs.num_heads} ({theirs.num_kv_heads} kv) "
             f"of {theirs.head_dim}",
-            path=adapter.path,
+            path=path,
             fix=_FIX,
         )
 
 
-def _check_site(adapter: AirAdapter, base: Checkpoint, sites: dict, site: Site, op: Op) -> None:
+def _check_site(path: Path, base: Checkpoint, sites: dict, site: Site, op: Op) -> None:
     if site.layer is not None and site.layer >= base.source.num_layers:
         raise BadInputError(
             f"has ops at layer {site.layer}, but the base {base.path} has {base.source.num_layers} layers",
-            path=adapter.path,
-            fix="use a base as deep as the adapter's (a later `redistribute` pass will move layers)",
+            path=path,
+            fix="use a base as deep as the adapter's, or add `--pass redistribute` to move its layers",
         )
     there = sites.get(site)
     if there is None:
         raise BadInputError(
             f"has ops at {site}, but the {base.binder.name} base {base.path} has no module for it",
-            path=adapter.path,
+            path=path,
             fix="use a base whose architecture has that role, or drop those ops",
         )
     for part, tensor, expected in _shapes(op, there.shape):
@@ -109,14 +121,14 @@ def _check_site(adapter: AirAdapter, base: Checkpoint, sites: dict, site: Site, 
             raise BadInputError(
                 f"{site}: {part} is {list(tensor.shape)}, but the base's {there.module} needs "
                 f"{list(expected)} (its [out, in] is {list(there.shape)})",
-                path=adapter.path,
+                path=path,
                 fix=_FIX,
             )
     needed = {"bias"} if isinstance(op, Bias) else set(op.tensors) if isinstance(op, Replace) else set()
     if missing := sorted(needed - there.params):
         raise BadInputError(
             f"{site}: changes {there.module}.{missing[0]}, which the base {base.path} does not have",
-            path=adapter.path,
+            path=path,
             fix="use a base whose modules have that parameter",
         )
 

@@ -28,6 +28,7 @@ __all__ = [
     "format_name",
     "lower_adapter",
     "read_adapter",
+    "source_ir",
 ]
 
 ReadAdapter = PeftAdapter | AirAdapter
@@ -69,6 +70,15 @@ def lower_adapter(adapter: ReadAdapter, base: Checkpoint) -> AdapterIR:
     """Lower a read adapter onto a base."""
     found = next(f for f in FORMATS.values() if isinstance(adapter, f.kind))
     return found.lower(adapter, base)
+
+
+def source_ir(adapter: ReadAdapter, base: Checkpoint) -> AdapterIR:
+    """The adapter's IR before it is fitted to `base`; PEFT is lowered onto it.
+
+    AIR stays in the dimensions it was made for: passes may carry it to the base's, and
+    `air_lower.fit_ir` checks the result.
+    """
+    return adapter.ir() if isinstance(adapter, AirAdapter) else lower_adapter(adapter, base)
 
 
 def format_name(adapter: ReadAdapter) -> str:
