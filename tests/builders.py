@@ -83,7 +83,14 @@ def load_model(family: str, path: Path, dtype=torch.float32):
 
 
 def make_adapter(
-    family: str, base: Path, path: Path, *, seed: int = 1, safe: bool = True, **lora_kwargs
+    family: str,
+    base: Path,
+    path: Path,
+    *,
+    seed: int = 1,
+    safe: bool = True,
+    save_embedding_layers: bool | str = "auto",
+    **lora_kwargs,
 ) -> Path:
     """Make a PEFT LoRA adapter for `base` with non-zero weights and save it into `path`.
 
@@ -101,7 +108,7 @@ def make_adapter(
             if param.requires_grad and not is_lora:
                 noise = torch.randn(param.shape, generator=generator)
                 param.mul_(1 + 0.2 * noise) if "magnitude" in name else param.add_(0.1 * noise)
-    peft_model.save_pretrained(path, safe_serialization=safe)
+    peft_model.save_pretrained(path, safe_serialization=safe, save_embedding_layers=save_embedding_layers)
     return path
 
 

@@ -29,13 +29,15 @@ def case(bases, tmp_path_factory):
 
 
 @torch.no_grad()
-def peft_combined_logits(base, adapters, weights, combination_type, seed, monkeypatch, **kwargs):
+def peft_combined_logits(
+    base, adapters, weights, combination_type, seed, monkeypatch, family="llama", **kwargs
+):
     """Logits of PEFT's add_weighted_adapter, with torch seeded just before the merge loop.
 
     Injecting the new adapter initialises its layers from the global random stream, so the seed
     goes in after that (PEFT calls `_freeze_adapter` between the two), as a user would seed it.
     """
-    model = PeftModel.from_pretrained(load_model("llama", base), adapters[0], adapter_name="a0")
+    model = PeftModel.from_pretrained(load_model(family, base), adapters[0], adapter_name="a0")
     for index, adapter in enumerate(adapters[1:], start=1):
         model.load_adapter(adapter, adapter_name=f"a{index}")
     freeze = peft_lora_model._freeze_adapter
@@ -48,7 +50,7 @@ def peft_combined_logits(base, adapters, weights, combination_type, seed, monkey
     names = [f"a{index}" for index in range(len(adapters))]
     model.add_weighted_adapter(names, list(weights), "mix", combination_type=combination_type, **kwargs)
     model.set_adapter("mix")
-    return model(**sample_inputs("llama")).logits
+    return model(**sample_inputs(family)).logits
 
 
 @pytest.mark.parametrize(
@@ -79,6 +81,34 @@ def test_matches_peft_add_weighted_adapter_svd_at_full_rank(case, tmp_path, monk
     [record] = json.loads((tmp_path / "out" / "manifest.json").read_text())["passes"]
     assert record["options"]["method"] == method and record["options"]["density"] == extra["density"]
     assert {entry["rank_after"] for entry in record["report"]["sites"]} == {6}
+
+
+# PEFT merges a fused module (c_attn, qkv_proj, gate_up_proj, query_key_value) as one matrix, in
+# the module's layout (GPT-2's Conv1D: [in, out]), and walks modules in the model's order (Phi-3
+# declares o_proj before qkv_proj; embeddings first, lm_head last): dare's random stream follows it.
+FUSED_CASES = [
+    ("gpt2", {}),
+    ("phi3", {}),
+    ("gpt_neox", {}),
+    ("llama", {"target_modules": ["embed_tokens", "q_proj", "lm_head"], "save_embedding_layers": False}),
+]
+
+
+@pytest.mark.parametrize(("family", "lora"), FUSED_CASES, ids=[family for family, _ in FUSED_CASES])
+@pytest.mark.parametrize(("method", "density", "seed"), [("ties", 0.5, 0), ("dare_ties", 0.6, 4)])
+def test_fused_modules_and_model_order_match_peft(
+    bases, tmp_path, monkeypatch, family, lora, method, density, seed
+):
+    base = bases(family)
+    first = make_adapter(family, base, tmp_path / "first", seed=1, **lora)
+    second = make_adapter(family, base, tmp_path / "second", seed=5, r=2, lora_alpha=3, **lora)
+    compile_adapter([first, second], base, "merged", tmp_path / "out", dtype="float32",
+                    passes=[f"combine:method={method},weights=0.7,-0.4,density={density}"
+                            + (f",seed={seed}" if seed else "")])  # fmt: skip
+    got = model_logits(family, tmp_path / "out", sample_inputs(family))
+    expected = peft_combined_logits(base, [first, second], (0.7, -0.4), f"{method}_svd", seed, monkeypatch,
+                                    family=family, svd_rank=6, density=density)  # fmt: skip
+    assert (got - expected).abs().max() <= FP32_TOLERANCE
 
 
 def test_the_random_stream_moves_with_the_seed(case):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from adaptrix.passes.base import PassResult, site_context
-from adaptrix.passes.combine_sparse import SPARSE_METHODS, factor_dense, merge_deltas
+from adaptrix.passes.combine_sparse import SPARSE_METHODS, merge_unit, peft_units
 from adaptrix.passes.reduce_rank import truncate
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bias, LazyTensor, LowRank, Site, site_order
@@ -90,7 +90,7 @@ def combine(irs: Sequence[AdapterIR], options: CombineOptions) -> PassResult:
     ops, sites = [], []
     for index, site in enumerate(sorted(gathered, key=site_order)):
         with site_context(site):
-            low_rank, biases = _stack(site, gathered[site], f"combine.{index}")
+            low_rank, biases = stack_weighted(site, gathered[site], f"combine.{index}")
             entry: dict[str, object] = {"site": str(site), "adapters": len(gathered[site])}
             if low_rank is not None and options.method == "svd":
                 low_rank, report = truncate(low_rank, f"combine.{index}", options.rank, None)
@@ -106,13 +106,12 @@ def combine(irs: Sequence[AdapterIR], options: CombineOptions) -> PassResult:
 
 def _combine_sparse(irs: Sequence[AdapterIR], gathered: dict, weights: tuple[float, ...],
                     options: CombineOptions) -> PassResult:  # fmt: skip
-    """Methods ties / dare_*: PEFT's formula on each site's weighted deltas, then an SVD to the rank."""
+    """Methods ties / dare_*: PEFT's formula on each module's weighted deltas, then an SVD to the rank."""
     generator = torch.Generator().manual_seed(options.seed or 0)
-    sign_method = options.majority_sign_method or "total"
-    ops, sites = [], []
-    for index, site in enumerate(sorted(gathered, key=site_order)):
+    settings = {"method": options.method, "density": options.density, "rank": options.rank,
+                "sign_method": options.majority_sign_method or "total"}  # fmt: skip
+    for site, found in gathered.items():
         with site_context(site):
-            found = gathered[site]
             odd = [type(op).__name__ for _, op in found if not isinstance(op, LowRank)]
             if odd:
                 raise UnsupportedError(f"method={options.method} merges LoRA deltas only, not a {odd[0]} op",
@@ -120,13 +119,19 @@ def _combine_sparse(irs: Sequence[AdapterIR], gathered: dict, weights: tuple[flo
             shapes = {op.shape for _, op in found}
             if len(shapes) > 1:
                 raise BadInputError(f"the adapters' deltas have different shapes {sorted(shapes)}")
-            deltas = [op.delta() for _, op in found]
-            merged = merge_deltas(options.method, deltas, [w for w, _ in found], options.density,
-                                  sign_method, generator)  # fmt: skip
-            rank = options.rank or sum(op.rank for _, op in found)
-            low_rank, report = factor_dense(merged, f"combine.{index}", rank)
-        ops.append((site, low_rank))
-        sites.append({"site": str(site), "adapters": len(found), **report})
+    adapters = [{site: op for site, op in ir} for ir in irs]
+    if any(len(ops) != len(ir.ops) for ops, ir in zip(adapters, irs, strict=True)):
+        raise UnsupportedError(f"method={options.method} takes one LoRA delta per site",
+                               fix="combine those adapters' ops with method=linear first")  # fmt: skip
+    ops, sites = [], []
+    for unit in peft_units(irs[0].source, list(gathered)):
+        with site_context(unit.sites[0]):
+            parts, report = merge_unit(unit, adapters, weights, settings, generator)
+        ops.extend(parts)
+        module = {"module": " + ".join(str(site) for site in unit.sites)} if len(unit.sites) > 1 else {}
+        sites.extend({"site": str(site), "adapters": sum(site in a for a in adapters), **module, **report}
+                     for site, _ in parts)  # fmt: skip
+    ops.sort(key=lambda entry: site_order(entry[0]))
     name = "+".join(ir.name for ir in irs)
     report = {"method": options.method, "weights": list(weights), "density": options.density,
               "max_relative_error": max((entry["relative_error"] for entry in sites), default=0.0),
@@ -134,7 +139,9 @@ def _combine_sparse(irs: Sequence[AdapterIR], gathered: dict, weights: tuple[flo
     return PassResult(AdapterIR(tuple(ops), irs[0].source, name), True, report)
 
 
-def _stack(site: Site, ops: list[tuple[float, object]], origin: str) -> tuple[LowRank | None, list[Bias]]:
+def stack_weighted(
+    site: Site, ops: list[tuple[float, object]], origin: str
+) -> tuple[LowRank | None, list[Bias]]:
     """The weighted LowRank ops at a site stacked into one, and the weighted Bias ops summed."""
     low = [(w, op) for w, op in ops if isinstance(op, LowRank)]
     bias = [(w, op) for w, op in ops if isinstance(op, Bias)]
