@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from adaptrix.passes.base import Pass, PassResult, parse_options
 from adaptrix.passes.combine import CombineOptions, combine
 from adaptrix.passes.fold_blend import FoldBlendOptions, fold_blend
+from adaptrix.passes.redistribute import RedistributeOptions, redistribute
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.registry import registry
@@ -26,6 +27,8 @@ PASSES = register(
          ReduceRankOptions, reduce_rank),
     Pass("combine", "several adapters into one: linear, cat, svd, ties, dare_linear, dare_ties",
          CombineOptions, combine, several=True),
+    Pass("redistribute", "per-layer deltas onto another depth or chosen layers (each role's total kept)",
+         RedistributeOptions, redistribute, uses_base=True),
 )  # fmt: skip
 
 
