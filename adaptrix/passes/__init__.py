@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from adaptrix.passes.base import Pass, PassResult, parse_options
 from adaptrix.passes.combine import CombineOptions, combine
 from adaptrix.passes.fold_blend import FoldBlendOptions, fold_blend
+from adaptrix.passes.project import ProjectOptions, project
 from adaptrix.passes.redistribute import RedistributeOptions, redistribute
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
 from adaptrix.toolchain.errors import BadInputError
@@ -29,6 +30,8 @@ PASSES = register(
          CombineOptions, combine, several=True),
     Pass("redistribute", "per-layer deltas onto another depth or chosen layers (each role's total kept)",
          RedistributeOptions, redistribute, uses_base=True),
+    Pass("project", "deltas to the base's hidden / intermediate sizes and heads: svd, truncate, interpolate",
+         ProjectOptions, project, uses_base=True),
 )  # fmt: skip
 
 
