@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from builders import FP32_TOLERANCE, load_model, make_adapter, model_logits, peft_logits, sample_inputs
-from peft import LoHaConfig, get_peft_model
+from peft import OFTConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -60,10 +60,11 @@ def _config_not_json(base, adapter, tmp, bases):
     return bad, base, [], bad / "adapter_config.json"
 
 
-def _loha(base, adapter, tmp, bases):
-    model = get_peft_model(load_model("llama", base), LoHaConfig(target_modules=["q_proj", "v_proj"]))
-    model.save_pretrained(tmp / "loha")
-    return tmp / "loha", base, [], tmp / "loha" / "adapter_config.json"
+def _oft(base, adapter, tmp, bases):
+    config = OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(load_model("llama", base), config)
+    model.save_pretrained(tmp / "oft")
+    return tmp / "oft", base, [], tmp / "oft" / "adapter_config.json"
 
 
 def _wrong_r(base, adapter, tmp, bases):
@@ -143,7 +144,7 @@ def _unknown_dtype(base, adapter, tmp, bases):
 CASES = {
     "config-missing": _config_missing,
     "config-not-json": _config_not_json,
-    "peft-type-loha": _loha,
+    "peft-type-oft": _oft,
     "r-mismatch": _wrong_r,
     "truncated-safetensors": _truncated,
     "garbage-safetensors": _garbage,

@@ -112,7 +112,7 @@ def _combine_sparse(irs: Sequence[AdapterIR], gathered: dict, weights: tuple[flo
                 "sign_method": options.majority_sign_method or "total"}  # fmt: skip
     for site, found in gathered.items():
         with site_context(site):
-            odd = [type(op).__name__ for _, op in found if not isinstance(op, LowRank)]
+            odd = [getattr(op, "label", type(op).__name__) for _, op in found if not isinstance(op, LowRank)]
             if odd:
                 raise UnsupportedError(f"method={options.method} merges LoRA deltas only, not a {odd[0]} op",
                                        fix="use method=linear, or adapters without bias or DoRA")  # fmt: skip
@@ -147,8 +147,10 @@ def stack_weighted(
     bias = [(w, op) for w, op in ops if isinstance(op, Bias)]
     other = [op for _, op in ops if not isinstance(op, LowRank | Bias)]
     if other:
-        raise UnsupportedError(f"a {type(other[0]).__name__} op cannot be combined exactly with others",
-                               fix="combine adapters made of LoRA and bias deltas only")  # fmt: skip
+        label = getattr(other[0], "label", type(other[0]).__name__)
+        raise UnsupportedError(f"a {label} op cannot be combined exactly with others (only LoRA factors "
+                               "and bias deltas stack)", fix="combine adapters made of LoRA and bias deltas "
+                               "only, or compile each adapter on its own")  # fmt: skip
     low_rank = None
     if low:
         shapes = {op.shape for _, op in low}

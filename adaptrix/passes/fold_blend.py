@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from adaptrix.passes.base import PassResult, rebuild, site_context
 from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, Bias, LowRank, Op
+from adaptrix.toolchain.ir import AdapterIR, Bias, Factored, LowRank, Op, Scale
 
 __all__ = ["FoldBlendOptions", "fold_blend"]
 
@@ -20,10 +20,13 @@ class FoldBlendOptions:
 
 
 def fold_blend(ir: AdapterIR, options: FoldBlendOptions) -> PassResult:
-    """Multiply every linear delta by alpha (LowRank scales, Bias deltas); exact per module.
+    """Multiply every linear delta by alpha (LowRank, LoHa / LoKr scales, Bias deltas); exact per module.
 
-    Usage: `--pass fold-blend:alpha=0.5`. DoRA and Replace ops are not linear in the blend and
-    are refused (UnsupportedError naming the site), except at alpha=1 where nothing changes.
+    IA3's scale vectors v become 1 + alpha * (v - 1), also exact per module: the module's output
+    (or, for a feedforward module, its input) is scaled, and a blend of y and v * y is
+    (1 - alpha + alpha * v) * y. Usage: `--pass fold-blend:alpha=0.5`. DoRA and Replace ops are
+    not linear in the blend and are refused (UnsupportedError naming the site), except at
+    alpha=1 where nothing changes.
     """
     alpha = options.alpha
     if alpha == 1.0:
@@ -38,8 +41,10 @@ def fold_blend(ir: AdapterIR, options: FoldBlendOptions) -> PassResult:
 
 def _blend(op: Op, alpha: float) -> Op:
     """One op with its delta multiplied by alpha."""
-    if isinstance(op, LowRank):
+    if isinstance(op, LowRank | Factored):
         return dataclasses.replace(op, scale=op.scale * alpha)
+    if isinstance(op, Scale):
+        return op.blended(alpha)
     if isinstance(op, Bias):
         return Bias(op.delta.scaled(alpha))
     raise UnsupportedError(

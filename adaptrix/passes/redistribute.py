@@ -18,7 +18,7 @@ from adaptrix.passes.base import PassResult, site_context
 from adaptrix.passes.combine import stack_weighted
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LowRank, Op, Role, Site, site_order
+from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Role, Site, site_order
 
 __all__ = ["METHODS", "RedistributeOptions", "mixing_matrix", "redistribute"]
 
@@ -168,7 +168,8 @@ def _mix(site: Site, role: Role, found: list[tuple[int, float]], layers: dict[in
             mixed = f", mixed with layers {', '.join(map(str, others))}" if others else ""
             with site_context(Site(i, role)):
                 raise UnsupportedError(
-                    f"a {type(odd[0]).__name__} op is not linear, so it cannot be split or mixed across "
+                    f"a {getattr(odd[0], 'label', type(odd[0]).__name__)} op {_why(odd[0])}, so it cannot be "
+                    "split or mixed across "
                     f"layers (target {site} would get {weight:.3g} of it{mixed})",
                     fix="choose as many target layers as the adapter has (a pure move), "
                     "or an adapter without DoRA and modules_to_save",
@@ -177,6 +178,11 @@ def _mix(site: Site, role: Role, found: list[tuple[int, float]], layers: dict[in
     with site_context(site):
         low_rank, biases = stack_weighted(site, weighted, f"redistribute.{site.layer}.{role}")
     return ([low_rank] if low_rank is not None else []) + biases
+
+
+def _why(op: Op) -> str:
+    """Why an op cannot be mixed: a LoHa / LoKr delta is linear but does not stack with others."""
+    return "has no low-rank factors to stack" if isinstance(op, Factored) else "is not linear"
 
 
 def _total_error(layers: dict[int, list[Op]], new_ir: AdapterIR, role: Role) -> float:

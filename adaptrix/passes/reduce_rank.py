@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from adaptrix.passes.base import PassResult, rebuild, site_context
-from adaptrix.toolchain.ir import AdapterIR, DoRA, LazyTensor, LowRank
+from adaptrix.toolchain.ir import AdapterIR, DoRA, Factored, LazyTensor, LowRank, Scale
 
 __all__ = ["ReduceRankOptions", "low_rank_svd", "reduce_rank", "truncate"]
 
@@ -72,17 +72,27 @@ def reduce_rank(ir: AdapterIR, options: ReduceRankOptions) -> PassResult:
     balanced (sqrt of the singular values on each side) with scale 1. Report per site: ranks
     before and after, relative Frobenius error of the delta (sqrt of the dropped squared singular
     values over the delta's norm, the Eckart-Young optimum) and the energy kept. A site whose rank
-    is already at most `rank` is re-factored exactly.
+    is already at most `rank` is re-factored exactly. LoHa / LoKr deltas and IA3 scales are kept
+    as they are and listed under `skipped` with the reason.
     """
-    ops, sites = [], []
+    ops, sites, skipped = [], [], []
     for index, (site, op) in enumerate(ir):
         inner = op.low_rank if isinstance(op, DoRA) else op
         if not isinstance(inner, LowRank):
             ops.append((site, op))
+            if isinstance(op, Factored | Scale):
+                skipped.append({"site": str(site), "op": op.label, "reason": _SKIPPED[type(op)]})
             continue
         with site_context(site):
             new, report = truncate(inner, f"reduce-rank.{index}", options.rank, options.energy)
         ops.append((site, dataclasses.replace(op, low_rank=new) if isinstance(op, DoRA) else new))
         sites.append({"site": str(site), "op": type(op).__name__, **report})
     worst = max((entry["relative_error"] for entry in sites), default=0.0)
-    return PassResult(rebuild(ir, ops), bool(sites), {"sites": sites, "max_relative_error": worst})
+    report = {"sites": sites, "max_relative_error": worst, **({"skipped": skipped} if skipped else {})}
+    return PassResult(rebuild(ir, ops), bool(sites), report)
+
+
+_SKIPPED = {
+    Factored: "not a low-rank pair (its Hadamard or Kronecker delta is full rank); kept exact",
+    Scale: "a scale of the weight, not a delta; kept exact",
+}

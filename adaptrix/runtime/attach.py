@@ -93,10 +93,12 @@ class Handle:
             for entry, module in fitted:
                 for name, key in entry.replace.items():
                     self._swap(module, name, self.bundle.tensors[key])
-                if entry.lora or entry.bias:
+                if entry.lora or entry.bias or entry.dense or entry.scale_out or entry.scale_in:
                     hook = ModuleHook(self, module, entry, self.bundle)
                     self._hooks.append(hook)
                     self._removers.append(module.register_forward_hook(hook, with_kwargs=True))
+                    if entry.scale_in:
+                        self._removers.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
 
     def _swap(self, module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         current = module._parameters[name]

@@ -12,6 +12,11 @@ module is seen as a linear map from `in_features` to `out_features`:
   with m = magnitude / ||W + scale * B A|| per output feature, computed when attached.
 - `bias`: a delta [out] added to the output.
 - `replace`: new values for the module's parameters, in the module's own layout.
+- `dense` (format 2): a dense delta [in, out] (PEFT LoHa / LoKr, computed at compile time): the
+  output gains x @ dense.
+- `scale_out` / `scale_in` (format 2): PEFT IA3's vectors [out] / [in]: the output (after the
+  deltas above, before `bias`) or the input is multiplied by 1 + s * (v - 1) at handle scale s,
+  which is exactly out = (1 - s) * base + s * adapted for that module.
 - `probe`: a few elements of the base's stored weight, so that a bundle refuses another base.
 
 This module reads bundles; it needs torch and safetensors only.
@@ -30,9 +35,18 @@ from safetensors.torch import load_file
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.finite import all_finite
 
-__all__ = ["BUNDLE_FORMAT", "TENSORS_FILE", "Bundle", "ModuleEntry", "load_bundle", "probe_indices"]
+__all__ = [
+    "BUNDLE_FORMAT",
+    "KINDS_FORMAT",
+    "TENSORS_FILE",
+    "Bundle",
+    "ModuleEntry",
+    "load_bundle",
+    "probe_indices",
+]
 
 BUNDLE_FORMAT = 1
+KINDS_FORMAT = 2  # a bundle with dense or scale entries: a reader of format 1 must refuse it
 TENSORS_FILE = "bundle.safetensors"
 MANIFEST_NAME = "manifest.json"
 LAYOUTS = ("linear", "conv1d", "embedding", "norm")
@@ -55,6 +69,9 @@ class ModuleEntry:
     dora: dict | None
     bias: str | None
     replace: dict[str, str]
+    dense: str | None = None
+    scale_out: str | None = None
+    scale_in: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,9 +132,10 @@ def load_bundle(path: Path | str) -> Bundle:
             path=manifest_file,
             fix="compile the adapter with --target hooks",
         )
-    if section.get("format_version") != BUNDLE_FORMAT:
+    if section.get("format_version") not in (BUNDLE_FORMAT, KINDS_FORMAT):
         raise BadInputError(
-            f"has bundle format {section.get('format_version')!r}; this adaptrix reads {BUNDLE_FORMAT}",
+            f"has bundle format {section.get('format_version')!r}; this adaptrix reads {BUNDLE_FORMAT} "
+            f"and {KINDS_FORMAT}",
             path=manifest_file,
             fix="recompile the bundle with this version of adaptrix",
         )
@@ -152,6 +170,9 @@ def _entry(raw: object, file: Path) -> ModuleEntry:
             dora=raw.get("dora"),
             bias=raw.get("bias"),
             replace=dict(raw.get("replace") or {}),
+            dense=raw.get("dense"),
+            scale_out=raw.get("scale_out"),
+            scale_in=raw.get("scale_in"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"has a malformed module entry ({exc!r})", path=file) from None
@@ -172,6 +193,12 @@ def _check_tensors(modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Te
             expected[entry.dora["magnitude"]] = (entry.out_features,)
         if entry.bias:
             expected[entry.bias] = (entry.out_features,)
+        if entry.dense:
+            expected[entry.dense] = (_in_features(entry), entry.out_features)
+        if entry.scale_out:
+            expected[entry.scale_out] = (entry.out_features,)
+        if entry.scale_in:
+            expected[entry.scale_in] = (_in_features(entry),)
         expected.update((key, None) for key in entry.replace.values())
         for key, shape in expected.items():
             tensor = tensors.get(key)

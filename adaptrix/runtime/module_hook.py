@@ -16,15 +16,18 @@ def compute_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 class ModuleHook:
-    """Adds x @ down @ up (LoRA), PEFT's DoRA rescaling and a bias delta to a module's output.
+    """Adds one bundle's deltas to a module's output, and scales its output or input (IA3).
+
+    In order: x @ down @ up (LoRA) with PEFT's DoRA rescaling, x @ dense (LoHa, LoKr), IA3's
+    output scale, then the bias delta; `pre` is IA3's input scale, a forward pre-hook.
 
     The module's own scale (alpha / r, rslora, patterns) is folded into `up` at compile time;
     the handle's live scale multiplies it at each call. DoRA's per-feature factor depends on that
     scale and is recomputed when the scale changes.
     """
 
-    __slots__ = ("bias", "device", "down", "embedding", "handle", "layout", "mag_scale", "mag_scale_at",
-                 "magnitude", "module", "up")  # fmt: skip
+    __slots__ = ("bias", "dense", "device", "down", "embedding", "handle", "layout", "mag_scale",
+                 "mag_scale_at", "magnitude", "module", "scale_in", "scale_out", "up")  # fmt: skip
 
     def __init__(self, handle, module: torch.nn.Module, entry: ModuleEntry, bundle: Bundle):
         weight = getattr(module, "weight", None)
@@ -42,6 +45,10 @@ class ModuleHook:
             self.refresh()
         if entry.bias:
             self.bias = bundle.prepared(entry.bias, device, dtype)
+        self.dense = bundle.prepared(entry.dense, device, dtype) if entry.dense else None
+        # IA3's vectors stay float32: PEFT scales in the adapter's dtype and casts back.
+        self.scale_out = bundle.prepared(entry.scale_out, device, torch.float32) if entry.scale_out else None
+        self.scale_in = bundle.prepared(entry.scale_in, device, torch.float32) if entry.scale_in else None
 
     def refresh(self) -> None:
         """Recompute DoRA's factor m = magnitude / ||W + s B A|| for the handle's current scale."""
@@ -76,9 +83,24 @@ class ModuleHook:
                 output.view(-1, output.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.up, alpha=scale)
             else:
                 output = _add(output, low @ self.up, scale)
+        if self.dense is not None and scale != 0.0:
+            x = args[0] if args else next(iter(kwargs.values()))
+            if x.device != self.device:
+                self._move(x.device)
+            dense = self.dense
+            output = _add(output, (x if x.dtype == dense.dtype else x.to(dense.dtype)) @ dense, scale)
+        if self.scale_out is not None:
+            output = _scaled(output, self.scale_out, scale)
         if self.bias is not None:
             output = _add(output, self.bias, 1.0)
         return output
+
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The forward pre-hook of an input scale (IA3's feedforward modules): scale the input."""
+        if args:
+            return (_scaled(args[0], self.scale_in, self.handle._scale, copy=True), *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, {**kwargs, key: _scaled(kwargs[key], self.scale_in, self.handle._scale, copy=True)}
 
     def _add_dora(self, module, output: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
         """PEFT's DoRA: m * (W x) + bias + m * s * B A x, given output = W x + bias."""
@@ -94,7 +116,7 @@ class ModuleHook:
 
     def _move(self, device: torch.device) -> None:
         """Follow the module to another device (the model was moved after attaching)."""
-        for name in ("down", "up", "bias", "magnitude", "mag_scale"):
+        for name in ("down", "up", "bias", "magnitude", "mag_scale", "dense", "scale_out", "scale_in"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -108,3 +130,15 @@ def _add(output: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tenso
     if output.requires_grad:
         return torch.add(output, delta, alpha=scale)
     return output.add_(delta, alpha=scale)
+
+
+def _scaled(value: torch.Tensor, vector: torch.Tensor, scale: float, copy: bool = False) -> torch.Tensor:
+    """The value times 1 + scale * (vector - 1) along its last axis, in float32 as PEFT's IA3 does."""
+    if vector.device != value.device:
+        vector = vector.to(value.device)
+    factor = vector if scale == 1.0 else 1.0 + scale * (vector - 1.0)
+    if value.dtype != factor.dtype:
+        return (value.to(factor.dtype) * factor).to(value.dtype)
+    if copy or value.requires_grad:
+        return value * factor
+    return value.mul_(factor)

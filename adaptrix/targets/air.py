@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.passes.base import site_context
 from adaptrix.toolchain.air_format import FORMAT, FORMAT_VERSION, tensor_key
 from adaptrix.toolchain.errors import UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Site, site_order
@@ -54,7 +55,8 @@ def _layout(ir: AdapterIR) -> tuple[list[dict], dict[str, LazyTensor]]:
     for site, op in sorted(ir.ops, key=lambda pair: site_order(pair[0])):
         index = at_site.get(site, 0)
         at_site[site] = index + 1
-        kind, slots, extra = _describe(op)
+        with site_context(site):
+            kind, slots, extra = _describe(op)
         keys = {}
         for slot, tensor in slots.items():
             shared = (id(tensor), slot if kind != "replace" else f"replace.{slot}")
@@ -78,4 +80,8 @@ def _describe(op: Op) -> tuple[str, dict[str, LazyTensor], dict[str, object]]:
         return "bias", {"delta": op.delta}, {}
     if isinstance(op, Replace):
         return "replace", dict(op.tensors), {}
-    raise UnsupportedError(f"AIR version {FORMAT_VERSION} cannot hold a {type(op).__name__} op")
+    raise UnsupportedError(
+        f"AIR version {FORMAT_VERSION} holds LoRA, DoRA, bias and replace ops, not a "
+        f"{getattr(op, 'label', type(op).__name__)} op",
+        fix="compile the PEFT adapter directly (--target merged, hooks or onnx-cpu)",
+    )

@@ -16,16 +16,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adaptrix.runtime.bundle import BUNDLE_FORMAT, TENSORS_FILE, probe_indices
+from adaptrix.runtime.bundle import BUNDLE_FORMAT, KINDS_FORMAT, TENSORS_FILE, probe_indices
+from adaptrix.targets.hooks_kinds import dense_delta, input_scale, output_scale
 from adaptrix.targets.merge_math import merge_tensor
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.binders.table import Layout, Placement, fuse_rows, split_rows
 from adaptrix.toolchain.checkpoint import INDEX_NAME, Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LowRank, Op, Replace, Role, Site
+from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Replace, Role, Scale, Site
 from adaptrix.toolchain.safetensors_io import read_elements
 
 __all__ = ["LowRankPair", "low_rank_pairs", "write_hooks"]
+
+
+_KIND_KEYS = ("dense", "scale_out", "scale_in")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +62,9 @@ def write_hooks(
     save_file(tensors, str(out / TENSORS_FILE), metadata={"format": "pt", "adaptrix": "hooks-bundle"})
     if progress:
         progress(sum(info.nbytes for info in base.tensors.values()))
+    kinds = any(key in entry for entry in entries for key in _KIND_KEYS)
     section = {
-        "format_version": BUNDLE_FORMAT,
+        "format_version": KINDS_FORMAT if kinds else BUNDLE_FORMAT,  # older readers refuse what they lack
         "tensors_file": TENSORS_FILE,
         "dtype": str(dtype).removeprefix("torch."),
         "base": _base_section(base),
@@ -119,7 +124,8 @@ def low_rank_pairs(
     pairs = []
     for module in _modules(ir, base):
         name = module.placement.name
-        other = {type(op).__name__ for ops in module.role_ops for op in ops if type(op) is not LowRank}
+        other = {getattr(op, "label", type(op).__name__) for ops in module.role_ops for op in ops
+                 if type(op) is not LowRank}  # fmt: skip
         if module.placement.module.layout not in (Layout.LINEAR, Layout.CONV1D):
             other.add("LoRA on an embedding")
         if other and not strict:
@@ -166,6 +172,7 @@ class _EntryBuilder:
             "dora": self._dora(weight_ops),
             "bias": self._bias(),
             "replace": self._replace(),
+            **self._kinds(),
         }
 
     @staticmethod
@@ -211,6 +218,23 @@ class _EntryBuilder:
             "down": self._put("lora_down", down),
             "up": self._put("lora_up", up),
         }
+
+    def _kinds(self) -> dict[str, str]:
+        """LoHa / LoKr as one dense delta [in, out], IA3 as scale vectors: keys present only when used."""
+        role_ops = self.module.role_ops
+        if not any(isinstance(op, Factored | Scale) for ops in role_ops for op in ops):
+            return {}
+        if self.layout not in (Layout.LINEAR, Layout.CONV1D):
+            raise UnsupportedError(f"has LoHa, LoKr or IA3 ops on a {self.layout} module",
+                                   fix="use --target merged")  # fmt: skip
+        shape = self.info.shape
+        out, inner = self._canonical_out(), shape[1] if self.layout is Layout.LINEAR else shape[0]
+        found = {
+            "dense": (d.T if (d := dense_delta(role_ops, self.rows, (out, inner))) is not None else None),
+            "scale_out": output_scale(role_ops, self.rows, out),
+            "scale_in": input_scale(role_ops, inner),
+        }
+        return {key: self._put(key, value) for key, value in found.items() if value is not None}
 
     def _canonical_out(self) -> int:
         """Rows of the IR's canonical [out, in] delta (the vocabulary for an embedding)."""

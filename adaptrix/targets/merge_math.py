@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from adaptrix.toolchain.binders.table import Layout, Placement, split_rows
-from adaptrix.toolchain.ir import Bias, DoRA, LowRank, Op, Replace, SourceModel
+from adaptrix.toolchain.ir import Bias, DoRA, Factored, LowRank, Op, Replace, Scale, SourceModel
 
-__all__ = ["merge_tensor", "op_params"]
+__all__ = ["merge_tensor", "op_params", "required_params"]
 
 _BLOCK_ELEMENTS = 1 << 20
-# Ops apply in this order at a site: new values first, then weight deltas, then bias deltas.
-_ORDER = {Replace: 0, LowRank: 1, DoRA: 1, Bias: 2}
+# Ops apply in this order at a site: new values first, then weight deltas, then IA3's scales
+# (of the weight and bias as they are by then), then bias deltas.
+_ORDER = {Replace: 0, LowRank: 1, DoRA: 1, Factored: 1, Scale: 2, Bias: 3}
 
 Kernel = Callable[[torch.Tensor, slice | torch.Tensor], torch.Tensor]
 
@@ -27,7 +28,14 @@ def op_params(op: Op) -> set[str]:
     """The parameter names (weight, bias, ...) an op changes."""
     if isinstance(op, Replace):
         return set(op.tensors)
+    if isinstance(op, Scale) and op.axis == "out":
+        return {"weight", "bias"}  # the whole output is scaled: the bias too, where there is one
     return {"bias"} if isinstance(op, Bias) else {"weight"}
+
+
+def required_params(op: Op) -> set[str]:
+    """The parameters an op needs the base to have (an output scale needs no bias)."""
+    return {"weight"} if isinstance(op, Scale) else op_params(op)
 
 
 def merge_tensor(
@@ -82,6 +90,16 @@ def _kernel(op: Op, param: str) -> Kernel:
     if isinstance(op, Bias):
         delta = op.delta.load()
         return lambda part, local: part.add_(delta[local])
+    if isinstance(op, Factored):
+        dense = op.delta()
+        return lambda part, local: part.add_(dense[local])
+    if isinstance(op, Scale):
+        vector = op.vector.load()
+        if op.axis == "in":
+            return lambda part, local: part.mul_(vector[None, :])
+        if param == "bias":
+            return lambda part, local: part.mul_(vector[local])
+        return lambda part, local: part.mul_(vector[local][:, None])
     low_rank = op.low_rank if isinstance(op, DoRA) else op
     a, b, scale = low_rank.a.load(), low_rank.b.load(), low_rank.scale
     if isinstance(op, LowRank):

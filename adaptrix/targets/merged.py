@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from adaptrix.targets.merge_math import merge_tensor, op_params
+from adaptrix.targets.merge_math import merge_tensor, op_params, required_params
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.binders.table import Placement
 from adaptrix.toolchain.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
@@ -130,7 +130,7 @@ def _role_ops(placement: Placement, param: str, by_site: dict, used: set) -> tup
 
 def _check_all_used(ir: AdapterIR, used: set, base: Checkpoint) -> None:
     for site, op in ir:
-        for param in sorted(op_params(op)):
+        for param in sorted(required_params(op)):
             if (site, id(op), param) not in used:
                 raise BadInputError(
                     f"{site}: {type(op).__name__} changes a {param} that the base does not have",

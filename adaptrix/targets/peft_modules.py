@@ -16,7 +16,7 @@ from adaptrix.targets.merge_math import merge_tensor
 from adaptrix.toolchain.binders.table import Layout, Placement, fuse_rows, split_rows
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LowRank, Op, Replace, Role, Site
+from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Replace, Role, Scale, Site
 
 __all__ = ["LoraPair", "ModuleDelta", "module_deltas"]
 
@@ -70,6 +70,12 @@ def module_deltas(ir: AdapterIR, base: Checkpoint) -> list[ModuleDelta]:
 
 
 def _module_delta(name: str, placement: Placement, role_ops: list[tuple[Op, ...]], base: Checkpoint):
+    kinds = [op.label for ops in role_ops for op in ops if isinstance(op, Factored | Scale)]
+    if kinds:
+        raise UnsupportedError(
+            f"a {kinds[0]} op cannot be written as a PEFT LoRA adapter",
+            fix="compile the source adapter directly (--target merged, hooks or onnx-cpu)",
+        )
     weight_ops = [[op for op in ops if isinstance(op, LowRank | DoRA)] for ops in role_ops]
     index = split_rows(placement.module.split, base.source)
     lora = _pair(weight_ops, index, placement, base) if any(weight_ops) else None

@@ -6,27 +6,29 @@ loader, read and checked (shape, finite) only when a target or pass needs the nu
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 
 import torch
 
 from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.finite import all_finite
+from adaptrix.toolchain.ir_kinds import Factored, Scale
+from adaptrix.toolchain.lazy import LazyTensor
 
 __all__ = [
     "GLOBAL_ROLES",
     "AdapterIR",
     "Bias",
     "DoRA",
+    "Factored",
     "LazyTensor",
     "LowRank",
     "Op",
     "Replace",
     "Role",
+    "Scale",
     "Site",
     "SourceModel",
     "site_order",
@@ -117,61 +119,6 @@ class SourceModel:
         return self.num_kv_heads * self.head_dim
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class LazyTensor:
-    """A tensor known by shape and origin, loaded as float32 and checked when used."""
-
-    shape: tuple[int, ...]
-    origin: str
-    loader: Callable[[], torch.Tensor] = field(repr=False)
-    itemsize: int = 4
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor, origin: str) -> LazyTensor:
-        """Wrap a tensor already in memory."""
-        value = tensor.detach()
-        return cls(tuple(value.shape), origin, lambda: value, value.element_size())
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the tensor takes in its source file."""
-        return self.numel * self.itemsize
-
-    def load(self) -> torch.Tensor:
-        """Read the tensor as float32; its shape must match and its values must be finite."""
-        value = self.loader().to(torch.float32)
-        if tuple(value.shape) != self.shape:
-            raise BadInputError(f"{self.origin} has shape {list(value.shape)}, expected {list(self.shape)}")
-        if not all_finite(value):
-            raise BadInputError(
-                f"{self.origin} holds NaN or Inf values",
-                fix="the adapter is corrupt or diverged in training; re-save or retrain it",
-            )
-        return value
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> LazyTensor:
-        """A lazy tensor computed from this one by `fn` when loaded."""
-        return LazyTensor(shape, self.origin, lambda: fn(self.load()), self.itemsize)
-
-    def rows(self, index: torch.Tensor) -> LazyTensor:
-        """The rows (first dimension) picked by `index`."""
-        shape = (len(index), *self.shape[1:])
-        return self.map(lambda t: t.index_select(0, index), shape)
-
-    def transposed(self) -> LazyTensor:
-        """The transpose of a 2-D tensor."""
-        return self.map(lambda t: t.T.contiguous(), (self.shape[1], self.shape[0]))
-
-    def scaled(self, factor: float) -> LazyTensor:
-        """Multiply by a constant, lazily."""
-        return self.map(lambda t: t * factor, self.shape)
-
-
 @dataclass(frozen=True, slots=True)
 class LowRank:
     """delta = scale * B @ A, with A [rank, in] and B [out, rank] (canonical [out, in] layout)."""
@@ -244,7 +191,7 @@ class Replace:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
 
-Op = LowRank | Bias | DoRA | Replace
+Op = LowRank | Bias | DoRA | Replace | Factored | Scale
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +206,7 @@ class AdapterIR:
         """Check that a DoRA op is the only weight op at its site."""
         weight_ops: dict[Site, list[Op]] = {}
         for site, op in self.ops:
-            if isinstance(op, LowRank | DoRA):
+            if isinstance(op, LowRank | DoRA | Factored):
                 weight_ops.setdefault(site, []).append(op)
         for site, found in weight_ops.items():
             if len(found) > 1 and any(isinstance(op, DoRA) for op in found):

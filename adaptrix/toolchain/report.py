@@ -9,11 +9,23 @@ from adaptrix.toolchain.frontends.air import is_air, read_air
 from adaptrix.toolchain.frontends.air_lower import lower_air
 from adaptrix.toolchain.frontends.peft import lower_peft
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, site_order
+from adaptrix.toolchain.ir import (
+    AdapterIR,
+    Bias,
+    DoRA,
+    Factored,
+    LazyTensor,
+    LowRank,
+    Op,
+    Replace,
+    Scale,
+    site_order,
+)
 
 __all__ = ["inspect_adapter", "inspect_air", "inspect_bundle"]
 
-_KINDS = {LowRank: "lora", DoRA: "dora", Bias: "bias", Replace: "replace"}
+_KINDS = {LowRank: "lora", DoRA: "dora", Bias: "bias", Replace: "replace", Scale: "ia3"}
+_FACTOR_KINDS = {"hada_": "loha", "lokr_": "lokr", "ia3_l": "ia3", "vera_": "vera"}
 
 
 def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict:
@@ -26,13 +38,14 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
     settings = peft_adapter.settings
     summary = {
         "adapter": str(adapter),
-        "format": "peft-lora",
-        "r": settings.r,
-        "lora_alpha": settings.lora_alpha,
+        "format": f"peft-{settings.peft_type.lower()}",
+        "r": None if settings.peft_type == "IA3" else settings.r,
+        "lora_alpha": settings.lora_alpha if settings.peft_type in ("LORA", "LOHA", "LOKR") else None,
         "use_rslora": settings.use_rslora,
         "use_dora": settings.use_dora,
         "bias": settings.bias,
         "modules_to_save": list(settings.modules_to_save),
+        **({"feedforward_modules": settings.feedforward_modules} if settings.peft_type == "IA3" else {}),
     }
     if base is None:
         rows, tensors = _module_rows(peft_adapter)
@@ -83,8 +96,10 @@ def inspect_bundle(path: Path | str) -> dict:
         keys += [entry.dora["magnitude"]] if entry.dora else []
         keys += [entry.bias] if entry.bias else []
         keys += list(entry.replace.values())
+        keys += [key for key in (entry.dense, entry.scale_out, entry.scale_in) if key]
         tensors = [bundle.tensors[key] for key in keys]
         ops = [kind for kind, there in (("lora", entry.lora and not entry.dora), ("dora", entry.dora),
+               ("dense", entry.dense), ("ia3-out", entry.scale_out), ("ia3-in", entry.scale_in),
                ("bias", entry.bias), ("replace", entry.replace)) if there]  # fmt: skip
         rows.append(
             {
@@ -127,9 +142,10 @@ def _site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:
             {
                 "layer": site.layer,
                 "role": str(site.role),
-                "op": _KINDS[type(op)],
-                "rank": low_rank.rank if isinstance(low_rank, LowRank) else None,
-                "scale": low_rank.scale if isinstance(low_rank, LowRank) else None,
+                "op": op.kind if isinstance(op, Factored) else _KINDS[type(op)],
+                "rank": low_rank.rank if isinstance(low_rank, LowRank | Factored) else None,
+                "scale": low_rank.scale if isinstance(low_rank, LowRank | Factored) else None,
+                **({"axis": op.axis} if isinstance(op, Scale) else {}),
                 "parameters": sum(t.numel for t in tensors),
                 "bytes": sum(t.nbytes for t in tensors),
             }
@@ -144,17 +160,22 @@ def _op_tensors(op: Op) -> list[LazyTensor]:
         return [op.low_rank.a, op.low_rank.b, op.magnitude]
     if isinstance(op, Bias):
         return [op.delta]
+    if isinstance(op, Factored):
+        return list(op.factors.values())
+    if isinstance(op, Scale):
+        return [op.vector]
     return list(op.tensors.values())
 
 
 def _module_rows(adapter: PeftAdapter) -> tuple[list[dict], dict[int, LazyTensor]]:
-    rows, unique = [], {}
+    rows, unique = [], {t.origin: t for t in adapter.shared.values()}  # VeRA's projections, once
     settings = adapter.settings
+    ranked = settings.peft_type != "IA3"
     for record in adapter.modules.values():
         tensors = [
             t
             for t in (record.lora_a, record.lora_b, record.embedding_a, record.embedding_b,
-                      record.magnitude, record.lora_b_bias, *record.params.values())
+                      record.magnitude, record.lora_b_bias, *record.params.values(), *record.factors.values())
             if t is not None
         ]  # fmt: skip
         unique.update((id(t), t) for t in tensors)
@@ -163,8 +184,8 @@ def _module_rows(adapter: PeftAdapter) -> tuple[list[dict], dict[int, LazyTensor
                 "module": record.name,
                 "layer": _layer_of(record.name),
                 "op": _module_kind(record),
-                "rank": settings.rank(record.name) if record.has_lora else None,
-                "scale": settings.scale(record.name) if record.has_lora else None,
+                "rank": settings.rank(record.name) if record.has_delta and ranked else None,
+                "scale": settings.scale(record.name) if record.has_lora or _scaled(record) else None,
                 "parameters": sum(t.numel for t in tensors),
                 "bytes": sum(t.nbytes for t in tensors),
             }
@@ -172,7 +193,14 @@ def _module_rows(adapter: PeftAdapter) -> tuple[list[dict], dict[int, LazyTensor
     return rows, unique
 
 
+def _scaled(record) -> bool:
+    """Whether the module's kind has PEFT's alpha / r scale (LoHa, LoKr)."""
+    return any(name.startswith(("hada_", "lokr_")) for name in record.factors)
+
+
 def _module_kind(record) -> str:
+    for name in record.factors:
+        return next(kind for prefix, kind in _FACTOR_KINDS.items() if name.startswith(prefix))
     if record.has_lora:
         return "dora" if record.magnitude is not None else "lora"
     return "bias" if set(record.params) == {"bias"} else "replace"

@@ -1,4 +1,8 @@
-"""PEFT LoRA frontend: an adapter directory and its base -> AdapterIR, exactly what PEFT computes."""
+"""PEFT frontend: an adapter directory and its base -> AdapterIR, exactly what PEFT computes.
+
+LoRA (with DoRA, biases, modules_to_save) is lowered here; LoHa, LoKr, IA3 and VeRA modules in
+peft_kinds.py.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +13,19 @@ import torch
 from adaptrix.toolchain.binders.table import Layout, Placement, split_rows
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.frontends.peft_kinds import kind_op, vera_projections
 from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, PeftModule, read_peft
 from adaptrix.toolchain.ir import (
     AdapterIR,
     Bias,
     DoRA,
+    Factored,
     LazyTensor,
     LowRank,
     Op,
     Replace,
     Role,
+    Scale,
     Site,
 )
 from adaptrix.toolchain.safetensors_io import TensorInfo
@@ -59,12 +66,23 @@ class _Lowering:
     def __init__(self, adapter: PeftAdapter, base: Checkpoint, modules: dict):
         self.adapter, self.base, self.modules = adapter, base, modules
         self.file = adapter.weights_file
+        self._projections: dict[str, LazyTensor] | None = None
+
+    def projections(self) -> dict[str, LazyTensor]:
+        """VeRA's shared projections, sized for every module the adapter holds (made once)."""
+        if self._projections is None:
+            records = [r for r in self.adapter.modules.values() if r.has_delta]
+            shapes = [self._base_shape(self._place(r.name)) for r in records]
+            self._projections = vera_projections(self.adapter, shapes)
+        return self._projections
 
     def module_ops(self, record: PeftModule) -> list[tuple[Site, Op]]:
         placement = self._place(record.name)
         out_rows, in_cols = self._base_shape(placement)
         ops: list[Op] = []
-        if record.has_lora:
+        if record.factors or (record.has_lora and self.adapter.settings.peft_type != "LORA"):
+            ops.append(kind_op(self.adapter, record, placement, (out_rows, in_cols), self.projections))
+        elif record.has_lora:
             ops.append(self._low_rank(record, placement, out_rows, in_cols))
         params = dict(record.params)
         bias_value = params.pop("bias", None) if not self.adapter.settings.saves(record.name) else None
@@ -205,6 +223,8 @@ def _rows(op: Op, rows: torch.Tensor) -> Op:
         return DoRA(_rows(op.low_rank, rows), magnitude, op.per_column)
     if isinstance(op, Bias):
         return Bias(op.delta.rows(rows))
+    if isinstance(op, Factored | Scale):
+        return op.select_rows(rows)
     return Replace({p: t.rows(rows) for p, t in op.tensors.items()})
 
 
@@ -221,16 +241,17 @@ def _embed_key(base: Checkpoint) -> str:
 
 
 def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> None:
-    """Every module the config targets has LoRA weights, and every LoRA module is targeted."""
+    """Every module the config targets has adapter weights, and every module with them is targeted."""
     settings, binder = adapter.settings, base.binder
+    kind = "LoRA" if settings.peft_type == "LORA" else settings.peft_type
     have = {}
     for record in adapter.modules.values():
-        if record.has_lora:
+        if record.has_delta:
             placement = binder.resolve(record.name)
             have[(placement.layer, placement.key)] = record.name
             if not settings.targets(record.name, placement.module.is_linear):
                 raise BadInputError(
-                    f"holds LoRA weights for {record.name!r}, which adapter_config.json does not target",
+                    f"holds {kind} weights for {record.name!r}, which adapter_config.json does not target",
                     path=adapter.weights_file,
                     fix="fix target_modules or re-save the adapter",
                 )
@@ -239,7 +260,7 @@ def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> Non
         targeted = module.layout is not Layout.NORM and settings.targets(name, module.is_linear)
         if targeted and where not in have:
             raise BadInputError(
-                f"has no LoRA weights for {name!r}, which adapter_config.json targets",
+                f"has no {kind} weights for {name!r}, which adapter_config.json targets",
                 path=adapter.weights_file,
                 fix="the adapter file is incomplete; re-save it",
             )

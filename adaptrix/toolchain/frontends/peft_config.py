@@ -1,4 +1,6 @@
-"""PEFT's adapter_config.json for LoRA: read, checked, and PEFT's own targeting and scaling rules.
+"""PEFT's adapter_config.json: read, checked, and PEFT's own targeting and scaling rules.
+
+LoRA's fields are listed here; LoHa's, LoKr's, IA3's and VeRA's in peft_kinds_config.py.
 
 PEFT is not imported here: `import peft` takes seconds and hundreds of MB (it imports all of
 transformers), which a streaming compile cannot afford. The rules below follow PEFT 0.21's
@@ -8,6 +10,7 @@ against those functions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.frontends.peft_kinds_config import KINDS
 
 __all__ = ["CONFIG_NAME", "LoraSettings", "read_lora_settings"]
 
@@ -67,6 +71,10 @@ class LoraSettings:
     use_dora: bool
     lora_bias: bool
     fan_in_fan_out: bool
+    peft_type: str = "LORA"
+    feedforward_modules: tuple[str, ...] | str | None = None  # IA3: the modules whose input is scaled
+    projection_prng_key: int = 0  # VeRA: the seed of the shared projections
+    save_projection: bool = True  # VeRA: whether the shared projections are in the adapter file
 
     def rank(self, key: str) -> int:
         """The rank PEFT gives module `key` (rank_pattern first, then r)."""
@@ -80,6 +88,15 @@ class LoraSettings:
         """LoRA's scale for module `key`: alpha / r, or alpha / sqrt(r) with rsLoRA."""
         rank = self.rank(key)
         return self.alpha(key) / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def feedforward(self, key: str) -> bool:
+        """IA3: whether PEFT treats module `key` as feedforward (its input is scaled, not its output)."""
+        found = self.feedforward_modules
+        if not found:
+            return False
+        if isinstance(found, str):
+            return re.fullmatch(found, key) is not None
+        return any(key.endswith(name) for name in found)
 
     def saves(self, key: str) -> bool:
         """Whether module `key` lies inside a modules_to_save entry."""
@@ -151,19 +168,22 @@ def read_lora_settings(adapter: Path) -> LoraSettings:
     if not isinstance(raw, dict):
         raise BadInputError("is not a JSON object", path=file, fix="re-save the adapter")
     peft_type = raw.get("peft_type")
-    if peft_type != "LORA":
+    if peft_type != "LORA" and peft_type not in KINDS:
         raise UnsupportedError(
-            f"peft_type is {peft_type!r}; Adaptrix compiles LORA adapters",
+            f"peft_type is {peft_type!r}; Adaptrix compiles LORA, {', '.join(KINDS)} adapters",
             path=file,
-            fix="convert the adapter to LoRA or use PEFT directly",
+            fix="use PEFT directly for this adapter",
         )
-    _check_fields(raw, file)
-    return _settings(raw, file)
+    if peft_type == "LORA":
+        _check_fields(raw, file, _SUPPORTED | _HARMLESS)
+        return _settings(raw, file)
+    _check_fields(raw, file, KINDS[peft_type].supported | KINDS[peft_type].harmless)
+    return _kind_settings(raw, file, peft_type)
 
 
-def _check_fields(raw: dict, file: Path) -> None:
+def _check_fields(raw: dict, file: Path, known: set[str] | frozenset[str]) -> None:
     for name, value in raw.items():
-        if name in _SUPPORTED or name in _HARMLESS or _unset(value):
+        if name in known or _unset(value):
             continue
         if name in _UNSUPPORTED:
             raise UnsupportedError(
@@ -172,12 +192,13 @@ def _check_fields(raw: dict, file: Path) -> None:
                 fix="use PEFT's own forward for this adapter",
             )
         raise UnsupportedError(
-            f"has field {name!r} = {value!r}, unknown to Adaptrix",
+            f"has field {name!r} = {value!r}, unknown to Adaptrix for peft_type {raw.get('peft_type')}",
             path=file,
             fix="remove it if it does not change what the adapter computes",
         )
-    if raw.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise BadInputError(f"has bias {raw['bias']!r}; expected none, all or lora_only", path=file)
+    allowed = ("none", "all", "vera_only" if raw.get("peft_type") == "VERA" else "lora_only")
+    if raw.get("bias", "none") not in allowed:
+        raise BadInputError(f"has bias {raw['bias']!r}; expected {', '.join(allowed)}", path=file)
 
 
 def _unset(value: object) -> bool:
@@ -208,6 +229,24 @@ def _settings(raw: dict, file: Path) -> LoraSettings:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise BadInputError(f"has an invalid LoRA setting ({exc})", path=file) from None
+
+
+def _kind_settings(raw: dict, file: Path, peft_type: str) -> LoraSettings:
+    """LoHa, LoKr, IA3, VeRA: the settings in LoRA's terms (scale alpha / r; IA3 and VeRA: 1)."""
+    fields = KINDS[peft_type]
+    lora = {"peft_type": peft_type, "r": raw.get("r", 1) if fields.has_rank else 1}
+    lora["lora_alpha"] = raw.get(fields.alpha_field, 8) if fields.alpha_field else lora["r"]
+    settings = _settings({**raw, **lora, "use_rslora": False, "use_dora": False, "lora_bias": False}, file)
+    try:
+        return dataclasses.replace(
+            settings,
+            peft_type=peft_type,
+            feedforward_modules=_strings(raw.get("feedforward_modules")),
+            projection_prng_key=int(raw.get("projection_prng_key") or 0),
+            save_projection=bool(raw.get("save_projection", True)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(f"has an invalid {peft_type} setting ({exc})", path=file) from None
 
 
 def _strings(value: object) -> tuple[str, ...] | str | None:

@@ -35,6 +35,7 @@ _KEY_KINDS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"(?P<m>.+)\.lora_embedding_A", "embedding_a"),
         (r"(?P<m>.+)\.lora_embedding_B", "embedding_b"),
         (r"(?P<m>.+)\.lora_magnitude_vector(?:\.weight)?", "magnitude"),
+        (r"(?P<m>.+)\.(?P<p>(?:hada|lokr)_[wt][12](?:_[ab])?|ia3_l|vera_lambda_[bd])", "factor"),
         (r"(?P<m>.+)\.base_layer\.(?P<p>weight|bias)", "param"),
         (r"(?P<m>.+)\.(?:original_module|modules_to_save)\.(?P<p>\w+)", "copy"),
         (r"(?P<m>.+)\.(?P<p>weight|bias)", "param"),
@@ -54,6 +55,12 @@ class PeftModule:
     embedding_b: LazyTensor | None = None
     magnitude: LazyTensor | None = None
     params: dict[str, LazyTensor] = field(default_factory=dict)
+    factors: dict[str, LazyTensor] = field(default_factory=dict)  # LoHa, LoKr, IA3, VeRA tensors
+
+    @property
+    def has_delta(self) -> bool:
+        """Whether the module carries the adapter's own weights (LoRA factors or another kind's)."""
+        return self.has_lora or bool(self.factors)
 
     @property
     def has_lora(self) -> bool:
@@ -63,12 +70,13 @@ class PeftModule:
 
 @dataclass(frozen=True, slots=True)
 class PeftAdapter:
-    """A PEFT LoRA adapter directory: its settings and its weights grouped by module."""
+    """A PEFT adapter directory: its settings and its weights grouped by module."""
 
     path: Path
     settings: LoraSettings
     weights_file: Path
     modules: dict[str, PeftModule]
+    shared: dict[str, LazyTensor] = field(default_factory=dict)  # VeRA's projections: "A", "B"
 
     def files(self) -> list[Path]:
         """The files the adapter was read from."""
@@ -86,7 +94,10 @@ def read_peft(adapter: Path | str) -> PeftAdapter:
     weights_file, tensors = _read_tensors(path)
     if not tensors:
         raise BadInputError("holds no tensors", path=weights_file, fix="re-save the adapter")
-    return PeftAdapter(path, settings, weights_file, _group(tensors, weights_file))
+    # VeRA's shared projections sit outside any module: base_model.vera_A / vera_B.
+    keys = {name: f"base_model.vera_{name}" for name in "AB"}
+    shared = {name: tensors.pop(key) for name, key in keys.items() if key in tensors}
+    return PeftAdapter(path, settings, weights_file, _group(tensors, weights_file), shared)
 
 
 def _read_tensors(path: Path) -> tuple[Path, dict[str, LazyTensor]]:
@@ -138,6 +149,8 @@ def _group(tensors: dict[str, LazyTensor], file: Path) -> dict[str, PeftModule]:
         module = modules.setdefault(match.group("m"), PeftModule(match.group("m")))
         if kind == "param":
             module.params[match.group("p")] = tensor
+        elif kind == "factor":
+            module.factors[match.group("p")] = tensor
         else:
             setattr(module, kind, tensor)
     return modules
@@ -149,7 +162,7 @@ def _classify(name: str, file: Path) -> tuple[str, re.Match[str]]:
         if match:
             return kind, match
     raise BadInputError(
-        f"holds tensor {name!r}, which is not part of a LoRA adapter",
+        f"holds tensor {name!r}, which is not part of a PEFT LoRA, LoHa, LoKr, IA3 or VeRA adapter",
         path=file,
         fix="remove it or re-save the adapter with PEFT",
     )
