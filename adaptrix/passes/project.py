@@ -194,9 +194,12 @@ class _Carrier:
             return op, {"note": "carried unchanged: the dimensions already are the base's"}
         if isinstance(op, Replace):
             return self._replace(site, op, origin)
+        why = {"DoRA": "its magnitudes are norms of the source's own weights",
+               "Factored": "its dense delta has no low-rank sides to map",
+               "Scale": "its per-feature scales belong to the source's features"}  # fmt: skip
+        kind = getattr(op, "label", type(op).__name__)
         raise UnsupportedError(
-            f"a {type(op).__name__} op (magnitudes of the source's own weight norms) cannot be carried "
-            "to other dimensions",
+            f"a {kind} op cannot be carried to other dimensions ({why.get(type(op).__name__, 'not linear')})",
             fix="carry a plain LoRA adapter, or use a base with the adapter's dimensions",
         )
 
