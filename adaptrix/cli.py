@@ -302,3 +302,6 @@ class _progress:  # noqa: N801 - a context manager used like a function
 def main() -> None:
     """Console entry point."""
     app()
+
+
+from adaptrix import cli_parity  # noqa: E402, F401  (registers `adaptrix parity` on the app)

@@ -1,0 +1,93 @@
+"""`adaptrix parity`: compile, run and compare every backend with PEFT's forward (exit 1 on a mismatch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from adaptrix.cli import _cell, _run, app, out
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["parity_command"]
+
+
+@app.command("parity")
+def parity_command(
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory or AIR file.")],
+    base: Annotated[Path, typer.Option("--base", help="Base model directory (safetensors).")],
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            "--targets",
+            help="Comma-separated: merged, hooks, onnx-cpu, onnx-cuda "
+            "(default: merged,hooks,onnx-cpu, or none when --artifact is given).",
+        ),
+    ] = None,
+    artifacts: Annotated[
+        list[str] | None,
+        typer.Option("--artifact", help="TARGET=DIR: check an already compiled artifact; repeat."),
+    ] = None,
+    inputs: Annotated[
+        Path | None, typer.Option("--inputs", help="JSON token ids (default: seeded random ids).")
+    ] = None,
+    tolerances: Annotated[
+        list[str] | None,
+        typer.Option("--tolerance", help="Max relative diff: VALUE for all, or TARGET=VALUE; repeat."),
+    ] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option("--work-dir", help="Where to compile (a temporary folder in it).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema 1).")] = False,
+) -> None:
+    """Check that every compiled backend of ADAPTER computes what PEFT computes; exit 1 if one does not."""
+    from adaptrix.toolchain.parity import parity
+
+    chosen = _run(lambda: _pairs(artifacts or [], "--artifact", Path))
+    bounds = _run(lambda: _pairs(tolerances or [], "--tolerance", float, default_key="*"))
+    default = "" if chosen else "merged,hooks,onnx-cpu"
+    names = [name.strip() for name in (default if targets is None else targets).split(",") if name.strip()]
+    names = [name for name in names if name not in chosen]
+    report = _run(lambda: parity(adapter, base, names, inputs=inputs, tolerances=bounds,
+                                 artifacts=chosen, work_dir=work_dir))  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(report.as_json()))
+    else:
+        _print(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _pairs(values: list[str], option: str, kind, default_key: str | None = None) -> dict:
+    """`KEY=VALUE` options as a dict (a bare VALUE goes under default_key where one is allowed)."""
+    parsed = {}
+    for text in values:
+        key, sep, value = text.partition("=")
+        if not sep:
+            if default_key is None:
+                raise BadInputError(f"{option} {text!r} is not TARGET=VALUE")
+            key, value = default_key, text
+        try:
+            parsed[key.strip()] = kind(value.strip())
+        except ValueError:
+            raise BadInputError(f"{option} {text!r}: {value!r} is not a valid value") from None
+    return parsed
+
+
+def _print(report) -> None:
+    table = Table(title=f"{report.output} against PEFT's forward (inputs {report.inputs['shape']})")
+    for column in ("target", "dtype", "max |diff|", "max rel", "top-1", "KL", "tolerance", "verdict"):
+        table.add_column(column)
+    for r in report.backends:
+        verdict = "ok" if r.ok and r.tolerance is not None else "ok (not judged)" if r.ok else "MISMATCH"
+        table.add_row(r.target, r.dtype, _cell(r.max_abs), _cell(r.max_rel), _cell(r.top1_agreement),
+                      _cell(r.kl), _cell(r.tolerance), verdict)  # fmt: skip
+    out.print(table)
+    for r in report.backends:
+        if r.note:
+            out.print(f"{r.target}: {r.note}", markup=False, highlight=False)
+    failed = [r.target for r in report.backends if not r.ok]
+    out.print("parity: " + (f"MISMATCH in {', '.join(failed)}" if failed else "every backend matches PEFT"))
