@@ -106,7 +106,8 @@ class Binder:
 
     def source_model(self, config: Mapping[str, object], path: Path) -> SourceModel:
         """Read the dimensions from a config.json's contents."""
-        values = {key: self._config_value(config, key, path) for key in self.config_keys}
+        values = {key: _dimension(self._config_value(config, key, path), key, path)
+                  for key in self.config_keys}  # fmt: skip
         hidden, heads = int(values["hidden_size"]), int(values["num_heads"])
         kv_heads = values.get("num_kv_heads") or heads
         head_dim = values.get("head_dim") or hidden // heads
@@ -132,6 +133,17 @@ class Binder:
             return None
         names = " or ".join(self.config_keys[key])
         raise BadInputError(f"has no {names}", path=path, fix=f"a {self.name} config.json needs it")
+
+
+def _dimension(value: object, key: str, path: Path) -> object:
+    """A config dimension as a positive int (None where the config may leave it out)."""
+    if value is None:
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not float(value).is_integer() or value < 1:
+        raise BadInputError(f"has {key} = {value!r}; expected a positive integer", path=path,
+                            fix="restore the config.json the model was saved with")  # fmt: skip
+    return int(value)
 
 
 def split_rows(split: Split | None, source: SourceModel) -> list[torch.Tensor] | None:

@@ -100,7 +100,7 @@ class LoraSettings:
 
     def saves(self, key: str) -> bool:
         """Whether module `key` lies inside a modules_to_save entry."""
-        return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save)
+        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in self.modules_to_save)
 
     def targets(self, key: str, is_linear: bool) -> bool:
         """Whether PEFT puts LoRA on module `key` (the module name inside the base model)."""
@@ -168,7 +168,7 @@ def read_lora_settings(adapter: Path) -> LoraSettings:
     if not isinstance(raw, dict):
         raise BadInputError("is not a JSON object", path=file, fix="re-save the adapter")
     peft_type = raw.get("peft_type")
-    if peft_type != "LORA" and peft_type not in KINDS:
+    if not isinstance(peft_type, str) or (peft_type != "LORA" and peft_type not in KINDS):
         raise UnsupportedError(
             f"peft_type is {peft_type!r}; Adaptrix compiles LORA, {', '.join(KINDS)} adapters",
             path=file,
@@ -215,19 +215,19 @@ def _settings(raw: dict, file: Path) -> LoraSettings:
             r=r,
             lora_alpha=alpha,
             use_rslora=bool(raw.get("use_rslora", False)),
-            rank_pattern={str(k): int(v) for k, v in (raw.get("rank_pattern") or {}).items()},
-            alpha_pattern={str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()},
+            rank_pattern=_patterns(raw.get("rank_pattern"), int, "rank_pattern"),
+            alpha_pattern=_patterns(raw.get("alpha_pattern"), float, "alpha_pattern"),
             target_modules=_strings(raw.get("target_modules")),
             exclude_modules=_strings(raw.get("exclude_modules")),
             layers_to_transform=_layers(raw.get("layers_to_transform")),
             layers_pattern=_strings(raw.get("layers_pattern")),
-            modules_to_save=tuple(raw.get("modules_to_save") or ()),
+            modules_to_save=_names(raw.get("modules_to_save"), "modules_to_save"),
             bias=str(raw.get("bias", "none")),
             use_dora=bool(raw.get("use_dora", False)),
             lora_bias=bool(raw.get("lora_bias", False)),
             fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, re.error) as exc:
         raise BadInputError(f"has an invalid LoRA setting ({exc})", path=file) from None
 
 
@@ -250,9 +250,36 @@ def _kind_settings(raw: dict, file: Path, peft_type: str) -> LoraSettings:
 
 
 def _strings(value: object) -> tuple[str, ...] | str | None:
-    if value is None or isinstance(value, str):
+    """A module name list, or one regular expression (checked to compile), or None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
         return value
-    return tuple(str(v) for v in value)
+    return _names(value, "a module list")
+
+
+def _patterns(value: object, kind: type, what: str) -> dict:
+    """rank_pattern / alpha_pattern: {regular expression: number}, each key checked to compile."""
+    if not value:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a mapping of module patterns to numbers, not {value!r}")
+    for key in value:
+        _strings(key)
+    return {key: kind(number) for key, number in value.items()}
+
+
+def _names(value: object, what: str) -> tuple[str, ...]:
+    """A list of module names (strings); anything else is a ValueError naming `what`."""
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{what} must be a list of module names, not {value!r}")
+    return tuple(value)
 
 
 def _layers(value: object) -> tuple[int, ...] | int | None:

@@ -1,0 +1,132 @@
+"""Fuzzing the inputs: generated adapter configs, tensor headers and base configs never crash the compiler.
+
+Each generated input either compiles (exit 0, a complete output) or is refused: exit 2, one line
+on stderr starting with "error:", no traceback, nothing written beside the output. Hypothesis
+generates over 500 inputs per run (FUZZ_EXAMPLES per strategy, three strategies).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from builders import make_adapter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from adaptrix.cli import app
+
+runner = CliRunner()
+FUZZ_EXAMPLES = 180
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+WEIGHTS = "adapter_model.safetensors"
+CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "peft_type", "use_rslora", "use_dora", "bias",
+               "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
+               "modules_to_save", "task_type", "lora_dropout", "init_lora_weights", "exclude_modules",
+               "layer_replication", "use_qalora", "target_parameters", "lora_bias", "megatron_config"]  # fmt: skip
+json_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.sampled_from(["q_proj", "all-linear", ".*", "LORA", "LOHA", "CAUSAL_LM", "nan"]),
+)  # fmt: skip
+json_values = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=4) |
+                           st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def valid(bases, tmp_path_factory):
+    base = bases("llama")
+    return base, make_adapter("llama", base, tmp_path_factory.mktemp("fuzz") / "adapter", seed=6)
+
+
+def check(result, out: Path) -> None:
+    """Exit 0 with a complete output, or exit 2 with one line and nothing written; never a crash."""
+    assert result.exit_code in (0, 2), (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    leftovers = [p.name for p in out.parent.glob(f".{out.name}.adaptrix-*")]
+    assert not leftovers, leftovers
+    if result.exit_code == 0:
+        assert (out / "manifest.json").is_file()
+        return
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert not out.exists()
+
+
+def compile_into(tmp: Path, adapter: Path, base: Path):
+    out = tmp / "out"
+    if out.exists():
+        shutil.rmtree(out)
+    return runner.invoke(app, ["compile", str(adapter), "--base", str(base), "--target", "merged",
+                               "-o", str(out)]), out  # fmt: skip
+
+
+@FUZZ
+@given(edits=st.dictionaries(st.sampled_from(CONFIG_KEYS) | st.text(max_size=10), json_values, min_size=1,
+                             max_size=3), drop=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2))  # fmt: skip
+def test_generated_adapter_configs(valid, tmp_path_factory, edits, drop):
+    base, adapter = valid
+    tmp = tmp_path_factory.mktemp("config")
+    bad = Path(shutil.copytree(adapter, tmp / "adapter"))
+    config = json.loads((bad / "adapter_config.json").read_text())
+    for key in drop:
+        config.pop(key, None)
+    config.update(edits)
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    result, out = compile_into(tmp, bad, base)
+    check(result, out)
+
+
+def _header(data: bytes) -> tuple[int, dict]:
+    size = struct.unpack("<Q", data[:8])[0]
+    return size, json.loads(data[8 : 8 + size])
+
+
+@FUZZ
+@given(
+    mode=st.sampled_from(["bytes", "truncate", "field", "length"]),
+    position=st.integers(0, 10_000),
+    value=st.integers(0, 255),
+    field=st.sampled_from(["dtype", "shape", "data_offsets"]),
+    replacement=json_values,
+)
+def test_generated_tensor_headers(valid, tmp_path_factory, mode, position, value, field, replacement):
+    base, adapter = valid
+    tmp = tmp_path_factory.mktemp("header")
+    bad = Path(shutil.copytree(adapter, tmp / "adapter"))
+    data = bytearray((bad / WEIGHTS).read_bytes())
+    size, header = _header(bytes(data))
+    if mode == "bytes":  # one byte of the length or the JSON header changed
+        data[position % (8 + size)] = value
+    elif mode == "truncate":
+        data = data[: position % len(data)]
+    elif mode == "length":
+        data[:8] = struct.pack("<Q", (size + position - 5_000) % (2**64))
+    else:  # one tensor's dtype, shape or offsets replaced, the header re-serialised
+        name = sorted(k for k in header if k != "__metadata__")[position % (len(header) - 1)]
+        header[name][field] = replacement
+        text = json.dumps(header).encode()
+        data = bytearray(struct.pack("<Q", len(text)) + text + data[8 + size :])
+    (bad / WEIGHTS).write_bytes(bytes(data))
+    result, out = compile_into(tmp, bad, base)
+    check(result, out)
+
+
+@FUZZ
+@given(edits=st.dictionaries(st.sampled_from(["model_type", "hidden_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                                              "vocab_size", "head_dim", "tie_word_embeddings", "architectures",
+                                              "torch_dtype"]), json_values, min_size=1, max_size=2))  # fmt: skip
+def test_generated_base_configs(valid, tmp_path_factory, edits):
+    base, adapter = valid
+    tmp = tmp_path_factory.mktemp("base")
+    bad = Path(shutil.copytree(base, tmp / "base"))
+    config = json.loads((bad / "config.json").read_text())
+    config.update(edits)
+    (bad / "config.json").write_text(json.dumps(config))
+    result, out = compile_into(tmp, adapter, bad)
+    check(result, out)
