@@ -304,4 +304,4 @@ def main() -> None:
     app()
 
 
-from adaptrix import cli_parity  # noqa: E402, F401  (registers `adaptrix parity` on the app)
+from adaptrix import cli_check  # noqa: E402, F401  (registers `adaptrix parity` and `verify`)

@@ -9,7 +9,7 @@ from pathlib import Path
 from adaptrix import __version__
 from adaptrix.toolchain.hashing import hash_files
 
-__all__ = ["MANIFEST_NAME", "input_hashes", "write_manifest"]
+__all__ = ["MANIFEST_NAME", "input_hashes", "output_hashes", "write_manifest"]
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -24,6 +24,14 @@ def input_hashes(groups: dict[str, tuple[Path, Sequence[Path]]]) -> dict[str, di
     }
 
 
+def output_hashes(out: Path, files: Sequence[str]) -> dict[str, dict]:
+    """Size and sha256 of every file an artifact holds besides its manifest, for `adaptrix verify`."""
+    paths = [out / name for name in files if name != MANIFEST_NAME]
+    digests = hash_files(paths)
+    return {str(path.relative_to(out)): {"bytes": path.stat().st_size, "sha256": digests[path]}
+            for path in paths}  # fmt: skip
+
+
 def write_manifest(
     out: Path, *, target: str, dtype: str, inputs: dict, passes: list, files: list[str], extra: dict
 ) -> None:
@@ -36,6 +44,7 @@ def write_manifest(
         "inputs": inputs,
         "passes": passes,
         "files": sorted(files),
+        "outputs": output_hashes(out, files),
         **extra,
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

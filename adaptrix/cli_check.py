@@ -1,4 +1,4 @@
-"""`adaptrix parity`: compile, run and compare every backend with PEFT's forward (exit 1 on a mismatch)."""
+"""The CI commands: `adaptrix parity` (every backend against PEFT's forward) and `adaptrix verify`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 from adaptrix.cli import _cell, _run, app, out
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["parity_command"]
+__all__ = ["parity_command", "verify_command"]
 
 
 @app.command("parity")
@@ -91,3 +91,29 @@ def _print(report) -> None:
             out.print(f"{r.target}: {r.note}", markup=False, highlight=False)
     failed = [r.target for r in report.backends if not r.ok]
     out.print("parity: " + (f"MISMATCH in {', '.join(failed)}" if failed else "every backend matches PEFT"))
+
+
+@app.command("verify")
+def verify_command(
+    artifact: Annotated[Path, typer.Argument(help="A directory `adaptrix compile` wrote.")],
+    skip_inputs: Annotated[
+        bool, typer.Option("--skip-inputs", help="Do not re-hash the adapter and base it was built from.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema 1).")] = False,
+) -> None:
+    """Check ARTIFACT against its manifest (files, sizes, sha256, inputs, graph); exit 1 if one differs."""
+    from adaptrix.toolchain.verify import verify_artifact
+
+    report = _run(lambda: verify_artifact(artifact, inputs=not skip_inputs))
+    if as_json:
+        out.print_json(json.dumps(report.as_json()))
+    else:
+        for line in report.problems:
+            out.print(f"differs: {line}", markup=False, highlight=False)
+        for line in report.notes:
+            out.print(f"note: {line}", markup=False, highlight=False)
+        verdict = "intact" if report.ok else f"{len(report.problems)} difference(s)"
+        summary = f"{report.checked_files} files, {report.checked_inputs} inputs checked: {verdict}"
+        out.print(f"{artifact} ({report.target}): {summary}", markup=False, highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
