@@ -22,13 +22,20 @@ from adaptrix.cli import app
 
 runner = CliRunner()
 FUZZ_EXAMPLES = 180
+SLOW_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+                suppress_health_check=SLOW_OK)  # fmt: skip
 WEIGHTS = "adapter_model.safetensors"
-CONFIG_KEYS = ["r", "lora_alpha", "target_modules", "peft_type", "use_rslora", "use_dora", "bias",
-               "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern",
-               "modules_to_save", "task_type", "lora_dropout", "init_lora_weights", "exclude_modules",
-               "layer_replication", "use_qalora", "target_parameters", "lora_bias", "megatron_config"]  # fmt: skip
+CONFIG_KEYS = [
+    "r", "lora_alpha", "target_modules", "peft_type", "use_rslora", "use_dora", "bias", "fan_in_fan_out",
+    "rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "modules_to_save",
+    "task_type", "lora_dropout", "init_lora_weights", "exclude_modules", "layer_replication",
+    "use_qalora", "target_parameters", "lora_bias", "megatron_config",
+]  # fmt: skip
+BASE_KEYS = [
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "vocab_size", "head_dim", "tie_word_embeddings", "architectures", "torch_dtype",
+]  # fmt: skip
 json_leaves = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.sampled_from(["q_proj", "all-linear", ".*", "LORA", "LOHA", "CAUSAL_LM", "nan"]),
@@ -66,8 +73,12 @@ def compile_into(tmp: Path, adapter: Path, base: Path):
 
 
 @FUZZ
-@given(edits=st.dictionaries(st.sampled_from(CONFIG_KEYS) | st.text(max_size=10), json_values, min_size=1,
-                             max_size=3), drop=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2))  # fmt: skip
+@given(
+    edits=st.dictionaries(
+        st.sampled_from(CONFIG_KEYS) | st.text(max_size=10), json_values, min_size=1, max_size=3
+    ),
+    drop=st.lists(st.sampled_from(CONFIG_KEYS), max_size=2),
+)
 def test_generated_adapter_configs(valid, tmp_path_factory, edits, drop):
     base, adapter = valid
     tmp = tmp_path_factory.mktemp("config")
@@ -117,10 +128,7 @@ def test_generated_tensor_headers(valid, tmp_path_factory, mode, position, value
 
 
 @FUZZ
-@given(edits=st.dictionaries(st.sampled_from(["model_type", "hidden_size", "num_hidden_layers",
-                                              "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                                              "vocab_size", "head_dim", "tie_word_embeddings", "architectures",
-                                              "torch_dtype"]), json_values, min_size=1, max_size=2))  # fmt: skip
+@given(edits=st.dictionaries(st.sampled_from(BASE_KEYS), json_values, min_size=1, max_size=2))
 def test_generated_base_configs(valid, tmp_path_factory, edits):
     base, adapter = valid
     tmp = tmp_path_factory.mktemp("base")
