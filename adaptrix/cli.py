@@ -125,7 +125,9 @@ def convert_command(
 
 @app.command("inspect")
 def inspect_command(
-    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory, AIR file, or a hooks bundle.")],
+    adapter: Annotated[
+        Path, typer.Argument(help="PEFT or AdapterHub adapter directory, AIR file, or a hooks bundle.")
+    ],
     base: Annotated[Path | None, typer.Option("--base", help="Base model: show IR sites.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
@@ -138,16 +140,16 @@ def inspect_command(
         return
     first = "role" if summary["rows"] and "role" in summary["rows"][0] else "module"
     table = Table(title=f"{adapter} ({summary['format']})")
-    for column in ("layer", first, "op", "rank", "scale", "parameters", "bytes"):
+    sized = ("size", "act", "shared") if any(row.get("size") for row in summary["rows"]) else ()
+    columns = ("layer", first, "op", "rank", *sized, "scale", "parameters", "bytes")
+    for column in columns:
         table.add_column(
             column,
             justify="right" if column in ("parameters", "bytes") else "left",
             overflow="fold",  # full module names, wrapped, never cut
         )
     for row in summary["rows"]:
-        table.add_row(
-            *(_cell(row.get(c)) for c in ("layer", first, "op", "rank", "scale", "parameters", "bytes"))
-        )
+        table.add_row(*(_cell(row.get(c)) for c in columns))
     out.print(table)
     out.print(
         f"{len(summary['rows'])} entries over {len(summary['layers'])} layers; "

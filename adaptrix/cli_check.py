@@ -78,7 +78,8 @@ def _pairs(values: list[str], option: str, kind, default_key: str | None = None)
 
 
 def _print(report) -> None:
-    table = Table(title=f"{report.output} against PEFT's forward (inputs {report.inputs['shape']})")
+    owner = {"peft": "PEFT", "adapterhub": "AdapterHub"}[report.reference]
+    table = Table(title=f"{report.output} against {owner}'s forward (inputs {report.inputs['shape']})")
     for column in ("target", "dtype", "max |diff|", "max rel", "top-1", "KL", "tolerance", "verdict"):
         table.add_column(column)
     for r in report.backends:
@@ -90,7 +91,8 @@ def _print(report) -> None:
         if r.note:
             out.print(f"{r.target}: {r.note}", markup=False, highlight=False)
     failed = [r.target for r in report.backends if not r.ok]
-    out.print("parity: " + (f"MISMATCH in {', '.join(failed)}" if failed else "every backend matches PEFT"))
+    verdict = f"MISMATCH in {', '.join(failed)}" if failed else f"every backend matches {owner}"
+    out.print(f"parity: {verdict}")
 
 
 @app.command("verify")

@@ -10,6 +10,7 @@ from adaptrix.passes import parse_pass
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 from adaptrix.toolchain.ir import AdapterIR
+from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
 __all__ = ["run_passes"]
 
@@ -30,6 +31,9 @@ def run_passes(
         try:
             if spec.uses_base and base is None:
                 raise BadInputError("needs the base the adapter is carried to", fix="give --base BASE")
+            for ir in irs:
+                refuse_bottlenecks(ir, "passes do not rewrite bottleneck adapters yet",
+                                   fix="compile without --pass, or pass only the LoRA adapter")  # fmt: skip
             extra = (base,) if spec.uses_base else ()
             if spec.several:
                 if len(irs) < 2:

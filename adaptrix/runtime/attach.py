@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.runtime.bottleneck import BottleneckHook
 from adaptrix.runtime.bundle import Bundle, ModuleEntry, load_bundle
-from adaptrix.runtime.fit import fit_modules
+from adaptrix.runtime.fit import fit_bottlenecks, fit_modules
 from adaptrix.runtime.module_hook import ModuleHook
 from adaptrix.toolchain.errors import BadInputError
 
@@ -88,8 +89,13 @@ class Handle:
         """`Handle(bundle path, scale, attached)`."""
         return f"Handle({str(self.bundle.path)!r}, scale={self._scale}, attached={self.attached})"
 
-    def _apply(self, fitted: list[tuple[ModuleEntry, torch.nn.Module]]) -> None:
+    def _apply(
+        self, fitted: list[tuple[ModuleEntry, torch.nn.Module]], bottlenecks: list | None = None
+    ) -> None:
         with torch.inference_mode(False), torch.no_grad():
+            for entry, modules in bottlenecks or []:
+                hook = BottleneckHook(self, entry, self.bundle, modules)
+                self._removers.extend(hook.register(modules))
             for entry, module in fitted:
                 for name, key in entry.replace.items():
                     self._swap(module, name, self.bundle.tensors[key])
@@ -130,12 +136,13 @@ def _attach(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float, k
         return next((p for h in current if (p := h.original(module, name)) is not None), None)
 
     fitted = fit_modules(model, bundle, original)
+    bottlenecks = fit_bottlenecks(model, bundle, original)
     _check_replacements(bundle, fitted, keep)
     for handle in current:
         if handle not in keep:
             handle.detach()
     handle = Handle(model, bundle, scale)
-    handle._apply(fitted)
+    handle._apply(fitted, bottlenecks)
     _ATTACHED.setdefault(model, []).append(handle)
     logger.debug("attached %s to %d modules", bundle.path, len(fitted))
     return handle

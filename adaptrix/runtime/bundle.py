@@ -19,6 +19,9 @@ module is seen as a linear map from `in_features` to `out_features`:
   which is exactly out = (1 - s) * base + s * adapted for that module.
 - `probe`: a few elements of the base's stored weight, so that a bundle refuses another base.
 
+`bottlenecks` (format 3): AdapterHub bottleneck adapters, one entry per layer and block, run by
+`adaptrix.runtime.bottleneck` (which documents the entry and what the hooks compute).
+
 This module reads bundles; it needs torch and safetensors only.
 """
 
@@ -32,10 +35,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from adaptrix.runtime.bottleneck import BottleneckEntry, check_bottleneck_tensors, parse_bottleneck
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.finite import all_finite
 
 __all__ = [
+    "BOTTLENECK_FORMAT",
     "BUNDLE_FORMAT",
     "KINDS_FORMAT",
     "TENSORS_FILE",
@@ -47,6 +52,7 @@ __all__ = [
 
 BUNDLE_FORMAT = 1
 KINDS_FORMAT = 2  # a bundle with dense or scale entries: a reader of format 1 must refuse it
+BOTTLENECK_FORMAT = 3  # a bundle with bottleneck entries: readers of formats 1 and 2 must refuse it
 TENSORS_FILE = "bundle.safetensors"
 MANIFEST_NAME = "manifest.json"
 LAYOUTS = ("linear", "conv1d", "embedding", "norm")
@@ -82,6 +88,7 @@ class Bundle:
     manifest: dict
     modules: tuple[ModuleEntry, ...]
     tensors: dict[str, torch.Tensor]
+    bottlenecks: tuple[BottleneckEntry, ...] = ()
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def prepared(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -132,17 +139,21 @@ def load_bundle(path: Path | str) -> Bundle:
             path=manifest_file,
             fix="compile the adapter with --target hooks",
         )
-    if section.get("format_version") not in (BUNDLE_FORMAT, KINDS_FORMAT):
+    if section.get("format_version") not in (BUNDLE_FORMAT, KINDS_FORMAT, BOTTLENECK_FORMAT):
         raise BadInputError(
             f"has bundle format {section.get('format_version')!r}; this adaptrix reads {BUNDLE_FORMAT} "
-            f"and {KINDS_FORMAT}",
+            f"to {BOTTLENECK_FORMAT}",
             path=manifest_file,
             fix="recompile the bundle with this version of adaptrix",
         )
     tensors = _load_tensors(root / section.get("tensors_file", TENSORS_FILE))
     modules = tuple(_entry(raw, manifest_file) for raw in section.get("modules", []))
     _check_tensors(modules, tensors, root / section.get("tensors_file", TENSORS_FILE))
-    return Bundle(root, manifest, modules, tensors)
+    bottlenecks = tuple(parse_bottleneck(raw, manifest_file) for raw in section.get("bottlenecks", []))
+    hidden = int(section.get("base", {}).get("dimensions", {}).get("hidden_size", 0))
+    for entry in bottlenecks:
+        check_bottleneck_tensors(entry, tensors, hidden, root / section.get("tensors_file", TENSORS_FILE))
+    return Bundle(root, manifest, modules, tensors, bottlenecks)
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

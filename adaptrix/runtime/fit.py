@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 import torch
 
+from adaptrix.runtime.bottleneck import BottleneckEntry
 from adaptrix.runtime.bundle import Bundle, ModuleEntry
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["find_module", "fit_modules"]
+__all__ = ["find_module", "fit_bottlenecks", "fit_modules"]
 
 _FIX = "compile the adapter against this model's base (adaptrix compile ADAPTER --base BASE --target hooks)"
 # Largest relative rounding error of each dtype: a probe passes through at most two of them.
@@ -120,3 +121,59 @@ def _check_probe(bundle: Bundle, entry: ModuleEntry, weight: torch.Tensor) -> No
 def _refuse(bundle: Bundle, reason: str) -> None:
     raise BadInputError(f"does not fit this model: {reason}; the model was left unchanged", path=bundle.path,
                         fix=_FIX)  # fmt: skip
+
+
+def fit_bottlenecks(
+    model: torch.nn.Module,
+    bundle: Bundle,
+    original: Callable[[torch.nn.Module, str], torch.Tensor | None],
+) -> list[tuple[BottleneckEntry, dict[str, torch.nn.Module]]]:
+    """The model's modules for each bottleneck entry, after checking they are the ones it was made for."""
+    if not bundle.bottlenecks:
+        return []
+    _check_config(model, bundle)
+    modules = dict(model.named_modules())
+    probed = set(_spread(len(bundle.bottlenecks), _PROBED_MODULES))
+    found = []
+    for number, entry in enumerate(bundle.bottlenecks):
+        named = {}
+        for key in ("block", "output", "residual", "norm", "projection"):
+            name = entry.modules.get(key)
+            if name is None:
+                continue
+            module = find_module(model, name, modules)
+            if module is None:
+                _refuse(bundle, f"the model has no module {name!r} ({', '.join(entry.sites)})")
+            named[key] = module
+        norm = named.get("norm")
+        if norm is not None and not isinstance(norm, torch.nn.LayerNorm):
+            _refuse(
+                bundle,
+                f"{entry.modules['norm']} is a {type(norm).__name__} here, the bundle expects a LayerNorm",
+            )
+        projection = named["projection"]
+        weight = original(projection, "weight")
+        weight = weight if weight is not None else getattr(projection, "weight", None)
+        shape = None if weight is None else list(weight.shape)
+        if shape != entry.probe["shape"]:
+            _refuse(
+                bundle,
+                f"{entry.modules['projection']}.weight has shape {shape}, expected {entry.probe['shape']}",
+            )
+        if number in probed:
+            _check_probe_values(bundle, entry.modules["projection"], weight, entry.probe)
+        found.append((entry, named))
+    return found
+
+
+def _check_probe_values(bundle: Bundle, name: str, weight: torch.Tensor, probe: dict) -> None:
+    """A bottleneck's probe of the projection it follows, checked like a module's."""
+    stored_dtype = getattr(torch, probe.get("dtype", "float32"), torch.float32)
+    at = torch.tensor(probe["indices"], dtype=torch.long)
+    stored = torch.tensor(probe["values"], dtype=torch.float32)
+    with torch.no_grad():
+        found = weight.detach().reshape(-1)[at.to(weight.device)].to("cpu", torch.float32)
+    rtol = 2 * max(_EPS.get(weight.dtype, _EPS[torch.bfloat16]), _EPS.get(stored_dtype, _EPS[torch.bfloat16]))
+    if not bool(((found - stored).abs() <= rtol * stored.abs() + _PROBE_ATOL).all()):
+        _refuse(bundle, f"{name}.weight holds other values than the base it was compiled for "
+                        "(another checkpoint of the same shape)")  # fmt: skip

@@ -16,6 +16,7 @@ from adaptrix.passes.base import site_context
 from adaptrix.toolchain.air_format import FORMAT, FORMAT_VERSION, tensor_key
 from adaptrix.toolchain.errors import UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Site, site_order
+from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 from adaptrix.toolchain.safetensors_io import PlannedTensor, write_safetensors
 
 __all__ = ["air_metadata", "write_air_file"]
@@ -25,6 +26,8 @@ def write_air_file(
     ir: AdapterIR, file: Path, provenance: Mapping[str, object], dtype: torch.dtype = torch.float32
 ) -> list[str]:
     """Write `ir` as an AIR file at `file` (the caller makes it atomic); return the tensor keys."""
+    refuse_bottlenecks(ir, "AIR cannot hold bottleneck adapters yet",
+                       fix="compile the AdapterHub adapter directly (--target hooks)")  # fmt: skip
     entries, tensors = _layout(ir)
     planned = [PlannedTensor(key, dtype, tensor.shape) for key, tensor in tensors.items()]
     with write_safetensors(file, planned, air_metadata(ir, entries, provenance)) as writer:

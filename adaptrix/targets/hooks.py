@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adaptrix.runtime.bundle import BUNDLE_FORMAT, KINDS_FORMAT, TENSORS_FILE, probe_indices
+from adaptrix.runtime.bundle import (
+    BOTTLENECK_FORMAT,
+    BUNDLE_FORMAT,
+    KINDS_FORMAT,
+    TENSORS_FILE,
+    probe_indices,
+)
+from adaptrix.targets.hooks_bottleneck import bottleneck_entries
 from adaptrix.targets.hooks_kinds import dense_delta, input_scale, output_scale
 from adaptrix.targets.merge_math import merge_tensor
 from adaptrix.targets.written import Written
@@ -24,6 +31,7 @@ from adaptrix.toolchain.binders.table import Layout, Placement, fuse_rows, split
 from adaptrix.toolchain.checkpoint import INDEX_NAME, Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Replace, Role, Scale, Site
+from adaptrix.toolchain.ir_bottleneck import Bottleneck, refuse_bottlenecks
 from adaptrix.toolchain.safetensors_io import read_elements
 
 __all__ = ["LowRankPair", "low_rank_pairs", "write_hooks"]
@@ -50,7 +58,8 @@ def write_hooks(
 ) -> Written:
     """Write the bundle (deltas + the manifest's bundle section) into directory `out`."""
     dtype = dtype or torch.float32
-    tensors: dict[str, torch.Tensor] = {}
+    bottlenecks, tensors = bottleneck_entries(ir, base, dtype)
+    ir = AdapterIR(tuple((s, op) for s, op in ir if not isinstance(op, Bottleneck)), ir.source, ir.name)
     entries = []
     for module in _modules(ir, base):
         builder = _EntryBuilder(module, base, dtype)
@@ -59,16 +68,20 @@ def write_hooks(
         except BadInputError as exc:
             raise exc.with_context(module.placement.name) from None
         tensors.update(builder.tensors)
-    save_file(tensors, str(out / TENSORS_FILE), metadata={"format": "pt", "adaptrix": "hooks-bundle"})
+    # One metadata key: safetensors writes its metadata map in a random order, so two keys would
+    # make two compiles of the same inputs differ byte for byte.
+    save_file(tensors, str(out / TENSORS_FILE), metadata={"format": "pt"})
     if progress:
         progress(sum(info.nbytes for info in base.tensors.values()))
     kinds = any(key in entry for entry in entries for key in _KIND_KEYS)
+    version = BOTTLENECK_FORMAT if bottlenecks else KINDS_FORMAT if kinds else BUNDLE_FORMAT
     section = {
-        "format_version": KINDS_FORMAT if kinds else BUNDLE_FORMAT,  # older readers refuse what they lack
+        "format_version": version,  # older readers refuse what they lack
         "tensors_file": TENSORS_FILE,
         "dtype": str(dtype).removeprefix("torch."),
         "base": _base_section(base),
         "modules": entries,
+        **({"bottlenecks": bottlenecks} if bottlenecks else {}),
     }
     return Written([TENSORS_FILE], {"bundle": section})
 
@@ -121,6 +134,8 @@ def low_rank_pairs(
     ir: AdapterIR, base: Checkpoint, dtype: torch.dtype, strict: bool = True
 ) -> list[LowRankPair]:
     """One low-rank pair per touched module; any other kind of op is an error (skipped if not strict)."""
+    refuse_bottlenecks(ir, "ONNX support for bottlenecks is not built yet",
+                       fix="use --target hooks, which runs them unmerged")  # fmt: skip
     pairs = []
     for module in _modules(ir, base):
         name = module.placement.name

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.targets.merge_bottleneck import fold_bottlenecks
 from adaptrix.targets.merge_math import merge_tensor, op_params, required_params
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.binders.table import Placement
@@ -56,6 +57,7 @@ def write_merged(
     progress: Callable[[int], None] | None = None,
 ) -> Written:
     """Write the merged model into directory `out`; return the files written."""
+    ir = fold_bottlenecks(ir, base)  # linear bottlenecks become weight deltas; others are refused
     items, untied = plan_tensors(ir, base)
     shards = _shard_names(1 + max(item.shard for item in items))
     written: list[str] = []

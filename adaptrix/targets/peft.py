@@ -22,6 +22,7 @@ from adaptrix.toolchain.binders.table import Layout
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR
+from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "write_peft"]
 
@@ -39,6 +40,8 @@ def write_peft(
 ) -> Written:
     """Write adapter_config.json and adapter_model.safetensors into directory `out`."""
     dtype = dtype or torch.float32
+    refuse_bottlenecks(ir, "a PEFT adapter cannot hold AdapterHub bottlenecks",
+                       fix="use --target hooks, or keep the AdapterHub adapter")  # fmt: skip
     deltas = module_deltas(ir, base)
     lora = [d for d in deltas if d.lora is not None]
     if not lora:

@@ -90,7 +90,8 @@ def _base_for(source: ReadAdapter, base: Path | None, to: str) -> Path | None:
                 fix="pass --base BASE: the model whose module names the PEFT adapter is for",
             )
         return None
-    recorded = json.loads((source.path / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    config = json.loads((source.path / CONFIG_NAME).read_text())
+    recorded = config.get("base_model_name_or_path", config.get("model_name"))  # PEFT's, AdapterHub's
     if isinstance(recorded, str) and recorded and (Path(recorded) / "config.json").is_file():
         logger.info("lowering onto %s, the base named in %s", recorded, CONFIG_NAME)
         return Path(recorded)

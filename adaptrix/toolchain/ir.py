@@ -14,6 +14,7 @@ from types import MappingProxyType
 import torch
 
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.ir_bottleneck import Bottleneck, BottleneckBlock, LayerNormParams
 from adaptrix.toolchain.ir_kinds import Factored, Scale
 from adaptrix.toolchain.lazy import LazyTensor
 
@@ -21,8 +22,11 @@ __all__ = [
     "GLOBAL_ROLES",
     "AdapterIR",
     "Bias",
+    "Bottleneck",
+    "BottleneckBlock",
     "DoRA",
     "Factored",
+    "LayerNormParams",
     "LazyTensor",
     "LowRank",
     "Op",
@@ -191,7 +195,7 @@ class Replace:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
 
-Op = LowRank | Bias | DoRA | Replace | Factored | Scale
+Op = LowRank | Bias | DoRA | Replace | Factored | Scale | Bottleneck
 
 
 @dataclass(frozen=True, slots=True)

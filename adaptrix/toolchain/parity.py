@@ -64,6 +64,7 @@ class ParityReport:
     output: str
     inputs: Mapping[str, object]
     backends: tuple[BackendResult, ...]
+    reference: str = "peft"  # whose forward is the ground truth: peft, or adapterhub
 
     @property
     def ok(self) -> bool:
@@ -72,7 +73,7 @@ class ParityReport:
 
     def as_json(self) -> dict:
         """{schema, reference, adapter, base, output, inputs, ok, backends: [...]}."""
-        return {"schema": SCHEMA, "reference": "peft", "adapter": self.adapter, "base": self.base,
+        return {"schema": SCHEMA, "reference": self.reference, "adapter": self.adapter, "base": self.base,
                 "output": self.output, "inputs": dict(self.inputs), "ok": self.ok,
                 "backends": [asdict(result) for result in self.backends]}  # fmt: skip
 
@@ -136,7 +137,7 @@ def parity(
     feeds = read_inputs(Path(inputs) if inputs else None, checkpoint.source.vocab_size)
     with tempfile.TemporaryDirectory(prefix="adaptrix-parity-", dir=work_dir) as scratch:
         root = Path(scratch)
-        expected = reference_outputs(Path(adapter), checkpoint, feeds, root)
+        expected, reference = reference_outputs(Path(adapter), checkpoint, feeds, root)
         chosen = {target: Path(path) for target, path in (artifacts or {}).items()}
         for target in targets:
             if target not in chosen:
@@ -147,7 +148,7 @@ def parity(
     shape = list(feeds["input_ids"].shape)
     given = {"shape": shape, "file": str(inputs) if inputs else None}
     output = "logits" if expected.dim() == 3 else "outputs"
-    return ParityReport(str(adapter), str(base), output, given, tuple(results))
+    return ParityReport(str(adapter), str(base), output, given, tuple(results), reference)
 
 
 def _compile(compile_fn, adapter, base, target: str, out: Path) -> Path:

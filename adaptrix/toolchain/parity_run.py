@@ -39,20 +39,35 @@ def forward(model: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> torch.Ten
     return (value if value is not None else output.last_hidden_state).float()
 
 
-def reference_outputs(adapter: Path, base: Checkpoint, feeds: dict[str, torch.Tensor], scratch: Path):
-    """PEFT's own forward (float32, unmerged) of the adapter on the base; AIR goes through PEFT."""
+def reference_outputs(
+    adapter: Path, base: Checkpoint, feeds: dict[str, torch.Tensor], scratch: Path
+) -> tuple[torch.Tensor, str]:
+    """PEFT's own forward (float32, unmerged) of the adapter on the base; AIR goes through PEFT.
+
+    An AdapterHub adapter's reference is AdapterHub's own forward with the adapter active (its
+    loader reads .bin weights with torch.load(weights_only=True) too).
+    """
     from peft import PeftModel
 
+    from adaptrix.toolchain.frontends.adapterhub import HubAdapter
     from adaptrix.toolchain.frontends.air import AirAdapter
     from adaptrix.toolchain.frontends.formats import read_adapter
 
-    if isinstance(read_adapter(adapter), AirAdapter):
+    read = read_adapter(adapter)
+    if isinstance(read, HubAdapter):
+        import adapters
+
+        model = load_auto(base.path)
+        adapters.init(model)
+        model.set_active_adapters(model.load_adapter(str(adapter), with_head=False))
+        return forward(model.eval(), feeds), "adapterhub"
+    if isinstance(read, AirAdapter):
         from adaptrix.toolchain.convert import convert_adapter
 
         convert_adapter(adapter, "peft", scratch / "reference-peft", base=base.path)
         adapter = scratch / "reference-peft"
     model = PeftModel.from_pretrained(load_auto(base.path), adapter).eval()
-    return forward(model, feeds)
+    return forward(model, feeds), "peft"
 
 
 def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torch.Tensor]) -> Run:

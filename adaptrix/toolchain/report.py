@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.toolchain.frontends.adapterhub import is_adapterhub
 from adaptrix.toolchain.frontends.air import is_air, read_air
 from adaptrix.toolchain.frontends.air_lower import lower_air
 from adaptrix.toolchain.frontends.peft import lower_peft
@@ -12,6 +13,7 @@ from adaptrix.toolchain.frontends.peft_weights import PeftAdapter, read_peft
 from adaptrix.toolchain.ir import (
     AdapterIR,
     Bias,
+    Bottleneck,
     DoRA,
     Factored,
     LazyTensor,
@@ -22,7 +24,7 @@ from adaptrix.toolchain.ir import (
     site_order,
 )
 
-__all__ = ["inspect_adapter", "inspect_air", "inspect_bundle"]
+__all__ = ["bottleneck_row", "inspect_adapter", "inspect_air", "inspect_bundle", "site_rows"]
 
 _KINDS = {LowRank: "lora", DoRA: "dora", Bias: "bias", Replace: "replace", Scale: "ia3"}
 _FACTOR_KINDS = {"hada_": "loha", "lokr_": "lokr", "ia3_l": "ia3", "vera_": "vera"}
@@ -34,6 +36,10 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
         return inspect_bundle(adapter)
     if is_air(adapter) and not (Path(adapter) / "adapter_config.json").is_file():
         return inspect_air(adapter, base)
+    if is_adapterhub(Path(adapter)):
+        from adaptrix.toolchain.report_hub import inspect_adapterhub
+
+        return inspect_adapterhub(adapter, base)
     peft_adapter = read_peft(adapter)
     settings = peft_adapter.settings
     summary = {
@@ -54,7 +60,7 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
         ir = lower_peft(peft_adapter, checkpoint)
         summary["base"] = str(base)
         summary["source"] = ir.source.as_dict()
-        rows, tensors = _site_rows(ir)
+        rows, tensors = site_rows(ir)
     layers = sorted({row["layer"] for row in rows if row["layer"] is not None})
     summary.update(
         layers=layers,
@@ -70,7 +76,7 @@ def inspect_air(path: Path | str, base: Path | str | None = None) -> dict:
     """Describe an AIR file per site: its source model, provenance, ranks, scales and sizes."""
     air = read_air(path)
     ir = air.ir() if base is None else lower_air(air, Checkpoint(base))
-    rows, tensors = _site_rows(ir)
+    rows, tensors = site_rows(ir)
     return {
         "adapter": str(path),
         "format": "air",
@@ -113,6 +119,26 @@ def inspect_bundle(path: Path | str) -> dict:
                 "bytes": sum(t.numel() * t.element_size() for t in tensors),
             }
         )
+    stored = {}
+    for entry in bundle.bottlenecks:
+        tensors = {key: bundle.tensors[key] for key in entry.tensors.values()}
+        new = {key: t for key, t in tensors.items() if key not in stored}  # shared tensors count once
+        stored.update(tensors)
+        rows.append(
+            {
+                "module": entry.name,
+                "layer": _layer_of(entry.name),
+                "sites": list(entry.sites),
+                "op": "bottleneck",
+                "size": entry.size,
+                "act": entry.act,
+                "placement": f"{'parallel to' if entry.parallel else 'after'} {entry.block}",
+                "scale": entry.scale,
+                "shared": sorted(tensors.keys() - new.keys()) or None,
+                "parameters": sum(t.numel() for t in new.values()),
+                "bytes": sum(t.numel() * t.element_size() for t in new.values()),
+            }
+        )
     base = bundle.base
     return {
         "adapter": str(path),
@@ -132,12 +158,16 @@ def _is_bundle(path: Path) -> bool:
     return manifest.is_file() and not (path / "adapter_config.json").is_file()
 
 
-def _site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:
+def site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:
+    """One row per (site, op) of an IR, and its distinct tensors by identity."""
     rows, unique = [], {}
     for site, op in sorted(ir, key=lambda pair: site_order(pair[0])):
         tensors = _op_tensors(op)
         unique.update((id(t), t) for t in tensors)
         low_rank = op.low_rank if isinstance(op, DoRA) else op
+        if isinstance(op, Bottleneck):
+            rows.append({"layer": site.layer, "role": str(site.role), **bottleneck_row(op, tensors)})
+            continue
         rows.append(
             {
                 "layer": site.layer,
@@ -153,7 +183,24 @@ def _site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:
     return rows, unique
 
 
+def bottleneck_row(op: Bottleneck, tensors: list[LazyTensor]) -> dict:
+    """A bottleneck's row: size, activation, placement, options, shared group, parameters, bytes."""
+    return {
+        "op": "bottleneck",
+        "size": op.size,
+        "act": op.act,
+        "placement": f"{'parallel to' if op.parallel else 'after'} {op.block}",
+        "scale": op.scale,
+        "layer_norms": [name for name, norm in (("before", op.ln_before), ("after", op.ln_after)) if norm],
+        "shared": op.shared,
+        "parameters": sum(t.numel for t in tensors),
+        "bytes": sum(t.nbytes for t in tensors),
+    }
+
+
 def _op_tensors(op: Op) -> list[LazyTensor]:
+    if isinstance(op, Bottleneck):
+        return list(op.tensors().values())
     if isinstance(op, LowRank):
         return [op.a, op.b]
     if isinstance(op, DoRA):

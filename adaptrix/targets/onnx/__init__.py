@@ -29,6 +29,7 @@ from adaptrix.targets.written import Written
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR
+from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
 __all__ = ["write_onnx"]
 
@@ -60,6 +61,9 @@ def write_onnx(
             fix="use --target onnx-cpu, or leave out --quantize for onnx-cuda's float16",
         )
     check_quantize(quantize, block_size)
+    for _, each in adapters:  # before the (slow) export
+        refuse_bottlenecks(each, "ONNX support for bottlenecks is not built yet",
+                           fix="use --target hooks, which runs them unmerged")  # fmt: skip
     dtype = dtype or torch.float32
     # What the adapters can be refused for is checked before the (slow, noisy) first export.
     pairs = [(name, low_rank_pairs(adapter, base, dtype)) for name, adapter in adapters] if unmerged else []

@@ -1,6 +1,6 @@
 """BERT / RoBERTa encoders: separate query, key, value; post-attention and post-FFN LayerNorms."""
 
-from adaptrix.toolchain.binders.table import Binder, Layout, Module
+from adaptrix.toolchain.binders.table import Binder, BlockPoints, Layout, Module
 from adaptrix.toolchain.ir import Role
 
 BINDER = Binder(
@@ -35,4 +35,16 @@ BINDER = Binder(
         "vocab_size": ("vocab_size",),
     },
     tie_default=True,
+    # BertSelfOutput / BertOutput: forward(x, r) = LayerNorm(dropout(dense(x)) + r).
+    bottleneck_points={
+        "attn": BlockPoints(
+            "attention.output",
+            "attention.output.dropout",
+            "attention.output",
+            1,
+            "attention.output.dense",
+            "attention.output.LayerNorm",
+        ),
+        "mlp": BlockPoints("output", "output.dropout", "output", 1, "output.dense", "output.LayerNorm"),
+    },
 )

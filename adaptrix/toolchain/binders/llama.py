@@ -1,6 +1,6 @@
 """LLaMA, Mistral, Qwen2: separate q/k/v/o and gate/up/down projections (Qwen2 adds q/k/v biases)."""
 
-from adaptrix.toolchain.binders.table import Binder, Layout, Module
+from adaptrix.toolchain.binders.table import Binder, BlockPoints, Layout, Module
 from adaptrix.toolchain.ir import Role
 
 DECODER_CONFIG_KEYS = {
@@ -41,4 +41,9 @@ BINDER = Binder(
     },
     model_modules=HEADS,
     config_keys=DECODER_CONFIG_KEYS,
+    # The decoder layer adds each block's output to its residual, which enters the next norm.
+    bottleneck_points={
+        "attn": BlockPoints("self_attn", "self_attn", "input_layernorm", 0, "self_attn.o_proj"),
+        "mlp": BlockPoints("mlp", "mlp", "post_attention_layernorm", 0, "mlp.down_proj"),
+    },
 )

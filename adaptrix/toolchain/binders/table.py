@@ -15,7 +15,7 @@ import torch
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.ir import Role, SourceModel
 
-__all__ = ["Binder", "Layout", "Module", "Placement", "Split", "fuse_rows", "split_rows"]
+__all__ = ["Binder", "BlockPoints", "Layout", "Module", "Placement", "Split", "fuse_rows", "split_rows"]
 
 
 class Layout(StrEnum):
@@ -56,6 +56,24 @@ class Module:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockPoints:
+    """Where a bottleneck adapter meets one block of a layer, as modules the hooks runtime can hook.
+
+    Names are relative to the layer. `block`'s output is what the layer adds to its residual
+    stream (Llama: the attention / MLP output h) or, with `norm`, LN(h + r) (BERT's
+    BertSelfOutput / BertOutput). `output`'s output is h. The residual r is argument
+    `residual_arg` of `residual`'s forward. `projection` is the module whose weight h comes from.
+    """
+
+    block: str
+    output: str
+    residual: str
+    residual_arg: int
+    projection: str
+    norm: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """A module name resolved by a binder."""
 
@@ -77,6 +95,7 @@ class Binder:
     config_keys: Mapping[str, tuple[str, ...]]
     tie_default: bool = False
     lm_head_weight: str = "lm_head.weight"
+    bottleneck_points: Mapping[str, BlockPoints] = field(default_factory=dict)  # by BottleneckBlock
     _layer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +103,7 @@ class Binder:
         object.__setattr__(self, "layer_modules", MappingProxyType(dict(self.layer_modules)))
         object.__setattr__(self, "model_modules", MappingProxyType(dict(self.model_modules)))
         object.__setattr__(self, "config_keys", MappingProxyType(dict(self.config_keys)))
+        object.__setattr__(self, "bottleneck_points", MappingProxyType(dict(self.bottleneck_points)))
         pattern = rf"^(?:.*\.)?{re.escape(self.layer_container)}\.(\d+)\.(.+)$"
         object.__setattr__(self, "_layer_re", re.compile(pattern))
 

@@ -1,8 +1,9 @@
 """The registry of adapter formats: which frontend reads a path, and how it lowers onto a base.
 
-A PEFT adapter is a directory with adapter_config.json; an AIR adapter is a file, or a directory
-holding adapter.air.safetensors. Anything else goes to the PEFT reader, whose errors say what a
-PEFT directory needs.
+An AdapterHub adapter is a directory with adapter_config.json and pytorch_adapter.bin (or
+adapter.safetensors); a PEFT adapter is a directory with adapter_config.json; an AIR adapter is
+a file, or a directory holding adapter.air.safetensors. Anything else goes to the PEFT reader,
+whose errors say what a PEFT directory needs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.toolchain.frontends.adapterhub import (
+    HubAdapter,
+    is_adapterhub,
+    lower_adapterhub,
+    read_adapterhub,
+)
 from adaptrix.toolchain.frontends.air import AirAdapter, is_air, read_air
 from adaptrix.toolchain.frontends.air_lower import lower_air
 from adaptrix.toolchain.frontends.peft import lower_peft
@@ -31,7 +38,7 @@ __all__ = [
     "source_ir",
 ]
 
-ReadAdapter = PeftAdapter | AirAdapter
+ReadAdapter = PeftAdapter | AirAdapter | HubAdapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +57,14 @@ def _register(*formats: AdapterFormat) -> Mapping[str, AdapterFormat]:
 
 
 FORMATS = _register(
+    AdapterFormat("adapterhub", is_adapterhub, read_adapterhub, lower_adapterhub, HubAdapter),
     AdapterFormat("peft-lora", lambda p: (p / CONFIG_NAME).is_file(), read_peft, lower_peft, PeftAdapter),
     AdapterFormat("air", is_air, read_air, lower_air, AirAdapter),
 )
 
 
 def adapter_format(path: Path | str) -> AdapterFormat:
-    """The format a path is in (PEFT first: a directory with adapter_config.json is PEFT)."""
+    """The format a path is in (AdapterHub first: its weights file tells it from PEFT's directory)."""
     path = Path(path)
     return next((f for f in FORMATS.values() if f.detect(path)), FORMATS["peft-lora"])
 

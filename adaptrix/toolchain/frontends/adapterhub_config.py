@@ -1,0 +1,203 @@
+"""AdapterHub adapter_config.json: the methods an adapter holds, each option checked.
+
+Every option either compiles to what `adapters` 1.x computes in eval mode or is refused with a
+line naming it. Options that only act in training (dropout, stochastic_depth, init_weights, ...)
+are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+
+__all__ = ["BnSettings", "HubConfig", "LoraSettings", "read_hub_config"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+
+_BN_DEFAULTS = {
+    "original_ln_before": False,
+    "original_ln_after": True,
+    "ln_before": False,
+    "ln_after": False,
+    "is_parallel": False,
+    "scaling": 1.0,
+    "use_gating": False,
+    "residual_before_ln": True,
+    "adapter_residual_before_ln": False,
+    "inv_adapter": None,
+    "cross_adapter": False,
+    "leave_out": [],
+    "phm_layer": False,
+}
+_BN_TRAINING = {
+    "init_weights",
+    "init_weights_seed",
+    "dropout",
+    "stochastic_depth",
+    "inv_adapter_reduction_factor",
+    "phm_dim",
+    "factorized_phm_W",
+    "shared_W_phm",
+    "shared_phm_rule",
+    "factorized_phm_rule",
+    "phm_c_init",
+    "phm_init_range",
+    "learn_phm",
+    "hypercomplex_nonlinearity",
+    "phm_rank",
+    "phm_bias",
+}
+_BN_KEYS = {"mh_adapter", "output_adapter", "reduction_factor", "non_linearity", *_BN_DEFAULTS, *_BN_TRAINING}
+_LORA_KEYS = {
+    "architecture",
+    "selfattn_lora",
+    "intermediate_lora",
+    "output_lora",
+    "leave_out",
+    "r",
+    "alpha",
+    "dropout",
+    "attn_matrices",
+    "composition_mode",
+    "init_weights",
+    "init_weights_seed",
+    "use_gating",
+    "use_dora",
+    "dtype",
+    "vera_b",
+    "vera_d",
+}
+# What a refused option is, for the message.
+_REFUSED = {
+    "phm_layer": "phm_layer (Compacter's hypercomplex layers)",
+    "use_gating": "use_gating (UniPELT gates)",
+    "inv_adapter": "inv_adapter (invertible adapters)",
+    "use_dora": "use_dora (AdapterHub DoRA)",
+}
+_ARCHITECTURES = {
+    "prefix_tuning": "prefix tuning",
+    "prompt_tuning": "prompt tuning",
+    "reft": "ReFT",
+    "mtl_lora": "multi-task LoRA",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BnSettings:
+    """A bottleneck config (SeqBn, DoubleSeqBn, ParBn or a custom BnConfig)."""
+
+    values: Mapping[str, object]
+
+    def __getitem__(self, key: str) -> object:
+        """An option's value, or AdapterHub's default."""
+        return self.values.get(key, _BN_DEFAULTS.get(key))
+
+    def reduction_factor(self, layer: int) -> float:
+        """The reduction factor of one layer (a mapping gives per-layer values and a default)."""
+        factor = self.values["reduction_factor"]
+        if isinstance(factor, Mapping):
+            factor = factor.get(str(layer), factor.get("default"))
+        return float(factor)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraSettings:
+    """A LoRA config (composition_mode add) or IA3 (composition_mode scale)."""
+
+    values: Mapping[str, object]
+
+    @property
+    def is_ia3(self) -> bool:
+        """IA3: the output scaled by lora_B instead of added to."""
+        return self.values.get("composition_mode", "add") == "scale"
+
+    @property
+    def scale(self) -> float:
+        """Alpha / r, as AdapterHub computes its scaling."""
+        return float(self.values.get("alpha", 8)) / float(self.values.get("r", 8))
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    """An adapter_config.json: the adapter's name, model type, hidden size and methods."""
+
+    path: Path
+    name: str
+    model_type: str
+    hidden_size: int | None
+    bottleneck: BnSettings | None
+    lora: LoraSettings | None
+
+
+def read_hub_config(folder: Path) -> HubConfig:
+    """Read and check an AdapterHub adapter_config.json."""
+    file = folder / CONFIG_NAME
+    try:
+        raw = json.loads(file.read_text())
+        config, name, model_type = raw["config"], str(raw["name"]), str(raw["model_type"])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise BadInputError(
+            f"is not an AdapterHub adapter config ({exc!r})",
+            path=file,
+            fix="re-save the adapter with model.save_adapter(dir, name)",
+        ) from None
+    methods = config.get("configs") if config.get("architecture") == "union" else [config]
+    bottleneck = lora = None
+    for method in methods:
+        architecture = method.get("architecture")
+        if architecture in _ARCHITECTURES:
+            raise UnsupportedError(
+                f"holds a {_ARCHITECTURES[architecture]} adapter (architecture "
+                f"{architecture!r}), which Adaptrix does not compile",
+                path=file,
+                fix="use AdapterHub directly for it",
+            )
+        if architecture == "lora":
+            if lora is not None:
+                raise UnsupportedError("holds two LoRA configs in one union", path=file)
+            lora = LoraSettings(_checked(method, _LORA_KEYS, file))
+        elif architecture is None:
+            if bottleneck is not None:
+                raise UnsupportedError("holds two bottleneck configs in one union", path=file)
+            bottleneck = BnSettings(_checked(method, _BN_KEYS, file))
+        else:
+            raise UnsupportedError(f"has architecture {architecture!r}, unknown to Adaptrix", path=file)
+    hidden = raw.get("hidden_size")
+    return HubConfig(file, name, model_type, int(hidden) if hidden else None, bottleneck, lora)
+
+
+def _checked(method: Mapping[str, object], known: set[str], file: Path) -> dict[str, object]:
+    """The method's options, with every refused one an error and unknown ones logged."""
+    for key, what in _REFUSED.items():
+        if method.get(key):
+            raise UnsupportedError(
+                f"sets {what}, which Adaptrix does not compile",
+                path=file,
+                fix=f"retrain without {key}, or use AdapterHub directly",
+            )
+    if "composition_mode" in method and method["composition_mode"] not in ("add", "scale"):
+        raise UnsupportedError(f"has composition_mode {method['composition_mode']!r}", path=file)
+    if method.get("vera_d") is not None or method.get("vera_b") is not None:
+        raise UnsupportedError(
+            "is an AdapterHub VeRA adapter (vera_b / vera_d), which Adaptrix does not compile",
+            path=file,
+            fix="use AdapterHub directly",
+        )
+    scaling = method.get("scaling", 1.0)
+    if not isinstance(scaling, int | float) and scaling not in ("learned", "channel"):
+        raise BadInputError(
+            f"has scaling {scaling!r}; AdapterHub knows a number, 'learned' or 'channel'", path=file
+        )
+    for key in method:
+        if key not in known:
+            logger.warning(
+                "%s: option %s is not an AdapterHub option Adaptrix knows; it has no effect", file, key
+            )
+    return dict(method)
