@@ -1,8 +1,9 @@
 """Fuzzing the inputs: generated adapter configs, tensor headers and base configs never crash the compiler.
 
-Each generated input either compiles (exit 0, a complete output) or is refused: exit 2, one line
-on stderr starting with "error:", no traceback, nothing written beside the output. Hypothesis
-generates over 500 inputs per run (FUZZ_EXAMPLES per strategy, three strategies).
+AdapterHub configs are fuzzed too (the hybrid adapters). Each generated input either compiles
+(exit 0, a complete output) or is refused: exit 2, one line on stderr starting with "error:", no
+traceback, nothing written beside the output. Hypothesis generates over 500 inputs per run
+(FUZZ_EXAMPLES per strategy for the three PEFT and base strategies, HUB_EXAMPLES for AdapterHub's).
 """
 
 from __future__ import annotations
@@ -138,3 +139,41 @@ def test_generated_base_configs(valid, tmp_path_factory, edits):
     (bad / "config.json").write_text(json.dumps(config))
     result, out = compile_into(tmp, adapter, bad)
     check(result, out)
+
+
+HUB_EXAMPLES = 60
+HUB_KEYS = ["architecture", "mh_adapter", "output_adapter", "reduction_factor", "non_linearity",
+            "original_ln_before", "original_ln_after", "residual_before_ln", "ln_before", "ln_after",
+            "is_parallel", "scaling", "use_gating", "phm_layer", "leave_out", "inv_adapter", "r", "alpha",
+            "attn_matrices", "composition_mode", "selfattn_lora", "init_weights", "shared_W_phm"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hub_adapter(bases, tmp_path_factory):
+    from adapters import SeqBnConfig
+    from hub_builders import save_hub
+
+    base = bases("llama")
+    return base, save_hub(
+        "llama", base, SeqBnConfig(reduction_factor=4), tmp_path_factory.mktemp("hub") / "a"
+    )[0]
+
+
+@settings(FUZZ, max_examples=HUB_EXAMPLES)
+@given(
+    edits=st.dictionaries(
+        st.sampled_from(HUB_KEYS) | st.text(max_size=8), json_values, min_size=1, max_size=3
+    )
+)
+def test_generated_adapterhub_configs(hub_adapter, tmp_path_factory, edits):
+    base, adapter = hub_adapter
+    tmp = tmp_path_factory.mktemp("hubconfig")
+    bad = Path(shutil.copytree(adapter, tmp / "adapter"))
+    file = bad / "adapter_config.json"
+    saved = json.loads(file.read_text())
+    saved["config"] = {**saved["config"], **edits}
+    file.write_text(json.dumps(saved))
+    result = runner.invoke(
+        app, ["compile", str(bad), "--base", str(base), "--target", "hooks", "-o", str(tmp / "out")]
+    )
+    check(result, tmp / "out")

@@ -106,6 +106,19 @@ def test_the_same_inputs_give_byte_identical_outputs(bases, tmp_path, target, op
     assert digests(first) == digests(second) and "manifest.json" in digests(first)
 
 
+def test_a_hybrid_bundle_is_byte_identical(bases, tmp_path):
+    """An AdapterHub LoRA + bottleneck adapter compiles to the same bundle bytes twice."""
+    from adapters import ConfigUnion, LoRAConfig, SeqBnConfig
+    from hub_builders import save_hub
+
+    base = bases("llama")
+    union = ConfigUnion(LoRAConfig(r=4, alpha=8), SeqBnConfig(reduction_factor=4))
+    adapter, _ = save_hub("llama", base, union, tmp_path / "hub")
+    compile_adapter(adapter, base, "hooks", tmp_path / "first")
+    compile_adapter(adapter, base, "hooks", tmp_path / "second")
+    assert digests(tmp_path / "first") == digests(tmp_path / "second")
+
+
 def test_air_conversion_is_byte_identical(bases, tmp_path):
     base = bases("gpt2")
     adapter = make_adapter("gpt2", base, tmp_path / "adapter", seed=4)

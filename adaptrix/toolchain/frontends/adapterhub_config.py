@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,10 +149,17 @@ def read_hub_config(folder: Path) -> HubConfig:
             path=file,
             fix="re-save the adapter with model.save_adapter(dir, name)",
         ) from None
+    if not isinstance(config, dict):
+        raise BadInputError("has a config that is not a mapping", path=file,
+                            fix="re-save the adapter with model.save_adapter(dir, name)")  # fmt: skip
     methods = config.get("configs") if config.get("architecture") == "union" else [config]
+    if not isinstance(methods, list) or not all(isinstance(m, dict) for m in methods):
+        raise BadInputError("has a union whose configs are not a list of mappings", path=file)
     bottleneck = lora = None
     for method in methods:
         architecture = method.get("architecture")
+        if architecture is not None and not isinstance(architecture, str):
+            raise BadInputError(f"has architecture {architecture!r}, not a name", path=file)
         if architecture in _ARCHITECTURES:
             raise UnsupportedError(
                 f"holds a {_ARCHITECTURES[architecture]} adapter (architecture "
@@ -173,8 +181,44 @@ def read_hub_config(folder: Path) -> HubConfig:
     return HubConfig(file, name, model_type, int(hidden) if hidden else None, bottleneck, lora)
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive_factor(value: object) -> bool:
+    if isinstance(value, Mapping):
+        return bool(value) and all(_positive_factor(v) for v in value.values())
+    return _is_number(value) and value > 0
+
+
+# The value each option must have (a value of another type is an error naming the option).
+_TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
+    "reduction_factor": ("a positive number or a mapping of layers to one", _positive_factor),
+    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "alpha": ("a number", _is_number),
+    "dropout": ("a number", _is_number),
+    "non_linearity": ("an activation name", lambda v: isinstance(v, str)),
+    "composition_mode": ("add or scale", lambda v: v in ("add", "scale")),
+    "residual_before_ln": ("true, false or 'post_add'", lambda v: v in (True, False, "post_add")),
+    "leave_out": ("a list of layer numbers", lambda v: isinstance(v, list)
+                  and all(isinstance(i, int) and not isinstance(i, bool) for i in v)),
+    "attn_matrices": ("a list of q, k, v", lambda v: isinstance(v, list)
+                      and all(isinstance(m, str) for m in v)),
+    **{key: ("true or false", lambda v: isinstance(v, bool))
+       for key in ("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after", "ln_before",
+                   "ln_after", "is_parallel", "selfattn_lora", "intermediate_lora", "output_lora",
+                   "adapter_residual_before_ln")},
+}  # fmt: skip
+
+
 def _checked(method: Mapping[str, object], known: set[str], file: Path) -> dict[str, object]:
     """The method's options, with every refused one an error and unknown ones logged."""
+    for key, (what, fits) in _TYPES.items():
+        if key in method and method[key] is not None and not fits(method[key]):
+            raise BadInputError(f"has {key} = {method[key]!r}; expected {what}", path=file,
+                                fix="re-save the adapter with model.save_adapter(dir, name)")  # fmt: skip
+    if method.get("reduction_factor", 1) is None:
+        raise BadInputError("has reduction_factor null; expected a positive number", path=file)
     for key, what in _REFUSED.items():
         if method.get(key):
             raise UnsupportedError(
