@@ -90,12 +90,13 @@ def test_parallel_identity_bottleneck_refused_by_merged(bases, tmp_path):
     assert "parallel" in line
 
 
-def test_onnx_air_and_passes_refuse_bottlenecks(bases, tmp_path):
+def test_unmerged_onnx_air_and_passes_refuse_bottlenecks(bases, tmp_path):
+    """Merged ONNX puts bottlenecks into the graph (tests/test_onnx_bottleneck.py); these cannot."""
     base = bases("llama")
     adapter, _ = save_hub("llama", base, SeqBnConfig(reduction_factor=4), tmp_path / "adapter")
     out = tmp_path / "out"
-    line = assert_refused(_compile(adapter, base, out, "onnx-cpu"), out, "layer 0 mlp_down")
-    assert "ONNX support for bottlenecks is not built yet" in line
+    line = assert_refused(_compile(adapter, base, out, "onnx-cpu", "--unmerged"), out, "layer 0 mlp_down")
+    assert "--unmerged ONNX swaps LoRA inputs only" in line and "compile without --unmerged" in line
     result = _cli("convert", adapter, "--to", "air", "-o", tmp_path / "a.air", "--base", base)
     assert_refused(result, tmp_path / "a.air", "AIR cannot hold bottleneck adapters yet")
     result = _compile(adapter, base, out, "hooks", "--pass", "reduce-rank:rank=2")

@@ -134,8 +134,8 @@ def low_rank_pairs(
     ir: AdapterIR, base: Checkpoint, dtype: torch.dtype, strict: bool = True
 ) -> list[LowRankPair]:
     """One low-rank pair per touched module; any other kind of op is an error (skipped if not strict)."""
-    refuse_bottlenecks(ir, "ONNX support for bottlenecks is not built yet",
-                       fix="use --target hooks, which runs them unmerged")  # fmt: skip
+    refuse_bottlenecks(ir, "bottleneck adapters are not low-rank pairs",
+                       fix="compile without --unmerged, or use --target hooks")  # fmt: skip
     pairs = []
     for module in _modules(ir, base):
         name = module.placement.name

@@ -18,7 +18,7 @@ from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bottleneck, Site
 from adaptrix.toolchain.safetensors_io import read_elements
 
-__all__ = ["bottleneck_entries"]
+__all__ = ["bottleneck_entries", "layer_prefix"]
 
 
 def bottleneck_entries(ir: AdapterIR, base: Checkpoint, dtype: torch.dtype) -> tuple[list[dict], dict]:
@@ -27,7 +27,7 @@ def bottleneck_entries(ir: AdapterIR, base: Checkpoint, dtype: torch.dtype) -> t
     for site, op in ir:
         if not isinstance(op, Bottleneck):
             continue
-        prefix, projection = _layer_prefix(base, site, op)
+        prefix, projection = layer_prefix(base, site, op)
         points = base.binder.bottleneck_points[str(op.block)]
         keys = {}
         for name, tensor in op.tensors().items():
@@ -70,7 +70,7 @@ def bottleneck_entries(ir: AdapterIR, base: Checkpoint, dtype: torch.dtype) -> t
     return entries, tensors
 
 
-def _layer_prefix(base: Checkpoint, site: Site, op: Bottleneck) -> tuple[str, str]:
+def layer_prefix(base: Checkpoint, site: Site, op: Bottleneck) -> tuple[str, str]:
     """The checkpoint prefix of the site's layer (`model.layers.3.`) and its projection module."""
     points = base.binder.bottleneck_points.get(str(op.block))
     if points is None:

@@ -1,8 +1,9 @@
 """The `onnx-cpu` and `onnx-cuda` targets: an onnxruntime model directory, merged or unmerged.
 
 The base is exported once per (weights, dtype, task) with optimum and cached; each compile
-copies the cached graph and patches the adapter into it (merged), or adds LoRA inputs and writes
-one `.onnx_adapter` file per adapter (`unmerged`). Quantization, when asked for, comes last.
+copies the cached graph and patches the adapter into it (merged; bottleneck adapters become
+nodes), or adds LoRA inputs and writes one `.onnx_adapter` file per adapter (`unmerged`).
+Quantization, when asked for, comes last.
 The directory also holds the base's config and tokenizer files (optimum's ORTModel classes load
 it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
 """
@@ -18,6 +19,7 @@ import torch
 
 from adaptrix.targets.hooks import low_rank_pairs
 from adaptrix.targets.merged import copy_side_files, plan_tensors
+from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
 from adaptrix.targets.onnx.export import DATA_NAME, MODEL_NAME, BaseExport, export_base
 from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.fuse import fuse_attention
@@ -61,9 +63,13 @@ def write_onnx(
             fix="use --target onnx-cpu, or leave out --quantize for onnx-cuda's float16",
         )
     check_quantize(quantize, block_size)
-    for _, each in adapters:  # before the (slow) export
-        refuse_bottlenecks(each, "ONNX support for bottlenecks is not built yet",
-                           fix="use --target hooks, which runs them unmerged")  # fmt: skip
+    for _, each in adapters if unmerged else ():  # before the (slow) export
+        refuse_bottlenecks(
+            each,
+            "--unmerged ONNX swaps LoRA inputs only; bottleneck adapters are graph nodes",
+            fix="compile without --unmerged (bottlenecks go into the graph) or use --target hooks",
+        )
+    ir, bottlenecks = split_bottlenecks(ir)
     dtype = dtype or torch.float32
     # What the adapters can be refused for is checked before the (slow, noisy) first export.
     pairs = [(name, low_rank_pairs(adapter, base, dtype)) for name, adapter in adapters] if unmerged else []
@@ -83,6 +89,11 @@ def write_onnx(
     else:
         values = merged_patches(ir, base, model, export.path, progress)
         untied = plan_tensors(ir, base)[1]
+    if bottlenecks:  # last: the patches and the fusion above find nodes by position
+        inserted = insert_bottlenecks(model, base, bottlenecks)
+        values.update(inserted.values)
+        exclude += inserted.matmuls  # kept in float: small, and exact
+        section["bottlenecks"] = inserted.manifest
     if fused is not None:
         values.update(fused.values)
         section["attention"] = {"fused_layers": fused.layers, "declined": fused.declined}

@@ -7,8 +7,8 @@ input, symmetric, computed with int8 activations (accuracy level 4), as onnxrunt
 models are; the blocks come from onnxruntime's own kernel (quantize_matmul_4bits), so they are the
 bytes MatMulNBitsQuantizer writes. Neither loads the model: write_model asks for a weight's
 quantized arrays when it reaches them, and only then is that one weight merged (or memory-mapped
-from the cached export) and quantized. LoRA branches of an unmerged graph stay in float: their
-weights are overridable graph inputs.
+from the cached export) and quantized. LoRA branches of an unmerged graph stay in float (their
+weights are overridable graph inputs), and so do bottleneck adapters (small, kept exact).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def quantize_weights(
 def _why_not(node, initializers: dict, overridable: set[str], excluded: set[str]) -> str | None:
     """Why a MatMul's / Gemm's weight stays in float, or None when it is quantized."""
     if node.name in excluded:
-        return "LoRA branch"
+        return "adapter branch (LoRA or bottleneck)"
     init = initializers.get(node.input[1])
     if init is None or node.input[1] in overridable:
         return "weight is not a constant initializer (tied head via Transpose, or a graph input)"
