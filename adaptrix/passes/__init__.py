@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from adaptrix.passes.base import Pass, PassResult, parse_options
 from adaptrix.passes.combine import CombineOptions, combine
 from adaptrix.passes.fold_blend import FoldBlendOptions, fold_blend
+from adaptrix.passes.fuse_hybrid import FuseHybridOptions, fuse_hybrid
 from adaptrix.passes.project import ProjectOptions, project
 from adaptrix.passes.redistribute import RedistributeOptions, redistribute
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
@@ -32,6 +33,8 @@ PASSES = register(
          RedistributeOptions, redistribute, uses_base=True),
     Pass("project", "deltas to the base's hidden / intermediate sizes and heads: svd, truncate, interpolate",
          ProjectOptions, project, uses_base=True),
+    Pass("fuse-hybrid", "a LoRA and bottleneck adapters into one; linear bottlenecks folded exactly",
+         FuseHybridOptions, fuse_hybrid, several=True, uses_base=True, bottlenecks=True),
 )  # fmt: skip
 
 

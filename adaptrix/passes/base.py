@@ -33,6 +33,7 @@ class Pass:
     IRs instead and makes one from them. A pass with `uses_base` set (redistribute, project) is
     called as `run(ir, options, base)` with the Checkpoint of the base being compiled for; its
     input IR may be in other dimensions than the base's (an AIR adapter made for another model).
+    Only a pass with `bottlenecks` set (fuse-hybrid) takes IRs holding Bottleneck ops.
     """
 
     name: str
@@ -41,6 +42,7 @@ class Pass:
     run: Callable[..., PassResult]
     several: bool = False
     uses_base: bool = False
+    bottlenecks: bool = False
 
 
 class site_context:  # noqa: N801 - a context manager used like a function

@@ -31,8 +31,8 @@ def run_passes(
         try:
             if spec.uses_base and base is None:
                 raise BadInputError("needs the base the adapter is carried to", fix="give --base BASE")
-            for ir in irs:
-                refuse_bottlenecks(ir, "passes do not rewrite bottleneck adapters yet",
+            for ir in irs if not spec.bottlenecks else ():
+                refuse_bottlenecks(ir, "only fuse-hybrid rewrites bottleneck adapters",
                                    fix="compile without --pass, or pass only the LoRA adapter")  # fmt: skip
             extra = (base,) if spec.uses_base else ()
             if spec.several:

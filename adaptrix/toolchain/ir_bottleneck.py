@@ -52,6 +52,8 @@ class Bottleneck:
 
     down [size, in], up [out, size]; biases [size] / [out] or None. `shared`: a name for tensors
     this op shares with ops of other layers (the same LazyTensor objects), stored once by targets.
+    `foldable`: False where the user asked to keep it an op (fuse-hybrid:fold=false), so that no
+    target folds it into weights even when it is linear.
     """
 
     down: LazyTensor
@@ -69,6 +71,7 @@ class Bottleneck:
     ln_before: LayerNormParams | None = None
     ln_after: LayerNormParams | None = None
     shared: str | None = None
+    foldable: bool = True
 
     def __post_init__(self) -> None:
         """Check the shapes, the activation and the residual option."""
