@@ -86,7 +86,7 @@ def check_logits(ctx, ids) -> dict:
     }
 
 
-def interleave(ctx, call, rounds: int, steps: int) -> dict:
+def interleave(ctx, call, rounds: int, steps: int, variants=VARIANTS) -> dict:
     """Rounds of base, bundle, peft: per variant an untimed call, then `steps` timed; keep the median.
 
     `call(name, model)` runs once and returns its own seconds. Round 0 is a warm-up, untimed. The
@@ -95,9 +95,10 @@ def interleave(ctx, call, rounds: int, steps: int) -> dict:
     """
     import torch
 
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in variants}
+    n = len(variants)
     for r in range(rounds + 1):
-        for name in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:
+        for name in variants[r % n :] + variants[: r % n]:
             with ctx(name) as model, torch.inference_mode():
                 call(name, model)
                 per = [call(name, model) for _ in range(steps)]
@@ -106,12 +107,12 @@ def interleave(ctx, call, rounds: int, steps: int) -> dict:
     return times
 
 
-def bench_decode(ctx, ids, rounds: int, steps: int) -> dict:
+def bench_decode(ctx, ids, rounds: int, steps: int, variants=VARIANTS) -> dict:
     """Single-token steps on a 32-token KV cache (prefilled once per variant, cropped after each step)."""
     import torch
 
     caches = {}
-    for name in VARIANTS:
+    for name in variants:
         with ctx(name) as model, torch.inference_mode():
             caches[name] = model(input_ids=ids, use_cache=True).past_key_values
     token = ids[:, -1:]
@@ -124,10 +125,10 @@ def bench_decode(ctx, ids, rounds: int, steps: int) -> dict:
         cache.crop(PROMPT)  # every step sees exactly the 32-token cache
         return elapsed
 
-    return interleave(ctx, step, rounds, steps)
+    return interleave(ctx, step, rounds, steps, variants)
 
 
-def bench_prefill(ctx, ids, rounds: int) -> dict:
+def bench_prefill(ctx, ids, rounds: int, variants=VARIANTS) -> dict:
     """One 32-token forward without a cache per variant per round."""
 
     def prefill(name, model) -> float:
@@ -135,7 +136,7 @@ def bench_prefill(ctx, ids, rounds: int) -> dict:
         model(input_ids=ids, use_cache=False)
         return time.perf_counter() - t0
 
-    return interleave(ctx, prefill, rounds, 1)
+    return interleave(ctx, prefill, rounds, 1, variants)
 
 
 def bench_ops(model, bundles: tuple, dirs: tuple, cycles: int, switches: int) -> dict:
