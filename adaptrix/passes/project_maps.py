@@ -10,6 +10,7 @@ blocks), so no map of a large model's size is ever formed densely except by `int
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,27 +36,27 @@ __all__ = [
 ]
 
 
-class AxisMap:
+class AxisMap(ABC):
     """push(B [n_s, r]) -> [n_t, r] and pull(A [r, n_s]) -> [r, n_t]; float64 tensors."""
 
     size_in: int
     size_out: int
 
+    @abstractmethod
     def push(self, b: torch.Tensor) -> torch.Tensor:
         """Carry the rows of B (an output side) to the target's axis."""
-        raise NotImplementedError
 
+    @abstractmethod
     def pull(self, a: torch.Tensor) -> torch.Tensor:
         """Carry the columns of A (an input side) to the target's axis."""
-        raise NotImplementedError
 
+    @abstractmethod
     def back_rows(self, b: torch.Tensor) -> torch.Tensor:
         """Read an output side B [n_t, r] back in the source's coordinates: pull @ B."""
-        raise NotImplementedError
 
+    @abstractmethod
     def back_cols(self, a: torch.Tensor) -> torch.Tensor:
         """Read an input side A [r, n_t] back in the source's coordinates: A @ push."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True, slots=True)
