@@ -76,6 +76,8 @@ def test_projection_onto_a_grown_base_is_exact(case, tmp_path, method):
     assert by_site["layer 0 attn_k"]["shape_after"] == [24, 48]
     assert by_site["layer 1 mlp_down"]["shape_after"] == [48, 96] and by_site["embed"]["rank_after"] == 4
     assert report["target"]["hidden_size"] == 48 and report["target"]["num_layers"] == 2
+    if method == "truncate":  # zero-padding keeps every delta's norm
+        assert report["norm_ratio_range"] == pytest.approx([1.0, 1.0], abs=1e-9)
 
 
 def test_projection_through_the_cli(case, tmp_path):
@@ -140,11 +142,13 @@ def test_aligned_svd_is_exact_on_a_reparameterised_base_where_truncate_is_not(ca
     other = reparameterise(source, tmp_path / "other")
     inputs = sample_inputs("llama")
     assert (model_logits("llama", other, inputs) - model_logits("llama", source, inputs)).abs().max() <= 1e-5
-    aligned, _ = carried_gap(
+    aligned, report = carried_gap(
         case, tmp_path / "aligned", "linear", f"project:method=svd,source={source}", other
     )
     naive, _ = carried_gap(case, tmp_path / "naive", "linear", "project:method=svd", other)
     assert aligned <= FP32_TOLERANCE < 0.1 < naive
+    low, high = report["norm_ratio_range"]  # rotations and permutations keep the deltas' norms
+    assert 0.999 < low <= high < 1.001
 
 
 def test_svd_onto_the_adapters_own_base_gives_back_its_deltas(case):

@@ -31,6 +31,7 @@ the dimensions do not change; otherwise they are refused naming the site.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,10 @@ def project(ir: AdapterIR, options: ProjectOptions, base: Checkpoint) -> PassRes
     }
     for key in ("relative_error", "round_trip_error"):
         report[f"max_{key}"] = max((entry.get(key, 0.0) for entry in sites), default=0.0)
+    # How much the carry stretched the deltas: about 1 where the models share a scale; an
+    # alignment far from it (an independent model) says the maps, not the deltas, dominate.
+    ratios = [entry["norm_ratio"] for entry in sites if "norm_ratio" in entry]
+    report["norm_ratio_range"] = [min(ratios), max(ratios)] if ratios else None
     if subspaces is not None:
         report["residual_directions_kept"] = subspaces.residual_kept
     return PassResult(dataclasses.replace(rebuild(ir, ops), source=target), True, report)
@@ -252,6 +257,8 @@ class _Carrier:
             b_new, a_new, entry["relative_error"], entry["energy_kept"] = lossy
         back = (self._back_rows(out_kind, site.layer, b_new), self._back_cols(in_kind, site.layer, a_new))
         entry["round_trip_error"] = factor_error((b, a), back)
+        before = factor_norm2(b, a)
+        entry["norm_ratio"] = math.sqrt(factor_norm2(b_new, a_new) / before) if before > 0 else 1.0
         if lossy is None:
             entry["relative_error"] = entry["round_trip_error"]
             entry["energy_kept"] = max(0.0, 1.0 - entry["round_trip_error"] ** 2)
