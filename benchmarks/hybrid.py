@@ -1,13 +1,14 @@
 """Benchmark: a hybrid adapter (LoRA r=8 on q, k, v, o + a SeqBn bottleneck of 64 after every FFN).
 
-Run: python benchmarks/hybrid.py [--rounds N] [--prefill-rounds N] [--steps N]
+Run: python benchmarks/hybrid.py [--rounds N] [--prefill-rounds N] [--steps N] [--skip-onnx]
 On merge.py's cached 1.1B Llama base (float32 on CPU): the bare base, AdapterHub's own model with
-the adapter active, and the adapter compiled to a hooks bundle and attached to the bare base
-(onnx-cpu is not timed here yet: benchmarks/onnx.py times that target). The adapter is made with
-AdapterHub itself (ConfigUnion of LoRAConfig on the attention's q, k, v and o and SeqBnConfig with
-reduction factor hidden / 64), its weights perturbed so nothing is zero. Latencies of one decode
-step on a 32-token KV cache and of a 32-token prefill are interleaved round by round; the goal is a
-ratio within this run: the bundle's overhead over the bare base at most half of AdapterHub's.
+the adapter active, the adapter compiled to a hooks bundle and attached to the bare base, and the
+adapter compiled to onnx-cpu (bottlenecks as graph nodes) run by onnxruntime with 2 threads. The
+adapter is made with AdapterHub itself (ConfigUnion of LoRAConfig on the attention's q, k, v and o
+and SeqBnConfig with reduction factor hidden / 64), its weights perturbed so nothing is zero.
+Latencies of one decode step on a 32-token KV cache and of a 32-token prefill are interleaved round
+by round; the goal is a ratio within this run: the bundle's overhead over the bare base at most
+half of AdapterHub's.
 """
 
 from __future__ import annotations
@@ -26,9 +27,39 @@ import _measure as m
 import hooks as h
 import merge
 
+# benchmarks/onnx.py would shadow the onnx package that the onnx-cpu target imports
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+
 BOTTLENECK = 64
 RANK = 8
 VARIANTS = ("base", "bundle", "adapterhub")
+
+
+class _OrtCache:
+    """The past of an onnxruntime decoder, shaped like what bench_decode does with a HF cache."""
+
+    def __init__(self, past: dict):
+        self.past = past
+
+    def crop(self, length: int) -> None:
+        """Nothing to do: a step returns a new past and leaves this one at its length."""
+
+
+class OrtModel:
+    """An onnx-cpu decoder called like a transformers model by hooks.bench_decode / bench_prefill."""
+
+    def __init__(self, path: Path):
+        self.decoder = m.OrtDecoder(path, threads=2)
+
+    def __call__(self, input_ids, past_key_values=None, use_cache=False):
+        import types
+
+        import torch
+
+        past = past_key_values.past if past_key_values is not None else None
+        logits, present = self.decoder.forward(input_ids.numpy(), past)
+        return types.SimpleNamespace(logits=torch.from_numpy(logits), past_key_values=_OrtCache(present))
 
 
 def make_hub_adapter(base: Path, dest: Path) -> Path:
@@ -72,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="decode steps per variant per round (default 3)")
     ap.add_argument("--prefill-rounds", type=int, default=5, help="prefill rounds (default 5)")
     ap.add_argument("--cache", type=Path, default=m.default_cache(), help="fixture cache dir")
+    ap.add_argument("--skip-onnx", action="store_true", help="do not compile and time onnx-cpu")
     return ap.parse_args(argv)
 
 
@@ -92,6 +124,12 @@ def main(argv=None) -> int:
         print(f"compile hooks: {time.perf_counter() - t0:.1f} s, {m.dir_size_mb(run_root / 'bundle'):.1f} MB")
         from transformers import AutoModelForCausalLM
 
+        variants, onnx = VARIANTS, None
+        if not args.skip_onnx:
+            t0 = time.perf_counter()
+            adaptrix.compile_adapter(adapter, base, "onnx-cpu", run_root / "onnx")
+            print(f"compile onnx-cpu: {time.perf_counter() - t0:.1f} s")
+            onnx, variants = OrtModel(run_root / "onnx" / "model.onnx"), (*VARIANTS, "onnx-cpu")
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
         hub = load_hub_model(base, adapter)
         bundle = adaptrix.load_bundle(run_root / "bundle")
@@ -100,6 +138,8 @@ def main(argv=None) -> int:
         def ctx(name: str):
             if name == "adapterhub":
                 yield hub
+            elif name == "onnx-cpu":
+                yield onnx
             elif name == "bundle":
                 with adaptrix.attach(model, bundle):
                     yield model
@@ -114,8 +154,11 @@ def main(argv=None) -> int:
                 got = attached(input_ids=ids, use_cache=False).logits
             bare = model(input_ids=ids, use_cache=False).logits
         diff, effect = float((got - expected).abs().max()), float((expected - bare).abs().max())
-        decode = h.bench_decode(ctx, ids, max(1, args.rounds), max(1, args.steps), VARIANTS)
-        prefill = h.bench_prefill(ctx, ids, max(1, args.prefill_rounds), VARIANTS)
+        if onnx is not None:
+            onnx_diff = float((onnx(ids).logits - expected).abs().max())
+            print(f"check: prefill logits max |onnx-cpu - AdapterHub| = {onnx_diff:.3e}")
+        decode = h.bench_decode(ctx, ids, max(1, args.rounds), max(1, args.steps), variants)
+        prefill = h.bench_prefill(ctx, ids, max(1, args.prefill_rounds), variants)
     finally:
         shutil.rmtree(run_root, ignore_errors=True)
     dec = h.latency_table(f"decode step, {h.PROMPT}-token KV cache", decode)
