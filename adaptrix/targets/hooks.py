@@ -89,10 +89,7 @@ def write_hooks(
 def _modules(ir: AdapterIR, base: Checkpoint) -> list[_Module]:
     """The base's modules that have ops, in checkpoint order; every site must find its module."""
     by_site = ir.by_site()
-    names = list(dict.fromkeys(name.rpartition(".")[0] for name in base.tensors))
-    head = base.binder.lm_head_weight.rpartition(".")[0]
-    if head not in names:
-        names.append(head)  # a tied head has no tensor of its own
+    names = base.module_names()  # a tied head is listed though it has no tensor
     placements = {name: p for name in names if (p := base.binder.resolve(name)) is not None}
     embed = next(
         (f"{n}.weight" for n, p in placements.items()

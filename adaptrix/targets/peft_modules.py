@@ -45,10 +45,7 @@ class ModuleDelta:
 def module_deltas(ir: AdapterIR, base: Checkpoint) -> list[ModuleDelta]:
     """Every module of the base that the IR changes, in checkpoint order."""
     by_site = ir.by_site()
-    names = list(dict.fromkeys(name.rpartition(".")[0] for name in base.tensors))
-    head = base.binder.lm_head_weight.rpartition(".")[0]
-    if head not in names:
-        names.append(head)  # a tied head has no tensor of its own
+    names = base.module_names()  # a tied head is listed though it has no tensor
     deltas, used = [], set()
     for name in names:
         placement = base.binder.resolve(name)

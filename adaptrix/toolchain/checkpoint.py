@@ -74,6 +74,12 @@ class Checkpoint:
         """Read one tensor in its stored dtype."""
         return read_tensor(self.tensors[name].file, name)
 
+    def module_names(self) -> list[str]:
+        """The modules that own the base's tensors, in checkpoint order, then a tied head (no tensor)."""
+        names = list(dict.fromkeys(name.rpartition(".")[0] for name in self.tensors))
+        head = self.binder.lm_head_weight.rpartition(".")[0]
+        return names if head in names else [*names, head]
+
     def dtype(self) -> torch.dtype:
         """The dtype most of the base's floating-point weights are stored in."""
         counts = Counter(info.dtype for info in self.tensors.values() if info.dtype.is_floating_point)
