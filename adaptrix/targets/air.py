@@ -15,6 +15,7 @@ import torch
 from adaptrix.passes.base import site_context
 from adaptrix.toolchain.air_format import FORMAT, FORMAT_VERSION, tensor_key
 from adaptrix.toolchain.errors import UnsupportedError
+from adaptrix.toolchain.factored_low_rank import factored_as_low_rank, low_rank_record
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Site, site_order
 from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 from adaptrix.toolchain.safetensors_io import PlannedTensor, write_safetensors
@@ -25,9 +26,15 @@ __all__ = ["air_metadata", "write_air_file"]
 def write_air_file(
     ir: AdapterIR, file: Path, provenance: Mapping[str, object], dtype: torch.dtype = torch.float32
 ) -> list[str]:
-    """Write `ir` as an AIR file at `file` (the caller makes it atomic); return the tensor keys."""
+    """Write `ir` as an AIR file at `file` (the caller makes it atomic); return the tensor keys.
+
+    LoHa / LoKr ops are written as lora ops, their exact low-rank forms; the provenance's
+    `low_rank_forms` lists them (site, kind, rank).
+    """
     refuse_bottlenecks(ir, "AIR cannot hold bottleneck adapters yet",
                        fix="compile the AdapterHub adapter directly (--target hooks)")  # fmt: skip
+    if forms := low_rank_record(ir):
+        ir, provenance = factored_as_low_rank(ir), {**provenance, "low_rank_forms": forms}
     entries, tensors = _layout(ir)
     planned = [PlannedTensor(key, dtype, tensor.shape) for key, tensor in tensors.items()]
     with write_safetensors(file, planned, air_metadata(ir, entries, provenance)) as writer:

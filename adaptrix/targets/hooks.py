@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from adaptrix.runtime.bundle import (
     probe_indices,
 )
 from adaptrix.targets.hooks_bottleneck import bottleneck_entries
-from adaptrix.targets.hooks_kinds import dense_delta, input_scale, output_scale
+from adaptrix.targets.hooks_kinds import compact_factored, dense_delta, input_scale, output_scale
 from adaptrix.targets.merge_math import merge_tensor
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.binders.table import Layout, Placement, fuse_rows, split_rows
@@ -162,6 +162,11 @@ class _EntryBuilder:
         self.info = base.tensors[module.weight]
         self.rows = split_rows(module.placement.module.split, base.source)
         self.tensors: dict[str, torch.Tensor] = {}
+        if self.layout in (Layout.LINEAR, Layout.CONV1D):  # LoHa / LoKr as LoRA where that is smaller
+            inner = self.info.shape[1 if self.layout is Layout.LINEAR else 0]
+            self.module = replace(
+                module, role_ops=compact_factored(module.role_ops, self._canonical_out(), inner)
+            )
 
     @property
     def out_features(self) -> int:
@@ -232,7 +237,7 @@ class _EntryBuilder:
         }
 
     def _kinds(self) -> dict[str, str]:
-        """LoHa / LoKr as one dense delta [in, out], IA3 as scale vectors: keys present only when used."""
+        """LoHa / LoKr kept dense as one delta [in, out], IA3 as scale vectors: keys only when used."""
         role_ops = self.module.role_ops
         if not any(isinstance(op, Factored | Scale) for ops in role_ops for op in ops):
             return {}

@@ -1,9 +1,13 @@
-"""The hooks target's part for LoHa / LoKr (one dense delta per module) and IA3 (scale vectors).
+"""The hooks target's part for LoHa / LoKr (a LoRA pair or a dense delta) and IA3 (scale vectors).
 
-A module's `Factored` ops become one dense delta, computed here once, stored [in, out] so that
-the runtime adds x @ dense to the output; its `Scale` ops become one output vector (fused roles'
-rows put back in place, 1 where a role has none) and one input vector (the input is shared by
-every role of a fused module, so they must all scale it alike).
+A module's `Factored` ops become LoRA pairs, their exact low-rank forms, where those hold fewer
+numbers than one dense delta (rank * (out + in) < out * in, the ranks of all its Factored ops
+together); they then join the module's LoRA pair, concatenated along the rank with each scale
+folded into its B. Otherwise they become one dense delta, computed here once, stored [in, out] so
+that the runtime adds x @ dense to the output. Either way the delta is added before IA3's scales.
+A module's `Scale` ops become one output vector (fused roles' rows put back in place, 1 where a
+role has none) and one input vector (the input is shared by every role of a fused module, so they
+must all scale it alike).
 """
 
 from __future__ import annotations
@@ -13,13 +17,34 @@ from collections.abc import Sequence
 import torch
 
 from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.ir import Factored, Op, Scale
+from adaptrix.toolchain.factored_low_rank import with_low_rank_forms
+from adaptrix.toolchain.ir import Factored, LowRank, Op, Scale
 
-__all__ = ["dense_delta", "input_scale", "output_scale"]
+__all__ = ["compact_factored", "dense_delta", "input_scale", "output_scale"]
+
+RoleOps = tuple[tuple[Op, ...], ...]
 
 
 def _where(rows: torch.Tensor | None) -> slice | torch.Tensor:
     return slice(None) if rows is None else rows
+
+
+def compact_factored(role_ops: RoleOps, out: int, inner: int) -> RoleOps:
+    """The module's ops, its Factored ops as LowRank where that is smaller than a dense [out, in]."""
+    flat = [op for ops in role_ops for op in ops]
+    if not any(isinstance(op, Factored) for op in flat):
+        return role_ops
+    forms = with_low_rank_forms(flat)
+    # Roles made from the same factors share one A: the writer keeps them as one group.
+    groups = {(id(new.a), new.scale): new.rank for old, new in zip(flat, forms, strict=True)
+              if isinstance(old, Factored) and isinstance(new, LowRank)}  # fmt: skip
+    if sum(groups.values()) * (out + inner) >= out * inner:
+        return role_ops
+    found, start = [], 0
+    for ops in role_ops:
+        found.append(tuple(forms[start : start + len(ops)]))
+        start += len(ops)
+    return tuple(found)
 
 
 def dense_delta(

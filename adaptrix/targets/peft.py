@@ -2,7 +2,8 @@
 
 Module names come from the base's checkpoint through its binder. Each module's scale is written
 exactly: as lora_alpha / r (patterns per module) when that division gives the scale back bit for
-bit, else folded into B with lora_alpha = r. PEFT's use_rslora is never needed.
+bit, else folded into B with lora_alpha = r. PEFT's use_rslora is never needed. LoHa and LoKr
+ops are written as LoRA, their exact low-rank forms.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from adaptrix.targets.written import Written
 from adaptrix.toolchain.binders.table import Layout
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import UnsupportedError
+from adaptrix.toolchain.factored_low_rank import factored_as_low_rank
 from adaptrix.toolchain.ir import AdapterIR
 from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
@@ -42,7 +44,7 @@ def write_peft(
     dtype = dtype or torch.float32
     refuse_bottlenecks(ir, "a PEFT adapter cannot hold AdapterHub bottlenecks",
                        fix="use --target hooks, or keep the AdapterHub adapter")  # fmt: skip
-    deltas = module_deltas(ir, base)
+    deltas = module_deltas(factored_as_low_rank(ir), base)  # LoHa / LoKr: their exact LoRA forms
     lora = [d for d in deltas if d.lora is not None]
     if not lora:
         raise UnsupportedError("has no low-rank op: a PEFT LoRA adapter needs at least one target module",

@@ -2,7 +2,8 @@
 
 The base is exported once per (weights, dtype, task) with optimum and cached; each compile
 copies the cached graph and patches the adapter into it (merged; bottleneck adapters become
-nodes), or adds LoRA inputs and writes one `.onnx_adapter` file per adapter (`unmerged`).
+nodes), or adds LoRA inputs and writes one `.onnx_adapter` file per adapter (`unmerged`; LoHa and
+LoKr go there as their exact low-rank forms).
 Quantization, when asked for, comes last.
 The directory also holds the base's config and tokenizer files (optimum's ORTModel classes load
 it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
@@ -30,6 +31,7 @@ from adaptrix.targets.onnx.quantize import check_quantize, quantize_weights
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.factored_low_rank import factored_as_low_rank
 from adaptrix.toolchain.ir import AdapterIR
 from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
@@ -72,7 +74,9 @@ def write_onnx(
     ir, bottlenecks = split_bottlenecks(ir)
     dtype = dtype or torch.float32
     # What the adapters can be refused for is checked before the (slow, noisy) first export.
-    pairs = [(name, low_rank_pairs(adapter, base, dtype)) for name, adapter in adapters] if unmerged else []
+    # LoHa / LoKr stay unmerged as their exact low-rank forms: ordinary LoRA pairs.
+    pairs = [(name, low_rank_pairs(factored_as_low_rank(adapter), base, dtype))
+             for name, adapter in adapters] if unmerged else []  # fmt: skip
     export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
     model = onnx.load(export.model, load_external_data=False)
     fused = None
