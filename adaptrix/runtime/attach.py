@@ -18,6 +18,7 @@ from adaptrix.runtime.bottleneck import BottleneckHook
 from adaptrix.runtime.bundle import Bundle, ModuleEntry, load_bundle
 from adaptrix.runtime.fit import fit_bottlenecks, fit_modules
 from adaptrix.runtime.module_hook import ModuleHook
+from adaptrix.runtime.shared_input import share_inputs
 from adaptrix.toolchain.errors import BadInputError
 
 __all__ = ["Handle", "attach", "attached", "switch"]
@@ -96,15 +97,18 @@ class Handle:
             for entry, modules in bottlenecks or []:
                 hook = BottleneckHook(self, entry, self.bundle, modules)
                 self._removers.extend(hook.register(modules))
+            hooked = []
             for entry, module in fitted:
                 for name, key in entry.replace.items():
                     self._swap(module, name, self.bundle.tensors[key])
                 if entry.lora or entry.bias or entry.dense or entry.scale_out or entry.scale_in:
                     hook = ModuleHook(self, module, entry, self.bundle)
                     self._hooks.append(hook)
+                    hooked.append((entry, hook))
                     self._removers.append(module.register_forward_hook(hook, with_kwargs=True))
                     if entry.scale_in:
                         self._removers.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
+            share_inputs(hooked)
 
     def _swap(self, module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         current = module._parameters[name]

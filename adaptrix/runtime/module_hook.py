@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the usual name)
 
 from adaptrix.runtime.bundle import Bundle, ModuleEntry
+from adaptrix.runtime.shared_input import SharedDown
 
 __all__ = ["ModuleHook", "compute_dtype"]
 
@@ -26,8 +27,8 @@ class ModuleHook:
     scale and is recomputed when the scale changes.
     """
 
-    __slots__ = ("bias", "dense", "device", "down", "embedding", "handle", "layout", "mag_scale",
-                 "mag_scale_at", "magnitude", "module", "scale_in", "scale_out", "up")  # fmt: skip
+    __slots__ = ("bias", "columns", "dense", "device", "down", "embedding", "handle", "layout", "mag_scale",
+                 "mag_scale_at", "magnitude", "module", "scale_in", "scale_out", "shared", "up")  # fmt: skip
 
     def __init__(self, handle, module: torch.nn.Module, entry: ModuleEntry, bundle: Bundle):
         weight = getattr(module, "weight", None)
@@ -37,6 +38,8 @@ class ModuleHook:
         self.embedding = entry.layout == "embedding"
         self.down = self.up = self.bias = self.magnitude = self.mag_scale = None
         self.mag_scale_at: float | None = None
+        self.shared: SharedDown | None = None  # set by share_inputs: one `x @ down` for q, k, v
+        self.columns = slice(None)  # this module's columns of the shared product
         if entry.lora:
             self.down = bundle.prepared(entry.lora["down"], device, dtype)
             self.up = bundle.prepared(entry.lora["up"], device, dtype)
@@ -71,8 +74,11 @@ class ModuleHook:
             x = args[0] if args else next(iter(kwargs.values()))
             if x.device != self.device:
                 self._move(x.device)
-            down = self.down
-            if self.embedding:
+            down, shared = self.down, self.shared
+            low = shared.low_for(x, down) if shared is not None else None
+            if low is not None:
+                low = low[..., self.columns]
+            elif self.embedding:
                 low = F.embedding(x, down)
             else:
                 low = (x if x.dtype == down.dtype else x.to(down.dtype)) @ down
@@ -120,6 +126,8 @@ class ModuleHook:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        if self.shared is not None and self.shared.down.device != device:
+            self.shared.move(device)
         self.device = device
 
 
