@@ -118,6 +118,7 @@ class BottleneckHook:
         self.dtype = torch.float32 if reference.dtype in (torch.float16, torch.bfloat16) else reference.dtype
         self.t = {name: bundle.prepared(key, self.device, self.dtype) for name, key in entry.tensors.items()}
         self.act = activation(entry.act)
+        self.branch_input = _branch_only(entry) if self.norm is None else None
         self._h: torch.Tensor | None = None
         self._r: torch.Tensor | None = None
 
@@ -151,7 +152,11 @@ class BottleneckHook:
         if h.device != self.device:
             self._move(h.device)
         h32, r32 = h.to(self.dtype), r.to(self.dtype)
-        delta = self.final(h32, r32) - self.layer_norm(h32 + r32)
+        if self.branch_input is not None:  # final - base is the branch alone (Llama, no norms)
+            x = {"h": h32, "r": r32}.get(self.branch_input)
+            delta = self.branch(h32 + r32 if x is None else x)
+        else:
+            delta = self.final(h32, r32) - self.layer_norm(h32 + r32)
         changed = first + delta.to(first.dtype)
         return (changed, *output[1:]) if isinstance(output, tuple) else changed
 
@@ -200,3 +205,24 @@ class BottleneckHook:
         """Follow the model to another device."""
         self.t = {name: value.to(device) for name, value in self.t.items()}
         self.device = device
+
+
+def _branch_only(entry: BottleneckEntry) -> str | None:
+    """The branch's input ("h", "r", "h+r") when, without norms, final(h, r) - (h + r) is the branch.
+
+    `final` is then branch(x) + res (+ r when original_ln_after), res and x each h, r or h + r;
+    the rest cancels when it sums to h + r. Otherwise None.
+    """
+    if entry.ln_eps:
+        return None
+    joined = (1, 1) if entry.original_ln_before else None
+    if entry.parallel:
+        x, res = "r", (1, 0)
+    else:
+        x = "h+r" if joined else "h"
+        choice = {True: (1, 0), "post_add": joined}
+        res = choice.get(entry.residual_before_ln, joined or (1, 0))
+    if res is None:
+        return None
+    rest = (res[0], res[1] + int(entry.original_ln_after))
+    return x if rest == (1, 1) else None
