@@ -66,7 +66,7 @@ def compile_command(
         str | None, typer.Option("--dtype", help="Output dtype (default: the target's).")
     ] = None,
     unmerged: Annotated[
-        bool, typer.Option("--unmerged", help="ONNX: LoRA as swappable adapter files.")
+        bool, typer.Option("--unmerged", help="ONNX: LoRA and IA3 as swappable adapter files.")
     ] = False,
     quantize: Annotated[str | None, typer.Option("--quantize", help="ONNX: int8 or int4 weights.")] = None,
     block_size: Annotated[

@@ -1,9 +1,10 @@
 """Find an `.onnx_adapter` file for an unmerged ONNX artifact and check it fits, before onnxruntime loads it.
 
 onnxruntime loads any adapter file and fails (or computes garbage) only when it runs; here every
-parameter is checked first against the manifest's `lora` section and the graph's LoRA inputs: the
-model version (which base export it was compiled for), the names, the dtype, A [in, rank] and
-B [rank, out] with one rank per pair, and both halves of each pair.
+parameter is checked first against the manifest's `lora` section and the graph's adapter inputs:
+the model version (which base export it was compiled for), the names, the dtype, A [in, rank] and
+B [rank, out] with one rank per pair, both halves of each pair, and IA3's vectors
+(`<module>.ia3_out` [out], `.ia3_in` [in]).
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ def check_adapter_file(file: Path, lora: dict, dtypes: dict[str, str]) -> None:
 
 
 def adapter_problems(params: dict[str, ort.OrtValue], inputs: dict, dtypes: dict[str, str]) -> list[str]:
-    """Every way the parameters misfit the LoRA inputs, as `parameter X: expected ..., found ...`."""
+    """Every way the parameters misfit the adapter inputs, as `parameter X: expected ..., found ...`."""
     if not params:
-        return ["holds no parameters: expected LoRA pairs, found none"]
+        return ["holds no parameters: expected LoRA pairs or IA3 vectors, found none"]
     problems, ranks = [], {}
     for name, value in sorted(params.items()):
         if name not in inputs:
-            problems.append(f"parameter {name}: expected one of the artifact's {len(inputs)} LoRA inputs "
-                            "(<module>.lora_A / .lora_B), found a name it does not have")  # fmt: skip
+            problems.append(f"parameter {name}: expected one of the artifact's {len(inputs)} adapter "
+                            "inputs (<module>.lora_A / .lora_B / .ia3_out / .ia3_in), found a name it "
+                            "does not have")  # fmt: skip
             continue
         dtype = dtype_name(value.data_type())
         if dtype != dtypes[name]:
@@ -88,7 +90,7 @@ def adapter_problems(params: dict[str, ort.OrtValue], inputs: dict, dtypes: dict
         )
         if not fits:
             problems.append(f"parameter {name}: expected shape {_shape(expected)}, found {_shape(shape)}")
-        elif len(shape) == 2:
+        elif name.endswith(_HALVES):
             ranks[name] = shape[1] if name.endswith(".lora_A") else shape[0]
     problems += _pair_problems(params, inputs, ranks)
     return problems
@@ -96,7 +98,7 @@ def adapter_problems(params: dict[str, ort.OrtValue], inputs: dict, dtypes: dict
 
 def _pair_problems(params: dict, inputs: dict, ranks: dict[str, int]) -> list[str]:
     problems = []
-    for name in sorted(n for n in params if n in inputs):
+    for name in sorted(n for n in params if n in inputs and n.endswith(_HALVES)):
         stem, half = name[: -len(".lora_A")], name[-len(".lora_A") :]
         other = stem + (_HALVES[1] if half == _HALVES[0] else _HALVES[0])
         if other not in params:

@@ -197,16 +197,6 @@ def _refused(args: list[str], out: Path, named: str) -> str:
     return assert_refused(result, out, named)
 
 
-def test_onnx_unmerged_refuses_ia3(kind_adapters, tmp_path):
-    """LoHa / LoKr stay unmerged as LoRA pairs (test_factored_targets); IA3 scales cannot."""
-    base, adapters = kind_adapters
-    out = tmp_path / "out"
-    args = ["compile", str(adapters["ia3"]), "--base", str(base), "--target", "onnx-cpu", "--unmerged", "-o",
-            str(out)]  # fmt: skip
-    line = _refused(args, out, "model.layers.0.mlp.down_proj: IA3 scale (input) cannot stay unmerged")
-    assert "compile without --unmerged" in line
-
-
 def test_air_refuses_ia3(kind_adapters, tmp_path):
     base, adapters = kind_adapters
     out = tmp_path / "ia3.air"

@@ -31,17 +31,17 @@ from adaptrix.toolchain.binders.table import Layout, Placement, fuse_rows, split
 from adaptrix.toolchain.checkpoint import INDEX_NAME, Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Replace, Role, Scale, Site
-from adaptrix.toolchain.ir_bottleneck import Bottleneck, refuse_bottlenecks
+from adaptrix.toolchain.ir_bottleneck import Bottleneck
 from adaptrix.toolchain.safetensors_io import read_elements
 
-__all__ = ["LowRankPair", "low_rank_pairs", "write_hooks"]
+__all__ = ["EntryBuilder", "TouchedModule", "touched_modules", "write_hooks"]
 
 
 _KIND_KEYS = ("dense", "scale_out", "scale_in")
 
 
 @dataclass(frozen=True, slots=True)
-class _Module:
+class TouchedModule:
     """One module of the base the adapter touches, with the ops at each of its roles."""
 
     placement: Placement
@@ -61,8 +61,8 @@ def write_hooks(
     bottlenecks, tensors = bottleneck_entries(ir, base, dtype)
     ir = AdapterIR(tuple((s, op) for s, op in ir if not isinstance(op, Bottleneck)), ir.source, ir.name)
     entries = []
-    for module in _modules(ir, base):
-        builder = _EntryBuilder(module, base, dtype)
+    for module in touched_modules(ir, base):
+        builder = EntryBuilder(module, base, dtype)
         try:
             entries.append(builder.entry())
         except BadInputError as exc:
@@ -86,7 +86,7 @@ def write_hooks(
     return Written([TENSORS_FILE], {"bundle": section})
 
 
-def _modules(ir: AdapterIR, base: Checkpoint) -> list[_Module]:
+def touched_modules(ir: AdapterIR, base: Checkpoint) -> list[TouchedModule]:
     """The base's modules that have ops, in checkpoint order; every site must find its module."""
     by_site = ir.by_site()
     names = base.module_names()  # a tied head is listed though it has no tensor
@@ -107,7 +107,7 @@ def _modules(ir: AdapterIR, base: Checkpoint) -> list[_Module]:
                 continue
             weight = embed
         used.update(Site(placement.layer, r) for r in placement.module.roles)
-        modules.append(_Module(placement, weight, role_ops))
+        modules.append(TouchedModule(placement, weight, role_ops))
     if missing := [site for site in ir.sites() if site not in used]:
         raise BadInputError(
             f"{missing[0]}: the base has no module for it",
@@ -117,45 +117,10 @@ def _modules(ir: AdapterIR, base: Checkpoint) -> list[_Module]:
     return modules
 
 
-@dataclass(frozen=True, slots=True)
-class LowRankPair:
-    """A module's whole low-rank delta in its own layout: output += (x @ down) @ up."""
-
-    placement: Placement
-    weight: str  # the stored tensor holding the module's weight
-    down: torch.Tensor  # [in, r]
-    up: torch.Tensor  # [r, out], every scale folded in
-
-
-def low_rank_pairs(
-    ir: AdapterIR, base: Checkpoint, dtype: torch.dtype, strict: bool = True
-) -> list[LowRankPair]:
-    """One low-rank pair per touched module; any other kind of op is an error (skipped if not strict)."""
-    refuse_bottlenecks(ir, "bottleneck adapters are not low-rank pairs",
-                       fix="compile without --unmerged, or use --target hooks")  # fmt: skip
-    pairs = []
-    for module in _modules(ir, base):
-        name = module.placement.name
-        other = {getattr(op, "label", type(op).__name__) for ops in module.role_ops for op in ops
-                 if type(op) is not LowRank}  # fmt: skip
-        if module.placement.module.layout not in (Layout.LINEAR, Layout.CONV1D):
-            other.add("LoRA on an embedding")
-        if other and not strict:
-            continue
-        if other:
-            raise UnsupportedError(f"{name}: {', '.join(sorted(other))} cannot stay unmerged here",
-                                   fix="compile without --unmerged, or use --target hooks")  # fmt: skip
-        builder = _EntryBuilder(module, base, dtype)
-        lora = builder._lora([list(ops) for ops in module.role_ops])
-        pairs.append(LowRankPair(module.placement, module.weight, builder.tensors[lora["down"]],
-                                 builder.tensors[lora["up"]]))  # fmt: skip
-    return pairs
-
-
-class _EntryBuilder:
+class EntryBuilder:
     """Builds one module's manifest entry and its tensors, fusing its roles back together."""
 
-    def __init__(self, module: _Module, base: Checkpoint, dtype: torch.dtype):
+    def __init__(self, module: TouchedModule, base: Checkpoint, dtype: torch.dtype):
         self.module, self.base, self.dtype = module, base, dtype
         self.name = module.placement.name
         self.layout = module.placement.module.layout
@@ -170,10 +135,12 @@ class _EntryBuilder:
 
     @property
     def out_features(self) -> int:
+        """The module's output size."""
         shape = self.info.shape
         return shape[0] if self.layout is Layout.LINEAR else shape[-1]
 
     def entry(self) -> dict:
+        """The module's manifest entry (its tensors go into `self.tensors`)."""
         weight_ops = [self._of(ops, LowRank | DoRA) for ops in self.module.role_ops]
         placement = self.module.placement
         sites = [str(Site(placement.layer, role)) for role, ops in zip(placement.module.roles,
@@ -185,11 +152,11 @@ class _EntryBuilder:
             "weight_shape": list(self.info.shape),
             "out_features": self.out_features,
             "probe": self._probe(),
-            "lora": self._lora(weight_ops) if any(weight_ops) else None,
+            "lora": self.lora(weight_ops) if any(weight_ops) else None,
             "dora": self._dora(weight_ops),
             "bias": self._bias(),
             "replace": self._replace(),
-            **self._kinds(),
+            **self.kinds(),
         }
 
     @staticmethod
@@ -207,7 +174,7 @@ class _EntryBuilder:
         dtype = str(self.info.dtype).removeprefix("torch.")
         return {"tensor": self.module.weight, "dtype": dtype, "indices": indices, "values": values.tolist()}
 
-    def _lora(self, weight_ops: list[list[Op]]) -> dict:
+    def lora(self, weight_ops: list[list[Op]]) -> dict:
         """One low-rank pair for the whole module: roles sharing an A share its rank."""
         groups: dict[tuple[int, float], tuple[torch.Tensor, list]] = {}
         for rows, ops in zip(self.rows or [None], weight_ops, strict=True):
@@ -236,7 +203,7 @@ class _EntryBuilder:
             "up": self._put("lora_up", up),
         }
 
-    def _kinds(self) -> dict[str, str]:
+    def kinds(self) -> dict[str, str]:
         """LoHa / LoKr kept dense as one delta [in, out], IA3 as scale vectors: keys only when used."""
         role_ops = self.module.role_ops
         if not any(isinstance(op, Factored | Scale) for ops in role_ops for op in ops):

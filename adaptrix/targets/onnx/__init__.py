@@ -2,8 +2,8 @@
 
 The base is exported once per (weights, dtype, task) with optimum and cached; each compile
 copies the cached graph and patches the adapter into it (merged; bottleneck adapters become
-nodes), or adds LoRA inputs and writes one `.onnx_adapter` file per adapter (`unmerged`; LoHa and
-LoKr go there as their exact low-rank forms).
+nodes), or adds LoRA and IA3 inputs and writes one `.onnx_adapter` file per adapter (`unmerged`;
+LoHa and LoKr go there as their exact low-rank forms, IA3 as scale vectors).
 Quantization, when asked for, comes last.
 The directory also holds the base's config and tokenizer files (optimum's ORTModel classes load
 it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 import torch
 
-from adaptrix.targets.hooks import low_rank_pairs
 from adaptrix.targets.merged import copy_side_files, plan_tensors
+from adaptrix.targets.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
 from adaptrix.targets.onnx.export import DATA_NAME, MODEL_NAME, BaseExport, export_base
 from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.fuse import fuse_attention
 from adaptrix.targets.onnx.genai import write_genai_config
+from adaptrix.targets.onnx.ia3 import add_scale_inputs, scale_parameters
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
 from adaptrix.targets.onnx.quantize import check_quantize, quantize_weights
@@ -74,9 +76,10 @@ def write_onnx(
     ir, bottlenecks = split_bottlenecks(ir)
     dtype = dtype or torch.float32
     # What the adapters can be refused for is checked before the (slow, noisy) first export.
-    # LoHa / LoKr stay unmerged as their exact low-rank forms: ordinary LoRA pairs.
-    pairs = [(name, low_rank_pairs(factored_as_low_rank(adapter), base, dtype))
+    # LoHa / LoKr stay unmerged as their exact low-rank forms: ordinary LoRA pairs; IA3 as vectors.
+    pairs = [(name, low_rank_pairs(factored_as_low_rank(adapter), base, dtype, keep_scales=True))
              for name, adapter in adapters] if unmerged else []  # fmt: skip
+    scales = [(name, module_scales(adapter, base)) for name, adapter in adapters] if unmerged else []
     export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
     model = onnx.load(export.model, load_external_data=False)
     fused = None
@@ -87,7 +90,7 @@ def write_onnx(
         section["block_size"] = block_size
     exclude: list[str] = []
     if unmerged:
-        values, lora, exclude = _unmerged(pairs, base, model, dtype, export, out)
+        values, lora, exclude = _unmerged(pairs, scales, base, model, dtype, export, out)
         section["lora"] = lora
         untied = False
     else:
@@ -124,12 +127,21 @@ def _lora_names(section: dict) -> set[str]:
     return set(section.get("lora", {}).get("inputs", {}))
 
 
-def _unmerged(pairs, base: Checkpoint, model: onnx.ModelProto, dtype, export: BaseExport, out: Path):
-    """LoRA inputs for the union of the adapters' modules, and one adapter file per adapter."""
-    union = {}
+def _unmerged(pairs, scales, base: Checkpoint, model: onnx.ModelProto, dtype, export: BaseExport, out: Path):
+    """LoRA and IA3 inputs for the union of the adapters' modules, and one adapter file per adapter."""
+    union: dict[str, LowRankPair] = {}
     for _, found in pairs:
         for pair in found:
             union.setdefault(pair.placement.name, pair)
+    scaled: dict[str, ModuleScales] = {}
+    for _, found in scales:
+        for each in found:
+            seen = scaled.setdefault(each.placement.name, each)
+            scaled[each.placement.name] = replace(
+                seen, out=_either(seen.out, each.out), in_=_either(seen.in_, each.in_)
+            )
+    # IA3 first: the LoRA branches then read the scaled input and add before the output scale.
+    vectors = add_scale_inputs(model, base_uses(base, model.graph), list(scaled.values()))
     branches = add_lora_inputs(model, base_uses(base, model.graph), list(union.values()))
     version = model_version(export.key)
     lora = {
@@ -137,11 +149,17 @@ def _unmerged(pairs, base: Checkpoint, model: onnx.ModelProto, dtype, export: Ba
         "inputs": {
             **{b.a: _input_entry(b, [b.in_features, "rank"]) for b in branches},
             **{b.b: _input_entry(b, ["rank", b.out_features]) for b in branches},
+            **{v.name: _input_entry(v, [v.features]) for v in vectors},
         },
         "dtype": str(dtype).removeprefix("torch."),
-        "adapters": write_adapter_files(pairs, branches, out, version),
-    }
+        "adapters": write_adapter_files(pairs, branches, out, version,
+                                        {name: scale_parameters(found, vectors) for name, found in scales}),
+    }  # fmt: skip
     return {}, lora, [name for b in branches for name in b.nodes]
+
+
+def _either(first, second):
+    return first if first is not None else second
 
 
 def _input_entry(branch, shape: list) -> dict:

@@ -4,13 +4,14 @@ Each touched module's MatMul (or Gemm) gets a side branch, y = base(x) + (x @ A)
 [in, rank] and B [rank, out] are graph inputs named `<module>.lora_A` / `.lora_B` with a dynamic
 rank, backed by zero-rank initializers of the same names: with no adapter active the branch adds
 nothing. An adapter file sets A = down and B = up (every scale folded into B) for the modules it
-touches; onnxruntime activates it with `RunOptions.add_active_adapter`.
+touches, and the IA3 vectors of `ia3.py` beside them; onnxruntime activates it with
+`RunOptions.add_active_adapter`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from adaptrix.targets.hooks import LowRankPair
+from adaptrix.targets.module_pairs import LowRankPair
 from adaptrix.targets.onnx.graph import Use
 from adaptrix.toolchain.errors import UnsupportedError
 
@@ -29,7 +30,9 @@ __all__ = [
     "ADAPTER_SUFFIX",
     "LoraBranch",
     "add_lora_inputs",
+    "initializer_dtype",
     "model_version",
+    "module_matmul",
     "write_adapter_files",
 ]
 
@@ -64,15 +67,9 @@ def add_lora_inputs(
     branches = []
     for pair in modules:
         name = pair.placement.name
-        use = next((u for u in uses.get(pair.weight, ()) if u.index == 1
-                    and graph.node[u.node].op_type in ("MatMul", "Gemm")), None)  # fmt: skip
-        if use is None:
-            raise UnsupportedError(f"{name}: the exported graph has no MatMul for this module",
-                                   fix="compile without --unmerged")  # fmt: skip
+        use = module_matmul(graph, uses, name, pair.weight)
         node = graph.node[use.node]
-        if any(a.name == "transA" and a.i for a in node.attribute):
-            raise UnsupportedError(f"{name}: its Gemm transposes its input", fix="compile without --unmerged")
-        dtype = _initializer_dtype(graph, use.initializer)
+        dtype = initializer_dtype(graph, use.initializer)
         in_features, out_features = pair.down.shape[0], pair.up.shape[1]
         a, b, rank = f"{name}.lora_A", f"{name}.lora_B", f"{name}.lora_rank"
         graph.input.extend([helper.make_tensor_value_info(a, dtype, [in_features, rank]),
@@ -100,7 +97,20 @@ def add_lora_inputs(
     return branches
 
 
-def _initializer_dtype(graph: onnx.GraphProto, name: str) -> int:
+def module_matmul(graph: onnx.GraphProto, uses: dict[str, list[Use]], name: str, weight: str) -> Use:
+    """The use of a module's weight by its MatMul / Gemm (one that takes its input as is)."""
+    use = next((u for u in uses.get(weight, ()) if u.index == 1
+                and graph.node[u.node].op_type in ("MatMul", "Gemm")), None)  # fmt: skip
+    if use is None:
+        raise UnsupportedError(f"{name}: the exported graph has no MatMul for this module",
+                               fix="compile without --unmerged")  # fmt: skip
+    if any(a.name == "transA" and a.i for a in graph.node[use.node].attribute):
+        raise UnsupportedError(f"{name}: its Gemm transposes its input", fix="compile without --unmerged")
+    return use
+
+
+def initializer_dtype(graph: onnx.GraphProto, name: str) -> int:
+    """The ONNX data type of an initializer."""
     return next(init.data_type for init in graph.initializer if init.name == name)
 
 
@@ -109,8 +119,9 @@ def write_adapter_files(
     branches: Sequence[LoraBranch],
     out: Path,
     version: int,
+    vectors: Mapping[str, Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, dict]:
-    """One `.onnx_adapter` per adapter; returns the manifest's entries for them."""
+    """One `.onnx_adapter` per adapter (its pairs and IA3 `vectors[name]`); returns the manifest's entries."""
     by_module = {branch.module: branch for branch in branches}
     folder = out / ADAPTERS_DIR
     folder.mkdir()
@@ -122,6 +133,8 @@ def write_adapter_files(
             for key, value in ((branch.a, pair.down), (branch.b, pair.up)):
                 array = np.ascontiguousarray(value.to(torch.float32).numpy().astype(branch.dtype))
                 params[key] = ort.OrtValue.ortvalue_from_numpy(array)
+        scales = (vectors or {}).get(name, {})
+        params.update({key: ort.OrtValue.ortvalue_from_numpy(array) for key, array in scales.items()})
         file = folder / f"{name}{ADAPTER_SUFFIX}"
         writer = ort.AdapterFormat()
         writer.set_adapter_version(1)
@@ -132,5 +145,6 @@ def write_adapter_files(
             "file": f"{ADAPTERS_DIR}/{file.name}",
             "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
             "ranks": {pair.placement.name: int(pair.down.shape[1]) for pair in pairs},
+            **({"scales": sorted(scales)} if scales else {}),
         }
     return entries

@@ -21,8 +21,8 @@ import torch
 from onnx import helper
 
 from adaptrix.runtime.bundle import probe_indices
-from adaptrix.targets.hooks import LowRankPair, low_rank_pairs
 from adaptrix.targets.merged import TensorPlan, merged_value, plan_tensors
+from adaptrix.targets.module_pairs import LowRankPair, low_rank_pairs
 from adaptrix.targets.onnx.external import read_initializer
 from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
 from adaptrix.toolchain.binders.table import Layout

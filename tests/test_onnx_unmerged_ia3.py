@@ -1,0 +1,229 @@
+"""onnx-cpu --unmerged with PEFT IA3: scale vectors as overridable graph inputs, against PEFT.
+
+Each IA3 adapter has output scales and input scales (feedforward_modules), its vectors moved away
+from ones; on GPT-2 the output scale covers the fused c_attn (Conv1D, a Gemm with its bias), on
+Qwen2 it follows the bias Add of k_proj / v_proj (the bases' biases made random, so that a scale
+missing one shows). One llama output also holds a LoRA adapter on some of the same modules, so that
+a module has both a scale and a LoRA branch in the graph.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from builders import load_model, peft_logits, sample_inputs
+from onnx import helper, numpy_helper
+from peft import IA3Config, PeftModel
+from test_onnx_parity import (
+    ONNX_FP32_TOLERANCE,
+    activate,
+    assert_matches,
+    base_logits,
+    genai_tokens,
+    loaded_adapter,
+    max_diff,
+    peft_tokens,
+    positions_of,
+    prefill,
+    prompt_of,
+    seeded_adapter,
+    session,
+    step,
+)
+from test_peft_kinds import perturbed
+
+from adaptrix.onnx_session import open_onnx
+from adaptrix.targets.module_pairs import ModuleScales
+from adaptrix.targets.onnx.graph import Use
+from adaptrix.targets.onnx.ia3 import add_scale_inputs
+from adaptrix.toolchain.binders.table import Module, Placement
+from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.ir import Role
+from adaptrix.toolchain.pipeline import compile_adapter
+
+IA3_CONFIGS = {
+    "llama": IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
+                       feedforward_modules=["down_proj"]),
+    "gpt2": IA3Config(target_modules=["c_attn", "c_fc", "c_proj"], feedforward_modules=["c_fc"]),
+    "qwen2": IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+}  # fmt: skip
+# The LoRA adapter beside llama's IA3 one: on k_proj and down_proj too (an output and an input scale).
+LLAMA_LORA = ["q_proj", "k_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """A base, its adapters by name and one unmerged output holding them all."""
+
+    family: str
+    base: Path
+    adapters: dict[str, Path]
+    out: Path
+
+    def adapter_file(self, name: str) -> Path:
+        return self.out / "adapters" / f"{name}.onnx_adapter"
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.out / "manifest.json").read_text())
+
+
+def with_biases(family: str, base: Path, path: Path) -> Path:
+    """The base with its biases (zeros as built) made random, so that a scale that missed one shows."""
+    model = load_model(family, base)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.add_(0.5 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compiled(bases, tmp_path_factory):
+    """One unmerged onnx-cpu output per family (llama's with a LoRA adapter too), made on first use."""
+    made: dict[str, Case] = {}
+
+    def get(family: str) -> Case:
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"ia3-{family}")
+            base = with_biases(family, bases(family), root / "base")
+            adapters = {"ia3": perturbed(load_model(family, base), IA3_CONFIGS[family], root / "ia3")}
+            if family == "llama":
+                adapters["lora"] = seeded_adapter(family, base, root / "lora", target_modules=LLAMA_LORA)
+            out = root / "out"
+            compile_adapter(list(adapters.values()), base, "onnx-cpu", out, options={"unmerged": True})
+            made[family] = Case(family, base, adapters, out)
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", sorted(IA3_CONFIGS))
+def test_ia3_file_matches_peft_and_none_is_the_base(family, compiled):
+    case = compiled(family)
+    inputs = sample_inputs(family)
+    base = base_logits(family, case.base, inputs)
+    sess = session(case.out)
+    assert max_diff(prefill(sess, inputs), base) <= ONNX_FP32_TOLERANCE
+    for name, adapter in case.adapters.items():
+        expected = peft_logits(family, case.base, adapter, inputs)
+        got = prefill(sess, inputs, activate(case.adapter_file(name)))
+        assert_matches(got, expected, base, ONNX_FP32_TOLERANCE)
+    assert max_diff(prefill(sess, inputs), base) <= ONNX_FP32_TOLERANCE  # nothing stays active
+
+
+def test_decode_step_with_ia3_matches_peft(compiled):
+    case = compiled("llama")
+    ids = sample_inputs("llama")["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    positions = positions_of(mask)
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(load_model("llama", case.base), case.adapters["ia3"]).eval()
+        expected = peft(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    sess, options = session(case.out), activate(case.adapter_file("ia3"))
+    first = step(sess, ids[:, :-1], mask[:, :-1], positions[:, :-1], run_options=options)
+    last = step(sess, ids[:, -1:], mask, positions[:, -1:], past=first, run_options=options)
+    assert max_diff(torch.from_numpy(last["logits"])[:, -1], expected) <= ONNX_FP32_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("family", "module", "axis", "features"),
+    [
+        ("llama", "model.layers.0.self_attn.k_proj", "out", 16),  # GQA: 2 kv heads of 8
+        ("llama", "model.layers.1.mlp.down_proj", "in", 64),
+        ("gpt2", "transformer.h.0.attn.c_attn", "out", 96),  # the whole fused q|k|v output
+        ("gpt2", "transformer.h.1.mlp.c_fc", "in", 32),
+    ],
+)
+def test_manifest_and_graph_hold_the_vectors(family, module, axis, features, compiled):
+    """Listed like the LoRA inputs, kept out of the fed inputs, defaulting to ones, in the adapter file."""
+    case = compiled(family)
+    section = case.manifest["onnx"]
+    name = f"{module}.ia3_{axis}"
+    assert section["lora"]["inputs"][name] == {"shape": [features], "dtype": "float32", "module": module}
+    assert name in section["lora"]["adapters"]["ia3"]["scales"] and name not in section["inputs"]
+    graph = onnx.load(case.out / "model.onnx", load_external_data=False).graph
+    assert name in {value.name for value in graph.input}
+    default = next(init for init in graph.initializer if init.name == name)
+    assert np.array_equal(numpy_helper.to_array(default), np.ones(features, np.float32))
+    params = ort.AdapterFormat.read_adapter(str(case.adapter_file("ia3"))).get_parameters()
+    vector = params[name].numpy()
+    assert vector.shape == (features,) and not np.allclose(vector, 1.0)
+    assert [node.op_type for node in graph.node if name in node.input] == ["Mul"]
+
+
+def test_lora_file_beside_ia3_has_no_vectors(compiled):
+    case = compiled("llama")
+    entry = case.manifest["onnx"]["lora"]["adapters"]["lora"]
+    assert "scales" not in entry and set(entry["ranks"]) >= {"model.layers.0.self_attn.k_proj"}
+    params = ort.AdapterFormat.read_adapter(str(case.adapter_file("lora"))).get_parameters()
+    assert not any(".ia3_" in name for name in params)
+
+
+def test_misfit_vector_is_refused(compiled, tmp_path):
+    case = compiled("llama")
+    read = ort.AdapterFormat.read_adapter(str(case.adapter_file("ia3")))
+    params = {name: value.numpy() for name, value in read.get_parameters().items()}
+    name = "model.layers.0.mlp.down_proj.ia3_in"
+    params[name] = np.ones(63, np.float32)
+    writer = ort.AdapterFormat()
+    writer.set_adapter_version(1)
+    writer.set_model_version(read.get_model_version())
+    writer.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
+    file = tmp_path / "misfit.onnx_adapter"
+    writer.export_adapter(str(file))
+    with pytest.raises(BadInputError, match=rf"parameter {name}: expected shape \[64\], found \[63\]"):
+        open_onnx(case.out).load_adapter(file)
+    open_onnx(case.out).load_adapter("ia3")  # the compiled one fits
+
+
+def test_output_scale_needs_the_bias_add_after_the_matmul():
+    """A bias added anywhere but right after the MatMul: the output Mul would miss it, so refused."""
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    bias = numpy_helper.from_array(np.ones(4, np.float32), "proj.bias")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"], name="/proj/MatMul"),
+        helper.make_node("Relu", ["mm"], ["relu"], name="/proj/Relu"),
+        helper.make_node("Add", ["relu", "proj.bias"], ["y"], name="/proj/Add"),
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [value("x", onnx.TensorProto.FLOAT, [1, 4])],
+                              [value("y", onnx.TensorProto.FLOAT, [1, 4])], [weight, bias])  # fmt: skip
+    uses = {"proj.weight": [Use(0, 1, "w", True, True)], "proj.bias": [Use(2, 1, "proj.bias", False, False)]}
+    placement = Placement("proj", 0, "proj", Module((Role.ATTN_Q,)))
+    scales = ModuleScales(placement, "proj.weight", "proj.bias", torch.ones(4), None)
+    with pytest.raises(UnsupportedError, match="proj: the exported graph does not add its bias right after"):
+        add_scale_inputs(helper.make_model(graph), uses, [scales])
+
+
+def test_both_files_active_scale_the_lora_branch_too(compiled, tmp_path):
+    """IA3 and LoRA active at once: y = v_out * ((x * v_in) (W + A B)), PEFT's IA3 on the LoRA-merged base."""
+    case = compiled("llama")
+    merged = compile_adapter(case.adapters["lora"], case.base, "merged", tmp_path / "merged").out
+    inputs = sample_inputs("llama")
+    expected = peft_logits("llama", merged, case.adapters["ia3"], inputs)
+    options = ort.RunOptions()
+    for name in ("ia3", "lora"):
+        options.add_active_adapter(loaded_adapter(case.adapter_file(name)))
+    got = prefill(session(case.out), inputs, options)
+    assert_matches(got, expected, base_logits("llama", case.base, inputs), ONNX_FP32_TOLERANCE)
+
+
+def test_genai_and_open_onnx_generate_peft_tokens_with_ia3(compiled):
+    """og.Adapters and adaptrix's own session take the IA3 file as they take a LoRA one."""
+    case = compiled("llama")
+    prompt = prompt_of("llama")
+    expected = peft_tokens("llama", case.base, case.adapters["ia3"], prompt)
+    assert expected != peft_tokens("llama", case.base, None, prompt)
+    assert genai_tokens(case.out, prompt, case.adapter_file("ia3")) == expected
+    assert open_onnx(case.out).generate(list(prompt), len(expected), adapter="ia3") == expected
