@@ -108,7 +108,7 @@ class Handle:
                     self._removers.append(module.register_forward_hook(hook, with_kwargs=True))
                     if entry.scale_in:
                         self._removers.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
-            share_inputs(hooked)
+            share_inputs(hooked, self.bundle)
 
     def _swap(self, module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         current = module._parameters[name]

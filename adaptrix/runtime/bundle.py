@@ -28,6 +28,7 @@ This module reads bundles; it needs torch and safetensors only.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,6 +99,13 @@ class Bundle:
             with torch.inference_mode(False):
                 self._prepared[cache_key] = self.tensors[key].to(device, dtype)
         return self._prepared[cache_key]
+
+    def derived(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A tensor made from the bundle's (q, k, v's downs side by side): made once, then shared."""
+        if key not in self._prepared:
+            with torch.inference_mode(False):
+                self._prepared[key] = make()
+        return self._prepared[key]
 
     @property
     def base(self) -> dict:

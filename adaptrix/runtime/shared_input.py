@@ -26,9 +26,9 @@ class SharedDown:
 
     __slots__ = ("down", "hooks", "low", "pending", "version", "x")
 
-    def __init__(self, hooks: list) -> None:
+    def __init__(self, hooks: list, down: torch.Tensor) -> None:
         self.hooks = hooks
-        self.down = torch.cat([hook.down for hook in hooks], dim=1)
+        self.down = down
         start = 0
         for hook in hooks:
             rank = hook.down.shape[1]
@@ -66,15 +66,21 @@ class SharedDown:
         self.pending = 0
 
 
-def share_inputs(entries_and_hooks: list[tuple[object, object]]) -> None:
-    """Group the LoRA hooks of single-role modules that read one input, one group per layer."""
+def share_inputs(entries_and_hooks: list[tuple[object, object]], bundle) -> None:
+    """Group the LoRA hooks of single-role modules that read one input, one group per layer.
+
+    The concatenated `down` of a group is made once per bundle, device and dtype (like the
+    bundle's prepared tensors), so attaching or switching to a bundle again does not redo it.
+    """
     groups: dict[tuple[str, str, object, object], list] = defaultdict(list)
     for entry, hook in entries_and_hooks:
         if hook.down is None or hook.embedding or len(entry.sites) != 1:
             continue
         layer, _, role = entry.sites[0].rpartition(" ")
         if role in _INPUTS and layer:
-            groups[(layer, _INPUTS[role], hook.down.dtype, hook.device)].append(hook)
-    for hooks in groups.values():
-        if len(hooks) > 1:
-            SharedDown(hooks)
+            groups[(layer, _INPUTS[role], hook.down.dtype, hook.device)].append((entry, hook))
+    for (_, _, dtype, device), members in groups.items():
+        if len(members) > 1:
+            key = ("shared down", tuple(entry.lora["down"] for entry, _ in members), str(device), dtype)
+            down = bundle.derived(key, lambda members=members: torch.cat([h.down for _, h in members], dim=1))
+            SharedDown([hook for _, hook in members], down)
