@@ -11,6 +11,7 @@ from adaptrix.passes.fuse_hybrid import FuseHybridOptions, fuse_hybrid
 from adaptrix.passes.project import ProjectOptions, project
 from adaptrix.passes.redistribute import RedistributeOptions, redistribute
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
+from adaptrix.passes.refit import RefitOptions, refit
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.registry import registry
 
@@ -33,6 +34,8 @@ PASSES = register(
          RedistributeOptions, redistribute, uses_base=True),
     Pass("project", "deltas to the base's hidden / intermediate sizes and heads: svd, truncate, interpolate",
          ProjectOptions, project, uses_base=True),
+    Pass("refit", "LoRA A factors refit on data for a base of the same shape (trained further, tuned)",
+         RefitOptions, refit, uses_base=True),
     Pass("fuse-hybrid", "a LoRA and bottleneck adapters into one; linear bottlenecks folded exactly",
          FuseHybridOptions, fuse_hybrid, several=True, uses_base=True, bottlenecks=True),
 )  # fmt: skip

@@ -44,7 +44,7 @@ from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, Bias, LazyTensor, LowRank, Op, Replace, Role, Site, SourceModel
 
-__all__ = ["METHODS", "ProjectOptions", "project"]
+__all__ = ["METHODS", "ProjectOptions", "project", "source_base"]
 
 METHODS = ("svd", "truncate", "interpolate")
 DIMENSIONS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "vocab_size")
@@ -123,7 +123,7 @@ def project(ir: AdapterIR, options: ProjectOptions, base: Checkpoint) -> PassRes
     elif options.source is None:
         plan = GeometricPlan(source, target, interpolate=False)
     else:
-        read_source = weight_reader(_source_base(options.source, source))
+        read_source = weight_reader(source_base(options.source, source))
         plan = AlignedPlan(Alignment(read_source, read_target, source, target))
     subspaces = Subspaces(read_target, target, options.energy or 1.0) if options.method == "svd" else None
     carrier = _Carrier(plan, subspaces, options.method, same, (read_target, read_source))
@@ -151,7 +151,7 @@ def project(ir: AdapterIR, options: ProjectOptions, base: Checkpoint) -> PassRes
     return PassResult(dataclasses.replace(rebuild(ir, ops), source=target), True, report)
 
 
-def _source_base(path: str, expected: SourceModel) -> Checkpoint:
+def source_base(path: str, expected: SourceModel) -> Checkpoint:
     """The checkpoint at `path`, which must have the adapter's dimensions."""
     try:
         origin = Checkpoint(path)

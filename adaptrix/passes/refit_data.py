@@ -1,0 +1,129 @@
+"""refit's calibration: prompts from a file, continued by the adapted source, and module inputs.
+
+The prompts file is JSON (a list of token-id lists) or text, one prompt per line, tokenized with
+the base's tokenizer. Decoders continue each prompt greedily with the source model carrying the
+adapter (transformers' `generate`), so the calibration covers the positions where the adapter
+answers; encoders take the prompts as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["Capture", "batches", "calibration", "read_prompts"]
+
+_FIX = "give a JSON list of token-id lists, or a text file with one prompt per line"
+
+
+def read_prompts(path: str, tokenizer_dir: Path, vocab_size: int) -> list[list[int]]:
+    """The prompts of `path` as token ids (text is tokenized with the tokenizer in `tokenizer_dir`)."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"option prompts={path} cannot be read ({exc})", path=file, fix=_FIX) from None
+    if file.suffix == ".json":
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError:
+            raise BadInputError("option prompts: not JSON", path=file, fix=_FIX) from None
+        if not _token_lists(prompts, vocab_size):
+            raise BadInputError(f"option prompts: not a list of non-empty token-id lists below {vocab_size}",
+                                path=file, fix=_FIX)  # fmt: skip
+    else:
+        prompts = _tokenize([line for line in text.splitlines() if line.strip()], tokenizer_dir, file)
+    if not prompts:
+        raise BadInputError("option prompts: the file holds no prompt", path=file, fix=_FIX)
+    return prompts
+
+
+def _token_lists(value: object, vocab_size: int) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab_size for t in p) for p in value
+    )
+
+
+def _tokenize(lines: list[str], tokenizer_dir: Path, file: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError):
+        raise BadInputError(f"option prompts: text needs a tokenizer, and {tokenizer_dir} has none",
+                            path=file, fix="give the prompts as JSON token-id lists") from None  # fmt: skip
+    return [tokenizer(line)["input_ids"] for line in lines]
+
+
+def batches(sequences: Sequence[list[int]], size: int = 32) -> Iterator[torch.Tensor]:
+    """The sequences as [batch, length] id tensors, equal lengths batched together (no padding)."""
+    by_length: dict[int, list[list[int]]] = defaultdict(list)
+    for ids in sequences:
+        by_length[len(ids)].append(ids)
+    for _, group in sorted(by_length.items()):
+        for start in range(0, len(group), size):
+            yield torch.tensor(group[start : start + size], dtype=torch.long)
+
+
+@torch.no_grad()
+def calibration(model: torch.nn.Module, prompts: list[list[int]], generate: int) -> list[list[int]]:
+    """The prompts, each continued by `generate` greedy tokens of `model` (a decoder), or as they are."""
+    if generate == 0 or not _causal(model):
+        return prompts
+    found = []
+    for ids in batches(prompts):
+        mask = torch.ones_like(ids)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generate,
+                             min_new_tokens=generate, do_sample=False, pad_token_id=0)  # fmt: skip
+        found += out.tolist()
+    return found
+
+
+def _causal(model: torch.nn.Module) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model.config.architectures or [])
+
+
+class _Stop(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by a capture once it has every input it needs: the rest of the forward is skipped."""
+
+
+class Capture:
+    """Collects the inputs of some modules over the calibration, per batch, for a consumer."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, sequences: list[list[int]], consume: Callable[[dict], None]):
+        """Run `model` batch by batch; call `consume({name: inputs [tokens, in]})` for each batch."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(name: str):
+            def read(module: torch.nn.Module, args: tuple) -> None:
+                x = args[0]
+                seen[name] = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                if len(seen) == len(self.modules):
+                    raise _Stop
+
+            return read
+
+        removers = [module.register_forward_pre_hook(hook(name)) for name, module in self.modules.items()]
+        try:
+            for ids in batches(sequences):
+                seen.clear()
+                with contextlib.suppress(_Stop):
+                    model(input_ids=ids)
+                if len(seen) != len(self.modules):
+                    missing = sorted(set(self.modules) - set(seen))
+                    raise BadInputError(f"refit: the model never called {', '.join(missing)}")
+                consume(dict(seen))
+        finally:
+            for remover in removers:
+                remover.remove()
