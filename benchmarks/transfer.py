@@ -1,6 +1,6 @@
 """Benchmark: how much of an adapter's effect adaptrix's passes carry to another base (gap recovered).
 
-Run: python benchmarks/transfer.py [--quick] [--cache DIR] [--json FILE] [--threads N]
+Run: python benchmarks/transfer.py [--quick] [--cache DIR] [--json FILE] [--threads N] [--only TEXT]
 CPU only and offline. Trains small Llama models on a synthetic character corpus, LoRA adapters
 with PEFT on three tasks, then carries each source adapter (PEFT -> AIR with the source base ->
 compile to the hooks target with passes onto a target base -> adaptrix.attach) and scores it by
@@ -40,6 +40,10 @@ GOALS = {
 }
 MIN_GAP = 0.5  # a reference that gains less than this over the bare base did not learn: G is undefined
 SVD_ALIGNED = ["project:method=svd,source={source}"]
+# refit's calibration: the task's prompts (training draws, no answers), continued by the adapted source
+REFIT = ["refit:source={source},prompts={prompts},generate={generate}"]
+REFIT_LABEL = "refit:source=SOURCE,prompts=TASK"
+CALIBRATION_PROMPTS, CALIBRATION_SEED = 512, 4321
 # (target, label, passes, role): role "pass" is judged against the target's goal; "control" is not.
 ROWS = [
     ("source", "AIR, no pass (exactness check)", [], "control"),
@@ -54,15 +58,19 @@ ROWS = [
     ("wider", "project:method=interpolate (naive)", ["project:method=interpolate"], "control"),
     ("further-short", "no pass (identity map)", [], "pass"),
     ("further-short", "project:method=svd,source=SOURCE", SVD_ALIGNED, "pass"),
+    ("further-short", REFIT_LABEL, REFIT, "pass"),
     ("further-same", "no pass (identity map)", [], "pass"),
     ("further-same", "project:method=svd", ["project:method=svd"], "pass"),
     ("further-same", "project:method=svd,source=SOURCE", SVD_ALIGNED, "pass"),
+    ("further-same", REFIT_LABEL, REFIT, "pass"),
     ("further", "no pass (identity map)", [], "pass"),
     ("further", "project:method=svd", ["project:method=svd"], "pass"),
     ("further", "project:method=svd,source=SOURCE", SVD_ALIGNED, "pass"),
+    ("further", REFIT_LABEL, REFIT, "pass"),
     ("independent", "no pass (identity map, naive)", [], "control"),
     ("independent", "project:method=svd", ["project:method=svd"], "pass"),
     ("independent", "project:method=svd,source=SOURCE", SVD_ALIGNED, "pass"),
+    ("independent", REFIT_LABEL, REFIT, "pass"),
 ]
 
 
@@ -94,7 +102,20 @@ def peft_accuracy(base: Path, adapter: Path, task) -> float:
     return accuracy(PeftModel.from_pretrained(load(base), adapter).eval(), task)
 
 
-def score_rows(bases, adapters, scale, work: Path) -> tuple[dict, list[dict]]:
+def calibration_prompts(work: Path, tasks) -> dict[str, Path]:
+    """Per task, a JSON file of training-draw prompts without answers (rev's held-out words excluded)."""
+    import numpy as np
+    from _transfer_data import BOS, encode
+
+    files = {}
+    for task in tasks:
+        drawn = TASKS[task].examples(np.random.default_rng(CALIBRATION_SEED), CALIBRATION_PROMPTS)
+        files[task] = work / f"prompts-{task}.json"
+        files[task].write_text(json.dumps([[BOS, *encode(prompt)] for prompt, _ in drawn]))
+    return files
+
+
+def score_rows(bases, adapters, scale, work: Path, only: str | None = None) -> tuple[dict, list[dict]]:
     """Accuracies of bases and references, then every row's accuracy and G per task and seed."""
     from adaptrix import convert_adapter
 
@@ -114,8 +135,10 @@ def score_rows(bases, adapters, scale, work: Path) -> tuple[dict, list[dict]]:
         for s in range(scale.seeds):
             airs[task, s] = work / f"{task}-s{s}.air"
             convert_adapter(adapters["source", task, s], "air", airs[task, s], base=bases["source"])
-    rows = []
+    rows, prompts = [], calibration_prompts(work, scale.tasks)
     for target, label, passes, role in ROWS:
+        if only is not None and only not in label:
+            continue
         row = {"target": target, "label": label, "role": role, "passes": passes, "tasks": {}}
         rows.append(row)
         missing = missing_passes(passes)
@@ -123,10 +146,16 @@ def score_rows(bases, adapters, scale, work: Path) -> tuple[dict, list[dict]]:
             row["note"] = f"pass not available: {', '.join(missing)}"
             print(f"  {target:12s} {label}: skipped ({row['note']})", flush=True)
             continue
-        specs = [text.format(source=bases["source"]) for text in passes]
         try:
-            row["tasks"] = {task: score_task(airs, bases, models, anchors, target, specs, task, work)
-                            for task in scale.tasks}  # fmt: skip
+            row["tasks"] = {}
+            for task in scale.tasks:
+                values = {
+                    "source": bases["source"],
+                    "prompts": prompts[task],
+                    "generate": TASKS[task].answer_len + 1,
+                }
+                specs = [text.format(**values) for text in passes]
+                row["tasks"][task] = score_task(airs, bases, models, anchors, target, specs, task, work)
         except AdaptrixError as exc:
             row["note"] = f"failed: {exc.line()}"
             print(f"  {target:12s} {label}: {row['note']}", flush=True)
@@ -203,6 +232,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"cache dir (default ${m.CACHE_ENV} or ~/.cache/adaptrix-bench)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="results file (default CACHE/transfer-v1/results[-quick].json)")
     ap.add_argument(
+        "--only", help="score only the rows whose label contains this text (JSON: results-only.json)"
+    )
+    ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: tiny models, shared cores)"
     )
     return ap.parse_args(argv)
@@ -232,7 +264,7 @@ def main(argv=None) -> None:
     trained = time.perf_counter()
     print("rows", flush=True)
     with tempfile.TemporaryDirectory(prefix="run-", dir=cache) as work:
-        anchors, rows = score_rows(bases, adapters, scale, Path(work))
+        anchors, rows = score_rows(bases, adapters, scale, Path(work), args.only)
     done = time.perf_counter()
     print("\naccuracy (exact greedy answer) without adapter / with the reference LoRA trained on the base\n")
     print(anchor_table(anchors, scale.tasks))
@@ -244,7 +276,8 @@ def main(argv=None) -> None:
     print(f"\ntime: {timing['total_s']:.0f} s (training or cache {timing['train_s']:.0f} s, "
           f"scoring {timing['score_s']:.0f} s), {args.threads} threads; building what this run used took "
           f"{uncached:.0f} s of training when it was not cached")  # fmt: skip
-    out = args.json or cache / ("results-quick.json" if args.quick else "results.json")
+    name = "results-quick.json" if args.quick else "results-only.json" if args.only else "results.json"
+    out = args.json or cache / name
     results = {"scale": vars(scale) | {"tasks": list(scale.tasks)}, "growth_checks": checks, "drift": drifts,
                "anchors": anchors, "rows": rows, "timing": timing,
                "bases": {k: str(v) for k, v in bases.items()}}  # fmt: skip
