@@ -54,7 +54,9 @@ def test_shared_products_equal_unshared_ones_and_keep_no_activations(mode, llama
         hook.shared = None
     with context():
         alone = model(**inputs).logits
-    assert torch.equal(shared, alone)
+    # One GEMM over the concatenated downs may block (and so round) differently from three:
+    # bit-equal on some CPUs, not on others; a wrong slice or a stale input would be off by far more.
+    assert (shared - alone).abs().max() <= 1e-6
 
 
 def test_a_member_reading_another_tensor_stops_the_sharing(llama):
