@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from adaptrix import __version__
@@ -24,16 +24,30 @@ def input_hashes(groups: dict[str, tuple[Path, Sequence[Path]]]) -> dict[str, di
     }
 
 
-def output_hashes(out: Path, files: Sequence[str]) -> dict[str, dict]:
-    """Size and sha256 of every file an artifact holds besides its manifest, for `adaptrix verify`."""
-    paths = [out / name for name in files if name != MANIFEST_NAME]
-    digests = hash_files(paths)
+def output_hashes(out: Path, files: Sequence[str], known: Mapping[str, str] | None = None) -> dict[str, dict]:
+    """Size and sha256 of every file an artifact holds besides its manifest, for `adaptrix verify`.
+
+    `known`: digests of files hashed as they were written (by name); the others are read here.
+    """
+    known = known or {}
+    names = [name for name in files if name != MANIFEST_NAME]
+    digests = {out / name: known[name] for name in names if name in known}
+    digests.update(hash_files([out / name for name in names if name not in known]))
+    paths = [out / name for name in names]
     return {str(path.relative_to(out)): {"bytes": path.stat().st_size, "sha256": digests[path]}
             for path in paths}  # fmt: skip
 
 
 def write_manifest(
-    out: Path, *, target: str, dtype: str, inputs: dict, passes: list, files: list[str], extra: dict
+    out: Path,
+    *,
+    target: str,
+    dtype: str,
+    inputs: dict,
+    passes: list,
+    files: list[str],
+    extra: dict,
+    known: Mapping[str, str] | None = None,
 ) -> None:
     """Write manifest.json into an output directory."""
     manifest = {
@@ -44,7 +58,7 @@ def write_manifest(
         "inputs": inputs,
         "passes": passes,
         "files": sorted(files),
-        "outputs": output_hashes(out, files),
+        "outputs": output_hashes(out, files, known),
         **extra,
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -110,6 +110,7 @@ def compile_adapter(
             inputs=input_hashes(inputs),
             passes=records,
             files=written.files,
+            known=written.digests,
             extra={"sites": len(irs[0].sites()), "source": irs[0].source.as_dict(), **written.manifest},
         )
     logger.info("compiled %s for %s into %s (%s)", adapter, base, out, target)

@@ -109,7 +109,7 @@ def write_onnx(
         section["quantized"] = {"weights": report.quantized, "float_bytes": report.float_bytes,
                                 "quantized_bytes": report.quantized_bytes,
                                 "left_in_float": report.skipped}  # fmt: skip
-    write_model(model, export.path, values, out, DATA_NAME)
+    digests = {DATA_NAME: write_model(model, export.path, values, out, DATA_NAME)}
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":
         genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)
@@ -120,7 +120,7 @@ def write_onnx(
         files += [entry["file"] for entry in section["lora"]["adapters"].values()]
     section["inputs"] = [value.name for value in model.graph.input if value.name not in _lora_names(section)]
     section["outputs"] = [value.name for value in model.graph.output]
-    return Written(files, {"onnx": section})
+    return Written(files, {"onnx": section}, digests)
 
 
 def _lora_names(section: dict) -> set[str]:

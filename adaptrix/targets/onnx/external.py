@@ -1,13 +1,14 @@
 """Write a graph and its weights as `model.onnx` + `model.onnx_data`, copying unchanged weights.
 
 Unchanged initializers are copied from the cached export's data file in the kernel; changed and
-new ones are written from arrays. Large tensors start on 64 KiB boundaries, as onnx aligns them,
-so that onnxruntime can memory-map them.
+new ones are written from arrays, computed while the ones before are written and hashed. Large
+tensors start on 64 KiB boundaries, as onnx aligns them, so that onnxruntime can memory-map them.
 """
 
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -16,9 +17,16 @@ import onnx
 from onnx import helper, numpy_helper
 
 from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.fileio import copy_range, write_all
+from adaptrix.toolchain.stream import HashingWriter
 
-__all__ = ["external_location", "read_initializer", "write_model"]
+__all__ = [
+    "Filler",
+    "external_location",
+    "read_initializer",
+    "read_initializer_into",
+    "value_array",
+    "write_model",
+]
 
 _ALIGN = 64 * 1024
 _ALIGN_ABOVE = 1 << 20
@@ -45,47 +53,96 @@ def read_initializer(init: onnx.TensorProto, folder: Path) -> np.ndarray:
     return np.memmap(folder / location, dtype=dtype, mode="r", offset=offset, shape=tuple(init.dims))
 
 
+def read_initializer_into(init: onnx.TensorProto, folder: Path, out: np.ndarray) -> None:
+    """Read an initializer's value into `out` (same dtype and shape): one copy, no fresh pages."""
+    where = external_location(init)
+    if where is None:
+        out[...] = numpy_helper.to_array(init)
+        return
+    location, offset, length = where
+    view = memoryview(out.reshape(-1)).cast("B")
+    if length != view.nbytes:
+        raise BadInputError(f"initializer {init.name} has {length} bytes for shape {list(init.dims)}",
+                            path=folder / location, fix="clear the ONNX cache directory")  # fmt: skip
+    fd = os.open(folder / location, os.O_RDONLY)
+    try:
+        while view:
+            got = os.preadv(fd, [view], offset)
+            if got == 0:
+                raise BadInputError(f"initializer {init.name} ends early", path=folder / location,
+                                    fix="clear the ONNX cache directory")  # fmt: skip
+            view, offset = view[got:], offset + got
+    finally:
+        os.close(fd)
+
+
 def write_model(
     model: onnx.ModelProto,
     source: Path,
-    values: Mapping[str, np.ndarray | Callable[[], np.ndarray]],
+    values: Mapping[str, np.ndarray | Callable[[], np.ndarray] | Filler],
     out: Path,
     data_name: str,
     progress: Callable[[int], None] | None = None,
-) -> None:
+) -> str:
     """Write `model` into `out`: initializers in `values` get new data, the rest keep `source`'s.
 
-    A value may be a function: it is called when its initializer is written and dropped after,
-    so at most one new tensor is in memory at a time.
+    A value may be an array, a function called when its initializer is written, or a `Filler`
+    that computes straight into the output file's bytes. Unchanged initializers are copied in the
+    kernel and everything is hashed while the next value is computed (HashingWriter).
+    Returns the sha256 of the data file.
     """
-    data_path = out / data_name
-    fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        offset = 0
-        for init in model.graph.initializer:
-            where = external_location(init)
-            if init.name not in values and where is None:
-                continue  # small, kept inside the graph
-            length = _nbytes(init, values)
-            if length >= _ALIGN_ABOVE and offset % _ALIGN:
-                pad = _ALIGN - offset % _ALIGN
-                write_all(fd, bytes(pad))
-                offset += pad
+    layout, size = [], 0
+    for init in model.graph.initializer:
+        where = external_location(init)
+        if init.name not in values and where is None:
+            continue  # small, kept inside the graph
+        length = _nbytes(init, values)
+        if length >= _ALIGN_ABOVE and size % _ALIGN:
+            size += _ALIGN - size % _ALIGN
+        layout.append((init, where, size, length))
+        size += length
+    with HashingWriter(out / data_name, size) as writer:
+        for init, where, offset, length in layout:
+            writer.skip(offset - writer.offset)
             if init.name in values:
-                value = values[init.name]
-                value = value() if callable(value) else value
-                _check_value(init, value)
-                write_all(fd, np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+                _put_value(writer, init, values[init.name])
             else:
-                copy_range(source / where[0], fd, where[1], where[2])
+                writer.copy(source / where[0], where[1], where[2])
             _point_to(init, data_name, offset, length)
-            offset += length
             if progress:
                 progress(length)
-    finally:
-        os.close(fd)
+        digest = writer.close()
     with (out / "model.onnx").open("wb") as handle:
         handle.write(model.SerializeToString())
+    return digest
+
+
+class Filler(ABC):
+    """A new initializer value computed into the output's bytes, which write_model provides."""
+
+    @abstractmethod
+    def fill(self, out: np.ndarray) -> None:
+        """Fill `out` (the initializer's dtype and shape) with the value."""
+
+
+def value_array(value: np.ndarray | Callable[[], np.ndarray] | Filler, init: onnx.TensorProto) -> np.ndarray:
+    """The array a value of write_model's `values` stands for (computed now for a function or Filler)."""
+    if isinstance(value, Filler):
+        out = np.empty(tuple(init.dims), helper.tensor_dtype_to_np_dtype(init.data_type))
+        value.fill(out)
+        return out
+    return value() if callable(value) else value
+
+
+def _put_value(writer: HashingWriter, init: onnx.TensorProto, value) -> None:
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+    length = int(np.prod(init.dims, dtype=np.int64)) * dtype.itemsize
+    if isinstance(value, Filler):
+        writer.fill(length, lambda view: value.fill(view.view(dtype).reshape(tuple(init.dims))))
+        return
+    value = value() if callable(value) else value
+    _check_value(init, value)
+    writer.put(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
 
 
 def _nbytes(init: onnx.TensorProto, values: Mapping) -> int:

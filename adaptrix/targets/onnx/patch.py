@@ -12,7 +12,6 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from onnx import helper
 from adaptrix.runtime.bundle import probe_indices
 from adaptrix.targets.merged import TensorPlan, merged_value, plan_tensors
 from adaptrix.targets.module_pairs import LowRankPair, low_rank_pairs
-from adaptrix.targets.onnx.external import read_initializer
+from adaptrix.targets.onnx.external import Filler, read_initializer, read_initializer_into
 from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
 from adaptrix.toolchain.binders.table import Layout
 from adaptrix.toolchain.checkpoint import Checkpoint
@@ -81,8 +80,7 @@ def merged_patches(
         if exact and item.name in pairs and _plain_matmul_weight(found, users, graph, initializers):
             # The cached float32 weight is the base's, already in the [in, out] layout MatMul takes.
             # Computed when written, so that one merged tensor at a time is in memory.
-            values[use.initializer] = partial(_add_low_rank, initializers[use.initializer], folder,
-                                              pairs[item.name])  # fmt: skip
+            values[use.initializer] = _AddLowRank(initializers[use.initializer], folder, pairs[item.name])
         else:
             _patch_general(item, base, found, users, graph, initializers, values)
         if progress:
@@ -107,11 +105,16 @@ def _plain_matmul_weight(found: list[Use], users: dict, graph: onnx.GraphProto, 
     )
 
 
-def _add_low_rank(init: onnx.TensorProto, folder: Path, pair: LowRankPair) -> np.ndarray:
+class _AddLowRank(Filler):
     """The cached weight [in, out] plus down @ up, in float32, without transposing anything."""
-    merged = torch.from_numpy(np.array(read_initializer(init, folder), dtype=np.float32))
-    merged.addmm_(pair.down, pair.up)
-    return merged.numpy()
+
+    def __init__(self, init: onnx.TensorProto, folder: Path, pair: LowRankPair):
+        self.init, self.folder, self.pair = init, folder, pair
+
+    def fill(self, out: np.ndarray) -> None:
+        """Read the cached weight into `out` and add the low-rank product in place."""
+        read_initializer_into(self.init, self.folder, out)
+        torch.from_numpy(out).addmm_(self.pair.down, self.pair.up)
 
 
 def _patch_general(item, base, found, users, graph, initializers, values) -> None:

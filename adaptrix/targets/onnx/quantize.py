@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from adaptrix.targets.onnx.external import read_initializer
+from adaptrix.targets.onnx.external import read_initializer, value_array
 from adaptrix.toolchain.errors import BadInputError
 
 __all__ = ["QUANTIZE_SCHEMES", "QuantizeReport", "check_quantize", "quantize_weights"]
@@ -162,9 +162,8 @@ def _shapes(scheme: str, dims: tuple[int, ...], name: str, block_size: int) -> d
 
 
 def _quantize(scheme: str, source, init: onnx.TensorProto, folder: Path, block_size: int) -> dict:
-    """Quantize one weight: `source` (an array or a function making one) or the export's initializer."""
-    weight = read_initializer(init, folder) if source is None else source
-    weight = weight() if callable(weight) else weight
+    """Quantize one weight: `source` (a write_model value) or the export's initializer."""
+    weight = read_initializer(init, folder) if source is None else value_array(source, init)
     return _int4(weight, init.name, block_size) if scheme == "int4" else _int8(weight, init.name)
 
 

@@ -1,0 +1,212 @@
+"""A file of known size filled in order through memory maps, hashed on a thread as it fills.
+
+Large artifacts are disk-bound. On the 2-core machines we measured, copying bytes into a
+memory-mapped, preallocated file ran about twice as fast as os.write into a new one (a kernel
+copy_file_range was faster still, but it cannot change the bytes), so `HashingWriter`
+preallocates the file (a full disk fails here, with a clear error, not as a SIGBUS later) and
+hands the caller a writable view of each piece's bytes to compute into: a merge reads the base
+straight into the output and adds its delta in place, with no buffer copy.
+Ranges of another file are copied in the kernel on one thread; the sha256 of each piece is taken
+on another once it is complete, and its map is dropped then, so the mapped bytes stay bounded.
+The digest is of the bytes written, so the manifest does not have to read the file again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import mmap
+import os
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from adaptrix.toolchain.errors import AdaptrixError, BadInputError
+
+__all__ = ["HashingWriter", "OutputSpaceError"]
+
+_DONE = object()
+_GRANULE = mmap.ALLOCATIONGRANULARITY
+_READ = mmap.ACCESS_READ
+
+
+class OutputSpaceError(AdaptrixError):
+    """The output's file system cannot hold the file."""
+
+
+class _Piece:
+    __slots__ = ("length", "mapped", "source", "start", "view", "zeros")
+
+    def __init__(self, length, view=None, mapped=None, source=None, start=0, zeros=False):
+        self.length, self.view, self.mapped = length, view, mapped
+        self.source, self.start, self.zeros = source, start, zeros
+
+
+class HashingWriter:
+    """Fill the new file `path` of `size` bytes in order; `close()` returns its sha256.
+
+    At most `budget` bytes are mapped and not yet hashed (one piece always may be), so memory stays
+    bounded. A failure on either thread is raised by the next call in the caller's thread.
+    """
+
+    def __init__(self, path: Path, size: int, budget: int = 256 << 20):
+        self.path, self.size = Path(path), size
+        self.offset = 0
+        self._budget = budget
+        self._in_flight = 0
+        self._room = threading.Condition()
+        self._error: BaseException | None = None
+        self._digest = hashlib.sha256()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if size:
+                os.posix_fallocate(self._fd, 0, size)
+        except OSError as exc:
+            os.close(self._fd)
+            self._fd = -1
+            self.path.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputSpaceError(f"no room for {size / 1e9:.2f} GB", path=self.path,
+                                       fix="free space there or choose another -o") from None  # fmt: skip
+            raise
+        self._hashes, self._copies = queue.SimpleQueue(), queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, args=args, name=f"adaptrix-{name}", daemon=True)
+            for args, name in (((self._hashes, self._hash), "sha256"), ((self._copies, self._copy), "copy"))
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def fill(self, length: int, compute: Callable[[np.ndarray], None]) -> None:
+        """Append `length` bytes that `compute` writes into the uint8 view it is given."""
+        self._admit(length)
+        if not length:
+            return
+        start = self.offset - self.offset % _GRANULE
+        mapped = mmap.mmap(self._fd, self.offset + length - start, offset=start)
+        view = np.frombuffer(mapped, np.uint8, length, self.offset - start)
+        self.offset += length
+        piece = _Piece(length, view, mapped)
+        try:
+            compute(view)
+        except BaseException:
+            del view
+            self._unmap(piece)  # the digest is never returned after a failure
+            raise
+        self._hashes.put(piece)
+
+    def put(self, data) -> None:
+        """Append a buffer's bytes."""
+        source = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        self.fill(source.nbytes, lambda view: np.copyto(view, source))
+
+    def skip(self, length: int) -> None:
+        """Append `length` zero bytes (the preallocated file reads as zeros)."""
+        self._admit(0)
+        self.offset += length
+        self._hashes.put(_Piece(length, zeros=True))
+
+    def copy(self, source: Path, start: int, length: int) -> None:
+        """Append `length` bytes of `source` from `start`, copied in the kernel."""
+        self._admit(0)
+        piece = _Piece(length, source=Path(source), start=start)
+        self._copies.put((piece, self.offset))
+        self._hashes.put(piece)
+        self.offset += length
+
+    def close(self) -> str:
+        """Wait until everything is copied and hashed; return the sha256 hex digest."""
+        self._finish()
+        if self._error is not None:
+            raise self._error
+        if self.offset != self.size:
+            raise ValueError(f"{self.path}: {self.offset} bytes written of {self.size}")
+        return self._digest.hexdigest()
+
+    def abort(self) -> None:
+        """Stop after what is in flight, without raising (the caller is already failing)."""
+        self._finish()
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if exc_info[0] is not None:
+            self.abort()
+        elif self._fd >= 0:
+            self.close()
+
+    # the caller's side
+
+    def _admit(self, nbytes: int) -> None:
+        if self.offset + nbytes > self.size:
+            raise ValueError(f"{self.path}: {self.offset + nbytes} bytes exceed its size {self.size}")
+        with self._room:
+            while self._in_flight and self._in_flight + nbytes > self._budget and self._error is None:
+                self._room.wait()
+            if self._error is not None:
+                raise self._error
+            self._in_flight += nbytes
+
+    def _finish(self) -> None:
+        if self._fd < 0:
+            return
+        for target in (self._hashes, self._copies):
+            target.put(_DONE)
+        for thread in self._threads:
+            thread.join()
+        os.close(self._fd)
+        self._fd = -1
+
+    # the threads' side
+
+    def _run(self, items: queue.SimpleQueue, work: Callable) -> None:
+        while (item := items.get()) is not _DONE:
+            if self._error is None:
+                try:
+                    work(item)
+                except BaseException as exc:
+                    with self._room:
+                        self._error = self._error or exc
+                        self._room.notify_all()
+            if isinstance(item, _Piece):
+                self._unmap(item)
+
+    def _unmap(self, piece: _Piece) -> None:
+        if piece.mapped is not None:
+            piece.view = None
+            with contextlib.suppress(BufferError):  # a caller kept a view: the map goes with it
+                piece.mapped.close()
+            piece.mapped = None
+            with self._room:
+                self._in_flight -= piece.length
+                self._room.notify_all()
+
+    def _hash(self, piece: _Piece) -> None:
+        if piece.zeros:
+            for done in range(0, piece.length, 1 << 20):
+                self._digest.update(bytes(min(1 << 20, piece.length - done)))
+        elif piece.view is not None:
+            self._digest.update(piece.view)
+        elif piece.length:
+            with piece.source.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    self._digest.update(view[piece.start : piece.start + piece.length])
+                finally:
+                    view.release()
+
+    def _copy(self, job: tuple[_Piece, int]) -> None:
+        piece, offset = job
+        with piece.source.open("rb") as src:
+            done = 0
+            while done < piece.length:
+                sent = os.copy_file_range(src.fileno(), self._fd, piece.length - done,
+                                          piece.start + done, offset + done)  # fmt: skip
+                if sent == 0:
+                    raise BadInputError("ended early while copying", path=piece.source)
+                done += sent

@@ -1,0 +1,80 @@
+"""HashingWriter: pieces filled in order through maps, copied and hashed on threads, maps bounded."""
+
+import hashlib
+import threading
+
+import numpy as np
+import pytest
+
+from adaptrix.toolchain.stream import HashingWriter, OutputSpaceError
+
+
+def test_the_file_and_its_digest_hold_every_piece_in_order(tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 1000)
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal(n).astype(np.float32) for n in (1, 4096, 300_000, 7)]
+    size = sum(a.nbytes for a in arrays) + 5000 + 10 + 3
+    with HashingWriter(tmp_path / "out.bin", size, budget=1 << 20) as writer:
+        writer.put(arrays[0])  # 4 bytes: later maps start inside a page
+        writer.copy(source, 100, 5000)
+        writer.fill(arrays[1].nbytes, lambda view: np.copyto(view.view(np.float32), arrays[1]))
+        writer.skip(10)
+        writer.put(arrays[2])  # alone over the budget: still taken
+        writer.copy(source, 0, 0)
+        writer.fill(0, lambda view: None)
+        writer.put(b"abc")
+        writer.put(arrays[3])
+        assert writer.offset == size
+        digest = writer.close()
+    data = source.read_bytes()
+    expected = b"".join([arrays[0].tobytes(), data[100:5100], arrays[1].tobytes(), b"\0" * 10,
+                         arrays[2].tobytes(), b"abc", arrays[3].tobytes()])  # fmt: skip
+    assert (tmp_path / "out.bin").read_bytes() == expected
+    assert digest == hashlib.sha256(expected).hexdigest()
+
+
+def test_mapped_bytes_stay_within_the_budget(tmp_path):
+    budget, size, count = 3 << 20, 1 << 20, 40
+    peak, lock = [0], threading.Lock()
+    writer = HashingWriter(tmp_path / "out.bin", count * size, budget=budget)
+
+    def compute(view):
+        with lock:
+            peak[0] = max(peak[0], writer._in_flight)
+        view[:] = 7
+
+    with writer:
+        for _ in range(count):
+            writer.fill(size, compute)
+    assert peak[0] <= budget
+    assert writer._in_flight == 0
+    assert (tmp_path / "out.bin").read_bytes() == b"\7" * (count * size)
+
+
+def test_a_failed_copy_is_raised_in_the_callers_thread(tmp_path):
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"x" * 100)
+    writer = HashingWriter(tmp_path / "out.bin", 500 + 100 * (1 << 16))
+    writer.copy(short, 50, 500)  # runs past the end
+    with pytest.raises(Exception, match="ended early"):
+        for _ in range(100):
+            writer.put(np.zeros(1 << 16, np.uint8))
+        writer.close()
+    writer.abort()  # after a failure: closes without raising again
+
+
+def test_a_piece_past_the_size_and_a_short_file_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="exceed its size"), HashingWriter(tmp_path / "a.bin", 4) as writer:
+        writer.put(b"12345")
+    writer = HashingWriter(tmp_path / "b.bin", 8)
+    writer.put(b"1234")
+    with pytest.raises(ValueError, match="4 bytes written of 8"):
+        writer.close()
+
+
+def test_a_file_too_big_for_the_disk_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(OutputSpaceError, match="no room") as caught:
+        HashingWriter(tmp_path / "huge.bin", 1 << 60)
+    assert "huge.bin" in caught.value.line()
+    assert not (tmp_path / "huge.bin").exists()
