@@ -61,15 +61,16 @@ def write_merged(
     items, untied = plan_tensors(ir, base)
     shards = _shard_names(1 + max(item.shard for item in items))
     written: list[str] = []
+    digests: dict[str, str] = {}
     for index, shard_name in enumerate(shards):
         batch = [item for item in items if item.shard == index]
-        _write_shard(out / shard_name, batch, base, dtype, progress)
+        digests[shard_name] = _write_shard(out / shard_name, batch, base, dtype, progress)
         written.append(shard_name)
     if len(shards) > 1:
         _write_index(out, items, shards, base, dtype)
         written.append(INDEX_NAME)
     written += copy_side_files(base, out, dtype, untied)
-    return Written(written, {"untied_lm_head": untied})
+    return Written(written, {"untied_lm_head": untied}, digests)
 
 
 def plan_tensors(ir: AdapterIR, base: Checkpoint) -> tuple[list[TensorPlan], bool]:
@@ -157,7 +158,8 @@ def _planned(item: TensorPlan, base: Checkpoint, dtype: torch.dtype | None) -> P
     return PlannedTensor(item.name, _out_dtype(info.dtype, dtype), info.shape)
 
 
-def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, progress) -> None:
+def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, progress) -> str:
+    """Write one shard; return its sha256."""
     planned = [_planned(item, base, dtype) for item in batch]
     with write_safetensors(file, planned, {"format": "pt"}) as writer:
         for item, plan in zip(batch, planned, strict=True):
@@ -168,6 +170,7 @@ def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, p
                 writer.write(item.name, merged_value(item, base, plan.dtype))
             if progress:
                 progress(info.nbytes)
+    return writer.digest
 
 
 def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torch.Tensor:

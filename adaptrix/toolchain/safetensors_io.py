@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.fileio import copy_range, write_all
+from adaptrix.toolchain.stream import HashingWriter
 
 __all__ = [
     "DTYPES",
@@ -142,19 +141,20 @@ class PlannedTensor:
 class write_safetensors:  # noqa: N801 - used as a context manager, reads like a function
     """Write a safetensors file tensor by tensor, in the planned order, never holding more than one.
 
-    Writes go straight to the file descriptor: Python's buffered writer is several times slower
-    for buffers of hundreds of megabytes.
+    The file is laid out from the plan and filled by a HashingWriter, which hashes it as it fills:
+    `digest` is the file's sha256 once the block has ended without an error.
     """
 
     def __init__(self, file: Path, planned: Iterable[PlannedTensor], metadata: Mapping[str, str]):
         self.file = file
         self.planned = list(planned)
         self.metadata = dict(metadata)
+        self.digest: str | None = None
         self._next = 0
-        self._fd = -1
+        self._writer: HashingWriter | None = None
 
     def __enter__(self) -> write_safetensors:
-        """Open the file and write the header."""
+        """Create the file and write the header."""
         header: dict[str, object] = {"__metadata__": self.metadata}
         offset = 0
         for item in self.planned:
@@ -166,8 +166,8 @@ class write_safetensors:  # noqa: N801 - used as a context manager, reads like a
             offset += item.nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        self._fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        write_all(self._fd, struct.pack("<Q", len(text)) + text)
+        self._writer = HashingWriter(self.file, 8 + len(text) + offset)
+        self._writer.put(struct.pack("<Q", len(text)) + text)
         return self
 
     def _expect(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
@@ -180,15 +180,19 @@ class write_safetensors:  # noqa: N801 - used as a context manager, reads like a
         """Write the next planned tensor's bytes."""
         self._expect(name, tensor.dtype, tuple(tensor.shape))
         if tensor.numel():
-            write_all(self._fd, tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._writer.put(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def copy_bytes(self, name: str, source: TensorInfo) -> None:
         """Write the next planned tensor by copying its bytes from a source file, in the kernel."""
         self._expect(name, source.dtype, source.shape)
-        copy_range(source.file, self._fd, source.start, source.nbytes)
+        self._writer.copy(source.file, source.start, source.nbytes)
 
     def __exit__(self, *exc_info: object) -> None:
-        """Close the file; a complete write must have written every planned tensor."""
-        os.close(self._fd)
-        if exc_info[0] is None and self._next != len(self.planned):
+        """Finish the file; a complete write must have written every planned tensor."""
+        if exc_info[0] is not None:
+            self._writer.abort()
+            return
+        if self._next != len(self.planned):
+            self._writer.abort()
             raise ValueError(f"{self.file}: wrote {self._next} of {len(self.planned)} tensors")
+        self.digest = self._writer.close()
