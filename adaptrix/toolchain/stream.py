@@ -31,7 +31,6 @@ __all__ = ["HashingWriter", "OutputSpaceError"]
 
 _DONE = object()
 _GRANULE = mmap.ALLOCATIONGRANULARITY
-_READ = mmap.ACCESS_READ
 
 
 class OutputSpaceError(AdaptrixError):
@@ -53,7 +52,7 @@ class HashingWriter:
     bounded. A failure on either thread is raised by the next call in the caller's thread.
     """
 
-    def __init__(self, path: Path, size: int, budget: int = 256 << 20):
+    def __init__(self, path: Path, size: int, budget: int = 64 << 20):
         self.path, self.size = Path(path), size
         self.offset = 0
         self._budget = budget
@@ -192,13 +191,16 @@ class HashingWriter:
                 self._digest.update(bytes(min(1 << 20, piece.length - done)))
         elif piece.view is not None:
             self._digest.update(piece.view)
-        elif piece.length:
-            with piece.source.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    self._digest.update(view[piece.start : piece.start + piece.length])
-                finally:
-                    view.release()
+        elif piece.length:  # read in small pieces: a map of the source would count as our memory
+            buffer = memoryview(bytearray(min(piece.length, 1 << 20)))
+            with piece.source.open("rb") as handle:
+                done = 0
+                while done < piece.length:
+                    got = os.preadv(handle.fileno(), [buffer[: piece.length - done]], piece.start + done)
+                    if got == 0:
+                        raise BadInputError("ended early while copying", path=piece.source)
+                    self._digest.update(buffer[:got])
+                    done += got
 
     def _copy(self, job: tuple[_Piece, int]) -> None:
         piece, offset = job
