@@ -67,6 +67,8 @@ def test_a_failed_copy_is_raised_in_the_callers_thread(tmp_path):
 def test_a_piece_past_the_size_and_a_short_file_are_refused(tmp_path):
     with pytest.raises(ValueError, match="exceed its size"), HashingWriter(tmp_path / "a.bin", 4) as writer:
         writer.put(b"12345")
+    with pytest.raises(ValueError, match="exceed its size"), HashingWriter(tmp_path / "c.bin", 4) as writer:
+        writer.skip(5)
     writer = HashingWriter(tmp_path / "b.bin", 8)
     writer.put(b"1234")
     with pytest.raises(ValueError, match="4 bytes written of 8"):

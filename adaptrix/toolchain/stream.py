@@ -82,7 +82,7 @@ class HashingWriter:
 
     def fill(self, length: int, compute: Callable[[np.ndarray], None]) -> None:
         """Append `length` bytes that `compute` writes into the uint8 view it is given."""
-        self._admit(length)
+        self._admit(length, mapped=length)
         if not length:
             return
         start = self.offset - self.offset % _GRANULE
@@ -105,13 +105,13 @@ class HashingWriter:
 
     def skip(self, length: int) -> None:
         """Append `length` zero bytes (the preallocated file reads as zeros)."""
-        self._admit(0)
+        self._admit(length)
         self.offset += length
         self._hashes.put(_Piece(length, zeros=True))
 
     def copy(self, source: Path, start: int, length: int) -> None:
         """Append `length` bytes of `source` from `start`, copied in the kernel."""
-        self._admit(0)
+        self._admit(length)
         piece = _Piece(length, source=Path(source), start=start)
         self._copies.put((piece, self.offset))
         self._hashes.put(piece)
@@ -141,15 +141,16 @@ class HashingWriter:
 
     # the caller's side
 
-    def _admit(self, nbytes: int) -> None:
-        if self.offset + nbytes > self.size:
-            raise ValueError(f"{self.path}: {self.offset + nbytes} bytes exceed its size {self.size}")
+    def _admit(self, length: int, mapped: int = 0) -> None:
+        """Check that `length` more bytes fit; wait until `mapped` more may be mapped."""
+        if self.offset + length > self.size:
+            raise ValueError(f"{self.path}: {self.offset + length} bytes exceed its size {self.size}")
         with self._room:
-            while self._in_flight and self._in_flight + nbytes > self._budget and self._error is None:
+            while self._in_flight and self._in_flight + mapped > self._budget and self._error is None:
                 self._room.wait()
             if self._error is not None:
                 raise self._error
-            self._in_flight += nbytes
+            self._in_flight += mapped
 
     def _finish(self) -> None:
         if self._fd < 0:

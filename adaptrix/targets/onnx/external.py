@@ -1,7 +1,7 @@
 """Write a graph and its weights as `model.onnx` + `model.onnx_data`, copying unchanged weights.
 
 Unchanged initializers are copied from the cached export's data file in the kernel; changed and
-new ones are written from arrays, computed while the ones before are written and hashed. Large
+new ones are computed into the file while the ones before are hashed (HashingWriter). Large
 tensors start on 64 KiB boundaries, as onnx aligns them, so that onnxruntime can memory-map them.
 """
 
@@ -42,38 +42,40 @@ def external_location(init: onnx.TensorProto) -> tuple[str, int, int] | None:
 
 def read_initializer(init: onnx.TensorProto, folder: Path) -> np.ndarray:
     """An initializer's value (memory-mapped when it is stored externally)."""
-    where = external_location(init)
-    if where is None:
+    if external_location(init) is None:
         return numpy_helper.to_array(init)
+    path, offset, _ = _checked_location(init, folder)
     dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-    location, offset, length = where
-    if length != int(np.prod(init.dims, dtype=np.int64)) * np.dtype(dtype).itemsize:
-        raise BadInputError(f"initializer {init.name} has {length} bytes for shape {list(init.dims)}",
-                            path=folder / location, fix="clear the ONNX cache directory")  # fmt: skip
-    return np.memmap(folder / location, dtype=dtype, mode="r", offset=offset, shape=tuple(init.dims))
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(init.dims))
 
 
 def read_initializer_into(init: onnx.TensorProto, folder: Path, out: np.ndarray) -> None:
-    """Read an initializer's value into `out` (same dtype and shape): one copy, no fresh pages."""
-    where = external_location(init)
-    if where is None:
+    """Read an initializer's value into `out` (its dtype and shape) with one copy."""
+    if external_location(init) is None:
         out[...] = numpy_helper.to_array(init)
         return
-    location, offset, length = where
+    path, offset, _ = _checked_location(init, folder)
     view = memoryview(out.reshape(-1)).cast("B")
-    if length != view.nbytes:
-        raise BadInputError(f"initializer {init.name} has {length} bytes for shape {list(init.dims)}",
-                            path=folder / location, fix="clear the ONNX cache directory")  # fmt: skip
-    fd = os.open(folder / location, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
     try:
         while view:
             got = os.preadv(fd, [view], offset)
             if got == 0:
-                raise BadInputError(f"initializer {init.name} ends early", path=folder / location,
+                raise BadInputError(f"initializer {init.name} ends early", path=path,
                                     fix="clear the ONNX cache directory")  # fmt: skip
             view, offset = view[got:], offset + got
     finally:
         os.close(fd)
+
+
+def _checked_location(init: onnx.TensorProto, folder: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external initializer whose length fits its dtype and shape."""
+    location, offset, length = external_location(init)
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+    if length != int(np.prod(init.dims, dtype=np.int64)) * itemsize:
+        raise BadInputError(f"initializer {init.name} has {length} bytes for shape {list(init.dims)}",
+                            path=folder / location, fix="clear the ONNX cache directory")  # fmt: skip
+    return folder / location, offset, length
 
 
 def write_model(
@@ -105,7 +107,7 @@ def write_model(
         for init, where, offset, length in layout:
             writer.skip(offset - writer.offset)
             if init.name in values:
-                _put_value(writer, init, values[init.name])
+                _put_value(writer, init, values[init.name], length)
             else:
                 writer.copy(source / where[0], where[1], where[2])
             _point_to(init, data_name, offset, length)
@@ -134,13 +136,12 @@ def value_array(value: np.ndarray | Callable[[], np.ndarray] | Filler, init: onn
     return value() if callable(value) else value
 
 
-def _put_value(writer: HashingWriter, init: onnx.TensorProto, value) -> None:
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-    length = int(np.prod(init.dims, dtype=np.int64)) * dtype.itemsize
+def _put_value(writer: HashingWriter, init: onnx.TensorProto, value, length: int) -> None:
     if isinstance(value, Filler):
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
         writer.fill(length, lambda view: value.fill(view.view(dtype).reshape(tuple(init.dims))))
         return
-    value = value() if callable(value) else value
+    value = value_array(value, init)
     _check_value(init, value)
     writer.put(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
 

@@ -79,7 +79,7 @@ def merged_patches(
         use = found[0]
         if exact and item.name in pairs and _plain_matmul_weight(found, users, graph, initializers):
             # The cached float32 weight is the base's, already in the [in, out] layout MatMul takes.
-            # Computed when written, so that one merged tensor at a time is in memory.
+            # Computed straight into the output file when it is written: no merged copy in memory.
             values[use.initializer] = _AddLowRank(initializers[use.initializer], folder, pairs[item.name])
         else:
             _patch_general(item, base, found, users, graph, initializers, values)
