@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+from adaptrix.toolchain import stream
 from adaptrix.toolchain.stream import HashingWriter, OutputSpaceError
 
 
@@ -80,3 +81,21 @@ def test_a_file_too_big_for_the_disk_is_refused_before_anything_is_written(tmp_p
         HashingWriter(tmp_path / "huge.bin", 1 << 60)
     assert "huge.bin" in caught.value.line()
     assert not (tmp_path / "huge.bin").exists()
+
+
+def test_without_maps_pieces_are_computed_in_memory_and_written(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # as a file system without mmap answers
+
+    monkeypatch.setattr(stream.mmap, "mmap", refuse)
+    arrays = [np.arange(n, dtype=np.float32) for n in (3, 70_000)]
+    size = sum(a.nbytes for a in arrays) + 5
+    with HashingWriter(tmp_path / "out.bin", size, budget=1 << 16) as writer:
+        writer.put(arrays[0])
+        writer.skip(5)
+        writer.fill(arrays[1].nbytes, lambda view: np.copyto(view.view(np.float32), arrays[1]))
+        digest = writer.close()
+    expected = arrays[0].tobytes() + bytes(5) + arrays[1].tobytes()
+    assert (tmp_path / "out.bin").read_bytes() == expected
+    assert digest == hashlib.sha256(expected).hexdigest()
+    assert writer._in_flight == 0

@@ -9,6 +9,7 @@ straight into the output and adds its delta in place, with no buffer copy.
 Ranges of another file are copied in the kernel on one thread; the sha256 of each piece is taken
 on another once it is complete, and its map is dropped then, so the mapped bytes stay bounded.
 The digest is of the bytes written, so the manifest does not have to read the file again.
+Where the file system cannot map files, a piece is computed into memory and written with pwrite.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ class OutputSpaceError(AdaptrixError):
 
 
 class _Piece:
-    __slots__ = ("length", "mapped", "source", "start", "view", "zeros")
+    __slots__ = ("held", "length", "mapped", "source", "start", "view", "zeros")
 
     def __init__(self, length, view=None, mapped=None, source=None, start=0, zeros=False):
         self.length, self.view, self.mapped = length, view, mapped
         self.source, self.start, self.zeros = source, start, zeros
+        self.held = length if view is not None else 0  # bytes counted against the budget
 
 
 class HashingWriter:
@@ -86,16 +88,21 @@ class HashingWriter:
         if not length:
             return
         start = self.offset - self.offset % _GRANULE
-        mapped = mmap.mmap(self._fd, self.offset + length - start, offset=start)
-        view = np.frombuffer(mapped, np.uint8, length, self.offset - start)
-        self.offset += length
+        try:
+            mapped = mmap.mmap(self._fd, self.offset + length - start, offset=start)
+            view = np.frombuffer(mapped, np.uint8, length, self.offset - start)
+        except OSError:  # a file system that cannot map files: compute into memory, then write
+            mapped, view = None, np.empty(length, np.uint8)
         piece = _Piece(length, view, mapped)
         try:
             compute(view)
+            if mapped is None:
+                _pwrite_all(self._fd, view, self.offset)
         except BaseException:
             del view
-            self._unmap(piece)  # the digest is never returned after a failure
+            self._release(piece)  # the digest is never returned after a failure
             raise
+        self.offset += length
         self._hashes.put(piece)
 
     def put(self, data) -> None:
@@ -174,17 +181,20 @@ class HashingWriter:
                         self._error = self._error or exc
                         self._room.notify_all()
             if isinstance(item, _Piece):
-                self._unmap(item)
+                self._release(item)
 
-    def _unmap(self, piece: _Piece) -> None:
+    def _release(self, piece: _Piece) -> None:
+        """Drop a hashed piece's view and map, and give its bytes back to the budget."""
+        piece.view = None
         if piece.mapped is not None:
-            piece.view = None
             with contextlib.suppress(BufferError):  # a caller kept a view: the map goes with it
                 piece.mapped.close()
             piece.mapped = None
+        if piece.held:
             with self._room:
-                self._in_flight -= piece.length
+                self._in_flight -= piece.held
                 self._room.notify_all()
+            piece.held = 0
 
     def _hash(self, piece: _Piece) -> None:
         if piece.zeros:
@@ -213,3 +223,10 @@ class HashingWriter:
                 if sent == 0:
                     raise BadInputError("ended early while copying", path=piece.source)
                 done += sent
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
