@@ -15,7 +15,7 @@ def test_the_file_and_its_digest_hold_every_piece_in_order(tmp_path):
     source.write_bytes(bytes(range(256)) * 1000)
     rng = np.random.default_rng(0)
     arrays = [rng.standard_normal(n).astype(np.float32) for n in (1, 4096, 300_000, 7)]
-    size = sum(a.nbytes for a in arrays) + 5000 + 10 + 3
+    size = sum(a.nbytes for a in arrays) + 5000 + 10 + 3 + 300
     with HashingWriter(tmp_path / "out.bin", size, budget=1 << 20) as writer:
         writer.put(arrays[0])  # 4 bytes: later maps start inside a page
         writer.copy(source, 100, 5000)
@@ -25,12 +25,14 @@ def test_the_file_and_its_digest_hold_every_piece_in_order(tmp_path):
         writer.copy(source, 0, 0)
         writer.fill(0, lambda view: None)
         writer.put(b"abc")
+        writer.fill(300, lambda view: np.add(view, 1, out=view), source=(source, 7))  # changed in place
         writer.put(arrays[3])
         assert writer.offset == size
         digest = writer.close()
     data = source.read_bytes()
+    patched = bytes((b + 1) % 256 for b in data[7:307])
     expected = b"".join([arrays[0].tobytes(), data[100:5100], arrays[1].tobytes(), b"\0" * 10,
-                         arrays[2].tobytes(), b"abc", arrays[3].tobytes()])  # fmt: skip
+                         arrays[2].tobytes(), b"abc", patched, arrays[3].tobytes()])  # fmt: skip
     assert (tmp_path / "out.bin").read_bytes() == expected
     assert digest == hashlib.sha256(expected).hexdigest()
 
@@ -89,13 +91,16 @@ def test_without_maps_pieces_are_computed_in_memory_and_written(tmp_path, monkey
 
     monkeypatch.setattr(stream.mmap, "mmap", refuse)
     arrays = [np.arange(n, dtype=np.float32) for n in (3, 70_000)]
-    size = sum(a.nbytes for a in arrays) + 5
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)))
+    size = sum(a.nbytes for a in arrays) + 5 + 100
     with HashingWriter(tmp_path / "out.bin", size, budget=1 << 16) as writer:
         writer.put(arrays[0])
         writer.skip(5)
         writer.fill(arrays[1].nbytes, lambda view: np.copyto(view.view(np.float32), arrays[1]))
+        writer.fill(100, lambda view: np.add(view, 1, out=view), source=(source, 20))
         digest = writer.close()
-    expected = arrays[0].tobytes() + bytes(5) + arrays[1].tobytes()
+    expected = arrays[0].tobytes() + bytes(5) + arrays[1].tobytes() + bytes(range(21, 121))
     assert (tmp_path / "out.bin").read_bytes() == expected
     assert digest == hashlib.sha256(expected).hexdigest()
     assert writer._in_flight == 0

@@ -28,7 +28,7 @@ import numpy as np
 
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 
-__all__ = ["HashingWriter", "OutputSpaceError"]
+__all__ = ["HashingWriter", "OutputSpaceError", "read_range"]
 
 _DONE = object()
 _GRANULE = mmap.ALLOCATIONGRANULARITY
@@ -82,17 +82,27 @@ class HashingWriter:
         for thread in self._threads:
             thread.start()
 
-    def fill(self, length: int, compute: Callable[[np.ndarray], None]) -> None:
-        """Append `length` bytes that `compute` writes into the uint8 view it is given."""
+    def fill(
+        self, length: int, compute: Callable[[np.ndarray], None], source: tuple[Path, int] | None = None
+    ) -> None:
+        """Append `length` bytes that `compute` writes into the uint8 view it is given.
+
+        With `source` (a file and an offset), the view holds that file's bytes from there first,
+        copied in the kernel, and `compute` changes them in place.
+        """
         self._admit(length, mapped=length)
         if not length:
             return
+        if source is not None:
+            _copy_range(Path(source[0]), source[1], length, self._fd, self.offset)
         start = self.offset - self.offset % _GRANULE
         try:
             mapped = mmap.mmap(self._fd, self.offset + length - start, offset=start)
             view = np.frombuffer(mapped, np.uint8, length, self.offset - start)
         except OSError:  # a file system that cannot map files: compute into memory, then write
             mapped, view = None, np.empty(length, np.uint8)
+            if source is not None:
+                read_range(self._fd, view, self.offset, self.path)
         piece = _Piece(length, view, mapped)
         try:
             compute(view)
@@ -203,26 +213,37 @@ class HashingWriter:
         elif piece.view is not None:
             self._digest.update(piece.view)
         elif piece.length:  # read in small pieces: a map of the source would count as our memory
-            buffer = memoryview(bytearray(min(piece.length, 1 << 20)))
+            buffer = np.empty(min(piece.length, 1 << 20), np.uint8)
             with piece.source.open("rb") as handle:
-                done = 0
-                while done < piece.length:
-                    got = os.preadv(handle.fileno(), [buffer[: piece.length - done]], piece.start + done)
-                    if got == 0:
-                        raise BadInputError("ended early while copying", path=piece.source)
-                    self._digest.update(buffer[:got])
-                    done += got
+                for done in range(0, piece.length, buffer.nbytes):
+                    view = buffer[: min(buffer.nbytes, piece.length - done)]
+                    read_range(handle.fileno(), view, piece.start + done, piece.source)
+                    self._digest.update(view)
 
     def _copy(self, job: tuple[_Piece, int]) -> None:
         piece, offset = job
-        with piece.source.open("rb") as src:
-            done = 0
-            while done < piece.length:
-                sent = os.copy_file_range(src.fileno(), self._fd, piece.length - done,
-                                          piece.start + done, offset + done)  # fmt: skip
-                if sent == 0:
-                    raise BadInputError("ended early while copying", path=piece.source)
-                done += sent
+        _copy_range(piece.source, piece.start, piece.length, self._fd, offset)
+
+
+def _copy_range(source: Path, start: int, length: int, fd: int, offset: int) -> None:
+    """Copy `length` bytes of `source` from `start` to `fd` at `offset`, in the kernel."""
+    with source.open("rb") as src:
+        done = 0
+        while done < length:
+            sent = os.copy_file_range(src.fileno(), fd, length - done, start + done, offset + done)
+            if sent == 0:
+                raise BadInputError("ended early while copying", path=source)
+            done += sent
+
+
+def read_range(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
+    """Fill `out` with the bytes of `fd` from `offset`."""
+    view = memoryview(out).cast("B")
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise BadInputError("ended early while reading", path=path)
+        view, offset = view[got:], offset + got
 
 
 def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:

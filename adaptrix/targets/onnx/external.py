@@ -1,13 +1,13 @@
 """Write a graph and its weights as `model.onnx` + `model.onnx_data`, copying unchanged weights.
 
-Unchanged initializers are copied from the cached export's data file in the kernel; changed and
-new ones are computed into the file while the ones before are hashed (HashingWriter). Large
+Unchanged initializers are copied from the cached export's data file in the kernel, and so are
+the base weights a merge adds to in place; new values are computed into the file while the ones
+before are hashed (HashingWriter). Large
 tensors start on 64 KiB boundaries, as onnx aligns them, so that onnxruntime can memory-map them.
 """
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,13 +17,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.stream import HashingWriter
+from adaptrix.toolchain.stream import HashingWriter, read_range
 
 __all__ = [
     "Filler",
     "external_location",
+    "initializer_bytes",
     "read_initializer",
-    "read_initializer_into",
     "value_array",
     "write_model",
 ]
@@ -49,23 +49,10 @@ def read_initializer(init: onnx.TensorProto, folder: Path) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(init.dims))
 
 
-def read_initializer_into(init: onnx.TensorProto, folder: Path, out: np.ndarray) -> None:
-    """Read an initializer's value into `out` (its dtype and shape) with one copy."""
-    if external_location(init) is None:
-        out[...] = numpy_helper.to_array(init)
-        return
+def initializer_bytes(init: onnx.TensorProto, folder: Path) -> tuple[Path, int]:
+    """(file, offset) of an external initializer's bytes, checked against its dtype and shape."""
     path, offset, _ = _checked_location(init, folder)
-    view = memoryview(out.reshape(-1)).cast("B")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while view:
-            got = os.preadv(fd, [view], offset)
-            if got == 0:
-                raise BadInputError(f"initializer {init.name} ends early", path=path,
-                                    fix="clear the ONNX cache directory")  # fmt: skip
-            view, offset = view[got:], offset + got
-    finally:
-        os.close(fd)
+    return path, offset
 
 
 def _checked_location(init: onnx.TensorProto, folder: Path) -> tuple[Path, int, int]:
@@ -122,15 +109,22 @@ def write_model(
 class Filler(ABC):
     """A new initializer value computed into the output's bytes, which write_model provides."""
 
+    def start_bytes(self) -> tuple[Path, int] | None:
+        """(file, offset) of the bytes `out` holds when `fill` is called; None: anything."""
+        return None
+
     @abstractmethod
     def fill(self, out: np.ndarray) -> None:
-        """Fill `out` (the initializer's dtype and shape) with the value."""
+        """Make `out` (the initializer's dtype and shape) the value."""
 
 
 def value_array(value: np.ndarray | Callable[[], np.ndarray] | Filler, init: onnx.TensorProto) -> np.ndarray:
     """The array a value of write_model's `values` stands for (computed now for a function or Filler)."""
     if isinstance(value, Filler):
         out = np.empty(tuple(init.dims), helper.tensor_dtype_to_np_dtype(init.data_type))
+        if (start := value.start_bytes()) is not None:
+            with start[0].open("rb") as handle:
+                read_range(handle.fileno(), out.reshape(-1).view(np.uint8), start[1], start[0])
         value.fill(out)
         return out
     return value() if callable(value) else value
@@ -139,7 +133,10 @@ def value_array(value: np.ndarray | Callable[[], np.ndarray] | Filler, init: onn
 def _put_value(writer: HashingWriter, init: onnx.TensorProto, value, length: int) -> None:
     if isinstance(value, Filler):
         dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-        writer.fill(length, lambda view: value.fill(view.view(dtype).reshape(tuple(init.dims))))
+        shape = tuple(init.dims)
+        writer.fill(
+            length, lambda view: value.fill(view.view(dtype).reshape(shape)), source=value.start_bytes()
+        )
         return
     value = value_array(value, init)
     _check_value(init, value)

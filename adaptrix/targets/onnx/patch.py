@@ -22,7 +22,7 @@ from onnx import helper
 from adaptrix.runtime.bundle import probe_indices
 from adaptrix.targets.merged import TensorPlan, merged_value, plan_tensors
 from adaptrix.targets.module_pairs import LowRankPair, low_rank_pairs
-from adaptrix.targets.onnx.external import Filler, read_initializer, read_initializer_into
+from adaptrix.targets.onnx.external import Filler, initializer_bytes, read_initializer
 from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
 from adaptrix.toolchain.binders.table import Layout
 from adaptrix.toolchain.checkpoint import Checkpoint
@@ -111,9 +111,12 @@ class _AddLowRank(Filler):
     def __init__(self, init: onnx.TensorProto, folder: Path, pair: LowRankPair):
         self.init, self.folder, self.pair = init, folder, pair
 
+    def start_bytes(self) -> tuple[Path, int]:
+        """The cached weight: write_model copies it into place in the kernel."""
+        return initializer_bytes(self.init, self.folder)
+
     def fill(self, out: np.ndarray) -> None:
-        """Read the cached weight into `out` and add the low-rank product in place."""
-        read_initializer_into(self.init, self.folder, out)
+        """Add the low-rank product to the cached weight in `out`, in place."""
         torch.from_numpy(out).addmm_(self.pair.down, self.pair.up)
 
 
