@@ -4,8 +4,8 @@ Large artifacts are disk-bound. On the 2-core machines we measured, copying byte
 memory-mapped, preallocated file ran about twice as fast as os.write into a new one (a kernel
 copy_file_range was faster still, but it cannot change the bytes), so `HashingWriter`
 preallocates the file (a full disk fails here, with a clear error, not as a SIGBUS later) and
-hands the caller a writable view of each piece's bytes to compute into: a merge reads the base
-straight into the output and adds its delta in place, with no buffer copy.
+hands the caller a writable view of each piece's bytes to compute into, optionally holding another
+file's bytes first (copied in the kernel): a merge adds its delta to the base's bytes in place.
 Ranges of another file are copied in the kernel on one thread; the sha256 of each piece is taken
 on another once it is complete, and its map is dropped then, so the mapped bytes stay bounded.
 The digest is of the bytes written, so the manifest does not have to read the file again.
