@@ -104,3 +104,14 @@ def test_without_maps_pieces_are_computed_in_memory_and_written(tmp_path, monkey
     assert (tmp_path / "out.bin").read_bytes() == expected
     assert digest == hashlib.sha256(expected).hexdigest()
     assert writer._in_flight == 0
+
+
+def test_a_file_system_without_preallocation_still_gets_the_file(tmp_path, monkeypatch):
+    def refuse(*args):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(stream.os, "posix_fallocate", refuse)
+    with HashingWriter(tmp_path / "out.bin", 6) as writer:
+        writer.put(b"abc")
+        writer.skip(3)
+    assert (tmp_path / "out.bin").read_bytes() == b"abc\0\0\0"

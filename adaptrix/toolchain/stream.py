@@ -64,8 +64,7 @@ class HashingWriter:
         self._digest = hashlib.sha256()
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            if size:
-                os.posix_fallocate(self._fd, 0, size)
+            _reserve(self._fd, size)
         except OSError as exc:
             os.close(self._fd)
             self._fd = -1
@@ -223,6 +222,17 @@ class HashingWriter:
     def _copy(self, job: tuple[_Piece, int]) -> None:
         piece, offset = job
         _copy_range(piece.source, piece.start, piece.length, self._fd, offset)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Give the file its size with its blocks allocated, where the file system can."""
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)  # no preallocation here (ZFS, some network file systems)
 
 
 def _copy_range(source: Path, start: int, length: int, fd: int, offset: int) -> None:
