@@ -1,11 +1,11 @@
 """A file of known size filled in order through memory maps, hashed on a thread as it fills.
 
 Large artifacts are disk-bound. On the 2-core machines we measured, copying bytes into a
-memory-mapped, preallocated file ran about twice as fast as os.write into a new one (a kernel
-copy_file_range was faster still, but it cannot change the bytes), so `HashingWriter`
-preallocates the file (a full disk fails here, with a clear error, not as a SIGBUS later) and
-hands the caller a writable view of each piece's bytes to compute into, optionally holding another
-file's bytes first (copied in the kernel): a merge adds its delta to the base's bytes in place.
+memory-mapped, preallocated file ran about twice as fast as os.write into a new one, and a kernel
+copy_file_range faster still. So `HashingWriter` preallocates the file (a full disk fails here,
+with a clear error, not as a SIGBUS later) and hands the caller a writable map of each piece's
+bytes to compute into, optionally holding another file's bytes first, copied in the kernel: a
+merge adds its delta to the base's bytes in place.
 Ranges of another file are copied in the kernel on one thread; the sha256 of each piece is taken
 on another once it is complete, and its map is dropped then, so the mapped bytes stay bounded.
 The digest is of the bytes written, so the manifest does not have to read the file again.

@@ -2,8 +2,8 @@
 
 Unchanged initializers are copied from the cached export's data file in the kernel, and so are
 the base weights a merge adds to in place; new values are computed into the file while the ones
-before are hashed (HashingWriter). Large
-tensors start on 64 KiB boundaries, as onnx aligns them, so that onnxruntime can memory-map them.
+before are hashed (HashingWriter). Large tensors start on 64 KiB boundaries, as onnx aligns them,
+so that onnxruntime can memory-map them.
 """
 
 from __future__ import annotations
@@ -44,25 +44,19 @@ def read_initializer(init: onnx.TensorProto, folder: Path) -> np.ndarray:
     """An initializer's value (memory-mapped when it is stored externally)."""
     if external_location(init) is None:
         return numpy_helper.to_array(init)
-    path, offset, _ = _checked_location(init, folder)
+    path, offset = initializer_bytes(init, folder)
     dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(init.dims))
 
 
 def initializer_bytes(init: onnx.TensorProto, folder: Path) -> tuple[Path, int]:
     """(file, offset) of an external initializer's bytes, checked against its dtype and shape."""
-    path, offset, _ = _checked_location(init, folder)
-    return path, offset
-
-
-def _checked_location(init: onnx.TensorProto, folder: Path) -> tuple[Path, int, int]:
-    """(file, offset, length) of an external initializer whose length fits its dtype and shape."""
     location, offset, length = external_location(init)
     itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
     if length != int(np.prod(init.dims, dtype=np.int64)) * itemsize:
         raise BadInputError(f"initializer {init.name} has {length} bytes for shape {list(init.dims)}",
                             path=folder / location, fix="clear the ONNX cache directory")  # fmt: skip
-    return folder / location, offset, length
+    return folder / location, offset
 
 
 def write_model(
