@@ -378,14 +378,4 @@ def test_onnx_cuda_is_float16_and_runs_on_the_cpu_provider(family, cuda_outputs)
     assert_matches(got, expected, base_logits(family, case.base, inputs), FP16_TOLERANCE)
 
 
-@pytest.mark.skipif(
-    "CUDAExecutionProvider" not in ort.get_available_providers(), reason="needs onnxruntime's CUDA provider"
-)
-@pytest.mark.parametrize("family", CUDA_FAMILIES)
-def test_onnx_cuda_on_the_cuda_provider_matches_peft(family, cuda_outputs):
-    case = cuda_outputs[family]
-    sess = session(case.out, providers=("CUDAExecutionProvider",))
-    assert sess.get_providers()[0] == "CUDAExecutionProvider"
-    inputs = sample_inputs(family)
-    expected = peft_logits(family, case.base, case.adapter, inputs)
-    assert_matches(prefill(sess, inputs), expected, base_logits(family, case.base, inputs), FP16_TOLERANCE)
+# On onnxruntime's CUDA provider: tests/test_cuda.py.
