@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx_data"
-EXPORT_FORMAT = 2  # bump when the cached layout changes
+EXPORT_FORMAT = 3  # bump when the cached layout or the graph rewrites change
 _DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 
