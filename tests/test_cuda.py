@@ -20,7 +20,7 @@ from adapters import ConfigUnion, DoubleSeqBnConfig, LoRAConfig, ParBnConfig, Se
 from builders import FAMILIES, FP32_TOLERANCE, load_model, make_adapter, peft_logits, sample_inputs
 from hub_builders import save_hub, share_layer_weights
 from peft import PeftModel
-from test_hooks_parity import compile_bundle, two_adapter_peft_logits
+from test_hooks_parity import check_half_precision, compile_bundle, two_adapter_peft_logits
 from test_onnx_parity import (
     FP16_TOLERANCE,
     activate,
@@ -151,20 +151,7 @@ def test_hooks_adapterhub_on_device(family, kind, bases, tmp_path):
 @needs_device
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_hooks_half_precision_on_device(dtype, bases, tmp_path):
-    """As close to PEFT's float32 logits as PEFT itself is in that precision on the device."""
-    base = bases("llama")
-    adapter = make_adapter("llama", base, tmp_path / "adapter", use_dora=True)
-    inputs = sample_inputs("llama")
-    exact = peft_logits("llama", base, adapter, inputs)
-    with torch.no_grad():
-        reference = PeftModel.from_pretrained(load_model("llama", base, dtype).to(DEVICE), adapter)
-        peft_error = (reference(**on_device(inputs)).logits.float().cpu() - exact).abs().max()
-    model = load_model("llama", base, dtype).to(DEVICE)
-    with torch.inference_mode():
-        adaptrix.attach(model, compile_bundle(adapter, base, tmp_path / "bundle"))
-        got = model(**on_device(inputs)).logits
-    assert got.dtype == dtype and got.device.type == torch.device(DEVICE).type
-    assert (got.float().cpu() - exact).abs().max() <= 2 * peft_error + 1e-2
+    check_half_precision(dtype, bases, tmp_path, DEVICE)
 
 
 @needs_device

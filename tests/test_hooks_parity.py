@@ -177,19 +177,26 @@ def test_inference_mode_and_gradients(bases, tmp_path):
     assert (model(**inputs).logits.detach() - expected).abs().max() <= FP32_TOLERANCE
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_models_match_peft_in_that_precision(dtype, bases, tmp_path):
+def check_half_precision(dtype, bases, tmp_path, device="cpu"):
+    """A `dtype` model on `device` with a DoRA bundle: as close to PEFT's float32 logits as PEFT
+    itself is in that precision there."""
     from peft import PeftModel
 
     base = bases("llama")
     adapter = make_adapter("llama", base, tmp_path / "adapter", use_dora=True)
     inputs = sample_inputs("llama")
     exact = peft_logits("llama", base, adapter, inputs)
-    reference = logits(PeftModel.from_pretrained(load_model("llama", base, dtype), adapter), inputs)
-    model = load_model("llama", base, dtype)
+    moved = {name: value.to(device) for name, value in inputs.items()}
+    reference = logits(PeftModel.from_pretrained(load_model("llama", base, dtype).to(device), adapter), moved)
+    model = load_model("llama", base, dtype).to(device)
     adaptrix.attach(model, compile_bundle(adapter, base, tmp_path / "bundle"))
-    got = logits(model, inputs)
-    assert got.dtype == dtype
+    got = logits(model, moved)
+    assert got.dtype == dtype and got.device.type == torch.device(device).type
     # Both round through half precision differently; each stays as close to fp32 as PEFT does.
-    peft_error = (reference.float() - exact).abs().max()
-    assert (got.float() - exact).abs().max() <= 2 * peft_error + 1e-2
+    peft_error = (reference.float().cpu() - exact).abs().max()
+    assert (got.float().cpu() - exact).abs().max() <= 2 * peft_error + 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_models_match_peft_in_that_precision(dtype, bases, tmp_path):
+    check_half_precision(dtype, bases, tmp_path)
