@@ -53,9 +53,10 @@ def test_each_rms_norm_is_one_float32_node_with_the_models_epsilon(family, fp16_
     assert not any(node.op_type in ("Pow", "ReduceMean") for node in graph.node)
 
 
-def test_rotary_tables_are_float32_at_long_positions(fp16_outputs, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gpt_neox"])
+def test_rotary_tables_are_float32_at_long_positions(family, fp16_outputs):
     """The cosines the graph computes, read at 4096 positions, against float64 ones."""
-    base, out = fp16_outputs("llama")
+    base, out = fp16_outputs(family)
     config = json.loads((base / "config.json").read_text())
     model = onnx.load(out / "model.onnx", load_external_data=False)
     cos = next(node for node in model.graph.node if node.op_type == "Cos")
@@ -75,10 +76,13 @@ def test_rotary_tables_are_float32_at_long_positions(fp16_outputs, tmp_path):
             feeds[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), np.float16)
     got = sess.run([cos.output[0]], feeds)[0].astype(np.float64).reshape(length, -1)
     (out / "probe.onnx").unlink()
-    dim = config["hidden_size"] // config["num_attention_heads"]
-    inverse = 1.0 / config.get("rope_theta", 10000.0) ** (np.arange(0, dim, 2) / dim)
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    dim = int(head * config.get("partial_rotary_factor", config.get("rotary_pct", 1.0)))
+    theta = config.get("rope_theta", config.get("rotary_emb_base", 10000.0))
+    inverse = 1.0 / theta ** (np.arange(0, dim, 2) / dim)
     angles = np.arange(length)[:, None] * inverse[None]
     expected = np.cos(np.concatenate([angles, angles], axis=-1))
+    assert got.shape == expected.shape
     assert np.abs(got - expected).max() <= 1e-4
 
 
