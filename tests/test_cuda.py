@@ -28,8 +28,11 @@ from test_onnx_parity import (
     base_logits,
     max_diff,
     onnx_base,
+    optimum_tokens,
+    peft_tokens,
     positions_of,
     prefill,
+    prompt_of,
     seeded_adapter,
     session,
     step,
@@ -210,6 +213,19 @@ def test_onnx_cuda_prefill_and_decode_step_on_the_provider(family, bases, tmp_pa
     last = step(sess, ids[:, -1:], mask, positions[:, -1:], past=first)
     assert last["logits"].dtype.name == "float16"
     assert max_diff(torch.from_numpy(last["logits"])[:, -1], expected[:, -1]) <= FP16_TOLERANCE
+
+
+@needs_provider
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3"])
+def test_onnx_cuda_optimum_generates_peft_tokens_on_the_provider(family, bases, tmp_path):
+    """ORTModelForCausalLM on the float16 graph continues greedily as PEFT (float32) does."""
+    base = onnx_base(bases, family)
+    adapter = seeded_adapter(family, base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "onnx-cuda", tmp_path / "out")
+    prompt = prompt_of(family)
+    expected = peft_tokens(family, base, adapter, prompt)
+    assert expected != peft_tokens(family, base, None, prompt)  # the adapter changes the tokens
+    assert optimum_tokens(tmp_path / "out", prompt, provider=PROVIDER) == expected
 
 
 @needs_provider

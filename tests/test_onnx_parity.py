@@ -226,14 +226,18 @@ def prompt_of(family: str) -> tuple[int, ...]:
     return tuple(sample_inputs(family, batch=1)["input_ids"][0].tolist())
 
 
-def optimum_tokens(out: Path, prompt: tuple[int, ...], run_options=None) -> list[int]:
-    """ORTModelForCausalLM's greedy continuation, the adapter of `run_options` active if given."""
+def optimum_tokens(
+    out: Path, prompt: tuple[int, ...], run_options=None, provider="CPUExecutionProvider"
+) -> list[int]:
+    """ORTModelForCausalLM's greedy continuation, the adapter of `run_options` active if given
+    (on the CUDA provider with optimum's IO binding, its default there)."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    model = ORTModelForCausalLM.from_pretrained(out, provider="CPUExecutionProvider", use_io_binding=False,
-                                                session_options=options)  # fmt: skip
+    binding = provider == "CUDAExecutionProvider"
+    model = ORTModelForCausalLM.from_pretrained(out, provider=provider, session_options=options,
+                                                use_io_binding=binding)  # fmt: skip
     # optimum-onnx 0.1.0 sizes the empty past by num_key_value_heads for llama/mistral/qwen2 only.
     past = next(v for v in model.session.get_inputs() if v.name == "past_key_values.0.key")
     model.num_key_value_heads = past.shape[1]
