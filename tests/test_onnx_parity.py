@@ -243,7 +243,7 @@ def optimum_tokens(
     model.num_key_value_heads = past.shape[1]
     if run_options is not None:  # ORTModelForCausalLM passes no RunOptions of its own
         model.session.run = functools.partial(model.session.run, run_options=run_options)
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)  # IO binding reads inputs where the model is
     out_ids = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                              do_sample=False, pad_token_id=0)  # fmt: skip
     return out_ids[0, len(prompt) :].tolist()
