@@ -115,3 +115,7 @@ def test_an_rms_norm_whose_variance_is_read_elsewhere_is_left_alone():
     assert list(plain.node[0].input) == ["x", "w"] and list(plain.node[0].output) == ["y"]
     shared = helper.make_graph(nodes, "g", [x], [y, var], init)
     assert fuse_rms_norms(shared) == 0 and len(shared.node) == len(nodes)
+    unnamed = helper.make_graph(nodes, "g", [x], [y], init)
+    for node in unnamed.node:
+        node.name = ""  # nodes are replaced by name: without names, nothing is
+    assert fuse_rms_norms(unnamed) == 0 and len(unnamed.node) == len(nodes)

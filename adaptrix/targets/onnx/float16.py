@@ -159,8 +159,8 @@ def fuse_rms_norms(graph: onnx.GraphProto) -> int:
             continue
         nodes, x, weight, eps = found
         up = nodes[0]
-        if up.output[0] in g.outputs:
-            continue
+        if up.output[0] in g.outputs or not all(n.name for n in nodes):
+            continue  # nodes are told apart by name below
         replace[node.name] = helper.make_node(
             "SimplifiedLayerNormalization", [x, weight], [node.output[0]], name=f"{node.name}/rms_norm",
             axis=-1, epsilon=eps, stash_type=1,
@@ -207,6 +207,8 @@ def islands(graph: onnx.GraphProto, limit: int = 24) -> list[str]:
                 if name in g.outputs or name not in g.readers:
                     return None
                 for reader in g.readers[name]:
+                    if not reader.name:
+                        return None  # the converter's block list goes by name
                     if reader.name not in island:
                         island[reader.name] = reader
                         frontier.append(reader)
@@ -224,7 +226,8 @@ def islands(graph: onnx.GraphProto, limit: int = 24) -> list[str]:
         node = sources.pop()
         for name in node.input if node.name in members else node.input[:1]:
             source = g.producer.get(name)
-            if source is not None and source.op_type in _SOURCE_OPS and source.name not in blocked:
+            named = source is not None and bool(source.name)
+            if named and source.op_type in _SOURCE_OPS and source.name not in blocked:
                 blocked[source.name] = source
                 sources.append(source)
     return list(blocked)
