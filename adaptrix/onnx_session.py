@@ -9,6 +9,8 @@ and every decoding step. An adapter file is checked against the manifest and the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +52,8 @@ def open_onnx(path: Path | str, provider: str = "cpu", threads: int | None = Non
             f"this onnxruntime ({ort.__version__}) has no {_PROVIDERS[provider]}",
             fix="install onnxruntime-gpu in place of onnxruntime, or run with --provider cpu",
         )
+    if provider == "cuda":
+        _preload_cuda()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # LoRA inputs are graph inputs with initializers: a harmless warning
     if threads is not None:
@@ -66,6 +70,19 @@ def open_onnx(path: Path | str, provider: str = "cpu", threads: int | None = Non
             fix="check that the CUDA and cuDNN libraries onnxruntime-gpu needs are installed",
         )
     return OnnxArtifact(path, manifest, session)
+
+
+def _preload_cuda() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages.
+
+    onnxruntime-gpu looks there only when asked (or finds them loaded by torch); the messages are
+    dropped: the provider check after the session starts says what is missing.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(OSError, RuntimeError):
+        preload()
 
 
 def _read_manifest(path: Path) -> dict:
