@@ -77,22 +77,23 @@ class _Graph:
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op else None
 
-    def constant(self, name: str) -> np.ndarray | None:
+    def tensor(self, name: str) -> onnx.TensorProto | None:
+        """The value of an initializer or a Constant node's output, else None."""
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return self.initializers[name]
         node = self.made(name, "Constant")
         if node is not None and node.attribute and node.attribute[0].name == "value":
-            return numpy_helper.to_array(node.attribute[0].t)
+            return node.attribute[0].t
         return None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        value = self.tensor(name)
+        return None if value is None else numpy_helper.to_array(value)
 
     def size(self, name: str) -> int:
         """Elements of a constant or initializer (1 for anything else)."""
-        if name in self.initializers:
-            return math.prod(self.initializers[name].dims)
-        node = self.made(name, "Constant")
-        if node is not None and node.attribute and node.attribute[0].name == "value":
-            return math.prod(node.attribute[0].t.dims)
-        return 1
+        value = self.tensor(name)
+        return 1 if value is None else math.prod(value.dims)
 
     def scalar(self, name: str) -> float | None:
         value = self.constant(name)
@@ -101,8 +102,10 @@ class _Graph:
 
 def _rms_norm(g: _Graph, mul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str, str, float] | None:
     """The nodes, input, weight and epsilon of the RMSNorm that `mul` (x * weight) ends, if it is one."""
-    weights = [n for n in mul.input if len(g.weight(n).dims if g.weight(n) is not None else ()) == 1]
-    if mul.op_type != "Mul" or len(weights) != 1 or len(mul.input) != 2:
+    if mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    weights = [n for n in mul.input if (w := g.weight(n)) is not None and len(w.dims) == 1]
+    if len(weights) != 1:
         return None
     back = g.producer.get(next(n for n in mul.input if n != weights[0]))
     scaled = g.made(back.input[0], "Mul") if back is not None and _upcast(back) else None
