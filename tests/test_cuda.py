@@ -5,7 +5,7 @@ bounds are the CPU tests' (1e-4 for float32 hooks, FP16_TOLERANCE for float16 gr
 without a CUDA device or without onnxruntime's CUDA provider (onnxruntime-gpu).
 
 ADAPTRIX_TEST_DEVICE=cpu and ADAPTRIX_TEST_PROVIDER=CPUExecutionProvider run the same checks on
-the CPU, which is how this file is kept working on machines without a GPU.
+the CPU: run them so after changing this file on a machine without a GPU (the suite does not).
 """
 
 from __future__ import annotations
