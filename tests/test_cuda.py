@@ -20,7 +20,12 @@ from adapters import ConfigUnion, DoubleSeqBnConfig, LoRAConfig, ParBnConfig, Se
 from builders import FAMILIES, FP32_TOLERANCE, load_model, make_adapter, peft_logits, sample_inputs
 from hub_builders import save_hub, share_layer_weights
 from peft import PeftModel
-from test_hooks_parity import check_half_precision, compile_bundle, two_adapter_peft_logits
+from test_hooks_parity import (
+    check_half_precision,
+    compile_bundle,
+    two_adapter_peft_logits,
+    two_llama_adapters,
+)
 from test_onnx_parity import (
     FP16_TOLERANCE,
     activate,
@@ -160,8 +165,7 @@ def test_hooks_half_precision_on_device(dtype, bases, tmp_path):
 @needs_device
 def test_two_bundles_and_switch_on_device(bases, tmp_path):
     base = bases("llama")
-    first = make_adapter("llama", base, tmp_path / "a1", seed=1)
-    second = make_adapter("llama", base, tmp_path / "a2", seed=2, r=8, target_modules=["q_proj", "down_proj"])
+    first, second = two_llama_adapters(base, tmp_path)
     inputs = sample_inputs("llama")
     both = two_adapter_peft_logits("llama", base, [first, second], inputs)
     model = load_model("llama", base).to(DEVICE)

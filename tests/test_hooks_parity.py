@@ -100,10 +100,16 @@ def two_adapter_peft_logits(family, base, adapters, inputs, scale=1.0):
         return model(**inputs).logits
 
 
-def test_two_bundles_add_up_like_two_active_peft_adapters(bases, tmp_path):
-    base = bases("llama")
+def two_llama_adapters(base, tmp_path):
+    """Two adapters for the llama base that differ in seed, rank and targets."""
     first = make_adapter("llama", base, tmp_path / "a1", seed=1)
     second = make_adapter("llama", base, tmp_path / "a2", seed=2, r=8, target_modules=["q_proj", "down_proj"])
+    return first, second
+
+
+def test_two_bundles_add_up_like_two_active_peft_adapters(bases, tmp_path):
+    base = bases("llama")
+    first, second = two_llama_adapters(base, tmp_path)
     inputs = sample_inputs("llama")
     expected = two_adapter_peft_logits("llama", base, [first, second], inputs)
     model = load_model("llama", base)
