@@ -191,6 +191,20 @@ def test_llama_family_attention_is_fused_and_others_say_why_not(family, merged):
         assert "GroupQueryAttention" not in ops
 
 
+def test_float16_onnx_cpu_decoder_keeps_the_exported_attention(bases, tmp_path):
+    """--dtype float16 on onnx-cpu: the fusion (written for float32) declines and the graph runs."""
+    base = onnx_base(bases, "llama")
+    adapter = seeded_adapter("llama", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", dtype="float16")
+    attention = json.loads((tmp_path / "out" / "manifest.json").read_text())["onnx"]["attention"]
+    assert attention["fused_layers"] == 0 and "float32" in attention["declined"]
+    inputs = sample_inputs("llama")
+    got = prefill(session(tmp_path / "out"), inputs)
+    assert got.dtype == torch.float16
+    expected = peft_logits("llama", base, adapter, inputs)
+    assert_matches(got, expected, base_logits("llama", base, inputs), FP16_TOLERANCE)
+
+
 @pytest.mark.parametrize("family", DECODERS)
 def test_left_padded_prefill_and_decode_step_match_peft(family, merged):
     """Batch of 2, the second row left-padded: prefill L-1 tokens, then one step with the cache."""

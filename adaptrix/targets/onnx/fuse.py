@@ -61,8 +61,10 @@ def fuse_attention(model: onnx.ModelProto, base: Checkpoint) -> FuseReport:
     graph = model.graph
     if not {"attention_mask", "position_ids"} <= {value.name for value in graph.input}:
         return FuseReport(0, "the graph does not take attention_mask and position_ids")
-    count = sum(1 for value in graph.input if value.name.startswith("past_key_values.") and
-                value.name.endswith(".key"))  # fmt: skip
+    past = [value for value in graph.input if value.name.startswith("past_key_values.")]
+    if any(value.type.tensor_type.elem_type != TensorProto.FLOAT for value in past):
+        return FuseReport(0, "not a float32 graph (the fused nodes are written for float32)")
+    count = sum(1 for value in past if value.name.endswith(".key"))
     layers, why = _find_layers(graph, count)
     if why is not None:
         return FuseReport(0, why)
