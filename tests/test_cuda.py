@@ -27,6 +27,7 @@ from test_hooks_parity import (
     two_llama_adapters,
 )
 from test_onnx_parity import (
+    DECODERS,
     FP16_TOLERANCE,
     activate,
     assert_matches,
@@ -181,8 +182,6 @@ def test_two_bundles_and_switch_on_device(bases, tmp_path):
 
 # --- onnx-cuda on onnxruntime's CUDA provider --------------------------------------------------
 
-ONNX_FAMILIES = ("llama", "gpt2", "gpt_neox", "phi3", "bert")
-
 
 def provider_session(out):
     sess = session(out, providers=(PROVIDER,))
@@ -191,7 +190,7 @@ def provider_session(out):
 
 
 @needs_provider
-@pytest.mark.parametrize("family", ONNX_FAMILIES)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_onnx_cuda_prefill_and_decode_step_on_the_provider(family, bases, tmp_path):
     """float16 weights and activations against PEFT float32: a left-padded prefill, then (decoders)
     one decode step fed the prefill's KV cache."""
@@ -220,7 +219,7 @@ def test_onnx_cuda_prefill_and_decode_step_on_the_provider(family, bases, tmp_pa
 
 
 @needs_provider
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("family", DECODERS)
 def test_onnx_cuda_optimum_generates_peft_tokens_on_the_provider(family, bases, tmp_path):
     """ORTModelForCausalLM on the float16 graph continues greedily as PEFT (float32) does."""
     base = onnx_base(bases, family)
@@ -233,7 +232,7 @@ def test_onnx_cuda_optimum_generates_peft_tokens_on_the_provider(family, bases, 
 
 
 @needs_provider
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_onnx_cuda_unmerged_adapter_files_on_the_provider(family, bases, tmp_path):
     """Each float16 `.onnx_adapter` active gives PEFT with that adapter; none active, the base."""
     base = onnx_base(bases, family)
