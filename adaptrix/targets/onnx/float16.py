@@ -16,11 +16,10 @@ Two rewrites of the float32 graph come first:
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from adaptrix.targets.onnx.graph import GraphIndex
 
 __all__ = ["fuse_rms_norms", "islands", "to_float16"]
 
@@ -55,52 +54,7 @@ def _upcast(node: onnx.NodeProto) -> bool:
     return node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
 
 
-class _Graph:
-    """Who makes and who reads each value, and the constants' values."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.producer = {name: node for node in graph.node for name in node.output}
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.initializers = {init.name: init for init in graph.initializer}
-        self.outputs = {value.name for value in graph.output}
-
-    def weight(self, name: str) -> onnx.TensorProto | None:
-        """The initializer `name` is, directly or through Identity (the exporter's shared weights)."""
-        while (node := self.made(name, "Identity")) is not None:
-            name = node.input[0]
-        return self.initializers.get(name)
-
-    def made(self, name: str, op: str) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op else None
-
-    def tensor(self, name: str) -> onnx.TensorProto | None:
-        """The value of an initializer or a Constant node's output, else None."""
-        if name in self.initializers:
-            return self.initializers[name]
-        node = self.made(name, "Constant")
-        if node is not None and node.attribute and node.attribute[0].name == "value":
-            return node.attribute[0].t
-        return None
-
-    def constant(self, name: str) -> np.ndarray | None:
-        value = self.tensor(name)
-        return None if value is None else numpy_helper.to_array(value)
-
-    def size(self, name: str) -> int:
-        """Elements of a constant or initializer (1 for anything else)."""
-        value = self.tensor(name)
-        return 1 if value is None else math.prod(value.dims)
-
-    def scalar(self, name: str) -> float | None:
-        value = self.constant(name)
-        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
-
-
-def _rms_norm(g: _Graph, mul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str, str, float] | None:
+def _rms_norm(g: GraphIndex, mul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str, str, float] | None:
     """The nodes, input, weight and epsilon of the RMSNorm that `mul` (x * weight) ends, if it is one."""
     if mul.op_type != "Mul" or len(mul.input) != 2:
         return None
@@ -141,7 +95,7 @@ def _rms_norm(g: _Graph, mul: onnx.NodeProto) -> tuple[list[onnx.NodeProto], str
     return None
 
 
-def _last_axis(g: _Graph, mean: onnx.NodeProto) -> bool:
+def _last_axis(g: GraphIndex, mean: onnx.NodeProto) -> bool:
     keepdims = next((a.i for a in mean.attribute if a.name == "keepdims"), 1)
     axes = next((list(a.ints) for a in mean.attribute if a.name == "axes"), None)
     if axes is None and len(mean.input) > 1:
@@ -152,7 +106,7 @@ def _last_axis(g: _Graph, mean: onnx.NodeProto) -> bool:
 
 def fuse_rms_norms(graph: onnx.GraphProto) -> int:
     """Replace each RMSNorm of a float32 graph with SimplifiedLayerNormalization; return how many."""
-    g = _Graph(graph)
+    g = GraphIndex(graph)
     replace: dict[str, onnx.NodeProto] = {}
     drop: set[str] = set()
     rename: dict[str, str] = {}
@@ -195,7 +149,7 @@ def islands(graph: onnx.GraphProto, limit: int = 24) -> list[str]:
     nodes, or there is no island; with each island, the constants it reads and the casts and
     reshapes between them and it (_SOURCE_OPS).
     """
-    g = _Graph(graph)
+    g = GraphIndex(graph)
 
     def island_from(start: onnx.NodeProto) -> dict[str, onnx.NodeProto] | None:
         island, frontier = {start.name: start}, [start]

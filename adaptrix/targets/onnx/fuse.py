@@ -19,6 +19,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from adaptrix.targets.onnx.graph import GraphIndex
 from adaptrix.toolchain.checkpoint import Checkpoint
 
 __all__ = ["FuseReport", "fuse_attention"]
@@ -90,14 +91,15 @@ def rotary_caches(graph: onnx.GraphProto, positions: int) -> tuple[np.ndarray, n
     optimum's graph holds the inverse frequencies (llama3 / linear scaling already applied) as the
     data of /model/rotary_emb/Expand and multiplies Cos and Sin by the attention scaling.
     """
-    producer = {out: node for node in graph.node for out in node.output}
+    g = GraphIndex(graph)
+    producer = g.producer
     nodes = {node.name: node for node in graph.node}
     expand, cos_mul, sin_mul = (
         nodes.get(f"/model/rotary_emb/{name}") for name in ("Expand", "Mul_1", "Mul_2")
     )
     if expand is None or cos_mul is None or sin_mul is None:
         return None
-    inv_freq = _array(expand.input[0], graph, producer)
+    inv_freq = g.constant(expand.input[0])
     scales = [_constant(mul.input[1], producer) for mul in (cos_mul, sin_mul)]
     if inv_freq is None or None in scales:
         return None
@@ -144,19 +146,6 @@ def _softmax_mask(prefix: str, graph: onnx.GraphProto, producer: dict) -> str | 
         return None
     sliced = producer.get(where.input[0])
     return sliced.input[0] if sliced is not None and sliced.op_type == "Slice" else where.input[0]
-
-
-def _array(name: str, graph: onnx.GraphProto, producer: dict) -> np.ndarray | None:
-    """The value of an inline initializer or a Constant node's tensor, or None."""
-    node = producer.get(name)
-    if node is not None:
-        return numpy_helper.to_array(node.attribute[0].t) if node.op_type == "Constant" else None
-    init = next((init for init in graph.initializer if init.name == name), None)
-    return (
-        None
-        if init is None or init.data_location == onnx.TensorProto.EXTERNAL
-        else numpy_helper.to_array(init)
-    )
 
 
 def _constant(name: str, producer: dict) -> float | None:

@@ -10,15 +10,18 @@ the tensor as stored by Hugging Face or transposed.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from adaptrix.toolchain.binders.table import Layout
 
-__all__ = ["Use", "initializer_users", "module_of_node", "tensor_uses"]
+__all__ = ["GraphIndex", "Use", "initializer_users", "module_of_node", "tensor_uses"]
 
 _PASS_THROUGH = ("Identity", "Transpose")
 
@@ -138,3 +141,53 @@ def initializer_users(graph: onnx.GraphProto) -> dict[str, int]:
         if chain is not None:
             counts[chain[-1][0]] += 1
     return dict(counts)
+
+
+class GraphIndex:
+    """Who makes and who reads each value of a graph, and the values of its constants."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.producer = {name: node for node in graph.node for name in node.output}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.readers.setdefault(name, []).append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.outputs = {value.name for value in graph.output}
+
+    def weight(self, name: str) -> onnx.TensorProto | None:
+        """The initializer `name` is, directly or through Identity (the exporter's shared weights)."""
+        while (node := self.made(name, "Identity")) is not None:
+            name = node.input[0]
+        return self.initializers.get(name)
+
+    def made(self, name: str, op: str) -> onnx.NodeProto | None:
+        """The node that makes `name`, if it is an `op` node."""
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op else None
+
+    def tensor(self, name: str) -> onnx.TensorProto | None:
+        """The value of an initializer or a Constant node's output, else None."""
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self.made(name, "Constant")
+        if node is not None and node.attribute and node.attribute[0].name == "value":
+            return node.attribute[0].t
+        return None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer held in the graph or of a Constant node, else None."""
+        value = self.tensor(name)
+        if value is None or value.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        return numpy_helper.to_array(value)
+
+    def size(self, name: str) -> int:
+        """Elements of a constant or initializer (1 for anything else)."""
+        value = self.tensor(name)
+        return 1 if value is None else math.prod(value.dims)
+
+    def scalar(self, name: str) -> float | None:
+        """A one-element constant's value as a float, else None."""
+        value = self.constant(name)
+        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
