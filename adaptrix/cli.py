@@ -67,9 +67,11 @@ def compile_command(
     unmerged: Annotated[
         bool, typer.Option("--unmerged", help="ONNX: LoRA and IA3 as swappable adapter files.")
     ] = False,
-    quantize: Annotated[str | None, typer.Option("--quantize", help="ONNX: int8 or int4 weights.")] = None,
+    quantize: Annotated[
+        str | None, typer.Option("--quantize", help="ONNX: int8, int4 or int8-dynamic weights.")
+    ] = None,
     block_size: Annotated[
-        int | None, typer.Option("--block-size", help="ONNX int4: block size (32).")
+        int | None, typer.Option("--block-size", help="ONNX int8 / int4: block size (32).")
     ] = None,
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="ONNX: where base exports are cached.")

@@ -12,7 +12,9 @@ sequence is <bos> <header> body, the header naming the task:
 Every free choice is Zipf-distributed, so a trained fp32 model has a clear top-1 even where the
 next token is a draw. Agreement is greedy top-1 on 256 teacher-forced positions: 32 after a
 16-token prompt in each of 8 held-out sequences, as in generation after a prompt. The base and the
-adapter are compiled through adaptrix (merged) to onnx-cpu fp32, int8 and int4.
+adapter are compiled through adaptrix (merged) to onnx-cpu fp32, int8, int4 and int8-dynamic (the
+issue's goals name int8 and int4; int8-dynamic, onnxruntime's per-tensor quantize_dynamic form, is
+reported beside them).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ BASE_HEADERS = [h for h, (_, n) in TASKS.items() if n > 0]  # repeat and up
 ADAPTER_HEADERS = list(TASKS)  # and down: the adapter's new task
 BASE_STEPS, ADAPTER_STEPS, BATCH = 900, 300, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GOALS = {"int8": 0.99, "int4": 0.97}
+GOALS = {"int8": 0.99, "int4": 0.97, "int8-dynamic": None}  # None: reported, no goal
 
 
 class Corpus:
@@ -186,7 +188,7 @@ def run(cache: Path, run_root: Path, exe: str) -> list[bool]:
     onnx_cache, logits = run_root / "quality-cache", {}
     data = held_out()
     ids, truth = data[:, :-1], data[:, PROMPT + 1 :]  # teacher-forced, scored after the prompt
-    for scheme in ("fp32", "int8", "int4"):
+    for scheme in ("fp32", *GOALS):
         out = run_root / f"quality-{scheme}"
         extra = [] if scheme == "fp32" else ["--quantize", scheme]
         argv = [exe, "compile", str(fixture / "adapter"), "--base", str(fixture / "base"), "--target",
@@ -222,8 +224,10 @@ def report(fixture: Path, ids, truth, logits: dict) -> list[bool]:
     for scheme, goal in GOALS.items():
         agree = float(np.mean(top[scheme] == top["fp32"]))
         rel = float(np.linalg.norm(logits[scheme] - logits["fp32"]) / np.linalg.norm(logits["fp32"]))
-        verdicts.append(agree >= goal)
-        print(f"{'PASS' if verdicts[-1] else 'FAIL'}: {scheme} greedy top-1 agreement with fp32 {agree:.1%} "
+        if goal is not None:
+            verdicts.append(agree >= goal)
+        verdict = "INFO" if goal is None else "PASS" if verdicts[-1] else "FAIL"
+        print(f"{verdict}: {scheme} greedy top-1 agreement with fp32 {agree:.1%} "
               f"({int(np.sum(top[scheme] != top['fp32']))}/{n} differ; logits rel. error {rel:.2e}); "
-              f"goal >= {goal:.0%}")  # fmt: skip
+              f"{'no goal' if goal is None else f'goal >= {goal:.0%}'}")  # fmt: skip
     return verdicts

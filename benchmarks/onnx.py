@@ -6,11 +6,12 @@ Reuses merge.py's cached fixture (1.1B bf16 Llama base + r=16 LoRA). In one run:
 - compiles, each in its own child (wall time, peak RSS with descendants): the first compile of the
   fixture adapter into a fresh export cache (optimum export + patch), a second adapter's compile on
   the cached export, a plain `cp` of the cached model.onnx + model.onnx_data, PEFT merge_and_unload
-  then optimum's main_export (the usual route), and int8 / int4 compiles on the cached export;
+  then optimum's main_export (the usual route), and int8 / int4 / int8-dynamic compiles on the
+  cached export;
 - latency with 2 intra-op threads: one decode step on a 32-token KV cache and a 32-token prefill,
   PyTorch eager float32 (the PEFT-merged model) against onnxruntime's CPU provider on the fp32,
-  int8 and int4 artifacts, in interleaved rounds (medians and ratios from this run);
-- quality: greedy top-1 agreement of int8 / int4 with fp32 on a small decoder trained on a
+  int8, int4 and int8-dynamic artifacts, in interleaved rounds (medians and ratios from this run);
+- quality: greedy top-1 agreement of each quantized scheme with fp32 on a small decoder trained on a
   synthetic corpus (benchmarks/_onnx_quality.py; trained once, cached).
 """
 
@@ -44,6 +45,7 @@ GOAL_DECODE_SPEEDUP = 4.0  # fastest quantized decode >= 4x faster than PyTorch 
 REFERENCE_MS = {"PyTorch eager fp32": 145.0, "optimum + ORT dynamic int8": 44.5,
                 "optimum + MatMulNBits int4": 47.0, "onnxruntime-genai model builder int4": 38.9}  # fmt: skip
 GENAI = "onnxruntime-genai model builder int4"
+SCHEMES = ("int8", "int4", "int8-dynamic")  # adaptrix --quantize
 
 PEFT_OPTIMUM_SCRIPT = """
 import sys, torch
@@ -107,7 +109,7 @@ class Steps:
 def run_compiles(
     exe: str, base: Path, adapter: Path, root: Path, repeat: int, skip_peft: bool, block_size: int | None
 ) -> Steps:
-    """First compile; cp / second compile interleaved `repeat` times (0: none); PEFT + optimum; int8, int4."""
+    """First compile; cp / second compile interleaved `repeat` times (0: none); PEFT + optimum; SCHEMES."""
     cache = root / "onnx-cache"
     # A fresh hash cache too (adaptrix keeps it under XDG_CACHE_HOME): the first compile hashes the
     # base and fills it, as a user's first compile would; later compiles read the base's digests from it.
@@ -131,8 +133,8 @@ def run_compiles(
         (root / "peft").mkdir()
         argv = [sys.executable, "-c", PEFT_OPTIMUM_SCRIPT, str(base), str(adapter), str(root / "peft")]
         steps.run("peft merge + optimum", argv, root / "peft", keep=False)
-    for scheme in ("int8", "int4"):
-        extra = ["--block-size", str(block_size)] if scheme == "int4" and block_size else []
+    for scheme in SCHEMES:
+        extra = ["--block-size", str(block_size)] if scheme != "int8-dynamic" and block_size else []
         argv = compile_argv(exe, adapter, base, root / scheme, cache, "--quantize", scheme, *extra)
         steps.run(f"compile {scheme}", argv, root / scheme, warm=entry)
     return steps
@@ -275,7 +277,7 @@ def latency_table(label: str, times: dict) -> dict:
 
 def print_latency_goals(decode: dict) -> bool:
     """Print the decode goal against measured eager and against the issue's reference numbers."""
-    quantized = {k: v for k, v in decode.items() if k in ("onnx-int8", "onnx-int4")}
+    quantized = {k: v for k, v in decode.items() if k.removeprefix("onnx-") in SCHEMES}
     if not quantized:
         print("SKIP: decode goal (no quantized artifact measured)")
         return False
@@ -324,10 +326,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=15, help="decode rounds (prefill: a third) (default 15)")
     ap.add_argument("--steps", type=int, default=3, help="decode steps per variant per round (default 3)")
     ap.add_argument("--skip-peft", action="store_true", help="do not run PEFT merge + optimum export")
-    ap.add_argument("--block-size", type=int, help="int4 block size passed to adaptrix (default: its own)")
+    ap.add_argument("--block-size", type=int, help="int8 / int4 block size for adaptrix (default: its own)")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--quality-only", action="store_true", help="only the quantization quality section")
-    only.add_argument("--latency-only", action="store_true", help="compile fp32/int8/int4 and time them")
+    only.add_argument("--latency-only", action="store_true", help="compile fp32 and SCHEMES, time them")
     ap.add_argument("--cache", type=Path, default=m.default_cache(), help="fixture cache dir")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (artifacts, logs)")
     return ap.parse_args(argv)
@@ -353,7 +355,7 @@ def main(argv=None) -> int:
             print_compile_table(steps)
             print()
             verdicts += print_compile_goals(steps)
-            artifacts = {f"onnx-{s}": run_root / s for s in ("fp32", "int8", "int4")
+            artifacts = {f"onnx-{s}": run_root / s for s in ("fp32", *SCHEMES)
                          if steps.ok("first compile fp32" if s == "fp32" else f"compile {s}")}  # fmt: skip
             verdicts += run_latency(base, adapter, artifacts, max(1, args.rounds), max(1, args.steps))
         if not args.latency_only:

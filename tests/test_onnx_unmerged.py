@@ -40,11 +40,13 @@ from adaptrix.cli import app
 from adaptrix.toolchain.pipeline import compile_adapter
 
 # Relative Frobenius error of quantized logits against the float32 graph's. Hidden size 32 makes
-# every weight row one int4 block (and one int8 scale); measured on llama: int8 0.037 merged on an
-# AVX512-VNNI CPU, 0.070 on an AVX2 one (u8s8 pairs saturate in int16), <= 0.02 unmerged; int4
-# (asymmetric) 0.25 merged, <= 0.17 unmerged (the LoRA branch stays float32).
-QUANTIZED_TOLERANCE = {"int8": 0.1, "int4": 0.4}
-QUANTIZED_OPS = {"int8": "DynamicQuantizeMatMul", "int4": "MatMulNBits"}
+# every weight row one block (and one int8-dynamic scale); measured on llama: int8-dynamic 0.037
+# merged on an AVX512-VNNI CPU, 0.070 on an AVX2 one (u8s8 pairs saturate in int16), <= 0.02
+# unmerged; int8 (symmetric blocks) 0.034 merged on the AVX2 one; int4 (asymmetric) 0.25
+# merged, <= 0.17 unmerged (the LoRA branch stays float32).
+QUANTIZED_TOLERANCE = {"int8": 0.1, "int4": 0.4, "int8-dynamic": 0.1}
+QUANTIZED_OPS = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8-dynamic": "DynamicQuantizeMatMul"}
+SCHEMES = list(QUANTIZED_OPS)
 
 
 def lora_variants(family: str) -> dict[str, dict]:
@@ -168,14 +170,15 @@ def op_types(out: Path) -> list[str]:
     return [node.op_type for node in onnx.load(out / "model.onnx", load_external_data=False).graph.node]
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_merged_output_stays_near_float32(scheme, bases, tmp_path):
     base = bases("llama")
     adapter = seeded_adapter("llama", base, tmp_path / "adapter")
     compile_adapter(adapter, base, "onnx-cpu", tmp_path / "fp32")
     compile_adapter(adapter, base, "onnx-cpu", tmp_path / scheme, options={"quantize": scheme})
     section = json.loads((tmp_path / scheme / "manifest.json").read_text())["onnx"]
-    assert section["quantize"] == scheme and section.get("block_size") == (32 if scheme == "int4" else None)
+    blocks = None if scheme == "int8-dynamic" else 32
+    assert section["quantize"] == scheme and section.get("block_size") == blocks
     assert QUANTIZED_OPS[scheme] in op_types(tmp_path / scheme)
     inputs = sample_inputs("llama")
     reference = prefill(session(tmp_path / "fp32"), inputs)
@@ -186,14 +189,19 @@ def test_quantized_merged_output_stays_near_float32(scheme, bases, tmp_path):
     graph = onnx.load(tmp_path / scheme / "model.onnx", load_external_data=False).graph
     node = next(node for node in graph.node if node.op_type == QUANTIZED_OPS[scheme])
     dims = {init.name: list(init.dims) for init in graph.initializer}
-    if scheme == "int8":  # one scale, zero point 0 (see quantize._int8: per column saturates)
+    if scheme == "int8-dynamic":  # one scale, zero point 0 (see quantize._int8: per column saturates)
         assert dims[node.input[2]] == dims[node.input[3]] == []
-    else:  # asymmetric blocks: zero points, two per byte
-        n, blocks, _ = dims[node.input[1]]
+        return
+    n, blocks, packed = dims[node.input[1]]
+    bits = {a.name: a.i for a in node.attribute}["bits"]
+    assert packed == 32 * bits // 8 and dims[node.input[2]] == [n, blocks]
+    if scheme == "int4":  # asymmetric blocks: zero points, two per byte
         assert dims[node.input[3]] == [n, (blocks + 1) // 2]
+    else:  # symmetric int8 blocks: no zero points
+        assert len(node.input) == 3
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_unmerged_graph_still_takes_adapter_files(scheme, unmerged, tmp_path):
     """The base's MatMuls are quantized; the LoRA branches stay float MatMuls fed by the files."""
     reference = unmerged("llama")
@@ -222,6 +230,12 @@ REFUSED = {
     "two-without-unmerged": (["plain", "second"], "onnx-cpu", [], "--unmerged"),
     "unknown-quantize": (["plain"], "onnx-cpu", ["--quantize", "int3"], "int3"),
     "block-size": (["plain"], "onnx-cpu", ["--quantize", "int4", "--block-size", "48"], "48"),
+    "block-size-unblocked": (
+        ["plain"],
+        "onnx-cpu",
+        ["--quantize", "int8-dynamic", "--block-size", "64"],
+        "--block-size",
+    ),
 }
 
 

@@ -29,7 +29,12 @@ from adaptrix.targets.onnx.genai import write_genai_config
 from adaptrix.targets.onnx.ia3 import add_scale_inputs, scale_parameters
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
-from adaptrix.targets.onnx.quantize import check_quantize, quantize_weights
+from adaptrix.targets.onnx.quantize import (
+    BLOCKED_SCHEMES,
+    DEFAULT_BLOCK_SIZE,
+    check_quantize,
+    quantize_weights,
+)
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
@@ -53,7 +58,7 @@ def write_onnx(
     adapters: Sequence[tuple[str, AdapterIR]] = (),
     unmerged: bool = False,
     quantize: str | None = None,
-    block_size: int = 32,
+    block_size: int | None = None,
     cache_dir: Path | str | None = None,
 ) -> Written:
     """Write the ONNX model directory for `target` (onnx-cpu or onnx-cuda) into `out`."""
@@ -67,6 +72,7 @@ def write_onnx(
             fix="use --target onnx-cpu, or leave out --quantize for onnx-cuda's float16",
         )
     check_quantize(quantize, block_size)
+    block_size = block_size or DEFAULT_BLOCK_SIZE
     for _, each in adapters if unmerged else ():  # before the (slow) export
         refuse_bottlenecks(
             each,
@@ -86,7 +92,7 @@ def write_onnx(
     if target == "onnx-cpu" and export.task == "text-generation-with-past":
         fused = fuse_attention(model, base)  # first: patches and LoRA branches find nodes by position
     section: dict = {"task": export.task, "base_export": export.key, "quantize": quantize}
-    if quantize == "int4":
+    if quantize in BLOCKED_SCHEMES:
         section["block_size"] = block_size
     exclude: list[str] = []
     if unmerged:

@@ -1,16 +1,27 @@
 """Weight quantization after the merge, one weight at a time, inside the single write of the model.
 
-int8: DynamicQuantizeMatMul, onnxruntime's fused form of dynamic quantization (int8 weights,
-symmetric, one scale per tensor; activations quantized per call): the bytes quantize_dynamic
-writes, without its MatMulInteger detour. int4: MatMulNBits with blocks of `block_size` along
-the input, asymmetric (a zero point per block: greedy agreement 97.7% against 94.9% symmetric on
-the benchmark's trained decoder), computed with int8 activations (accuracy level 4), as
-onnxruntime-genai's CPU models are; the blocks come from onnxruntime's own kernel
-(quantize_matmul_4bits), so they are the bytes MatMulNBitsQuantizer writes with
-is_symmetric=False. Neither loads the model: write_model asks for a weight's quantized arrays
-when it reaches them, and only then is that one weight merged (or memory-mapped from the cached
-export) and quantized. LoRA branches of an unmerged graph stay in float (their
-weights are overridable graph inputs), and so do bottleneck adapters (small, kept exact).
+Every scheme quantizes activations at run time (dynamic quantization); they differ in the weights:
+
+- int8: MatMulNBits with 8 bits, symmetric blocks of `block_size` along the input (no zero
+  points), computed with int8 activations quantized per block of each row (accuracy level 4): what
+  onnxruntime-genai's model builder writes for its int8 precision. Logits 4x closer to float32
+  than int8-dynamic's on the benchmark's trained decoder (relative error 1.4e-2 against 5.3e-2;
+  greedy agreement 100% against 98.8%): per block, an outlier channel (the FFN's down projection
+  reads the largest) costs precision only in its own block.
+- int8-dynamic: DynamicQuantizeMatMul, onnxruntime's fused form of quantize_dynamic's int8 (int8
+  weights, symmetric, one scale per tensor; activations quantized with one scale per call): the
+  bytes quantize_dynamic writes, without its MatMulInteger detour. The fastest on AVX2 CPUs
+  (decode MatMuls about 1.4x faster than int8's there), the least exact.
+- int4: MatMulNBits with 4 bits, asymmetric blocks (a zero point per block: greedy agreement
+  97.7% against 94.9% symmetric on the benchmark's trained decoder), accuracy level 4, as
+  onnxruntime-genai's CPU models are.
+
+The blocks come from onnxruntime's own kernels (quantize_matmul_8bits / _4bits), so they are
+the bytes MatMulNBitsQuantizer writes. Nothing loads the model: write_model asks for a weight's
+quantized arrays when it reaches them, and only then is that one weight merged (or
+memory-mapped from the cached export) and quantized. LoRA branches of an unmerged graph stay in
+float (their weights are overridable graph inputs), and so do bottleneck adapters (small, kept
+exact).
 """
 
 from __future__ import annotations
@@ -29,12 +40,21 @@ from onnx import TensorProto, helper
 from adaptrix.targets.onnx.external import read_initializer, value_array
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["QUANTIZE_SCHEMES", "QuantizeReport", "check_quantize", "quantize_weights"]
+__all__ = [
+    "BLOCKED_SCHEMES",
+    "DEFAULT_BLOCK_SIZE",
+    "QUANTIZE_SCHEMES",
+    "QuantizeReport",
+    "check_quantize",
+    "quantize_weights",
+]
 
 logger = logging.getLogger(__name__)
 
-QUANTIZE_SCHEMES = ("int8", "int4")
-_INT4_ACCURACY_LEVEL = 4
+QUANTIZE_SCHEMES = ("int8", "int4", "int8-dynamic")
+BLOCKED_SCHEMES = {"int8": 8, "int4": 4}  # MatMulNBits schemes: bits
+_ACCURACY_LEVEL = 4
+DEFAULT_BLOCK_SIZE = 32
 _INT8_MAX = 127
 
 
@@ -48,11 +68,16 @@ class QuantizeReport:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
-def check_quantize(scheme: str | None, block_size: int) -> None:
-    """Refuse an unknown scheme or a block size that is not a power of two >= 16."""
+def check_quantize(scheme: str | None, block_size: int | None) -> None:
+    """Refuse an unknown scheme, a block size without a blocked scheme, or one not a power of two >= 16."""
     if scheme is not None and scheme not in QUANTIZE_SCHEMES:
         raise BadInputError(f"unknown --quantize {scheme!r}",
                             fix=f"choose one of: {', '.join(QUANTIZE_SCHEMES)}")  # fmt: skip
+    if block_size is None:
+        return
+    if scheme not in BLOCKED_SCHEMES:
+        raise BadInputError(f"--block-size {block_size} given for --quantize {scheme or '(none)'}",
+                            fix="--block-size applies to --quantize int8 and int4; leave it out")  # fmt: skip
     if block_size < 16 or block_size & (block_size - 1):
         raise BadInputError(f"--block-size {block_size} is not a power of two >= 16", fix="use 32, 64 or 128")
 
@@ -70,7 +95,7 @@ def quantize_weights(
     `values` holds the patched (merged) weights; a weight not in it is read from the graph's
     external data in `folder`. Quantized float weights no other node reads leave the graph.
     """
-    check_quantize(scheme, block_size)
+    check_quantize(scheme, block_size if scheme in BLOCKED_SCHEMES else None)
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     for node in graph.node:  # deduplicated constants (equal biases) are read through Identity nodes
@@ -151,14 +176,19 @@ class _Pending:
 
 
 def _shapes(scheme: str, dims: tuple[int, ...], name: str, block_size: int) -> dict[str, tuple]:
-    """{initializer: (shape, dtype)} of a [K, N] weight's quantized form, as _int4 / _int8 make it."""
+    """{initializer: (shape, dtype)} of a [K, N] weight's quantized form, as _quantize makes it."""
     k, n = dims
+    blocks = -(-k // block_size)
     if scheme == "int4":
-        blocks = -(-k // block_size)
         return {
             f"{name}_Q4": ((n, blocks, block_size // 2), np.uint8),
             f"{name}_scales": ((n, blocks), np.float32),
             f"{name}_zero_points": ((n, (blocks + 1) // 2), np.uint8),
+        }
+    if scheme == "int8":
+        return {
+            f"{name}_Q8": ((n, blocks, block_size), np.uint8),
+            f"{name}_scales": ((n, blocks), np.float32),
         }
     return {f"{name}_quantized": ((k, n), np.int8), f"{name}_scale": ((), np.float32),
             f"{name}_zero_point": ((), np.int8)}  # fmt: skip
@@ -167,7 +197,11 @@ def _shapes(scheme: str, dims: tuple[int, ...], name: str, block_size: int) -> d
 def _quantize(scheme: str, source, init: onnx.TensorProto, folder: Path, block_size: int) -> dict:
     """Quantize one weight: `source` (a write_model value) or the export's initializer."""
     weight = read_initializer(init, folder) if source is None else value_array(source, init)
-    return _int4(weight, init.name, block_size) if scheme == "int4" else _int8(weight, init.name)
+    if scheme == "int4":
+        return _int4(weight, init.name, block_size)
+    if scheme == "int8":
+        return _int8_blocks(weight, init.name, block_size)
+    return _int8(weight, init.name)
 
 
 def _int4(weight: np.ndarray, name: str, block_size: int) -> dict[str, np.ndarray]:
@@ -188,8 +222,27 @@ def _int4(weight: np.ndarray, name: str, block_size: int) -> dict[str, np.ndarra
     return {f"{name}_Q4": packed, f"{name}_scales": scales, f"{name}_zero_points": zero_points}
 
 
+def _int8_blocks(weight: np.ndarray, name: str, block_size: int) -> dict[str, np.ndarray]:
+    """MatMulNBits 8-bit blocks of a [K, N] weight: [N, blocks, block] uint8 and scales, symmetric.
+
+    Symmetric: each block maps -amax..amax, stored offset by 128 (MatMulNBits' default zero point
+    without a zero-point input).
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
+    padded[:k] = weight
+    packed = np.zeros((n, blocks, block_size), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=np.float32)
+    unused_zero_points = np.zeros((n, blocks), dtype=np.uint8)
+    quantize_matmul_8bits(packed, padded, scales, unused_zero_points, block_size, n, k, True)
+    return {f"{name}_Q8": packed, f"{name}_scales": scales}
+
+
 def _int8(weight: np.ndarray, name: str) -> dict[str, np.ndarray]:
-    """Symmetric per-tensor int8 of a weight, as quantize_dynamic's QInt8 weights.
+    """int8-dynamic: symmetric per-tensor int8 of a weight, as quantize_dynamic's QInt8 weights.
 
     Not per column: onnxruntime's u8s8 kernels on AVX2 add pairs of products in int16 and saturate
     when many weights sit near +-127, which a scale per column makes common (measured: greedy
@@ -208,10 +261,13 @@ def _int8(weight: np.ndarray, name: str) -> dict[str, np.ndarray]:
 def _rewrite(node: onnx.NodeProto, scheme: str, weights: list[str], dims, block_size: int) -> None:
     """Turn a MatMul / plain Gemm into MatMulNBits or DynamicQuantizeMatMul, keeping a Gemm's bias."""
     bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
-    if scheme == "int4":
-        inputs = [node.input[0], *weights, "", bias] if bias else [node.input[0], *weights]
-        attrs = {"K": dims[0], "N": dims[1], "bits": 4, "block_size": block_size,
-                 "accuracy_level": _INT4_ACCURACY_LEVEL}  # fmt: skip
+    bits = BLOCKED_SCHEMES.get(scheme)
+    if bits is not None:  # inputs A, B, scales, [zero_points], [g_idx], [bias]
+        inputs = [node.input[0], *weights]
+        if bias:
+            inputs += [""] * (5 - len(inputs)) + [bias]
+        attrs = {"K": dims[0], "N": dims[1], "bits": bits, "block_size": block_size,
+                 "accuracy_level": _ACCURACY_LEVEL}  # fmt: skip
         op = "MatMulNBits"
     else:
         inputs, attrs, op = [node.input[0], *weights, *([bias] if bias else [])], {}, "DynamicQuantizeMatMul"
@@ -220,7 +276,7 @@ def _rewrite(node: onnx.NodeProto, scheme: str, weights: list[str], dims, block_
     del node.attribute[:]
     node.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
     node.op_type, node.domain = op, "com.microsoft"
-    node.name = f"{node.name}_Q{4 if scheme == 'int4' else 8}"
+    node.name = f"{node.name}_Q{bits or 8}"
 
 
 def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
