@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_SCHEMES = ("int8", "int4", "int8-dynamic")
 BLOCKED_SCHEMES = {"int8": 8, "int4": 4}  # MatMulNBits schemes: bits
+_SYMMETRIC = {"int8"}  # blocked schemes without zero points
 _ACCURACY_LEVEL = 4
 DEFAULT_BLOCK_SIZE = 32
 _INT8_MAX = 127
@@ -197,48 +198,36 @@ def _shapes(scheme: str, dims: tuple[int, ...], name: str, block_size: int) -> d
 def _quantize(scheme: str, source, init: onnx.TensorProto, folder: Path, block_size: int) -> dict:
     """Quantize one weight: `source` (a write_model value) or the export's initializer."""
     weight = read_initializer(init, folder) if source is None else value_array(source, init)
-    if scheme == "int4":
-        return _int4(weight, init.name, block_size)
-    if scheme == "int8":
-        return _int8_blocks(weight, init.name, block_size)
+    if scheme in BLOCKED_SCHEMES:
+        return _blocks(scheme, weight, init.name, block_size)
     return _int8(weight, init.name)
 
 
-def _int4(weight: np.ndarray, name: str, block_size: int) -> dict[str, np.ndarray]:
-    """MatMulNBits blocks of a [K, N] weight: packed [N, blocks, block/2] uint8, scales, zero points.
+def _blocks(scheme: str, weight: np.ndarray, name: str, block_size: int) -> dict[str, np.ndarray]:
+    """MatMulNBits blocks of a [K, N] weight, as _shapes lays them out, from onnxruntime's kernel.
 
-    Asymmetric: each block maps its own min..max; the zero points are packed two per byte.
-    """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
-
-    k, n = weight.shape
-    blocks = -(-k // block_size)
-    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
-    padded[:k] = weight
-    packed = np.zeros((n, blocks, block_size // 2), dtype=np.uint8)
-    scales = np.zeros((n, blocks), dtype=np.float32)
-    zero_points = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)
-    quantize_matmul_4bits(packed, padded, scales, zero_points, block_size, n, k, False)
-    return {f"{name}_Q4": packed, f"{name}_scales": scales, f"{name}_zero_points": zero_points}
-
-
-def _int8_blocks(weight: np.ndarray, name: str, block_size: int) -> dict[str, np.ndarray]:
-    """MatMulNBits 8-bit blocks of a [K, N] weight: [N, blocks, block] uint8 and scales, symmetric.
-
-    Symmetric: each block maps -amax..amax, stored offset by 128 (MatMulNBits' default zero point
+    int4 is asymmetric: each block maps its own min..max, zero points packed two per byte. int8 is
+    symmetric: each block maps -amax..amax, stored offset by 128 (MatMulNBits' default zero point
     without a zero-point input).
     """
-    from onnxruntime.capi._pybind_state import quantize_matmul_8bits
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
     k, n = weight.shape
+    bits, symmetric = BLOCKED_SCHEMES[scheme], scheme in _SYMMETRIC
+    arrays = {
+        key: np.zeros(shape, dtype)
+        for key, (shape, dtype) in _shapes(scheme, (k, n), name, block_size).items()
+    }
     blocks = -(-k // block_size)
     padded = np.zeros((blocks * block_size, n), dtype=np.float32)
     padded[:k] = weight
-    packed = np.zeros((n, blocks, block_size), dtype=np.uint8)
-    scales = np.zeros((n, blocks), dtype=np.float32)
-    unused_zero_points = np.zeros((n, blocks), dtype=np.uint8)
-    quantize_matmul_8bits(packed, padded, scales, unused_zero_points, block_size, n, k, True)
-    return {f"{name}_Q8": packed, f"{name}_scales": scales}
+    # The kernel takes a zero-point buffer either way; a symmetric scheme stores none.
+    zero_points = np.zeros((n, blocks), np.uint8) if symmetric else arrays[f"{name}_zero_points"]
+    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    kernel(
+        arrays[f"{name}_Q{bits}"], padded, arrays[f"{name}_scales"], zero_points, block_size, n, k, symmetric
+    )
+    return arrays
 
 
 def _int8(weight: np.ndarray, name: str) -> dict[str, np.ndarray]:
