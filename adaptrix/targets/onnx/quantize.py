@@ -218,7 +218,7 @@ def _blocks(scheme: str, weight: np.ndarray, name: str, block_size: int) -> dict
         key: np.zeros(shape, dtype)
         for key, (shape, dtype) in _shapes(scheme, (k, n), name, block_size).items()
     }
-    blocks = -(-k // block_size)
+    blocks = arrays[f"{name}_scales"].shape[1]
     padded = np.zeros((blocks * block_size, n), dtype=np.float32)
     padded[:k] = weight
     # The kernel takes a zero-point buffer either way; a symmetric scheme stores none.
