@@ -1,5 +1,6 @@
-"""HashingWriter: pieces filled in order through maps, copied and hashed on threads, maps bounded."""
+"""HashingWriter: pieces filled in order through staging buffers, written and hashed on threads, bounded."""
 
+import fcntl
 import hashlib
 import threading
 
@@ -17,7 +18,7 @@ def test_the_file_and_its_digest_hold_every_piece_in_order(tmp_path):
     arrays = [rng.standard_normal(n).astype(np.float32) for n in (1, 4096, 300_000, 7)]
     size = sum(a.nbytes for a in arrays) + 5000 + 10 + 3 + 300
     with HashingWriter(tmp_path / "out.bin", size, budget=1 << 20) as writer:
-        writer.put(arrays[0])  # 4 bytes: later maps start inside a page
+        writer.put(arrays[0])  # 4 bytes: later pieces start inside a page
         writer.copy(source, 100, 5000)
         writer.fill(arrays[1].nbytes, lambda view: np.copyto(view.view(np.float32), arrays[1]))
         writer.skip(10)
@@ -37,7 +38,7 @@ def test_the_file_and_its_digest_hold_every_piece_in_order(tmp_path):
     assert digest == hashlib.sha256(expected).hexdigest()
 
 
-def test_mapped_bytes_stay_within_the_budget(tmp_path):
+def test_bytes_in_flight_stay_within_the_budget(tmp_path):
     budget, size, count = 3 << 20, 1 << 20, 40
     peak, lock = [0], threading.Lock()
     writer = HashingWriter(tmp_path / "out.bin", count * size, budget=budget)
@@ -55,16 +56,49 @@ def test_mapped_bytes_stay_within_the_budget(tmp_path):
     assert (tmp_path / "out.bin").read_bytes() == b"\7" * (count * size)
 
 
-def test_a_failed_copy_is_raised_in_the_callers_thread(tmp_path):
+def test_a_short_source_is_refused_at_once(tmp_path):
     short = tmp_path / "short.bin"
     short.write_bytes(b"x" * 100)
-    writer = HashingWriter(tmp_path / "out.bin", 500 + 100 * (1 << 16))
-    writer.copy(short, 50, 500)  # runs past the end
+    writer = HashingWriter(tmp_path / "out.bin", 500)
     with pytest.raises(Exception, match="ended early"):
+        writer.copy(short, 50, 500)  # runs past the end
+    assert writer._in_flight == 0
+    writer.abort()
+
+
+def test_a_failed_write_is_raised_in_the_callers_thread(tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(stream.os, "pwrite", fail)
+    writer = HashingWriter(tmp_path / "out.bin", 100 * (1 << 16))
+    with pytest.raises(OSError, match="Input/output error"):
         for _ in range(100):
             writer.put(np.zeros(1 << 16, np.uint8))
         writer.close()
     writer.abort()  # after a failure: closes without raising again
+
+
+def test_large_pieces_go_through_reused_buffers(tmp_path, monkeypatch):
+    monkeypatch.setattr(stream, "_CHUNK", 1 << 16)
+    monkeypatch.setattr(stream, "_POOL", stream._Pool(1 << 20))
+    seen = set()
+    taken = stream._POOL.take
+
+    def take(length):
+        buffer = taken(length)
+        seen.add(buffer.ctypes.data)
+        return buffer
+
+    monkeypatch.setattr(stream._POOL, "take", take)
+    data = np.random.default_rng(1).integers(0, 256, 40 << 16, dtype=np.uint8)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data.tobytes())
+    with HashingWriter(tmp_path / "out.bin", 2 * data.nbytes, budget=4 << 16) as writer:
+        writer.put(data)  # in pieces of at most a chunk, never more than the budget in flight
+        writer.copy(source, 0, data.nbytes)
+    assert (tmp_path / "out.bin").read_bytes() == data.tobytes() * 2
+    assert len(seen) <= 5  # the budget's four buffers and the one always allowed, taken again and again
 
 
 def test_a_piece_past_the_size_and_a_short_file_are_refused(tmp_path):
@@ -85,27 +119,6 @@ def test_a_file_too_big_for_the_disk_is_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "huge.bin").exists()
 
 
-def test_without_maps_pieces_are_computed_in_memory_and_written(tmp_path, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError(19, "No such device")  # as a file system without mmap answers
-
-    monkeypatch.setattr(stream.mmap, "mmap", refuse)
-    arrays = [np.arange(n, dtype=np.float32) for n in (3, 70_000)]
-    source = tmp_path / "source.bin"
-    source.write_bytes(bytes(range(256)))
-    size = sum(a.nbytes for a in arrays) + 5 + 100
-    with HashingWriter(tmp_path / "out.bin", size, budget=1 << 16) as writer:
-        writer.put(arrays[0])
-        writer.skip(5)
-        writer.fill(arrays[1].nbytes, lambda view: np.copyto(view.view(np.float32), arrays[1]))
-        writer.fill(100, lambda view: np.add(view, 1, out=view), source=(source, 20))
-        digest = writer.close()
-    expected = arrays[0].tobytes() + bytes(5) + arrays[1].tobytes() + bytes(range(21, 121))
-    assert (tmp_path / "out.bin").read_bytes() == expected
-    assert digest == hashlib.sha256(expected).hexdigest()
-    assert writer._in_flight == 0
-
-
 def test_a_file_system_without_preallocation_still_gets_the_file(tmp_path, monkeypatch):
     def refuse(*args):
         raise OSError(95, "Operation not supported")
@@ -115,3 +128,57 @@ def test_a_file_system_without_preallocation_still_gets_the_file(tmp_path, monke
         writer.put(b"abc")
         writer.skip(3)
     assert (tmp_path / "out.bin").read_bytes() == b"abc\0\0\0"
+
+
+def _write_sample(path):
+    data = np.random.default_rng(2).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8)
+    with HashingWriter(path, data.nbytes + 10) as writer:
+        writer.put(data[:5])
+        writer.put(data[5:])
+        writer.skip(10)
+    assert path.read_bytes() == data.tobytes() + bytes(10)
+    return writer._direct
+
+
+def test_the_file_is_written_directly_where_the_file_system_allows(tmp_path):
+    if not stream._DIRECT:
+        pytest.skip("no O_DIRECT on this platform")
+    writer = HashingWriter(tmp_path / "out.bin", 8192)
+    flags = fcntl.fcntl(writer._fd, fcntl.F_GETFL)
+    writer.abort()
+    assert bool(flags & stream._DIRECT) == writer._direct  # tmpfs may refuse it: then buffered
+    assert _write_sample(tmp_path / "out.bin") == writer._direct
+
+
+def test_a_file_system_that_refuses_direct_io_gets_buffered_writes(tmp_path, monkeypatch):
+    opened = stream.os.open
+
+    def refuse_direct(path, flags, *args):
+        if flags & stream._DIRECT:
+            raise OSError(22, "Invalid argument")
+        return opened(path, flags, *args)
+
+    monkeypatch.setattr(stream, "_DIRECT", stream._DIRECT or 0o40000)
+    monkeypatch.setattr(stream.os, "open", refuse_direct)
+    assert _write_sample(tmp_path / "out.bin") is False
+
+
+def test_a_direct_write_refused_goes_on_through_the_page_cache(tmp_path, monkeypatch):
+    if not stream._DIRECT:
+        pytest.skip("no O_DIRECT on this platform")
+    written = stream.os.pwrite
+    calls = []
+
+    def refuse_first(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 1:
+            raise OSError(22, "Invalid argument")  # as a file system taking O_DIRECT only at open
+        return written(fd, data, offset)
+
+    monkeypatch.setattr(stream.os, "pwrite", refuse_first)
+    path = tmp_path / "out.bin"
+    forced = stream._open_output
+
+    monkeypatch.setattr(stream, "_open_output", lambda p: (forced(p)[0], True))
+    assert _write_sample(path) is False
+    assert len(calls) >= 2
