@@ -45,11 +45,18 @@ def merge_tensor(
     role_ops: Sequence[Sequence[Op]],
     source: SourceModel,
     out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The merged value of one stored tensor, given the ops at each of its module's roles."""
+    """The merged value of one stored tensor, given the ops at each of its module's roles.
+
+    With `out` (the stored layout, `out_dtype`), the value is written there and `out` returned;
+    `out` may be `value` itself: each block is read before it is written.
+    """
     conv1d = placement.module.layout is Layout.CONV1D and param == "weight"
     stored = value.T if conv1d else value  # canonical [out, in] view
-    merged = torch.empty(stored.shape, dtype=out_dtype)
+    target = torch.empty(value.shape, dtype=out_dtype) if out is None else out  # the stored layout
+    merged = target.T if conv1d else target
+    in_place = out is value
     index = split_rows(placement.module.split, source) or [None]
     for rows, ops in zip(index, role_ops, strict=True):
         relevant = sorted((op for op in ops if param in op_params(op)), key=lambda o: _ORDER[type(o)])
@@ -58,13 +65,14 @@ def merge_tensor(
         in_one_piece = any(isinstance(op, DoRA) and op.per_column for op in relevant)
         for whole, local in _segments(rows, stored, in_one_piece):
             if not kernels:
-                merged[whole] = stored[whole]
+                if not in_place:
+                    merged[whole] = stored[whole]
                 continue
             part = stored[whole].to(torch.float32, copy=True)  # never alias the caller's tensor
             for kernel in kernels:
                 part = kernel(part, local)
             merged[whole] = part
-    return merged.T.contiguous() if conv1d else merged
+    return target
 
 
 def _segments(rows: torch.Tensor | None, stored: torch.Tensor, in_one_piece: bool = False):

@@ -166,6 +166,8 @@ def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, p
             info = base.tensors[item.source]
             if not item.touched and plan.dtype == info.dtype:
                 writer.copy_bytes(item.name, info)
+            elif plan.dtype == info.dtype:  # merged in place, in the bytes read from the base
+                writer.write_from(item.name, info, lambda value, item=item: _merge_into(item, base, value))
             else:
                 writer.write(item.name, merged_value(item, base, plan.dtype))
             if progress:
@@ -179,6 +181,11 @@ def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torc
     if not item.touched:
         return value.to(dtype)
     return merge_tensor(value, item.param, item.placement, item.role_ops, base.source, dtype)
+
+
+def _merge_into(item: TensorPlan, base: Checkpoint, value: torch.Tensor) -> None:
+    """Merge an item into its base value, in place (the output dtype is the stored one)."""
+    merge_tensor(value, item.param, item.placement, item.role_ops, base.source, value.dtype, out=value)
 
 
 def _write_index(out: Path, items: list[TensorPlan], shards: list[str], base: Checkpoint, dtype) -> None:

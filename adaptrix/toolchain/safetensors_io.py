@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +182,21 @@ class write_safetensors:  # noqa: N801 - used as a context manager, reads like a
         if tensor.numel():
             self._writer.put(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
+    def write_from(self, name: str, source: TensorInfo, change: Callable[[torch.Tensor], None]) -> None:
+        """Write the next planned tensor: a source tensor's bytes, which `change` edits in place.
+
+        `change` gets the tensor (the source's dtype and shape) in the writer's staging buffer,
+        read from the source file, so no array is allocated and nothing is copied twice.
+        """
+        self._expect(name, source.dtype, source.shape)
+
+        def edit(view) -> None:
+            change(torch.from_numpy(view).view(source.dtype).reshape(source.shape))
+
+        self._writer.fill(source.nbytes, edit, source=(source.file, source.start))
+
     def copy_bytes(self, name: str, source: TensorInfo) -> None:
-        """Write the next planned tensor by copying its bytes from a source file, in the kernel."""
+        """Write the next planned tensor by copying its bytes from a source file."""
         self._expect(name, source.dtype, source.shape)
         self._writer.copy(source.file, source.start, source.nbytes)
 
