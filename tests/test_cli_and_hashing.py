@@ -8,8 +8,9 @@ from builders import make_adapter
 from typer.testing import CliRunner
 
 from adaptrix.cli import app
+from adaptrix.toolchain import hashing
 from adaptrix.toolchain.binders import BINDERS
-from adaptrix.toolchain.hashing import hash_files
+from adaptrix.toolchain.hashing import hash_early, hash_files
 
 runner = CliRunner()
 
@@ -72,6 +73,25 @@ def test_fresh_files_are_not_cached_and_the_cache_can_be_off(tmp_path, monkeypat
     os.utime(file, (old, old))
     hash_files([file])
     assert not cache.exists() or str(file.resolve()) not in json.loads(cache.read_text())
+
+
+def test_files_hashed_early_are_picked_up_unless_they_changed_since(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTRIX_HASH_CACHE", "0")
+    kept, changed = tmp_path / "kept.bin", tmp_path / "changed.bin"
+    kept.write_bytes(b"k" * 5000)
+    changed.write_bytes(b"c" * 5000)
+    hash_early([kept, changed])
+    for key in list(hashing._early):
+        hashing._early[key][1].result()  # the early thread is done
+    changed.write_bytes(b"d" * 5001)  # a new size: the identity differs even within one clock tick
+    hashed = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    digests = hash_files([kept, changed])
+    assert digests[kept] == hashlib.sha256(b"k" * 5000).hexdigest()
+    assert digests[changed] == hashlib.sha256(b"d" * 5001).hexdigest()
+    assert hashed == ["changed.bin"]  # kept.bin came from the early thread
+    assert not hashing._early  # picked up once, then forgotten
 
 
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):

@@ -3,6 +3,9 @@
 Like git's index, a cached digest is reused only while the file's device, inode, size, mtime and
 ctime are all unchanged (ctime cannot be set back by tools such as `touch`), and a file changed
 in the last two seconds is never cached. Set ADAPTRIX_HASH_CACHE=0 to always hash.
+`hash_early` starts hashing files on a background thread, for a later `hash_files` call to pick
+up: a compile starts on its base before it loads torch, so the base is hashed, and read into the
+page cache for the compile, while the import holds one core and the other is idle.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-__all__ = ["hash_files", "sha256_file"]
+__all__ = ["hash_early", "hash_files", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
 _SETTLE_SECONDS = 2.0
+_early: dict[str, tuple[str, Future]] = {}  # path -> (identity when started, digest)
 
 
 def sha256_file(path: Path) -> str:
@@ -62,6 +67,27 @@ def _save(cache: Path, entries: dict) -> None:
         logger.warning("could not update hash cache %s: %s", cache, exc)
 
 
+def hash_early(files: Sequence[Path]) -> None:
+    """Start hashing the files the cache does not know, in order, on one daemon thread."""
+    entries = _load(_cache_file())
+    jobs = []
+    for f in files:
+        key, ident = _identity(f)
+        if not (key in entries and entries[key][0] == ident):
+            jobs.append((f, Future()))
+            _early[key] = (ident, jobs[-1][1])
+    if jobs:  # a daemon: a compile that fails early exits at once, not after the hashing
+        threading.Thread(target=_hash_jobs, args=(jobs,), name="adaptrix-sha256-early", daemon=True).start()
+
+
+def _hash_jobs(jobs: list[tuple[Path, Future]]) -> None:
+    for f, digest in jobs:
+        try:
+            digest.set_result(sha256_file(f))
+        except OSError as exc:
+            digest.set_exception(exc)
+
+
 def hash_files(files: Sequence[Path], workers: int = 2) -> dict[Path, str]:
     """sha256 of each file, hashed on `workers` threads (hashlib frees the GIL), cached by identity."""
     cache = _cache_file()
@@ -69,13 +95,19 @@ def hash_files(files: Sequence[Path], workers: int = 2) -> dict[Path, str]:
     identities = {f: _identity(f) for f in files}
     digests = {f: entries[key][1] for f, (key, ident) in identities.items()
                if key in entries and entries[key][0] == ident}  # fmt: skip
-    todo = [f for f in files if f not in digests]
+    fresh = [f for f in files if f not in digests]
+    for f in fresh:
+        key, ident = identities[f]
+        started = _early.pop(key, None)
+        if started is not None and started[0] == ident:
+            digests[f] = started[1].result()  # hashed early, and unchanged since
+    todo = [f for f in fresh if f not in digests]
     if todo:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaptrix-sha256") as pool:
             digests.update(zip(todo, pool.map(sha256_file, todo), strict=True))
-    if cache is not None and todo:
+    if cache is not None and fresh:
         now = time.time_ns()
-        for f in todo:
+        for f in fresh:
             key, ident = identities[f]
             if (now - f.stat().st_mtime_ns) / 1e9 > _SETTLE_SECONDS and _identity(f)[1] == ident:
                 entries[key] = [ident, digests[f]]

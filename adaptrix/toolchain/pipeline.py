@@ -101,8 +101,8 @@ def compile_adapter(
             written = emit.write(irs[0], checkpoint, tmp, dtype=torch_dtype, progress=step, **options)
         except AdaptrixError as exc:
             raise exc.with_context(target) from None
-        # Hashed after the merge, not beside it: on two cores a hashing thread slows the
-        # merge's own threads by more than the hashing costs.
+        # Inputs are hashed here, or picked up where `adaptrix compile` began hashing them
+        # before torch loaded (hash_early): beside the merge, a hashing thread would slow it.
         write_manifest(
             tmp,
             target=target,
