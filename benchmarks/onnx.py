@@ -107,7 +107,14 @@ class Steps:
 
 
 def run_compiles(
-    exe: str, base: Path, adapter: Path, root: Path, repeat: int, skip_peft: bool, block_size: int | None
+    exe: str,
+    base: Path,
+    adapter: Path,
+    root: Path,
+    repeat: int,
+    skip_peft: bool,
+    block_size: int | None,
+    schemes: tuple[str, ...] = SCHEMES,
 ) -> Steps:
     """First compile; cp / second compile interleaved `repeat` times (0: none); PEFT + optimum; SCHEMES."""
     cache = root / "onnx-cache"
@@ -133,7 +140,7 @@ def run_compiles(
         (root / "peft").mkdir()
         argv = [sys.executable, "-c", PEFT_OPTIMUM_SCRIPT, str(base), str(adapter), str(root / "peft")]
         steps.run("peft merge + optimum", argv, root / "peft", keep=False)
-    for scheme in SCHEMES:
+    for scheme in schemes:
         extra = ["--block-size", str(block_size)] if scheme != "int8-dynamic" and block_size else []
         argv = compile_argv(exe, adapter, base, root / scheme, cache, "--quantize", scheme, *extra)
         steps.run(f"compile {scheme}", argv, root / scheme, warm=entry)
@@ -330,6 +337,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--quality-only", action="store_true", help="only the quantization quality section")
     only.add_argument("--latency-only", action="store_true", help="compile fp32 and SCHEMES, time them")
+    only.add_argument("--compile-only", action="store_true", help="first and second compiles, cp, PEFT")
     ap.add_argument("--cache", type=Path, default=m.default_cache(), help="fixture cache dir")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (artifacts, logs)")
     return ap.parse_args(argv)
@@ -351,14 +359,16 @@ def main(argv=None) -> int:
             base, adapter = fixture / "base", fixture / "adapter"
             repeat = 0 if args.latency_only else max(1, args.repeat)
             skip_peft = args.skip_peft or args.latency_only
-            steps = run_compiles(exe, base, adapter, run_root, repeat, skip_peft, args.block_size)
+            schemes = () if args.compile_only else SCHEMES
+            steps = run_compiles(exe, base, adapter, run_root, repeat, skip_peft, args.block_size, schemes)
             print_compile_table(steps)
             print()
             verdicts += print_compile_goals(steps)
+        if not (args.quality_only or args.compile_only):
             artifacts = {f"onnx-{s}": run_root / s for s in ("fp32", *SCHEMES)
                          if steps.ok("first compile fp32" if s == "fp32" else f"compile {s}")}  # fmt: skip
             verdicts += run_latency(base, adapter, artifacts, max(1, args.rounds), max(1, args.steps))
-        if not args.latency_only:
+        if not (args.latency_only or args.compile_only):
             print()
             verdicts += quality.run(cache, run_root, exe)
     finally:
