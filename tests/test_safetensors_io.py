@@ -47,26 +47,42 @@ entry = st.tuples(
     st.sampled_from(DTYPES),
     st.lists(st.integers(0, 4), max_size=3).map(tuple),  # () is 0-d; a 0 makes an empty tensor
     st.integers(0, 2**31 - 1),
-    st.booleans(),  # copy its bytes from another file instead of writing it
+    st.sampled_from(["write", "copy", "edit"]),  # written; or read from another file, maybe changed
 )
+
+
+def _edit(tensor: torch.Tensor) -> torch.Tensor:
+    """An in-place change of any dtype (the edit path's function)."""
+    if tensor.dtype == torch.bool:
+        return tensor.logical_not_()
+    return tensor.neg_() if tensor.dtype.is_floating_point else tensor.add_(1)
 
 
 @settings(max_examples=60, deadline=None)
 @given(entries=st.lists(entry, max_size=6), metadata=st.dictionaries(st.text("abc", min_size=1), st.text()))
 def test_streaming_writer_round_trips(entries, metadata):
     tensors = {f"t{i}": _tensor(dtype, shape, seed) for i, (dtype, shape, seed, _) in enumerate(entries)}
-    copied = {f"t{i}" for i, (*_, copy) in enumerate(entries) if copy}
+    how = {f"t{i}": way for i, (*_, way) in enumerate(entries)}
+    read = {name for name, way in how.items() if way != "write"}
     with tempfile.TemporaryDirectory() as tmp:
         source, out = Path(tmp) / "source.safetensors", Path(tmp) / "out.safetensors"
-        save_file({name: tensors[name] for name in copied}, source)
-        infos = read_header(source)[0] if copied else {}
+        save_file({name: tensors[name] for name in read}, source)
+        infos = read_header(source)[0] if read else {}
         planned = [PlannedTensor(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+        done = []
         with write_safetensors(out, planned, metadata) as writer:
+            run = []  # consecutive tensors from the source go in one write_each, read ahead
             for name, tensor in tensors.items():
-                if name in copied:
-                    writer.copy_bytes(name, infos[name])
-                else:
-                    writer.write(name, tensor)
+                if name in read:
+                    run.append((name, infos[name], _edit if how[name] == "edit" else None))
+                    continue
+                writer.write_each(run, done.append)
+                run = []
+                writer.write(name, tensor)
+            writer.write_each(run, done.append)
+        expected = {name: _edit(t.clone()) if how[name] == "edit" else t for name, t in tensors.items()}
+        assert sorted(done) == sorted(infos[name].nbytes for name in read)
+        tensors = expected
         with safe_open(str(out), framework="pt") as handle:
             assert set(handle.keys()) == set(tensors)
             assert (handle.metadata() or {}) == metadata

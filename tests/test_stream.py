@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from adaptrix.toolchain import stream
+from adaptrix.toolchain import staging, stream
 from adaptrix.toolchain.stream import HashingWriter, OutputSpaceError
 
 
@@ -81,16 +81,17 @@ def test_a_failed_write_is_raised_in_the_callers_thread(tmp_path, monkeypatch):
 
 def test_large_pieces_go_through_reused_buffers(tmp_path, monkeypatch):
     monkeypatch.setattr(stream, "_CHUNK", 1 << 16)
-    monkeypatch.setattr(stream, "_POOL", stream._Pool(1 << 20))
+    monkeypatch.setattr(staging, "MIN_BUFFER", (1 << 16) + staging.BLOCK)
+    monkeypatch.setattr(staging, "POOL", staging.BufferPool(1 << 20))
     seen = set()
-    taken = stream._POOL.take
+    taken = staging.POOL.take
 
     def take(length):
         buffer = taken(length)
         seen.add(buffer.ctypes.data)
         return buffer
 
-    monkeypatch.setattr(stream._POOL, "take", take)
+    monkeypatch.setattr(staging.POOL, "take", take)
     data = np.random.default_rng(1).integers(0, 256, 40 << 16, dtype=np.uint8)
     source = tmp_path / "source.bin"
     source.write_bytes(data.tobytes())
@@ -141,12 +142,12 @@ def _write_sample(path):
 
 
 def test_the_file_is_written_directly_where_the_file_system_allows(tmp_path):
-    if not stream._DIRECT:
+    if not staging.DIRECT:
         pytest.skip("no O_DIRECT on this platform")
     writer = HashingWriter(tmp_path / "out.bin", 8192)
     flags = fcntl.fcntl(writer._fd, fcntl.F_GETFL)
     writer.abort()
-    assert bool(flags & stream._DIRECT) == writer._direct  # tmpfs may refuse it: then buffered
+    assert bool(flags & staging.DIRECT) == writer._direct  # tmpfs may refuse it: then buffered
     assert _write_sample(tmp_path / "out.bin") == writer._direct
 
 
@@ -154,17 +155,17 @@ def test_a_file_system_that_refuses_direct_io_gets_buffered_writes(tmp_path, mon
     opened = stream.os.open
 
     def refuse_direct(path, flags, *args):
-        if flags & stream._DIRECT:
+        if flags & staging.DIRECT:
             raise OSError(22, "Invalid argument")
         return opened(path, flags, *args)
 
-    monkeypatch.setattr(stream, "_DIRECT", stream._DIRECT or 0o40000)
+    monkeypatch.setattr(staging, "DIRECT", staging.DIRECT or 0o40000)
     monkeypatch.setattr(stream.os, "open", refuse_direct)
     assert _write_sample(tmp_path / "out.bin") is False
 
 
 def test_a_direct_write_refused_goes_on_through_the_page_cache(tmp_path, monkeypatch):
-    if not stream._DIRECT:
+    if not staging.DIRECT:
         pytest.skip("no O_DIRECT on this platform")
     written = stream.os.pwrite
     calls = []
@@ -177,8 +178,34 @@ def test_a_direct_write_refused_goes_on_through_the_page_cache(tmp_path, monkeyp
 
     monkeypatch.setattr(stream.os, "pwrite", refuse_first)
     path = tmp_path / "out.bin"
-    forced = stream._open_output
-
-    monkeypatch.setattr(stream, "_open_output", lambda p: (forced(p)[0], True))
+    forced = staging.open_output
+    monkeypatch.setattr(staging, "open_output", lambda p: (forced(p)[0], True))
     assert _write_sample(path) is False
     assert len(calls) >= 2
+
+
+def test_pieces_read_ahead_are_filled_in_order_and_given_back_on_failure(tmp_path):
+    data = np.random.default_rng(3).integers(0, 256, 1 << 20, dtype=np.uint8)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data.tobytes())
+    jobs = [(1000, None, (source, 7)), (70_000, lambda v: np.add(v, 1, out=v), (source, 0)), (5, None, None)]
+    with HashingWriter(tmp_path / "out.bin", 71_005, budget=1 << 16) as writer:
+        writer.fill_each(jobs)
+    expected = data[7:1007].tobytes() + (data[:70_000] + 1).tobytes() + bytes(5)  # no source: zeros
+    assert (tmp_path / "out.bin").read_bytes() == expected
+
+    def fail(view):
+        raise RuntimeError("compute failed")
+
+    writer = HashingWriter(tmp_path / "bad.bin", 40 * 4096, budget=8 * 4096)
+    with pytest.raises(RuntimeError, match="compute failed"):
+        writer.fill_each(
+            [(4096, None, (source, 0))] * 3 + [(4096, fail, (source, 0))] + [(4096, None, (source, 0))] * 36
+        )
+    writer.abort()
+    assert writer._in_flight == 0  # what was read ahead went back
+    writer = HashingWriter(tmp_path / "short.bin", 8192)
+    with pytest.raises(Exception, match="ended early"):
+        writer.fill_each([(4096, None, (source, 0)), (4096, None, (source, (1 << 20) - 10))])
+    writer.abort()
+    assert writer._in_flight == 0

@@ -11,6 +11,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -162,16 +163,19 @@ def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, p
     """Write one shard; return its sha256."""
     planned = [_planned(item, base, dtype) for item in batch]
     with write_safetensors(file, planned, {"format": "pt"}) as writer:
+        run = []  # tensors kept in their dtype: read ahead, merged in place in the bytes read
         for item, plan in zip(batch, planned, strict=True):
             info = base.tensors[item.source]
-            if not item.touched and plan.dtype == info.dtype:
-                writer.copy_bytes(item.name, info)
-            elif plan.dtype == info.dtype:  # merged in place, in the bytes read from the base
-                writer.write_from(item.name, info, lambda value, item=item: _merge_into(item, base, value))
-            else:
-                writer.write(item.name, merged_value(item, base, plan.dtype))
+            if plan.dtype == info.dtype:
+                change = partial(_merge_into, item, base) if item.touched else None
+                run.append((item.name, info, change))
+                continue
+            writer.write_each(run, progress)
+            run = []
+            writer.write(item.name, merged_value(item, base, plan.dtype))
             if progress:
                 progress(info.nbytes)
+        writer.write_each(run, progress)
     return writer.digest
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,7 @@ DTYPES: Mapping[str, torch.dtype] = {
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_COPY_PIECE = 8 << 20  # an unchanged tensor is read and written in pieces of at most this
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,20 @@ def read_elements(info: TensorInfo, flat_indices: Iterable[int]) -> torch.Tensor
     if not data:
         return torch.empty(0)
     return torch.frombuffer(data, dtype=info.dtype).to(torch.float32)
+
+
+def _finisher(source: TensorInfo, change, done) -> Callable | None:
+    """The compute of a tensor's last piece: `change` on the whole tensor, then `done`."""
+    if change is None and done is None:
+        return None
+
+    def finish(view) -> None:
+        if change is not None:  # a changed tensor is one piece: the view holds all of it
+            change(torch.from_numpy(view).view(source.dtype).reshape(source.shape))
+        if done is not None:
+            done(source.nbytes)
+
+    return finish
 
 
 def _tensor_info(name: str, entry: object, file: Path, data_start: int, size: int, fix: str):
@@ -182,23 +197,28 @@ class write_safetensors:  # noqa: N801 - used as a context manager, reads like a
         if tensor.numel():
             self._writer.put(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
-    def write_from(self, name: str, source: TensorInfo, change: Callable[[torch.Tensor], None]) -> None:
-        """Write the next planned tensor: a source tensor's bytes, which `change` edits in place.
+    def write_each(
+        self,
+        items: Sequence[tuple[str, TensorInfo, Callable[[torch.Tensor], None] | None]],
+        done: Callable[[int], None] | None = None,
+    ) -> None:
+        """Write the next planned tensors from a source's bytes, each edited in place by its function.
 
-        `change` gets the tensor (the source's dtype and shape) in the writer's staging buffer,
-        read from the source file, so no array is allocated and nothing is copied twice.
+        The function (None: the bytes as they are) gets the tensor, in the source's dtype and
+        shape, in the writer's staging buffer; meanwhile the next tensors are read. `done(nbytes)`
+        is called after each tensor.
         """
-        self._expect(name, source.dtype, source.shape)
-
-        def edit(view) -> None:
-            change(torch.from_numpy(view).view(source.dtype).reshape(source.shape))
-
-        self._writer.fill(source.nbytes, edit, source=(source.file, source.start))
-
-    def copy_bytes(self, name: str, source: TensorInfo) -> None:
-        """Write the next planned tensor by copying its bytes from a source file."""
-        self._expect(name, source.dtype, source.shape)
-        self._writer.copy(source.file, source.start, source.nbytes)
+        jobs = []
+        for name, source, change in items:
+            self._expect(name, source.dtype, source.shape)
+            step = source.nbytes if change is not None else _COPY_PIECE  # a copy: in bounded pieces
+            starts = range(0, source.nbytes, step) if source.nbytes else ()
+            jobs += [(min(step, source.nbytes - at), None, (source.file, source.start + at)) for at in starts]
+            if jobs and starts:
+                jobs[-1] = (*jobs[-1][:1], _finisher(source, change, done), jobs[-1][2])
+            elif done is not None:
+                done(0)
+        self._writer.fill_each(jobs)
 
     def __exit__(self, *exc_info: object) -> None:
         """Finish the file; a complete write must have written every planned tensor."""

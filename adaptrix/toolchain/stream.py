@@ -22,56 +22,29 @@ import hashlib
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from adaptrix.toolchain.errors import AdaptrixError, BadInputError
+from adaptrix.toolchain import staging
+from adaptrix.toolchain.errors import AdaptrixError
+from adaptrix.toolchain.staging import read_range
 
 __all__ = ["HashingWriter", "OutputSpaceError", "read_range"]
 
 _DONE = object()
-_BLOCK = 4096  # direct I/O takes file offsets, lengths and buffer addresses in multiples of this
+Compute = Callable[[np.ndarray], None]
 _CHUNK = 8 << 20  # put, copy and skip go through buffers of at most this many bytes
 _AHEAD = 32 << 20  # a source's bytes after those read are read into the page cache meanwhile
-_POOL_LIMIT = 160 << 20  # idle staging bytes kept for the next piece (warm pages)
-_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class OutputSpaceError(AdaptrixError):
     """The output's file system cannot hold the file."""
 
 
-class _Pool:
-    """Idle staging buffers, kept so that their pages are already touched when reused."""
-
-    def __init__(self, limit: int):
-        self._limit = limit
-        self._idle: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def take(self, length: int) -> np.ndarray:
-        """A block-aligned buffer of at least `length` bytes: the smallest idle one, or a new one."""
-        with self._lock:
-            for i, buffer in enumerate(self._idle):  # smallest first
-                if buffer.nbytes >= length:
-                    return self._idle.pop(i)
-        length = max(length, _CHUNK + _BLOCK)
-        raw = np.empty(length + _BLOCK, np.uint8)
-        skip = -raw.ctypes.data % _BLOCK
-        return raw[skip : skip + length]
-
-    def give(self, buffer: np.ndarray) -> None:
-        """Keep a buffer for reuse; past the limit the largest idle ones are let go."""
-        with self._lock:
-            self._idle.append(buffer)
-            self._idle.sort(key=lambda b: b.nbytes)
-            while sum(b.nbytes for b in self._idle) > self._limit:
-                self._idle.pop()
-
-
-_POOL = _Pool(_POOL_LIMIT)
+class _StoppedError(Exception):
+    """The caller stopped a read-ahead."""
 
 
 class _Piece:
@@ -108,11 +81,10 @@ class HashingWriter:
         self._error: BaseException | None = None
         self._digest = hashlib.sha256()
         self._sources: dict[Path, int] = {}  # files read from, kept open so the kernel reads ahead
-        self._tail = b""  # the bytes after the last block written, which start the next piece
-        self._flushed = 0  # where they go: the bytes before are written or on their way
-        self._fd, self._direct = _open_output(self.path)
+        self._tail = b""  # the bytes after the last whole block, which start the next piece
+        self._fd, self._direct = staging.open_output(self.path)
         try:
-            _reserve(self._fd, size)
+            staging.reserve(self._fd, size)
         except OSError as exc:
             os.close(self._fd)
             self._fd = -1
@@ -137,28 +109,35 @@ class HashingWriter:
         With `source` (a file and an offset), the view holds that file's bytes from there first,
         and `compute` changes them in place.
         """
-        self._admit(length)
-        if not length:
-            return
-        head = len(self._tail)
-        piece = _Piece(_POOL.take(head + length), head, length, self._flushed)
+        self._check_room(length)
+        if length:
+            self._complete(self._prepare(length, source, self.offset), compute)
+
+    def fill_each(self, jobs: Sequence[tuple[int, Compute | None, tuple[Path, int] | None]]) -> None:
+        """`fill` each (length, compute or None, source) in order, the sources read ahead on a thread.
+
+        While the caller computes one piece, the next ones' bytes are read, within the budget.
+        """
+        jobs = [(n, _zeros if f is None and s is None else f, s) for n, f, s in jobs if n]  # no source: zeros
+        self._check_room(sum(job[0] for job in jobs))
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+        reader = threading.Thread(target=self._read_ahead, args=(jobs, ready, stop), name="adaptrix-read")
+        reader.start()
         try:
-            view = piece.buffer[head : head + length]
-            if source is not None:
-                self._read(Path(source[0]), source[1], view)
-            compute(view)
-        except BaseException:
-            piece.pending = 1
-            self._release(piece)  # the digest is never returned after a failure
-            raise
-        piece.buffer[:head] = np.frombuffer(self._tail, np.uint8)
-        end = head + length
-        piece.written = end - end % _BLOCK
-        self._tail = piece.buffer[piece.written : end].tobytes()
-        self._flushed += piece.written
-        self.offset += length
-        self._hashes.put(piece)
-        self._writes.put(piece)
+            for _, compute, _ in jobs:
+                if isinstance(piece := ready.get(), BaseException):
+                    raise piece
+                self._complete(piece, compute)
+        finally:
+            with self._room:
+                stop.set()
+                self._room.notify_all()
+            reader.join()
+            while not ready.empty():
+                if isinstance(piece := ready.get(), _Piece):
+                    piece.pending = 1
+                    self._release(piece)
 
     def put(self, data) -> None:
         """Append a buffer's bytes."""
@@ -170,7 +149,7 @@ class HashingWriter:
     def skip(self, length: int) -> None:
         """Append `length` zero bytes."""
         for done in range(0, length, _CHUNK):
-            self.fill(min(_CHUNK, length - done), lambda view: view.fill(0))
+            self.fill(min(_CHUNK, length - done), _zeros)
 
     def copy(self, source: Path, start: int, length: int) -> None:
         """Append `length` bytes of `source` from `start`."""
@@ -204,30 +183,80 @@ class HashingWriter:
 
     # the caller's side
 
-    def _admit(self, length: int) -> None:
-        """Check that `length` more bytes fit; wait until they may be in flight."""
+    def _check_room(self, length: int) -> None:
         if self.offset + length > self.size:
             raise ValueError(f"{self.path}: {self.offset + length} bytes exceed its size {self.size}")
+
+    def _hold(self, length: int, stop: threading.Event | None = None) -> None:
+        """Wait until `length` more bytes may be in flight, and count them."""
         with self._room:
             while self._in_flight and self._in_flight + length > self._budget and self._error is None:
+                if stop is not None and stop.is_set():
+                    raise _StoppedError
                 self._room.wait()
             if self._error is not None:
                 raise self._error
             self._in_flight += length
 
+    def _prepare(self, length: int, source: tuple[Path, int] | None, offset: int, stop=None) -> _Piece:
+        """A piece for the bytes at `offset`, within the budget, holding the source's bytes."""
+        self._hold(length, stop)
+        head = offset % staging.BLOCK  # the bytes of the last block begun, not written yet
+        piece = _Piece(staging.POOL.take(head + length), head, length, offset - head)
+        if source is not None:
+            try:
+                self._read(Path(source[0]), source[1], piece.buffer[head : head + length])
+            except BaseException:
+                piece.pending = 1
+                self._release(piece)
+                raise
+        return piece
+
+    def _complete(self, piece: _Piece, compute: Callable[[np.ndarray], None] | None) -> None:
+        """Let `compute` change the piece's bytes, then send it to be hashed and written."""
+        head, length = piece.head, piece.length
+        try:
+            if compute is not None:
+                compute(piece.buffer[head : head + length])
+        except BaseException:
+            piece.pending = 1
+            self._release(piece)  # the digest is never returned after a failure
+            raise
+        piece.buffer[:head] = np.frombuffer(self._tail, np.uint8)
+        end = head + length
+        piece.written = end - end % staging.BLOCK
+        self._tail = piece.buffer[piece.written : end].tobytes()
+        self.offset += length
+        self._hashes.put(piece)
+        self._writes.put(piece)
+
+    def _read_ahead(self, jobs: list, ready: queue.SimpleQueue, stop: threading.Event) -> None:
+        offset = self.offset
+        for length, _, source in jobs:
+            if stop.is_set():
+                return
+            try:
+                ready.put(self._prepare(length, source, offset, stop))
+            except _StoppedError:
+                return
+            except BaseException as exc:
+                ready.put(exc)
+                return
+            offset += length
+
     def _read(self, source: Path, start: int, view: np.ndarray) -> None:
         """Read a source's bytes into `view`, and have the kernel read the next ones meanwhile."""
         if (fd := self._sources.get(source)) is None:
             fd = self._sources[source] = os.open(source, os.O_RDONLY)
-        read_range(fd, view, start, source)
+        staging.read_range(fd, view, start, source)
         os.posix_fadvise(fd, start + view.nbytes, _AHEAD, os.POSIX_FADV_WILLNEED)
 
     def _write_tail(self) -> None:
         """Write the last bytes as a whole block (the file is cut back to its size after)."""
-        piece = _Piece(_POOL.take(_BLOCK), len(self._tail), 0, self._flushed)
-        piece.buffer[:_BLOCK] = 0
+        piece = _Piece(staging.POOL.take(staging.BLOCK), len(self._tail), 0, self.offset - len(self._tail))
+        piece.buffer[: staging.BLOCK] = 0
         piece.buffer[: piece.head] = np.frombuffer(self._tail, np.uint8)
-        piece.written, piece.pending = _BLOCK, 1
+        piece.written, piece.pending = staging.BLOCK, 1
         self._writes.put(piece)
 
     def _finish(self) -> None:
@@ -265,7 +294,7 @@ class HashingWriter:
                 return
             self._in_flight -= piece.length
             self._room.notify_all()
-        _POOL.give(piece.buffer)
+        staging.POOL.give(piece.buffer)
 
     def _hash(self, piece: _Piece) -> None:
         self._digest.update(piece.buffer[piece.head : piece.head + piece.length])
@@ -279,39 +308,10 @@ class HashingWriter:
                 if exc.errno != errno.EINVAL or not self._direct:
                     raise
                 self._direct = False  # the file system took the open but not the write: buffered
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_DIRECT)
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~staging.DIRECT)
                 continue
             view, offset = view[done:], offset + done
 
 
-def _open_output(path: Path) -> tuple[int, bool]:
-    """Create the file for writing: with direct I/O where the file system takes it."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    if _DIRECT:
-        try:
-            return os.open(path, flags | _DIRECT, 0o644), True
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:  # tmpfs and some network file systems refuse it
-                raise
-    return os.open(path, flags, 0o644), False
-
-
-def _reserve(fd: int, size: int) -> None:
-    """Give the file its size with its blocks allocated, where the file system can."""
-    try:
-        if size:
-            os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-        os.ftruncate(fd, size)  # no preallocation here (ZFS, some network file systems)
-
-
-def read_range(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
-    """Fill `out` with the bytes of `fd` from `offset`."""
-    view = memoryview(out).cast("B")
-    while view:
-        got = os.preadv(fd, [view], offset)
-        if got == 0:
-            raise BadInputError("ended early while reading", path=path)
-        view, offset = view[got:], offset + got
+def _zeros(view: np.ndarray) -> None:
+    view.fill(0)

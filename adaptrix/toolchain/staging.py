@@ -1,0 +1,87 @@
+"""Staging buffers and the file calls around them, for HashingWriter (toolchain/stream.py).
+
+Buffers are block-aligned, as direct I/O needs, and pooled: a buffer's pages are touched once and
+reused for piece after piece, where fresh arrays would be zeroed by the kernel on every first touch.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from adaptrix.toolchain.errors import BadInputError
+
+__all__ = ["BLOCK", "DIRECT", "POOL", "BufferPool", "open_output", "read_range", "reserve"]
+
+BLOCK = 4096  # direct I/O takes file offsets, lengths and buffer addresses in multiples of this
+DIRECT = getattr(os, "O_DIRECT", 0)
+MIN_BUFFER = (8 << 20) + BLOCK  # a piece of HashingWriter's largest chunk, and a block begun before it
+_POOL_LIMIT = 160 << 20  # idle staging bytes kept for the next piece
+
+
+class BufferPool:
+    """Idle staging buffers, kept so that their pages are already touched when reused."""
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._idle: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, length: int) -> np.ndarray:
+        """A block-aligned buffer of at least `length` bytes: the smallest idle one, or a new one."""
+        with self._lock:
+            for i, buffer in enumerate(self._idle):  # smallest first
+                if buffer.nbytes >= length:
+                    return self._idle.pop(i)
+        length = max(length, MIN_BUFFER)
+        raw = np.empty(length + BLOCK, np.uint8)
+        skip = -raw.ctypes.data % BLOCK
+        return raw[skip : skip + length]
+
+    def give(self, buffer: np.ndarray) -> None:
+        """Keep a buffer for reuse; past the limit the largest idle ones are let go."""
+        with self._lock:
+            self._idle.append(buffer)
+            self._idle.sort(key=lambda b: b.nbytes)
+            while sum(b.nbytes for b in self._idle) > self._limit:
+                self._idle.pop()
+
+
+POOL = BufferPool(_POOL_LIMIT)
+
+
+def open_output(path: Path) -> tuple[int, bool]:
+    """Create the file for writing: with direct I/O where the file system takes it."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if DIRECT:
+        try:
+            return os.open(path, flags | DIRECT, 0o644), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # tmpfs and some network file systems refuse it
+                raise
+    return os.open(path, flags, 0o644), False
+
+
+def reserve(fd: int, size: int) -> None:
+    """Give the file its size with its blocks allocated, where the file system can."""
+    try:
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)  # no preallocation here (ZFS, some network file systems)
+
+
+def read_range(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
+    """Fill `out` with the bytes of `fd` from `offset`."""
+    view = memoryview(out).cast("B")
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise BadInputError("ended early while reading", path=path)
+        view, offset = view[got:], offset + got
