@@ -1,9 +1,9 @@
 """Write a graph and its weights as `model.onnx` + `model.onnx_data`, copying unchanged weights.
 
-Unchanged initializers are copied from the cached export's data file in the kernel, and so are
-the base weights a merge adds to in place; new values are computed into the file while the ones
-before are hashed (HashingWriter). Large tensors start on 64 KiB boundaries, as onnx aligns them,
-so that onnxruntime can memory-map them.
+Unchanged initializers are copied from the cached export's data file, and so are the base
+weights a merge adds to in place (read into the writer's staging buffer, changed there); new
+values are computed while the ones before are written and hashed (HashingWriter). Large
+tensors start on 64 KiB boundaries, as onnx aligns them, so that onnxruntime can memory-map them.
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def write_model(
     """Write `model` into `out`: initializers in `values` get new data, the rest keep `source`'s.
 
     A value may be an array, a function called when its initializer is written, or a `Filler`
-    that computes straight into the output file's bytes. Unchanged initializers are copied in the
-    kernel and everything is hashed while the next value is computed (HashingWriter).
+    that computes straight into the bytes being written. Unchanged initializers are copied, and
+    everything is written and hashed while the next value is computed (HashingWriter).
     Returns the sha256 of the data file.
     """
     layout, size = [], 0

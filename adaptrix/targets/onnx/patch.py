@@ -112,7 +112,7 @@ class _AddLowRank(Filler):
         self.init, self.folder, self.pair = init, folder, pair
 
     def start_bytes(self) -> tuple[Path, int]:
-        """The cached weight: write_model copies it into place in the kernel."""
+        """The cached weight: write_model reads it into the bytes `fill` changes."""
         return initializer_bytes(self.init, self.folder)
 
     def fill(self, out: np.ndarray) -> None:
