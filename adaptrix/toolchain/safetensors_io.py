@@ -113,7 +113,9 @@ def read_elements(info: TensorInfo, flat_indices: Iterable[int]) -> torch.Tensor
     return torch.frombuffer(data, dtype=info.dtype).to(torch.float32)
 
 
-def _finisher(source: TensorInfo, change, done) -> Callable | None:
+def _finisher(
+    source: TensorInfo, change: Callable[[torch.Tensor], None] | None, done: Callable[[int], None] | None
+) -> Callable | None:
     """The compute of a tensor's last piece: `change` on the whole tensor, then `done`."""
     if change is None and done is None:
         return None
@@ -214,9 +216,10 @@ class write_safetensors:  # noqa: N801 - used as a context manager, reads like a
             step = source.nbytes if change is not None else _COPY_PIECE  # a copy: in bounded pieces
             starts = range(0, source.nbytes, step) if source.nbytes else ()
             jobs += [(min(step, source.nbytes - at), None, (source.file, source.start + at)) for at in starts]
-            if jobs and starts:
-                jobs[-1] = (*jobs[-1][:1], _finisher(source, change, done), jobs[-1][2])
-            elif done is not None:
+            if starts:  # the last piece runs `change` on the whole tensor (one piece), then `done`
+                length, _, where = jobs[-1]
+                jobs[-1] = (length, _finisher(source, change, done), where)
+            elif done is not None:  # an empty tensor: nothing to write
                 done(0)
         self._writer.fill_each(jobs)
 

@@ -101,9 +101,7 @@ class HashingWriter:
         for thread in self._threads:
             thread.start()
 
-    def fill(
-        self, length: int, compute: Callable[[np.ndarray], None], source: tuple[Path, int] | None = None
-    ) -> None:
+    def fill(self, length: int, compute: Compute, source: tuple[Path, int] | None = None) -> None:
         """Append `length` bytes that `compute` writes into the uint8 view it is given.
 
         With `source` (a file and an offset), the view holds that file's bytes from there first,
@@ -212,7 +210,7 @@ class HashingWriter:
                 raise
         return piece
 
-    def _complete(self, piece: _Piece, compute: Callable[[np.ndarray], None] | None) -> None:
+    def _complete(self, piece: _Piece, compute: Compute | None) -> None:
         """Let `compute` change the piece's bytes, then send it to be hashed and written."""
         head, length = piece.head, piece.length
         try:
