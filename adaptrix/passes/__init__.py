@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from adaptrix.passes.base import Pass, PassResult, parse_options
 from adaptrix.passes.combine import CombineOptions, combine
+from adaptrix.passes.distill import DistillOptions, distill
 from adaptrix.passes.fold_blend import FoldBlendOptions, fold_blend
 from adaptrix.passes.fuse_hybrid import FuseHybridOptions, fuse_hybrid
 from adaptrix.passes.project import ProjectOptions, project
@@ -36,6 +37,8 @@ PASSES = register(
          ProjectOptions, project, uses_base=True),
     Pass("refit", "LoRA A factors refit on data for a base of the same shape (trained further, tuned)",
          RefitOptions, refit, uses_base=True),
+    Pass("distill", "LoRA trained on the base to match the adapted source's answers (data, gradient steps)",
+         DistillOptions, distill, uses_base=True),
     Pass("fuse-hybrid", "a LoRA and bottleneck adapters into one; linear bottlenecks folded exactly",
          FuseHybridOptions, fuse_hybrid, several=True, uses_base=True, bottlenecks=True),
 )  # fmt: skip

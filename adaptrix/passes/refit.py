@@ -35,7 +35,7 @@ from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, LazyTensor, LowRank, Role
 from adaptrix.toolchain.parity_run import load_auto
 
-__all__ = ["RefitOptions", "refit"]
+__all__ = ["RefitOptions", "add_pairs", "check_same_shape", "refit"]
 
 # Where in a layer each role's module reads its input: modules of one stage read one input.
 STAGES = {Role.ATTN_Q: 0, Role.ATTN_K: 0, Role.ATTN_V: 0, Role.ATTN_O: 1, Role.MLP_GATE: 2, Role.MLP_UP: 2,
@@ -73,11 +73,11 @@ def refit(ir: AdapterIR, options: RefitOptions, base: Checkpoint) -> PassResult:
     site: `fit_error` (||X_t A_t^T - X_s A_s^T|| / ||X_s A_s^T|| over the calibration tokens) and
     `a_change` (||A_t - A_s|| / ||A_s||); the calibration's sequence and token counts.
     """
-    _check(ir, base)
+    check_same_shape(ir, base, "refit")
     source = source_base(options.source, ir.source)
     prompts = read_prompts(options.prompts, base.path, base.source.vocab_size)
     with torch.inference_mode(False), torch.no_grad():
-        adapted = _with_pairs(load_auto(source.path), ir, source)
+        adapted = add_pairs(load_auto(source.path), ir, source)
         sequences = calibration(adapted, prompts, options.generate)
         codes = _source_codes(adapted, touched_modules(ir, source), sequences)
         del adapted
@@ -87,7 +87,7 @@ def refit(ir: AdapterIR, options: RefitOptions, base: Checkpoint) -> PassResult:
             found = _refit_group(model, group, sequences, codes, options.alpha)
             refitted.update({key: a for key, (a, _) in found.items()})
             new_ir = _replace(ir, refitted, only={key for key in found})
-            _with_pairs(model, new_ir, base)  # the next layers see this layer's refit deltas
+            add_pairs(model, new_ir, base)  # the next layers see this layer's refit deltas
             sites += [entry for _, entry in found.values()]
     report = {
         "sequences": len(sequences),
@@ -99,19 +99,20 @@ def refit(ir: AdapterIR, options: RefitOptions, base: Checkpoint) -> PassResult:
     return PassResult(_replace(ir, refitted), True, report)
 
 
-def _check(ir: AdapterIR, base: Checkpoint) -> None:
-    for name in (*DIMENSIONS, "num_layers"):
-        if getattr(ir.source, name) != getattr(base.source, name):
+def check_same_shape(ir: AdapterIR, base: Checkpoint, name: str) -> None:
+    """Pass `name` (refit, distill) takes LoRA on projections and heads, in the base's dimensions."""
+    for field in (*DIMENSIONS, "num_layers"):
+        if getattr(ir.source, field) != getattr(base.source, field):
             raise BadInputError(
-                f"refit: the adapter has {name}={getattr(ir.source, name)}, "
-                f"the base {getattr(base.source, name)}",
-                fix="carry it to the base's dimensions first (--pass project / redistribute before refit)",
+                f"{name}: the adapter has {field}={getattr(ir.source, field)}, "
+                f"the base {getattr(base.source, field)}",
+                fix=f"carry it to the base's dimensions first (--pass project / redistribute before {name})",
             )
     for site, op in ir:
         if not isinstance(op, LowRank) or site.role not in STAGES:
             what = type(op).__name__ if not isinstance(op, LowRank) else f"LoRA on {site.role}"
-            raise UnsupportedError(f"{site}: refit carries LoRA on projections and heads, not {what}",
-                                   fix="compile without --pass refit, or drop those ops")  # fmt: skip
+            raise UnsupportedError(f"{site}: {name} carries LoRA on projections and heads, not {what}",
+                                   fix=f"compile without --pass {name}, or drop those ops")  # fmt: skip
 
 
 def _stages(modules: list[TouchedModule], layers: int) -> list[list[TouchedModule]]:
@@ -208,8 +209,8 @@ def _replace(ir: AdapterIR, refitted: dict[int, torch.Tensor], only: set[int] | 
     return rebuild(ir, ops)
 
 
-def _with_pairs(model: torch.nn.Module, ir: AdapterIR, checkpoint: Checkpoint) -> torch.nn.Module:
-    """Add the IR's low-rank deltas into the model's weights (in memory)."""
+def add_pairs(model: torch.nn.Module, ir: AdapterIR, checkpoint: Checkpoint) -> torch.nn.Module:
+    """Add the IR's low-rank deltas into the model's weights (in memory); returns the model."""
     for pair in low_rank_pairs(ir, checkpoint, torch.float32):
         module = find_module(model, pair.placement.name)
         delta = pair.down @ pair.up  # [in, out]

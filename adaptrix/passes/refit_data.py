@@ -18,7 +18,7 @@ import torch
 
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["Capture", "batches", "calibration", "read_prompts"]
+__all__ = ["Capture", "batches", "calibration", "is_causal", "read_prompts"]
 
 _FIX = "give a JSON list of token-id lists, or a text file with one prompt per line"
 
@@ -75,7 +75,7 @@ def batches(sequences: Sequence[list[int]], size: int = 32) -> Iterator[torch.Te
 @torch.no_grad()
 def calibration(model: torch.nn.Module, prompts: list[list[int]], generate: int) -> list[list[int]]:
     """The prompts, each continued by `generate` greedy tokens of `model` (a decoder), or as they are."""
-    if generate == 0 or not _causal(model):
+    if generate == 0 or not is_causal(model):
         return prompts
     found = []
     for ids in batches(prompts):
@@ -86,7 +86,8 @@ def calibration(model: torch.nn.Module, prompts: list[list[int]], generate: int)
     return found
 
 
-def _causal(model: torch.nn.Module) -> bool:
+def is_causal(model: torch.nn.Module) -> bool:
+    """Whether the model is a causal LM (its config names a *ForCausalLM / *LMHeadModel)."""
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model.config.architectures or [])
 
 
