@@ -109,9 +109,9 @@ class Task:
         labels[:, : 1 + self.prompt_len] = -100
         return ids, labels
 
-    def scored(self) -> tuple[np.ndarray, np.ndarray]:
-        """The scored prompts [n, 1 + prompt_len] (with <bos>) and answers [n, answer_len]."""
-        pairs = self.examples()
+    def scored(self, pairs: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The scored prompts [n, 1 + prompt_len] (with <bos>) and answers [n, answer_len]; or of `pairs`."""
+        pairs = self.examples() if pairs is None else pairs
         prompts = np.array([[BOS, *encode(p)] for p, _ in pairs], dtype=np.int64)
         return prompts, np.array([encode(a) for _, a in pairs], dtype=np.int64)
 

@@ -130,9 +130,9 @@ def train_lora(cache: Path, name: str, base: Path, task: Task, recipe: dict) -> 
 
 
 @torch.inference_mode()
-def accuracy(model, task: Task) -> float:
-    """Exact match of the greedy answer on the task's scored set (every answer token right)."""
-    prompts, answers = task.scored()
+def accuracy(model, task: Task, pairs: list[tuple[str, str]] | None = None) -> float:
+    """Exact match of the greedy answer on the task's scored set, or on `pairs` (every answer token right)."""
+    prompts, answers = task.scored(pairs)
     ids = torch.from_numpy(prompts)
     for _ in range(task.answer_len):
         ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)

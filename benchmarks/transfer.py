@@ -6,7 +6,8 @@ with PEFT on three tasks, then carries each source adapter (PEFT -> AIR with the
 compile to the hooks target with passes onto a target base -> adaptrix.attach) and scores it by
 gap recovered G = (acc_pass - acc_base) / (acc_ref - acc_base): acc_base is the target without an
 adapter, acc_ref the mean accuracy of the same LoRA recipe trained directly on the target.
-Accuracy is the exact match of the greedy answer. Everything trained is cached under
+Accuracy is the exact match of the greedy answer. A held-out check (_transfer_heldout) scores
+distill on halves of the table tasks its calibration never saw. Everything trained is cached under
 CACHE/transfer-v1 by its recipe; a rerun only compiles and scores. See docs/passes.md.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure as m
+import _transfer_heldout as heldout
 import _transfer_plan as plan
 import torch
 from _transfer_data import TASKS
@@ -43,7 +45,11 @@ SVD_ALIGNED = ["project:method=svd,source={source}"]
 # refit's calibration: the task's prompts (training draws, no answers), continued by the adapted source
 REFIT = ["refit:source={source},prompts={prompts},generate={generate}"]
 REFIT_LABEL = "refit:source=SOURCE,prompts=TASK"
+# distill: the same calibration; the adapter trained on the target against the adapted source's answers
+DISTILL = ["distill:source={source},prompts={prompts},generate={generate},steps=300"]
+DISTILL_LABEL = "distill:source=SOURCE,prompts=TASK,steps=300 (trains)"
 CALIBRATION_PROMPTS, CALIBRATION_SEED = 512, 4321
+HELDOUT = [("no pass (identity map)", []), (DISTILL_LABEL, DISTILL)]  # rows of the held-out check
 # (target, label, passes, role): role "pass" is judged against the target's goal; "control" is not.
 ROWS = [
     ("source", "AIR, no pass (exactness check)", [], "control"),
@@ -63,14 +69,17 @@ ROWS = [
     ("further-same", "project:method=svd", ["project:method=svd"], "pass"),
     ("further-same", "project:method=svd,source=SOURCE", SVD_ALIGNED, "pass"),
     ("further-same", REFIT_LABEL, REFIT, "pass"),
+    ("further-same", DISTILL_LABEL, DISTILL, "pass"),
     ("further", "no pass (identity map)", [], "pass"),
     ("further", "project:method=svd", ["project:method=svd"], "pass"),
     ("further", "project:method=svd,source=SOURCE", SVD_ALIGNED, "pass"),
     ("further", REFIT_LABEL, REFIT, "pass"),
+    ("further", DISTILL_LABEL, DISTILL, "pass"),
     ("independent", "no pass (identity map, naive)", [], "control"),
     ("independent", "project:method=svd", ["project:method=svd"], "pass"),
     ("independent", "project:method=svd,source=SOURCE", SVD_ALIGNED, "pass"),
     ("independent", REFIT_LABEL, REFIT, "pass"),
+    ("independent", DISTILL_LABEL, DISTILL, "pass"),
 ]
 
 
@@ -81,8 +90,11 @@ def missing_passes(passes: list[str]) -> list[str]:
     return [name for name in (text.partition(":")[0] for text in passes) if name not in PASSES]
 
 
-def carried_accuracy(air: Path, base: Path, model, passes: list[str], task, work: Path) -> float:
-    """Compile the AIR adapter for `base` through `passes` into a hooks bundle, attach it, score it."""
+def carried_accuracy(air: Path, base: Path, model, passes: list[str], task, work: Path, subsets=(None,)):
+    """Compile the AIR adapter for `base` through `passes` into a hooks bundle, attach it, score it.
+
+    One accuracy per entry of `subsets`: the scored set (None) or a list of (prompt, answer) pairs.
+    """
     import adaptrix
     from adaptrix.toolchain.pipeline import compile_adapter
 
@@ -90,7 +102,7 @@ def carried_accuracy(air: Path, base: Path, model, passes: list[str], task, work
     compile_adapter(air, base, "hooks", out, dtype="float32", passes=passes)
     handle = adaptrix.attach(model, out)
     try:
-        return accuracy(model, task)
+        return [accuracy(model, task, pairs) for pairs in subsets]
     finally:
         handle.detach()
 
@@ -115,10 +127,20 @@ def calibration_prompts(work: Path, tasks) -> dict[str, Path]:
     return files
 
 
-def score_rows(bases, adapters, scale, work: Path, only: str | None = None) -> tuple[dict, list[dict]]:
-    """Accuracies of bases and references, then every row's accuracy and G per task and seed."""
+def make_airs(bases, adapters, scale, work: Path) -> dict:
+    """Each source adapter as an AIR file (PEFT -> AIR with the source base), by (task, seed)."""
     from adaptrix import convert_adapter
 
+    airs = {}
+    for task in scale.tasks:
+        for s in range(scale.seeds):
+            airs[task, s] = work / f"{task}-s{s}.air"
+            convert_adapter(adapters["source", task, s], "air", airs[task, s], base=bases["source"])
+    return airs
+
+
+def score_rows(bases, adapters, airs, scale, work: Path, only: str | None = None) -> tuple[dict, list[dict]]:
+    """Accuracies of bases and references, then every row's accuracy and G per task and seed."""
     models = {name: load(path) for name, path in bases.items()}
     anchors = {}
     for name, model in models.items():
@@ -130,11 +152,6 @@ def score_rows(bases, adapters, scale, work: Path, only: str | None = None) -> t
                 "ref": statistics.fmean(refs),
                 "refs": refs,
             }
-    airs = {}
-    for task in scale.tasks:
-        for s in range(scale.seeds):
-            airs[task, s] = work / f"{task}-s{s}.air"
-            convert_adapter(adapters["source", task, s], "air", airs[task, s], base=bases["source"])
     rows, prompts = [], calibration_prompts(work, scale.tasks)
     for target, label, passes, role in ROWS:
         if only is not None and only not in label:
@@ -168,7 +185,7 @@ def score_rows(bases, adapters, scale, work: Path, only: str | None = None) -> t
 def score_task(airs, bases, models, anchors, target: str, specs: list[str], task: str, work: Path) -> dict:
     """One row's accuracy, G and kept share for one task, per source seed."""
     anchor, own = anchors[target, task], anchors["source", task]
-    accs = [carried_accuracy(airs[task, s], bases[target], models[target], specs, TASKS[task], work)
+    accs = [carried_accuracy(airs[task, s], bases[target], models[target], specs, TASKS[task], work)[0]
             for s in range(len(own["refs"]))]  # fmt: skip
     gap = anchor["ref"] - anchor["base"]
     gains = [(acc - anchor["base"]) / gap for acc in accs] if gap >= MIN_GAP else None
@@ -264,12 +281,24 @@ def main(argv=None) -> None:
     trained = time.perf_counter()
     print("rows", flush=True)
     with tempfile.TemporaryDirectory(prefix="run-", dir=cache) as work:
-        anchors, rows = score_rows(bases, adapters, scale, Path(work), args.only)
+        airs = make_airs(bases, adapters, scale, Path(work))
+        anchors, rows = score_rows(bases, adapters, airs, scale, Path(work), args.only)
+        chosen = [(label, passes) for label, passes in HELDOUT if args.only is None or args.only in label]
+
+        def score(air, base, model, specs, task, subsets):
+            return carried_accuracy(air, base, model, specs, task, Path(work), subsets)
+
+        calibration, held = (CALIBRATION_PROMPTS, CALIBRATION_SEED), []
+        if chosen:
+            held = heldout.rows(bases, adapters, airs, scale, chosen, score, calibration, Path(work))
     done = time.perf_counter()
     print("\naccuracy (exact greedy answer) without adapter / with the reference LoRA trained on the base\n")
     print(anchor_table(anchors, scale.tasks))
     print(f"\ngap recovered G, mean [min, max] over {scale.seeds} source adapter seed(s)\n")
     print(table(rows, scale.tasks))
+    if held:
+        print("\nheld-out halves: calibrated on one half of the task's scored set, G on the other half\n")
+        print(heldout.table(held))
     uncached = sum(info(path)["seconds"] for path in [*bases.values(), *adapters.values()])
     timing = {"train_s": round(trained - start, 1), "score_s": round(done - trained, 1),
               "total_s": round(done - start, 1), "training_when_built_s": round(uncached, 1)}  # fmt: skip
@@ -279,7 +308,7 @@ def main(argv=None) -> None:
     name = "results-quick.json" if args.quick else "results-only.json" if args.only else "results.json"
     out = args.json or cache / name
     results = {"scale": vars(scale) | {"tasks": list(scale.tasks)}, "growth_checks": checks, "drift": drifts,
-               "anchors": anchors, "rows": rows, "timing": timing,
+               "anchors": anchors, "rows": rows, "heldout_rows": held, "timing": timing,
                "bases": {k: str(v) for k, v in bases.items()}}  # fmt: skip
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"results: {out}")
