@@ -7,10 +7,12 @@ task, lets the source carrying the adapter continue each one greedily (`generate
 trains the adapter's LoRA factors on the base so that the base's next-token distributions at
 those answer positions match the adapted source's (KL divergence, the source as teacher; the
 method of Trans-LoRA, Wang et al. 2024, without its synthetic-data generator). It starts from
-the adapter as carried so far (chain `refit` or `project` before it), keeps each op's rank and
-scale, and trains A and B with AdamW for `steps` steps on batches of `batch` sequences, through
-PEFT's own LoRA modules on the base. It is not exact and it uses data: the report gives the
-divergence and the top-1 agreement with the teacher before and after.
+the adapter as carried so far (chain `refit` or `project` before it), keeps each module's rank
+and scale, and trains A and B with AdamW for `steps` steps on batches of `batch` sequences,
+through PEFT's own LoRA modules on the base (so a fused module, GPT-2's c_attn or Phi-3's
+qkv_proj, is trained as PEFT trains it: one LoRA pair, whose A its roles then share). It is not
+exact and it uses data: the report gives the divergence and the top-1 agreement with the teacher
+before and after.
 """
 
 from __future__ import annotations
