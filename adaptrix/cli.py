@@ -78,6 +78,10 @@ def compile_command(
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="ONNX: where base exports are cached.")
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option("--calibration", help="ONNX int4 / int8: prompts file; blocks rounded by GPTQ on them."),
+    ] = None,
     passes: Annotated[
         list[str] | None,
         typer.Option("--pass", help="Pass NAME[:key=value,...] to run before the target; repeat, in order."),
@@ -98,6 +102,7 @@ def compile_command(
         "quantize": quantize,
         "block_size": block_size,
         "cache_dir": cache_dir,
+        "calibration": calibration,
     }
     kwargs = {"dtype": dtype, "force": force, "options": options, "passes": passes or ()}
     with _progress(enabled=not as_json) as progress:

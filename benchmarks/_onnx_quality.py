@@ -12,9 +12,10 @@ sequence is <bos> <header> body, the header naming the task:
 Every free choice is Zipf-distributed, so a trained fp32 model has a clear top-1 even where the
 next token is a draw. Agreement is greedy top-1 on 256 teacher-forced positions: 32 after a
 16-token prompt in each of 8 held-out sequences, as in generation after a prompt. The base and the
-adapter are compiled through adaptrix (merged) to onnx-cpu fp32, int8, int4 and int8-dynamic (the
-issue's goals name int8 and int4; int8-dynamic, onnxruntime's per-tensor quantize_dynamic form, is
-reported beside them).
+adapter are compiled through adaptrix (merged) to onnx-cpu fp32, int8, int4, int4-gptq (int4 with
+`--calibration`: 64 corpus sequences of the adapter's tasks, drawn with a seed of their own, so
+GPTQ rounds the blocks) and int8-dynamic (the issue's goals name int8 and int4; int8-dynamic,
+onnxruntime's per-tensor quantize_dynamic form, is reported beside them).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ BASE_HEADERS = [h for h, (_, n) in TASKS.items() if n > 0]  # repeat and up
 ADAPTER_HEADERS = list(TASKS)  # and down: the adapter's new task
 BASE_STEPS, ADAPTER_STEPS, BATCH = 900, 300, 32
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GOALS = {"int8": 0.99, "int4": 0.97, "int8-dynamic": None}  # None: reported, no goal
+GOALS = {"int8": 0.99, "int4": 0.97, "int4-gptq": 0.97, "int8-dynamic": None}  # None: reported, no goal
+CALIBRATION_SEED, CALIBRATION_ROWS = SEED + 7, 64  # int4-gptq's prompts: corpus draws, not the held-out ones
 
 
 class Corpus:
@@ -167,6 +169,15 @@ def held_out():
     return Corpus().batch(np.random.default_rng(SEED + 99), ADAPTER_HEADERS, HELD_OUT, length)
 
 
+def write_calibration(path: Path) -> Path:
+    """int4-gptq's calibration: CALIBRATION_ROWS corpus sequences of the adapter's tasks (JSON token ids)."""
+    import numpy as np
+
+    rows = Corpus().batch(np.random.default_rng(CALIBRATION_SEED), ADAPTER_HEADERS, CALIBRATION_ROWS)
+    path.write_text(json.dumps(rows[:, :-1].tolist()))
+    return path
+
+
 def peft_logits(fixture: Path, ids):
     """The trained base with its LoRA (PEFT, unmerged, fp32) on teacher-forced inputs, and the bare base."""
     import torch
@@ -188,9 +199,11 @@ def run(cache: Path, run_root: Path, exe: str) -> list[bool]:
     onnx_cache, logits = run_root / "quality-cache", {}
     data = held_out()
     ids, truth = data[:, :-1], data[:, PROMPT + 1 :]  # teacher-forced, scored after the prompt
+    calibration = write_calibration(run_root / "quality-calibration.json")
     for scheme in ("fp32", *GOALS):
         out = run_root / f"quality-{scheme}"
-        extra = [] if scheme == "fp32" else ["--quantize", scheme]
+        extra = [] if scheme == "fp32" else ["--quantize", scheme.removesuffix("-gptq")]
+        extra += ["--calibration", str(calibration)] if scheme.endswith("-gptq") else []
         argv = [exe, "compile", str(fixture / "adapter"), "--base", str(fixture / "base"), "--target",
                 "onnx-cpu", "-o", str(out), "--cache-dir", str(onnx_cache), "--force", *extra]  # fmt: skip
         s = m.run_measured(argv, run_root / f"quality-{scheme}.log")

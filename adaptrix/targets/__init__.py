@@ -39,7 +39,7 @@ def _onnx(target: str) -> Callable[..., Written]:
     return write
 
 
-_ONNX_OPTIONS = ("unmerged", "quantize", "block_size", "cache_dir")
+_ONNX_OPTIONS = ("unmerged", "quantize", "block_size", "cache_dir", "calibration")
 
 
 def _register(*targets: Target) -> Mapping[str, Target]:

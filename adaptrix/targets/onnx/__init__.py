@@ -39,6 +39,7 @@ from adaptrix.targets.written import Written
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.factored_low_rank import factored_as_low_rank
+from adaptrix.toolchain.hashing import hash_files
 from adaptrix.toolchain.ir import AdapterIR
 from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
@@ -60,8 +61,13 @@ def write_onnx(
     quantize: str | None = None,
     block_size: int | None = None,
     cache_dir: Path | str | None = None,
+    calibration: Path | str | None = None,
 ) -> Written:
-    """Write the ONNX model directory for `target` (onnx-cpu or onnx-cuda) into `out`."""
+    """Write the ONNX model directory for `target` (onnx-cpu or onnx-cuda) into `out`.
+
+    With `calibration` (a prompts file: JSON token-id lists or text lines) the int4 / int8 blocks
+    are rounded by GPTQ on the merged model's inputs over those prompts (gptq.py).
+    """
     adapters = list(adapters) or [("adapter", ir)]
     if len(adapters) > 1 and not unmerged:
         raise BadInputError(f"{len(adapters)} adapters given for one merged model",
@@ -72,6 +78,7 @@ def write_onnx(
             fix="use --target onnx-cpu, or leave out --quantize for onnx-cuda's float16",
         )
     check_quantize(quantize, block_size)
+    _check_calibration(calibration, quantize, unmerged)
     block_size = block_size or DEFAULT_BLOCK_SIZE
     for _, each in adapters if unmerged else ():  # before the (slow) export
         refuse_bottlenecks(
@@ -111,10 +118,16 @@ def write_onnx(
         values.update(fused.values)
         section["attention"] = {"fused_layers": fused.layers, "declined": fused.declined}
     if quantize is not None:
-        report = quantize_weights(model, export.path, values, quantize, block_size, exclude)
+        hessians = None if calibration is None else _hessians(base, ir, Path(calibration), model)
+        report = quantize_weights(model, export.path, values, quantize, block_size, exclude, hessians)
         section["quantized"] = {"weights": report.quantized, "float_bytes": report.float_bytes,
                                 "quantized_bytes": report.quantized_bytes,
-                                "left_in_float": report.skipped}  # fmt: skip
+                                "left_in_float": report.skipped,
+                                "rounding": "gptq" if calibration is not None else "nearest",
+                                "gptq_weights": report.gptq}  # fmt: skip
+        if calibration is not None:
+            section["calibration"] = {"file": Path(calibration).name,
+                                      "sha256": hash_files([Path(calibration)]).popitem()[1]}  # fmt: skip
     digests = {DATA_NAME: write_model(model, export.path, values, out, DATA_NAME)}
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":
@@ -127,6 +140,30 @@ def write_onnx(
     section["inputs"] = [value.name for value in model.graph.input if value.name not in _lora_names(section)]
     section["outputs"] = [value.name for value in model.graph.output]
     return Written(files, {"onnx": section}, digests)
+
+
+def _check_calibration(calibration: Path | str | None, quantize: str | None, unmerged: bool) -> None:
+    if calibration is None:
+        return
+    if quantize not in BLOCKED_SCHEMES:
+        raise BadInputError(f"--calibration rounds int4 / int8 blocks, and --quantize is {quantize}",
+                            fix="add --quantize int4 or int8, or leave out --calibration")  # fmt: skip
+    if unmerged:
+        raise UnsupportedError("--calibration needs the merged model's weights",
+                               fix="compile without --unmerged, or leave out --calibration")  # fmt: skip
+    if not Path(calibration).is_file():
+        raise BadInputError(f"--calibration {calibration}: no such file",
+                            fix="give a JSON list of token-id lists, or a text file of prompts")  # fmt: skip
+
+
+def _hessians(base: Checkpoint, ir: AdapterIR, calibration: Path, model: onnx.ModelProto) -> dict:
+    """GPTQ's H per quantizable weight initializer, from the merged PyTorch model on the calibration."""
+    from adaptrix.targets.onnx.gptq import calibration_hessians
+
+    modules = {use.initializer: tensor.removesuffix(".weight")
+               for tensor, found in base_uses(base, model.graph).items() if tensor.endswith(".weight")
+               for use in found}  # fmt: skip
+    return calibration_hessians(base, ir, calibration, modules)
 
 
 def _lora_names(section: dict) -> set[str]:

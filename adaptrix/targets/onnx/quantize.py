@@ -17,7 +17,8 @@ Every scheme quantizes activations at run time (dynamic quantization); they diff
   onnxruntime-genai's CPU models are.
 
 The blocks come from onnxruntime's own kernels (quantize_matmul_8bits / _4bits), so they are
-the bytes MatMulNBitsQuantizer writes. Nothing loads the model: write_model asks for a weight's
+the bytes MatMulNBitsQuantizer writes; with `--calibration`, GPTQ rounds them instead (gptq.py),
+in the same layout. Nothing loads the model: write_model asks for a weight's
 quantized arrays when it reaches them, and only then is that one weight merged (or
 memory-mapped from the cached export) and quantized. LoRA branches of an unmerged graph stay in
 float (their weights are overridable graph inputs), and so do bottleneck adapters (small, kept
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -67,6 +68,7 @@ class QuantizeReport:
     float_bytes: int
     quantized_bytes: int
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    gptq: int = 0  # weights rounded by GPTQ (the rest: to nearest)
 
 
 def check_quantize(scheme: str | None, block_size: int | None) -> None:
@@ -90,11 +92,14 @@ def quantize_weights(
     scheme: str,
     block_size: int,
     exclude: Sequence[str] = (),
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> QuantizeReport:
     """Rewrite each MatMul / plain Gemm with a constant float32 weight in place; new weights go to `values`.
 
     `values` holds the patched (merged) weights; a weight not in it is read from the graph's
     external data in `folder`. Quantized float weights no other node reads leave the graph.
+    A blocked scheme's weight with an entry in `hessians` (its calibration inputs' x x^T) is
+    rounded by GPTQ (gptq.py), the others to nearest.
     """
     check_quantize(scheme, block_size if scheme in BLOCKED_SCHEMES else None)
     graph = model.graph
@@ -105,7 +110,7 @@ def quantize_weights(
     overridable = {value.name for value in graph.input}
     excluded, skipped = set(exclude), Counter()
     done: dict[str, list[str]] = {}  # float weight -> its quantized initializers (shared weights)
-    float_bytes = quantized_bytes = 0
+    float_bytes = quantized_bytes = gptq = 0
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
@@ -117,7 +122,12 @@ def quantize_weights(
         if init.name not in done:
             source = values.get(init.name)  # a patched (merged) weight, or None: the export's
             shapes = _shapes(scheme, tuple(init.dims), init.name, block_size)
-            pending = _Pending(partial(_quantize, scheme, source, init, folder, block_size))
+            hessian = (hessians or {}).get(init.name) if scheme in BLOCKED_SCHEMES else None
+            if hessian is not None and hessian.shape != (init.dims[0], init.dims[0]):
+                raise BadInputError(f"--calibration: {init.name} reads {init.dims[0]} inputs, its "
+                                    f"statistics are {list(hessian.shape)}")  # fmt: skip
+            gptq += hessian is not None
+            pending = _Pending(partial(_quantize, scheme, source, init, folder, block_size, hessian))
             for array_name, (shape, dtype) in shapes.items():
                 graph.initializer.append(
                     onnx.TensorProto(
@@ -136,7 +146,8 @@ def quantize_weights(
     _drop_unused(graph, set(done))
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    report = QuantizeReport(len(done), float_bytes, quantized_bytes, {k: v for k, v in skipped.items() if v})
+    report = QuantizeReport(len(done), float_bytes, quantized_bytes, {k: v for k, v in skipped.items() if v},
+                            gptq)  # fmt: skip
     logger.info("quantized %d weights to %s (%.0f MB -> %.0f MB); left in float: %s", report.quantized,
                 scheme, float_bytes / 2**20, quantized_bytes / 2**20, report.skipped or "none")  # fmt: skip
     return report
@@ -195,9 +206,11 @@ def _shapes(scheme: str, dims: tuple[int, ...], name: str, block_size: int) -> d
             f"{name}_zero_point": ((), np.int8)}  # fmt: skip
 
 
-def _quantize(scheme: str, source, init: onnx.TensorProto, folder: Path, block_size: int) -> dict:
+def _quantize(scheme: str, source, init: onnx.TensorProto, folder: Path, block_size: int, hessian) -> dict:
     """Quantize one weight: `source` (a write_model value) or the export's initializer."""
     weight = read_initializer(init, folder) if source is None else value_array(source, init)
+    if hessian is not None:
+        return _gptq_arrays(scheme, weight, init.name, block_size, hessian)
     if scheme in BLOCKED_SCHEMES:
         return _blocks(scheme, weight, init.name, block_size)
     return _int8(weight, init.name)
@@ -228,6 +241,25 @@ def _blocks(scheme: str, weight: np.ndarray, name: str, block_size: int) -> dict
         arrays[f"{name}_Q{bits}"], padded, arrays[f"{name}_scales"], zero_points, block_size, n, k, symmetric
     )
     return arrays
+
+
+def _gptq_arrays(scheme: str, weight: np.ndarray, name: str, block_size: int, hessian) -> dict:
+    """The MatMulNBits arrays of _blocks' layout, rounded by GPTQ: codes packed low nibble first."""
+    from adaptrix.targets.onnx.gptq import gptq_blocks
+
+    bits = BLOCKED_SCHEMES[scheme]
+    codes, scales, zeros = gptq_blocks(weight, hessian, bits, block_size, scheme in _SYMMETRIC)
+    n, blocks = scales.shape
+    if bits == 8:
+        return {f"{name}_Q8": codes.reshape(n, blocks, block_size), f"{name}_scales": scales}
+    pairs = codes.reshape(n, blocks, block_size // 2, 2)
+    padded = np.zeros((n, 2 * ((blocks + 1) // 2)), np.uint8)
+    padded[:, :blocks] = zeros
+    return {
+        f"{name}_Q4": pairs[..., 0] | (pairs[..., 1] << 4),
+        f"{name}_scales": scales,
+        f"{name}_zero_points": padded[:, 0::2] | (padded[:, 1::2] << 4),
+    }
 
 
 def _int8(weight: np.ndarray, name: str) -> dict[str, np.ndarray]:
