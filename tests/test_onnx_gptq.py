@@ -62,6 +62,34 @@ def test_packed_codes_are_what_onnxruntime_computes_with(scheme, bits, k):
     assert np.abs(got - expected[:7]).max() <= 1e-3 * np.abs(expected).max()
 
 
+def straightforward_gptq(weight, hessian, block_size):
+    """The paper's loop without lazy updates: every column's error fed onto all later columns at once."""
+    from adaptrix.targets.onnx.gptq import _block_parameters, _inverse_factor, release
+
+    k, n = weight.shape
+    w = weight.T.copy()
+    upper = _inverse_factor(hessian, k)
+    release()
+    codes = np.zeros((n, k), np.uint8)
+    for i in range(k):
+        if i % block_size == 0:
+            scale, zero = _block_parameters(w[:, i : i + block_size], 4, False)
+        code = np.clip(np.rint(w[:, i] / scale) + zero, 0, 15)
+        codes[:, i] = code
+        error = (w[:, i] - (code - zero.astype(np.float32)) * scale) / upper[i, i]
+        w[:, i + 1 :] -= np.outer(error, upper[i, i + 1 :])
+    return codes
+
+
+def test_lazy_updates_give_the_straightforward_result():
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((320, 16)).astype(np.float32)  # three spans of 128 columns, the last partial
+    x = correlated(rng, 600, 320)
+    hessian = x.T.astype(np.float64) @ x / len(x)
+    codes = gptq_blocks(weight, hessian, 4, 32, False)[0]
+    assert np.mean(codes == straightforward_gptq(weight, hessian, 32)) > 0.999  # float summation order only
+
+
 def test_identity_statistics_give_round_to_nearest_and_correlated_ones_less_output_error():
     rng = np.random.default_rng(1)
     weight = rng.standard_normal((64, 32)).astype(np.float32)

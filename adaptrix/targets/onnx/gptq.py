@@ -10,7 +10,7 @@ graph and its speed do not change; only the rounding does.
 
 H comes from the model the graph computes: the base with the adapter's low-rank deltas added, in
 float32 PyTorch, run over the user's calibration prompts; one H per module input (q, k and v
-share theirs).
+share theirs, counted once; float32 sums, a float64 factorisation per input).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaptrix.passes.refit import add_pairs
+from adaptrix.passes.refit import STAGES, add_pairs
 from adaptrix.passes.refit_data import batches, read_prompts
 from adaptrix.runtime.fit import find_module
 from adaptrix.toolchain.checkpoint import Checkpoint
@@ -29,9 +29,11 @@ from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, LowRank
 from adaptrix.toolchain.parity_run import load_auto
 
-__all__ = ["DAMPING", "calibration_hessians", "gptq_blocks"]
+__all__ = ["DAMPING", "calibration_hessians", "gptq_blocks", "release"]
 
 DAMPING = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default percdamp)
+_SPAN = 128  # columns per lazy update (GPTQ's reference block), rounded to whole quantization blocks
+_LAST: list = [None, None]  # the last (H, factor): consecutive weights reading one input share it
 
 
 def calibration_hessians(
@@ -42,12 +44,13 @@ def calibration_hessians(
         raise UnsupportedError("--calibration measures the merged model with LoRA ops only",
                                fix="leave out --calibration (round-to-nearest blocks)")  # fmt: skip
     ids = read_prompts(str(prompts), base.path, base.source.vocab_size)
+    readers = _shared_inputs(base, set(modules.values()))  # module -> the module whose input it reads
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
     def hook(name: str):
         def read(module: torch.nn.Module, args: tuple) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
+            x = args[0].reshape(-1, args[0].shape[-1]).to(torch.float32)
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -56,7 +59,7 @@ def calibration_hessians(
     with torch.inference_mode(False), torch.no_grad():
         model = add_pairs(load_auto(base.path), ir, base)
         removers = []
-        for name in sorted(set(modules.values())):
+        for name in sorted(set(readers.values())):
             module = find_module(model, name)
             if module is None:
                 raise BadInputError(f"--calibration: the loaded model has no module {name}")
@@ -67,41 +70,85 @@ def calibration_hessians(
         finally:
             for remover in removers:
                 remover.remove()
-    return {init: (sums[name] / counts[name]).numpy() for init, name in modules.items() if name in sums}
+        del model
+    means = {name: (total / counts[name]).numpy() for name, total in sums.items()}  # float32
+    return {init: means[readers[name]] for init, name in modules.items() if readers[name] in means}
+
+
+def _shared_inputs(base: Checkpoint, names: set[str]) -> dict[str, str]:
+    """Each module -> the first module of its layer that reads the same input (q, k, v; gate, up)."""
+    groups: dict[tuple, list[str]] = {}
+    for name in sorted(names):
+        placement = base.binder.resolve(name)
+        roles = placement.module.roles if placement is not None else ()
+        if placement is None or not roles or any(role not in STAGES for role in roles):
+            groups[(name,)] = [name]
+            continue
+        groups.setdefault((placement.layer, min(STAGES[role] for role in roles)), []).append(name)
+    return {name: group[0] for group in groups.values() for name in group}
 
 
 def gptq_blocks(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool):
     """(codes [N, K'] uint8, scales [N, blocks] float32, zero points [N, blocks] uint8) of a [K, N] weight.
 
     K' is K padded to whole blocks (padded rows quantize to 0). Codes decode as (code - zero) *
-    scale; a symmetric scheme's zero is 2^(bits-1).
+    scale; a symmetric scheme's zero is 2^(bits-1). The error feedback is applied lazily, as in
+    GPTQ's reference: column by column inside a span of whole blocks, then onto the later columns
+    in one product per span (the same result as feeding every column forward at once).
     """
     k, n = weight.shape
     blocks = -(-k // block_size)
-    w = np.zeros((n, blocks * block_size), np.float64)
+    w = np.zeros((n, blocks * block_size), np.float32)
     w[:, :k] = weight.T
-    h = np.eye(blocks * block_size)
-    h[:k, :k] = hessian
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
+    upper = _inverse_factor(hessian, blocks * block_size)
+    dead = np.zeros(w.shape[1], bool)
+    dead[:k] = np.diag(hessian) == 0
     w[:, dead] = 0.0
-    h += DAMPING * np.mean(np.diag(h)) * np.eye(len(h))
-    inverse = np.linalg.inv(h)
-    upper = np.linalg.cholesky(inverse).T  # H^-1 = U^T U, U upper triangular
     codes = np.zeros(w.shape, np.uint8)
     scales = np.zeros((n, blocks), np.float32)
     zeros = np.zeros((n, blocks), np.uint8)
-    top = (1 << bits) - 1
-    for i in range(w.shape[1]):
-        b = i // block_size
-        if i % block_size == 0:
-            scales[:, b], zeros[:, b] = _block_parameters(w[:, i : i + block_size], bits, symmetric)
-        scale, zero = scales[:, b].astype(np.float64), zeros[:, b].astype(np.float64)
-        code = np.clip(np.rint(w[:, i] / scale) + zero, 0, top)
-        codes[:, i] = code
-        error = (w[:, i] - (code - zero) * scale) / upper[i, i]
-        w[:, i + 1 :] -= np.outer(error, upper[i, i + 1 :])
+    span = block_size * max(1, _SPAN // block_size)
+    for start in range(0, w.shape[1], span):
+        end = min(start + span, w.shape[1])
+        part, errors = w[:, start:end].copy(), np.zeros((n, end - start), np.float32)
+        for i in range(end - start):
+            column = start + i
+            if column % block_size == 0:
+                b = column // block_size
+                scales[:, b], zeros[:, b] = _block_parameters(part[:, i : i + block_size], bits, symmetric)
+            b = column // block_size
+            scale, zero = scales[:, b], zeros[:, b].astype(np.float32)
+            code = np.clip(np.rint(part[:, i] / scale) + zero, 0, (1 << bits) - 1)
+            codes[:, column] = code
+            errors[:, i] = (part[:, i] - (code - zero) * scale) / upper[column, column]
+            part[:, i + 1 :] -= np.outer(errors[:, i], upper[column, column + 1 : end])
+        w[:, end:] -= errors @ upper[start:end, end:]
     return codes, scales, zeros
+
+
+def release() -> None:
+    """Drop the factor kept for the next weight reading the same input (after the last weight)."""
+    _LAST[:] = [None, None]
+
+
+def _inverse_factor(hessian: np.ndarray, size: int) -> np.ndarray:
+    """U, upper triangular, U^T U = (H + damping)^-1; H padded to `size` (dead inputs: 1 on its diagonal)."""
+    if _LAST[0] is hessian and _LAST[1].shape[0] == size:  # q, k and v read one input: one factor
+        return _LAST[1]
+    k = hessian.shape[0]
+    h = torch.eye(size, dtype=torch.float64)
+    h[:k, :k] = torch.from_numpy(hessian)
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(size, dtype=torch.float64)
+    try:
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        upper = torch.linalg.cholesky(inverse, upper=True).to(torch.float32).numpy()
+    except torch.linalg.LinAlgError:
+        raise BadInputError("--calibration: a weight's input statistics are not positive definite",
+                            fix="give more (and more varied) calibration prompts") from None  # fmt: skip
+    _LAST[:] = [hessian, upper]
+    return upper
 
 
 def _block_parameters(block: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
