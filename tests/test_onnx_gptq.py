@@ -159,3 +159,16 @@ def test_calibration_misuse_is_a_clear_error(options, match, calibrated):
     assert not (tmp / "refused").exists()
     with pytest.raises(AdaptrixError, match="--calibration does not apply to --target merged"):
         compile_adapter(adapter, base, "merged", tmp / "refused", options={"calibration": paths["CAL"]})
+
+
+def test_calibration_refuses_bottleneck_adapters(bases, tmp_path):
+    from adapters import SeqBnConfig
+    from hub_builders import save_hub
+
+    base = bases("llama")
+    adapter, _ = save_hub("llama", base, SeqBnConfig(reduction_factor=4), tmp_path / "hub")
+    (tmp_path / "calibration.json").write_text("[[5, 6, 7, 8]]")
+    options = {"quantize": "int4", "calibration": tmp_path / "calibration.json"}
+    with pytest.raises(AdaptrixError, match="not bottlenecks"):
+        compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", options=options)
+    assert not (tmp_path / "out").exists()

@@ -87,6 +87,9 @@ def write_onnx(
             fix="compile without --unmerged (bottlenecks go into the graph) or use --target hooks",
         )
     ir, bottlenecks = split_bottlenecks(ir)
+    if calibration is not None and bottlenecks:
+        raise UnsupportedError("--calibration measures the merged model with LoRA ops only, not bottlenecks",
+                               fix="leave out --calibration (round-to-nearest blocks)")  # fmt: skip
     dtype = dtype or torch.float32
     # What the adapters can be refused for is checked before the (slow, noisy) first export.
     # LoHa / LoKr stay unmerged as their exact low-rank forms: ordinary LoRA pairs; IA3 as vectors.

@@ -18,7 +18,7 @@ Every scheme quantizes activations at run time (dynamic quantization); they diff
 
 The blocks come from onnxruntime's own kernels (quantize_matmul_8bits / _4bits), so they are
 the bytes MatMulNBitsQuantizer writes; with `--calibration`, GPTQ rounds them instead (gptq.py),
-in the same layout. Nothing loads the model: write_model asks for a weight's
+in the same layout. Nothing else loads the model: write_model asks for a weight's
 quantized arrays when it reaches them, and only then is that one weight merged (or
 memory-mapped from the cached export) and quantized. LoRA branches of an unmerged graph stay in
 float (their weights are overridable graph inputs), and so do bottleneck adapters (small, kept
