@@ -10,7 +10,7 @@ graph and its speed do not change; only the rounding does.
 
 H comes from the model the graph computes: the base with the adapter's low-rank deltas added, in
 float32 PyTorch, run over the user's calibration prompts; one H per module input (q, k and v
-share theirs, counted once; float32 sums, a float64 factorisation per input).
+share one, gate and up another; float32 sums, a float64 factorisation per input).
 """
 
 from __future__ import annotations
