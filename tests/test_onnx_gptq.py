@@ -64,12 +64,11 @@ def test_packed_codes_are_what_onnxruntime_computes_with(scheme, bits, k):
 
 def straightforward_gptq(weight, hessian, block_size):
     """The paper's loop without lazy updates: every column's error fed onto all later columns at once."""
-    from adaptrix.targets.onnx.gptq import _block_parameters, _inverse_factor, release
+    from adaptrix.targets.onnx.gptq import FactorCache, _block_parameters
 
     k, n = weight.shape
     w = weight.T.copy()
-    upper = _inverse_factor(hessian, k)
-    release()
+    upper = FactorCache().upper(hessian, k)
     codes = np.zeros((n, k), np.uint8)
     for i in range(k):
         if i % block_size == 0:

@@ -29,13 +29,13 @@ from adaptrix.passes.refit_data import Capture, calibration, read_prompts
 from adaptrix.runtime.fit import find_module
 from adaptrix.targets.hooks import TouchedModule, touched_modules
 from adaptrix.targets.module_pairs import low_rank_pairs
-from adaptrix.toolchain.binders.table import Layout
+from adaptrix.toolchain.binders.table import Layout, Placement
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, LazyTensor, LowRank, Role
 from adaptrix.toolchain.parity_run import load_auto
 
-__all__ = ["RefitOptions", "add_pairs", "check_same_shape", "refit"]
+__all__ = ["RefitOptions", "add_pairs", "check_same_shape", "input_group", "refit"]
 
 # Where in a layer each role's module reads its input: modules of one stage read one input.
 STAGES = {Role.ATTN_Q: 0, Role.ATTN_K: 0, Role.ATTN_V: 0, Role.ATTN_O: 1, Role.MLP_GATE: 2, Role.MLP_UP: 2,
@@ -115,13 +115,21 @@ def check_same_shape(ir: AdapterIR, base: Checkpoint, name: str) -> None:
                                    fix=f"compile without --pass {name}, or drop those ops")  # fmt: skip
 
 
+def input_group(placement: Placement, layers: int) -> tuple[int, int]:
+    """(layer, stage) of a module whose roles are all in STAGES: modules of one group read one input.
+
+    Model-level modules (the head) count as layer `layers`, after the last one; keys sort in
+    forward order.
+    """
+    layer = layers if placement.layer is None else placement.layer
+    return layer, min(STAGES[role] for role in placement.module.roles)
+
+
 def _stages(modules: list[TouchedModule], layers: int) -> list[list[TouchedModule]]:
     """The touched modules grouped by what they read, in forward order."""
     groups: dict[tuple[int, int], list[TouchedModule]] = defaultdict(list)
     for module in modules:
-        placement = module.placement
-        layer = layers if placement.layer is None else placement.layer
-        groups[(layer, min(STAGES[r] for r in placement.module.roles))].append(module)
+        groups[input_group(module.placement, layers)].append(module)
     return [groups[key] for key in sorted(groups)]
 
 

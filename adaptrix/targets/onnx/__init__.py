@@ -131,13 +131,7 @@ def write_onnx(
         if calibration is not None:
             section["calibration"] = {"file": Path(calibration).name,
                                       "sha256": hash_files([Path(calibration)]).popitem()[1]}  # fmt: skip
-    try:
-        digests = {DATA_NAME: write_model(model, export.path, values, out, DATA_NAME)}
-    finally:
-        if calibration is not None:
-            from adaptrix.targets.onnx.gptq import release
-
-            release()
+    digests = {DATA_NAME: write_model(model, export.path, values, out, DATA_NAME)}
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":
         genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)

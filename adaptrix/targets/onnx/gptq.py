@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaptrix.passes.refit import STAGES, add_pairs
+from adaptrix.passes.refit import STAGES, add_pairs, input_group
 from adaptrix.passes.refit_data import batches, read_prompts
 from adaptrix.runtime.fit import find_module
 from adaptrix.toolchain.checkpoint import Checkpoint
@@ -29,11 +29,10 @@ from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, LowRank
 from adaptrix.toolchain.parity_run import load_auto
 
-__all__ = ["DAMPING", "calibration_hessians", "gptq_blocks", "release"]
+__all__ = ["DAMPING", "FactorCache", "calibration_hessians", "gptq_blocks"]
 
 DAMPING = 0.01  # of H's mean diagonal, added to its diagonal (GPTQ's default percdamp)
 _SPAN = 128  # columns per lazy update (GPTQ's reference block), rounded to whole quantization blocks
-_LAST: list = [None, None]  # the last (H, factor): consecutive weights reading one input share it
 
 
 def calibration_hessians(
@@ -84,23 +83,31 @@ def _shared_inputs(base: Checkpoint, names: set[str]) -> dict[str, str]:
         if placement is None or not roles or any(role not in STAGES for role in roles):
             groups[(name,)] = [name]
             continue
-        groups.setdefault((placement.layer, min(STAGES[role] for role in roles)), []).append(name)
+        groups.setdefault(input_group(placement, base.source.num_layers), []).append(name)
     return {name: group[0] for group in groups.values() for name in group}
 
 
-def gptq_blocks(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: int, symmetric: bool):
+def gptq_blocks(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    factors: FactorCache | None = None,
+):
     """(codes [N, K'] uint8, scales [N, blocks] float32, zero points [N, blocks] uint8) of a [K, N] weight.
 
     K' is K padded to whole blocks (padded rows quantize to 0). Codes decode as (code - zero) *
     scale; a symmetric scheme's zero is 2^(bits-1). The error feedback is applied lazily, as in
     GPTQ's reference: column by column inside a span of whole blocks, then onto the later columns
-    in one product per span (the same result as feeding every column forward at once).
+    in one product per span (the same result as feeding every column forward at once). Weights
+    quantized one after another share `factors`, so those reading one input factorise H once.
     """
     k, n = weight.shape
     blocks = -(-k // block_size)
     w = np.zeros((n, blocks * block_size), np.float32)
     w[:, :k] = weight.T
-    upper = _inverse_factor(hessian, blocks * block_size)
+    upper = (factors or FactorCache()).upper(hessian, blocks * block_size)
     dead = np.zeros(w.shape[1], bool)
     dead[:k] = np.diag(hessian) == 0
     w[:, dead] = 0.0
@@ -126,29 +133,31 @@ def gptq_blocks(weight: np.ndarray, hessian: np.ndarray, bits: int, block_size: 
     return codes, scales, zeros
 
 
-def release() -> None:
-    """Drop the factor kept for the next weight reading the same input (after the last weight)."""
-    _LAST[:] = [None, None]
+class FactorCache:
+    """The last H's inverse factor: consecutive weights reading one input (q, k, v) factorise it once."""
 
+    def __init__(self) -> None:
+        self._hessian: np.ndarray | None = None
+        self._upper: np.ndarray | None = None
 
-def _inverse_factor(hessian: np.ndarray, size: int) -> np.ndarray:
-    """U, upper triangular, U^T U = (H + damping)^-1; H padded to `size` (dead inputs: 1 on its diagonal)."""
-    if _LAST[0] is hessian and _LAST[1].shape[0] == size:  # q, k and v read one input: one factor
-        return _LAST[1]
-    k = hessian.shape[0]
-    h = torch.eye(size, dtype=torch.float64)
-    h[:k, :k] = torch.from_numpy(hessian)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(size, dtype=torch.float64)
-    try:
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        upper = torch.linalg.cholesky(inverse, upper=True).to(torch.float32).numpy()
-    except torch.linalg.LinAlgError:
-        raise BadInputError("--calibration: a weight's input statistics are not positive definite",
-                            fix="give more (and more varied) calibration prompts") from None  # fmt: skip
-    _LAST[:] = [hessian, upper]
-    return upper
+    def upper(self, hessian: np.ndarray, size: int) -> np.ndarray:
+        """U, upper triangular, U^T U = (H + damping)^-1; H padded to `size` (dead inputs: diagonal 1)."""
+        if self._hessian is hessian and self._upper.shape[0] == size:
+            return self._upper
+        k = hessian.shape[0]
+        h = torch.eye(size, dtype=torch.float64)
+        h[:k, :k] = torch.from_numpy(hessian)
+        dead = torch.diag(h) == 0
+        h[dead, dead] = 1.0
+        h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(size, dtype=torch.float64)
+        try:
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+            upper = torch.linalg.cholesky(inverse, upper=True).to(torch.float32).numpy()
+        except torch.linalg.LinAlgError:
+            raise BadInputError("--calibration: a weight's input statistics are not positive definite",
+                                fix="give more (and more varied) calibration prompts") from None  # fmt: skip
+        self._hessian, self._upper = hessian, upper
+        return upper
 
 
 def _block_parameters(block: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:

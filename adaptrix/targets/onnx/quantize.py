@@ -111,6 +111,7 @@ def quantize_weights(
     excluded, skipped = set(exclude), Counter()
     done: dict[str, list[str]] = {}  # float weight -> its quantized initializers (shared weights)
     float_bytes = quantized_bytes = gptq = 0
+    factors = _factor_cache() if hessians else None  # shared by the weights, in write order
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
@@ -127,7 +128,7 @@ def quantize_weights(
                 raise BadInputError(f"--calibration: {init.name} reads {init.dims[0]} inputs, its "
                                     f"statistics are {list(hessian.shape)}")  # fmt: skip
             gptq += hessian is not None
-            pending = _Pending(partial(_quantize, scheme, source, init, folder, block_size, hessian))
+            pending = _Pending(partial(_quantize, scheme, source, init, folder, block_size, hessian, factors))
             for array_name, (shape, dtype) in shapes.items():
                 graph.initializer.append(
                     onnx.TensorProto(
@@ -206,11 +207,13 @@ def _shapes(scheme: str, dims: tuple[int, ...], name: str, block_size: int) -> d
             f"{name}_zero_point": ((), np.int8)}  # fmt: skip
 
 
-def _quantize(scheme: str, source, init: onnx.TensorProto, folder: Path, block_size: int, hessian) -> dict:
+def _quantize(
+    scheme: str, source, init: onnx.TensorProto, folder: Path, block_size: int, hessian, factors
+) -> dict:
     """Quantize one weight: `source` (a write_model value) or the export's initializer."""
     weight = read_initializer(init, folder) if source is None else value_array(source, init)
     if hessian is not None:
-        return _gptq_arrays(scheme, weight, init.name, block_size, hessian)
+        return _gptq_arrays(scheme, weight, init.name, block_size, hessian, factors)
     if scheme in BLOCKED_SCHEMES:
         return _blocks(scheme, weight, init.name, block_size)
     return _int8(weight, init.name)
@@ -243,12 +246,18 @@ def _blocks(scheme: str, weight: np.ndarray, name: str, block_size: int) -> dict
     return arrays
 
 
-def _gptq_arrays(scheme: str, weight: np.ndarray, name: str, block_size: int, hessian) -> dict:
+def _factor_cache():
+    from adaptrix.targets.onnx.gptq import FactorCache  # torch: only when calibrating
+
+    return FactorCache()
+
+
+def _gptq_arrays(scheme: str, weight: np.ndarray, name: str, block_size: int, hessian, factors=None) -> dict:
     """The MatMulNBits arrays of _blocks' layout, rounded by GPTQ: codes packed low nibble first."""
     from adaptrix.targets.onnx.gptq import gptq_blocks
 
     bits = BLOCKED_SCHEMES[scheme]
-    codes, scales, zeros = gptq_blocks(weight, hessian, bits, block_size, scheme in _SYMMETRIC)
+    codes, scales, zeros = gptq_blocks(weight, hessian, bits, block_size, scheme in _SYMMETRIC, factors)
     n, blocks = scales.shape
     if bits == 8:
         return {f"{name}_Q8": codes.reshape(n, blocks, block_size), f"{name}_scales": scales}
