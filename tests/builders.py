@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +111,15 @@ def make_adapter(
                 param.mul_(1 + 0.2 * noise) if "magnitude" in name else param.add_(0.1 * noise)
     peft_model.save_pretrained(path, safe_serialization=safe, save_embedding_layers=save_embedding_layers)
     return path
+
+
+def prompts_file(
+    path: Path, count: int, *, length: int = 6, high: int = VOCAB, seed: int = 3
+) -> torch.Tensor:
+    """Seeded prompts [count, length] of ids 3..high-1, also written to `path` as JSON token-id lists."""
+    prompts = torch.randint(3, high, (count, length), generator=torch.Generator().manual_seed(seed))
+    path.write_text(json.dumps(prompts.tolist()))
+    return prompts
 
 
 def sample_inputs(family: str, seed: int = 2, batch: int = 2, length: int = 9) -> dict:

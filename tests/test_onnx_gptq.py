@@ -6,8 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
-from builders import sample_inputs
+from builders import prompts_file, sample_inputs
 from onnx import TensorProto, helper
 from test_onnx_parity import prefill, seeded_adapter, session
 from test_onnx_unmerged import relative_error
@@ -112,8 +111,7 @@ def calibrated(bases, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gptq")
     base = bases("llama")
     adapter = seeded_adapter("llama", base, tmp / "adapter")
-    prompts = torch.randint(3, 128, (32, 16), generator=torch.Generator().manual_seed(5))
-    (tmp / "calibration.json").write_text(json.dumps(prompts.tolist()))
+    prompts_file(tmp / "calibration.json", 32, length=16, seed=5)
     return base, adapter, tmp
 
 

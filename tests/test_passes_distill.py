@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from builders import build_base, load_model, make_adapter
+from builders import build_base, load_model, make_adapter, prompts_file
 from peft import PeftModel
 
 import adaptrix
@@ -34,9 +34,7 @@ def setup(bases, tmp_path_factory):
     source = bases("llama")
     target = independent_layers(source, tmp / "independent")
     adapter = make_adapter("llama", source, tmp / "adapter")
-    generator = torch.Generator().manual_seed(3)
-    prompts = torch.randint(3, 128, (48, 6), generator=generator)
-    (tmp / "prompts.json").write_text(json.dumps(prompts.tolist()))
+    prompts = prompts_file(tmp / "prompts.json", 48)
     return source, target, adapter, prompts, tmp
 
 
@@ -83,8 +81,7 @@ def test_fused_modules_are_trained_and_written_back(family, bases, tmp_path):
     source = bases(family)
     target = build_base(family, tmp_path / "target", seed=5)  # unrelated, head included: little to gain
     adapter = make_adapter(family, source, tmp_path / "adapter")
-    prompts = torch.randint(3, 100, (32, 6), generator=torch.Generator().manual_seed(3))
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts.tolist()))
+    prompts = prompts_file(tmp_path / "prompts.json", 32, high=100)
     spec = (
         f"distill:source={source},prompts={tmp_path / 'prompts.json'},generate={GENERATE},steps=40,batch=16"
     )

@@ -4,7 +4,15 @@ import json
 
 import pytest
 import torch
-from builders import FP32_TOLERANCE, build_base, load_model, make_adapter, peft_logits, sample_inputs
+from builders import (
+    FP32_TOLERANCE,
+    build_base,
+    load_model,
+    make_adapter,
+    peft_logits,
+    prompts_file,
+    sample_inputs,
+)
 from test_hooks_parity import logits
 
 import adaptrix
@@ -45,9 +53,8 @@ def setup(bases, tmp_path_factory):
     source = bases("llama")
     target = reparameterised(source, tmp / "target")
     adapter = make_adapter("llama", source, tmp / "adapter")
-    generator = torch.Generator().manual_seed(3)
     prompts = tmp / "prompts.json"
-    prompts.write_text(json.dumps(torch.randint(3, 128, (24, 6), generator=generator).tolist()))
+    prompts_file(prompts, 24)
     return source, target, adapter, prompts, tmp
 
 
