@@ -236,6 +236,9 @@ def print_goals(results: dict) -> None:
         if a is None:
             print(f"{name}: skipped, no goal measured")
             continue
+        if any(s.returncode != 0 for s in a.samples):
+            print(f"{name}: FAILED (a run exited non-zero), no goal measured")
+            continue
         ratio = a.median_wall_s / cp
         print(
             f"{name} wall / cp wall = {ratio:.2f} (goal <= {GOAL_WALL_RATIO}) "

@@ -209,3 +209,56 @@ def test_pieces_read_ahead_are_filled_in_order_and_given_back_on_failure(tmp_pat
         writer.fill_each([(4096, None, (source, 0)), (4096, None, (source, (1 << 20) - 10))])
     writer.abort()
     assert writer._in_flight == 0
+
+
+def test_sources_are_read_directly_at_any_offset_up_to_their_end(tmp_path):
+    if not staging.DIRECT:
+        pytest.skip("no O_DIRECT on this platform")
+    data = np.random.default_rng(4).integers(0, 256, 3 * 4096 + 123, dtype=np.uint8)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data.tobytes())
+    ranges = [(1, 4095), (4096, 4096), (4000, 200), (5, data.size - 5), (data.size - 3, 3)]
+    total = sum(n for _, n in ranges)
+    with HashingWriter(tmp_path / "out.bin", total, budget=1 << 16) as writer:
+        writer.fill_each([(n, None, (source, at)) for at, n in ranges])
+        assert writer._sources[source][1] is True  # still direct after every read
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(data[at : at + n].tobytes() for at, n in ranges)
+
+
+def test_a_direct_read_refused_goes_on_through_the_page_cache(tmp_path, monkeypatch):
+    data = np.random.default_rng(5).integers(0, 256, 10_000, dtype=np.uint8)
+    source = tmp_path / "source.bin"
+    source.write_bytes(data.tobytes())
+    monkeypatch.setattr(staging, "DIRECT", staging.DIRECT or 0o40000)
+    opened = staging.os.open
+    monkeypatch.setattr(staging.os, "open", lambda path, flags, *a: opened(path, flags & ~staging.DIRECT, *a))
+
+    def refuse(fd, out, offset, path):
+        raise OSError(22, "Invalid argument")  # as a file system taking O_DIRECT only at open
+
+    monkeypatch.setattr(staging, "read_direct", refuse)
+    monkeypatch.setattr(
+        staging, "open_output", lambda p: (opened(p, stream.os.O_WRONLY | stream.os.O_CREAT), False)
+    )
+    monkeypatch.setattr(staging, "open_input", lambda p: (opened(p, stream.os.O_RDONLY), True))
+    with HashingWriter(tmp_path / "out.bin", 9000) as writer:
+        writer.copy(source, 11, 9000)
+        assert writer._sources[source][1] is False
+    assert (tmp_path / "out.bin").read_bytes() == data[11:9011].tobytes()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (8 << 20) + 4097])
+def test_sha256_file_reads_directly_and_agrees_with_hashlib(tmp_path, size, monkeypatch):
+    from adaptrix.toolchain import hashing
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hashing.sha256_file(path) == expected
+
+    def refuse(fd):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(hashing, "_sha256_direct", refuse)
+    monkeypatch.setattr(staging, "open_input", lambda p: (staging.os.open(p, staging.os.O_RDONLY), True))
+    assert hashing.sha256_file(path) == expected  # the buffered fallback

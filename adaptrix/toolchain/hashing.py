@@ -4,12 +4,13 @@ Like git's index, a cached digest is reused only while the file's device, inode,
 ctime are all unchanged (ctime cannot be set back by tools such as `touch`), and a file changed
 in the last two seconds is never cached. Set ADAPTRIX_HASH_CACHE=0 to always hash.
 `hash_early` starts hashing files on a background thread, for a later `hash_files` call to pick
-up: a compile starts on its base before it loads torch, so the base is hashed, and read into the
-page cache for the compile, while the import holds one core and the other is idle.
+up: a compile starts on its base before it loads torch, so the base is hashed while the import
+holds one core and the other is idle.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,18 +21,44 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from adaptrix.toolchain import staging
+
 __all__ = ["hash_early", "hash_files", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
 _SETTLE_SECONDS = 2.0
+_CHUNK = 8 << 20
 _early: dict[str, tuple[str, Future]] = {}  # path -> (identity when started, digest)
 
 
 def sha256_file(path: Path) -> str:
-    """The sha256 of a file's bytes."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    """The sha256 of a file's bytes, read with direct I/O where the file system allows it."""
+    fd, direct = staging.open_input(path)
+    try:
+        if direct:
+            try:
+                return _sha256_direct(fd)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        with os.fdopen(os.open(path, os.O_RDONLY), "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    finally:
+        os.close(fd)
+
+
+def _sha256_direct(fd: int) -> str:
+    digest = hashlib.sha256()
+    buffer = staging.POOL.take(_CHUNK)
+    try:
+        view, offset = memoryview(buffer[:_CHUNK]), 0
+        while got := os.preadv(fd, [view], offset):
+            digest.update(view[:got])
+            offset += got
+    finally:
+        staging.POOL.give(buffer)
+    return digest.hexdigest()
 
 
 def _cache_file() -> Path | None:

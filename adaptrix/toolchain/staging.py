@@ -15,7 +15,17 @@ import numpy as np
 
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["BLOCK", "DIRECT", "POOL", "BufferPool", "open_output", "read_range", "reserve"]
+__all__ = [
+    "BLOCK",
+    "DIRECT",
+    "POOL",
+    "BufferPool",
+    "open_input",
+    "open_output",
+    "read_direct",
+    "read_range",
+    "reserve",
+]
 
 BLOCK = 4096  # direct I/O takes file offsets, lengths and buffer addresses in multiples of this
 DIRECT = getattr(os, "O_DIRECT", 0)
@@ -64,6 +74,43 @@ def open_output(path: Path) -> tuple[int, bool]:
             if exc.errno != errno.EINVAL:  # tmpfs and some network file systems refuse it
                 raise
     return os.open(path, flags, 0o644), False
+
+
+def open_input(path: Path) -> tuple[int, bool]:
+    """Open a file for reading: with direct I/O where the file system takes it.
+
+    On a virtual machine whose freed memory goes back to the host, every page cache page filled
+    is a host fault: reading a 2.2 GB base through the cache took 3 s of CPU, direct 0.05 s.
+    """
+    if DIRECT:
+        try:
+            return os.open(path, os.O_RDONLY | DIRECT), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return os.open(path, os.O_RDONLY), False
+
+
+def read_direct(fd: int, out: np.ndarray, offset: int, path: Path) -> None:
+    """Fill `out` with the bytes of `fd` (opened for direct I/O) from `offset`, at any alignment.
+
+    The whole blocks around the range are read into a staging buffer and the range copied out.
+    Raises OSError(EINVAL) where the file system refuses the direct read.
+    """
+    view = memoryview(out).cast("B")
+    skip = offset % BLOCK
+    span = -(-(skip + len(view)) // BLOCK) * BLOCK
+    scratch = POOL.take(span)
+    try:
+        filled = 0
+        while filled < skip + len(view):
+            got = os.preadv(fd, [memoryview(scratch[filled:span])], offset - skip + filled)
+            if got == 0:
+                raise BadInputError("ended early while reading", path=path)
+            filled += got
+        view[:] = memoryview(scratch[skip : skip + len(view)])
+    finally:
+        POOL.give(scratch)
 
 
 def reserve(fd: int, size: int) -> None:

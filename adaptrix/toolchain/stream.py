@@ -80,7 +80,7 @@ class HashingWriter:
         self._room = threading.Condition()
         self._error: BaseException | None = None
         self._digest = hashlib.sha256()
-        self._sources: dict[Path, int] = {}  # files read from, kept open so the kernel reads ahead
+        self._sources: dict[Path, tuple[int, bool]] = {}  # files read from, kept open; direct or not
         self._tail = b""  # the bytes after the last whole block, which start the next piece
         self._fd, self._direct = staging.open_output(self.path)
         try:
@@ -243,9 +243,18 @@ class HashingWriter:
             offset += length
 
     def _read(self, source: Path, start: int, view: np.ndarray) -> None:
-        """Read a source's bytes into `view`, and have the kernel read the next ones meanwhile."""
-        if (fd := self._sources.get(source)) is None:
-            fd = self._sources[source] = os.open(source, os.O_RDONLY)
+        """Read a source's bytes into `view`: direct where allowed, else cached and read ahead."""
+        if (opened := self._sources.get(source)) is None:
+            opened = self._sources[source] = staging.open_input(source)
+        fd, direct = opened
+        if direct:
+            try:
+                return staging.read_direct(fd, view, start, source)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._sources[source] = (fd, False)  # the file system took the open, not the read
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~staging.DIRECT)
         staging.read_range(fd, view, start, source)
         os.posix_fadvise(fd, start + view.nbytes, _AHEAD, os.POSIX_FADV_WILLNEED)
 
@@ -258,7 +267,7 @@ class HashingWriter:
         self._writes.put(piece)
 
     def _finish(self) -> None:
-        for fd in self._sources.values():
+        for fd, _ in self._sources.values():
             os.close(fd)
         self._sources.clear()
         if self._fd < 0:
