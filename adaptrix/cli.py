@@ -17,7 +17,6 @@ from rich.table import Table
 
 from adaptrix import __version__
 from adaptrix.toolchain.errors import AdaptrixError
-from adaptrix.toolchain.hashing import hash_early
 
 __all__ = ["app", "main"]
 
@@ -94,6 +93,8 @@ def compile_command(
     # cores from the threads that read, hash and write (4 s of CPU in a 1.1B merge on 2 cores).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if base.is_dir():  # the manifest hashes the base: start now, on the core the import leaves idle
+        from adaptrix.toolchain.hashing import hash_early  # numpy: not at start-up of every command
+
         hash_early(sorted(p for p in base.iterdir() if p.is_file()))
     from adaptrix.toolchain.pipeline import compile_adapter
 

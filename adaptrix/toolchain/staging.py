@@ -7,6 +7,7 @@ reused for piece after piece, where fresh arrays would be zeroed by the kernel o
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -20,6 +21,7 @@ __all__ = [
     "DIRECT",
     "POOL",
     "BufferPool",
+    "direct_refused",
     "open_input",
     "open_output",
     "read_direct",
@@ -89,6 +91,17 @@ def open_input(path: Path) -> tuple[int, bool]:
             if exc.errno != errno.EINVAL:
                 raise
     return os.open(path, os.O_RDONLY), False
+
+
+def direct_refused(fd: int, exc: OSError) -> None:
+    """After a direct read or write failed, go on through the page cache, or raise.
+
+    EINVAL (the file system took the open, not the I/O) turns direct I/O off for `fd`; any other
+    error is raised.
+    """
+    if exc.errno != errno.EINVAL:
+        raise exc
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~DIRECT)
 
 
 def read_direct(fd: int, out: np.ndarray, offset: int, path: Path) -> None:

@@ -17,7 +17,6 @@ The digest is of the bytes written, so the manifest does not have to read the fi
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import os
 import queue
@@ -251,10 +250,8 @@ class HashingWriter:
             try:
                 return staging.read_direct(fd, view, start, source)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._sources[source] = (fd, False)  # the file system took the open, not the read
-                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~staging.DIRECT)
+                staging.direct_refused(fd, exc)
+                self._sources[source] = (fd, False)
         staging.read_range(fd, view, start, source)
         os.posix_fadvise(fd, start + view.nbytes, _AHEAD, os.POSIX_FADV_WILLNEED)
 
@@ -312,10 +309,10 @@ class HashingWriter:
             try:
                 done = os.pwrite(self._fd, view, offset)
             except OSError as exc:
-                if exc.errno != errno.EINVAL or not self._direct:
+                if not self._direct:
                     raise
-                self._direct = False  # the file system took the open but not the write: buffered
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~staging.DIRECT)
+                staging.direct_refused(self._fd, exc)
+                self._direct = False
                 continue
             view, offset = view[done:], offset + done
 
