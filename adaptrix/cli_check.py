@@ -101,12 +101,22 @@ def verify_command(
     skip_inputs: Annotated[
         bool, typer.Option("--skip-inputs", help="Do not re-hash the adapter and base it was built from.")
     ] = False,
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            "--expect", help="The sha256 manifest.json must have (as printed by an earlier verify)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (schema 1).")] = False,
 ) -> None:
-    """Check ARTIFACT against its manifest (files, sizes, sha256, inputs, graph); exit 1 if one differs."""
+    """Check ARTIFACT against its manifest (files, sizes, sha256, inputs, graph); exit 1 if one differs.
+
+    This proves the files are the ones the manifest lists, not that the manifest is the one the
+    compile wrote: pin that with --expect.
+    """
     from adaptrix.toolchain.verify import verify_artifact
 
-    report = _run(lambda: verify_artifact(artifact, inputs=not skip_inputs))
+    report = _run(lambda: verify_artifact(artifact, inputs=not skip_inputs, expect=expect))
     if as_json:
         out.print_json(json.dumps(report.as_json()))
     else:
@@ -117,5 +127,6 @@ def verify_command(
         verdict = "intact" if report.ok else f"{len(report.problems)} difference(s)"
         summary = f"{report.checked_files} files, {report.checked_inputs} inputs checked: {verdict}"
         out.print(f"{artifact} ({report.target}): {summary}", markup=False, highlight=False)
+        out.print(f"manifest.json sha256 {report.manifest_sha256}", markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +64,17 @@ def convert_adapter(
 
 
 def provenance(adapter: Path, source: ReadAdapter, base: Checkpoint | None) -> dict[str, object]:
-    """Where an AIR file comes from: the input adapter and its files' sha256, the base, the version."""
+    """Where an AIR file comes from: the input adapter and its files' sha256, the base, the version.
+
+    Paths are recorded resolved (os.path.realpath), so the file does not depend on their spelling.
+    """
     digests = hash_files(source.files())
     record: dict[str, object] = {
         "adaptrix_version": __version__,
-        "adapter": str(adapter.absolute()),
+        "adapter": os.path.realpath(adapter),
         "adapter_format": format_name(source),
         "adapter_files": {file.name: digest for file, digest in digests.items()},
-        "base": None if base is None else str(base.path.absolute()),
+        "base": None if base is None else os.path.realpath(base.path),
         "base_config_sha256": None if base is None else hash_files([base.path / "config.json"]).popitem()[1],
     }
     if isinstance(source, AirAdapter):
