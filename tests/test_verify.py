@@ -199,6 +199,14 @@ def test_a_link_out_of_the_artifact_is_not_followed(built, tmp_path):
     assert json.loads(result.output)["problems"] == ["config.json: a link that leads out of the artifact"]
 
 
+def test_a_manifest_linked_from_outside_is_refused(built, tmp_path):
+    artifact = fresh(built, "hooks", tmp_path)
+    outside = tmp_path / "manifest-elsewhere.json"
+    (artifact / "manifest.json").rename(outside)
+    (artifact / "manifest.json").symlink_to(outside)
+    assert_refused(verify(artifact), tmp_path / "nothing", "leads out of the artifact")
+
+
 INCOMPLETE = {
     "null-outputs": (lambda m: m.update(outputs=None), "outputs"),
     "no-outputs": (lambda m: m.pop("outputs"), "outputs"),

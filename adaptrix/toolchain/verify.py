@@ -98,6 +98,9 @@ def _manifest(root: Path) -> tuple[dict, str]:
     if not file.is_file():
         raise BadInputError(f"has no {MANIFEST_NAME}", path=root,
                             fix="give a directory that `adaptrix compile` wrote")  # fmt: skip
+    if not _inside(Path(os.path.realpath(root)), file):
+        raise BadInputError(f"{MANIFEST_NAME} is a link that leads out of the artifact", path=root,
+                            fix="give the directory a compile wrote: it writes no links")  # fmt: skip
     manifest = read_json(file, what="JSON manifest")
     digest = sha256_file(file)
     check_manifest(manifest, file)
