@@ -83,16 +83,31 @@ def _print(report) -> None:
     for column in ("target", "dtype", "max |diff|", "max rel", "top-1", "KL", "tolerance", "verdict"):
         table.add_column(column)
     for r in report.backends:
-        verdict = "ok" if r.ok and r.tolerance is not None else "ok (not judged)" if r.ok else "MISMATCH"
-        table.add_row(r.target, r.dtype, _cell(r.max_abs), _cell(r.max_rel), _cell(r.top1_agreement),
-                      _cell(r.kl), _cell(r.tolerance), verdict)  # fmt: skip
+        table.add_row(r.target, r.dtype or "-", _cell(r.max_abs), _cell(r.max_rel), _cell(r.top1_agreement),
+                      _cell(r.kl), _cell(r.tolerance), _verdict(r))  # fmt: skip
     out.print(table)
     for r in report.backends:
         if r.note:
             out.print(f"{r.target}: {r.note}", markup=False, highlight=False)
-    failed = [r.target for r in report.backends if not r.ok]
-    verdict = f"MISMATCH in {', '.join(failed)}" if failed else f"every backend matches {owner}"
+    verdicts = [(r.target, _verdict(r)) for r in report.backends]
+    unjudged = [target for target, verdict in verdicts if verdict == "not judged"]
+    parts = [f"{kind} in {', '.join(t for t, v in verdicts if v == kind)}"
+             for kind in ("FAILED", "MISMATCH") if any(v == kind for _, v in verdicts)]  # fmt: skip
+    if not parts and len(unjudged) < len(verdicts):
+        parts = [f"every {'judged ' if unjudged else ''}backend matches {owner}"]
+    if unjudged:
+        parts.append(f"not judged (no tolerance): {', '.join(unjudged)}")
+    verdict = "; ".join(parts)
     out.print(f"parity: {verdict}")
+
+
+def _verdict(result) -> str:
+    """A row's verdict: ok, MISMATCH (outside its tolerance), FAILED (not compiled or run), not judged."""
+    if result.ok is None:
+        return "not judged"
+    if result.ok:
+        return "ok"
+    return "FAILED" if result.max_rel is None and result.note.startswith("could not") else "MISMATCH"
 
 
 @app.command("verify")
@@ -121,12 +136,13 @@ def verify_command(
         out.print_json(json.dumps(report.as_json()))
     else:
         for line in report.problems:
-            out.print(f"differs: {line}", markup=False, highlight=False)
+            out.print(f"differs: {line}", markup=False, highlight=False, soft_wrap=True)
         for line in report.notes:
-            out.print(f"note: {line}", markup=False, highlight=False)
+            out.print(f"note: {line}", markup=False, highlight=False, soft_wrap=True)
         verdict = "intact" if report.ok else f"{len(report.problems)} difference(s)"
         summary = f"{report.checked_files} files, {report.checked_inputs} inputs checked: {verdict}"
-        out.print(f"{artifact} ({report.target}): {summary}", markup=False, highlight=False)
-        out.print(f"manifest.json sha256 {report.manifest_sha256}", markup=False, highlight=False)
+        out.print(f"{artifact} ({report.target}): {summary}", markup=False, highlight=False, soft_wrap=True)
+        pin = f"manifest.json sha256 {report.manifest_sha256} (pin it: adaptrix verify --expect SHA256)"
+        out.print(pin, markup=False, highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)

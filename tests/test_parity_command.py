@@ -154,3 +154,59 @@ def test_parity_api_is_the_command(case):
         and torch.isfinite(torch.tensor(report.backends[0].kl))
     )
     assert isinstance(report.as_json()["backends"][0]["max_rel"], float) and Path(report.adapter) == adapter
+
+
+def test_every_target_is_reported_when_one_cannot_run(case, tmp_path):
+    base, adapter, root = case
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text((root / "hooks" / "manifest.json").read_text())
+    (bundle / "bundle.safetensors").write_bytes(b"not a safetensors file")
+    result = parity(adapter, "--base", base, "--artifact", f"hooks={bundle}", "--artifact",
+                    f"merged={root / 'merged'}", "--json")  # fmt: skip
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    rows = {entry["target"]: entry for entry in report["backends"]}
+    assert report["ok"] is False and sorted(rows) == ["hooks", "merged"]
+    assert rows["merged"]["ok"] is True
+    failed = rows["hooks"]
+    assert (
+        failed["ok"] is False and failed["max_abs"] is None and failed["note"].startswith("could not run: ")
+    )
+    assert "bundle.safetensors" in failed["note"]
+    text = parity(adapter, "--base", base, "--artifact", f"hooks={bundle}", "--artifact",
+                  f"merged={root / 'merged'}")  # fmt: skip
+    assert text.exit_code == 1 and "FAILED" in text.output and "could not run" in text.output
+
+
+def test_every_target_is_reported_when_one_cannot_compile(case, tmp_path):
+    from adaptrix.toolchain.errors import UnsupportedError
+    from adaptrix.toolchain.parity import parity as run_parity
+
+    def compile_fn(adapter, base, target, out):
+        if target == "merged":
+            raise UnsupportedError("a planted refusal", fix="none")
+        return compile_adapter(adapter, base, target, out)
+
+    base, adapter, _ = case
+    report = run_parity(adapter, base, ["merged", "hooks"], work_dir=tmp_path, compile_fn=compile_fn)
+    rows = {row.target: row for row in report.backends}
+    assert not report.ok and sorted(rows) == ["hooks", "merged"] and rows["hooks"].ok is True
+    assert rows["merged"].ok is False and rows["merged"].note == "could not compile: a planted refusal; none"
+    assert json.loads(json.dumps(report.as_json(), allow_nan=False))["ok"] is False  # strict JSON
+
+
+def test_a_row_it_does_not_judge_is_not_ok_true(case, tmp_path):
+    base, adapter, _ = case
+    quantized = tmp_path / "int8"
+    compile_adapter(adapter, base, "onnx-cpu", quantized, options={"quantize": "int8"})
+    result = parity(adapter, "--base", base, "--artifact", f"onnx-cpu={quantized}", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    [row] = report["backends"]
+    assert row["tolerance"] is None and row["ok"] is None and report["ok"] is True
+    text = parity(adapter, "--base", base, "--artifact", f"onnx-cpu={quantized}")
+    assert text.exit_code == 0 and "not judged" in text.output
+    judged = parity(adapter, "--base", base, "--artifact", f"onnx-cpu={quantized}", "--tolerance", "0.5",
+                    "--json")  # fmt: skip
+    assert json.loads(judged.output)["backends"][0]["ok"] is True

@@ -5,26 +5,32 @@ re-exported as PEFT onto the base). Each backend is compiled into a work directo
 already compiled (`artifacts`), and run as a user would run it: `merged` with transformers,
 `hooks` attached to the plain base, `onnx-cpu` / `onnx-cuda` with onnxruntime. Per backend the
 report gives the max absolute and relative difference of the outputs, greedy top-1 agreement and
-the mean KL divergence of the softmax (for logits), and whether it is inside its tolerance.
+the mean KL divergence of the softmax (for logits), and whether it is inside its tolerance: `ok`
+is True or False where a tolerance applies, None where none does (a quantized artifact without
+--tolerance: reported, not judged). A backend that cannot be compiled or run is a row too, with
+ok False and a note saying why; every target is reported whatever happens to the others.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.errors import AdaptrixError, BadInputError
+from adaptrix.toolchain.jsonfile import read_json
 from adaptrix.toolchain.parity_run import BACKENDS, reference_outputs, run_backend
 
 __all__ = ["SCHEMA", "BackendResult", "ParityReport", "default_tolerance", "parity", "read_inputs"]
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = 1
 # Max |diff| of outputs against PEFT's float32 forward, relative to max |reference| (at least 1):
@@ -41,17 +47,21 @@ DEFAULT_SHAPE = (2, 16)
 
 @dataclass(frozen=True, slots=True)
 class BackendResult:
-    """One backend against the reference."""
+    """One backend against the reference.
+
+    `ok`: inside its tolerance (True), outside it or not compiled / run (False), or not judged
+    because no tolerance applies (None). `max_abs` / `max_rel` are None where nothing was compared.
+    """
 
     target: str
     artifact: str
-    dtype: str
-    max_abs: float
-    max_rel: float
+    dtype: str | None
+    max_abs: float | None
+    max_rel: float | None
     top1_agreement: float | None
     kl: float | None
     tolerance: float | None
-    ok: bool
+    ok: bool | None
     note: str = ""
 
 
@@ -68,8 +78,8 @@ class ParityReport:
 
     @property
     def ok(self) -> bool:
-        """Whether every backend is inside its tolerance."""
-        return all(result.ok for result in self.backends)
+        """Whether no backend failed: each is inside its tolerance or not judged (ok None)."""
+        return all(result.ok is not False for result in self.backends)
 
     def as_json(self) -> dict:
         """{schema, reference, adapter, base, output, inputs, ok, backends: [...]}."""
@@ -94,10 +104,7 @@ def read_inputs(path: Path | None, vocab_size: int) -> dict[str, torch.Tensor]:
     if path is None:
         ids = torch.randint(0, vocab_size, DEFAULT_SHAPE, generator=torch.Generator().manual_seed(0))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot be read as JSON ({exc})", path=path) from None
+    data = read_json(path, what="JSON list of token ids")
     rows = data.get("input_ids") if isinstance(data, dict) else data
     fix = 'write [[1, 2, 3], [4, 5, 6]] or {"input_ids": [[...]], "attention_mask": [[...]]}'
     if not (isinstance(rows, list) and rows and all(isinstance(row, list) and row for row in rows)):
@@ -133,32 +140,78 @@ def parity(
         )
     if not targets and not artifacts:
         raise BadInputError("no targets to check", fix="give --targets merged,hooks,onnx-cpu")
+    given = {target: Path(path) for target, path in (artifacts or {}).items()}
+    for target, path in given.items():
+        _check_given(target, path)
     checkpoint = Checkpoint(base)
     feeds = read_inputs(Path(inputs) if inputs else None, checkpoint.source.vocab_size)
     with tempfile.TemporaryDirectory(prefix="adaptrix-parity-", dir=work_dir) as scratch:
         root = Path(scratch)
         expected, reference = reference_outputs(Path(adapter), checkpoint, feeds, root)
-        chosen = {target: Path(path) for target, path in (artifacts or {}).items()}
-        for target in targets:
-            if target not in chosen:
-                chosen[target] = _compile(compile_fn, adapter, base, target, root / target)
-        mask, bounds = feeds["attention_mask"], tolerances or {}
-        results = [_judge(target, path, run_backend(target, path, checkpoint, feeds), expected, mask, bounds)
-                   for target, path in chosen.items()]  # fmt: skip
+        judge = _Judge(checkpoint, feeds, expected, tolerances or {})
+        build = partial(_compile, compile_fn, adapter, base)
+        results = [judge.given(target, path) for target, path in given.items()]
+        results += [judge.compiled(target, root / target, build) for target in targets if target not in given]
     shape = list(feeds["input_ids"].shape)
-    given = {"shape": shape, "file": str(inputs) if inputs else None}
+    given_inputs = {"shape": shape, "file": str(inputs) if inputs else None}
     output = "logits" if expected.dim() == 3 else "outputs"
-    return ParityReport(str(adapter), str(base), output, given, tuple(results), reference)
+    return ParityReport(str(adapter), str(base), output, given_inputs, tuple(results), reference)
 
 
-def _compile(compile_fn, adapter, base, target: str, out: Path) -> Path:
+def _check_given(target: str, path: Path) -> None:
+    """An --artifact must be one a compile for its target wrote: else the command line is wrong (exit 2)."""
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        raise BadInputError("has no manifest.json", path=path,
+                            fix=f"give a directory `adaptrix compile --target {target}` wrote")  # fmt: skip
+    manifest = read_json(manifest_file, what="JSON manifest")
+    found = manifest.get("target") if isinstance(manifest, dict) else None
+    if found != target:
+        raise BadInputError(f"was compiled for {found!r}, not {target}", path=path,
+                            fix=f"pass it as {found}=DIR")  # fmt: skip
+
+
+def _compile(compile_fn, adapter, base, target: str, out: Path) -> None:
     if compile_fn is None:
         from adaptrix.toolchain.pipeline import compile_adapter as compile_fn
-    try:
-        compile_fn(adapter, base, target, out)
-    except UnsupportedError as exc:
-        raise exc.with_context(f"parity {target}") from None
-    return out
+    compile_fn(adapter, base, target, out)
+
+
+@dataclass(frozen=True, slots=True)
+class _Judge:
+    """Runs one backend after another against the reference; a failure becomes that backend's row."""
+
+    checkpoint: Checkpoint
+    feeds: dict[str, torch.Tensor]
+    expected: torch.Tensor
+    tolerances: Mapping[str, float]
+
+    def compiled(self, target: str, out: Path, build: Callable[[str, Path], None]) -> BackendResult:
+        """Compile with `build(target, out)`, then run and judge; a compile that fails is a failed row."""
+        try:
+            build(target, out)
+        except Exception as exc:  # every target gets its row: the note says why
+            return _failed(target, out, "could not compile", exc)
+        return self.given(target, out)
+
+    def given(self, target: str, path: Path) -> BackendResult:
+        """Run a compiled artifact and judge it; a run that fails is a failed row."""
+        try:
+            run = run_backend(target, path, self.checkpoint, self.feeds)
+        except Exception as exc:  # every target gets its row: the note says why
+            return _failed(target, path, "could not run", exc)
+        mask = self.feeds["attention_mask"]
+        return _judge(target, path, run, self.expected, mask, self.tolerances)
+
+
+def _failed(target: str, path: Path, stage: str, exc: Exception) -> BackendResult:
+    """The row of a backend that could not be compiled or run."""
+    logger.debug("parity %s: %s", target, stage, exc_info=True)
+    if isinstance(exc, AdaptrixError):
+        why = exc.line()
+    else:
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    return BackendResult(target, str(path), None, None, None, None, None, None, False, f"{stage}: {why}")
 
 
 def _judge(target: str, path: Path, run, expected: torch.Tensor, mask: torch.Tensor,
@@ -168,7 +221,7 @@ def _judge(target: str, path: Path, run, expected: torch.Tensor, mask: torch.Ten
     got, ref = got.double(), expected.double()
     if got.shape != ref.shape:
         why = f"output shape {list(got.shape)} differs from PEFT's {list(ref.shape)}"
-        return BackendResult(target, str(path), dtype, math.inf, math.inf, None, None, None, False, why)
+        return BackendResult(target, str(path), dtype, None, None, None, None, None, False, why)
     diff = (got - ref).abs()
     max_abs = float(diff.max())
     max_rel = max_abs / max(1.0, float(ref.abs().max()))
@@ -182,5 +235,5 @@ def _judge(target: str, path: Path, run, expected: torch.Tensor, mask: torch.Ten
     elif ref.dim() == 2 and ref.shape[-1] > 1:  # a classifier's logits
         top1 = float((ref.argmax(-1) == got.argmax(-1)).double().mean())
     bound = tolerances.get(target, tolerances.get("*", default_tolerance(target, dtype, quantized)))
-    ok = bound is None or (np.isfinite(max_rel) and max_rel <= bound)
+    ok = None if bound is None else bool(np.isfinite(max_rel) and max_rel <= bound)
     return BackendResult(target, str(path), dtype, max_abs, max_rel, top1, kl, bound, ok, note)
