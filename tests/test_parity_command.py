@@ -210,3 +210,14 @@ def test_a_row_it_does_not_judge_is_not_ok_true(case, tmp_path):
     judged = parity(adapter, "--base", base, "--artifact", f"onnx-cpu={quantized}", "--tolerance", "0.5",
                     "--json")  # fmt: skip
     assert json.loads(judged.output)["backends"][0]["ok"] is True
+
+
+def test_the_json_is_strict_whatever_the_numbers():
+    from adaptrix.toolchain.parity import BackendResult, ParityReport
+
+    nan, inf = float("nan"), float("inf")
+    row = BackendResult("merged", "out", "float32", nan, inf, 0.5, nan, 1e-4, False)
+    report = ParityReport("a", "b", "logits", {"shape": [2, 16], "file": None}, (row,))
+    [entry] = json.loads(json.dumps(report.as_json(), allow_nan=False))["backends"]
+    assert entry["max_abs"] is None and entry["max_rel"] is None and entry["kl"] is None
+    assert entry["top1_agreement"] == 0.5 and entry["ok"] is False

@@ -14,6 +14,7 @@ ok False and a note saying why; every target is reported whatever happens to the
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -85,7 +86,13 @@ class ParityReport:
         """{schema, reference, adapter, base, output, inputs, ok, backends: [...]}."""
         return {"schema": SCHEMA, "reference": self.reference, "adapter": self.adapter, "base": self.base,
                 "output": self.output, "inputs": dict(self.inputs), "ok": self.ok,
-                "backends": [asdict(result) for result in self.backends]}  # fmt: skip
+                "backends": [_strict(asdict(result)) for result in self.backends]}  # fmt: skip
+
+
+def _strict(row: dict) -> dict:
+    """A row as strict JSON: a measure that is not finite (NaN, inf outputs) becomes null."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in row.items()}  # fmt: skip
 
 
 def default_tolerance(target: str, dtype: str, quantized: bool) -> float | None:
