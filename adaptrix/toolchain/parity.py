@@ -22,6 +22,7 @@ import torch
 
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.output_guard import check_outside_inputs
 from adaptrix.toolchain.parity_run import BACKENDS, reference_outputs, run_backend
 
 __all__ = ["SCHEMA", "BackendResult", "ParityReport", "default_tolerance", "parity", "read_inputs"]
@@ -135,6 +136,8 @@ def parity(
         raise BadInputError("no targets to check", fix="give --targets merged,hooks,onnx-cpu")
     checkpoint = Checkpoint(base)
     feeds = read_inputs(Path(inputs) if inputs else None, checkpoint.source.vocab_size)
+    if work_dir is not None:
+        check_outside_inputs(work_dir, [adapter, base, *([inputs] if inputs else [])], "a --work-dir")
     with tempfile.TemporaryDirectory(prefix="adaptrix-parity-", dir=work_dir) as scratch:
         root = Path(scratch)
         expected, reference = reference_outputs(Path(adapter), checkpoint, feeds, root)
