@@ -42,14 +42,19 @@ def check_output(
 
 
 def check_outside_inputs(
-    folder: Path | str, inputs: Sequence[Path | str], what: str, *, given: Path | None = None
+    folder: Path | str,
+    inputs: Sequence[Path | str],
+    what: str,
+    *,
+    given: Path | None = None,
+    replaced: bool = True,
 ) -> None:
-    """Refuse a place to write that is, holds or lies inside any input."""
+    """Refuse a place to write that is, lies inside, or (if it is `replaced`) holds any input."""
     target = resolved(folder)
     shown = given or Path(folder).absolute()
     for each in inputs:
         source = resolved(each)
-        if target == source or source.is_relative_to(target) or _same_file(target, source):
+        if target == source or _same_file(target, source) or (replaced and source.is_relative_to(target)):
             why = f"would overwrite the input {each}"
         elif target.is_relative_to(source):
             why = f"lies inside the input {each}"

@@ -137,7 +137,8 @@ def parity(
     checkpoint = Checkpoint(base)
     feeds = read_inputs(Path(inputs) if inputs else None, checkpoint.source.vocab_size)
     if work_dir is not None:
-        check_outside_inputs(work_dir, [adapter, base, *([inputs] if inputs else [])], "a --work-dir")
+        read = [adapter, base, *([inputs] if inputs else [])]
+        check_outside_inputs(work_dir, read, "a --work-dir", replaced=False)  # it gets a fresh folder
     with tempfile.TemporaryDirectory(prefix="adaptrix-parity-", dir=work_dir) as scratch:
         root = Path(scratch)
         expected, reference = reference_outputs(Path(adapter), checkpoint, feeds, root)
