@@ -80,11 +80,11 @@ def compile_adapter(
     options = {key: value for key, value in (options or {}).items() if value is not None}
     combining = any(parse_pass(text)[0].several for text in passes)
     _check_options(emit, adapters, options, combining)
-    guarded = _read_paths(adapters, Path(base), options, passes)
-    check_output(out, force=force, inputs=guarded)  # before any slow work; again when writing
     torch_dtype = parse_dtype(dtype) or emit.default_dtype
     checkpoint = Checkpoint(base)
     read = [read_adapter(path) for path in adapters]
+    guarded = _read_paths(adapters, Path(base), options, passes)
+    check_output(out, force=force, inputs=guarded)  # before the passes' slow work; again when writing
     irs, records = run_passes([source_ir(each, checkpoint) for each in read], passes, checkpoint)
     carried = any(ir.source != checkpoint.source for ir in irs)
     if carried or any(isinstance(each, AirAdapter) for each in read):
