@@ -246,6 +246,19 @@ def test_stale_cleanup_spares_folders_that_only_match_the_name(case, tmp_path):
     assert not ours.exists()
 
 
+def test_an_output_a_killed_run_moved_aside_is_put_back(case, tmp_path):
+    base, adapter = case
+    out, pid = tmp_path / "out", dead_pid()
+    compile_adapter(adapter, base, "hooks", out)
+    before = digests(out)
+    aside = tmp_path / f".out.adaptrix-old-{pid}"
+    out.rename(aside)
+    (aside / MARKER).write_text(str(pid))
+    refused(cli("compile", adapter, "--base", base, "-o", out), out, "already exists")
+    assert digests(out) == before
+    assert leftovers(tmp_path) == []
+
+
 # 4. -o a symlink.
 
 

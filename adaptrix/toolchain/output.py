@@ -156,8 +156,8 @@ def _claimed(out: Path, force: bool, inputs: Sequence[Path], kind: str) -> Itera
         raise BadInputError(f"cannot create its folder ({exc.strerror or exc})", path=given,
                             fix="choose an -o in a folder you can write") from None  # fmt: skip
     with _locked(target, given):
+        remove_stale(target.parent, target.name)  # may put back an output a killed run moved aside
         check_replaceable(target, force=force, kind=kind, given=given)  # again, now that it is ours
-        remove_stale(target.parent, target.name)
         tmp = _temporary(target)
         watcher = _Watcher(tmp, target, _aside(target), target.parent / f".{target.name}{_LOCK}")
         try:
