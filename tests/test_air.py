@@ -79,7 +79,8 @@ def test_peft_air_peft_round_trip_matches_peft(family, lora, bases, tmp_path):
     air, back = tmp_path / "adapter.air.safetensors", tmp_path / "back"
     cli("convert", adapter, "--to", "air", "-o", air, "--base", base)
     cli("convert", air, "--to", "peft", "-o", back, "--base", base)
-    assert sorted(p.name for p in back.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = ["adapter_config.json", "adapter_model.safetensors", "manifest.json"]
+    assert sorted(p.name for p in back.iterdir()) == written
     inputs = sample_inputs(family)
     expected = peft_logits(family, base, adapter, inputs)
     got = peft_logits(family, base, back, inputs)

@@ -17,6 +17,7 @@ from adaptrix.toolchain.frontends.air import AirAdapter
 from adaptrix.toolchain.frontends.formats import ReadAdapter, format_name, lower_adapter, read_adapter
 from adaptrix.toolchain.frontends.peft_config import CONFIG_NAME
 from adaptrix.toolchain.hashing import hash_files
+from adaptrix.toolchain.manifest import input_hashes, write_manifest
 from adaptrix.toolchain.output import atomic_file, atomic_output
 
 __all__ = ["CONVERT_FORMATS", "ConvertResult", "convert_adapter", "provenance"]
@@ -48,7 +49,10 @@ def convert_adapter(
     base_path = _base_for(source, None if base is None else Path(base), to)
     checkpoint = None if base_path is None else Checkpoint(base_path)
     ir = source.ir() if checkpoint is None else lower_adapter(source, checkpoint)
-    inputs = [adapter] if base_path is None else [adapter, base_path]
+    groups = {"adapter": (adapter, source.files())}
+    if checkpoint is not None:
+        groups["base"] = (base_path, checkpoint.files())
+    inputs = [path for root, files in groups.values() for path in (root, *files)]  # each as resolved
     try:
         if to == "air":
             with atomic_file(out, force=force, inputs=inputs) as tmp:
@@ -57,6 +61,7 @@ def convert_adapter(
         else:
             with atomic_output(out, force=force, inputs=inputs) as tmp:
                 files = write_peft(ir, checkpoint, tmp).files
+                _write_peft_manifest(tmp, groups, files, len(ir.sites()))
     except AdaptrixError as exc:
         raise exc.with_context(f"--to {to}") from None
     logger.info("converted %s to %s at %s", adapter, to, out)
@@ -80,6 +85,12 @@ def provenance(adapter: Path, source: ReadAdapter, base: Checkpoint | None) -> d
     if isinstance(source, AirAdapter):
         record["origin"] = dict(source.provenance)
     return record
+
+
+def _write_peft_manifest(out: Path, groups: dict, files: list[str], sites: int) -> None:
+    """The PEFT folder's manifest.json: what it was made from (and what lets --force replace it)."""
+    write_manifest(out, target="peft", dtype="float32", inputs=input_hashes(groups), passes=[],
+                   files=files, extra={"sites": sites})  # fmt: skip
 
 
 def _base_for(source: ReadAdapter, base: Path | None, to: str) -> Path | None:

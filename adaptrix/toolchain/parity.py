@@ -27,6 +27,7 @@ import torch
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 from adaptrix.toolchain.jsonfile import read_json
+from adaptrix.toolchain.output_guard import check_outside_inputs
 from adaptrix.toolchain.parity_run import BACKENDS, reference_outputs, run_backend
 
 __all__ = ["SCHEMA", "BackendResult", "ParityReport", "default_tolerance", "parity", "read_inputs"]
@@ -152,6 +153,9 @@ def parity(
         _check_given(target, path)
     checkpoint = Checkpoint(base)
     feeds = read_inputs(Path(inputs) if inputs else None, checkpoint.source.vocab_size)
+    if work_dir is not None:
+        read = [adapter, base, *([inputs] if inputs else [])]
+        check_outside_inputs(work_dir, read, "a --work-dir", replaced=False)  # it gets a fresh folder
     with tempfile.TemporaryDirectory(prefix="adaptrix-parity-", dir=work_dir) as scratch:
         root = Path(scratch)
         expected, reference = reference_outputs(Path(adapter), checkpoint, feeds, root)

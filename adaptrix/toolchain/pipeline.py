@@ -21,6 +21,7 @@ from adaptrix.toolchain.frontends.formats import lower_adapter, read_adapter, so
 from adaptrix.toolchain.ir import AdapterIR
 from adaptrix.toolchain.manifest import input_hashes, write_manifest
 from adaptrix.toolchain.output import atomic_output
+from adaptrix.toolchain.output_guard import check_output
 
 __all__ = ["CompileResult", "compile_adapter", "load", "parse_dtype"]
 
@@ -31,6 +32,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }  # fmt: skip
+
+_PASS_FILES = ("source", "prompts")  # pass options that name a file or folder the pass reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,8 @@ def compile_adapter(
     torch_dtype = parse_dtype(dtype) or emit.default_dtype
     checkpoint = Checkpoint(base)
     read = [read_adapter(path) for path in adapters]
+    guarded = _read_paths(adapters, Path(base), options, passes)
+    check_output(out, force=force, inputs=guarded)  # before the passes' slow work; again when writing
     irs, records = run_passes([source_ir(each, checkpoint) for each in read], passes, checkpoint)
     carried = any(ir.source != checkpoint.source for ir in irs)
     if carried or any(isinstance(each, AirAdapter) for each in read):
@@ -96,7 +101,8 @@ def compile_adapter(
     inputs["base"] = (Path(base), checkpoint.files())
     total = sum(info.nbytes for info in checkpoint.tensors.values())
     step = (lambda done: progress(done, total)) if progress else None
-    with atomic_output(Path(out), force=force, inputs=[*adapters, Path(base)]) as tmp:
+    files = [file for _, group in inputs.values() for file in group]  # an HF cache's links: their blobs
+    with atomic_output(Path(out), force=force, inputs=[*guarded, *files]) as tmp:
         try:
             written = emit.write(irs[0], checkpoint, tmp, dtype=torch_dtype, progress=step, **options)
         except AdaptrixError as exc:
@@ -130,6 +136,23 @@ def _check_options(
     if len(adapters) > 1 and not emit.several and not combining:
         raise BadInputError(f"--target {emit.name} takes one adapter, {len(adapters)} were given",
                             fix="compile them one at a time, or into one with --pass combine")  # fmt: skip
+
+
+def _read_paths(
+    adapters: list[Path], base: Path, options: Mapping[str, object], passes: Sequence[str]
+) -> list[Path]:
+    """Every path the compile reads: adapters, base, calibration prompts, the files passes name."""
+    paths = [*adapters, base]
+    if options.get("calibration") is not None:
+        paths.append(Path(str(options["calibration"])))
+    for text in passes:
+        _, parsed = parse_pass(text)
+        paths += [
+            Path(value)
+            for name in _PASS_FILES
+            if isinstance(value := getattr(parsed, name, None), str) and value
+        ]
+    return paths
 
 
 def adapter_label(path: Path, taken: set[str]) -> str:

@@ -23,6 +23,7 @@ from adaptrix.targets.onnx.float16 import to_float16
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.hashing import hash_files
+from adaptrix.toolchain.output import atomic_entry
 
 __all__ = ["DATA_NAME", "EXPORT_FORMAT", "MODEL_NAME", "BaseExport", "cache_root", "export_base", "task_of"]
 
@@ -115,20 +116,20 @@ def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = Non
     except OSError as exc:
         raise BadInputError(f"cannot create the cache directory: {exc.strerror}", path=root,
                             fix="pass --cache-dir with a writable directory") from None  # fmt: skip
-    tmp = root / f".{entry.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    if os.path.lexists(entry):
+        raise _in_the_way(entry)
+    with atomic_entry(entry) as tmp:  # a killed export leaves nothing: its watcher, or the next export
         _export(base, task, dtype, tmp)
         (tmp / "export.json").write_text(json.dumps({"key": key, "task": task, "dtype": dtype,
                                                      "base": str(base.path)}, indent=2) + "\n")  # fmt: skip
-        try:
-            tmp.rename(entry)
-        except OSError:  # another process cached the same export meanwhile
-            if not (entry / "export.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (entry / "export.json").is_file():
+        raise _in_the_way(entry)
     return BaseExport(entry, key, task, dtype)
+
+
+def _in_the_way(entry: Path) -> BadInputError:
+    return BadInputError("is in the way of the cached export and is not a complete one", path=entry,
+                         fix="remove it, or pass another --cache-dir")  # fmt: skip
 
 
 def _to_float16(path: Path) -> onnx.ModelProto:
