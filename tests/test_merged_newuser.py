@@ -22,6 +22,7 @@ LABELS = 3
 HEADLESS = {
     "bert": (tf.BertModel, "classifier", {}),
     "bert-mlm": (tf.BertForMaskedLM, "classifier", {}),
+    "roberta": (tf.RobertaModel, "classifier", {}),
     "llama": (tf.LlamaForCausalLM, "score", {"pad_token_id": 0}),
     "llama-model": (tf.LlamaModel, "score", {"pad_token_id": 0}),
 }
@@ -40,7 +41,8 @@ def _classifier_adapter(base: Path, path: Path) -> Path:
     """What a user trains: AutoModelForSequenceClassification on the headless base, task SEQ_CLS."""
     torch.manual_seed(5)
     model = tf.AutoModelForSequenceClassification.from_pretrained(base, num_labels=LABELS)
-    targets = ["query", "value"] if model.config.model_type == "bert" else ["q_proj", "v_proj"]
+    encoder = model.config.model_type in ("bert", "roberta")
+    targets = ["query", "value"] if encoder else ["q_proj", "v_proj"]
     config = LoraConfig(
         task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False
     )
@@ -60,7 +62,7 @@ def _inputs(kind: str) -> dict:
     return inputs
 
 
-@pytest.mark.parametrize("kind", ["bert", "llama", "llama-model"])
+@pytest.mark.parametrize("kind", ["bert", "roberta", "llama", "llama-model"])
 def test_classifier_adapter_on_a_headless_base_merges_with_its_head(kind, tmp_path):
     base = _headless_base(kind, tmp_path / "base")
     adapter = _classifier_adapter(base, tmp_path / "adapter")
@@ -201,3 +203,33 @@ def test_side_folders_are_carried_and_weights_of_other_modules_kept(gpt2_case, t
     manifest = json.loads((out / "manifest.json").read_text())
     skipped = set(manifest["not_carried"])
     assert {"tf_model.h5", "openvino/openvino_model.bin", "openvino/openvino_model.xml"} <= skipped
+
+
+def test_a_hugging_face_cache_snapshot_is_read_through_its_links(bases, tmp_path):
+    """Snapshot files are symlinks into the cache's blobs/: those are the base's own files."""
+    repo = tmp_path / "models--tiny--gpt2"
+    snapshot, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    source = bases("gpt2")
+    files = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    files["vocab.json"] = b'{"a": 0}'
+    for i, (name, data) in enumerate(sorted(files.items())):
+        (blobs / f"blob{i}").write_bytes(data)
+        os.symlink(f"../../blobs/blob{i}", snapshot / name)
+    adapter = make_adapter("gpt2", source, tmp_path / "adapter")
+    out = tmp_path / "merged"
+    compile_adapter(adapter, snapshot, "merged", out)
+    assert (out / "vocab.json").read_bytes() == b'{"a": 0}' and not (out / "vocab.json").is_symlink()
+
+
+def test_side_files_are_bounded(gpt2_case, tmp_path, monkeypatch):
+    from adaptrix.targets import side_files
+
+    base, adapter = gpt2_case
+    monkeypatch.setattr(side_files, "MAX_FILES", 3)
+    for i in range(5):
+        (base / f"note{i}.txt").write_text("x")
+    with pytest.raises(AdaptrixError, match="side files"):
+        compile_adapter(adapter, base, "merged", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

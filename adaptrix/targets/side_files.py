@@ -12,7 +12,6 @@ logged and listed, with the reason, in the merged target's manifest (`not_carrie
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from adaptrix.toolchain.checkpoint import INDEX_NAME, Checkpoint
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.jsonfile import read_json
 
 __all__ = ["SidePlan", "plan_side_files"]
 
@@ -79,14 +79,9 @@ def plan_side_files(base: Checkpoint) -> SidePlan:
 def _module_folders(root: Path) -> set[str]:
     """Folders that sentence-transformers' modules.json names as modules other than the base's."""
     file = root / "modules.json"
-    if not file.is_file() or file.is_symlink():
+    if not file.is_file():
         return set()
-    try:
-        modules = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BadInputError(
-            "is not valid JSON", path=file, fix="restore the sentence-transformers modules.json"
-        ) from None
+    modules = read_json(_inside(root, file, file.name), what="sentence-transformers modules.json")
     if not isinstance(modules, list):
         return set()
     paths = (m.get("path") for m in modules if isinstance(m, dict))
