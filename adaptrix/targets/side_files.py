@@ -35,6 +35,7 @@ CONFIG_NAME = "config.json"
 MAX_FILES = 10_000
 MAX_BYTES = 2 << 30  # side files beyond this are not a model's configs and tokenizer
 MAX_DEPTH = 8
+_HIDDEN = "hidden"
 _OWN = {"manifest.json": "the output has its own manifest"}
 
 
@@ -61,8 +62,9 @@ class SidePlan:
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, out / name)
             copied.append(name)
-        for name, why in self.skipped.items():
-            logger.warning("not carried into the output: %s (%s)", name, why)
+        for name, why in self.skipped.items():  # hidden files (.git, .gitattributes) are no news
+            level = logging.DEBUG if why == _HIDDEN else logging.WARNING
+            logger.log(level, "not carried into the output: %s (%s)", name, why)
         return copied
 
 
@@ -92,13 +94,16 @@ def _walk(root: Path, folder: Path, rel: str, depth: int, plan: SidePlan, merged
     if depth > MAX_DEPTH:
         raise BadInputError(f"nests folders deeper than {MAX_DEPTH} levels at {rel}", path=root,
                             fix="move what is not part of the model out of the base directory")  # fmt: skip
-    entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        raise BadInputError(f"{rel or '.'} cannot be read ({exc.strerror or exc})", path=root) from None
     if not entries and rel:
         plan.folders.append(rel)
     for entry in entries:
         name = f"{rel}/{entry.name}" if rel else entry.name
         if entry.name.startswith("."):
-            plan.skipped[name] = "hidden"
+            plan.skipped[name] = _HIDDEN
             continue
         path = Path(entry.path)
         source = _inside(root, path, name)
@@ -110,10 +115,10 @@ def _walk(root: Path, folder: Path, rel: str, depth: int, plan: SidePlan, merged
         why = _left_out(name, source, rel, modules)
         if why:
             plan.skipped[name] = why
-            continue
-        plan.files.append((source, name))
-        plan.size += source.stat().st_size
-        if len(plan.files) > MAX_FILES or plan.size > MAX_BYTES:
+        else:
+            plan.files.append((source, name))
+            plan.size += source.stat().st_size
+        if len(plan.files) + len(plan.skipped) > MAX_FILES or plan.size > MAX_BYTES:
             raise BadInputError(
                 f"holds more than {MAX_FILES} side files or {MAX_BYTES >> 30} GB of them (at {name})",
                 path=root,
