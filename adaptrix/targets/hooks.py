@@ -23,6 +23,7 @@ from adaptrix.runtime.bundle import (
     TENSORS_FILE,
     probe_indices,
 )
+from adaptrix.targets.head import refuse_new_head
 from adaptrix.targets.hooks_bottleneck import bottleneck_entries
 from adaptrix.targets.hooks_kinds import compact_factored, dense_delta, input_scale, output_scale
 from adaptrix.targets.merge_math import merge_tensor
@@ -109,6 +110,7 @@ def touched_modules(ir: AdapterIR, base: Checkpoint) -> list[TouchedModule]:
         used.update(Site(placement.layer, r) for r in placement.module.roles)
         modules.append(TouchedModule(placement, weight, role_ops))
     if missing := [site for site in ir.sites() if site not in used]:
+        refuse_new_head(ir, base, missing)  # a classifier head the base has not: --target merged adds it
         raise BadInputError(
             f"{missing[0]}: the base has no module for it",
             path=base.path,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -16,21 +15,20 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.targets.head import HeadLayout, head_layout, new_head_sites, refuse_new_head
 from adaptrix.targets.merge_bottleneck import fold_bottlenecks
 from adaptrix.targets.merge_math import merge_tensor, op_params, required_params
+from adaptrix.targets.side_files import CONFIG_NAME, plan_side_files
 from adaptrix.targets.written import Written
 from adaptrix.toolchain.binders.table import Placement
-from adaptrix.toolchain.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint
+from adaptrix.toolchain.checkpoint import INDEX_NAME, Checkpoint
 from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.ir import AdapterIR, Op, Role, Site
+from adaptrix.toolchain.ir import AdapterIR, LazyTensor, Op, Replace, Role, Site
 from adaptrix.toolchain.safetensors_io import PlannedTensor, write_safetensors
 
 __all__ = ["TensorPlan", "copy_side_files", "merged_value", "plan_tensors", "write_merged"]
 
 logger = logging.getLogger(__name__)
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
-_WEIGHT_FILES = {INDEX_NAME, "pytorch_model.bin.index.json", "manifest.json"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +36,8 @@ class TensorPlan:
     """One output tensor: where its value comes from and which ops change it."""
 
     name: str
-    source: str  # the base tensor it starts from
-    shard: int
+    source: str | None  # the base tensor it starts from; None: a head the adapter brings
+    shard: str  # the output file: the base's shard of `source`, by the same name
     placement: Placement | None
     param: str
     role_ops: tuple[tuple[Op, ...], ...]
@@ -59,55 +57,74 @@ def write_merged(
 ) -> Written:
     """Write the merged model into directory `out`; return the files written."""
     ir = fold_bottlenecks(ir, base)  # linear bottlenecks become weight deltas; others are refused
-    items, untied = plan_tensors(ir, base)
-    shards = _shard_names(1 + max(item.shard for item in items))
+    side = plan_side_files(base)  # before the weights: a refused side file fails at once
+    heads = new_head_sites(ir, base)
+    layout = head_layout(ir, base, heads) if heads else None
+    items, untied = plan_tensors(ir, base, layout)
     written: list[str] = []
     digests: dict[str, str] = {}
-    for index, shard_name in enumerate(shards):
-        batch = [item for item in items if item.shard == index]
+    for shard_name in dict.fromkeys(item.shard for item in items):
+        batch = [item for item in items if item.shard == shard_name]
         digests[shard_name] = _write_shard(out / shard_name, batch, base, dtype, progress)
         written.append(shard_name)
-    if len(shards) > 1:
-        _write_index(out, items, shards, base, dtype)
+    if (base.path / INDEX_NAME).is_file():
+        _write_index(out, items, base, dtype)
         written.append(INDEX_NAME)
-    written += copy_side_files(base, out, dtype, untied)
-    return Written(written, {"untied_lm_head": untied}, digests)
+    written += side.copy(out)
+    _write_config(base, out / CONFIG_NAME, dtype or base.dtype(), untied, layout.config if layout else {})
+    written.append(CONFIG_NAME)
+    manifest = {"untied_lm_head": untied, "not_carried": side.skipped}
+    if layout is not None:
+        manifest["head"] = layout.manifest()
+    return Written(written, manifest, digests)
 
 
-def plan_tensors(ir: AdapterIR, base: Checkpoint) -> tuple[list[TensorPlan], bool]:
-    """Every output tensor with the ops that change it, and whether the head is untied."""
+def plan_tensors(
+    ir: AdapterIR, base: Checkpoint, layout: HeadLayout | None = None
+) -> tuple[list[TensorPlan], bool]:
+    """Every output tensor with the ops that change it, and whether the head is untied.
+
+    Each lies in the shard of the base that holds its source, under the same file name. With a
+    `layout` (a classifier head from the adapter on a headless base) the tensors take the task
+    model's names, those it has not are left out, and the head is added to the last shard.
+    """
     by_site = ir.by_site()
-    shard_of = {shard: i for i, shard in enumerate(base.shards)}
+    shard_names = {shard: _shard_name(shard, base) for shard in base.shards}
     items, used = [], set()
     tied = base.source.tie_word_embeddings
     head_sites = {Site(None, Role.EMBED), Site(None, Role.LM_HEAD)}
-    untie = tied and _has_lm_head(base) and bool(head_sites & by_site.keys())
-    embed_name = None
+    untie = layout is None and tied and _has_lm_head(base) and bool(head_sites & by_site.keys())
+    embed = None
     for name, info in base.tensors.items():
+        out_name = name if layout is None else layout.names.get(name)
+        if out_name is None:
+            continue  # a tensor the task model has not (a language-model head)
         module_name, _, param = name.rpartition(".")
         placement = base.binder.resolve(module_name)
+        shard = shard_names[info.file]
         if placement is None:
-            items.append(TensorPlan(name, name, shard_of[info.file], None, param, ()))
+            items.append(TensorPlan(out_name, name, shard, None, param, ()))
             continue
         if placement.module.roles == (Role.EMBED,) and param == "weight":
-            embed_name = name
+            embed = (name, shard)
         if untie and placement.module.roles == (Role.LM_HEAD,):
             continue  # a tied head is rebuilt from the embedding below
         role_ops = _role_ops(placement, param, by_site, used)
-        items.append(TensorPlan(name, name, shard_of[info.file], placement, param, role_ops))
+        items.append(TensorPlan(out_name, name, shard, placement, param, role_ops))
     if untie:
+        if embed is None:
+            raise BadInputError("has a tied lm_head but no embedding weight", path=base.path,
+                                fix="re-save the base with save_pretrained")  # fmt: skip
         head = base.binder.resolve(base.binder.lm_head_weight.rpartition(".")[0])
         role_ops = _role_ops(head, "weight", by_site, used)
-        items.append(
-            TensorPlan(
-                base.binder.lm_head_weight,
-                embed_name,
-                len(base.shards) - 1,
-                head,
-                "weight",
-                role_ops,
+        items.append(TensorPlan(base.binder.lm_head_weight, embed[0], embed[1], head, "weight", role_ops))
+    if layout is not None:
+        last = max(shard_names.values())
+        for name, placement in layout.head.items():
+            param = name.rpartition(".")[2]
+            items.append(
+                TensorPlan(name, None, last, placement, param, _role_ops(placement, param, by_site, used))
             )
-        )
     _check_all_used(ir, used, base)
     return items, untie
 
@@ -133,6 +150,9 @@ def _role_ops(placement: Placement, param: str, by_site: dict, used: set) -> tup
 
 
 def _check_all_used(ir: AdapterIR, used: set, base: Checkpoint) -> None:
+    unused = [site for site, op in ir for param in required_params(op) if (site, id(op), param) not in used]
+    if unused:
+        refuse_new_head(ir, base, unused)  # a head the base has not: only write_merged adds it
     for site, op in ir:
         for param in sorted(required_params(op)):
             if (site, id(op), param) not in used:
@@ -143,10 +163,16 @@ def _check_all_used(ir: AdapterIR, used: set, base: Checkpoint) -> None:
                 )
 
 
-def _shard_names(count: int) -> list[str]:
-    if count == 1:
-        return [SINGLE_NAME]
-    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+def _shard_name(shard: Path, base: Checkpoint) -> str:
+    """The output file of a base shard: the same name (a shard must lie in the base's folder)."""
+    name = shard.relative_to(base.path).as_posix()
+    if "/" in name or name.startswith("."):
+        raise BadInputError(
+            f"names shard {name!r}, which is not a file of the base's folder",
+            path=base.path / INDEX_NAME,
+            fix="restore the index the model was saved with",
+        )
+    return name
 
 
 def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
@@ -155,8 +181,16 @@ def _out_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
 
 def _planned(item: TensorPlan, base: Checkpoint, dtype: torch.dtype | None) -> PlannedTensor:
     """The output tensor an item becomes: its name, output dtype and shape."""
+    if item.source is None:  # a head from the adapter: in the output's dtype
+        return PlannedTensor(item.name, dtype or base.dtype(), _new_value(item).shape)
     info = base.tensors[item.source]
     return PlannedTensor(item.name, _out_dtype(info.dtype, dtype), info.shape)
+
+
+def _new_value(item: TensorPlan) -> LazyTensor:
+    """The adapter's value of a tensor the base has not."""
+    return next(op.tensors[item.param] for ops in item.role_ops for op in ops
+                if isinstance(op, Replace) and item.param in op.tensors)  # fmt: skip
 
 
 def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, progress) -> str:
@@ -165,15 +199,15 @@ def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, p
     with write_safetensors(file, planned, {"format": "pt"}) as writer:
         run = []  # tensors kept in their dtype: read ahead, merged in place in the bytes read
         for item, plan in zip(batch, planned, strict=True):
-            info = base.tensors[item.source]
-            if plan.dtype == info.dtype:
+            info = base.tensors.get(item.source)
+            if info is not None and plan.dtype == info.dtype:
                 change = partial(_merge_into, item, base) if item.touched else None
                 run.append((item.name, info, change))
                 continue
             writer.write_each(run, progress)
             run = []
             writer.write(item.name, merged_value(item, base, plan.dtype))
-            if progress:
+            if progress and info is not None:
                 progress(info.nbytes)
         writer.write_each(run, progress)
     return writer.digest
@@ -181,6 +215,8 @@ def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, p
 
 def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torch.Tensor:
     """An output tensor's value in `dtype`, in the checkpoint's layout."""
+    if item.source is None:
+        return _new_value(item).load().to(dtype)
     value = base.read(item.source)
     if not item.touched:
         return value.to(dtype)
@@ -192,31 +228,24 @@ def _merge_into(item: TensorPlan, base: Checkpoint, value: torch.Tensor) -> None
     merge_tensor(value, item.param, item.placement, item.role_ops, base.source, value.dtype, out=value)
 
 
-def _write_index(out: Path, items: list[TensorPlan], shards: list[str], base: Checkpoint, dtype) -> None:
+def _write_index(out: Path, items: list[TensorPlan], base: Checkpoint, dtype) -> None:
     total = sum(_planned(item, base, dtype).nbytes for item in items)
     index = {
         "metadata": {"total_size": total},
-        "weight_map": {item.name: shards[item.shard] for item in items},
+        "weight_map": {item.name: item.shard for item in items},
     }
     (out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(base: Checkpoint, out: Path, dtype, untied: bool) -> list[str]:
-    """Config (updated), generation config, tokenizer files: every non-weight file of the base."""
-    copied = []
-    for file in base.files():
-        if file.name in _WEIGHT_FILES or file.name.endswith(_WEIGHT_SUFFIXES) or file.name.startswith("."):
-            continue
-        if file.name == "config.json":
-            _write_config(base, out / file.name, dtype or base.dtype(), untied)
-        else:
-            shutil.copy2(file, out / file.name)
-        copied.append(file.name)
-    return copied
+    """Config (updated), tokenizer files, folders: everything of the base but its weights."""
+    copied = plan_side_files(base).copy(out)
+    _write_config(base, out / CONFIG_NAME, dtype or base.dtype(), untied)
+    return [*copied, CONFIG_NAME]
 
 
-def _write_config(base: Checkpoint, file: Path, dtype: torch.dtype, untied: bool) -> None:
-    config = dict(base.config)
+def _write_config(base: Checkpoint, file: Path, dtype: torch.dtype, untied: bool, updates=None) -> None:
+    config = {**base.config, **(updates or {})}
     key = "dtype" if "dtype" in config else "torch_dtype"
     config[key] = str(dtype).removeprefix("torch.")
     if untied:

@@ -78,6 +78,8 @@ class _Lowering:
 
     def module_ops(self, record: PeftModule) -> list[tuple[Site, Op]]:
         placement = self._place(record.name)
+        if self._is_new_head(record, placement):
+            return [(Site(placement.layer, placement.module.roles[0]), self._new_head(record, placement))]
         out_rows, in_cols = self._base_shape(placement)
         ops: list[Op] = []
         if record.factors or (record.has_lora and self.adapter.settings.peft_type != "LORA"):
@@ -113,6 +115,33 @@ class _Lowering:
                 fix="use the base it was trained on",
             )
         return placement
+
+    def _is_new_head(self, record: PeftModule, placement: Placement) -> bool:
+        """A classifier head saved by modules_to_save for a base without one (PEFT adds it)."""
+        return (
+            self.adapter.settings.saves(record.name)
+            and set(placement.module.roles) <= _HEAD_ROLES
+            and not record.has_delta
+            and self._base_tensor(placement, "weight") is None
+        )
+
+    def _new_head(self, record: PeftModule, placement: Placement) -> Replace:
+        """The saved head as it is, checked against the base's hidden size (targets check the rest)."""
+        task, hidden = self.adapter.settings.task_type, self.base.source.hidden_size
+        if task != "SEQ_CLS":
+            raise UnsupportedError(
+                f"saves {record.name!r}, a head the base does not have, for task_type {task!r}",
+                path=self.file,
+                fix="only a SEQ_CLS head is added to a headless base; use the base it was trained on",
+            )
+        weight, bias = record.params.get("weight"), record.params.get("bias")
+        if weight is None or set(record.params) - {"weight", "bias"} or len(weight.shape) != 2:
+            raise BadInputError(f"saves {record.name!r} without a 2-D weight, or with other tensors",
+                                path=self.file, fix="re-save the adapter with PEFT")  # fmt: skip
+        self._checked(weight, (weight.shape[0], hidden))
+        if bias is not None:
+            self._checked(bias, (weight.shape[0],))
+        return Replace(record.params)
 
     def _base_tensor(self, placement: Placement, param: str) -> TensorInfo | None:
         """The base tensor a module's parameter is stored in (a tied head's is the embedding's)."""
@@ -227,6 +256,8 @@ def _rows(op: Op, rows: torch.Tensor) -> Op:
         return op.select_rows(rows)
     return Replace({p: t.rows(rows) for p, t in op.tensors.items()})
 
+
+_HEAD_ROLES = frozenset({Role.CLS_HEAD, Role.CLS_DENSE})  # the targets' head.py names the same roles
 
 _SAVED_NAMES = {
     "lora_a": "lora_A",

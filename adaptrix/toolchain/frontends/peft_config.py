@@ -75,6 +75,7 @@ class LoraSettings:
     feedforward_modules: tuple[str, ...] | str | None = None  # IA3: the modules whose input is scaled
     projection_prng_key: int = 0  # VeRA: the seed of the shared projections
     save_projection: bool = True  # VeRA: whether the shared projections are in the adapter file
+    task_type: str | None = None  # SEQ_CLS lets a saved classifier head come with the adapter
 
     def rank(self, key: str) -> int:
         """The rank PEFT gives module `key` (rank_pattern first, then r)."""
@@ -226,6 +227,7 @@ def _settings(raw: dict, file: Path) -> LoraSettings:
             use_dora=bool(raw.get("use_dora", False)),
             lora_bias=bool(raw.get("lora_bias", False)),
             fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+            task_type=raw.get("task_type") if isinstance(raw.get("task_type"), str) else None,
         )
     except (KeyError, TypeError, ValueError, re.error) as exc:
         raise BadInputError(f"has an invalid LoRA setting ({exc})", path=file) from None
