@@ -16,7 +16,16 @@ import transformers as tf
 from builders import FAMILIES, FP32_TOLERANCE, sample_inputs
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_errors import _compile, assert_refused
-from test_onnx_parity import base_logits, max_diff, onnx_base, prefill, seeded_adapter, session, step
+from test_onnx_parity import (
+    activate,
+    base_logits,
+    max_diff,
+    onnx_base,
+    prefill,
+    seeded_adapter,
+    session,
+    step,
+)
 
 import adaptrix.targets.onnx.patch as patch_module
 from adaptrix.toolchain.pipeline import compile_adapter
@@ -102,22 +111,28 @@ def _bert_outputs(base: Path, adapter: Path | None, inputs: dict) -> dict[str, t
 
 @pytest.fixture(scope="module")
 def bert_recipe(tmp_path_factory):
-    """(base, adapter, out): a BertModel with the common LoRA recipe, compiled to onnx-cpu."""
+    """(base, adapter, root): a BertModel with the common LoRA recipe, compiled merged and unmerged."""
     root = tmp_path_factory.mktemp("onnx-bert-pooler")
     base = _bert_model_base(root / "base")
     adapter = _bert_adapter(base, root / "adapter", BERT_RECIPE)
-    compile_adapter(adapter, base, "onnx-cpu", root / "out")
-    return base, adapter, root / "out"
+    compile_adapter(adapter, base, "onnx-cpu", root / "merged")
+    compile_adapter(adapter, base, "onnx-cpu", root / "unmerged", options={"unmerged": True})
+    return base, adapter, root
 
 
-def test_bert_recipe_exports_both_outputs_equal_to_peft(bert_recipe):
-    base, adapter, out = bert_recipe
+@pytest.mark.parametrize("variant", ["merged", "unmerged"])
+def test_bert_recipe_exports_both_outputs_equal_to_peft(variant, bert_recipe):
+    base, adapter, root = bert_recipe
     peft_model = PeftModel.from_pretrained(tf.BertModel.from_pretrained(base), adapter)
     assert "base_model.model.pooler.dense" in dict(peft_model.named_modules())  # PEFT adapts it
     inputs = sample_inputs("bert")
-    sess = session(out)
+    sess = session(root / variant)
     assert [value.name for value in sess.get_outputs()] == ["last_hidden_state", "pooler_output"]
-    got = step(sess, inputs["input_ids"], inputs["attention_mask"], token_types=inputs["token_type_ids"])
+    run_options = (
+        activate(root / "unmerged" / "adapters" / "adapter.onnx_adapter") if variant == "unmerged" else None
+    )
+    got = step(sess, inputs["input_ids"], inputs["attention_mask"], token_types=inputs["token_type_ids"],
+               run_options=run_options)  # fmt: skip
     expected, plain = _bert_outputs(base, adapter, inputs), _bert_outputs(base, None, inputs)
     for name in ("last_hidden_state", "pooler_output"):
         assert_close_and_adapted(torch.from_numpy(got[name]), expected[name], plain[name])

@@ -4,7 +4,8 @@ The base is exported once per (weights, dtype, task) with optimum and cached; ea
 copies the cached graph and patches the adapter into it (merged; bottleneck adapters become
 nodes), or adds LoRA and IA3 inputs and writes one `.onnx_adapter` file per adapter (`unmerged`;
 LoHa and LoKr go there as their exact low-rank forms, IA3 as scale vectors).
-Quantization, when asked for, comes last.
+Quantization, when asked for, comes last; then onnxruntime must load the written graph, or
+nothing is renamed into place (loads.py).
 The directory also holds the base's config and tokenizer files (optimum's ORTModel classes load
 it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
 """
