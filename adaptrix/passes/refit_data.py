@@ -9,7 +9,6 @@ answers; encoders take the prompts as they are.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,31 +16,37 @@ from pathlib import Path
 import torch
 
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.jsonfile import loads_strict
 
 __all__ = ["Capture", "batches", "calibration", "is_causal", "read_prompts"]
 
 _FIX = "give a JSON list of token-id lists, or a text file with one prompt per line"
+# Files a tokenizer is loaded from; text prompts need one of them next to the base's config.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
 
 
-def read_prompts(path: str, tokenizer_dir: Path, vocab_size: int) -> list[list[int]]:
-    """The prompts of `path` as token ids (text is tokenized with the tokenizer in `tokenizer_dir`)."""
+def read_prompts(
+    path: str, tokenizer_dir: Path, vocab_size: int, what: str = "option prompts"
+) -> list[list[int]]:
+    """The prompts of `path` as token ids (text is tokenized with the tokenizer in `tokenizer_dir`).
+
+    `what` names the option in errors (`option prompts`, `--calibration`).
+    """
     file = Path(path)
     try:
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"option prompts={path} cannot be read ({exc})", path=file, fix=_FIX) from None
+        raise BadInputError(f"{what} {path} cannot be read ({exc})", path=file, fix=_FIX) from None
     if file.suffix == ".json":
-        try:
-            prompts = json.loads(text)
-        except json.JSONDecodeError:
-            raise BadInputError("option prompts: not JSON", path=file, fix=_FIX) from None
+        prompts = loads_strict(text, path=file, what="prompts file")
         if not _token_lists(prompts, vocab_size):
-            raise BadInputError(f"option prompts: not a list of non-empty token-id lists below {vocab_size}",
+            raise BadInputError(f"{what}: not a list of non-empty token-id lists below {vocab_size}",
                                 path=file, fix=_FIX)  # fmt: skip
     else:
-        prompts = _tokenize([line for line in text.splitlines() if line.strip()], tokenizer_dir, file)
+        prompts = _tokenize([line for line in text.splitlines() if line.strip()], tokenizer_dir, file, what)
     if not prompts:
-        raise BadInputError("option prompts: the file holds no prompt", path=file, fix=_FIX)
+        raise BadInputError(f"{what}: the file holds no prompt", path=file, fix=_FIX)
     return prompts
 
 
@@ -51,14 +56,23 @@ def _token_lists(value: object, vocab_size: int) -> bool:
     )
 
 
-def _tokenize(lines: list[str], tokenizer_dir: Path, file: Path) -> list[list[int]]:
+def _tokenize(lines: list[str], tokenizer_dir: Path, file: Path, what: str) -> list[list[int]]:
+    """Token ids of text prompts, with the base's tokenizer; one line if there is none to load."""
     from transformers import AutoTokenizer
 
+    fix = "give the prompts as a JSON list of token-id lists (a .json file), which needs no tokenizer"
+    if not any((Path(tokenizer_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        raise BadInputError(f"{what}: text prompts need the base's tokenizer files, "
+                            f"and {tokenizer_dir} has none", path=file, fix=fix)  # fmt: skip
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError):
-        raise BadInputError(f"option prompts: text needs a tokenizer, and {tokenizer_dir} has none",
-                            path=file, fix="give the prompts as JSON token-id lists") from None  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_dir, trust_remote_code=False, local_files_only=True
+        )
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as exc:
+        # transformers fails on incomplete tokenizer files with any of these (AttributeError: no vocab file)
+        raise BadInputError(f"{what}: text prompts need the base's tokenizer, and the one in "
+                            f"{tokenizer_dir} does not load ({type(exc).__name__}: {exc})",
+                            path=file, fix=fix) from None  # fmt: skip
     return [tokenizer(line)["input_ids"] for line in lines]
 
 

@@ -4,7 +4,8 @@ The base is exported once per (weights, dtype, task) with optimum and cached; ea
 copies the cached graph and patches the adapter into it (merged; bottleneck adapters become
 nodes), or adds LoRA and IA3 inputs and writes one `.onnx_adapter` file per adapter (`unmerged`;
 LoHa and LoKr go there as their exact low-rank forms, IA3 as scale vectors).
-Quantization, when asked for, comes last.
+Quantization, when asked for, comes last; then onnxruntime must load the written graph, or
+nothing is renamed into place (loads.py).
 The directory also holds the base's config and tokenizer files (optimum's ORTModel classes load
 it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
 """
@@ -27,6 +28,7 @@ from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.fuse import fuse_attention
 from adaptrix.targets.onnx.genai import write_genai_config
 from adaptrix.targets.onnx.ia3 import add_scale_inputs, scale_parameters
+from adaptrix.targets.onnx.loads import check_loads
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
 from adaptrix.targets.onnx.quantize import (
@@ -79,6 +81,7 @@ def write_onnx(
         )
     check_quantize(quantize, block_size)
     _check_calibration(calibration, quantize, unmerged)
+    prompts = None if calibration is None else _read_calibration(Path(calibration), base)
     block_size = block_size or DEFAULT_BLOCK_SIZE
     for _, each in adapters if unmerged else ():  # before the (slow) export
         refuse_bottlenecks(
@@ -121,7 +124,7 @@ def write_onnx(
         values.update(fused.values)
         section["attention"] = {"fused_layers": fused.layers, "declined": fused.declined}
     if quantize is not None:
-        hessians = None if calibration is None else _hessians(base, ir, Path(calibration), model)
+        hessians = None if prompts is None else _hessians(base, ir, prompts, model)
         report = quantize_weights(model, export.path, values, quantize, block_size, exclude, hessians)
         section["quantized"] = {"weights": report.quantized, "float_bytes": report.float_bytes,
                                 "quantized_bytes": report.quantized_bytes,
@@ -142,6 +145,7 @@ def write_onnx(
         files += [entry["file"] for entry in section["lora"]["adapters"].values()]
     section["inputs"] = [value.name for value in model.graph.input if value.name not in _lora_names(section)]
     section["outputs"] = [value.name for value in model.graph.output]
+    check_loads(out / MODEL_NAME)  # last: a graph onnxruntime refuses is never renamed into place
     return Written(files, {"onnx": section}, digests)
 
 
@@ -159,14 +163,21 @@ def _check_calibration(calibration: Path | str | None, quantize: str | None, unm
                             fix="give a JSON list of token-id lists, or a text file of prompts")  # fmt: skip
 
 
-def _hessians(base: Checkpoint, ir: AdapterIR, calibration: Path, model: onnx.ModelProto) -> dict:
+def _read_calibration(calibration: Path, base: Checkpoint) -> list[list[int]]:
+    """The calibration prompts as token ids, read before the (slow) export so that a refusal comes first."""
+    from adaptrix.passes.refit_data import read_prompts
+
+    return read_prompts(str(calibration), base.path, base.source.vocab_size, what="--calibration")
+
+
+def _hessians(base: Checkpoint, ir: AdapterIR, prompts: list[list[int]], model: onnx.ModelProto) -> dict:
     """GPTQ's H per quantizable weight initializer, from the merged PyTorch model on the calibration."""
     from adaptrix.targets.onnx.gptq import calibration_hessians
 
     modules = {use.initializer: tensor.removesuffix(".weight")
                for tensor, found in base_uses(base, model.graph).items() if tensor.endswith(".weight")
                for use in found}  # fmt: skip
-    return calibration_hessians(base, ir, calibration, modules)
+    return calibration_hessians(base, ir, prompts, modules)
 
 
 def _lora_names(section: dict) -> set[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import onnx
 
+from adaptrix.targets.onnx.export_outputs import export_kwargs
 from adaptrix.targets.onnx.float16 import to_float16
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx_data"
-EXPORT_FORMAT = 3  # bump when the cached layout or the graph rewrites change
+EXPORT_FORMAT = 4  # bump when the cached layout or the graph rewrites change
 _DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 
@@ -156,7 +157,7 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
         "exporting %s to ONNX (%s, %s); later compiles for this base reuse it", base.path, task, dtype
     )
     raw = into / "raw"
-    kwargs = {}
+    kwargs = export_kwargs(base, task)  # the plain transformers export; BERT's pooler output
     if task == "text-classification":
         kwargs["pad_token_id"] = base.config.get("pad_token_id") or 0
     verbosity = hf_logging.get_verbosity()

@@ -16,13 +16,12 @@ share one, gate and up another; float32 sums, a float64 factorisation per input)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from adaptrix.passes.refit import STAGES, add_pairs, input_group
-from adaptrix.passes.refit_data import batches, read_prompts
+from adaptrix.passes.refit_data import batches
 from adaptrix.runtime.fit import find_module
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
@@ -36,13 +35,12 @@ _SPAN = 128  # columns per lazy update (GPTQ's reference block), rounded to whol
 
 
 def calibration_hessians(
-    base: Checkpoint, ir: AdapterIR, prompts: Path, modules: Mapping[str, str]
+    base: Checkpoint, ir: AdapterIR, ids: list[list[int]], modules: Mapping[str, str]
 ) -> dict[str, np.ndarray]:
     """{initializer: the mean of x x^T over the calibration tokens} for `modules` (initializer: module)."""
     if any(not isinstance(op, LowRank) for _, op in ir):
         raise UnsupportedError("--calibration measures the merged model with LoRA ops only",
                                fix="leave out --calibration (round-to-nearest blocks)")  # fmt: skip
-    ids = read_prompts(str(prompts), base.path, base.source.vocab_size)
     readers = _shared_inputs(base, set(modules.values()))  # module -> the module whose input it reads
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}

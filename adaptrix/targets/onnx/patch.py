@@ -67,6 +67,7 @@ def merged_patches(
     initializers = {init.name: init for init in graph.initializer}
     pairs = {f"{p.placement.name}.weight": p for p in low_rank_pairs(ir, base, torch.float32, strict=False)}
     values: dict[str, np.ndarray] = {}
+    taken = _graph_names(graph)
     for item in (item for item in items if item.touched):
         found = uses.get(item.name)
         if not found:
@@ -82,7 +83,7 @@ def merged_patches(
             # Computed straight into the output file when it is written: no merged copy in memory.
             values[use.initializer] = _AddLowRank(initializers[use.initializer], folder, pairs[item.name])
         else:
-            _patch_general(item, base, found, users, graph, initializers, values)
+            _patch_general(item, base, found, users, graph, initializers, values, taken)
         if progress:
             progress(base.tensors[item.source].nbytes)
     logger.info("patched %d tensors into the graph", len(values))
@@ -120,8 +121,12 @@ class _AddLowRank(Filler):
         torch.from_numpy(out).addmm_(self.pair.down, self.pair.up)
 
 
-def _patch_general(item, base, found, users, graph, initializers, values) -> None:
-    """Merge from the base in float32; give the patched inputs their own initializer where shared."""
+def _patch_general(item, base, found, users, graph, initializers, values, taken) -> None:
+    """Merge from the base in float32; give the patched inputs their own initializer where shared.
+
+    A new initializer's name is new to the whole graph (`taken`): the exporter names the Identity
+    outputs that share a deduplicated tensor after the checkpoint's tensors too.
+    """
     value = merged_value(item, base, torch.float32).numpy()
     groups: dict[str, list[Use]] = defaultdict(list)
     for use in found:
@@ -134,7 +139,8 @@ def _patch_general(item, base, found, users, graph, initializers, values) -> Non
             values[name] = np.ascontiguousarray((value.T if flags.pop() else value).astype(dtype))
             continue
         for transposed in sorted({use.input_transposed for use in group}):
-            own = _unique(f"{item.name}.T" if transposed else item.name, initializers)
+            own = _unique(f"{item.name}.T" if transposed else item.name, taken)
+            taken.add(own)
             array = np.ascontiguousarray((value.T if transposed else value).astype(dtype))
             graph.initializer.append(onnx.TensorProto(name=own, data_type=init.data_type, dims=array.shape))
             initializers[own] = graph.initializer[-1]
@@ -144,7 +150,15 @@ def _patch_general(item, base, found, users, graph, initializers, values) -> Non
                     graph.node[use.node].input[use.index] = own
 
 
-def _unique(name: str, taken: dict) -> str:
+def _graph_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name of a graph: initializers, inputs, outputs and what its nodes make."""
+    names = {init.name for init in graph.initializer}
+    names.update(value.name for value in (*graph.input, *graph.output))
+    names.update(name for node in graph.node for name in node.output)
+    return names
+
+
+def _unique(name: str, taken: set[str]) -> str:
     candidate, n = name, 1
     while candidate in taken:
         n += 1
