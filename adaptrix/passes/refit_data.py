@@ -55,7 +55,7 @@ def _tokenize(lines: list[str], tokenizer_dir: Path, file: Path) -> list[list[in
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
     except (OSError, ValueError):
         raise BadInputError(f"option prompts: text needs a tokenizer, and {tokenizer_dir} has none",
                             path=file, fix="give the prompts as JSON token-id lists") from None  # fmt: skip
