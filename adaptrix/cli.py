@@ -18,6 +18,7 @@ from typer.exceptions import TyperException
 
 from adaptrix import __version__
 from adaptrix.cli_errors import INPUT_ERRORS, describe
+from adaptrix.cli_progress import CompileProgress
 from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 
 __all__ = ["app", "main"]
@@ -133,7 +134,7 @@ def compile_command(
         "calibration": calibration,
     }
     kwargs = {"dtype": dtype, "force": force, "options": options, "passes": passes or ()}
-    with _Progress(enabled=not as_json) as bar:
+    with CompileProgress(err, enabled=not as_json) as bar:
         result = _run(lambda: compile_adapter(adapters, base, target, output, progress=bar.advance,
                                               phase=bar.phase, **kwargs), writing=output)  # fmt: skip
     if as_json:
@@ -260,61 +261,6 @@ def _cell(value: object) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-class _Progress:
-    """What compile reports on stderr, only on a terminal: the phase, and bytes where it counts them."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and err.is_terminal
-        self._bar = None
-        self._task = None
-        self._done = 0
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, SpinnerColumn, TimeElapsedColumn
-
-            self._bar = Progress(SpinnerColumn(), "{task.description}", BarColumn(), _bytes_column(),
-                                 TimeElapsedColumn(), console=err, transient=True)  # fmt: skip
-            self._bar.start()
-            self._task = self._bar.add_task("compiling", total=None)
-        return self
-
-    @property
-    def advance(self) -> Callable[[int, int], None] | None:
-        """`advance(step, total)`: `step` more bytes of `total` done (None when not shown)."""
-        return self._advance if self._bar is not None else None
-
-    @property
-    def phase(self) -> Callable[[str], None] | None:
-        """`phase(label)`: a new phase began (None when not shown)."""
-        return self._phase if self._bar is not None else None
-
-    def _advance(self, step: int, total: int) -> None:
-        self._done += step
-        self._bar.update(self._task, completed=self._done, total=total)
-
-    def _phase(self, label: str) -> None:
-        self._done = 0
-        self._bar.reset(self._task, description=label, total=None)
-        self._bar.refresh()  # shown at once: a phase may be long before it counts a byte
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-def _bytes_column():
-    """A byte count that shows nothing while the total is unknown (no `0/? bytes`)."""
-    from rich.progress import DownloadColumn
-    from rich.text import Text
-
-    class BytesColumn(DownloadColumn):
-        def render(self, task) -> Text:
-            return Text("") if task.total is None else super().render(task)
-
-    return BytesColumn()
 
 
 def main() -> None:

@@ -59,20 +59,24 @@ def _os_error(exc: OSError, writing: Path | None) -> str:
     code = errno.errorcode.get(exc.errno or 0)
     cause = exc.strerror or _flat(exc) or type(exc).__name__
     cause = f"{cause} ({code})" if code else cause
-    name = exc.filename if exc.filename is not None else None
-    if name is not None:
-        where = os.fsdecode(name)
-        if exc.filename2 is not None:
-            where = f"{where} -> {os.fsdecode(exc.filename2)}"
-    elif writing is not None:
-        where = f"while writing {writing}"
+    target = _path(exc.filename) or writing
+    if exc.filename is not None:
+        where = str(target) + (f" -> {_path(exc.filename2)}" if exc.filename2 is not None else "")
     else:
-        where = "a file"
-    fix = _OS_FIXES.get(exc.errno or 0, f"check the path and rerun; {_DEBUG}")
-    target = Path(os.fsdecode(name)) if name is not None else writing
-    parent = str(target.parent) if target is not None else "its folder"
-    fix = fix.format(name=target if target is not None else "the file", parent=parent)
+        where = f"while writing {writing}" if writing is not None else "a file"
+    number = exc.errno or 0
+    if number == errno.EEXIST and target is not None and target.is_file():
+        number = errno.ENOTDIR  # `mkdir -p` through a regular file
+    fix = _OS_FIXES.get(number, f"check the path and rerun; {_DEBUG}")
+    fix = fix.format(name=target or "the file", parent=target.parent if target else "its folder")
     return f"{where}: {cause}; {fix}"
+
+
+def _path(name: object) -> Path | None:
+    """An OSError's file name as a path (None when it has none)."""
+    if name is None:
+        return None
+    return Path(os.fsdecode(name)) if isinstance(name, str | bytes | os.PathLike) else Path(str(name))
 
 
 def _flat(exc: BaseException) -> str:
