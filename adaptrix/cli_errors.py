@@ -24,8 +24,8 @@ _DEBUG = "rerun with --debug to see where"
 _OS_FIXES = {
     errno.ENOSPC: "the disk is full: free space there, or write the output to another disk with -o",
     errno.EDQUOT: "your disk quota is used up: free space, or write the output elsewhere with -o",
-    errno.EACCES: "permission denied: fix the permissions of {name} (or of {parent}), or choose another path",
-    errno.EPERM: "not permitted: fix the permissions of {name} (or of {parent}), or choose another path",
+    errno.EACCES: "fix the permissions of {name} (or of {parent}), or choose another path",
+    errno.EPERM: "fix the permissions of {name} (or of {parent}), or choose another path",
     errno.EROFS: "it is on a read-only file system: write the output elsewhere with -o",
     errno.ENOENT: "check that the path exists and is spelled right",
     errno.ENOTDIR: "a regular file stands where a directory is expected: pass a directory, or move the file",
