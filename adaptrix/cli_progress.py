@@ -45,7 +45,8 @@ class CompileProgress:
 
     def _phase(self, label: str) -> None:
         self._done = 0
-        self._bar.reset(self._task, description=label, total=None)
+        self._bar.remove_task(self._task)  # a fresh task: no byte total or time carried over
+        self._task = self._bar.add_task(label, total=None)
         self._bar.refresh()  # shown at once: a phase may be long before it counts a byte
 
     def __exit__(self, *exc_info: object) -> None:

@@ -98,7 +98,7 @@ def write_onnx(
     pairs = [(name, low_rank_pairs(factored_as_low_rank(adapter), base, dtype, keep_scales=True))
              for name, adapter in adapters] if unmerged else []  # fmt: skip
     scales = [(name, module_scales(adapter, base)) for name, adapter in adapters] if unmerged else []
-    phase("exporting the base to ONNX (first compile for this base; later ones reuse the export)")
+    phase("exporting the base to ONNX (first compile for this base)")  # a cached export: a moment
     export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
     model = onnx.load(export.model, load_external_data=False)
     fused = None
