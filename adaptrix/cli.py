@@ -9,14 +9,17 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from adaptrix import __version__
-from adaptrix.toolchain.errors import AdaptrixError
+from adaptrix.cli_errors import INPUT_ERRORS, describe
+from adaptrix.cli_progress import CompileProgress
+from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 
 __all__ = ["app", "main"]
 
@@ -24,6 +27,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: typer's rich panels show a `<bool>` value after every flag
     help="Adaptrix: compile model adapters into merged models, hook bundles and ONNX.",
 )
 out = Console()
@@ -32,21 +36,47 @@ _state = {"debug": False}
 T = TypeVar("T")
 
 
-def _run(action: Callable[[], T]) -> T:
-    """Run an API call; an AdaptrixError becomes one line on stderr and its exit code."""
+def _run(action: Callable[[], T], writing: Path | None = None) -> T:
+    """Run an API call; any error becomes one line on stderr and exit 2 (1 for parity), no traceback.
+
+    An OSError names its file (or `writing`, the output, when the system names none) and what to
+    do; another error names its kind. `--debug` prints the traceback as well.
+    """
     try:
         return action()
+    except (typer.Exit, typer.Abort, TyperException):  # the CLI's own exits, not errors
+        raise
     except AdaptrixError as exc:
-        if _state["debug"]:
-            traceback.print_exc()
-        err.print(f"error: {exc.line()}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
+        _fail(exc.line(), exc.exit_code)
+    except INPUT_ERRORS as exc:
+        _fail(describe(exc, writing), 2)
+    except Exception as exc:  # the last resort: one line, never a traceback
+        _fail(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}; this may be a bug in "
+              "Adaptrix: rerun with --debug and report the traceback", 2)  # fmt: skip
+
+
+def _fail(line: str, code: int) -> NoReturn:
+    """Print `line` as the error (after the traceback at --debug) and exit with `code`."""
+    if _state["debug"]:
+        traceback.print_exc()
+    err.print(f"error: {line}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(__version__, markup=False, highlight=False)
+        raise typer.Exit()
 
 
 @app.callback()
 def _options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what each stage does.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", callback=_print_version, is_eager=True),
+    ] = False,
 ) -> None:
     _state["debug"] = debug
     logging.basicConfig(
@@ -92,10 +122,8 @@ def compile_command(
     # Before torch loads: its OpenMP workers otherwise spin between parallel regions and take the
     # cores from the threads that read, hash and write (4 s of CPU in a 1.1B merge on 2 cores).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if base.is_dir():  # the manifest hashes the base: start now, on the core the import leaves idle
-        from adaptrix.toolchain.hashing import hash_early  # numpy: not at start-up of every command
-
-        hash_early(sorted(p for p in base.iterdir() if p.is_file()))
+    _run(lambda: _refuse_flag_values(adapters))
+    _run(lambda: _hash_early(base))
     from adaptrix.toolchain.pipeline import compile_adapter
 
     options = {
@@ -106,14 +134,39 @@ def compile_command(
         "calibration": calibration,
     }
     kwargs = {"dtype": dtype, "force": force, "options": options, "passes": passes or ()}
-    with _progress(enabled=not as_json) as progress:
-        result = _run(lambda: compile_adapter(adapters, base, target, output, progress=progress, **kwargs))
+    with CompileProgress(err, enabled=not as_json) as bar:
+        result = _run(lambda: compile_adapter(adapters, base, target, output, progress=bar.advance,
+                                              phase=bar.phase, **kwargs), writing=output)  # fmt: skip
     if as_json:
         out.print_json(json.dumps({"output": str(result.out), "target": result.target,
-                                   "dtype": result.dtype, "files": result.files,
+                                   "dtype": result.dtype, "quantize": quantize, "files": result.files,
                                    "sites": result.sites}))  # fmt: skip
     else:
-        out.print(f"wrote {result.out} ({result.target}, {result.dtype}, {result.sites} sites)")
+        numbers = result.dtype if quantize is None else _quantized(result.dtype, quantize)
+        out.print(f"wrote {result.out} ({result.target}, {numbers}, {result.sites} sites)",
+                  markup=False, highlight=False)  # fmt: skip
+
+
+def _refuse_flag_values(adapters: list[Path]) -> None:
+    """`--force true`: typer reads `true` as one more adapter; say that flags take no value."""
+    for path in adapters:
+        if str(path).lower() in ("true", "false", "yes", "no", "1", "0") and not path.exists():
+            raise BadInputError(f"{str(path)!r} is not an adapter: --force, --unmerged and --json are flags "
+                                "and take no value", fix=f"leave out {str(path)!r}")  # fmt: skip
+
+
+def _hash_early(base: Path) -> None:
+    """Start hashing the base's files (for the manifest) on the core torch's import leaves idle."""
+    if base.is_dir():
+        from adaptrix.toolchain.hashing import hash_early  # numpy: not at start-up of every command
+
+        hash_early(sorted(p for p in base.iterdir() if p.is_file()))
+
+
+def _quantized(dtype: str, scheme: str) -> str:
+    """What a quantized artifact computes with: `float32 activations, int4 weights`."""
+    weights = {"int8-dynamic": "int8 weights, dynamically quantized activations"}.get(scheme)
+    return f"{dtype} activations, {weights or scheme + ' weights'}"
 
 
 @app.command("convert")
@@ -128,7 +181,7 @@ def convert_command(
     """Re-export ADAPTER as an AIR file or a PEFT adapter directory."""
     from adaptrix.toolchain.convert import convert_adapter
 
-    result = _run(lambda: convert_adapter(adapter, to, output, base=base, force=force))
+    result = _run(lambda: convert_adapter(adapter, to, output, base=base, force=force), writing=output)
     if as_json:
         out.print_json(json.dumps({"output": str(result.out), "to": result.to, "files": result.files,
                                    "sites": result.sites,
@@ -208,35 +261,6 @@ def _cell(value: object) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-class _progress:  # noqa: N801 - a context manager used like a function
-    """A progress bar over bytes on stderr, shown only on a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and err.is_terminal
-        self._bar = None
-
-    def __enter__(self) -> Callable[[int, int], None] | None:
-        if not self.enabled:
-            return None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-        self._bar = Progress("{task.description}", BarColumn(), DownloadColumn(),
-                             TimeRemainingColumn(), console=err, transient=True)  # fmt: skip
-        self._bar.start()
-        task = self._bar.add_task("compiling", total=None)
-        done = [0]
-
-        def advance(step: int, total: int) -> None:
-            done[0] += step
-            self._bar.update(task, completed=done[0], total=total)
-
-        return advance
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import typer
 
 from adaptrix.cli import _run, app, out
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.jsonfile import read_json
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -39,9 +40,9 @@ def run_command(
     prompts = _run(lambda: [_parse_ids(text) for text in prompt_ids])
     model = _run(lambda: open_onnx(artifact, provider, threads))
     results = _run(lambda: _run_prompts(model, prompts, max_new_tokens, adapter, eos))
-    decode = _tokenizer_decode(artifact) if model.is_decoder else None
+    decode = _run(lambda: _tokenizer_decode(artifact)) if model.is_decoder else None
     for result in results if decode else ():
-        result["text"] = decode(result["generated_ids"])
+        result["text"] = _run(lambda ids=result["generated_ids"]: decode(ids))
     if as_json:
         out.print_json(json.dumps({"task": model.task, "adapter": adapter, "results": results}))
         return
@@ -80,13 +81,30 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _tokenizer_decode(artifact: Path) -> Callable[[list[int]], str] | None:
-    """The decode of the artifact's tokenizer, when it holds tokenizer files transformers can load."""
+    """The decode of the artifact's tokenizer, when it holds tokenizer files transformers can load.
+
+    Never the artifact's own Python (`auto_map`): transformers would ask on stdout whether to run
+    it; with trust_remote_code=False it uses its own class or refuses, and the ids stay undecoded.
+    """
     if not any((artifact / name).is_file() for name in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(artifact).decode
-    except (OSError, ValueError) as exc:
-        logging.getLogger(__name__).warning("not decoding: %s has no usable tokenizer: %s", artifact, exc)
+        return AutoTokenizer.from_pretrained(artifact, trust_remote_code=False, local_files_only=True).decode
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        text = " ".join(str(exc).split())
+        if _asks_for_code(artifact / "tokenizer_config.json"):
+            text = "tokenizer_config.json names Python of its own (auto_map), which Adaptrix never runs"
+        logging.getLogger(__name__).warning("not decoding: %s has no usable tokenizer: %s", artifact, text)
         return None
+
+
+def _asks_for_code(config: Path) -> bool:
+    """Whether a tokenizer config names Python of its own (`auto_map`)."""
+    if not config.is_file():
+        return False
+    try:
+        return isinstance(value := read_json(config, what="tokenizer config"), dict) and "auto_map" in value
+    except BadInputError:
+        return False

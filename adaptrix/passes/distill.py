@@ -125,7 +125,9 @@ def _peft_student(base: Checkpoint, adapter: Path) -> torch.nn.Module:
     from peft import PeftModel
 
     with torch.inference_mode(False):
-        model = PeftModel.from_pretrained(load_auto(base.path), adapter, is_trainable=True)
+        model = PeftModel.from_pretrained(
+            load_auto(base.path), adapter, is_trainable=True, trust_remote_code=False
+        )
     return model.eval()
 
 

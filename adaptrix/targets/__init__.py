@@ -27,6 +27,7 @@ class Target:
     default_dtype: torch.dtype | None = None  # None: the base's
     options: tuple[str, ...] = ()  # the keyword options `write` takes beyond the common ones
     several: bool = False  # takes several adapters at once (`adapters=[(name, ir), ...]`)
+    phases: bool = False  # `write` takes `phase=`, a callable it gives the label of each long phase
 
 
 def _onnx(target: str) -> Callable[..., Written]:
@@ -40,6 +41,7 @@ def _onnx(target: str) -> Callable[..., Written]:
 
 
 _ONNX_OPTIONS = ("unmerged", "quantize", "block_size", "cache_dir", "calibration")
+_ONNX_CUDA_OPTIONS = ("unmerged", "cache_dir")  # quantized weights are for the CPU provider's edge targets
 
 
 def _register(*targets: Target) -> Mapping[str, Target]:
@@ -65,14 +67,16 @@ TARGETS = _register(
         default_dtype=torch.float32,
         options=_ONNX_OPTIONS,
         several=True,
+        phases=True,
     ),
     Target(
         "onnx-cuda",
         "onnxruntime model directory for the CUDA provider (optimum, onnxruntime-genai), float16",
         _onnx("onnx-cuda"),
         default_dtype=torch.float16,
-        options=_ONNX_OPTIONS,
+        options=_ONNX_CUDA_OPTIONS,
         several=True,
+        phases=True,
     ),
 )
 

@@ -28,7 +28,7 @@ def load_auto(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module
         kind = transformers.AutoModelForCausalLM
     elif any(a.endswith("ForSequenceClassification") for a in architectures):
         kind = transformers.AutoModelForSequenceClassification
-    return kind.from_pretrained(path, dtype=dtype).eval()
+    return kind.from_pretrained(path, dtype=dtype, trust_remote_code=False).eval()
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ def reference_outputs(
 
         convert_adapter(adapter, "peft", scratch / "reference-peft", base=base.path)
         adapter = scratch / "reference-peft"
-    model = PeftModel.from_pretrained(load_auto(base.path), adapter).eval()
+    model = PeftModel.from_pretrained(load_auto(base.path), adapter, trust_remote_code=False).eval()
     return forward(model, feeds), "peft"
 
 

@@ -73,8 +73,13 @@ def compile_adapter(
     progress: Callable[[int, int], None] | None = None,
     options: Mapping[str, object] | None = None,
     passes: Sequence[str] = (),
+    phase: Callable[[str], None] | None = None,
 ) -> CompileResult:
-    """Compile adapters (PEFT directories or AIR files), after `passes` (`NAME:k=v,...`), into `out`."""
+    """Compile adapters (PEFT directories or AIR files), after `passes` (`NAME:k=v,...`), into `out`.
+
+    `progress(done, total)` counts the bytes the target has written; `phase(label)` names each long
+    phase as it begins (the ONNX targets' first export of a base takes minutes).
+    """
     emit = target_named(target)
     adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
     options = {key: value for key, value in (options or {}).items() if value is not None}
@@ -104,11 +109,15 @@ def compile_adapter(
     files = [file for _, group in inputs.values() for file in group]  # an HF cache's links: their blobs
     with atomic_output(Path(out), force=force, inputs=[*guarded, *files]) as tmp:
         try:
+            if phase is not None and emit.phases:
+                options["phase"] = phase
             written = emit.write(irs[0], checkpoint, tmp, dtype=torch_dtype, progress=step, **options)
         except AdaptrixError as exc:
             raise exc.with_context(target) from None
         # Inputs are hashed here, or picked up where `adaptrix compile` began hashing them
         # before torch loaded (hash_early): beside the merge, a hashing thread would slow it.
+        if phase is not None:
+            phase("hashing the inputs for the manifest")
         write_manifest(
             tmp,
             target=target,
@@ -127,10 +136,14 @@ def _check_options(
     emit: Target, adapters: list[Path], options: Mapping[str, object], combining: bool
 ) -> None:
     """Options and adapter counts the target does not take are errors, never ignored."""
+    known = sorted({key for t in TARGETS.values() for key in t.options})
     for key, value in options.items():
         if key not in emit.options and value is not False:
-            flag = "--" + key.replace("_", "-")
+            flag = "--" + str(key).replace("_", "-")
             users = [t.name for t in TARGETS.values() if key in t.options]
+            if not users:
+                raise BadInputError(f"unknown option {key!r} ({flag}): no target takes it",
+                                    fix=f"check the spelling; options: {', '.join(known)}")  # fmt: skip
             raise BadInputError(f"{flag} does not apply to --target {emit.name}",
                                 fix=f"it applies to: {', '.join(users)}")  # fmt: skip
     if len(adapters) > 1 and not emit.several and not combining:

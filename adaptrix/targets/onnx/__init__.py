@@ -64,11 +64,13 @@ def write_onnx(
     block_size: int | None = None,
     cache_dir: Path | str | None = None,
     calibration: Path | str | None = None,
+    phase: Callable[[str], None] = lambda label: None,
 ) -> Written:
     """Write the ONNX model directory for `target` (onnx-cpu or onnx-cuda) into `out`.
 
     With `calibration` (a prompts file: JSON token-id lists or text lines) the int4 / int8 blocks
-    are rounded by GPTQ on the merged model's inputs over those prompts (gptq.py).
+    are rounded by GPTQ on the merged model's inputs over those prompts (gptq.py). `phase(label)`
+    is told as each long phase begins.
     """
     adapters = list(adapters) or [("adapter", ir)]
     if len(adapters) > 1 and not unmerged:
@@ -99,6 +101,7 @@ def write_onnx(
     pairs = [(name, low_rank_pairs(factored_as_low_rank(adapter), base, dtype, keep_scales=True))
              for name, adapter in adapters] if unmerged else []  # fmt: skip
     scales = [(name, module_scales(adapter, base)) for name, adapter in adapters] if unmerged else []
+    phase("exporting the base to ONNX (first compile for this base)")  # a cached export: a moment
     export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
     model = onnx.load(export.model, load_external_data=False)
     fused = None
@@ -108,6 +111,7 @@ def write_onnx(
     if quantize in BLOCKED_SCHEMES:
         section["block_size"] = block_size
     exclude: list[str] = []
+    phase("adding the adapters' inputs to the graph" if unmerged else "merging the adapter into the graph")
     if unmerged:
         values, lora, exclude = _unmerged(pairs, scales, base, model, dtype, export, out)
         section["lora"] = lora
@@ -124,6 +128,10 @@ def write_onnx(
         values.update(fused.values)
         section["attention"] = {"fused_layers": fused.layers, "declined": fused.declined}
     if quantize is not None:
+        phase(
+            f"quantizing the weights to {quantize}"
+            + (" (GPTQ on the calibration prompts)" if calibration else "")
+        )
         hessians = None if prompts is None else _hessians(base, ir, prompts, model)
         report = quantize_weights(model, export.path, values, quantize, block_size, exclude, hessians)
         section["quantized"] = {"weights": report.quantized, "float_bytes": report.float_bytes,
@@ -134,6 +142,7 @@ def write_onnx(
         if calibration is not None:
             section["calibration"] = {"file": Path(calibration).name,
                                       "sha256": hash_files([Path(calibration)]).popitem()[1]}  # fmt: skip
+    phase("writing the ONNX model")
     digests = {DATA_NAME: write_model(model, export.path, values, out, DATA_NAME)}
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":

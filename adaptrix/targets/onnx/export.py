@@ -165,8 +165,8 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
     try:
         with warnings.catch_warnings():  # torch's tracer warns about every data-dependent branch it records
             warnings.simplefilter("ignore")
-            main_export(str(base.path), raw, task=task, device="cpu", dtype="fp32",
-                        local_files_only=True, do_validation=False, **kwargs)  # fmt: skip
+            main_export(str(base.path), raw, task=task, device="cpu", dtype="fp32", local_files_only=True,
+                        do_validation=False, trust_remote_code=False, **kwargs)  # fmt: skip
     finally:
         hf_logging.set_verbosity(verbosity)
     if dtype == "float16":
