@@ -65,7 +65,6 @@ def _tokenize(lines: list[str], tokenizer_dir: Path, file: Path, what: str) -> l
         raise BadInputError(f"{what}: text prompts need the base's tokenizer files, "
                             f"and {tokenizer_dir} has none", path=file, fix=fix)  # fmt: skip
     try:
-<<<<<<< HEAD
         tokenizer = AutoTokenizer.from_pretrained(
             tokenizer_dir, trust_remote_code=False, local_files_only=True
         )
@@ -74,12 +73,6 @@ def _tokenize(lines: list[str], tokenizer_dir: Path, file: Path, what: str) -> l
         raise BadInputError(f"{what}: text prompts need the base's tokenizer, and the one in "
                             f"{tokenizer_dir} does not load ({type(exc).__name__}: {exc})",
                             path=file, fix=fix) from None  # fmt: skip
-=======
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
-    except (OSError, ValueError):
-        raise BadInputError(f"option prompts: text needs a tokenizer, and {tokenizer_dir} has none",
-                            path=file, fix="give the prompts as JSON token-id lists") from None  # fmt: skip
->>>>>>> h-cli
     return [tokenizer(line)["input_ids"] for line in lines]
 
 
