@@ -139,8 +139,8 @@ def test_calibration_text_never_runs_the_tokenizers_code(tmp_path, answer_yes):
 
     marker = tmp_path / "remote-code-ran"
     folder = plant_remote_code(tmp_path / "base", marker)
-    with pytest.raises(BadInputError, match="needs a tokenizer"):
-        _tokenize(["hello"], folder, tmp_path / "prompts.txt")
+    with pytest.raises(BadInputError, match="need the base's tokenizer"):
+        _tokenize(["hello"], folder, tmp_path / "prompts.txt", "--calibration")
     assert not marker.exists() and answer_yes == []
 
 
