@@ -40,6 +40,7 @@ def fit_modules(
         if weight is None:
             weight = getattr(module, "weight", None)
         _check_layout(bundle, entry, module, weight)
+        _check_replaced(bundle, entry, module, original)
         if number in probed:
             _check_probe(bundle, entry, weight)
         found.append((entry, module))
@@ -95,6 +96,18 @@ def _check_layout(bundle: Bundle, entry: ModuleEntry, module: torch.nn.Module, w
         _refuse(bundle, f"{entry.name}.weight has shape {found}, expected {expected}")
 
 
+def _check_replaced(bundle: Bundle, entry: ModuleEntry, module: torch.nn.Module, original: Callable) -> None:
+    """Each parameter the entry replaces exists on the module, with the shape of the bundle's tensor."""
+    for name, key in entry.replace.items():
+        current = original(module, name)
+        current = current if current is not None else module._parameters.get(name)
+        if current is None:
+            _refuse(bundle, f"{entry.name} has no parameter {name!r} to replace")
+        shape, expected = list(bundle.tensors[key].shape), list(current.shape)
+        if shape != expected:
+            _refuse(bundle, f"{entry.name}.{name} has shape {expected}, the bundle's replacement {shape}")
+
+
 def _is_kind(module: torch.nn.Module, kind: str) -> bool:
     if kind == "Linear":
         return isinstance(module, torch.nn.Linear)
@@ -145,6 +158,8 @@ def fit_bottlenecks(
             if module is None:
                 _refuse(bundle, f"the model has no module {name!r} ({', '.join(entry.sites)})")
             named[key] = module
+        if next(named["block"].parameters(), None) is None:
+            _refuse(bundle, f"{entry.modules['block']} has no parameters to tell its device and dtype")
         norm = named.get("norm")
         if norm is not None and not isinstance(norm, torch.nn.LayerNorm):
             _refuse(
