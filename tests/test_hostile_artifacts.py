@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import adaptrix
-import adaptrix.cli_run  # noqa: F401  (registers `run`)
+import adaptrix.cli_run
 from adaptrix.cli import app
 from adaptrix.onnx_session import open_onnx
 from adaptrix.toolchain.errors import BadInputError
@@ -54,7 +54,9 @@ def model_state(model: torch.nn.Module) -> dict:
     for name, module in model.named_modules():
         hooks = tuple(dict(getattr(module, attr)) if isinstance(getattr(module, attr), dict)
                       else set(getattr(module, attr)) for attr in HOOK_DICTS)  # fmt: skip
-        params = {key: (id(p), None if p is None else p.detach().clone()) for key, p in module._parameters.items()}
+        params = {
+            key: (id(p), None if p is None else p.detach().clone()) for key, p in module._parameters.items()
+        }
         state[name] = (hooks, params)
     return state
 
@@ -86,7 +88,9 @@ def entry_of(section: dict, suffix: str) -> dict:
 def _replace_missing_parameter(bundle: Path, tmp: Path):
     """The issue's case: lm_head's `replace` names a parameter the module lacks."""
     entry = lambda s: entry_of(s, "lm_head")  # noqa: E731
-    edit_manifest(bundle, lambda s: entry(s).__setitem__("replace", {"nonexistent": entry(s)["replace"]["weight"]}))
+    edit_manifest(
+        bundle, lambda s: entry(s).__setitem__("replace", {"nonexistent": entry(s)["replace"]["weight"]})
+    )
     return "has no parameter 'nonexistent'"
 
 
@@ -241,6 +245,38 @@ def test_an_error_while_attaching_rolls_everything_back(how, bundle, monkeypatch
     assert adaptrix.attached(model) == ([] if how == "attach" else [handle])
 
 
+@pytest.fixture(scope="module")
+def hub_bundle(bases, tmp_path_factory):
+    """A llama base and a bundle of AdapterHub bottlenecks (SeqBn)."""
+    from adapters import SeqBnConfig
+    from hub_builders import save_hub
+
+    base = bases("llama")
+    tmp = tmp_path_factory.mktemp("hostile-hub")
+    adapter = save_hub("llama", base, SeqBnConfig(reduction_factor=4), tmp / "adapter")[0]
+    compile_adapter(adapter, base, "hooks", tmp / "bundle")
+    return base, tmp / "bundle"
+
+
+HOSTILE_BOTTLENECKS = {
+    "residual-arg-the-forward-lacks": (lambda b: b["modules"].__setitem__("residual_arg", 3), "arguments"),
+    "flag-as-text": (lambda b: b.__setitem__("parallel", "false"), "true or false"),
+    "size-as-float": (lambda b: b.__setitem__("size", 8.0), "size"),
+    "norm-tensor-without-its-norm": (lambda b: b["tensors"].update(ln_after_weight=b["tensors"]["up"]),
+                                     "without the norm"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_BOTTLENECKS))
+def test_hostile_bottleneck_entry_is_refused(case, hub_bundle, tmp_path):
+    base, valid = hub_bundle
+    edit, match = HOSTILE_BOTTLENECKS[case]
+    bad = edit_manifest(
+        Path(shutil.copytree(valid, tmp_path / "bundle")), lambda s: edit(s["bottlenecks"][1])
+    )
+    refuse_untouched(load_model("llama", base), bad, match)
+
+
 # ---------------------------------------------------------------- ONNX artifacts given to `run`
 
 
@@ -278,37 +314,37 @@ def _lora(edit):
     return _edit("manifest.json", lambda m: edit(m["onnx"]["lora"]))
 
 
+ONE, EOS, UP = ("--adapter", "one"), ("--stop-at-eos",), "../x/adapters/one.onnx_adapter"
 HOSTILE_ARTIFACTS = {
     "config-not-an-object": (_write("config.json", "[1, 2]"), ()),
     "config-not-json": (_write("config.json", "{"), ()),
     "config-nested-deeply": (_write("config.json", "[" * 100_000 + "]" * 100_000), ()),
     "config-nan": (_write("config.json", '{"vocab_size": NaN}'), ()),
     "config-vocab-text": (_write("config.json", '{"vocab_size": "many"}'), ()),
-    "generation-not-an-object": (_write("generation_config.json", "[1]"), ("--stop-at-eos",)),
-    "generation-not-json": (_write("generation_config.json", '{"eos'), ("--stop-at-eos",)),
+    "generation-not-an-object": (_write("generation_config.json", "[1]"), EOS),
+    "generation-not-json": (_write("generation_config.json", '{"eos'), EOS),
     "generation-eos-object": (_edit("generation_config.json", lambda c: c.update(eos_token_id={"a": 1})),
-                              ("--stop-at-eos",)),
+                              EOS),
     "generation-eos-text": (_edit("generation_config.json", lambda c: c.update(eos_token_id="x")),
-                            ("--stop-at-eos",)),
+                            EOS),
     "genai-not-json": (_write("genai_config.json", "{"), ()),
     "manifest-nan": (_write("manifest.json", '{"target": "onnx-cpu", "onnx": {"task": NaN}}'), ()),
     "manifest-lora-list": (_edit("manifest.json", lambda m: m["onnx"].update(lora=[1])), ()),
-    "manifest-lora-text": (_edit("manifest.json", lambda m: m["onnx"].update(lora="x")), ("--adapter", "one")),
+    "manifest-lora-text": (_edit("manifest.json", lambda m: m["onnx"].update(lora="x")), ONE),
     "manifest-inputs-list": (_lora(lambda lora: lora.update(inputs=[1])), ()),
-    "manifest-adapters-list": (_lora(lambda lora: lora.update(adapters=[1])), ("--adapter", "one")),
+    "manifest-adapters-list": (_lora(lambda lora: lora.update(adapters=[1])), ONE),
     "manifest-file-absolute": (_lora(lambda lora: lora["adapters"]["one"].update(file="/etc/passwd")),
-                               ("--adapter", "one")),
-    "manifest-file-up": (_lora(lambda lora: lora["adapters"]["one"].update(file="../x/adapters/one.onnx_adapter")),
-                         ("--adapter", "one")),
-    "manifest-file-number": (_lora(lambda lora: lora["adapters"]["one"].update(file=3)), ("--adapter", "one")),
-    "manifest-no-model-version": (_lora(lambda lora: lora.pop("model_version")), ("--adapter", "one")),
-    "manifest-model-version-text": (_lora(lambda lora: lora.update(model_version="x")), ("--adapter", "one")),
+                               ONE),
+    "manifest-file-up": (_lora(lambda lora: lora["adapters"]["one"].update(file=UP)), ONE),
+    "manifest-file-number": (_lora(lambda lora: lora["adapters"]["one"].update(file=3)), ONE),
+    "manifest-no-model-version": (_lora(lambda lora: lora.pop("model_version")), ONE),
+    "manifest-model-version-text": (_lora(lambda lora: lora.update(model_version="x")), ONE),
     "manifest-input-shape-number": (_lora(lambda lora: next(iter(lora["inputs"].values())).update(shape=5)),
-                                    ("--adapter", "one")),
+                                    ONE),
     "manifest-no-outputs": (_edit("manifest.json", lambda m: m["onnx"].update(outputs=[])), ()),
     "manifest-task-list": (_edit("manifest.json", lambda m: m["onnx"].update(task=["x"])), ()),
     "adapter-name-undecodable": (lambda a: undecodable_name(a / "adapters" / "one.onnx_adapter"),
-                                 ("--adapter", "one")),
+                                 ONE),
 }  # fmt: skip
 
 
@@ -328,7 +364,9 @@ def test_tampered_artifact_is_one_line_exit_2(case, unmerged, tmp_path):
     shutil.copy(unmerged / "adapters" / "one.onnx_adapter", tmp_path / "x" / "adapters")
     artifact = Path(shutil.copytree(unmerged, tmp_path / "artifact"))
     tamper(artifact)
-    result = runner.invoke(app, ["run", str(artifact), "--prompt-ids", "5,6", "--max-new-tokens", "2", *extra])
+    result = runner.invoke(
+        app, ["run", str(artifact), "--prompt-ids", "5,6", "--max-new-tokens", "2", *extra]
+    )
     assert_one_line_exit_2(result, artifact)
 
 

@@ -35,6 +35,7 @@ _ENTRY_KEYS = {"name", "layout", "sites", "weight_shape", "out_features", "probe
                "replace", "dense", "scale_out", "scale_in"}  # fmt: skip
 _PROBE_KEYS = {"tensor", "shape", "dtype", "indices", "values"}
 _MAX_PROBES = 64
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def is_int(value: object) -> bool:
@@ -120,6 +121,8 @@ def check_probe(raw: object, numel: int, file: Path, where: str) -> tuple[list[i
         if not is_int(index) or not 0 <= index < numel:
             _refuse(file, where, f"probe index {index!r:.30} lies outside the weight's {numel} elements")
     numbers = [_finite(value, file, f"{where}.values") for value in values]
+    if any(abs(number) > _FLOAT32_MAX for number in numbers):  # would be inf in float32 and match anything
+        _refuse(file, f"{where}.values", "holds a value beyond float32's range")
     dtype = probe.get("dtype", "float32")
     if dtype not in FLOAT_DTYPES:
         _refuse(file, f"{where}.dtype", f"expected one of {list(FLOAT_DTYPES)}, found {dtype!r:.40}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -158,6 +159,7 @@ def fit_bottlenecks(
             if module is None:
                 _refuse(bundle, f"the model has no module {name!r} ({', '.join(entry.sites)})")
             named[key] = module
+        _check_residual_arg(bundle, entry, named["residual"])
         if next(named["block"].parameters(), None) is None:
             _refuse(bundle, f"{entry.modules['block']} has no parameters to tell its device and dtype")
         norm = named.get("norm")
@@ -179,6 +181,20 @@ def fit_bottlenecks(
             _check_probe_values(bundle, entry.modules["projection"], weight, entry.probe)
         found.append((entry, named))
     return found
+
+
+def _check_residual_arg(bundle: Bundle, entry: BottleneckEntry, module: torch.nn.Module) -> None:
+    """The residual is read from argument `residual_arg` of the module's forward: it must have one."""
+    index = entry.modules["residual_arg"]
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature: nothing to check against
+        return
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    if index >= len(params):
+        name = entry.modules["residual"]
+        _refuse(bundle, f"{name}'s forward takes {len(params)} arguments, the bundle reads argument {index}")
 
 
 def _check_probe_values(bundle: Bundle, name: str, weight: torch.Tensor, probe: dict) -> None:

@@ -117,7 +117,7 @@ def inspect_bundle(path: Path | str) -> dict:
                 "sites": list(entry.sites),
                 "op": "+".join(ops),
                 "rank": entry.lora["rank"] if entry.lora else None,
-                "scale": entry.lora["scale"] if entry.lora else None,
+                "scale": entry.lora.get("scale") if entry.lora else None,
                 "parameters": sum(t.numel() for t in tensors),
                 "bytes": sum(t.numel() * t.element_size() for t in tensors),
             }
