@@ -277,6 +277,20 @@ def test_hostile_bottleneck_entry_is_refused(case, hub_bundle, tmp_path):
     refuse_untouched(load_model("llama", base), bad, match)
 
 
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "1e999", "much"])
+def test_a_scale_that_is_not_a_finite_number_is_refused(scale, bundle):
+    base, valid = bundle
+    model = load_model("llama", base)
+    before = model_state(model)
+    with pytest.raises(BadInputError, match="not a finite number"):
+        adaptrix.attach(model, valid, scale=scale)
+    assert_same_state(model, before)
+    handle = adaptrix.attach(model, valid)
+    with pytest.raises(BadInputError, match="not a finite number"):
+        handle.scale = scale
+    assert handle.scale == 1.0
+
+
 # ---------------------------------------------------------------- ONNX artifacts given to `run`
 
 

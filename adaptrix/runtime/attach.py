@@ -9,6 +9,7 @@ it was, state_dict included.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class Handle:
 
     @scale.setter
     def scale(self, value: float) -> None:
-        self._scale = float(value)
+        self._scale = _finite_scale(value)
         for hook in self._hooks:
             hook.refresh()
 
@@ -132,7 +133,21 @@ def attached(model: torch.nn.Module) -> list[Handle]:
     return list(_ATTACHED.get(model, []))
 
 
+def _finite_scale(value: object) -> float:
+    """A handle's scale: a finite number (NaN or inf would silently fill every output with NaN)."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not math.isfinite(scale):
+        raise BadInputError(
+            f"scale {value!r:.40} is not a finite number", fix="pass a scale such as 0.5 or 1.0"
+        )
+    return scale
+
+
 def _attach(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float, keep: list[Handle]) -> Handle:
+    scale = _finite_scale(scale)
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     current = list(_ATTACHED.get(model, []))
 
