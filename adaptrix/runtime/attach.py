@@ -203,7 +203,7 @@ class _Saved:
 
 
 def _hook_dicts(module: torch.nn.Module) -> list:
-    """The module's parameter dict and every forward hook dict torch keeps (dicts and sets)."""
+    """The module's parameter dict and every forward hook dict torch keeps on it."""
     names = ("_parameters", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
              "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")  # fmt: skip
     return [found for name in names if (found := getattr(module, name, None)) is not None]
