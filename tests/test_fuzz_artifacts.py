@@ -174,7 +174,7 @@ BUNDLE_MODES = ["replace", "replace", "replace", "delete", "header", "byte", "tr
     mode=st.sampled_from(BUNDLE_MODES),
     pick=st.integers(0, 10**6),
     byte=st.integers(0, 255),
-    value=json_values,
+    value=json_values | st.integers(-(2**70), 2**70),
 )
 def test_generated_bundles_attach_or_leave_the_model_as_it_was(bundles, which, how, mode, pick, byte, value):
     model, pristine, tmp, sections = bundles

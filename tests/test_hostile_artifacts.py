@@ -118,6 +118,16 @@ def _probe_index_outside_weight(bundle: Path, tmp: Path):
     return "probe index"
 
 
+def _probe_index_beyond_int64(bundle: Path, tmp: Path):
+    def edit(section):
+        entry = section["modules"][1]
+        entry["weight_shape"], entry["out_features"] = [2**40, 2**40], 2**40
+        entry["probe"]["indices"][0] = 2**70
+
+    edit_manifest(bundle, edit)
+    return "probe index|below 2"
+
+
 def _probe_missing(bundle: Path, tmp: Path):
     edit_manifest(bundle, lambda s: s["modules"][1].pop("probe"))
     return "probe"
@@ -173,7 +183,8 @@ def _manifest_symlink_escape(bundle: Path, tmp: Path):
 
 
 HOSTILE_BUNDLES = [_replace_missing_parameter, _tensors_file_up, _tensors_file_absolute,
-                   _tensors_file_symlink_escape, _probe_index_outside_weight, _probe_missing,
+                   _tensors_file_symlink_escape, _probe_index_outside_weight, _probe_index_beyond_int64,
+                   _probe_missing,
                    _sites_not_a_list, _fractional_shape, _rank_as_text, _nan_in_manifest,
                    _tensor_of_another_dtype, _tensor_nobody_uses, _module_twice,
                    _manifest_symlink_escape]  # fmt: skip

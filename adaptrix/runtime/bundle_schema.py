@@ -36,6 +36,7 @@ _ENTRY_KEYS = {"name", "layout", "sites", "weight_shape", "out_features", "probe
 _PROBE_KEYS = {"tensor", "shape", "dtype", "indices", "values"}
 _MAX_PROBES = 64
 _FLOAT32_MAX = 3.4028234663852886e38
+_MAX_SIZE = 2**48
 
 
 def is_int(value: object) -> bool:
@@ -48,9 +49,9 @@ def _refuse(file: Path, where: str, problem: str) -> None:
 
 
 def positive_int(value: object, file: Path, where: str) -> int:
-    """`value` as an int > 0, or a one-line error naming the field."""
-    if not is_int(value) or value <= 0:
-        _refuse(file, where, f"expected a positive integer, found {value!r:.60}")
+    """`value` as an int > 0 (and below 2**48: a size, not a number torch cannot hold), or an error."""
+    if not is_int(value) or not 0 < value < _MAX_SIZE:
+        _refuse(file, where, f"expected a positive integer below 2**48, found {value!r:.60}")
     return value
 
 
@@ -118,7 +119,7 @@ def check_probe(raw: object, numel: int, file: Path, where: str) -> tuple[list[i
     if len(values) != len(indices):
         _refuse(file, where, f"expected {len(indices)} values, one per index, found {len(values)}")
     for index in indices:
-        if not is_int(index) or not 0 <= index < numel:
+        if not is_int(index) or not 0 <= index < min(numel, 2**62):
             _refuse(file, where, f"probe index {index!r:.30} lies outside the weight's {numel} elements")
     numbers = [_finite(value, file, f"{where}.values") for value in values]
     if any(abs(number) > _FLOAT32_MAX for number in numbers):  # would be inf in float32 and match anything
