@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
+from adaptrix.onnx_files import MANIFEST_NAME, file_inside
 from adaptrix.toolchain.errors import BadInputError
 
-__all__ = ["adapter_file", "adapter_problems", "check_adapter_file", "dtype_name"]
+__all__ = ["adapter_file", "adapter_problems", "check_adapter_file", "dtype_name", "read_adapter"]
 
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
            "tensor(bfloat16)": "bfloat16"}  # fmt: skip
 _HALVES = (".lora_A", ".lora_B")
+_NUMPY_FLOATS = ("float32", "float16", "float64")
 
 
 def dtype_name(ort_type: str) -> str:
@@ -37,7 +40,8 @@ def adapter_file(artifact: Path, lora: dict | None, name_or_path: str | Path) ->
         )
     entries = lora.get("adapters", {})
     if str(name_or_path) in entries:
-        return artifact / entries[str(name_or_path)]["file"]
+        where = f"onnx.lora.adapters.{name_or_path}.file"
+        return file_inside(artifact, entries[str(name_or_path)]["file"], artifact / MANIFEST_NAME, where)
     if Path(name_or_path).is_file():
         return Path(name_or_path)
     raise BadInputError(
@@ -47,16 +51,28 @@ def adapter_file(artifact: Path, lora: dict | None, name_or_path: str | Path) ->
     )
 
 
+def read_adapter(file: Path) -> ort.AdapterFormat:
+    """An `.onnx_adapter` file read by onnxruntime, with its parameters' names checked as text."""
+    if not file.is_file():
+        raise BadInputError("is not a file", path=file, fix="pass an .onnx_adapter file")
+    try:
+        adapter = ort.AdapterFormat.read_adapter(str(file))
+        adapter.get_parameters()  # names are decoded here: bytes that are not UTF-8 raise
+    except RuntimeError as exc:
+        reason = (str(exc).strip().splitlines() or ["unreadable"])[-1]
+        raise BadInputError(f"cannot be read as an .onnx_adapter file: {reason}", path=file) from None
+    except UnicodeDecodeError:
+        problem = "holds a parameter name that is not UTF-8 text: the file is damaged or was tampered with"
+        raise BadInputError(problem, path=file, fix="compile the adapter again") from None
+    return adapter
+
+
 def check_adapter_file(file: Path, lora: dict, dtypes: dict[str, str]) -> None:
     """Raise one BadInputError line naming `file` when it does not fit the LoRA inputs.
 
     `lora` is the manifest's section; `dtypes` maps each LoRA input to its dtype in the graph.
     """
-    try:
-        adapter = ort.AdapterFormat.read_adapter(str(file))
-    except RuntimeError as exc:
-        reason = (str(exc).strip().splitlines() or ["unreadable"])[-1]
-        raise BadInputError(f"cannot be read as an .onnx_adapter file: {reason}", path=file) from None
+    adapter = read_adapter(file)
     if adapter.get_model_version() != lora["model_version"]:
         raise BadInputError(
             f"was compiled for another base (model version {adapter.get_model_version()}, "
@@ -64,10 +80,16 @@ def check_adapter_file(file: Path, lora: dict, dtypes: dict[str, str]) -> None:
             path=file,
             fix="use an adapter compiled with this artifact, or compile it for this base with --unmerged",
         )
-    problems = adapter_problems(adapter.get_parameters(), lora["inputs"], dtypes)
+    params = adapter.get_parameters()
+    problems = adapter_problems(params, lora["inputs"], dtypes)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise BadInputError(problems[0] + more, path=file)
+    for name, value in sorted(params.items()):
+        if dtype_name(value.data_type()) in _NUMPY_FLOATS and not np.isfinite(value.numpy()).all():
+            raise BadInputError(
+                f"parameter {name} holds NaN or Inf", path=file, fix="compile the adapter again"
+            )
 
 
 def adapter_problems(params: dict[str, ort.OrtValue], inputs: dict, dtypes: dict[str, str]) -> list[str]:

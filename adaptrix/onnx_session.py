@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,13 +19,11 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from adaptrix.onnx_adapter import adapter_file, check_adapter_file, dtype_name
+from adaptrix.onnx_files import MANIFEST_NAME, MODEL_NAME, read_manifest, read_side_json
 from adaptrix.toolchain.errors import BadInputError
 
 __all__ = ["DECODER_TASK", "OnnxArtifact", "open_onnx"]
 
-MANIFEST_NAME = "manifest.json"
-MODEL_NAME = "model.onnx"
-ONNX_TARGETS = ("onnx-cpu", "onnx-cuda")
 DECODER_TASK = "text-generation-with-past"
 PAST_PREFIX = "past_key_values."
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -44,7 +41,7 @@ Past = dict[str, np.ndarray]
 def open_onnx(path: Path | str, provider: str = "cpu", threads: int | None = None) -> OnnxArtifact:
     """Open an ONNX artifact directory for inference on `provider` ("cpu" or "cuda")."""
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if provider not in _PROVIDERS:
         raise BadInputError(f"unknown provider {provider!r}", fix="choose cpu or cuda")
     if _PROVIDERS[provider] not in ort.get_available_providers():
@@ -85,32 +82,8 @@ def _preload_cuda() -> None:
         preload()
 
 
-def _read_manifest(path: Path) -> dict:
-    file = path / MANIFEST_NAME
-    if not path.is_dir():
-        raise BadInputError("is not a directory", path=path, fix=_COMPILE_FIX)
-    if not file.is_file():
-        raise BadInputError(f"no {MANIFEST_NAME}: not an adaptrix artifact", path=path, fix=_COMPILE_FIX)
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"cannot be read: {exc}", path=file) from None
-    target = manifest.get("target") if isinstance(manifest, dict) else None
-    if target not in ONNX_TARGETS or not isinstance(manifest.get("onnx"), dict):
-        raise BadInputError(f"target {target!r} is not an ONNX target ({' or '.join(ONNX_TARGETS)})",
-                            path=file, fix=_COMPILE_FIX)  # fmt: skip
-    if not (path / MODEL_NAME).is_file():
-        raise BadInputError(f"{MODEL_NAME} is missing", path=path, fix="compile the artifact again")
-    return manifest
-
-
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
-
-
-def _side_json(path: Path, name: str) -> dict:
-    file = path / name
-    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 class OnnxArtifact:
@@ -124,7 +97,8 @@ class OnnxArtifact:
         self.task: str = self.section.get("task", "")
         self.inputs = {arg.name: arg for arg in session.get_inputs()}
         self.outputs = [arg.name for arg in session.get_outputs()]
-        self.config = _side_json(path, "config.json")
+        self.config = read_side_json(path, "config.json")
+        self.generation = read_side_json(path, "generation_config.json")
         self._adapters: dict[tuple, ort.LoraAdapter] = {}
         unknown = sorted(n for n in self.inputs if n not in _FED and not n.startswith(PAST_PREFIX))
         if unknown or "input_ids" not in self.inputs:
@@ -135,6 +109,10 @@ class OnnxArtifact:
         if self.is_decoder != bool(self.past_names) or missing:
             raise BadInputError(f"a {self.task} graph whose KV cache inputs and outputs do not pair up",
                                 path=path / MODEL_NAME, fix=_COMPILE_FIX)  # fmt: skip
+        if self.section["outputs"] != self.outputs:
+            listed, found = self.section["outputs"][:3], self.outputs[:3]
+            raise BadInputError(f"{MANIFEST_NAME} lists outputs {listed}, {MODEL_NAME} has {found}",
+                                path=path, fix="compile the artifact again")  # fmt: skip
         graph_lora = {arg.name: arg.type for arg in session.get_overridable_initializers()}
         listed = (self.lora or {}).get("inputs", {})
         lost = [name for name in listed if name not in graph_lora]
@@ -303,8 +281,7 @@ class OnnxArtifact:
             raise BadInputError(f"onnxruntime: {_first_line(exc)}", path=self.path / MODEL_NAME) from None
 
     def _eos_ids(self) -> set[int]:
-        generation = _side_json(self.path, "generation_config.json")
-        eos = generation.get("eos_token_id", self.config.get("eos_token_id"))
+        eos = self.generation.get("eos_token_id", self.config.get("eos_token_id"))
         if eos is None:
             raise BadInputError("neither generation_config.json nor config.json names an eos_token_id",
                                 path=self.path, fix="generate without stop_at_eos")  # fmt: skip

@@ -9,6 +9,7 @@ it was, state_dict included.
 from __future__ import annotations
 
 import logging
+import math
 import weakref
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from adaptrix.runtime.bundle import Bundle, ModuleEntry, load_bundle
 from adaptrix.runtime.fit import fit_bottlenecks, fit_modules
 from adaptrix.runtime.module_hook import ModuleHook
 from adaptrix.runtime.shared_input import share_inputs
-from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.errors import AdaptrixError, BadInputError
 
 __all__ = ["Handle", "attach", "attached", "switch"]
 
@@ -51,7 +52,7 @@ class Handle:
 
     @scale.setter
     def scale(self, value: float) -> None:
-        self._scale = float(value)
+        self._scale = _finite_scale(value)
         for hook in self._hooks:
             hook.refresh()
 
@@ -132,7 +133,21 @@ def attached(model: torch.nn.Module) -> list[Handle]:
     return list(_ATTACHED.get(model, []))
 
 
+def _finite_scale(value: object) -> float:
+    """A handle's scale: a finite number (NaN or inf would silently fill every output with NaN)."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        scale = math.nan
+    if not math.isfinite(scale):
+        raise BadInputError(
+            f"scale {value!r:.40} is not a finite number", fix="pass a scale such as 0.5 or 1.0"
+        )
+    return scale
+
+
 def _attach(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float, keep: list[Handle]) -> Handle:
+    scale = _finite_scale(scale)
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     current = list(_ATTACHED.get(model, []))
 
@@ -142,14 +157,56 @@ def _attach(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float, k
     fitted = fit_modules(model, bundle, original)
     bottlenecks = fit_bottlenecks(model, bundle, original)
     _check_replacements(bundle, fitted, keep)
-    for handle in current:
-        if handle not in keep:
-            handle.detach()
-    handle = Handle(model, bundle, scale)
-    handle._apply(fitted, bottlenecks)
-    _ATTACHED.setdefault(model, []).append(handle)
+    saved = _Saved(model, current)
+    try:
+        for handle in current:
+            if handle not in keep:
+                handle.detach()
+        handle = Handle(model, bundle, scale)
+        handle._apply(fitted, bottlenecks)
+        _ATTACHED.setdefault(model, []).append(handle)
+    except BaseException as exc:  # any failure: the model goes back to what it was, then the error is raised
+        saved.restore()
+        if isinstance(exc, Exception) and not isinstance(exc, AdaptrixError):
+            reason = " ".join(str(exc).split())[:200]
+            message = f"cannot be attached ({type(exc).__name__}: {reason}); the model was left unchanged"
+            raise BadInputError(message, path=bundle.path) from exc
+        raise
     logger.debug("attached %s to %d modules", bundle.path, len(fitted))
     return handle
+
+
+class _Saved:
+    """What attaching may change, saved so that a failure puts it back exactly.
+
+    Each module's hook dicts and parameter dict (restored in place: the removers of the handles
+    still attached keep working), the model's list of handles and those handles' own records.
+    """
+
+    def __init__(self, model: torch.nn.Module, handles: list[Handle]):
+        self.model, self.handles = model, list(handles)
+        self.modules = [(module, [(d, d.copy()) for d in _hook_dicts(module)]) for module in model.modules()]
+        self.records = [(h, list(h._removers), list(h._swapped), list(h._hooks)) for h in handles]
+
+    def restore(self) -> None:
+        """Put every saved dict, list and record back."""
+        for _, saved in self.modules:
+            for live, copy in saved:
+                live.clear()
+                live.update(copy)
+        for handle, removers, swapped, hooks in self.records:
+            handle._removers, handle._swapped, handle._hooks = removers, swapped, hooks
+        if self.handles:
+            _ATTACHED[self.model] = list(self.handles)
+        else:
+            _ATTACHED.pop(self.model, None)
+
+
+def _hook_dicts(module: torch.nn.Module) -> list:
+    """The module's parameter dict and every forward hook dict torch keeps on it."""
+    names = ("_parameters", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+             "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")  # fmt: skip
+    return [found for name in names if (found := getattr(module, name, None)) is not None]
 
 
 def _check_replacements(bundle: Bundle, fitted: list, keep: list[Handle]) -> None:

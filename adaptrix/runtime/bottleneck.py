@@ -15,95 +15,13 @@ the branch (ln_after), and s = 1 is the adapter as trained.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual name)
 
-from adaptrix.runtime.activations import ACTIVATIONS, activation
-from adaptrix.toolchain.errors import BadInputError
+from adaptrix.runtime.activations import activation
+from adaptrix.runtime.bottleneck_entry import BottleneckEntry, check_bottleneck_tensors, parse_bottleneck
 
-__all__ = ["BottleneckEntry", "BottleneckHook", "parse_bottleneck"]
-
-_MODULE_KEYS = ("block", "output", "residual", "projection")
-
-
-@dataclass(frozen=True, slots=True)
-class BottleneckEntry:
-    """One bottleneck of a bundle: where it hooks, its options and its tensors' keys."""
-
-    name: str
-    sites: tuple[str, ...]
-    block: str
-    modules: dict
-    probe: dict
-    act: str
-    size: int
-    parallel: bool
-    scale: float
-    original_ln_before: bool
-    original_ln_after: bool
-    residual_before_ln: bool | str
-    adapter_residual_before_ln: bool
-    ln_eps: dict
-    tensors: dict[str, str]
-
-
-def parse_bottleneck(raw: dict, file) -> BottleneckEntry:
-    """A bundle's bottleneck entry, checked for the keys and values the runtime needs."""
-    try:
-        entry = BottleneckEntry(
-            name=str(raw["name"]),
-            sites=tuple(raw["sites"]),
-            block=str(raw["block"]),
-            modules=dict(raw["modules"]),
-            probe=dict(raw["probe"]),
-            act=str(raw["act"]),
-            size=int(raw["size"]),
-            parallel=bool(raw["parallel"]),
-            scale=float(raw["scale"]),
-            original_ln_before=bool(raw["original_ln_before"]),
-            original_ln_after=bool(raw["original_ln_after"]),
-            residual_before_ln=raw["residual_before_ln"],
-            adapter_residual_before_ln=bool(raw["adapter_residual_before_ln"]),
-            ln_eps=dict(raw.get("ln_eps") or {}),
-            tensors=dict(raw["tensors"]),
-        )
-        missing = [key for key in _MODULE_KEYS if not entry.modules.get(key)]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadInputError(f"has a malformed bottleneck entry ({exc!r})", path=file) from None
-    if missing or entry.act not in ACTIVATIONS or entry.residual_before_ln not in (True, False, "post_add"):
-        raise BadInputError(
-            f"bottleneck {entry.name!r} has a bad value (modules {missing}, act {entry.act!r}, "
-            f"residual_before_ln {entry.residual_before_ln!r})",
-            path=file,
-        )
-    return entry
-
-
-def check_bottleneck_tensors(
-    entry: BottleneckEntry, tensors: dict[str, torch.Tensor], hidden: int, file
-) -> None:
-    """Every tensor of the entry exists with the shape its role needs."""
-    shapes = {
-        "down": (entry.size, hidden),
-        "down_bias": (entry.size,),
-        "up": (hidden, entry.size),
-        "up_bias": (hidden,),
-    }
-    for name in ("before", "after"):
-        if name in entry.ln_eps:
-            shapes[f"ln_{name}_weight"] = shapes[f"ln_{name}_bias"] = (hidden,)
-    for name, shape in shapes.items():
-        key = entry.tensors.get(name)
-        if (key is None and name in ("down", "up")) or (key is not None and key not in tensors):
-            raise BadInputError(
-                f"lacks tensor {name} of bottleneck {entry.name!r}", path=file, fix="compile the bundle again"
-            )
-        if key is not None and tuple(tensors[key].shape) != shape:
-            raise BadInputError(
-                f"tensor {key!r} has shape {list(tensors[key].shape)}, expected {list(shape)}", path=file
-            )
+__all__ = ["BottleneckEntry", "BottleneckHook", "check_bottleneck_tensors", "parse_bottleneck"]
 
 
 class BottleneckHook:

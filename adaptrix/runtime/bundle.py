@@ -27,7 +27,6 @@ This module reads bundles; it needs torch and safetensors only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from adaptrix.runtime.bottleneck import BottleneckEntry, check_bottleneck_tensors, parse_bottleneck
+from adaptrix.runtime.bundle_schema import check_base, check_section, module_fields
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.finite import all_finite
+from adaptrix.toolchain.jsonfile import read_json
 
 __all__ = [
     "BOTTLENECK_FORMAT",
@@ -56,7 +57,6 @@ KINDS_FORMAT = 2  # a bundle with dense or scale entries: a reader of format 1 m
 BOTTLENECK_FORMAT = 3  # a bundle with bottleneck entries: readers of formats 1 and 2 must refuse it
 TENSORS_FILE = "bundle.safetensors"
 MANIFEST_NAME = "manifest.json"
-LAYOUTS = ("linear", "conv1d", "embedding", "norm")
 _PROBES = 8
 
 
@@ -126,7 +126,7 @@ def probe_indices(numel: int) -> list[int]:
 
 
 def load_bundle(path: Path | str) -> Bundle:
-    """Read a bundle directory; a malformed one is an error that names the file."""
+    """Read and check a whole bundle directory; anything malformed is one error that names the file."""
     root = Path(path)
     manifest_file = root / MANIFEST_NAME
     if not manifest_file.is_file():
@@ -135,33 +135,70 @@ def load_bundle(path: Path | str) -> Bundle:
             path=root,
             fix="compile one with `adaptrix compile ADAPTER --base BASE --target hooks -o BUNDLE`",
         )
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"is not valid JSON ({exc})", path=manifest_file) from None
+    _inside(root, manifest_file)
+    manifest = read_json(manifest_file, what="bundle manifest")
     section = manifest.get("bundle") if isinstance(manifest, dict) else None
     if not isinstance(section, dict):
         target = manifest.get("target") if isinstance(manifest, dict) else None
         raise BadInputError(
-            f"describes a {target or 'non-bundle'} artifact, not a hooks bundle",
+            f"describes a {target if isinstance(target, str) else 'non-bundle'} artifact, not a hooks bundle",
             path=manifest_file,
             fix="compile the adapter with --target hooks",
         )
     if section.get("format_version") not in (BUNDLE_FORMAT, KINDS_FORMAT, BOTTLENECK_FORMAT):
         raise BadInputError(
-            f"has bundle format {section.get('format_version')!r}; this adaptrix reads {BUNDLE_FORMAT} "
+            f"has bundle format {section.get('format_version')!r:.40}; this adaptrix reads {BUNDLE_FORMAT} "
             f"to {BOTTLENECK_FORMAT}",
             path=manifest_file,
             fix="recompile the bundle with this version of adaptrix",
         )
-    tensors = _load_tensors(root / section.get("tensors_file", TENSORS_FILE))
-    modules = tuple(_entry(raw, manifest_file) for raw in section.get("modules", []))
-    _check_tensors(modules, tensors, root / section.get("tensors_file", TENSORS_FILE))
+    check_section(section, manifest_file)
+    base = check_base(section, manifest_file)
+    modules = tuple(
+        _entry(raw, manifest_file, number) for number, raw in enumerate(section.get("modules", []))
+    )
     bottlenecks = tuple(parse_bottleneck(raw, manifest_file) for raw in section.get("bottlenecks", []))
-    hidden = int(section.get("base", {}).get("dimensions", {}).get("hidden_size", 0))
+    _check_unique([entry.name for entry in modules], manifest_file, "module")
+    _check_unique([entry.name for entry in bottlenecks], manifest_file, "bottleneck")
+    tensors_file = _bundle_file(root, section.get("tensors_file", TENSORS_FILE), manifest_file)
+    tensors = _load_tensors(tensors_file)
+    _check_tensors(modules, tensors, tensors_file, section["dtype"])
+    hidden = base["dimensions"].get("hidden_size", 0)
     for entry in bottlenecks:
-        check_bottleneck_tensors(entry, tensors, hidden, root / section.get("tensors_file", TENSORS_FILE))
+        check_bottleneck_tensors(entry, tensors, hidden, tensors_file)
+    _check_all_used(modules, bottlenecks, tensors, tensors_file)
     return Bundle(root, manifest, modules, tensors, bottlenecks)
+
+
+def _inside(root: Path, file: Path) -> Path:
+    """`file`, after checking that it resolves inside the bundle directory (no symlink out of it)."""
+    try:
+        real_root, real = root.resolve(), file.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name the OS refuses
+        raise BadInputError(
+            f"cannot be resolved ({exc})", path=file, fix="compile the bundle again"
+        ) from None
+    if not real.is_relative_to(real_root):
+        raise BadInputError(f"resolves to {real}, outside the bundle", path=file,
+                            fix="a bundle's files must lie inside its directory; copy them in")  # fmt: skip
+    return file
+
+
+def _bundle_file(root: Path, name: object, manifest_file: Path) -> Path:
+    """The bundle file a manifest names: a relative path inside the bundle, never `..` or absolute."""
+    parts = Path(name).parts if isinstance(name, str) and name else ()
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name or "\0" in name:
+        raise BadInputError(f"names tensors_file {name!r:.80}: expected a file name inside the bundle",
+                            path=manifest_file, fix="compile the bundle again")  # fmt: skip
+    return _inside(root, root / name)
+
+
+def _check_unique(names: list[str], file: Path, kind: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise BadInputError(f"lists {kind} {name!r} twice", path=file, fix="compile the bundle again")
+        seen.add(name)
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
@@ -170,42 +207,30 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         with torch.inference_mode(False):  # inference tensors could not serve a later forward with grad
             return load_file(str(file))
-    except (SafetensorError, OSError) as exc:
-        raise BadInputError(f"cannot be read ({exc})", path=file, fix="compile the bundle again") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise BadInputError(f"cannot be read ({reason})", path=file, fix="compile the bundle again") from None
 
 
-def _entry(raw: object, file: Path) -> ModuleEntry:
-    try:
-        entry = ModuleEntry(
-            name=str(raw["name"]),
-            layout=str(raw["layout"]),
-            sites=tuple(raw["sites"]),
-            weight_shape=tuple(int(n) for n in raw["weight_shape"]),
-            out_features=int(raw["out_features"]),
-            probe_at=torch.tensor(raw["probe"]["indices"], dtype=torch.long),
-            probe_values=torch.tensor(raw["probe"]["values"], dtype=torch.float32),
-            probe_dtype=str(raw["probe"].get("dtype", "float32")),
-            lora=raw.get("lora"),
-            dora=raw.get("dora"),
-            bias=raw.get("bias"),
-            replace=dict(raw.get("replace") or {}),
-            dense=raw.get("dense"),
-            scale_out=raw.get("scale_out"),
-            scale_in=raw.get("scale_in"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BadInputError(f"has a malformed module entry ({exc!r})", path=file) from None
-    if entry.layout not in LAYOUTS:
-        raise BadInputError(f"module {entry.name!r} has unknown layout {entry.layout!r}", path=file)
-    return entry
+def _entry(raw: object, file: Path, number: int) -> ModuleEntry:
+    fields = module_fields(raw, file, number)
+    indices, values, dtype = fields.pop("probe")
+    return ModuleEntry(
+        probe_at=torch.tensor(indices, dtype=torch.long),
+        probe_values=torch.tensor(values, dtype=torch.float32),
+        probe_dtype=dtype,
+        **fields,
+    )
 
 
-def _check_tensors(modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """Every tensor an entry names exists, with the shape the entry implies, and is finite."""
+def _check_tensors(
+    modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Tensor], file: Path, dtype: str
+) -> None:
+    """Every tensor an entry names exists, with the shape the entry implies and the bundle's dtype."""
     for entry in modules:
         expected: dict[str, tuple[int, ...] | None] = {}
         if entry.lora:
-            rank, in_features = int(entry.lora["rank"]), _in_features(entry)
+            rank, in_features = entry.lora["rank"], _in_features(entry)
             expected[entry.lora["down"]] = (in_features, rank)
             expected[entry.lora["up"]] = (rank, entry.out_features)
         if entry.dora:
@@ -218,7 +243,7 @@ def _check_tensors(modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Te
             expected[entry.scale_out] = (entry.out_features,)
         if entry.scale_in:
             expected[entry.scale_in] = (_in_features(entry),)
-        expected.update((key, None) for key in entry.replace.values())
+        expected.update((key, None) for key in entry.replace.values())  # the module's own shape, at attach
         for key, shape in expected.items():
             tensor = tensors.get(key)
             if tensor is None:
@@ -227,8 +252,27 @@ def _check_tensors(modules: tuple[ModuleEntry, ...], tensors: dict[str, torch.Te
                 raise BadInputError(
                     f"tensor {key!r} has shape {list(tensor.shape)}, expected {list(shape)}", path=file
                 )
-            if tensor.is_floating_point() and not all_finite(tensor):
-                raise BadInputError(f"tensor {key!r} holds NaN or Inf", path=file, fix="compile it again")
+    for key, tensor in tensors.items():
+        if str(tensor.dtype).removeprefix("torch.") != dtype:
+            raise BadInputError(f"tensor {key!r} is {str(tensor.dtype).removeprefix('torch.')}, the "
+                                f"manifest says the bundle is {dtype}", path=file,
+                                fix="compile the bundle again")  # fmt: skip
+        if not all_finite(tensor):
+            raise BadInputError(f"tensor {key!r} holds NaN or Inf", path=file, fix="compile it again")
+
+
+def _check_all_used(modules, bottlenecks, tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """A tensor no entry names is refused: the file is not what the manifest describes."""
+    used = {key for entry in bottlenecks for key in entry.tensors.values()}
+    for entry in modules:
+        used.update(key for key in (entry.bias, entry.dense, entry.scale_out, entry.scale_in) if key)
+        used.update(entry.replace.values())
+        used.update((entry.lora["down"], entry.lora["up"]) if entry.lora else ())
+        used.update((entry.dora["magnitude"],) if entry.dora else ())
+    if stray := sorted(tensors.keys() - used):
+        raise BadInputError(f"holds tensor {stray[0]!r}, which no entry of the manifest uses"
+                            + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""),
+                            path=file, fix="compile the bundle again")  # fmt: skip
 
 
 def _in_features(entry: ModuleEntry) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -40,6 +41,7 @@ def fit_modules(
         if weight is None:
             weight = getattr(module, "weight", None)
         _check_layout(bundle, entry, module, weight)
+        _check_replaced(bundle, entry, module, original)
         if number in probed:
             _check_probe(bundle, entry, weight)
         found.append((entry, module))
@@ -95,6 +97,18 @@ def _check_layout(bundle: Bundle, entry: ModuleEntry, module: torch.nn.Module, w
         _refuse(bundle, f"{entry.name}.weight has shape {found}, expected {expected}")
 
 
+def _check_replaced(bundle: Bundle, entry: ModuleEntry, module: torch.nn.Module, original: Callable) -> None:
+    """Each parameter the entry replaces exists on the module, with the shape of the bundle's tensor."""
+    for name, key in entry.replace.items():
+        current = original(module, name)
+        current = current if current is not None else module._parameters.get(name)
+        if current is None:
+            _refuse(bundle, f"{entry.name} has no parameter {name!r} to replace")
+        shape, expected = list(bundle.tensors[key].shape), list(current.shape)
+        if shape != expected:
+            _refuse(bundle, f"{entry.name}.{name} has shape {expected}, the bundle's replacement {shape}")
+
+
 def _is_kind(module: torch.nn.Module, kind: str) -> bool:
     if kind == "Linear":
         return isinstance(module, torch.nn.Linear)
@@ -145,6 +159,9 @@ def fit_bottlenecks(
             if module is None:
                 _refuse(bundle, f"the model has no module {name!r} ({', '.join(entry.sites)})")
             named[key] = module
+        _check_residual_arg(bundle, entry, named["residual"])
+        if next(named["block"].parameters(), None) is None:
+            _refuse(bundle, f"{entry.modules['block']} has no parameters to tell its device and dtype")
         norm = named.get("norm")
         if norm is not None and not isinstance(norm, torch.nn.LayerNorm):
             _refuse(
@@ -164,6 +181,20 @@ def fit_bottlenecks(
             _check_probe_values(bundle, entry.modules["projection"], weight, entry.probe)
         found.append((entry, named))
     return found
+
+
+def _check_residual_arg(bundle: Bundle, entry: BottleneckEntry, module: torch.nn.Module) -> None:
+    """The residual is read from argument `residual_arg` of the module's forward: it must have one."""
+    index = entry.modules["residual_arg"]
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a signature: nothing to check against
+        return
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return
+    if index >= len(params):
+        name = entry.modules["residual"]
+        _refuse(bundle, f"{name}'s forward takes {len(params)} arguments, the bundle reads argument {index}")
 
 
 def _check_probe_values(bundle: Bundle, name: str, weight: torch.Tensor, probe: dict) -> None:

@@ -23,6 +23,7 @@ from adaptrix.toolchain.ir import (
     Scale,
     site_order,
 )
+from adaptrix.toolchain.report_onnx import inspect_onnx_adapter, is_onnx_adapter
 
 __all__ = ["bottleneck_row", "inspect_adapter", "inspect_air", "inspect_bundle", "site_rows"]
 
@@ -31,7 +32,9 @@ _FACTOR_KINDS = {"hada_": "loha", "lokr_": "lokr", "ia3_l": "ia3", "vera_": "ver
 
 
 def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict:
-    """Describe an adapter: per IR site when the base is known, else per PEFT module; or a bundle."""
+    """Describe an adapter (per IR site with a base, else per PEFT module), a bundle or an .onnx_adapter."""
+    if is_onnx_adapter(adapter):
+        return inspect_onnx_adapter(adapter)
     if _is_bundle(Path(adapter)):
         return inspect_bundle(adapter)
     if is_air(adapter) and not (Path(adapter) / "adapter_config.json").is_file():
@@ -114,7 +117,7 @@ def inspect_bundle(path: Path | str) -> dict:
                 "sites": list(entry.sites),
                 "op": "+".join(ops),
                 "rank": entry.lora["rank"] if entry.lora else None,
-                "scale": entry.lora["scale"] if entry.lora else None,
+                "scale": entry.lora.get("scale") if entry.lora else None,
                 "parameters": sum(t.numel() for t in tensors),
                 "bytes": sum(t.numel() * t.element_size() for t in tensors),
             }
