@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from builders import build_base, make_adapter
 from typer.testing import CliRunner
 
@@ -258,3 +259,139 @@ def test_a_sharded_merge_loads_with_no_missing_or_unexpected_keys(llama, sharded
     assert result.exit_code == 0, result.output
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert not any(info.values()), info
+
+
+# Non-finite or absurd numbers
+
+
+def edit_adapter_config(adapter: Path, tmp: Path, text_edit=None, **changes) -> Path:
+    """A copy of an adapter with its adapter_config.json changed (as values, or as raw text)."""
+    copy = Path(shutil.copytree(adapter, tmp / "adapter"))
+    file = copy / "adapter_config.json"
+    config = json.loads(file.read_text())
+    config.update(changes)
+    text = json.dumps(config)
+    file.write_text(text_edit(text) if text_edit else text)
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("spelled", "word"),
+    [("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "Infinity"), ("1e400", "1e400"),
+     ("1e300", "scale"), ('"nan"', "lora_alpha"), ("true", "lora_alpha")],
+    ids=["nan", "inf", "-inf", "1e400", "1e300", "nan-string", "bool"],
+)  # fmt: skip
+def test_an_absurd_lora_alpha_is_refused(llama, tmp_path, spelled, word):
+    """Today NaN merges at scale 1 and Infinity or 1e300 merge to inf weights, with exit 0."""
+    base, adapter = llama
+    bad = edit_adapter_config(
+        adapter, tmp_path, lambda t: t.replace('"lora_alpha": 8', f'"lora_alpha": {spelled}')
+    )
+    assert spelled in (bad / "adapter_config.json").read_text()
+    refused(compile_to(bad, base, tmp_path / "out"), tmp_path / "out", word)
+
+
+def test_an_absurd_alpha_pattern_is_refused(llama, tmp_path):
+    base, adapter = llama
+    bad = edit_adapter_config(adapter, tmp_path, alpha_pattern={"v_proj": 1e300})
+    refused(compile_to(bad, base, tmp_path / "out"), tmp_path / "out", "v_proj", "scale")
+
+
+def _deep(depth: int) -> str:
+    return '{"a": ' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("where", ["adapter_config", "base_config", "index", "adapter_header"])
+def test_deep_nesting_and_infinity_in_any_json_are_refused(llama, sharded, tmp_path, where):
+    base, adapter = llama
+    if where == "adapter_config":
+        adapter = edit_adapter_config(adapter, tmp_path, lambda t: t[:-1] + f', "deep": {_deep(100_000)}}}')
+    elif where == "base_config":
+        base = copy_base(base, tmp_path)
+        text = (base / "config.json").read_text().rstrip()
+        (base / "config.json").write_text(text[:-1] + ', "rope_theta": Infinity}')
+    elif where == "index":
+        base = copy_base(sharded, tmp_path)
+        file = base / "model.safetensors.index.json"
+        file.write_text(file.read_text().rstrip()[:-1] + f', "deep": {_deep(100_000)}}}')
+    else:
+        adapter = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+        file = adapter / "adapter_model.safetensors"
+        header, data = read_shard(file)
+        text = json.dumps(header)[:-1] + f', "deep": {_deep(100_000)}}}'
+        file.write_bytes(struct.pack("<Q", len(text)) + text.encode() + data)
+    refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out")
+
+
+def _poison(base: Path, tensor: str, change) -> None:
+    """Change one tensor of a single-file base in place: change(header_entry, data) -> data."""
+    file = base / "model.safetensors"
+    header, data = read_shard(file)
+    write_shard(file, header, change(header[tensor], bytearray(data)))
+
+
+def test_a_touched_base_tensor_holding_nan_is_refused_by_name(llama, tmp_path):
+    base, adapter = copy_base(llama[0], tmp_path), llama[1]
+    name = "model.layers.1.self_attn.v_proj.weight"
+
+    def nan(entry, data):
+        begin = entry["data_offsets"][0]
+        data[begin : begin + 4] = struct.pack("<f", float("nan"))
+        return bytes(data)
+
+    _poison(base, name, nan)
+    refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out", name, "NaN")
+
+
+def test_a_touched_base_tensor_of_integer_dtype_is_refused_by_name(llama, tmp_path):
+    base, adapter = copy_base(llama[0], tmp_path), llama[1]
+    name = "model.layers.0.self_attn.q_proj.weight"
+
+    def as_int(entry, data):
+        entry["dtype"] = "I32"  # the same bytes, read as integers
+        return bytes(data)
+
+    _poison(base, name, as_int)
+    refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out", name, "int32")
+
+
+def test_a_merge_that_overflows_the_output_dtype_is_refused(llama, tmp_path):
+    """A scale under the bound can still overflow float16: the merged tensor is checked."""
+    base, adapter = llama
+    bad = edit_adapter_config(adapter, tmp_path, lora_alpha=3.9e6)  # scale 975000, under the bound
+    refused(compile_to(bad, base, tmp_path / "out", "--dtype", "float16"), tmp_path / "out", "NaN or Inf")
+
+
+def test_a_damaged_hash_cache_is_ignored(llama, tmp_path, monkeypatch):
+    base, adapter = llama
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "adaptrix" / "sha256.json"
+    cache.parent.mkdir(parents=True)
+    entries = {str(f.resolve()): 5 for f in [*base.iterdir(), *adapter.iterdir()]}
+    cache.write_text(json.dumps(entries))
+    assert compile_to(adapter, base, tmp_path / "out").exit_code == 0
+    cache.write_text(_deep(100_000))
+    assert compile_to(adapter, base, tmp_path / "again").exit_code == 0
+
+
+# Sizes
+
+
+def test_a_vera_rank_of_millions_is_refused_before_allocating(llama, tmp_path):
+    from builders import load_model
+    from peft import VeraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    base = llama[0]
+    model = get_peft_model(load_model("llama", base), VeraConfig(r=4, target_modules=["q_proj"],
+                                                                  save_projection=False))  # fmt: skip
+    adapter = tmp_path / "vera"
+    model.save_pretrained(adapter)
+    rank = 3_000_000  # regenerated projections [r, 32] and [32, r]: 768 MB before any check today
+    tensors = {
+        k: (torch.ones(rank) if "lambda_d" in k else v)
+        for k, v in load_file(adapter / "adapter_model.safetensors").items()
+    }
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    bad = edit_adapter_config(adapter, tmp_path / "edited", r=rank)
+    refused(compile_to(bad, base, tmp_path / "out"), tmp_path / "out", f"r={rank}")

@@ -197,7 +197,7 @@ def read_config(path: Path) -> dict:
         raise BadInputError(
             "has no config.json", path=path, fix="pass a Hugging Face model directory as --base"
         )
-    config = read_json(file, what="config.json")
+    config = read_json(file, what="JSON")
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise BadInputError("has no model_type", path=file, fix="re-save the base with save_pretrained")
     return config

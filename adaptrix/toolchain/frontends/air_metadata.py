@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -12,6 +11,7 @@ from types import MappingProxyType
 from adaptrix.toolchain.air_format import FORMAT, FORMAT_VERSION, METADATA_KEYS, PARAM_NAME, SLOTS
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import Role, Site, SourceModel
+from adaptrix.toolchain.jsonfile import loads_strict
 
 __all__ = ["AirMetadata", "OpSpec", "parse_metadata"]
 
@@ -89,10 +89,7 @@ def _check_version(version: str | None, file: Path) -> None:
 
 
 def _json(metadata: Mapping[str, str], key: str, kind: type, file: Path):
-    try:
-        value = json.loads(metadata[key])
-    except json.JSONDecodeError:
-        raise BadInputError(f"has metadata {key!r} that is not JSON", path=file, fix=_FIX) from None
+    value = loads_strict(metadata[key], path=file, what=f"JSON in metadata {key!r}")
     if not isinstance(value, kind):
         raise BadInputError(f"has metadata {key!r} that is not a JSON {kind.__name__}", path=file, fix=_FIX)
     return value
