@@ -395,3 +395,93 @@ def test_a_vera_rank_of_millions_is_refused_before_allocating(llama, tmp_path):
     save_file(tensors, adapter / "adapter_model.safetensors")
     bad = edit_adapter_config(adapter, tmp_path / "edited", r=rank)
     refused(compile_to(bad, base, tmp_path / "out"), tmp_path / "out", f"r={rank}")
+
+
+# Regular expressions from configs
+
+LLAMA_KEYS = [f"model.layers.{i}.{m}" for i in (0, 1, 12) for m in
+              ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj", "mlp.up_proj")]  # fmt: skip
+KEY_PATTERNS = ["q_proj", "v_proj", r"layers\.1\..*", ".*proj", "(q|v)_proj", "mlp", "layers.0.mlp.up_proj",
+                r"model\.layers\.\d+\.self_attn\.(q|k)_proj", "up", "[a-z_]+", "(?i)Q_PROJ", "", "proj$",
+                "^model.*", "a|b|.*down_proj"]  # fmt: skip
+
+
+def test_config_patterns_match_exactly_as_peft_does():
+    """target_modules / exclude_modules (fullmatch), rank_pattern keys, layers_pattern: PEFT's results."""
+    import re
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    from adaptrix.toolchain.frontends import patterns
+
+    for pattern in KEY_PATTERNS:
+        patterns.check(pattern, "target_modules")
+        for key in LLAMA_KEYS:
+            assert patterns.fullmatch(pattern, key) == bool(re.fullmatch(pattern, key)), (pattern, key)
+    for keys in (KEY_PATTERNS, KEY_PATTERNS[::-1], ["v_proj", "proj"]):
+        for key in LLAMA_KEYS:
+            assert patterns.pattern_key(dict.fromkeys(keys), key) == get_pattern_key(keys, key), key
+    for layers_pattern in (None, "layers", ["model", "layers"], "lay.rs", ["self_attn"]):
+        fields = {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1],
+                  "layers_pattern": layers_pattern, "exclude_modules": None}  # fmt: skip
+        config = type("Config", (), fields)()
+        for key in LLAMA_KEYS:
+            ours = patterns.layer_index(layers_pattern, key) == 1 and key.endswith(("q_proj", "down_proj"))
+            assert ours == bool(check_target_module_exists(config, key)), (layers_pattern, key)
+
+
+CATASTROPHIC = "(.+)+Z"  # Python's re takes 2**n steps on a name of n characters without a Z
+
+
+def test_a_catastrophic_target_pattern_finishes(tmp_path):
+    """Today `re.fullmatch("(.+)+Z", key)` runs for hours on a 40-character module name."""
+    import subprocess
+    import sys
+
+    script = (
+        "from pathlib import Path\n"
+        "from adaptrix.toolchain.frontends.peft_config import read_lora_settings\n"
+        "settings = read_lora_settings(Path('.'))\n"
+        "print(settings.targets('model.layers.0.self_attn.q_proj_and_more_x', True),"
+        " settings.rank('model.layers.0.self_attn.q_proj_and_more_x'))\n"
+    )
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": CATASTROPHIC,
+              "rank_pattern": {CATASTROPHIC: 2}}  # fmt: skip
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    import adaptrix
+
+    env = {**os.environ, "PYTHONPATH": str(Path(adaptrix.__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.stdout.split() == ["False", "4"], done.stderr
+
+
+def test_a_catastrophic_rank_pattern_compiles_with_peft_semantics(llama, tmp_path):
+    base, adapter = llama
+    bad = edit_adapter_config(adapter, tmp_path, rank_pattern={CATASTROPHIC: 2}, alpha_pattern={"(a+)+b": 3})
+    result = compile_to(bad, base, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "word"),
+    [
+        ("target_modules", r"(q)_proj\1", "bounded time"),
+        ("target_modules", r"(?=q).*_proj", "bounded time"),
+        ("exclude_modules", r"(?<!x)v_proj", "bounded time"),
+        ("rank_pattern", {r"(?!k)q_proj": 2}, "bounded time"),
+        ("layers_pattern", "(?P<idx>x)", "layers_pattern"),  # PEFT's own form fails on it
+        ("layers_pattern", ["(a)\\1"], "bounded time"),
+        ("target_modules", "q_proj|" * 400 + "v_proj", "characters"),
+        ("rank_pattern", {f"m{i}": 2 for i in range(3000)}, "3000 patterns"),
+        ("target_modules", "(unclosed", "not a valid regular expression"),
+    ],
+    ids=["backreference", "lookahead", "lookbehind", "rank-lookahead", "group-clash", "layers-backref",
+         "too-long", "too-many", "invalid"],
+)  # fmt: skip
+def test_a_pattern_that_cannot_run_in_bounded_time_is_refused(llama, tmp_path, field, value, word):
+    base, adapter = llama
+    changes = {field: value, "layers_to_transform": [0]} if field == "layers_pattern" else {field: value}
+    bad = edit_adapter_config(adapter, tmp_path, **changes)
+    refused(compile_to(bad, base, tmp_path / "out"), tmp_path / "out", word)

@@ -50,7 +50,7 @@ class Checkpoint:
             self.tensors.update(found)
         if weight_map is not None:
             _check_weight_map(weight_map, self.tensors, self.path / INDEX_NAME)
-        check_layout(self.binder, self.source, self.tensors, self.path / "config.json")
+        check_layout(self.binder, self.config, self.source, self.tensors, self.path / "config.json")
 
     def _shard_files(self) -> tuple[list[Path], dict[str, str] | None]:
         """The shard files, and the index's weight_map (None for a single file)."""

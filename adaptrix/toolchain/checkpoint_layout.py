@@ -25,18 +25,25 @@ __all__ = ["check_layout", "expected_shape"]
 logger = logging.getLogger(__name__)
 
 _FIX = "the config.json and the weights are of different models: restore the base as it was saved"
+_FIX_MISSING = "a shard or an index entry is missing or wrong: restore the base as it was saved"
+# Roles whose module every model of a family with a binder has (its binder lists it if it has it).
+_ALWAYS = {Role.EMBED, Role.EMBED_POS, Role.EMBED_TYPE, Role.EMBED_NORM, Role.FINAL_NORM}
 
 
-def check_layout(binder: Binder, source: SourceModel, tensors: Mapping[str, TensorInfo], path: Path) -> None:
+def check_layout(
+    binder: Binder, config: Mapping[str, object], source: SourceModel, tensors: Mapping[str, TensorInfo],
+    path: Path,
+) -> None:  # fmt: skip
     """Refuse a checkpoint whose layers or tensor shapes disagree with its config (`path`: config.json)."""
     _check_layers(binder, source, tensors, path)
-    placed = False
+    model_level: set[str] = set()
     for name, info in tensors.items():
         module_name, _, param = name.rpartition(".")
         placement = binder.resolve(module_name)
         if placement is None:
             continue
-        placed = placed or placement.module.roles == (Role.EMBED,)
+        if placement.layer is None and param == "weight":
+            model_level.add(placement.key)
         expected = expected_shape(placement, param, source)
         if expected is not None and not _fits(info.shape, expected):
             shown = ["?" if n is None else n for n in expected]
@@ -46,9 +53,23 @@ def check_layout(binder: Binder, source: SourceModel, tensors: Mapping[str, Tens
                 path=path,
                 fix=_FIX,
             )
-    if not placed:
-        raise BadInputError(f"describes a {binder.name} model, but the weights hold no token embedding",
-                            path=path, fix=_FIX)  # fmt: skip
+    for key in _required_model_modules(binder, config, source):
+        if key not in model_level:
+            raise BadInputError(f"describes a {binder.name} model with a {key}, but the weights hold no "
+                                f"{key}.weight", path=path, fix=_FIX_MISSING)  # fmt: skip
+
+
+def _required_model_modules(binder: Binder, config: Mapping[str, object], source: SourceModel) -> list[str]:
+    """The model-level modules every model of the family has: embeddings, final norm; an untied head."""
+    architectures = config.get("architectures")
+    names = architectures if isinstance(architectures, list) else []
+    causal = any(isinstance(a, str) and ("LMHead" in a or "CausalLM" in a) for a in names)
+    required = []
+    for key, module in binder.model_modules.items():
+        head = module.roles == (Role.LM_HEAD,) and causal and not source.tie_word_embeddings
+        if head or set(module.roles) & _ALWAYS:
+            required.append(key)
+    return required
 
 
 def expected_shape(placement: Placement, param: str, source: SourceModel) -> tuple[int | None, ...] | None:
@@ -91,6 +112,10 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
             fix=_FIX,
         )
     first = layers[0]
+    if lacking := sorted(f"{key}.weight" for key in binder.layer_modules if f"{key}.weight" not in first):
+        where = f"{binder.layer_container}.0.{lacking[0]}"
+        raise BadInputError(f"describes a {binder.name} model, but layer 0 of the weights has no {where}",
+                            path=path, fix=_FIX_MISSING)  # fmt: skip
     for layer, names in sorted(layers.items()):
         if names != first:
             lacking = sorted(first - names) or sorted(names - first)
@@ -99,7 +124,7 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
                 f"layer {layer} of the weights {side} {binder.layer_container}.{layer}.{lacking[0]} "
                 "(layer 0 differs)",
                 path=path.parent,
-                fix="a shard or an index entry is missing or wrong: restore the base as it was saved",
+                fix=_FIX_MISSING,
             )
 
 
