@@ -19,6 +19,7 @@ import pytest
 from builders import make_adapter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from adaptrix.cli import app
@@ -275,3 +276,6 @@ def test_generated_base_checkpoints(valid, sharded_base, tmp_path_factory, mode,
     check(result, out)
     if result.exit_code == 0:  # nothing lost, nothing added: the base's tensors, as the base has them
         assert _shapes(out) == shapes
+        for file in bad.glob("*.safetensors"):  # and what was accepted, the safetensors library accepts
+            with safe_open(str(file), framework="pt") as handle:
+                assert all(handle.get_tensor(name) is not None for name in handle.keys())  # noqa: SIM118

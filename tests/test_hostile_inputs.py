@@ -485,3 +485,11 @@ def test_a_pattern_that_cannot_run_in_bounded_time_is_refused(llama, tmp_path, f
     changes = {field: value, "layers_to_transform": [0]} if field == "layers_pattern" else {field: value}
     bad = edit_adapter_config(adapter, tmp_path, **changes)
     refused(compile_to(bad, base, tmp_path / "out"), tmp_path / "out", word)
+
+
+def test_an_index_that_leaves_a_whole_shard_out_is_refused(llama, sharded, tmp_path):
+    """A shard the index never names is never read: its tensors would be missing from the output."""
+    base = copy_base(sharded, tmp_path)
+    last = sorted(p.name for p in base.glob("model-*.safetensors"))[-1]
+    edit_index(base, lambda m: [m.pop(k) for k in [k for k, v in m.items() if v == last]])
+    refused(compile_to(llama[1], base, tmp_path / "out"), tmp_path / "out", last)

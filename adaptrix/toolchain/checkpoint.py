@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +22,7 @@ __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint"]
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _FIX_INDEX = "restore the index save_pretrained wrote"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 class Checkpoint:
@@ -65,7 +67,9 @@ class Checkpoint:
         if index.is_file():
             weight_map = _read_weight_map(index)
             names = list(dict.fromkeys(weight_map.values()))
-            return [_shard_inside(self.path, name, index) for name in names], weight_map
+            shards = [_shard_inside(self.path, name, index) for name in names]
+            _check_all_named(self.path, shards, index)
+            return shards, weight_map
         if single.is_file():
             return [single], None
         raise BadInputError(
@@ -135,6 +139,15 @@ def _shard_inside(base: Path, name: str, index: Path) -> Path:
     if not found:
         raise BadInputError(f"names shard {name!r} which is missing", path=index)
     return base / relative
+
+
+def _check_all_named(base: Path, shards: list[Path], index: Path) -> None:
+    """Every shard save_pretrained names model-NNNNN-of-NNNNN.safetensors in the base is in the index."""
+    named = {Path(os.path.realpath(shard)) for shard in shards}
+    for file in sorted(base.glob("model-*-of-*.safetensors")):
+        if _SHARD_NAME.fullmatch(file.name) and Path(os.path.realpath(file)) not in named:
+            raise BadInputError(f"names no tensor of shard {file.name}, which the base holds", path=index,
+                                fix=_FIX_INDEX)  # fmt: skip
 
 
 def _roots(base: Path) -> list[Path]:
