@@ -493,3 +493,9 @@ def test_an_index_that_leaves_a_whole_shard_out_is_refused(llama, sharded, tmp_p
     last = sorted(p.name for p in base.glob("model-*.safetensors"))[-1]
     edit_index(base, lambda m: [m.pop(k) for k in [k for k, v in m.items() if v == last]])
     refused(compile_to(llama[1], base, tmp_path / "out"), tmp_path / "out", last)
+
+
+def test_a_config_with_a_trillion_layers_is_refused_at_once(llama, tmp_path):
+    adapter, base = llama[1], copy_base(llama[0], tmp_path)
+    edit_config(base, num_hidden_layers=10**12)
+    refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out", "layers")

@@ -104,7 +104,9 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
         if match := pattern.fullmatch(name):
             layers.setdefault(int(match.group(1)), set()).add(match.group(2))
     count = source.num_layers
-    if set(layers) != set(range(count)):
+    # count distinct numbers from 0 to count - 1 are exactly the layers (range(count) may be huge)
+    complete = len(layers) == count and min(layers, default=0) == 0 and max(layers, default=-1) == count - 1
+    if not complete:
         held = _ranges(sorted(layers))
         raise BadInputError(
             f"says the model has {count} layers, but the weights hold layers {held or 'none'}",
