@@ -499,3 +499,18 @@ def test_a_config_with_a_trillion_layers_is_refused_at_once(llama, tmp_path):
     adapter, base = llama[1], copy_base(llama[0], tmp_path)
     edit_config(base, num_hidden_layers=10**12)
     refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out", "layers")
+
+
+def test_an_air_op_with_an_absurd_scale_is_refused(llama, tmp_path):
+    base, adapter = llama
+    air = tmp_path / "adapter.air.safetensors"
+    result = runner.invoke(app, ["convert", str(adapter), "--to", "air", "-o", str(air), "--base", str(base)])
+    assert result.exit_code == 0, result.output
+
+    def absurd(header):
+        ops = json.loads(header["__metadata__"]["ops"])
+        ops[0]["scale"] = 1e300
+        header["__metadata__"]["ops"] = json.dumps(ops)
+
+    edit_header(air, absurd)
+    refused(compile_to(air, base, tmp_path / "out"), tmp_path / "out", "scale")

@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 from adaptrix.toolchain.air_format import FORMAT, FORMAT_VERSION, METADATA_KEYS, PARAM_NAME, SLOTS
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.frontends.peft_config import MAX_SCALE
 from adaptrix.toolchain.ir import Role, Site, SourceModel
 from adaptrix.toolchain.jsonfile import loads_strict
 
@@ -128,8 +129,10 @@ def _op(entry: object, index: int, file: Path) -> OpSpec:
             raise BadInputError(
                 f"{where} has rank {rank!r}; expected a positive integer", path=file, fix=_FIX
             )
-        if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale):
-            raise BadInputError(f"{where} has scale {scale!r}; expected a finite number", path=file, fix=_FIX)
+        number = isinstance(scale, int | float) and not isinstance(scale, bool)
+        if not number or not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+            raise BadInputError(f"{where} has scale {scale!r}; expected a finite number below {MAX_SCALE:g}",
+                                path=file, fix=_FIX)  # fmt: skip
         per_column = entry.get("per_column", False)
         if not isinstance(per_column, bool):
             raise BadInputError(f"{where} has per_column {per_column!r}; expected true or false",
