@@ -514,3 +514,15 @@ def test_an_air_op_with_an_absurd_scale_is_refused(llama, tmp_path):
 
     edit_header(air, absurd)
     refused(compile_to(air, base, tmp_path / "out"), tmp_path / "out", "scale")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"r": 10**400}, {"lora_alpha": 10**400}, {"rank_pattern": {"q_proj": 10**30}},
+     {"alpha_pattern": {"q_proj": -(10**400)}}, {"use_rslora": True, "r": 2**60}],
+    ids=["r", "alpha", "rank-pattern", "alpha-pattern", "rslora"],
+)  # fmt: skip
+def test_integers_too_large_for_a_float_are_refused(llama, tmp_path, changes):
+    base, adapter = llama
+    bad = edit_adapter_config(adapter, tmp_path, **changes)
+    refused(compile_to(bad, base, tmp_path / "out"), tmp_path / "out")

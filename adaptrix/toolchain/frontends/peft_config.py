@@ -168,7 +168,7 @@ def read_lora_settings(adapter: Path) -> LoraSettings:
     peft_type = raw.get("peft_type")
     if not isinstance(peft_type, str) or (peft_type != "LORA" and peft_type not in KINDS):
         raise UnsupportedError(
-            f"peft_type is {peft_type!r}; Adaptrix compiles LORA, {', '.join(KINDS)} adapters",
+            f"peft_type is {_shown(peft_type)}; Adaptrix compiles LORA, {', '.join(KINDS)} adapters",
             path=file,
             fix="use PEFT directly for this adapter",
         )
@@ -190,13 +190,13 @@ def _check_fields(raw: dict, file: Path, known: set[str] | frozenset[str]) -> No
                 fix="use PEFT's own forward for this adapter",
             )
         raise UnsupportedError(
-            f"has field {name!r} = {value!r}, unknown to Adaptrix for peft_type {raw.get('peft_type')}",
+            f"has field {name!r} = {_shown(value)}, unknown to Adaptrix for peft_type {raw.get('peft_type')}",
             path=file,
             fix="remove it if it does not change what the adapter computes",
         )
     allowed = ("none", "all", "vera_only" if raw.get("peft_type") == "VERA" else "lora_only")
     if raw.get("bias", "none") not in allowed:
-        raise BadInputError(f"has bias {raw['bias']!r}; expected {', '.join(allowed)}", path=file)
+        raise BadInputError(f"has bias {_shown(raw['bias'])}; expected {', '.join(allowed)}", path=file)
 
 
 def _unset(value: object) -> bool:
@@ -287,17 +287,25 @@ def _seed(value: object) -> int:
 
 
 def _integer(value: object, what: str) -> int:
-    """A JSON integer (7 or 7.0), not a bool or a string."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not float(value).is_integer():
-        raise ValueError(f"{what} must be an integer, not {value!r}")
+    """A JSON integer (7 or 7.0) below 2**53, not a bool or a string."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or abs(value) >= 2**53:
+        raise ValueError(f"{what} must be an integer below 2**53, not {_shown(value)}")
     return int(value)
 
 
 def _finite(value: object, what: str) -> float:
     """A finite JSON number, not a bool or a string ('nan' and 'Infinity' are strings float() reads)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, not {value!r}")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or abs(value) >= 1e300 or not math.isfinite(value):  # ints never overflow float()
+        raise ValueError(f"{what} must be a finite number, not {_shown(value)}")
     return float(value)
+
+
+def _shown(value: object) -> str:
+    """A value for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _names(value: object, what: str) -> tuple[str, ...]:
@@ -305,7 +313,7 @@ def _names(value: object, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of module names, not {value!r}")
+        raise ValueError(f"{what} must be a list of module names, not {_shown(value)}")
     return tuple(value)
 
 
