@@ -526,3 +526,24 @@ def test_integers_too_large_for_a_float_are_refused(llama, tmp_path, changes):
     base, adapter = llama
     bad = edit_adapter_config(adapter, tmp_path, **changes)
     refused(compile_to(bad, base, tmp_path / "out"), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "edits", [{"scaling": 1e300}, {"reduction_factor": 10**400}, {"scaling": -(10**400)}],
+    ids=["scaling", "huge-factor", "huge-int-scaling"],
+)  # fmt: skip
+def test_an_adapterhub_config_with_absurd_numbers_is_refused(bases, tmp_path, edits):
+    from adapters import SeqBnConfig
+    from hub_builders import save_hub
+
+    base = bases("llama")
+    adapter = save_hub("llama", base, SeqBnConfig(reduction_factor=4), tmp_path / "hub")[0]
+    file = adapter / "adapter_config.json"
+    saved = json.loads(file.read_text())
+    saved["config"].update(edits)
+    file.write_text(json.dumps(saved))
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["compile", str(adapter), "--base", str(base), "--target", "hooks", "-o", str(out)]
+    )
+    refused(result, out)

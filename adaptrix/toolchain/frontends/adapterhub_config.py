@@ -193,7 +193,9 @@ def _check_scale(scale: float, what: str, file: Path) -> None:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (an integer too large for a float is not: compared before converted)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and abs(value) < 1e300 and math.isfinite(value)
 
 
 def _positive_factor(value: object) -> bool:
@@ -205,7 +207,7 @@ def _positive_factor(value: object) -> bool:
 # The value each option must have (a value of another type is an error naming the option).
 _TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "reduction_factor": ("a positive number or a mapping of layers to one", _positive_factor),
-    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31),
     "alpha": ("a number", _is_number),
     "dropout": ("a number", _is_number),
     "non_linearity": ("an activation name", lambda v: isinstance(v, str)),
