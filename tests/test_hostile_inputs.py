@@ -547,3 +547,14 @@ def test_an_adapterhub_config_with_absurd_numbers_is_refused(bases, tmp_path, ed
         app, ["compile", str(adapter), "--base", str(base), "--target", "hooks", "-o", str(out)]
     )
     refused(result, out)
+
+
+def test_a_tensor_of_a_layer_far_beyond_the_config_is_refused(llama, tmp_path):
+    adapter, base = llama[1], copy_base(llama[0], tmp_path)
+
+    def renamed(header):  # layer 1's norm renamed into layer 99999999999: layer 1 lacks it now
+        far, near = "model.layers.99999999999.input_layernorm.weight", "model.layers.1.input_layernorm.weight"
+        header[far] = header.pop(near)
+
+    edit_header(base / "model.safetensors", renamed)
+    refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out", "layers")

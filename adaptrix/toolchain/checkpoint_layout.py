@@ -98,7 +98,7 @@ def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
 
 def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, TensorInfo], path: Path) -> None:
     """Layers 0 .. num_layers - 1 each hold the same tensors; none beyond."""
-    pattern = re.compile(rf"(?:.*?\.)?{re.escape(binder.layer_container)}\.(\d{{1,9}})\.(.+)")
+    pattern = re.compile(rf"(?:.*\.)?{re.escape(binder.layer_container)}\.(\d+)\.(.+)")
     layers: dict[int, set[str]] = {}
     for name in tensors:
         if match := pattern.fullmatch(name):
