@@ -9,7 +9,6 @@ anything is written.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,8 +20,6 @@ from adaptrix.toolchain.role_shapes import role_shape
 from adaptrix.toolchain.safetensors_io import TensorInfo
 
 __all__ = ["check_layout", "expected_shape"]
-
-logger = logging.getLogger(__name__)
 
 _FIX = "the config.json and the weights are of different models: restore the base as it was saved"
 _FIX_MISSING = "a shard or an index entry is missing or wrong: restore the base as it was saved"
