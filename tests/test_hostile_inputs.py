@@ -558,3 +558,13 @@ def test_a_tensor_of_a_layer_far_beyond_the_config_is_refused(llama, tmp_path):
 
     edit_header(base / "model.safetensors", renamed)
     refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out", "layers")
+
+
+def test_a_tensor_name_with_a_newline_is_refused_in_one_line(llama, tmp_path):
+    adapter, base = llama[1], copy_base(llama[0], tmp_path)
+
+    def newline(header):
+        header["model.norm.weight\nerror: fake"] = header.pop("model.norm.weight")
+
+    edit_header(base / "model.safetensors", newline)
+    refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out", "control characters")

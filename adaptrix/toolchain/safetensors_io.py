@@ -143,10 +143,9 @@ def _finisher(
 
 def _tensor_info(name: str, entry: object, file: Path, data_start: int, fix: str) -> TensorInfo:
     """One header entry, checked on its own: dtype known, dimensions and offsets plain integers."""
-    if len(name) > MAX_NAME:
-        raise BadInputError(
-            f"names a tensor of {len(name)} characters (at most {MAX_NAME})", path=file, fix=fix
-        )
+    if len(name) > MAX_NAME or not name.isprintable():
+        raise BadInputError(f"names a tensor {name[:80]!r}: longer than {MAX_NAME} characters or with "
+                            "control characters", path=file, fix=fix)  # fmt: skip
     try:
         dtype = DTYPES[entry["dtype"]]
         shape, offsets = tuple(entry["shape"]), tuple(entry["data_offsets"])

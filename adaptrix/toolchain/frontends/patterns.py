@@ -7,7 +7,9 @@ with RE2 (google-re2), whose time is linear in the name, in exactly the forms PE
 (`re.fullmatch(p, key)`; `re.match(rf"(.*\.)?({p})$", key)`;
 `re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)`). A pattern RE2 cannot run (backreferences,
 lookaround: features that need backtracking) is refused, as is one that Python's `re` refuses
-(PEFT would fail on it), and one too long.
+(PEFT would fail on it), and one too long. Where the engines differ, module names decide: RE2's
+`$` never matches before a final newline and its `\d \w \s \b` are ASCII, so the results are
+Python's for printable ASCII names (tensor names with control characters are refused on reading).
 """
 
 from __future__ import annotations
@@ -86,4 +88,5 @@ def layer_index(patterns: tuple[str, ...] | str | None, key: str) -> int | None:
             match = _compiled(_layer_form(pattern)).match(key)
             if match is not None:
                 break
-    return int(match.group("idx")) if match else None
+    index = match.group("idx") if match else None  # a top-level | may match without the group
+    return None if index is None else int(index)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,7 +298,9 @@ def _integer(value: object, what: str) -> int:
 def _finite(value: object, what: str) -> float:
     """A finite JSON number, not a bool or a string ('nan' and 'Infinity' are strings float() reads)."""
     number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or abs(value) >= 1e300 or not math.isfinite(value):  # ints never overflow float()
+    if (
+        not number or abs(value) > sys.float_info.max or not math.isfinite(value)
+    ):  # float() then can't overflow
         raise ValueError(f"{what} must be a finite number, not {_shown(value)}")
     return float(value)
 
