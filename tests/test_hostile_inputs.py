@@ -422,7 +422,7 @@ def test_config_patterns_match_exactly_as_peft_does():
     for keys in (KEY_PATTERNS, KEY_PATTERNS[::-1], ["v_proj", "proj"]):
         for key in LLAMA_KEYS:
             assert patterns.pattern_key(dict.fromkeys(keys), key) == get_pattern_key(keys, key), key
-    for layers_pattern in (None, "layers", ["model", "layers"], "lay.rs", ["self_attn"]):
+    for layers_pattern in (None, "layers", ["model", "layers"], "lay.rs", ["self_attn"], "s|layers"):
         fields = {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1],
                   "layers_pattern": layers_pattern, "exclude_modules": None}  # fmt: skip
         config = type("Config", (), fields)()
