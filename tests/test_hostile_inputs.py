@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from builders import build_base, make_adapter
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from adaptrix.cli import app
@@ -568,3 +570,37 @@ def test_a_tensor_name_with_a_newline_is_refused_in_one_line(llama, tmp_path):
 
     edit_header(base / "model.safetensors", newline)
     refused(compile_to(adapter, base, tmp_path / "out"), tmp_path / "out", "control characters")
+
+
+CONFIG_LIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "num_hidden_layers": st.integers(1, 3),
+        "hidden_size": st.sampled_from([16, 32, 64]),
+        "num_attention_heads": st.sampled_from([2, 4, 8]),
+        "num_key_value_heads": st.sampled_from([1, 2, 4]),
+        "intermediate_size": st.sampled_from([32, 64]),
+        "vocab_size": st.sampled_from([64, 128]),
+        "head_dim": st.sampled_from([4, 8, 16]),
+        "tie_word_embeddings": st.booleans(),
+    },
+)
+
+
+@settings(max_examples=25, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(changes=CONFIG_LIES)
+def test_a_compiled_base_config_loads_with_no_missing_or_unexpected_keys(llama, tmp_path_factory, changes):
+    """The rule itself: whatever the config says, the output loads cleanly with transformers or is refused."""
+    from transformers import AutoModelForCausalLM
+
+    adapter, tmp = llama[1], tmp_path_factory.mktemp("lie")
+    base = copy_base(llama[0], tmp)
+    edit_config(base, **changes)
+    out = tmp / "out"
+    result = compile_to(adapter, base, out)
+    if result.exit_code != 0:
+        refused(result, out)
+        return
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), (changes, info)
