@@ -1,9 +1,11 @@
 """Fuzzing the inputs: generated adapter configs, tensor headers and base configs never crash the compiler.
 
-AdapterHub configs are fuzzed too (the hybrid adapters). Each generated input either compiles
-(exit 0, a complete output) or is refused: exit 2, one line on stderr starting with "error:", no
-traceback, nothing written beside the output. Hypothesis generates over 500 inputs per run
-(FUZZ_EXAMPLES per strategy for the three PEFT and base strategies, HUB_EXAMPLES for AdapterHub's).
+AdapterHub configs are fuzzed too (the hybrid adapters), and base checkpoints: their shards'
+headers (fields, offsets, shapes, dtypes), their bytes, and the index. Each generated input either
+compiles (exit 0, a complete output) or is refused: exit 2, one line on stderr starting with
+"error:", no traceback, nothing written beside the output. A base that compiles gives an output
+with exactly the base's tensor names and shapes. Hypothesis generates over 500 inputs per run
+(FUZZ_EXAMPLES per strategy for the PEFT and base strategies, HUB_EXAMPLES for AdapterHub's).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 from builders import make_adapter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from adaptrix.cli import app
@@ -177,3 +180,102 @@ def test_generated_adapterhub_configs(hub_adapter, tmp_path_factory, edits):
         app, ["compile", str(bad), "--base", str(base), "--target", "hooks", "-o", str(tmp / "out")]
     )
     check(result, tmp / "out")
+
+
+SHARD_MODES = ["field", "offset", "shape", "dtype", "bytes", "data", "truncate", "index", "index-field"]
+
+
+@pytest.fixture(scope="module")
+def sharded_base(tmp_path_factory, valid):
+    """A llama base in several shards (the `valid` adapter fits it), and its tensors' shapes."""
+    from builders import build_base
+
+    base = build_base("llama", tmp_path_factory.mktemp("fuzz-sharded") / "base", shard="20KB")
+    return base, _shapes(base)
+
+
+def _shapes(folder: Path) -> dict[str, list[int]]:
+    """Every tensor's shape across a checkpoint's safetensors files."""
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        found.update({k: v["shape"] for k, v in _header(file.read_bytes())[1].items() if k != "__metadata__"})
+    return found
+
+
+def _mutate_shard(data: bytearray, mode: str, position: int, value: int, replacement) -> bytearray:
+    """One lie in a safetensors file: a header field, an offset, a dimension, a dtype, a byte, a cut."""
+    size, header = _header(bytes(data))
+    names = sorted(k for k in header if k != "__metadata__")
+    entry = header[names[position % len(names)]]
+    if mode == "bytes":
+        data[position % (8 + size)] = value
+        return data
+    if mode == "data":
+        data[8 + size + position % max(1, len(data) - 8 - size)] = value
+        return data
+    if mode == "truncate":
+        return data[: position % len(data)]
+    delta = value - 128
+    if mode == "field":
+        entry[["dtype", "shape", "data_offsets"][value % 3]] = replacement
+    elif mode == "offset":
+        entry["data_offsets"][value % 2] += delta
+    elif mode == "shape" and entry["shape"]:
+        entry["shape"][value % len(entry["shape"])] += delta if value % 4 else 2**63
+    else:
+        entry["dtype"] = ["F16", "BF16", "F64", "I32", "I8", "U8", "BOOL", "F8_E4M3", "f32", ""][value % 10]
+    text = json.dumps(header).encode()
+    return bytearray(struct.pack("<Q", len(text)) + text + data[8 + size :])
+
+
+def _mutate_index(base: Path, mode: str, position: int, value: int, replacement) -> None:
+    """One lie in the index: an entry dropped, added, moved or replaced, or a top-level field replaced."""
+    file = base / "model.safetensors.index.json"
+    index = json.loads(file.read_text())
+    weight_map = index["weight_map"]
+    names = sorted(weight_map)
+    name = names[position % len(names)]
+    shards = sorted(set(weight_map.values()))
+    if mode == "index-field":
+        index[["weight_map", "metadata", "extra"][value % 3]] = replacement
+    elif value % 5 == 0:
+        del weight_map[name]
+    elif value % 5 == 1:
+        weight_map[f"{name}.extra"] = weight_map[name]
+    elif value % 5 == 2:
+        weight_map[name] = shards[(shards.index(weight_map[name]) + 1) % len(shards)]
+    elif value % 5 == 3:
+        weight_map[name] = ["../" + weight_map[name], str(base.parent), "/etc/passwd", ""][position % 4]
+    else:
+        weight_map[name] = replacement
+    file.write_text(json.dumps(index))
+
+
+@FUZZ
+@given(
+    mode=st.sampled_from(SHARD_MODES),
+    shard=st.integers(0, 100),
+    position=st.integers(0, 100_000),
+    value=st.integers(0, 255),
+    replacement=json_values,
+)
+def test_generated_base_checkpoints(valid, sharded_base, tmp_path_factory, mode, shard, position, value,
+                                    replacement):  # fmt: skip
+    base, shapes = sharded_base
+    tmp = tmp_path_factory.mktemp("checkpoint")
+    bad = Path(shutil.copytree(base, tmp / "base"))
+    if mode.startswith("index"):
+        _mutate_index(bad, mode, position, value, replacement)
+    else:
+        files = sorted(bad.glob("*.safetensors"))
+        file = files[shard % len(files)]
+        file.write_bytes(
+            bytes(_mutate_shard(bytearray(file.read_bytes()), mode, position, value, replacement))
+        )
+    result, out = compile_into(tmp, valid[1], bad)
+    check(result, out)
+    if result.exit_code == 0:  # nothing lost, nothing added: the base's tensors, as the base has them
+        assert _shapes(out) == shapes
+        for file in bad.glob("*.safetensors"):  # and what was accepted, the safetensors library accepts
+            with safe_open(str(file), framework="pt") as handle:
+                assert all(handle.get_tensor(name) is not None for name in handle.keys())  # noqa: SIM118

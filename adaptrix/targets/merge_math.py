@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from adaptrix.toolchain.binders.table import Layout, Placement, split_rows
+from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.finite import all_finite
 from adaptrix.toolchain.ir import Bias, DoRA, Factored, LowRank, Op, Replace, Scale, SourceModel
 
 __all__ = ["merge_tensor", "op_params", "required_params"]
@@ -46,12 +48,17 @@ def merge_tensor(
     source: SourceModel,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    name: str = "a base tensor",
 ) -> torch.Tensor:
-    """The merged value of one stored tensor, given the ops at each of its module's roles.
+    """The merged value of one stored tensor (`name`), given the ops at each of its module's roles.
 
     With `out` (the stored layout, `out_dtype`), the value is written there and `out` returned;
-    `out` may be `value` itself: each block is read before it is written.
+    `out` may be `value` itself: each block is read before it is written. A base value that is
+    not floating point or not finite, or a merged one that is not finite, is refused.
     """
+    if not value.dtype.is_floating_point:
+        raise BadInputError(f"{name} is stored as {value.dtype}: an adapter cannot change integers",
+                            fix="use the unquantized base")  # fmt: skip
     conv1d = placement.module.layout is Layout.CONV1D and param == "weight"
     stored = value.T if conv1d else value  # canonical [out, in] view
     target = torch.empty(value.shape, dtype=out_dtype) if out is None else out  # the stored layout
@@ -69,9 +76,17 @@ def merge_tensor(
                     merged[whole] = stored[whole]
                 continue
             part = stored[whole].to(torch.float32, copy=True)  # never alias the caller's tensor
+            if not all_finite(part):
+                raise BadInputError(f"{name} of the base holds NaN or Inf values",
+                                    fix="the base is corrupt: restore it")  # fmt: skip
             for kernel in kernels:
                 part = kernel(part, local)
             merged[whole] = part
+            if not all_finite(merged[whole]):
+                raise BadInputError(
+                    f"{name} merged with the adapter holds NaN or Inf values (in {out_dtype})",
+                    fix="the adapter's scale or weights are far too large: check lora_alpha and r",
+                )
     return target
 
 

@@ -220,12 +220,15 @@ def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torc
     value = base.read(item.source)
     if not item.touched:
         return value.to(dtype)
-    return merge_tensor(value, item.param, item.placement, item.role_ops, base.source, dtype)
+    return merge_tensor(
+        value, item.param, item.placement, item.role_ops, base.source, dtype, name=item.source
+    )
 
 
 def _merge_into(item: TensorPlan, base: Checkpoint, value: torch.Tensor) -> None:
     """Merge an item into its base value, in place (the output dtype is the stored one)."""
-    merge_tensor(value, item.param, item.placement, item.role_ops, base.source, value.dtype, out=value)
+    merge_tensor(value, item.param, item.placement, item.role_ops, base.source, value.dtype, out=value,
+                 name=item.source)  # fmt: skip
 
 
 def _write_index(out: Path, items: list[TensorPlan], base: Checkpoint, dtype) -> None:

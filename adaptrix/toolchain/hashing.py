@@ -21,6 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from adaptrix.toolchain import staging
+from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.jsonfile import read_json
 
 __all__ = ["hash_early", "hash_files", "sha256_file"]
 
@@ -72,14 +74,23 @@ def _identity(path: Path) -> tuple[str, str]:
 
 
 def _load(cache: Path | None) -> dict:
+    """The cache's entries, path -> [identity, digest]; a damaged cache or entry is ignored."""
     if cache is None or not cache.is_file():
         return {}
     try:
-        loaded = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        logger.warning("ignoring unreadable hash cache %s", cache)
+        loaded = read_json(cache, what="hash cache")
+    except BadInputError as exc:
+        logger.warning("ignoring unreadable hash cache %s: %s", cache, exc.message)
         return {}
-    return loaded if isinstance(loaded, dict) else {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {key: entry for key, entry in loaded.items() if _entry_fits(entry)}
+
+
+def _entry_fits(entry: object) -> bool:
+    """Whether a cache entry is [identity, sha256 hex digest]."""
+    return (isinstance(entry, list) and len(entry) == 2 and all(isinstance(x, str) for x in entry)
+            and len(entry[1]) == 64)  # fmt: skip
 
 
 def _save(cache: Path, entries: dict) -> None:

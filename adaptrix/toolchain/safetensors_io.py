@@ -19,10 +19,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.jsonfile import loads_strict
 from adaptrix.toolchain.stream import HashingWriter
 
 __all__ = [
     "DTYPES",
+    "MAX_NAME",
     "TensorInfo",
     "dtype_name",
     "read_elements",
@@ -45,6 +47,8 @@ DTYPES: Mapping[str, torch.dtype] = {
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_DIMS = 16
+MAX_NAME = 1024  # characters in a tensor name; real ones have under 200
 _COPY_PIECE = 8 << 20  # an unchanged tensor is read and written in pieces of at most this
 
 
@@ -66,7 +70,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header: tensors by name, and the metadata."""
+    """Parse and check a safetensors header: tensors by name, and the metadata.
+
+    The rules are the safetensors library's: every dimension a non-negative integer, each
+    tensor's bytes exactly its shape's, the tensors' byte ranges back to back from the start of
+    the data to the end of the file (no overlap, no hole, nothing after). A raw copy of a
+    tensor's bytes relies on them: overlapping ranges would build one tensor from another's bytes.
+    """
     fix = "the file is truncated or not safetensors; copy or re-save it"
     try:
         size = file.stat().st_size
@@ -77,16 +87,18 @@ def read_header(file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             (length,) = struct.unpack("<Q", head)
             if length > min(size - 8, _MAX_HEADER):
                 raise BadInputError("has a header longer than the file", path=file, fix=fix)
-            header = json.loads(handle.read(length))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadInputError("has a header that is not JSON", path=file, fix=fix) from None
+            text = handle.read(length)
     except OSError as exc:
         raise BadInputError(f"cannot be read ({exc.strerror})", path=file) from None
+    header = loads_strict(text, path=file, what="safetensors header")
     if not isinstance(header, dict):
         raise BadInputError("has a header that is not a JSON object", path=file, fix=fix)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BadInputError("has __metadata__ that is not a map of strings", path=file, fix=fix)
     data_start = 8 + length
-    tensors = {name: _tensor_info(name, entry, file, data_start, size, fix) for name, entry in header.items()}
+    tensors = {name: _tensor_info(name, entry, file, data_start, fix) for name, entry in header.items()}
+    _check_layout(tensors.values(), file, data_start, size, fix)
     return tensors, metadata
 
 
@@ -129,16 +141,49 @@ def _finisher(
     return finish
 
 
-def _tensor_info(name: str, entry: object, file: Path, data_start: int, size: int, fix: str):
+def _tensor_info(name: str, entry: object, file: Path, data_start: int, fix: str) -> TensorInfo:
+    """One header entry, checked on its own: dtype known, dimensions and offsets plain integers."""
+    if len(name) > MAX_NAME or not name.isprintable():
+        raise BadInputError(f"names a tensor {name[:80]!r}: longer than {MAX_NAME} characters or with "
+                            "control characters", path=file, fix=fix)  # fmt: skip
     try:
         dtype = DTYPES[entry["dtype"]]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
+        shape, offsets = tuple(entry["shape"]), tuple(entry["data_offsets"])
     except (KeyError, TypeError, ValueError):
         raise BadInputError(f"has a malformed header entry for {name!r}", path=file, fix=fix) from None
-    if end - begin != math.prod(shape) * dtype.itemsize or begin < 0 or data_start + end > size:
-        raise BadInputError(f"tensor {name!r} lies outside the file", path=file, fix=fix)
+    numbers = (*shape, *offsets)
+    if len(offsets) != 2 or len(shape) > _MAX_DIMS or not all(_size(n) for n in numbers):
+        raise BadInputError(
+            f"tensor {name!r} has a shape or data_offsets that are not non-negative integers "
+            f"(at most {_MAX_DIMS} dimensions)",
+            path=file,
+            fix=fix,
+        )
+    begin, end = offsets
+    if end - begin != math.prod(shape) * dtype.itemsize:
+        raise BadInputError(
+            f"tensor {name!r} has shape {list(shape)} ({dtype_name(dtype)}) but {end - begin} bytes "
+            f"of data", path=file, fix=fix,
+        )  # fmt: skip
     return TensorInfo(name, dtype, shape, file, data_start + begin, end - begin)
+
+
+def _size(value: object) -> bool:
+    """Whether a header number is a plain non-negative integer torch can hold."""
+    return type(value) is int and 0 <= value < 2**62
+
+
+def _check_layout(infos: Iterable[TensorInfo], file: Path, data_start: int, size: int, fix: str) -> None:
+    """The tensors' byte ranges lie back to back from the data's start and fill it to the file's end."""
+    at = data_start
+    for info in sorted(infos, key=lambda i: (i.start, i.nbytes)):
+        if info.start != at:
+            what = "overlaps the tensor before it" if info.start < at else "leaves a gap before it"
+            raise BadInputError(f"tensor {info.name!r} {what} in the file's data", path=file, fix=fix)
+        at += info.nbytes
+    if at != size:
+        where = "past the end of the file" if at > size else "short of the file's end"
+        raise BadInputError(f"has tensor data that ends {where} ({at} of {size} bytes)", path=file, fix=fix)
 
 
 @dataclass(frozen=True, slots=True)

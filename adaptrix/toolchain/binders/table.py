@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ import torch
 
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.ir import Role, SourceModel
+from adaptrix.toolchain.jsonfile import read_json
 
 __all__ = ["Binder", "BlockPoints", "Layout", "Module", "Placement", "Split", "fuse_rows", "split_rows"]
 
@@ -197,10 +197,7 @@ def read_config(path: Path) -> dict:
         raise BadInputError(
             "has no config.json", path=path, fix="pass a Hugging Face model directory as --base"
         )
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"is not valid JSON ({exc})", path=file) from None
-    if not isinstance(config, dict) or "model_type" not in config:
+    config = read_json(file, what="JSON")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise BadInputError("has no model_type", path=file, fix="re-save the base with save_pretrained")
     return config

@@ -7,7 +7,6 @@ are accepted.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.frontends.peft_config import MAX_SCALE
+from adaptrix.toolchain.jsonfile import read_json
 
 __all__ = ["BnSettings", "HubConfig", "LoraSettings", "read_hub_config"]
 
@@ -140,10 +141,10 @@ class HubConfig:
 def read_hub_config(folder: Path) -> HubConfig:
     """Read and check an AdapterHub adapter_config.json."""
     file = folder / CONFIG_NAME
+    raw = read_json(file, what="JSON")
     try:
-        raw = json.loads(file.read_text())
         config, name, model_type = raw["config"], str(raw["name"]), str(raw["model_type"])
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise BadInputError(
             f"is not an AdapterHub adapter config ({exc!r})",
             path=file,
@@ -178,11 +179,23 @@ def read_hub_config(folder: Path) -> HubConfig:
         else:
             raise UnsupportedError(f"has architecture {architecture!r}, unknown to Adaptrix", path=file)
     hidden = raw.get("hidden_size")
-    return HubConfig(file, name, model_type, int(hidden) if hidden else None, bottleneck, lora)
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        raise BadInputError(f"has hidden_size {hidden!r}; expected a positive integer", path=file,
+                            fix="re-save the adapter with model.save_adapter(dir, name)")  # fmt: skip
+    return HubConfig(file, name, model_type, hidden, bottleneck, lora)
+
+
+def _check_scale(scale: float, what: str, file: Path) -> None:
+    """Refuse a scale no trained adapter has (it would merge to inf)."""
+    if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+        raise BadInputError(f"has {what} = {scale:g}; a trained adapter's is far below {MAX_SCALE:g}",
+                            path=file, fix="fix the scale in adapter_config.json")  # fmt: skip
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (an integer too large for a float is not: compared before converted)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and abs(value) < 1e300 and math.isfinite(value)
 
 
 def _positive_factor(value: object) -> bool:
@@ -194,7 +207,7 @@ def _positive_factor(value: object) -> bool:
 # The value each option must have (a value of another type is an error naming the option).
 _TYPES: dict[str, tuple[str, Callable[[object], bool]]] = {
     "reduction_factor": ("a positive number or a mapping of layers to one", _positive_factor),
-    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "r": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**31),
     "alpha": ("a number", _is_number),
     "dropout": ("a number", _is_number),
     "non_linearity": ("an activation name", lambda v: isinstance(v, str)),
@@ -235,10 +248,14 @@ def _checked(method: Mapping[str, object], known: set[str], file: Path) -> dict[
             fix="use AdapterHub directly",
         )
     scaling = method.get("scaling", 1.0)
-    if not isinstance(scaling, int | float) and scaling not in ("learned", "channel"):
+    if not _is_number(scaling) and scaling not in ("learned", "channel"):
         raise BadInputError(
             f"has scaling {scaling!r}; AdapterHub knows a number, 'learned' or 'channel'", path=file
         )
+    _check_scale(scaling if _is_number(scaling) else 1.0, "scaling", file)
+    rank, alpha = method.get("r", 8), method.get("alpha", 8)
+    if method.get("architecture") == "lora" and _is_number(rank) and _is_number(alpha) and rank > 0:
+        _check_scale(alpha / rank, "alpha / r", file)
     for key in method:
         if key not in known:
             logger.warning(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -11,7 +10,9 @@ from types import MappingProxyType
 
 from adaptrix.toolchain.air_format import FORMAT, FORMAT_VERSION, METADATA_KEYS, PARAM_NAME, SLOTS
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.frontends.peft_config import MAX_SCALE
 from adaptrix.toolchain.ir import Role, Site, SourceModel
+from adaptrix.toolchain.jsonfile import loads_strict
 
 __all__ = ["AirMetadata", "OpSpec", "parse_metadata"]
 
@@ -89,10 +90,7 @@ def _check_version(version: str | None, file: Path) -> None:
 
 
 def _json(metadata: Mapping[str, str], key: str, kind: type, file: Path):
-    try:
-        value = json.loads(metadata[key])
-    except json.JSONDecodeError:
-        raise BadInputError(f"has metadata {key!r} that is not JSON", path=file, fix=_FIX) from None
+    value = loads_strict(metadata[key], path=file, what=f"JSON in metadata {key!r}")
     if not isinstance(value, kind):
         raise BadInputError(f"has metadata {key!r} that is not a JSON {kind.__name__}", path=file, fix=_FIX)
     return value
@@ -131,8 +129,10 @@ def _op(entry: object, index: int, file: Path) -> OpSpec:
             raise BadInputError(
                 f"{where} has rank {rank!r}; expected a positive integer", path=file, fix=_FIX
             )
-        if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale):
-            raise BadInputError(f"{where} has scale {scale!r}; expected a finite number", path=file, fix=_FIX)
+        number = isinstance(scale, int | float) and not isinstance(scale, bool)
+        if not number or not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+            raise BadInputError(f"{where} has scale {scale!r}; expected a finite number below {MAX_SCALE:g}",
+                                path=file, fix=_FIX)  # fmt: skip
         per_column = entry.get("per_column", False)
         if not isinstance(per_column, bool):
             raise BadInputError(f"{where} has per_column {per_column!r}; expected true or false",

@@ -11,18 +11,23 @@ against those functions.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
+from adaptrix.toolchain.frontends import patterns
 from adaptrix.toolchain.frontends.peft_kinds_config import KINDS
+from adaptrix.toolchain.jsonfile import read_json
 
-__all__ = ["CONFIG_NAME", "LoraSettings", "read_lora_settings"]
+__all__ = ["CONFIG_NAME", "MAX_SCALE", "LoraSettings", "read_lora_settings"]
 
 CONFIG_NAME = "adapter_config.json"
+# A scale (alpha / r) beyond this is not a trained adapter but a broken or hostile config: merged,
+# it turns float16 weights into inf. Trained LoRAs use 0.1 to a few hundred.
+MAX_SCALE = 1e6
 
 # Fields that change what the adapter computes and that Adaptrix cannot honour: refused when set.
 _UNSUPPORTED = {
@@ -86,9 +91,21 @@ class LoraSettings:
         return float(self.alpha_pattern.get(pattern_key(self.alpha_pattern, key), self.lora_alpha))
 
     def scale(self, key: str) -> float:
-        """LoRA's scale for module `key`: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        rank = self.rank(key)
-        return self.alpha(key) / (math.sqrt(rank) if self.use_rslora else rank)
+        """LoRA's scale for module `key`: alpha / r, or alpha / sqrt(r) with rsLoRA; refused if absurd."""
+        rank, alpha = self.rank(key), self.alpha(key)
+        if rank <= 0:
+            raise BadInputError(
+                f"gives module {key!r} rank {rank}; expected a positive integer", path=self.path
+            )
+        scale = alpha / (math.sqrt(rank) if self.use_rslora else rank)
+        if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+            raise BadInputError(
+                f"gives module {key!r} the scale {scale:g} (alpha {alpha:g}, r {rank}); a trained "
+                f"adapter's is far below {MAX_SCALE:g}",
+                path=self.path,
+                fix="fix lora_alpha / alpha_pattern / r in adapter_config.json",
+            )
+        return scale
 
     def feedforward(self, key: str) -> bool:
         """IA3: whether PEFT treats module `key` as feedforward (its input is scaled, not its output)."""
@@ -96,7 +113,7 @@ class LoraSettings:
         if not found:
             return False
         if isinstance(found, str):
-            return re.fullmatch(found, key) is not None
+            return patterns.fullmatch(found, key)
         return any(key.endswith(name) for name in found)
 
     def saves(self, key: str) -> bool:
@@ -112,14 +129,14 @@ class LoraSettings:
         if self.target_modules == "all-linear":
             return is_linear
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, key) is not None
+            return patterns.fullmatch(self.target_modules, key)
         if key in self.target_modules:
             return True
         found = any(key.endswith(f".{t}") for t in self.target_modules)
         layers = self.layers_to_transform
         if not found or layers is None or (isinstance(layers, tuple) and not layers):
             return found
-        index = self._layer_index(key)
+        index = patterns.layer_index(self.layers_pattern, key)
         if index is None:
             return False
         return index == layers if isinstance(layers, int) else index in layers
@@ -129,28 +146,13 @@ class LoraSettings:
         if not excluded:
             return False
         if isinstance(excluded, str):
-            return re.fullmatch(excluded, key) is not None
+            return patterns.fullmatch(excluded, key)
         return key in excluded or any(key.endswith(f".{e}") for e in excluded)
 
-    def _layer_index(self, key: str) -> int | None:
-        patterns = self.layers_pattern
-        if not patterns:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-        else:
-            match = None
-            for pattern in (patterns,) if isinstance(patterns, str) else patterns:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-                if match is not None:
-                    break
-        return int(match.group("idx")) if match else None
 
-
-def pattern_key(patterns: dict, key: str) -> str:
+def pattern_key(found: dict, key: str) -> str:
     """PEFT's get_pattern_key: the first pattern that matches the end of `key`, else `key`."""
-    for pattern in patterns:
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return pattern
-    return key
+    return patterns.pattern_key(found, key)
 
 
 def read_lora_settings(adapter: Path) -> LoraSettings:
@@ -162,16 +164,13 @@ def read_lora_settings(adapter: Path) -> LoraSettings:
             path=adapter,
             fix="pass a PEFT adapter directory (save_pretrained)",
         )
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"is not valid JSON ({exc.msg})", path=file, fix="re-save the adapter") from None
+    raw = read_json(file, what="JSON")
     if not isinstance(raw, dict):
         raise BadInputError("is not a JSON object", path=file, fix="re-save the adapter")
     peft_type = raw.get("peft_type")
     if not isinstance(peft_type, str) or (peft_type != "LORA" and peft_type not in KINDS):
         raise UnsupportedError(
-            f"peft_type is {peft_type!r}; Adaptrix compiles LORA, {', '.join(KINDS)} adapters",
+            f"peft_type is {_shown(peft_type)}; Adaptrix compiles LORA, {', '.join(KINDS)} adapters",
             path=file,
             fix="use PEFT directly for this adapter",
         )
@@ -193,13 +192,13 @@ def _check_fields(raw: dict, file: Path, known: set[str] | frozenset[str]) -> No
                 fix="use PEFT's own forward for this adapter",
             )
         raise UnsupportedError(
-            f"has field {name!r} = {value!r}, unknown to Adaptrix for peft_type {raw.get('peft_type')}",
+            f"has field {name!r} = {_shown(value)}, unknown to Adaptrix for peft_type {raw.get('peft_type')}",
             path=file,
             fix="remove it if it does not change what the adapter computes",
         )
     allowed = ("none", "all", "vera_only" if raw.get("peft_type") == "VERA" else "lora_only")
     if raw.get("bias", "none") not in allowed:
-        raise BadInputError(f"has bias {raw['bias']!r}; expected {', '.join(allowed)}", path=file)
+        raise BadInputError(f"has bias {_shown(raw['bias'])}; expected {', '.join(allowed)}", path=file)
 
 
 def _unset(value: object) -> bool:
@@ -208,7 +207,7 @@ def _unset(value: object) -> bool:
 
 def _settings(raw: dict, file: Path) -> LoraSettings:
     try:
-        r, alpha = int(raw["r"]), float(raw.get("lora_alpha", 8))
+        r, alpha = _integer(raw["r"], "r"), _finite(raw.get("lora_alpha", 8), "lora_alpha")
         if r <= 0:
             raise ValueError("r must be positive")
         return LoraSettings(
@@ -216,12 +215,12 @@ def _settings(raw: dict, file: Path) -> LoraSettings:
             r=r,
             lora_alpha=alpha,
             use_rslora=bool(raw.get("use_rslora", False)),
-            rank_pattern=_patterns(raw.get("rank_pattern"), int, "rank_pattern"),
-            alpha_pattern=_patterns(raw.get("alpha_pattern"), float, "alpha_pattern"),
-            target_modules=_strings(raw.get("target_modules")),
-            exclude_modules=_strings(raw.get("exclude_modules")),
+            rank_pattern=_patterns(raw.get("rank_pattern"), _integer, "rank_pattern"),
+            alpha_pattern=_patterns(raw.get("alpha_pattern"), _finite, "alpha_pattern"),
+            target_modules=_strings(raw.get("target_modules"), "target_modules"),
+            exclude_modules=_strings(raw.get("exclude_modules"), "exclude_modules"),
             layers_to_transform=_layers(raw.get("layers_to_transform")),
-            layers_pattern=_strings(raw.get("layers_pattern")),
+            layers_pattern=_strings(raw.get("layers_pattern"), "layers_pattern", "layer"),
             modules_to_save=_names(raw.get("modules_to_save"), "modules_to_save"),
             bias=str(raw.get("bias", "none")),
             use_dora=bool(raw.get("use_dora", False)),
@@ -243,36 +242,75 @@ def _kind_settings(raw: dict, file: Path, peft_type: str) -> LoraSettings:
         return dataclasses.replace(
             settings,
             peft_type=peft_type,
-            feedforward_modules=_strings(raw.get("feedforward_modules")),
-            projection_prng_key=int(raw.get("projection_prng_key") or 0),
+            feedforward_modules=_strings(raw.get("feedforward_modules"), "feedforward_modules"),
+            projection_prng_key=_seed(raw.get("projection_prng_key") or 0),
             save_projection=bool(raw.get("save_projection", True)),
         )
     except (TypeError, ValueError) as exc:
         raise BadInputError(f"has an invalid {peft_type} setting ({exc})", path=file) from None
 
 
-def _strings(value: object) -> tuple[str, ...] | str | None:
-    """A module name list, or one regular expression (checked to compile), or None."""
+def _strings(value: object, what: str, form: str = "fullmatch") -> tuple[str, ...] | str | None:
+    """A module name list, or one regular expression (checked to run in bounded time), or None.
+
+    layers_pattern's strings are patterns in a list too (`form` "layer"): PEFT matches each.
+    """
     if value is None:
         return None
     if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from None
-        return value
-    return _names(value, "a module list")
+        return patterns.check(value, what, form)
+    names = _names(value, what)
+    if form == "layer":
+        for name in names:
+            patterns.check(name, what, form)
+    return names
 
 
-def _patterns(value: object, kind: type, what: str) -> dict:
-    """rank_pattern / alpha_pattern: {regular expression: number}, each key checked to compile."""
+def _patterns(value: object, kind, what: str) -> dict:
+    """rank_pattern / alpha_pattern: {regular expression: number}, each key checked as PEFT uses it."""
     if not value:
         return {}
     if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a mapping of module patterns to numbers, not {value!r}")
+        raise ValueError(
+            f"{what} must be a mapping of module patterns to numbers, not {type(value).__name__}"
+        )
+    if len(value) > patterns.MAX_PATTERNS:
+        raise ValueError(f"{what} holds {len(value)} patterns, more than {patterns.MAX_PATTERNS}")
     for key in value:
-        _strings(key)
-    return {key: kind(number) for key, number in value.items()}
+        patterns.check(key, f"{what} key", "key")
+    return {key: kind(number, f"{what}[{key!r}]") for key, number in value.items()}
+
+
+def _seed(value: object) -> int:
+    """VeRA's projection_prng_key: an integer torch.Generator.manual_seed takes."""
+    seed = _integer(value, "projection_prng_key")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"projection_prng_key must be between 0 and 2**64 - 1, not {seed}")
+    return seed
+
+
+def _integer(value: object, what: str) -> int:
+    """A JSON integer (7 or 7.0) below 2**53, not a bool or a string."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or abs(value) >= 2**53:
+        raise ValueError(f"{what} must be an integer below 2**53, not {_shown(value)}")
+    return int(value)
+
+
+def _finite(value: object, what: str) -> float:
+    """A finite JSON number, not a bool or a string ('nan' and 'Infinity' are strings float() reads)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if (
+        not number or abs(value) > sys.float_info.max or not math.isfinite(value)
+    ):  # float() then can't overflow
+        raise ValueError(f"{what} must be a finite number, not {_shown(value)}")
+    return float(value)
+
+
+def _shown(value: object) -> str:
+    """A value for a one-line message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _names(value: object, what: str) -> tuple[str, ...]:
@@ -280,7 +318,7 @@ def _names(value: object, what: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{what} must be a list of module names, not {value!r}")
+        raise ValueError(f"{what} must be a list of module names, not {_shown(value)}")
     return tuple(value)
 
 

@@ -162,6 +162,13 @@ def vera_projections(adapter: PeftAdapter, shapes: Iterable[tuple[int, int]]) ->
     shapes = list(shapes)
     out_max, in_max = max(s[0] for s in shapes), max(s[1] for s in shapes)
     rank = settings.r
+    if rank > max(out_max, in_max):  # checked before anything of size r is read or drawn
+        raise BadInputError(
+            f"gives VeRA r={rank}, more than the largest dimension ({max(out_max, in_max)}) of the base "
+            "modules it targets",
+            path=settings.path,
+            fix="fix r in adapter_config.json: VeRA's shared projections are [r, in] and [out, r]",
+        )
     if adapter.shared:
         if set(adapter.shared) != {"A", "B"}:
             raise BadInputError("has only one of base_model.vera_A and vera_B", path=file,

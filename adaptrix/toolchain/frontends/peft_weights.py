@@ -15,7 +15,7 @@ import torch
 from adaptrix.toolchain.errors import BadInputError
 from adaptrix.toolchain.frontends.peft_config import LoraSettings, read_lora_settings
 from adaptrix.toolchain.ir import LazyTensor
-from adaptrix.toolchain.safetensors_io import read_header, read_tensor
+from adaptrix.toolchain.safetensors_io import MAX_NAME, read_header, read_tensor
 
 __all__ = ["PeftAdapter", "PeftModule", "read_peft"]
 
@@ -158,11 +158,11 @@ def _group(tensors: dict[str, LazyTensor], file: Path) -> dict[str, PeftModule]:
 
 def _classify(name: str, file: Path) -> tuple[str, re.Match[str]]:
     for pattern, kind in _KEY_KINDS:
-        match = pattern.fullmatch(name)
+        match = pattern.fullmatch(name) if len(name) <= MAX_NAME and name.isprintable() else None
         if match:
             return kind, match
     raise BadInputError(
-        f"holds tensor {name!r}, which is not part of a PEFT LoRA, LoHa, LoKr, IA3 or VeRA adapter",
+        f"holds tensor {name[:200]!r}, which is not part of a PEFT LoRA, LoHa, LoKr, IA3 or VeRA adapter",
         path=file,
         fix="remove it or re-save the adapter with PEFT",
     )
