@@ -108,6 +108,19 @@ def test_other_targets_refuse_a_headless_classifier_naming_the_merged_target(tar
     assert "\n" not in line and "classifier" in line and not (tmp_path / "out").exists()
 
 
+def test_parity_checks_a_headless_classifier_against_peft_and_names_the_targets_that_refuse(tmp_path):
+    """PEFT's reference is the sequence classifier the adapter was trained on, not the bare body."""
+    from adaptrix.toolchain.parity import parity
+
+    base = _headless_base("bert", tmp_path / "base")
+    adapter = _classifier_adapter(base, tmp_path / "adapter")
+    report = parity(adapter, base, ["merged", "hooks"], work_dir=tmp_path)
+    rows = {row.target: row for row in report.backends}
+    assert rows["merged"].ok and rows["merged"].max_abs <= FP32_TOLERANCE
+    assert rows["hooks"].ok is False and "--target merged" in rows["hooks"].note
+    assert not report.ok
+
+
 def test_shards_follow_the_base(tmp_path):
     base = build_base("llama", tmp_path / "base", shard="40KB")
     base_index = json.loads((base / "model.safetensors.index.json").read_text())["weight_map"]

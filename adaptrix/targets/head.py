@@ -18,7 +18,15 @@ from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError, UnsupportedError
 from adaptrix.toolchain.ir import AdapterIR, LazyTensor, Replace, Role, Site
 
-__all__ = ["HEAD_ROLES", "HeadLayout", "head_layout", "new_head_sites", "refuse_new_head", "replaced_value"]
+__all__ = [
+    "HEAD_ROLES",
+    "HeadLayout",
+    "head_layout",
+    "new_head_sites",
+    "refuse_new_head",
+    "replaced_value",
+    "task_labels",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +90,7 @@ def _saved_names(ir: AdapterIR, sites: list[Site]) -> set[str]:
 
 def head_layout(ir: AdapterIR, base: Checkpoint, sites: list[Site]) -> HeadLayout:
     """The task model for a base without the head the adapter saved; refuse what it cannot load."""
-    labels = _label_count(ir, sites, base)
+    labels = task_labels(ir, sites, base)
     config = _task_config(base, labels)
     model = _meta_model(config, base)
     expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
@@ -119,7 +127,7 @@ def replaced_value(ir: AdapterIR, placement: Placement, param: str) -> LazyTenso
     return None
 
 
-def _label_count(ir: AdapterIR, sites: list[Site], base: Checkpoint) -> int:
+def task_labels(ir: AdapterIR, sites: list[Site], base: Checkpoint) -> int:
     """The number of labels: the rows of the adapter's output head."""
     for site, op in ir:
         if (

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from adaptrix.toolchain.checkpoint import Checkpoint
 from adaptrix.toolchain.errors import BadInputError
+from adaptrix.toolchain.jsonfile import read_json
 
 __all__ = ["BACKENDS", "load_auto", "reference_outputs", "run_backend"]
 
@@ -21,7 +21,7 @@ def load_auto(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module
     """The transformers model a directory holds, by its config's architectures, in eval mode."""
     import transformers
 
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json", what="config.json")
     architectures = [str(a) for a in config.get("architectures") or []]
     kind = transformers.AutoModel
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
@@ -66,8 +66,30 @@ def reference_outputs(
 
         convert_adapter(adapter, "peft", scratch / "reference-peft", base=base.path)
         adapter = scratch / "reference-peft"
-    model = PeftModel.from_pretrained(load_auto(base.path), adapter, trust_remote_code=False).eval()
+    model = PeftModel.from_pretrained(_reference_base(read, base), adapter, trust_remote_code=False).eval()
     return forward(model, feeds), "peft"
+
+
+def _reference_base(read, base: Checkpoint) -> torch.nn.Module:
+    """The base as PEFT's reference loads it.
+
+    A headless base under a classifier adapter becomes the sequence classifier the adapter was
+    trained on (its head comes from the adapter).
+    """
+    from adaptrix.targets.head import new_head_sites, task_labels
+    from adaptrix.toolchain.frontends.formats import lower_adapter
+
+    ir = lower_adapter(read, base)
+    sites = new_head_sites(ir, base)
+    if not sites:
+        return load_auto(base.path)
+    import transformers
+
+    kind = transformers.AutoModelForSequenceClassification
+    labels = task_labels(ir, sites, base)
+    return kind.from_pretrained(
+        base.path, num_labels=labels, dtype=torch.float32, trust_remote_code=False
+    ).eval()
 
 
 def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torch.Tensor]) -> Run:
@@ -79,7 +101,9 @@ def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torc
             path=path,
             fix=f"give a directory `adaptrix compile --target {target}` wrote",
         )
-    manifest = json.loads(manifest_file.read_text())
+    manifest = read_json(manifest_file, what="manifest")
+    if not isinstance(manifest, dict):
+        raise BadInputError("is not an Adaptrix manifest (not a JSON object)", path=manifest_file)
     if manifest.get("target") != target:
         raise BadInputError(f"was compiled for {manifest.get('target')!r}, not {target}", path=path,
                             fix=f"pass it as {manifest.get('target')}=DIR")  # fmt: skip
