@@ -108,6 +108,20 @@ def test_other_targets_refuse_a_headless_classifier_naming_the_merged_target(tar
     assert "\n" not in line and "classifier" in line and not (tmp_path / "out").exists()
 
 
+def test_onnx_refuses_a_headless_classifier_before_exporting_the_base(tmp_path, monkeypatch):
+    import adaptrix.targets.onnx as onnx_target
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the base was exported before the refusal")
+
+    monkeypatch.setattr(onnx_target, "export_base", no_export)
+    base = _headless_base("bert", tmp_path / "base")
+    adapter = _classifier_adapter(base, tmp_path / "adapter")
+    for unmerged in (False, True):
+        with pytest.raises(AdaptrixError, match="--target merged"):
+            compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", options={"unmerged": unmerged})
+
+
 def test_parity_checks_a_headless_classifier_against_peft_and_names_the_targets_that_refuse(tmp_path):
     """PEFT's reference is the sequence classifier the adapter was trained on, not the bare body."""
     from adaptrix.toolchain.parity import parity

@@ -20,6 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from adaptrix.targets.head import new_head_sites, refuse_new_head
 from adaptrix.targets.merged import copy_side_files, plan_tensors
 from adaptrix.targets.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
@@ -91,6 +92,8 @@ def write_onnx(
             "--unmerged ONNX swaps LoRA inputs only; bottleneck adapters are graph nodes",
             fix="compile without --unmerged (bottlenecks go into the graph) or use --target hooks",
         )
+    for _, each in adapters if unmerged else [("", ir)]:  # a head the base lacks: before the export too
+        refuse_new_head(each, base, new_head_sites(each, base))
     ir, bottlenecks = split_bottlenecks(ir)
     if calibration is not None and bottlenecks:
         raise UnsupportedError("--calibration measures the merged model with LoRA ops only, not bottlenecks",
