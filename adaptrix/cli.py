@@ -208,7 +208,8 @@ def inspect_command(
     first = "role" if summary["rows"] and "role" in summary["rows"][0] else "module"
     table = Table(title=f"{adapter} ({summary['format']})")
     sized = ("size", "act", "shared") if any(row.get("size") for row in summary["rows"]) else ()
-    columns = ("layer", first, "op", "rank", *sized, "scale", "parameters", "bytes")
+    typed = ("shape", "dtype") if any(row.get("shape") for row in summary["rows"]) else ("scale",)
+    columns = ("layer", first, "op", "rank", *sized, *typed, "parameters", "bytes")
     for column in columns:
         table.add_column(
             column,
@@ -222,6 +223,8 @@ def inspect_command(
         f"{len(summary['rows'])} entries over {len(summary['layers'])} layers; "
         f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes"
     )
+    if summary.get("model_version") is not None:  # an .onnx_adapter: the base export it fits
+        out.print(f"model version {summary['model_version']}", markup=False, highlight=False)
 
 
 @app.command("archs")
@@ -260,6 +263,8 @@ def version_command() -> None:
 def _cell(value: object) -> str:
     if value is None:
         return "-"
+    if isinstance(value, list):  # a shape
+        return "x".join(map(str, value))
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 

@@ -440,7 +440,9 @@ def test_inspect_describes_a_compiled_onnx_adapter(unmerged, tmp_path):
     assert summary["parameters"] == sum(row["parameters"] for row in rows.values())
     assert summary["bytes"] == 4 * summary["parameters"] and summary["layers"] == [0, 1]
     table = runner.invoke(app, ["inspect", str(file)], terminal_width=200)
-    assert table.exit_code == 0 and "q_proj.lora_A" in table.stdout, table.output
+    assert table.exit_code == 0 and "_proj.lora_A" in table.stdout, table.output
+    assert "32x2" in table.stdout and "float32" in table.stdout  # the shape and dtype columns
+    assert f"model version {manifest['model_version']}" in table.stdout
     truncated = tmp_path / "truncated.onnx_adapter"
     truncated.write_bytes(file.read_bytes()[:100])
     assert_one_line_exit_2(runner.invoke(app, ["inspect", str(truncated)]), truncated)
