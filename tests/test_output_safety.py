@@ -351,3 +351,10 @@ def test_the_next_export_removes_a_killed_runs_leftovers(bases, tmp_path, monkey
     assert (made.path / export.MODEL_NAME).read_bytes() == b"graph"
     assert not killed.exists() and (foreign / "model.onnx_data").is_file()
     assert sorted(p.name for p in cache.iterdir()) == sorted([made.path.name, foreign.name])
+
+
+def test_an_adapters_label_is_its_resolved_folders_name(tmp_path):
+    from adaptrix.toolchain.pipeline import adapter_label
+
+    (tmp_path / "legal" / "sub").mkdir(parents=True)
+    assert adapter_label(tmp_path / "legal" / "sub" / "..", set()) == "legal"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -169,8 +170,8 @@ def _read_paths(
 
 
 def adapter_label(path: Path, taken: set[str]) -> str:
-    """A file-safe, unique name for an adapter, from its directory's name."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.absolute().name).strip(".-") or "adapter"
+    """A file-safe, unique name for an adapter, from its directory's name as resolved (`x/..` too)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(os.path.realpath(path)).name).strip(".-") or "adapter"
     if name in taken:
         raise BadInputError(f"two adapters are named {name!r}", path=path,
                             fix="give the adapter directories different names")  # fmt: skip
