@@ -28,6 +28,7 @@ import torch
 from builders import load_model, make_adapter, sample_inputs
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from onnx_builders import two_adapter_unmerged, write_onnx_adapter
 from test_fuzz import json_values
 from test_hostile_artifacts import assert_same_state, model_state
 from typer.testing import CliRunner
@@ -211,21 +212,11 @@ def artifact(bases, tmp_path_factory):
     """An unmerged llama onnx-cpu artifact (adapters one, two), opened once, and one's parameters."""
     base = bases("llama")
     tmp = tmp_path_factory.mktemp("fuzz-onnx")
-    one = make_adapter("llama", base, tmp / "one")
-    two = make_adapter("llama", base, tmp / "two", seed=3, r=2, target_modules=["q_proj", "v_proj"])
-    out = compile_adapter([one, two], base, "onnx-cpu", tmp / "unmerged", options={"unmerged": True}).out
+    out = two_adapter_unmerged(base, tmp)
     opened = onnx_session.open_onnx(out)
     read = ort.AdapterFormat.read_adapter(str(out / "adapters" / "two.onnx_adapter"))
     params = {name: value.numpy().copy() for name, value in read.get_parameters().items()}
     return out, opened, params, read.get_model_version(), tmp
-
-
-def write_adapter(path: Path, params: dict[str, np.ndarray], version: int) -> None:
-    writer = ort.AdapterFormat()
-    writer.set_adapter_version(1)
-    writer.set_model_version(version)
-    writer.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    writer.export_adapter(str(path))
 
 
 def _rewrite(params: dict, version: int, how: str, pick: int, text: str) -> tuple[dict, int]:
@@ -277,7 +268,7 @@ def test_generated_adapter_files_load_or_are_refused(artifact, monkeypatch, mode
             data[pick % len(data)] = byte
         file.write_bytes(bytes(data))
     else:
-        write_adapter(file, *_rewrite(params, version, mode, pick, text))
+        write_onnx_adapter(file, *_rewrite(params, version, mode, pick, text))
     try:
         opened.load_adapter(file)
     except BadInputError as error:

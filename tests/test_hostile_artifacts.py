@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from builders import load_model, make_adapter, sample_inputs
+from onnx_builders import two_adapter_unmerged
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -310,9 +311,7 @@ def unmerged(bases, tmp_path_factory):
     """A llama onnx-cpu --unmerged artifact with adapters `one` and `two`."""
     base = bases("llama")
     tmp = tmp_path_factory.mktemp("hostile-onnx")
-    one = make_adapter("llama", base, tmp / "one")
-    two = make_adapter("llama", base, tmp / "two", seed=3, r=2, target_modules=["q_proj", "v_proj"])
-    return compile_adapter([one, two], base, "onnx-cpu", tmp / "unmerged", options={"unmerged": True}).out
+    return two_adapter_unmerged(base, tmp)
 
 
 def undecodable_name(file: Path) -> None:

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from builders import load_model, make_adapter, sample_inputs
+from onnx_builders import write_onnx_adapter
 from peft import PeftModel
 from typer.testing import CliRunner
 
@@ -194,15 +195,6 @@ def test_cli_decodes_text_when_the_artifact_has_a_tokenizer(built, tmp_path):
     assert text == " ".join(f"w{i}" for i in ids.split(","))
 
 
-def write_adapter(path: Path, params: dict[str, np.ndarray], version: int) -> Path:
-    writer = ort.AdapterFormat()
-    writer.set_adapter_version(1)
-    writer.set_model_version(version)
-    writer.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    writer.export_adapter(str(path))
-    return path
-
-
 def _wrong_shape(params):
     name = next(k for k in params if k.endswith("q_proj.lora_A"))
     params[name] = np.zeros((33, 4), np.float32)
@@ -241,7 +233,7 @@ def test_misfit_adapter_files_are_refused(misfit, built, opened, tmp_path):
     read = ort.AdapterFormat.read_adapter(str(made.adapter_file("one")))
     params = {name: value.numpy() for name, value in read.get_parameters().items()}
     named, message = misfit(params)
-    file = write_adapter(tmp_path / "misfit.onnx_adapter", params, read.get_model_version())
+    file = write_onnx_adapter(tmp_path / "misfit.onnx_adapter", params, read.get_model_version())
     with pytest.raises(BadInputError, match=message) as error:
         opened("llama", "unmerged").load_adapter(file)
     assert error.value.line().startswith(f"{file}: parameter") and named in error.value.line()
