@@ -21,15 +21,15 @@ __all__ = [
 ]
 
 _API = {
-    "compile_adapter": "adaptrix.toolchain.pipeline",
-    "load": "adaptrix.toolchain.pipeline",
-    "convert_adapter": "adaptrix.toolchain.convert",
-    "inspect_adapter": "adaptrix.toolchain.report",
-    "attach": "adaptrix.runtime",
-    "attached": "adaptrix.runtime",
-    "switch": "adaptrix.runtime",
-    "load_bundle": "adaptrix.runtime",
-    "open_onnx": "adaptrix.onnx_session",
+    "compile_adapter": "adaptrix.api.compile",
+    "load": "adaptrix.api.compile",
+    "convert_adapter": "adaptrix.api.convert",
+    "inspect_adapter": "adaptrix.api.inspect",
+    "attach": "adaptrix.runtimes.hooks",
+    "attached": "adaptrix.runtimes.hooks",
+    "switch": "adaptrix.runtimes.hooks",
+    "load_bundle": "adaptrix.runtimes.hooks",
+    "open_onnx": "adaptrix.runtimes.onnx.session",
 }
 
 

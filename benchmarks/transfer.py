@@ -29,7 +29,7 @@ import torch
 from _transfer_data import TASKS
 from _transfer_models import accuracy, info, load
 
-from adaptrix.toolchain.errors import AdaptrixError
+from adaptrix.ir.errors import AdaptrixError
 
 CACHE_NAME = "transfer-v1"
 GOALS = {
@@ -96,7 +96,7 @@ def carried_accuracy(air: Path, base: Path, model, passes: list[str], task, work
     One accuracy per entry of `subsets`: the scored set (None) or a list of (prompt, answer) pairs.
     """
     import adaptrix
-    from adaptrix.toolchain.pipeline import compile_adapter
+    from adaptrix.api.compile import compile_adapter
 
     out = Path(tempfile.mkdtemp(prefix="bundle-", dir=work)) / "bundle"
     compile_adapter(air, base, "hooks", out, dtype="float32", passes=passes)

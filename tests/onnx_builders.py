@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 from builders import make_adapter
 
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.api.compile import compile_adapter
 
 
 def two_adapter_unmerged(base: Path, tmp: Path) -> Path:

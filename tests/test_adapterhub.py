@@ -25,8 +25,8 @@ from hub_builders import hub_model, outputs, save_hub, share_layer_weights, zero
 from test_hooks_parity import assert_untouched, logits, snapshot
 
 import adaptrix
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.report import inspect_adapter
+from adaptrix.api.inspect import inspect_adapter
+from adaptrix.ir.errors import BadInputError
 
 KINDS = {
     "seqbn": SeqBnConfig(reduction_factor=4),

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from adaptrix import compile_adapter, convert_adapter
 from adaptrix.cli import app
-from adaptrix.toolchain.air_format import FILE_NAME
-from adaptrix.toolchain.frontends.air import read_air
-from adaptrix.toolchain.ir import Bias, DoRA, LowRank
+from adaptrix.frontends.air.adapter import read_air
+from adaptrix.io.air_format import FILE_NAME
+from adaptrix.ir.values import Bias, DoRA, LowRank
 
 ROUND_TRIP = 1e-5  # max |diff| of logits, float32
 # PEFT's unmerged forward against a reference with merged weights rounds differently (seen: 7e-6):

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adaptrix.runtime.activations import activation
-from adaptrix.runtime.bottleneck import BottleneckEntry, BottleneckHook, _branch_only
+from adaptrix.runtimes.hooks.activations import activation
+from adaptrix.runtimes.hooks.bottleneck import BottleneckEntry, BottleneckHook, _branch_only
 
 OPTIONS = list(itertools.product([False, True], [False, True], [False, True], [True, False, "post_add"]))
 

@@ -7,10 +7,10 @@ import os
 from builders import make_adapter
 from typer.testing import CliRunner
 
+from adaptrix.binders import BINDERS
 from adaptrix.cli import app
-from adaptrix.toolchain import hashing
-from adaptrix.toolchain.binders import BINDERS
-from adaptrix.toolchain.hashing import hash_early, hash_files
+from adaptrix.io import hashing
+from adaptrix.io.hashing import hash_early, hash_files
 
 runner = CliRunner()
 

@@ -16,10 +16,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import adaptrix
-from adaptrix import cli
+from adaptrix.api.compile import CompileResult, compile_adapter
 from adaptrix.cli import app
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.pipeline import CompileResult, compile_adapter
+from adaptrix.cli import compile as cli_compile
+from adaptrix.ir.errors import BadInputError
 
 runner = CliRunner()
 PACKAGE = Path(adaptrix.__file__).parent
@@ -63,7 +63,7 @@ class FakeDecoder:
 
 
 def test_run_never_runs_or_offers_the_artifacts_tokenizer_code(tmp_path, monkeypatch, answer_yes):
-    monkeypatch.setattr("adaptrix.onnx_session.open_onnx", lambda *args: FakeDecoder())
+    monkeypatch.setattr("adaptrix.runtimes.onnx.session.open_onnx", lambda *args: FakeDecoder())
     marker = tmp_path / "remote-code-ran"
     artifact = plant_remote_code(tmp_path / "artifact", marker)
     result = runner.invoke(app, ["run", str(artifact), "--prompt-ids", "1,2", "--json"], input="y\n")
@@ -74,7 +74,7 @@ def test_run_never_runs_or_offers_the_artifacts_tokenizer_code(tmp_path, monkeyp
 
 BOOT = """
 import sys
-import adaptrix.onnx_session
+import adaptrix.runtimes.onnx.session
 
 class FakeDecoder:
     is_decoder, task, section = True, "text-generation-with-past", {{}}
@@ -82,7 +82,7 @@ class FakeDecoder:
     def generate(self, ids, count, adapter=None, stop_at_eos=False):
         return [7, 8, 9]
 
-adaptrix.onnx_session.open_onnx = lambda *args: FakeDecoder()
+adaptrix.runtimes.onnx.session.open_onnx = lambda *args: FakeDecoder()
 from adaptrix.cli import main
 sys.argv = ["adaptrix", "run", {artifact!r}, "--prompt-ids", "1,2", "--json"]
 main()
@@ -125,7 +125,7 @@ def test_every_load_passes_trust_remote_code_false():
 
 
 def test_loading_a_base_with_remote_code_refuses_without_asking(tmp_path, answer_yes):
-    from adaptrix.toolchain.parity_run import load_auto
+    from adaptrix.api.parity_run import load_auto
 
     marker = tmp_path / "remote-code-ran"
     base = plant_remote_code(tmp_path / "base", marker, model=True)
@@ -135,7 +135,7 @@ def test_loading_a_base_with_remote_code_refuses_without_asking(tmp_path, answer
 
 
 def test_calibration_text_never_runs_the_tokenizers_code(tmp_path, answer_yes):
-    from adaptrix.passes.refit_data import _tokenize
+    from adaptrix.calibration.prompts import _tokenize
 
     marker = tmp_path / "remote-code-ran"
     folder = plant_remote_code(tmp_path / "base", marker)
@@ -171,7 +171,7 @@ def test_disk_full_while_writing_the_manifest_is_one_line(llama, tmp_path, monke
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")  # as a write() raises it: no file name
 
-    monkeypatch.setattr("adaptrix.toolchain.pipeline.write_manifest", full)
+    monkeypatch.setattr("adaptrix.api.compile.write_manifest", full)
     out = tmp_path / "out"
     line = one_error_line(runner.invoke(app, compile_args(llama, out)))
     assert "No space left on device (ENOSPC)" in line and str(out) in line and "free space" in line
@@ -203,19 +203,19 @@ def test_each_error_kind_is_one_actionable_line(kind, llama, tmp_path, monkeypat
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("adaptrix.toolchain.pipeline.read_adapter", fail)
+    monkeypatch.setattr("adaptrix.api.compile.read_adapter", fail)
     line = one_error_line(runner.invoke(app, compile_args(llama, tmp_path / "out")))
     assert all(word in line for word in words), line
 
 
 # Each command and the API call it makes (monkeypatched to fail).
 COMMANDS = {
-    "compile": ("adaptrix.toolchain.pipeline.compile_adapter", ["compile", "a", "--base", "b", "-o", "o"]),
-    "convert": ("adaptrix.toolchain.convert.convert_adapter", ["convert", "a", "--to", "air", "-o", "o.air"]),
-    "inspect": ("adaptrix.toolchain.report.inspect_adapter", ["inspect", "a"]),
-    "parity": ("adaptrix.toolchain.parity.parity", ["parity", "a", "--base", "b"]),
-    "verify": ("adaptrix.toolchain.verify.verify_artifact", ["verify", "a"]),
-    "run": ("adaptrix.onnx_session.open_onnx", ["run", "a", "--prompt-ids", "1"]),
+    "compile": ("adaptrix.api.compile.compile_adapter", ["compile", "a", "--base", "b", "-o", "o"]),
+    "convert": ("adaptrix.api.convert.convert_adapter", ["convert", "a", "--to", "air", "-o", "o.air"]),
+    "inspect": ("adaptrix.api.inspect.inspect_adapter", ["inspect", "a"]),
+    "parity": ("adaptrix.api.parity.parity", ["parity", "a", "--base", "b"]),
+    "verify": ("adaptrix.api.verify.verify_artifact", ["verify", "a"]),
+    "run": ("adaptrix.runtimes.onnx.session.open_onnx", ["run", "a", "--prompt-ids", "1"]),
 }
 
 
@@ -297,7 +297,7 @@ def test_quantized_summary_names_the_weights(llama, tmp_path, monkeypatch):
     def fake(adapters, base, target, out, **kwargs):
         return CompileResult(Path(out), target, "float32", ["model.onnx"], 14)
 
-    monkeypatch.setattr("adaptrix.toolchain.pipeline.compile_adapter", fake)
+    monkeypatch.setattr("adaptrix.api.compile.compile_adapter", fake)
     result = runner.invoke(
         app, compile_args(llama, tmp_path / "out", "--target", "onnx-cpu", "--quantize", "int4")
     )
@@ -336,11 +336,11 @@ def test_compile_labels_each_phase_on_a_terminal_only(llama, tmp_path, monkeypat
             progress(10, 100)
         return CompileResult(Path(out), target, "float32", [], 1)
 
-    monkeypatch.setattr("adaptrix.toolchain.pipeline.compile_adapter", fake)
+    monkeypatch.setattr("adaptrix.api.compile.compile_adapter", fake)
     assert runner.invoke(app, compile_args(llama, tmp_path / "a")).exit_code == 0
     assert seen["phase"] is None  # not a terminal: no bar, no labels
     screen = io.StringIO()
-    monkeypatch.setattr(cli, "err", Console(file=screen, force_terminal=True, width=120))
+    monkeypatch.setattr(cli_compile, "err", Console(file=screen, force_terminal=True, width=120))
     assert runner.invoke(app, compile_args(llama, tmp_path / "b")).exit_code == 0
     assert "exporting the base to ONNX (first compile for this base)" in screen.getvalue()
     assert "0/?" not in screen.getvalue()

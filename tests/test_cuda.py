@@ -47,7 +47,7 @@ from test_parity_features import FEATURES
 from test_peft_kinds import FUSED_KINDS, LLAMA_KINDS, perturbed
 
 import adaptrix
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.api.compile import compile_adapter
 
 DEVICE = os.environ.get("ADAPTRIX_TEST_DEVICE", "cuda")
 PROVIDER = os.environ.get("ADAPTRIX_TEST_PROVIDER", "CUDAExecutionProvider")

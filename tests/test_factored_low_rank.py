@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaptrix.toolchain.factored_low_rank import form_rank, low_rank_form, with_low_rank_forms
-from adaptrix.toolchain.ir import Factored, LazyTensor, LowRank
+from adaptrix.ir.factored_low_rank import form_rank, low_rank_form, with_low_rank_forms
+from adaptrix.ir.values import Factored, LazyTensor, LowRank
 
 OUT, IN = 12, 20  # LoKr: w1 [3, 4] and w2 [4, 5]
 # Each LoKr factor set, with the inner rank of each product (w1a @ w1b: 2, w2a @ w2b: 3).

@@ -25,12 +25,12 @@ from test_onnx_parity import (
 from test_peft_kinds import FUSED_KINDS, LLAMA_KINDS, perturbed
 
 import adaptrix
-from adaptrix.runtime.bundle import TENSORS_FILE
-from adaptrix.targets.hooks import write_hooks
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.factored_low_rank import form_rank
-from adaptrix.toolchain.frontends.peft import load_peft
-from adaptrix.toolchain.ir import AdapterIR, Factored, LazyTensor, LowRank
+from adaptrix.frontends.peft.adapter import load_peft
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.factored_low_rank import form_rank
+from adaptrix.ir.values import AdapterIR, Factored, LazyTensor, LowRank
+from adaptrix.runtimes.hooks.bundle import TENSORS_FILE
+from adaptrix.targets.hooks.write import write_hooks
 
 KINDS = ("loha", "lokr", "lokr-decompose-both")
 

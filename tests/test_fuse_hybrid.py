@@ -18,12 +18,12 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import adaptrix
+from adaptrix.api.compile import load
 from adaptrix.cli import app
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.passes.fuse_hybrid import FuseHybridOptions, fuse_hybrid
-from adaptrix.runtime.bundle import TENSORS_FILE
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.pipeline import load
+from adaptrix.runtimes.hooks.bundle import TENSORS_FILE
 
 ATTENTION = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj"], "bert": ["query", "key", "value"]}
 NONLINEAR = SeqBnConfig(reduction_factor=4)

@@ -34,11 +34,11 @@ from test_hostile_artifacts import assert_same_state, model_state
 from typer.testing import CliRunner
 
 import adaptrix
-import adaptrix.cli_run
-import adaptrix.onnx_session as onnx_session
+import adaptrix.cli.run
+import adaptrix.runtimes.onnx.session as onnx_session
+from adaptrix.api.compile import compile_adapter
 from adaptrix.cli import app
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.ir.errors import BadInputError
 
 runner = CliRunner()
 BUNDLE_EXAMPLES = 260

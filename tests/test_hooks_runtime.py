@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import adaptrix
 from adaptrix.cli import app
-from adaptrix.toolchain.errors import BadInputError
+from adaptrix.ir.errors import BadInputError
 
 runner = CliRunner()
 
@@ -184,7 +184,7 @@ def test_broken_bundles_are_clear_errors(corrupt, llama_bundle, tmp_path):
 def test_runtime_imports_none_of_the_compiler(llama_bundle):
     code = (
         "import sys, torch, adaptrix\n"
-        "from adaptrix.runtime import attach, switch, load_bundle\n"
+        "from adaptrix.runtimes.hooks import attach, switch, load_bundle\n"
         f"load_bundle({str(llama_bundle[2])!r})\n"
         "heavy = {'peft', 'transformers', 'onnx', 'onnxruntime', 'optimum', 'adapters', 'typer'}\n"
         "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"

@@ -24,14 +24,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import adaptrix
-import adaptrix.cli_run
+import adaptrix.cli.run
+from adaptrix.api.compile import compile_adapter
 from adaptrix.cli import app
-from adaptrix.onnx_session import open_onnx
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.ir.errors import BadInputError
+from adaptrix.runtimes.onnx.session import open_onnx
 
 runner = CliRunner()
-attach_module = importlib.import_module("adaptrix.runtime.attach")
+attach_module = importlib.import_module("adaptrix.runtimes.hooks.attach")
 HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")  # fmt: skip
 

@@ -415,7 +415,7 @@ def test_config_patterns_match_exactly_as_peft_does():
     from peft.tuners.tuners_utils import check_target_module_exists
     from peft.utils.other import get_pattern_key
 
-    from adaptrix.toolchain.frontends import patterns
+    from adaptrix.frontends.peft import patterns
 
     for pattern in KEY_PATTERNS:
         patterns.check(pattern, "target_modules")
@@ -443,7 +443,7 @@ def test_a_catastrophic_target_pattern_finishes(tmp_path):
 
     script = (
         "from pathlib import Path\n"
-        "from adaptrix.toolchain.frontends.peft_config import read_lora_settings\n"
+        "from adaptrix.frontends.peft.config import read_lora_settings\n"
         "settings = read_lora_settings(Path('.'))\n"
         "print(settings.targets('model.layers.0.self_attn.q_proj_and_more_x', True),"
         " settings.rank('model.layers.0.self_attn.q_proj_and_more_x'))\n"

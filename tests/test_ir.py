@@ -5,10 +5,10 @@ import dataclasses
 import pytest
 import torch
 
-from adaptrix.targets.merge_math import merge_tensor
-from adaptrix.toolchain.binders import BINDERS
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.ir import AdapterIR, DoRA, LazyTensor, LowRank, Role, Site, SourceModel
+from adaptrix.binders import BINDERS
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.values import AdapterIR, DoRA, LazyTensor, LowRank, Role, Site, SourceModel
+from adaptrix.lowering.merge_math import merge_tensor
 
 SOURCE = SourceModel("llama", 64, 2, 4, 2, 16, 128, 256)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.jsonfile import MAX_DEPTH, loads_strict, read_json
+from adaptrix.io.jsonfile import MAX_DEPTH, loads_strict, read_json
+from adaptrix.ir.errors import BadInputError
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 
 from adaptrix import compile_adapter
-from adaptrix.toolchain.errors import AdaptrixError
+from adaptrix.ir.errors import AdaptrixError
 
 LABELS = 3
 
@@ -124,7 +124,7 @@ def test_onnx_refuses_a_headless_classifier_before_exporting_the_base(tmp_path, 
 
 def test_parity_checks_a_headless_classifier_against_peft_and_names_the_targets_that_refuse(tmp_path):
     """PEFT's reference is the sequence classifier the adapter was trained on, not the bare body."""
-    from adaptrix.toolchain.parity import parity
+    from adaptrix.api.parity import parity
 
     base = _headless_base("bert", tmp_path / "base")
     adapter = _classifier_adapter(base, tmp_path / "adapter")
@@ -251,7 +251,7 @@ def test_a_hugging_face_cache_snapshot_is_read_through_its_links(bases, tmp_path
 
 
 def test_side_files_are_bounded(gpt2_case, tmp_path, monkeypatch):
-    from adaptrix.targets import side_files
+    from adaptrix.io import side_files
 
     base, adapter = gpt2_case
     monkeypatch.setattr(side_files, "MAX_FILES", 3)

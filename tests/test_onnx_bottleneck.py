@@ -31,13 +31,13 @@ from test_onnx_parity import (
 )
 from transformers import AutoModel
 
-from adaptrix.runtime.activations import ACTIVATIONS
+from adaptrix.api.compile import compile_adapter, load
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.runtimes.hooks.activations import ACTIVATIONS
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
 from adaptrix.targets.onnx.bottleneck_ops import ONNX_ACTIVATIONS, NodeWriter
 from adaptrix.targets.onnx.export import export_base
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.pipeline import compile_adapter, load
 
 LLAMA_KINDS = {
     "seqbn": SeqBnConfig(reduction_factor=4),

@@ -17,8 +17,8 @@ import pytest
 from onnx import helper
 from test_onnx_parity import onnx_base, seeded_adapter
 
+from adaptrix.api.compile import compile_adapter
 from adaptrix.targets.onnx.float16 import fuse_rms_norms
-from adaptrix.toolchain.pipeline import compile_adapter
 
 RMS_FAMILIES = ("llama", "qwen2", "phi3")
 

@@ -11,10 +11,10 @@ from onnx import TensorProto, helper
 from test_onnx_parity import prefill, seeded_adapter, session
 from test_onnx_unmerged import relative_error
 
+from adaptrix.api.compile import compile_adapter
+from adaptrix.ir.errors import AdaptrixError
 from adaptrix.targets.onnx.gptq import gptq_blocks
 from adaptrix.targets.onnx.quantize import _gptq_arrays
-from adaptrix.toolchain.errors import AdaptrixError
-from adaptrix.toolchain.pipeline import compile_adapter
 
 
 def decoded(codes, scales, zeros, block_size, k):

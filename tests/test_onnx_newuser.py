@@ -28,7 +28,7 @@ from test_onnx_parity import (
 )
 
 import adaptrix.targets.onnx.patch as patch_module
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.api.compile import compile_adapter
 
 # The adapter must move each compared output by at least this many times the error allowed.
 ADAPTER_EFFECT = 100

@@ -20,7 +20,7 @@ import torch
 from builders import FAMILIES, load_model, make_adapter, peft_logits, sample_inputs
 from peft import PeftModel
 
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.api.compile import compile_adapter
 
 # onnxruntime fuses and reorders float32 kernels (attention, layer norm, GELU); measured <= 6.4e-7.
 ONNX_FP32_TOLERANCE = 5e-4

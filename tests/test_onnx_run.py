@@ -1,4 +1,4 @@
-"""ONNX artifacts run with adaptrix.onnx_session: greedy ids and logits equal PEFT's; misfits are refused."""
+"""ONNX artifacts run with adaptrix.open_onnx: greedy ids and logits equal PEFT's; misfits are refused."""
 
 import json
 import shutil
@@ -16,10 +16,10 @@ from onnx_builders import write_onnx_adapter
 from peft import PeftModel
 from typer.testing import CliRunner
 
+from adaptrix.api.compile import compile_adapter
 from adaptrix.cli import app
-from adaptrix.onnx_session import open_onnx
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.ir.errors import BadInputError
+from adaptrix.runtimes.onnx.session import open_onnx
 
 runner = CliRunner()
 TOLERANCE = 5e-4  # max |logits diff| against PEFT, float32
@@ -309,7 +309,7 @@ def test_cuda_without_onnxruntime_gpu_is_refused(built):
 def test_the_session_imports_no_compiler(built):
     code = (
         "import sys\n"
-        "from adaptrix.onnx_session import open_onnx\n"
+        "from adaptrix.runtimes.onnx.session import open_onnx\n"
         f"model = open_onnx({str(built('llama').unmerged)!r})\n"
         "model.generate([5, 6, 7], 3, adapter='one')\n"
         "heavy = {'torch', 'transformers', 'peft', 'optimum', 'onnx', 'typer', 'safetensors'}\n"

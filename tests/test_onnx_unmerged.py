@@ -36,8 +36,8 @@ from test_onnx_parity import (
 )
 from typer.testing import CliRunner
 
+from adaptrix.api.compile import compile_adapter
 from adaptrix.cli import app
-from adaptrix.toolchain.pipeline import compile_adapter
 
 # Relative Frobenius error of quantized logits against the float32 graph's. Hidden size 32 makes
 # every weight row one block (and one int8-dynamic scale); measured on llama: int8-dynamic 0.037

@@ -39,14 +39,14 @@ from test_onnx_parity import (
 )
 from test_peft_kinds import perturbed
 
-from adaptrix.onnx_session import open_onnx
-from adaptrix.targets.module_pairs import ModuleScales
+from adaptrix.api.compile import compile_adapter
+from adaptrix.binders.table import Module, Placement
+from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.values import Role
+from adaptrix.lowering.module_pairs import ModuleScales
+from adaptrix.runtimes.onnx.session import open_onnx
 from adaptrix.targets.onnx.graph import Use
 from adaptrix.targets.onnx.ia3 import add_scale_inputs
-from adaptrix.toolchain.binders.table import Module, Placement
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import Role
-from adaptrix.toolchain.pipeline import compile_adapter
 
 IA3_CONFIGS = {
     "llama": IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],

@@ -18,9 +18,9 @@ from builders import make_adapter, prompts_file
 from typer.testing import CliRunner
 
 from adaptrix import convert_adapter
+from adaptrix.api.compile import compile_adapter
 from adaptrix.cli import app
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.ir.errors import BadInputError
 
 MARKER = ".adaptrix-temporary"  # what proves a temporary sibling is Adaptrix's own
 
@@ -313,7 +313,7 @@ _KILLED_EXPORT = """
 import os, signal, sys
 from pathlib import Path
 from adaptrix.targets.onnx import export
-from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.io.checkpoint import Checkpoint
 
 def killed(base, task, dtype, into):
     (into / "model.onnx").write_bytes(b"half an export")
@@ -334,8 +334,8 @@ def test_a_killed_export_leaves_nothing_in_the_cache(bases, tmp_path):
 
 
 def test_the_next_export_removes_a_killed_runs_leftovers(bases, tmp_path, monkeypatch):
+    from adaptrix.io.checkpoint import Checkpoint
     from adaptrix.targets.onnx import export
-    from adaptrix.toolchain.checkpoint import Checkpoint
 
     def fake(base, task, dtype, into):
         (into / export.MODEL_NAME).write_bytes(b"graph")
@@ -354,7 +354,7 @@ def test_the_next_export_removes_a_killed_runs_leftovers(bases, tmp_path, monkey
 
 
 def test_an_adapters_label_is_its_resolved_folders_name(tmp_path):
-    from adaptrix.toolchain.pipeline import adapter_label
+    from adaptrix.api.compile import adapter_label
 
     (tmp_path / "legal" / "sub").mkdir(parents=True)
     assert adapter_label(tmp_path / "legal" / "sub" / "..", set()) == "legal"

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 from test_errors import assert_refused
 from typer.testing import CliRunner
 
+from adaptrix.api.compile import compile_adapter
 from adaptrix.cli import app
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.io.checkpoint import Checkpoint
 
 runner = CliRunner()
 
@@ -144,7 +144,7 @@ def test_merged_of_an_encoder_classifier(bases, tmp_path):
 
 
 def test_parity_api_is_the_command(case):
-    from adaptrix.toolchain.parity import parity as run_parity
+    from adaptrix.api.parity import parity as run_parity
 
     base, adapter, root = case
     report = run_parity(adapter, base, [], artifacts={"hooks": root / "hooks"})
@@ -180,8 +180,8 @@ def test_every_target_is_reported_when_one_cannot_run(case, tmp_path):
 
 
 def test_every_target_is_reported_when_one_cannot_compile(case, tmp_path):
-    from adaptrix.toolchain.errors import UnsupportedError
-    from adaptrix.toolchain.parity import parity as run_parity
+    from adaptrix.api.parity import parity as run_parity
+    from adaptrix.ir.errors import UnsupportedError
 
     def compile_fn(adapter, base, target, out):
         if target == "merged":
@@ -213,7 +213,7 @@ def test_a_row_it_does_not_judge_is_not_ok_true(case, tmp_path):
 
 
 def test_the_json_is_strict_whatever_the_numbers():
-    from adaptrix.toolchain.parity import BackendResult, ParityReport
+    from adaptrix.api.parity import BackendResult, ParityReport
 
     nan, inf = float("nan"), float("inf")
     row = BackendResult("merged", "out", "float32", nan, inf, 0.5, nan, 1e-4, False)

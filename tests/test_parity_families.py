@@ -25,7 +25,7 @@ def test_merged_matches_peft(family, use_dora, bases, tmp_path):
 @pytest.mark.parametrize("family", ["phi3", "gpt_neox", "gpt2", "llama"])
 def test_merge_in_many_row_blocks_matches_peft(family, bases, tmp_path, monkeypatch):
     """Tiny models fit one block; shrink blocks so every role (fused offsets too) spans several."""
-    import adaptrix.targets.merge_math as merge_math
+    import adaptrix.lowering.merge_math as merge_math
 
     monkeypatch.setattr(merge_math, "_BLOCK_ELEMENTS", 100)
     base = bases(family)

@@ -8,12 +8,12 @@ from builders import FP32_TOLERANCE, load_model, make_adapter, model_logits, sam
 from peft import PeftModel
 from typer.testing import CliRunner
 
+from adaptrix.api.compile import compile_adapter, load
 from adaptrix.cli import app
+from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.values import LowRank
 from adaptrix.passes import PASSES, Pass, register
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import LowRank
-from adaptrix.toolchain.pipeline import compile_adapter, load
 
 runner = CliRunner()
 

@@ -8,7 +8,7 @@ from builders import build_base, load_model, make_adapter, prompts_file
 from peft import PeftModel
 
 import adaptrix
-from adaptrix.toolchain.errors import AdaptrixError
+from adaptrix.ir.errors import AdaptrixError
 
 GENERATE = 4
 

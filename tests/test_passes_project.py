@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from adaptrix import compile_adapter, convert_adapter
 from adaptrix.cli import app
+from adaptrix.frontends.air.adapter import read_air
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.values import LowRank, Replace
 from adaptrix.passes.project import ProjectOptions, project
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.frontends.air import read_air
-from adaptrix.toolchain.ir import LowRank, Replace
 
 runner = CliRunner()
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`:UserWarning")

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from adaptrix import compile_adapter, convert_adapter
 from adaptrix.cli import app
+from adaptrix.frontends.air.adapter import read_air
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.values import AdapterIR, Bias, LazyTensor, LowRank, Replace, Role, Site
 from adaptrix.passes.redistribute import RedistributeOptions, redistribute
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.frontends.air import read_air
-from adaptrix.toolchain.ir import AdapterIR, Bias, LazyTensor, LowRank, Replace, Role, Site
 
 POSITIONS = (1, 2, 5, 7)  # where the 4-layer source's layers sit in the grown 8-layer base
 LAYERS = ",".join(map(str, POSITIONS))

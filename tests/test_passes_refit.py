@@ -16,7 +16,7 @@ from builders import (
 from test_hooks_parity import logits
 
 import adaptrix
-from adaptrix.toolchain.errors import AdaptrixError
+from adaptrix.ir.errors import AdaptrixError
 
 
 def reparameterised(source, dest):

@@ -9,11 +9,11 @@ from builders import FP32_TOLERANCE, load_model, make_adapter, model_logits, sam
 from peft import PeftModel
 from typer.testing import CliRunner
 
+from adaptrix.api.compile import compile_adapter, load
 from adaptrix.cli import app
+from adaptrix.ir.errors import UnsupportedError
 from adaptrix.passes.combine import CombineOptions, combine
 from adaptrix.passes.combine_sparse import merge_deltas
-from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.pipeline import compile_adapter, load
 
 runner = CliRunner()
 

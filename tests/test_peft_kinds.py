@@ -19,12 +19,12 @@ from test_onnx_parity import ONNX_FP32_TOLERANCE, assert_matches, base_logits, o
 from typer.testing import CliRunner
 
 import adaptrix
+from adaptrix.api.inspect import inspect_adapter
 from adaptrix.cli import app
+from adaptrix.frontends.peft.adapter import load_peft
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import UnsupportedError
 from adaptrix.passes.runner import run_passes
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.frontends.peft import load_peft
-from adaptrix.toolchain.report import inspect_adapter
 
 LLAMA_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # One config per kind and variant, on the tiny llama (GQA: k / v are narrower than q).

@@ -16,7 +16,7 @@ from builders import build_base, make_adapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adaptrix import convert_adapter
-from adaptrix.toolchain.pipeline import compile_adapter
+from adaptrix.api.compile import compile_adapter
 
 # Big enough (about 110 MB of float32) that a merged compile takes a while to write.
 SLOW_BASE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,

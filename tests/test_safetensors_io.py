@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adaptrix.toolchain.checkpoint import INDEX_NAME, Checkpoint
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.safetensors_io import PlannedTensor, read_header, write_safetensors
+from adaptrix.io.checkpoint import INDEX_NAME, Checkpoint
+from adaptrix.io.safetensors_io import PlannedTensor, read_header, write_safetensors
+from adaptrix.ir.errors import BadInputError
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool)
 

@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from adaptrix.toolchain import staging, stream
-from adaptrix.toolchain.stream import HashingWriter, OutputSpaceError
+from adaptrix.io import staging, stream
+from adaptrix.io.stream import HashingWriter, OutputSpaceError
 
 
 def test_the_file_and_its_digest_hold_every_piece_in_order(tmp_path):
@@ -249,7 +249,7 @@ def test_a_direct_read_refused_goes_on_through_the_page_cache(tmp_path, monkeypa
 
 @pytest.mark.parametrize("size", [0, 1, 4096, (8 << 20) + 4097])
 def test_sha256_file_reads_directly_and_agrees_with_hashlib(tmp_path, size, monkeypatch):
-    from adaptrix.toolchain import hashing
+    from adaptrix.io import hashing
 
     path = tmp_path / "f.bin"
     path.write_bytes(np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes())

@@ -11,8 +11,8 @@ from builders import make_adapter
 from test_errors import assert_refused
 from typer.testing import CliRunner
 
+from adaptrix.api.compile import compile_adapter
 from adaptrix.cli import app
-from adaptrix.toolchain.pipeline import compile_adapter
 
 runner = CliRunner()
 
@@ -249,7 +249,7 @@ def test_a_rewritten_manifest_is_caught_only_by_its_pinned_sha256(built, tmp_pat
     assert pinned_run.exit_code == 1
     [problem] = json.loads(pinned_run.output)["problems"]
     assert problem.startswith("manifest.json: sha256 ") and pinned in problem
-    from adaptrix.toolchain.verify import verify_artifact
+    from adaptrix.api.verify import verify_artifact
 
     assert not verify_artifact(artifact, expect=pinned).ok
     assert verify_artifact(
@@ -267,7 +267,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_the_artifact_does_not_depend_on_how_paths_are_spelled(bases, tmp_path, monkeypatch):
-    from adaptrix.toolchain.convert import convert_adapter
+    from adaptrix.api.convert import convert_adapter
 
     root = tmp_path / "work"
     shutil.copytree(bases("llama"), root / "base")

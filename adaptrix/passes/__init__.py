@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.registry import registry
 from adaptrix.passes.base import Pass, PassResult, parse_options
 from adaptrix.passes.combine import CombineOptions, combine
 from adaptrix.passes.distill import DistillOptions, distill
@@ -13,8 +15,6 @@ from adaptrix.passes.project import ProjectOptions, project
 from adaptrix.passes.redistribute import RedistributeOptions, redistribute
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
 from adaptrix.passes.refit import RefitOptions, refit
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.registry import registry
 
 __all__ = ["PASSES", "Pass", "PassResult", "parse_pass", "pass_named", "register"]
 

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from adaptrix.toolchain.errors import AdaptrixError, BadInputError
-from adaptrix.toolchain.ir import AdapterIR, Site
+from adaptrix.ir.errors import AdaptrixError, BadInputError
+from adaptrix.ir.values import AdapterIR, Site
 
 __all__ = ["Pass", "PassResult", "parse_options", "rebuild", "site_context"]
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.values import AdapterIR, Bias, LazyTensor, LowRank, Site, site_order
 from adaptrix.passes.base import PassResult, site_context
 from adaptrix.passes.combine_sparse import SPARSE_METHODS, merge_unit, peft_units
 from adaptrix.passes.reduce_rank import truncate
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, Bias, LazyTensor, LowRank, Site, site_order
 
 __all__ = ["METHODS", "CombineOptions", "combine"]
 

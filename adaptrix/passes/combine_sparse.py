@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptrix.toolchain.binders import BINDERS
-from adaptrix.toolchain.binders.table import Layout, fuse_rows, split_rows
-from adaptrix.toolchain.ir import LazyTensor, LowRank, Op, Role, Site, SourceModel, site_order
+from adaptrix.binders import BINDERS
+from adaptrix.binders.table import Layout, fuse_rows, split_rows
+from adaptrix.ir.values import LazyTensor, LowRank, Op, Role, Site, SourceModel, site_order
 
 __all__ = ["SPARSE_METHODS", "Unit", "factor_dense", "merge_deltas", "merge_unit", "peft_units"]
 

@@ -36,13 +36,13 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.values import AdapterIR, Bias, LazyTensor, LowRank, Op, Replace, Role, Site, SourceModel
 from adaptrix.passes.base import PassResult, rebuild, site_context
 from adaptrix.passes.project_align import Alignment, safe_reciprocal
 from adaptrix.passes.project_maps import factor_error, factor_norm2, weight_reader
 from adaptrix.passes.project_plan import AlignedPlan, GeometricPlan, Subspaces
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, Bias, LazyTensor, LowRank, Op, Replace, Role, Site, SourceModel
 
 __all__ = ["METHODS", "ProjectOptions", "project", "source_base"]
 

@@ -39,9 +39,9 @@ import math
 
 import torch
 
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.values import Role, Site, SourceModel
 from adaptrix.passes.project_maps import BlockMap, DenseMap, IndexMap, truncation
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.ir import Role, Site, SourceModel
 
 __all__ = ["Alignment", "greedy_pairs", "safe_reciprocal"]
 

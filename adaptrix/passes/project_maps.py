@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptrix.toolchain.binders.table import Layout, split_rows
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.frontends.air_lower import base_sites
-from adaptrix.toolchain.ir import Site, SourceModel
+from adaptrix.binders.table import Layout, split_rows
+from adaptrix.frontends.air.lower import base_sites
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.values import Site, SourceModel
 
 __all__ = [
     "AxisMap",

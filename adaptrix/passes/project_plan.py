@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.values import Role, Site, SourceModel
 from adaptrix.passes.project_align import Alignment
 from adaptrix.passes.project_maps import (
     AxisMap,
@@ -20,8 +22,6 @@ from adaptrix.passes.project_maps import (
     rope_halves,
     truncation,
 )
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.ir import Role, Site, SourceModel
 
 __all__ = ["AlignedPlan", "GeometricPlan", "Subspaces"]
 

@@ -14,11 +14,11 @@ from fractions import Fraction
 
 import torch
 
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.values import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Role, Site, site_order
 from adaptrix.passes.base import PassResult, site_context
 from adaptrix.passes.combine import stack_weighted
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Role, Site, site_order
 
 __all__ = ["METHODS", "RedistributeOptions", "mixing_matrix", "redistribute"]
 

@@ -23,17 +23,17 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptrix.api.parity_run import load_auto
+from adaptrix.binders.table import Layout, Placement
+from adaptrix.calibration.prompts import Capture, calibration, read_prompts
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.values import AdapterIR, LazyTensor, LowRank, Role
+from adaptrix.lowering.module_pairs import low_rank_pairs
 from adaptrix.passes.base import PassResult, rebuild
 from adaptrix.passes.project import DIMENSIONS, source_base
-from adaptrix.passes.refit_data import Capture, calibration, read_prompts
-from adaptrix.runtime.fit import find_module
-from adaptrix.targets.hooks import TouchedModule, touched_modules
-from adaptrix.targets.module_pairs import low_rank_pairs
-from adaptrix.toolchain.binders.table import Layout, Placement
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, LazyTensor, LowRank, Role
-from adaptrix.toolchain.parity_run import load_auto
+from adaptrix.runtimes.hooks.fit import find_module
+from adaptrix.targets.hooks.write import TouchedModule, touched_modules
 
 __all__ = ["RefitOptions", "add_pairs", "check_same_shape", "input_group", "refit"]
 

@@ -6,11 +6,11 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.bottleneck import refuse_bottlenecks
+from adaptrix.ir.errors import AdaptrixError, BadInputError
+from adaptrix.ir.values import AdapterIR
 from adaptrix.passes import parse_pass
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import AdaptrixError, BadInputError
-from adaptrix.toolchain.ir import AdapterIR
-from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
 __all__ = ["run_passes"]
 

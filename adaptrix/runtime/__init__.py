@@ -1,10 +1,4 @@
-"""The hooks runtime: attach compiled bundles to eager PyTorch models.
+"""Kept for users: `adaptrix.runtime` is `adaptrix.runtimes.hooks` (attach, switch, load_bundle)."""
 
-Needs torch and safetensors only; it imports nothing of the compiler (peft, transformers,
-onnx), so serving code can use it alone.
-"""
-
-from adaptrix.runtime.attach import Handle, attach, attached, switch
-from adaptrix.runtime.bundle import Bundle, load_bundle
-
-__all__ = ["Bundle", "Handle", "attach", "attached", "load_bundle", "switch"]
+from adaptrix.runtimes.hooks import *  # noqa: F403
+from adaptrix.runtimes.hooks import __all__  # noqa: F401

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptrix.targets.hooks import write_hooks
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.registry import registry
+from adaptrix.targets.hooks.write import write_hooks
 from adaptrix.targets.merged import write_merged
 from adaptrix.targets.written import Written
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.registry import registry
 
 __all__ = ["TARGETS", "Target", "Written", "target_named"]
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.io.air_format import FORMAT, FORMAT_VERSION, tensor_key
+from adaptrix.io.safetensors_io import PlannedTensor, write_safetensors
+from adaptrix.ir.bottleneck import refuse_bottlenecks
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.factored_low_rank import factored_as_low_rank, low_rank_record
+from adaptrix.ir.values import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Site, site_order
 from adaptrix.passes.base import site_context
-from adaptrix.toolchain.air_format import FORMAT, FORMAT_VERSION, tensor_key
-from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.factored_low_rank import factored_as_low_rank, low_rank_record
-from adaptrix.toolchain.ir import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Site, site_order
-from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
-from adaptrix.toolchain.safetensors_io import PlannedTensor, write_safetensors
 
 __all__ = ["air_metadata", "write_air_file"]
 

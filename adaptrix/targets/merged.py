@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from adaptrix.targets.head import HeadLayout, head_layout, new_head_sites, refuse_new_head
-from adaptrix.targets.merge_bottleneck import fold_bottlenecks
-from adaptrix.targets.merge_math import merge_tensor, op_params, required_params
-from adaptrix.targets.side_files import CONFIG_NAME, plan_side_files
+from adaptrix.binders.table import Placement
+from adaptrix.io.checkpoint import INDEX_NAME, Checkpoint
+from adaptrix.io.safetensors_io import PlannedTensor, write_safetensors
+from adaptrix.io.side_files import CONFIG_NAME, plan_side_files
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.values import AdapterIR, LazyTensor, Op, Replace, Role, Site
+from adaptrix.lowering.head import HeadLayout, head_layout, new_head_sites, refuse_new_head
+from adaptrix.lowering.merge_bottleneck import fold_bottlenecks
+from adaptrix.lowering.merge_math import merge_tensor, op_params, required_params
 from adaptrix.targets.written import Written
-from adaptrix.toolchain.binders.table import Placement
-from adaptrix.toolchain.checkpoint import INDEX_NAME, Checkpoint
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.ir import AdapterIR, LazyTensor, Op, Replace, Role, Site
-from adaptrix.toolchain.safetensors_io import PlannedTensor, write_safetensors
 
 __all__ = ["TensorPlan", "copy_side_files", "merged_value", "plan_tensors", "write_merged"]
 

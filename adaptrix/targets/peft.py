@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adaptrix.targets.peft_modules import LoraPair, ModuleDelta, module_deltas
+from adaptrix.binders.table import Layout
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.bottleneck import refuse_bottlenecks
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.factored_low_rank import factored_as_low_rank
+from adaptrix.ir.values import AdapterIR
+from adaptrix.lowering.peft_modules import LoraPair, ModuleDelta, module_deltas
 from adaptrix.targets.written import Written
-from adaptrix.toolchain.binders.table import Layout
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.factored_low_rank import factored_as_low_rank
-from adaptrix.toolchain.ir import AdapterIR
-from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "write_peft"]
 

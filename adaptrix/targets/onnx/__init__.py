@@ -20,9 +20,15 @@ from pathlib import Path
 import onnx
 import torch
 
-from adaptrix.targets.head import new_head_sites, refuse_new_head
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.io.hashing import hash_files
+from adaptrix.ir.bottleneck import refuse_bottlenecks
+from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.factored_low_rank import factored_as_low_rank
+from adaptrix.ir.values import AdapterIR
+from adaptrix.lowering.head import new_head_sites, refuse_new_head
+from adaptrix.lowering.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
 from adaptrix.targets.merged import copy_side_files, plan_tensors
-from adaptrix.targets.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
 from adaptrix.targets.onnx.export import DATA_NAME, MODEL_NAME, BaseExport, export_base
 from adaptrix.targets.onnx.external import write_model
@@ -39,12 +45,6 @@ from adaptrix.targets.onnx.quantize import (
     quantize_weights,
 )
 from adaptrix.targets.written import Written
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.factored_low_rank import factored_as_low_rank
-from adaptrix.toolchain.hashing import hash_files
-from adaptrix.toolchain.ir import AdapterIR
-from adaptrix.toolchain.ir_bottleneck import refuse_bottlenecks
 
 __all__ = ["write_onnx"]
 
@@ -177,7 +177,7 @@ def _check_calibration(calibration: Path | str | None, quantize: str | None, unm
 
 def _read_calibration(calibration: Path, base: Checkpoint) -> list[list[int]]:
     """The calibration prompts as token ids, read before the (slow) export so that a refusal comes first."""
-    from adaptrix.passes.refit_data import read_prompts
+    from adaptrix.calibration.prompts import read_prompts
 
     return read_prompts(str(calibration), base.path, base.source.vocab_size, what="--calibration")
 

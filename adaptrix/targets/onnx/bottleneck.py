@@ -5,7 +5,7 @@ h is the output of the projection's MatMul (or of its bias Add, named after the 
 the single node reading h is the residual Add, whose other input is r. On Llama that Add is the
 join: its output is the residual stream. On BERT the Add feeds the layer's LayerNormalization,
 whose output is the join. The join's producers are replaced by nodes computing what AdapterHub's
-adapter layer returns, final(h, r) (the formulas are in `adaptrix.toolchain.ir_bottleneck`), under
+adapter layer returns, final(h, r) (the formulas are in `adaptrix.ir.bottleneck`), under
 the join's own name, so every downstream consumer reads the adapted stream. The layer's own
 LayerNorm is reused (its weight, bias and attributes) wherever the options apply it.
 
@@ -24,14 +24,14 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from adaptrix.targets.hooks_bottleneck import layer_prefix
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.bottleneck import Bottleneck, LayerNormParams
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.values import AdapterIR, Site
+from adaptrix.lowering.bottleneck_entries import layer_prefix
 from adaptrix.targets.onnx.bottleneck_ops import ONNX_ACTIVATIONS, NodeWriter
 from adaptrix.targets.onnx.graph import module_of_node
 from adaptrix.targets.onnx.patch import base_uses
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import UnsupportedError
-from adaptrix.toolchain.ir import AdapterIR, Site
-from adaptrix.toolchain.ir_bottleneck import Bottleneck, LayerNormParams
 
 __all__ = ["InsertedBottlenecks", "insert_bottlenecks", "split_bottlenecks"]
 

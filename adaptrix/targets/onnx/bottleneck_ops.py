@@ -1,6 +1,6 @@
 """ONNX nodes for a bottleneck adapter's arithmetic: a node writer and the activations as ONNX ops.
 
-Each activation spells out the formula of `adaptrix.runtime.activations` (transformers' ACT2FN)
+Each activation spells out the formula of `adaptrix.runtimes.hooks.activations` (transformers' ACT2FN)
 with standard ONNX operators, so that a graph computes what the hooks runtime and AdapterHub do.
 Scalars are initializers in the graph's float type, one per (value, type), shared by every node.
 """
@@ -84,7 +84,7 @@ def _mish(w: NodeWriter, x: str) -> str:
     return w("Mul", x, w("Tanh", w("Softplus", x)))
 
 
-# By AdapterHub's (lower-cased) name, the same keys as adaptrix.runtime.activations.ACTIVATIONS.
+# By AdapterHub's (lower-cased) name, the same keys as adaptrix.runtimes.hooks.activations.ACTIVATIONS.
 ONNX_ACTIVATIONS: dict[str, Callable[[NodeWriter, str], str]] = {
     "relu": lambda w, x: w("Relu", x),
     "gelu": _gelu,

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import onnx
 
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.io.hashing import hash_files
+from adaptrix.io.output import atomic_entry
+from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.targets.onnx.export_outputs import export_kwargs
 from adaptrix.targets.onnx.float16 import to_float16
-from adaptrix.toolchain.checkpoint import Checkpoint
-from adaptrix.toolchain.errors import BadInputError, UnsupportedError
-from adaptrix.toolchain.hashing import hash_files
-from adaptrix.toolchain.output import atomic_entry
 
 __all__ = ["DATA_NAME", "EXPORT_FORMAT", "MODEL_NAME", "BaseExport", "cache_root", "export_base", "task_of"]
 

@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.io.checkpoint import Checkpoint
 
 __all__ = ["POOLER_OUTPUT", "export_kwargs", "has_pooler"]
 

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from adaptrix.toolchain.errors import BadInputError
-from adaptrix.toolchain.stream import HashingWriter, read_range
+from adaptrix.io.stream import HashingWriter, read_range
+from adaptrix.ir.errors import BadInputError
 
 __all__ = [
     "Filler",

@@ -19,8 +19,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.targets.onnx.graph import GraphIndex
-from adaptrix.toolchain.checkpoint import Checkpoint
 
 __all__ = ["FuseReport", "fuse_attention"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from adaptrix.toolchain.checkpoint import Checkpoint
+from adaptrix.io.checkpoint import Checkpoint
 
 __all__ = ["GENAI_CONFIG", "write_genai_config"]
 

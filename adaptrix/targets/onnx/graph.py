@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from adaptrix.toolchain.binders.table import Layout
+from adaptrix.binders.table import Layout
 
 __all__ = ["GraphIndex", "Use", "initializer_users", "module_of_node", "tensor_uses"]
 

@@ -22,10 +22,10 @@ import onnx
 import torch
 from onnx import helper
 
-from adaptrix.targets.module_pairs import ModuleScales
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.lowering.module_pairs import ModuleScales
 from adaptrix.targets.onnx.graph import Use
 from adaptrix.targets.onnx.lora import initializer_dtype, module_matmul
-from adaptrix.toolchain.errors import UnsupportedError
 
 __all__ = ["ScaleInput", "add_scale_inputs", "scale_parameters"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from adaptrix.toolchain.errors import UnsupportedError
+from adaptrix.ir.errors import UnsupportedError
 
 __all__ = ["check_loads"]
 

@@ -21,9 +21,9 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
-from adaptrix.targets.module_pairs import LowRankPair
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.lowering.module_pairs import LowRankPair
 from adaptrix.targets.onnx.graph import Use
-from adaptrix.toolchain.errors import UnsupportedError
 
 __all__ = [
     "ADAPTERS_DIR",

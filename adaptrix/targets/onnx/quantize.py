@@ -38,8 +38,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from adaptrix.ir.errors import BadInputError
 from adaptrix.targets.onnx.external import read_initializer, value_array
-from adaptrix.toolchain.errors import BadInputError
 
 __all__ = [
     "BLOCKED_SCHEMES",

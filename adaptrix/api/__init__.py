@@ -1,0 +1,1 @@
+"""The public entry points: compile, convert, inspect, parity, verify, and the manifest."""

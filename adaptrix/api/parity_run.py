@@ -1,0 +1,139 @@
+"""The runtimes `adaptrix parity` drives: PEFT for the reference, then one per backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.io.jsonfile import read_json
+from adaptrix.ir.errors import BadInputError
+
+__all__ = ["BACKENDS", "load_auto", "reference_outputs", "run_backend"]
+
+BACKENDS = ("merged", "hooks", "onnx-cpu", "onnx-cuda")
+# (what the backend returns, its dtype name, whether it is quantized, a note for the report)
+Run = tuple[torch.Tensor, str, bool, str]
+
+
+def load_auto(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The transformers model a directory holds, by its config's architectures, in eval mode."""
+    import transformers
+
+    config = read_json(path / "config.json", what="config.json")
+    architectures = [str(a) for a in config.get("architectures") or []]
+    kind = transformers.AutoModel
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        kind = transformers.AutoModelForCausalLM
+    elif any(a.endswith("ForSequenceClassification") for a in architectures):
+        kind = transformers.AutoModelForSequenceClassification
+    return kind.from_pretrained(path, dtype=dtype, trust_remote_code=False).eval()
+
+
+@torch.no_grad()
+def forward(model: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits (or an encoder's last hidden state) as float32."""
+    output = model(**feeds)
+    value = getattr(output, "logits", None)
+    return (value if value is not None else output.last_hidden_state).float()
+
+
+def reference_outputs(
+    adapter: Path, base: Checkpoint, feeds: dict[str, torch.Tensor], scratch: Path
+) -> tuple[torch.Tensor, str]:
+    """PEFT's own forward (float32, unmerged) of the adapter on the base; AIR goes through PEFT.
+
+    An AdapterHub adapter's reference is AdapterHub's own forward with the adapter active (its
+    loader reads .bin weights with torch.load(weights_only=True) too).
+    """
+    from peft import PeftModel
+
+    from adaptrix.frontends.adapterhub.adapter import HubAdapter
+    from adaptrix.frontends.air.adapter import AirAdapter
+    from adaptrix.frontends.formats import read_adapter
+
+    read = read_adapter(adapter)
+    if isinstance(read, HubAdapter):
+        import adapters
+
+        model = load_auto(base.path)
+        adapters.init(model)
+        model.set_active_adapters(model.load_adapter(str(adapter), with_head=False))
+        return forward(model.eval(), feeds), "adapterhub"
+    if isinstance(read, AirAdapter):
+        from adaptrix.api.convert import convert_adapter
+
+        convert_adapter(adapter, "peft", scratch / "reference-peft", base=base.path)
+        adapter = scratch / "reference-peft"
+    model = PeftModel.from_pretrained(_reference_base(read, base), adapter, trust_remote_code=False).eval()
+    return forward(model, feeds), "peft"
+
+
+def _reference_base(read, base: Checkpoint) -> torch.nn.Module:
+    """The base as PEFT's reference loads it.
+
+    A headless base under a classifier adapter becomes the sequence classifier the adapter was
+    trained on (its head comes from the adapter).
+    """
+    from adaptrix.frontends.formats import lower_adapter
+    from adaptrix.lowering.head import new_head_sites, task_labels
+
+    ir = lower_adapter(read, base)
+    sites = new_head_sites(ir, base)
+    if not sites:
+        return load_auto(base.path)
+    import transformers
+
+    kind = transformers.AutoModelForSequenceClassification
+    labels = task_labels(ir, sites, base)
+    return kind.from_pretrained(
+        base.path, num_labels=labels, dtype=torch.float32, trust_remote_code=False
+    ).eval()
+
+
+def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torch.Tensor]) -> Run:
+    """Run one compiled artifact with its own runtime on the inputs."""
+    manifest_file = path / "manifest.json"
+    if not manifest_file.is_file():
+        raise BadInputError(
+            "has no manifest.json",
+            path=path,
+            fix=f"give a directory `adaptrix compile --target {target}` wrote",
+        )
+    manifest = read_json(manifest_file, what="manifest")
+    if not isinstance(manifest, dict):
+        raise BadInputError("is not an Adaptrix manifest (not a JSON object)", path=manifest_file)
+    if manifest.get("target") != target:
+        raise BadInputError(f"was compiled for {manifest.get('target')!r}, not {target}", path=path,
+                            fix=f"pass it as {manifest.get('target')}=DIR")  # fmt: skip
+    dtype = str(manifest.get("dtype", "float32"))
+    if target == "merged":
+        return forward(load_auto(path, getattr(torch, dtype)), feeds), dtype, False, ""
+    if target == "hooks":
+        import adaptrix
+
+        model = load_auto(base.path)
+        with adaptrix.attach(model, path):
+            return forward(model, feeds), dtype, False, "attached to the base loaded in float32"
+    return _run_onnx(target, path, manifest, feeds)
+
+
+def _run_onnx(target: str, path: Path, manifest: dict, feeds: dict[str, torch.Tensor]) -> Run:
+    import adaptrix
+
+    artifact = adaptrix.open_onnx(path, provider="cuda" if target == "onnx-cuda" else "cpu")
+    names, note = artifact.adapter_names, ""
+    adapter = names[0] if names else None
+    if len(names) > 1:
+        note = f"unmerged with {len(names)} adapters: checked with {adapter} active"
+    elif adapter:
+        note = f"unmerged, {adapter} active"
+    quantize = manifest.get("onnx", {}).get("quantize")
+    if quantize:
+        note = "; ".join(
+            filter(None, [note, f"{quantize} quantized: reported, judged only with --tolerance"])
+        )
+    ids, mask = feeds["input_ids"].numpy(), feeds["attention_mask"].numpy()
+    values = torch.from_numpy(artifact.logits(ids, mask, adapter=adapter)).float()
+    return values, str(manifest.get("dtype", "float32")), bool(quantize), note

@@ -1,0 +1,38 @@
+"""The registry of architecture binders, picked from a base's config.json."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from adaptrix.binders import bert, gpt2, gpt_neox, llama, phi3
+from adaptrix.binders.table import Binder, read_config
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.registry import registry
+
+__all__ = ["BINDERS", "Binder", "binder_for", "binder_for_model_type"]
+
+
+def _register(*binders: Binder) -> Mapping[str, Binder]:
+    return registry("model_type", ((t, binder) for binder in binders for t in binder.model_types))
+
+
+BINDERS = _register(gpt2.BINDER, llama.BINDER, gpt_neox.BINDER, phi3.BINDER, bert.BINDER)
+
+
+def binder_for_model_type(model_type: str, path: Path | str) -> Binder:
+    """The binder for a model_type, or an error that lists the supported ones."""
+    binder = BINDERS.get(model_type)
+    if binder is None:
+        raise UnsupportedError(
+            f"model_type {model_type!r} is not supported",
+            path=path,
+            fix=f"supported model types: {', '.join(sorted(BINDERS))}",
+        )
+    return binder
+
+
+def binder_for(base: Path) -> Binder:
+    """The binder for a base model directory, chosen from its config.json."""
+    config = read_config(base)
+    return binder_for_model_type(str(config["model_type"]), base / "config.json")

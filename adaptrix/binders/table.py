@@ -1,0 +1,203 @@
+"""What a binder is: a table from an architecture's module names to roles, layouts and fused splits."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+from adaptrix.io.jsonfile import read_json
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.values import Role, SourceModel
+
+__all__ = ["Binder", "BlockPoints", "Layout", "Module", "Placement", "Split", "fuse_rows", "split_rows"]
+
+
+class Layout(StrEnum):
+    """How a module stores its weight."""
+
+    LINEAR = "linear"  # nn.Linear: [out, in]
+    CONV1D = "conv1d"  # GPT-2 Conv1D: [in, out]
+    EMBEDDING = "embedding"  # nn.Embedding: [num, dim]
+    NORM = "norm"  # LayerNorm / RMSNorm: [dim]
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """How a fused module's output rows divide into roles.
+
+    `blocked`: consecutive blocks whose sizes name SourceModel properties.
+    `headwise`: per head, the roles interleaved, each head_dim rows (GPT-NeoX query_key_value).
+    """
+
+    kind: str
+    sizes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Module:
+    """One module of the architecture: its roles (several when fused) and weight layout."""
+
+    roles: tuple[Role, ...]
+    layout: Layout = Layout.LINEAR
+    split: Split | None = None
+
+    @property
+    def is_linear(self) -> bool:
+        """Whether PEFT's "all-linear" would target it (projections, not heads)."""
+        return self.layout in (Layout.LINEAR, Layout.CONV1D) and not (
+            set(self.roles) & {Role.LM_HEAD, Role.CLS_HEAD}
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BlockPoints:
+    """Where a bottleneck adapter meets one block of a layer, as modules the hooks runtime can hook.
+
+    Names are relative to the layer. `block`'s output is what the layer adds to its residual
+    stream (Llama: the attention / MLP output h) or, with `norm`, LN(h + r) (BERT's
+    BertSelfOutput / BertOutput). `output`'s output is h. The residual r is argument
+    `residual_arg` of `residual`'s forward. `projection` is the module whose weight h comes from.
+    """
+
+    block: str
+    output: str
+    residual: str
+    residual_arg: int
+    projection: str
+    norm: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A module name resolved by a binder."""
+
+    name: str
+    layer: int | None
+    key: str
+    module: Module
+
+
+@dataclass(frozen=True, slots=True)
+class Binder:
+    """An architecture family as data: names, layer container, layouts, fused splits, config keys."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layer_container: str
+    layer_modules: Mapping[str, Module]
+    model_modules: Mapping[str, Module]
+    config_keys: Mapping[str, tuple[str, ...]]
+    tie_default: bool = False
+    lm_head_weight: str = "lm_head.weight"
+    bottleneck_points: Mapping[str, BlockPoints] = field(default_factory=dict)  # by BottleneckBlock
+    _layer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Freeze the tables and compile the layer pattern."""
+        object.__setattr__(self, "layer_modules", MappingProxyType(dict(self.layer_modules)))
+        object.__setattr__(self, "model_modules", MappingProxyType(dict(self.model_modules)))
+        object.__setattr__(self, "config_keys", MappingProxyType(dict(self.config_keys)))
+        object.__setattr__(self, "bottleneck_points", MappingProxyType(dict(self.bottleneck_points)))
+        pattern = rf"^(?:.*\.)?{re.escape(self.layer_container)}\.(\d+)\.(.+)$"
+        object.__setattr__(self, "_layer_re", re.compile(pattern))
+
+    def resolve(self, name: str) -> Placement | None:
+        """Place a module name (any prefix) in this architecture, or None if it has no role."""
+        match = self._layer_re.match(name)
+        if match:
+            module = self.layer_modules.get(match.group(2))
+            if module is None:
+                return None
+            return Placement(name, int(match.group(1)), match.group(2), module)
+        for key, module in self.model_modules.items():
+            if name == key or name.endswith("." + key):
+                return Placement(name, None, key, module)
+        return None
+
+    def roles(self) -> list[str]:
+        """Every module key this binder knows, layer modules first."""
+        return [*self.layer_modules, *self.model_modules]
+
+    def source_model(self, config: Mapping[str, object], path: Path) -> SourceModel:
+        """Read the dimensions from a config.json's contents."""
+        values = {key: _dimension(self._config_value(config, key, path), key, path)
+                  for key in self.config_keys}  # fmt: skip
+        hidden, heads = int(values["hidden_size"]), int(values["num_heads"])
+        kv_heads = values.get("num_kv_heads") or heads
+        head_dim = values.get("head_dim") or hidden // heads
+        inter = values.get("intermediate_size") or 4 * hidden
+        tie = config.get("tie_word_embeddings", self.tie_default)
+        return SourceModel(
+            arch=str(config["model_type"]),
+            hidden_size=hidden,
+            num_layers=int(values["num_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            intermediate_size=int(inter),
+            vocab_size=int(values["vocab_size"]),
+            tie_word_embeddings=bool(tie),
+        )
+
+    def _config_value(self, config: Mapping[str, object], key: str, path: Path) -> object:
+        for name in self.config_keys[key]:
+            if config.get(name) is not None:
+                return config[name]
+        if key in ("num_kv_heads", "head_dim", "intermediate_size"):
+            return None
+        names = " or ".join(self.config_keys[key])
+        raise BadInputError(f"has no {names}", path=path, fix=f"a {self.name} config.json needs it")
+
+
+def _dimension(value: object, key: str, path: Path) -> object:
+    """A config dimension as a positive int (None where the config may leave it out)."""
+    if value is None:
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not float(value).is_integer() or value < 1:
+        raise BadInputError(f"has {key} = {value!r}; expected a positive integer", path=path,
+                            fix="restore the config.json the model was saved with")  # fmt: skip
+    return int(value)
+
+
+def split_rows(split: Split | None, source: SourceModel) -> list[torch.Tensor] | None:
+    """Row indices of each role inside a fused module's output, or None when not fused."""
+    if split is None:
+        return None
+    if split.kind == "blocked":
+        sizes = [int(getattr(source, name)) for name in split.sizes]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [torch.arange(s, s + n) for s, n in zip(starts, sizes, strict=True)]
+    if split.kind == "headwise":
+        parts, head_dim = len(split.sizes), source.head_dim
+        base = torch.arange(source.num_heads)[:, None] * parts * head_dim
+        return [(base + i * head_dim + torch.arange(head_dim)[None, :]).reshape(-1) for i in range(parts)]
+    raise ValueError(f"unknown split kind {split.kind!r}")
+
+
+def fuse_rows(parts: list[torch.Tensor], index: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of splitting: put each role's rows back at its place in the fused output."""
+    total = sum(len(i) for i in index)
+    fused = parts[0].new_empty((total, *parts[0].shape[1:]))
+    for part, rows in zip(parts, index, strict=True):
+        fused[rows] = part
+    return fused
+
+
+def read_config(path: Path) -> dict:
+    """Read a base's config.json, with errors a user can act on."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise BadInputError(
+            "has no config.json", path=path, fix="pass a Hugging Face model directory as --base"
+        )
+    config = read_json(file, what="JSON")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise BadInputError("has no model_type", path=file, fix="re-save the base with save_pretrained")
+    return config

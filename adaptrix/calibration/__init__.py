@@ -1,0 +1,1 @@
+"""Calibration: load a model, read and run prompts, collect module inputs (refit, distill, GPTQ, parity)."""

@@ -1,0 +1,144 @@
+"""refit's calibration: prompts from a file, continued by the adapted source, and module inputs.
+
+The prompts file is JSON (a list of token-id lists) or text, one prompt per line, tokenized with
+the base's tokenizer. Decoders continue each prompt greedily with the source model carrying the
+adapter (transformers' `generate`), so the calibration covers the positions where the adapter
+answers; encoders take the prompts as they are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from adaptrix.io.jsonfile import loads_strict
+from adaptrix.ir.errors import BadInputError
+
+__all__ = ["Capture", "batches", "calibration", "is_causal", "read_prompts"]
+
+_FIX = "give a JSON list of token-id lists, or a text file with one prompt per line"
+# Files a tokenizer is loaded from; text prompts need one of them next to the base's config.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def read_prompts(
+    path: str, tokenizer_dir: Path, vocab_size: int, what: str = "option prompts"
+) -> list[list[int]]:
+    """The prompts of `path` as token ids (text is tokenized with the tokenizer in `tokenizer_dir`).
+
+    `what` names the option in errors (`option prompts`, `--calibration`).
+    """
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{what} {path} cannot be read ({exc})", path=file, fix=_FIX) from None
+    if file.suffix == ".json":
+        prompts = loads_strict(text, path=file, what="prompts file")
+        if not _token_lists(prompts, vocab_size):
+            raise BadInputError(f"{what}: not a list of non-empty token-id lists below {vocab_size}",
+                                path=file, fix=_FIX)  # fmt: skip
+    else:
+        prompts = _tokenize([line for line in text.splitlines() if line.strip()], tokenizer_dir, file, what)
+    if not prompts:
+        raise BadInputError(f"{what}: the file holds no prompt", path=file, fix=_FIX)
+    return prompts
+
+
+def _token_lists(value: object, vocab_size: int) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab_size for t in p) for p in value
+    )
+
+
+def _tokenize(lines: list[str], tokenizer_dir: Path, file: Path, what: str) -> list[list[int]]:
+    """Token ids of text prompts, with the base's tokenizer; one line if there is none to load."""
+    from transformers import AutoTokenizer
+
+    fix = "give the prompts as a JSON list of token-id lists (a .json file), which needs no tokenizer"
+    if not any((Path(tokenizer_dir) / name).is_file() for name in _TOKENIZER_FILES):
+        raise BadInputError(f"{what}: text prompts need the base's tokenizer files, "
+                            f"and {tokenizer_dir} has none", path=file, fix=fix)  # fmt: skip
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_dir, trust_remote_code=False, local_files_only=True
+        )
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as exc:
+        # transformers fails on incomplete tokenizer files with any of these (AttributeError: no vocab file)
+        raise BadInputError(f"{what}: text prompts need the base's tokenizer, and the one in "
+                            f"{tokenizer_dir} does not load ({type(exc).__name__}: {exc})",
+                            path=file, fix=fix) from None  # fmt: skip
+    return [tokenizer(line)["input_ids"] for line in lines]
+
+
+def batches(sequences: Sequence[list[int]], size: int = 32) -> Iterator[torch.Tensor]:
+    """The sequences as [batch, length] id tensors, equal lengths batched together (no padding)."""
+    by_length: dict[int, list[list[int]]] = defaultdict(list)
+    for ids in sequences:
+        by_length[len(ids)].append(ids)
+    for _, group in sorted(by_length.items()):
+        for start in range(0, len(group), size):
+            yield torch.tensor(group[start : start + size], dtype=torch.long)
+
+
+@torch.no_grad()
+def calibration(model: torch.nn.Module, prompts: list[list[int]], generate: int) -> list[list[int]]:
+    """The prompts, each continued by `generate` greedy tokens of `model` (a decoder), or as they are."""
+    if generate == 0 or not is_causal(model):
+        return prompts
+    found = []
+    for ids in batches(prompts):
+        mask = torch.ones_like(ids)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=generate,
+                             min_new_tokens=generate, do_sample=False, pad_token_id=0)  # fmt: skip
+        found += out.tolist()
+    return found
+
+
+def is_causal(model: torch.nn.Module) -> bool:
+    """Whether the model is a causal LM (its config names a *ForCausalLM / *LMHeadModel)."""
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model.config.architectures or [])
+
+
+class _Stop(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by a capture once it has every input it needs: the rest of the forward is skipped."""
+
+
+class Capture:
+    """Collects the inputs of some modules over the calibration, per batch, for a consumer."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, sequences: list[list[int]], consume: Callable[[dict], None]):
+        """Run `model` batch by batch; call `consume({name: inputs [tokens, in]})` for each batch."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(name: str):
+            def read(module: torch.nn.Module, args: tuple) -> None:
+                x = args[0]
+                seen[name] = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                if len(seen) == len(self.modules):
+                    raise _Stop
+
+            return read
+
+        removers = [module.register_forward_pre_hook(hook(name)) for name, module in self.modules.items()]
+        try:
+            for ids in batches(sequences):
+                seen.clear()
+                with contextlib.suppress(_Stop):
+                    model(input_ids=ids)
+                if len(seen) != len(self.modules):
+                    missing = sorted(set(self.modules) - set(seen))
+                    raise BadInputError(f"refit: the model never called {', '.join(missing)}")
+                consume(dict(seen))
+        finally:
+            for remover in removers:
+                remover.remove()

@@ -1,0 +1,110 @@
+"""`adaptrix run`: try an ONNX artifact without writing onnxruntime code."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from adaptrix.cli.base import app, call, out
+from adaptrix.io.jsonfile import read_json
+from adaptrix.ir.errors import BadInputError
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+@app.command("run")
+def run_command(
+    artifact: Annotated[Path, typer.Argument(help="ONNX artifact directory (onnx-cpu / onnx-cuda).")],
+    prompt_ids: Annotated[
+        list[str], typer.Option("--prompt-ids", help="Token ids, comma-separated; repeat for more inputs.")
+    ],
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Decoders: ids to generate (16).")
+    ] = None,
+    adapter: Annotated[
+        str | None, typer.Option("--adapter", help="Unmerged: an adapter's name, or an .onnx_adapter file.")
+    ] = None,
+    provider: Annotated[str, typer.Option("--provider", help="cpu or cuda.")] = "cpu",
+    threads: Annotated[int | None, typer.Option("--threads", help="onnxruntime's intra-op threads.")] = None,
+    eos: Annotated[bool, typer.Option("--stop-at-eos", help="Decoders: stop at EOS.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Run an ONNX artifact: generated ids for decoders, the output rows for encoders."""
+    from adaptrix.runtimes.onnx.session import open_onnx
+
+    prompts = call(lambda: [_parse_ids(text) for text in prompt_ids])
+    model = call(lambda: open_onnx(artifact, provider, threads))
+    results = call(lambda: _run_prompts(model, prompts, max_new_tokens, adapter, eos))
+    decode = call(lambda: _tokenizer_decode(artifact)) if model.is_decoder else None
+    for result in results if decode else ():
+        result["text"] = call(lambda ids=result["generated_ids"]: decode(ids))
+    if as_json:
+        out.print_json(json.dumps({"task": model.task, "adapter": adapter, "results": results}))
+        return
+    for result in results:
+        if model.is_decoder:
+            lines = [",".join(map(str, result["generated_ids"])), *([result["text"]] if decode else [])]
+        else:
+            value = result[model.section["outputs"][0]]
+            rows = value if value and isinstance(value[0], list) else [value]
+            lines = [" ".join(f"{value:.6g}" for value in row) for row in rows]
+        for line in lines:
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _run_prompts(model, prompts: list[list[int]], max_new_tokens: int | None, adapter, eos) -> list[dict]:
+    """Per prompt: the generated ids (decoders) or the graph's first output (encoders)."""
+    if not model.is_decoder and (max_new_tokens is not None or eos):
+        raise BadInputError(f"{model.task} models do not generate: --max-new-tokens and --stop-at-eos "
+                            "apply to decoders")  # fmt: skip
+    if not model.is_decoder:
+        name = model.section["outputs"][0]
+        return [{"prompt_ids": ids, name: model.logits([ids], adapter=adapter)[0].tolist()}
+                for ids in prompts]  # fmt: skip
+    count = 16 if max_new_tokens is None else max_new_tokens
+    return [{"prompt_ids": ids, "generated_ids": model.generate(ids, count, adapter=adapter, stop_at_eos=eos)}
+            for ids in prompts]  # fmt: skip
+
+
+def _parse_ids(text: str) -> list[int]:
+    """Comma-separated token ids as a list of ints."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise BadInputError(f"--prompt-ids {text!r} is not a list of token ids",
+                            fix="pass integers separated by commas, e.g. 1,2,3") from None  # fmt: skip
+
+
+def _tokenizer_decode(artifact: Path) -> Callable[[list[int]], str] | None:
+    """The decode of the artifact's tokenizer, when it holds tokenizer files transformers can load.
+
+    Never the artifact's own Python (`auto_map`): transformers would ask on stdout whether to run
+    it; with trust_remote_code=False it uses its own class or refuses, and the ids stay undecoded.
+    """
+    if not any((artifact / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(artifact, trust_remote_code=False, local_files_only=True).decode
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        text = " ".join(str(exc).split())
+        if _asks_for_code(artifact / "tokenizer_config.json"):
+            text = "tokenizer_config.json names Python of its own (auto_map), which Adaptrix never runs"
+        logging.getLogger(__name__).warning("not decoding: %s has no usable tokenizer: %s", artifact, text)
+        return None
+
+
+def _asks_for_code(config: Path) -> bool:
+    """Whether a tokenizer config names Python of its own (`auto_map`)."""
+    if not config.is_file():
+        return False
+    try:
+        return isinstance(value := read_json(config, what="tokenizer config"), dict) and "auto_map" in value
+    except BadInputError:
+        return False

@@ -1,0 +1,1 @@
+"""The AIR frontend: Adaptrix's portable adapter file -> IR."""

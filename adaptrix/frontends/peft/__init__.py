@@ -1,0 +1,1 @@
+"""The PEFT frontend: adapter_config.json and adapter weights -> IR."""

@@ -1,0 +1,138 @@
+"""Does a base checkpoint hold the model its config.json describes? Layers, and shapes by role.
+
+A merged output must load with transformers with no missing or unexpected keys; a checkpoint
+whose config says 4 layers while its shards hold 2, or whose embedding is not [vocab_size,
+hidden_size], would not. The binder knows each module's roles and layout, and the config the
+dimensions: together they give the shape of every tensor with a role, checked here before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from adaptrix.binders.table import Binder, Layout, Placement
+from adaptrix.io.safetensors_io import TensorInfo
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.role_shapes import role_shape
+from adaptrix.ir.values import Role, SourceModel
+
+__all__ = ["check_layout", "expected_shape"]
+
+_FIX = "the config.json and the weights are of different models: restore the base as it was saved"
+_FIX_MISSING = "a shard or an index entry is missing or wrong: restore the base as it was saved"
+# Roles whose module every model of a family with a binder has (its binder lists it if it has it).
+_ALWAYS = {Role.EMBED, Role.EMBED_POS, Role.EMBED_TYPE, Role.EMBED_NORM, Role.FINAL_NORM}
+
+
+def check_layout(
+    binder: Binder, config: Mapping[str, object], source: SourceModel, tensors: Mapping[str, TensorInfo],
+    path: Path,
+) -> None:  # fmt: skip
+    """Refuse a checkpoint whose layers or tensor shapes disagree with its config (`path`: config.json)."""
+    _check_layers(binder, source, tensors, path)
+    model_level: set[str] = set()
+    for name, info in tensors.items():
+        module_name, _, param = name.rpartition(".")
+        placement = binder.resolve(module_name)
+        if placement is None:
+            continue
+        if placement.layer is None and param == "weight":
+            model_level.add(placement.key)
+        expected = expected_shape(placement, param, source)
+        if expected is not None and not _fits(info.shape, expected):
+            shown = ["?" if n is None else n for n in expected]
+            raise BadInputError(
+                f"describes a model whose {name} is {shown}, but {info.file.name} holds it as "
+                f"{list(info.shape)}",
+                path=path,
+                fix=_FIX,
+            )
+    for key in _required_model_modules(binder, config, source):
+        if key not in model_level:
+            raise BadInputError(f"describes a {binder.name} model with a {key}, but the weights hold no "
+                                f"{key}.weight", path=path, fix=_FIX_MISSING)  # fmt: skip
+
+
+def _required_model_modules(binder: Binder, config: Mapping[str, object], source: SourceModel) -> list[str]:
+    """The model-level modules every model of the family has: embeddings, final norm; an untied head."""
+    architectures = config.get("architectures")
+    names = architectures if isinstance(architectures, list) else []
+    causal = any(isinstance(a, str) and ("LMHead" in a or "CausalLM" in a) for a in names)
+    required = []
+    for key, module in binder.model_modules.items():
+        head = module.roles == (Role.LM_HEAD,) and causal and not source.tie_word_embeddings
+        if head or set(module.roles) & _ALWAYS:
+            required.append(key)
+    return required
+
+
+def expected_shape(placement: Placement, param: str, source: SourceModel) -> tuple[int | None, ...] | None:
+    """The stored shape a module's weight or bias must have (None: a dimension the config leaves open)."""
+    module = placement.module
+    shapes = [role_shape(role, source) for role in module.roles]
+    outs = [out for out, _ in shapes]
+    out = None if None in outs else sum(outs)
+    size_in = shapes[0][1]
+    if module.layout is Layout.NORM:
+        return (out,) if param in ("weight", "bias") else None
+    if param == "bias":
+        return (out,)
+    if param != "weight":
+        return None
+    if module.layout is Layout.CONV1D:
+        return (size_in, out)
+    return (out, size_in)
+
+
+def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(expected) and all(
+        e is None or e == n for n, e in zip(shape, expected, strict=True)
+    )
+
+
+def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, TensorInfo], path: Path) -> None:
+    """Layers 0 .. num_layers - 1 each hold the same tensors; none beyond."""
+    pattern = re.compile(rf"(?:.*\.)?{re.escape(binder.layer_container)}\.(\d+)\.(.+)")
+    layers: dict[int, set[str]] = {}
+    for name in tensors:
+        if match := pattern.fullmatch(name):
+            layers.setdefault(int(match.group(1)), set()).add(match.group(2))
+    count = source.num_layers
+    # count distinct numbers from 0 to count - 1 are exactly the layers (range(count) may be huge)
+    complete = len(layers) == count and min(layers, default=0) == 0 and max(layers, default=-1) == count - 1
+    if not complete:
+        held = _ranges(sorted(layers))
+        raise BadInputError(
+            f"says the model has {count} layers, but the weights hold layers {held or 'none'}",
+            path=path,
+            fix=_FIX,
+        )
+    first = layers[0]
+    if lacking := sorted(f"{key}.weight" for key in binder.layer_modules if f"{key}.weight" not in first):
+        where = f"{binder.layer_container}.0.{lacking[0]}"
+        raise BadInputError(f"describes a {binder.name} model, but layer 0 of the weights has no {where}",
+                            path=path, fix=_FIX_MISSING)  # fmt: skip
+    for layer, names in sorted(layers.items()):
+        if names != first:
+            lacking = sorted(first - names) or sorted(names - first)
+            side = "lacks" if first - names else "has an extra"
+            raise BadInputError(
+                f"layer {layer} of the weights {side} {binder.layer_container}.{layer}.{lacking[0]} "
+                "(layer 0 differs)",
+                path=path.parent,
+                fix=_FIX_MISSING,
+            )
+
+
+def _ranges(numbers: list[int]) -> str:
+    """'0-3, 7' for [0, 1, 2, 3, 7]."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)

@@ -1,0 +1,1 @@
+"""What users import at serving time: hooks/ (torch + safetensors) and onnx/ (onnxruntime)."""

@@ -1,0 +1,1 @@
+"""The ONNX runtime helpers: open an Adaptrix ONNX artifact with onnxruntime, load its adapter files."""

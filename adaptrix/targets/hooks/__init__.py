@@ -1,0 +1,1 @@
+"""The hooks target: a bundle of per-module deltas for adaptrix.attach."""

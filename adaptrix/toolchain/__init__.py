@@ -1,1 +1,0 @@
-"""The compiler core: IR, binders, frontends, checkpoint reader, pipeline."""

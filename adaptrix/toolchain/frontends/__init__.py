@@ -1,1 +1,0 @@
-"""Frontends: adapter file formats -> IR."""
