@@ -1,4 +1,4 @@
-"""Kept for users: `adaptrix.runtime` is `adaptrix.runtimes.hooks` (attach, switch, load_bundle)."""
+"""Kept for users: `adaptrix.runtimes.hooks` is `adaptrix.runtimes.hooks` (attach, switch, load_bundle)."""
 
 from adaptrix.runtimes.hooks import *  # noqa: F403
 from adaptrix.runtimes.hooks import __all__  # noqa: F401

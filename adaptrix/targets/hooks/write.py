@@ -32,7 +32,7 @@ from adaptrix.runtimes.hooks.bundle import (
     TENSORS_FILE,
     probe_indices,
 )
-from adaptrix.targets.hooks.kinds import compact_factored, dense_delta, input_scale, output_scale
+from adaptrix.targets.hooks.write.kinds import compact_factored, dense_delta, input_scale, output_scale
 from adaptrix.targets.written import Written
 
 __all__ = ["EntryBuilder", "TouchedModule", "touched_modules", "write_hooks"]
