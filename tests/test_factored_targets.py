@@ -30,7 +30,7 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.factored_low_rank import form_rank
 from adaptrix.ir.values import AdapterIR, Factored, LazyTensor, LowRank
 from adaptrix.runtimes.hooks.bundle import TENSORS_FILE
-from adaptrix.targets.hooks.write.write import write_hooks
+from adaptrix.targets.hooks import write_hooks
 
 KINDS = ("loha", "lokr", "lokr-decompose-both")
 

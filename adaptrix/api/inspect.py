@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaptrix.api.inspect_onnx import inspect_onnx_adapter, is_onnx_adapter
+from adaptrix.artifacts import MANIFEST_NAME, PEFT_CONFIG_NAME
 from adaptrix.frontends.adapterhub.adapter import is_adapterhub
 from adaptrix.frontends.air.adapter import is_air, read_air
 from adaptrix.frontends.air.lower import lower_air
@@ -37,7 +38,7 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
         return inspect_onnx_adapter(adapter)
     if _is_bundle(Path(adapter)):
         return inspect_bundle(adapter)
-    if is_air(adapter) and not (Path(adapter) / "adapter_config.json").is_file():
+    if is_air(adapter) and not (Path(adapter) / PEFT_CONFIG_NAME).is_file():
         return inspect_air(adapter, base)
     if is_adapterhub(Path(adapter)):
         from adaptrix.api.inspect_hub import inspect_adapterhub
@@ -157,8 +158,8 @@ def inspect_bundle(path: Path | str) -> dict:
 
 
 def _is_bundle(path: Path) -> bool:
-    manifest = path / "manifest.json"
-    return manifest.is_file() and not (path / "adapter_config.json").is_file()
+    manifest = path / MANIFEST_NAME
+    return manifest.is_file() and not (path / PEFT_CONFIG_NAME).is_file()
 
 
 def site_rows(ir: AdapterIR) -> tuple[list[dict], dict[int, LazyTensor]]:

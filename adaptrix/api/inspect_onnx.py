@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from adaptrix.artifacts import ADAPTER_SUFFIX as SUFFIX
+
 __all__ = ["inspect_onnx_adapter", "is_onnx_adapter"]
 
-SUFFIX = ".onnx_adapter"
 _MAGIC = b"TORT"  # the flatbuffers file identifier onnxruntime writes at bytes 4..8
 _ITEM_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1, "int32": 4,
                "int64": 8}  # fmt: skip

@@ -10,12 +10,12 @@ from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
 from adaptrix import __version__
+from adaptrix.artifacts import MANIFEST_NAME
 from adaptrix.io.hashing import hash_files
 from adaptrix.ir.errors import BadInputError
 
 __all__ = ["MANIFEST_NAME", "check_manifest", "input_hashes", "is_sha256", "output_hashes", "write_manifest"]
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 
 

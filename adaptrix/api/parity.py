@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from adaptrix.api.parity_run import BACKENDS, reference_outputs, run_backend
+from adaptrix.artifacts import MANIFEST_NAME
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.jsonfile import read_json
 from adaptrix.io.output_guard import check_outside_inputs
@@ -171,7 +172,7 @@ def parity(
 
 def _check_given(target: str, path: Path) -> None:
     """An --artifact must be one a compile for its target wrote: else the command line is wrong (exit 2)."""
-    manifest_file = path / "manifest.json"
+    manifest_file = path / MANIFEST_NAME
     if not manifest_file.is_file():
         raise BadInputError("has no manifest.json", path=path,
                             fix=f"give a directory `adaptrix compile --target {target}` wrote")  # fmt: skip

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.artifacts import MANIFEST_NAME
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
@@ -94,7 +95,7 @@ def _reference_base(read, base: Checkpoint) -> torch.nn.Module:
 
 def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torch.Tensor]) -> Run:
     """Run one compiled artifact with its own runtime on the inputs."""
-    manifest_file = path / "manifest.json"
+    manifest_file = path / MANIFEST_NAME
     if not manifest_file.is_file():
         raise BadInputError(
             "has no manifest.json",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptrix.api.manifest import MANIFEST_NAME, check_manifest, is_sha256
+from adaptrix.artifacts import MODEL_NAME
 from adaptrix.io.hashing import sha256_file
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
@@ -155,7 +156,7 @@ def _check_graph(root: Path, section: dict) -> list[str]:
     import onnx
     from google.protobuf.message import DecodeError
 
-    file = root / "model.onnx"
+    file = root / MODEL_NAME
     if not file.is_file() or not _inside(Path(os.path.realpath(root)), file):
         return []  # reported as a missing or outside output already
     try:

@@ -10,12 +10,12 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from adaptrix.artifacts import MANIFEST_NAME as _MANIFEST
 from adaptrix.io.jsonfile import MAX_JSON_BYTES, loads_strict, read_json
 from adaptrix.ir.errors import BadInputError
 
 __all__ = ["check_output", "check_outside_inputs", "resolved"]
 
-_MANIFEST = "manifest.json"
 _AIR_FORMAT = "adaptrix-air"  # adaptrix.io.air_format.FORMAT (that module imports torch)
 _KEEP = "remove it yourself if it may go, or choose another -o"
 

@@ -12,6 +12,7 @@ logged and listed, with the reason, in the merged target's manifest (`not_carrie
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -19,11 +20,14 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from adaptrix.artifacts import MANIFEST_NAME
 from adaptrix.io.checkpoint import INDEX_NAME, Checkpoint
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["SidePlan", "plan_side_files"]
+__all__ = ["SidePlan", "copy_side_files", "plan_side_files", "write_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ MAX_FILES = 10_000
 MAX_BYTES = 2 << 30  # side files beyond this are not a model's configs and tokenizer
 MAX_DEPTH = 8
 _HIDDEN = "hidden"
-_OWN = {"manifest.json": "the output has its own manifest"}
+_OWN = {MANIFEST_NAME: "the output has its own manifest"}
 
 
 @dataclass(slots=True)
@@ -169,3 +173,21 @@ def _skip_companions(plan: SidePlan) -> None:
         else:
             kept.append((source, name))
     plan.files = kept
+
+
+def copy_side_files(base: Checkpoint, out: Path, dtype, untied: bool) -> list[str]:
+    """Config (updated), tokenizer files, folders: everything of the base but its weights."""
+    copied = plan_side_files(base).copy(out)
+    write_config(base, out / CONFIG_NAME, dtype or base.dtype(), untied)
+    return [*copied, CONFIG_NAME]
+
+
+def write_config(base: Checkpoint, file: Path, dtype: torch.dtype, untied: bool, updates=None) -> None:
+    """The base's config.json for the output: its dtype, an untied head, a task model's changes."""
+    config = {**base.config, **(updates or {})}
+    key = "dtype" if "dtype" in config else "torch_dtype"
+    config[key] = str(dtype).removeprefix("torch.")
+    if untied:
+        config["tie_word_embeddings"] = False
+        logger.info("untied lm_head from the embedding: the adapter changes one and not the other")
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

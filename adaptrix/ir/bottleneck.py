@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from adaptrix.artifacts import ACTIVATION_NAMES, IDENTITY
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.lazy import LazyTensor
-from adaptrix.runtimes.hooks.activations import ACTIVATIONS, IDENTITY
 
 __all__ = ["Bottleneck", "BottleneckBlock", "LayerNormParams", "refuse_bottlenecks"]
 
@@ -84,10 +84,10 @@ class Bottleneck:
         for bias, width in ((self.down_bias, size), (self.up_bias, self.up.shape[0])):
             if bias is not None and bias.shape != (width,):
                 raise BadInputError(f"{bias.origin} has shape {list(bias.shape)}, expected [{width}]")
-        if self.act.lower() not in ACTIVATIONS:
+        if self.act.lower() not in ACTIVATION_NAMES:
             raise UnsupportedError(
                 f"activation {self.act!r} is not supported",
-                fix=f"supported: {', '.join(sorted(ACTIVATIONS))}",
+                fix=f"supported: {', '.join(sorted(ACTIVATION_NAMES))}",
             )
         if self.residual_before_ln not in (True, False, "post_add"):
             raise BadInputError(

@@ -12,11 +12,11 @@ import math
 
 import torch
 
+from adaptrix.artifacts import probe_indices
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.safetensors_io import read_elements
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR, Bottleneck, Site
-from adaptrix.runtimes.hooks.bundle import probe_indices
 
 __all__ = ["bottleneck_entries", "layer_prefix"]
 

@@ -16,7 +16,8 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.bottleneck import refuse_bottlenecks
 from adaptrix.ir.errors import AdaptrixError, UnsupportedError
 from adaptrix.ir.values import AdapterIR, LowRank, Scale
-from adaptrix.targets.hooks.write.write import EntryBuilder, touched_modules
+from adaptrix.lowering.module_entries import EntryBuilder
+from adaptrix.lowering.touched import touched_modules
 
 __all__ = ["LowRankPair", "ModuleScales", "low_rank_pairs", "module_scales"]
 

@@ -30,10 +30,10 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR, LazyTensor, LowRank, Role
 from adaptrix.lowering.module_pairs import low_rank_pairs
+from adaptrix.lowering.touched import TouchedModule, touched_modules
 from adaptrix.passes.base import PassResult, rebuild
 from adaptrix.passes.project import DIMENSIONS, source_base
 from adaptrix.runtimes.hooks.fit import find_module
-from adaptrix.targets.hooks.write.write import TouchedModule, touched_modules
 
 __all__ = ["RefitOptions", "add_pairs", "check_same_shape", "input_group", "refit"]
 

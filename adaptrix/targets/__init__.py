@@ -10,7 +10,7 @@ import torch
 
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.registry import registry
-from adaptrix.targets.hooks.write.write import write_hooks
+from adaptrix.targets.hooks import write_hooks
 from adaptrix.targets.merged import write_merged
 from adaptrix.targets.written import Written
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from adaptrix.artifacts import PEFT_CONFIG_NAME as CONFIG_FILE
+from adaptrix.artifacts import PEFT_WEIGHTS_NAME as WEIGHTS_FILE
 from adaptrix.binders.table import Layout
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.bottleneck import refuse_bottlenecks
@@ -28,8 +30,6 @@ from adaptrix.targets.written import Written
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "write_peft"]
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 

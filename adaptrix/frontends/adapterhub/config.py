@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from adaptrix.artifacts import PEFT_CONFIG_NAME as CONFIG_NAME
 from adaptrix.frontends.peft.config import MAX_SCALE
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError, UnsupportedError
@@ -21,7 +22,6 @@ __all__ = ["BnSettings", "HubConfig", "LoraSettings", "read_hub_config"]
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 
 _BN_DEFAULTS = {
     "original_ln_before": False,

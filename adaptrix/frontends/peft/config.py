@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from adaptrix.artifacts import PEFT_CONFIG_NAME as CONFIG_NAME
 from adaptrix.frontends.peft import patterns
 from adaptrix.frontends.peft.kinds_config import KINDS
 from adaptrix.io.jsonfile import read_json
@@ -24,7 +25,6 @@ from adaptrix.ir.errors import BadInputError, UnsupportedError
 
 __all__ = ["CONFIG_NAME", "MAX_SCALE", "LoraSettings", "read_lora_settings"]
 
-CONFIG_NAME = "adapter_config.json"
 # A scale (alpha / r) beyond this is not a trained adapter but a broken or hostile config: merged,
 # it turns float16 weights into inf. Trained LoRAs use 0.1 to a few hundred.
 MAX_SCALE = 1e6

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.artifacts import PEFT_WEIGHTS_NAME as SAFETENSORS_NAME
 from adaptrix.frontends.peft.config import LoraSettings, read_lora_settings
 from adaptrix.io.safetensors_io import MAX_NAME, read_header, read_tensor
 from adaptrix.ir.errors import BadInputError
@@ -21,7 +22,6 @@ __all__ = ["PeftAdapter", "PeftModule", "read_peft"]
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 _PREFIX = "base_model.model."
 

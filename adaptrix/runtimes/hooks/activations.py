@@ -11,9 +11,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F  # noqa: N812  (the usual name)
 
-__all__ = ["ACTIVATIONS", "IDENTITY", "activation"]
+from adaptrix.artifacts import IDENTITY
 
-IDENTITY = "linear"
+__all__ = ["ACTIVATIONS", "IDENTITY", "activation"]
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:

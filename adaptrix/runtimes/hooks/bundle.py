@@ -35,6 +35,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from adaptrix.artifacts import (
+    BOTTLENECK_FORMAT,
+    BUNDLE_FORMAT,
+    KINDS_FORMAT,
+    MANIFEST_NAME,
+    TENSORS_FILE,
+    probe_indices,
+)
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.finite import all_finite
@@ -51,13 +59,6 @@ __all__ = [
     "load_bundle",
     "probe_indices",
 ]
-
-BUNDLE_FORMAT = 1
-KINDS_FORMAT = 2  # a bundle with dense or scale entries: a reader of format 1 must refuse it
-BOTTLENECK_FORMAT = 3  # a bundle with bottleneck entries: readers of formats 1 and 2 must refuse it
-TENSORS_FILE = "bundle.safetensors"
-MANIFEST_NAME = "manifest.json"
-_PROBES = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +117,6 @@ class Bundle:
     def dtype(self) -> str:
         """The dtype the deltas are stored in."""
         return self.manifest["bundle"]["dtype"]
-
-
-def probe_indices(numel: int) -> list[int]:
-    """Flat indices of the elements a probe samples from a weight of `numel` elements."""
-    if numel <= _PROBES:
-        return list(range(numel))
-    return sorted({(k * numel) // _PROBES + (k * 7919) % max(1, numel // _PROBES) for k in range(_PROBES)})
 
 
 def load_bundle(path: Path | str) -> Bundle:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adaptrix.artifacts import MANIFEST_NAME, MODEL_NAME, ONNX_TARGETS
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
@@ -23,9 +24,6 @@ __all__ = [
     "read_side_json",
 ]
 
-MANIFEST_NAME = "manifest.json"
-MODEL_NAME = "model.onnx"
-ONNX_TARGETS = ("onnx-cpu", "onnx-cuda")
 _COMPILE_FIX = "compile one with `adaptrix compile ADAPTER --base BASE --target onnx-cpu -o OUT`"
 _TAMPERED = "the artifact was edited or damaged; compile it again"
 _CONFIG_INTS = ("vocab_size", "max_position_embeddings", "n_positions")

@@ -22,13 +22,14 @@ import torch
 
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import hash_files
+from adaptrix.io.side_files import copy_side_files
 from adaptrix.ir.bottleneck import refuse_bottlenecks
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.factored_low_rank import factored_as_low_rank
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.head import new_head_sites, refuse_new_head
 from adaptrix.lowering.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
-from adaptrix.targets.merged import copy_side_files, plan_tensors
+from adaptrix.lowering.tensor_plan import plan_tensors
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
 from adaptrix.targets.onnx.export import DATA_NAME, MODEL_NAME, BaseExport, export_base
 from adaptrix.targets.onnx.external import write_model

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import onnx
 
+from adaptrix.artifacts import DATA_NAME, MANIFEST_NAME, MODEL_NAME
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import hash_files
 from adaptrix.io.output import atomic_entry
@@ -30,8 +31,6 @@ __all__ = ["DATA_NAME", "EXPORT_FORMAT", "MODEL_NAME", "BaseExport", "cache_root
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "model.onnx"
-DATA_NAME = "model.onnx_data"
 EXPORT_FORMAT = 4  # bump when the cached layout or the graph rewrites change
 _DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
@@ -86,7 +85,7 @@ def task_of(base: Checkpoint) -> str:
 
 def export_key(base: Checkpoint, dtype: str, task: str) -> str:
     """The cache key: the base's files, the dtype, the task and the exporters' versions."""
-    files = [f for f in base.files() if f.name.endswith(_WEIGHT_SUFFIXES) and f.name != "manifest.json"]
+    files = [f for f in base.files() if f.name.endswith(_WEIGHT_SUFFIXES) and f.name != MANIFEST_NAME]
     digests = hash_files(files)
     parts = {
         "format": EXPORT_FORMAT,

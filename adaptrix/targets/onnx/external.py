@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from adaptrix.artifacts import MODEL_NAME
 from adaptrix.io.stream import HashingWriter, read_range
 from adaptrix.ir.errors import BadInputError
 
@@ -95,7 +96,7 @@ def write_model(
             if progress:
                 progress(length)
         digest = writer.close()
-    with (out / "model.onnx").open("wb") as handle:
+    with (out / MODEL_NAME).open("wb") as handle:
         handle.write(model.SerializeToString())
     return digest
 

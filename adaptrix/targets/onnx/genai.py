@@ -13,11 +13,11 @@ from pathlib import Path
 
 import onnx
 
+from adaptrix.artifacts import GENAI_CONFIG
 from adaptrix.io.checkpoint import Checkpoint
 
 __all__ = ["GENAI_CONFIG", "write_genai_config"]
 
-GENAI_CONFIG = "genai_config.json"
 logger = logging.getLogger(__name__)
 
 _OWN_TYPES = {"llama", "mistral", "qwen2", "phi3"}

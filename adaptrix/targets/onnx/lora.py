@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper
 
+from adaptrix.artifacts import ADAPTER_SUFFIX, ADAPTERS_DIR
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.lowering.module_pairs import LowRankPair
 from adaptrix.targets.onnx.graph import Use
@@ -35,9 +36,6 @@ __all__ = [
     "module_matmul",
     "write_adapter_files",
 ]
-
-ADAPTERS_DIR = "adapters"
-ADAPTER_SUFFIX = ".onnx_adapter"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,14 +19,14 @@ import onnx
 import torch
 from onnx import helper
 
+from adaptrix.artifacts import probe_indices
 from adaptrix.binders.table import Layout
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.safetensors_io import read_elements
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.module_pairs import LowRankPair, low_rank_pairs
-from adaptrix.runtimes.hooks.bundle import probe_indices
-from adaptrix.targets.merged import TensorPlan, merged_value, plan_tensors
+from adaptrix.lowering.tensor_plan import TensorPlan, merged_value, plan_tensors
 from adaptrix.targets.onnx.external import Filler, initializer_bytes, read_initializer
 from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
 

@@ -1,122 +1,28 @@
-"""The `hooks` target: a bundle of unmerged deltas that `adaptrix.attach` hooks onto a model.
+"""One touched module's deltas in the module's own layout: a bundle entry and its tensors.
 
-Fused projections are handled here, at compile time: the roles of a fused module become one
-low-rank pair in the module's own output layout, so the runtime only ever adds B @ A @ x to a
-module's output. The bundle format is described in `adaptrix.runtimes.hooks.bundle`.
+Fused projections are handled here: the roles of a fused module become one low-rank pair in the
+module's own output layout, so a runtime only ever adds B @ A @ x to a module's output. The
+hooks target writes these entries; the ONNX target and the passes that train read their pairs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 
 import torch
-from safetensors.torch import save_file
 
-from adaptrix.binders.table import Layout, Placement, fuse_rows, split_rows
-from adaptrix.io.checkpoint import INDEX_NAME, Checkpoint
+from adaptrix.artifacts import probe_indices
+from adaptrix.binders.table import Layout, fuse_rows, split_rows
+from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.safetensors_io import read_elements
-from adaptrix.ir.bottleneck import Bottleneck
-from adaptrix.ir.errors import BadInputError, UnsupportedError
-from adaptrix.ir.values import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Replace, Role, Scale, Site
-from adaptrix.lowering.bottleneck_entries import bottleneck_entries
-from adaptrix.lowering.head import refuse_new_head
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.values import Bias, DoRA, Factored, LowRank, Op, Replace, Scale, Site
+from adaptrix.lowering.factored_entries import compact_factored, dense_delta, input_scale, output_scale
 from adaptrix.lowering.merge_math import merge_tensor
-from adaptrix.runtimes.hooks.bundle import (
-    BOTTLENECK_FORMAT,
-    BUNDLE_FORMAT,
-    KINDS_FORMAT,
-    TENSORS_FILE,
-    probe_indices,
-)
-from adaptrix.targets.hooks.write.kinds import compact_factored, dense_delta, input_scale, output_scale
-from adaptrix.targets.written import Written
+from adaptrix.lowering.touched import TouchedModule
 
-__all__ = ["EntryBuilder", "TouchedModule", "touched_modules", "write_hooks"]
-
-
-_KIND_KEYS = ("dense", "scale_out", "scale_in")
-
-
-@dataclass(frozen=True, slots=True)
-class TouchedModule:
-    """One module of the base the adapter touches, with the ops at each of its roles."""
-
-    placement: Placement
-    weight: str  # the stored tensor holding the module's weight (the embedding for a tied head)
-    role_ops: tuple[tuple[Op, ...], ...]
-
-
-def write_hooks(
-    ir: AdapterIR,
-    base: Checkpoint,
-    out: Path,
-    dtype: torch.dtype | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> Written:
-    """Write the bundle (deltas + the manifest's bundle section) into directory `out`."""
-    dtype = dtype or torch.float32
-    bottlenecks, tensors = bottleneck_entries(ir, base, dtype)
-    ir = AdapterIR(tuple((s, op) for s, op in ir if not isinstance(op, Bottleneck)), ir.source, ir.name)
-    entries = []
-    for module in touched_modules(ir, base):
-        builder = EntryBuilder(module, base, dtype)
-        try:
-            entries.append(builder.entry())
-        except BadInputError as exc:
-            raise exc.with_context(module.placement.name) from None
-        tensors.update(builder.tensors)
-    # One metadata key: safetensors writes its metadata map in a random order, so two keys would
-    # make two compiles of the same inputs differ byte for byte.
-    save_file(tensors, str(out / TENSORS_FILE), metadata={"format": "pt"})
-    if progress:
-        progress(sum(info.nbytes for info in base.tensors.values()))
-    kinds = any(key in entry for entry in entries for key in _KIND_KEYS)
-    version = BOTTLENECK_FORMAT if bottlenecks else KINDS_FORMAT if kinds else BUNDLE_FORMAT
-    section = {
-        "format_version": version,  # older readers refuse what they lack
-        "tensors_file": TENSORS_FILE,
-        "dtype": str(dtype).removeprefix("torch."),
-        "base": _base_section(base),
-        "modules": entries,
-        **({"bottlenecks": bottlenecks} if bottlenecks else {}),
-    }
-    return Written([TENSORS_FILE], {"bundle": section})
-
-
-def touched_modules(ir: AdapterIR, base: Checkpoint) -> list[TouchedModule]:
-    """The base's modules that have ops, in checkpoint order; every site must find its module."""
-    by_site = ir.by_site()
-    names = base.module_names()  # a tied head is listed though it has no tensor
-    placements = {name: p for name in names if (p := base.binder.resolve(name)) is not None}
-    embed = next(
-        (f"{n}.weight" for n, p in placements.items()
-         if p.module.roles == (Role.EMBED,) and f"{n}.weight" in base.tensors),
-        None,
-    )  # fmt: skip
-    modules, used = [], set()
-    for name, placement in placements.items():
-        role_ops = tuple(tuple(by_site.get(Site(placement.layer, r), ())) for r in placement.module.roles)
-        if not any(role_ops) or any(Site(placement.layer, r) in used for r in placement.module.roles):
-            continue
-        weight = f"{name}.weight"
-        if weight not in base.tensors:
-            if placement.module.roles != (Role.LM_HEAD,) or embed is None:
-                continue
-            weight = embed
-        used.update(Site(placement.layer, r) for r in placement.module.roles)
-        modules.append(TouchedModule(placement, weight, role_ops))
-    if missing := [site for site in ir.sites() if site not in used]:
-        refuse_new_head(ir, base, missing)  # a classifier head the base has not: --target merged adds it
-        raise BadInputError(
-            f"{missing[0]}: the base has no module for it",
-            path=base.path,
-            fix="use the base the adapter was made for",
-        )
-    return modules
+__all__ = ["EntryBuilder"]
 
 
 class EntryBuilder:
@@ -261,27 +167,3 @@ class EntryBuilder:
             merged = merge_tensor(value, param, self.module.placement, ops, self.base.source, self.dtype)
             keys[param] = self._put(f"replace.{param}", merged)
         return keys
-
-
-def _base_section(base: Checkpoint) -> dict:
-    """What the bundle was compiled for: model type, dimensions, config values, file digests."""
-    config_values = {}
-    for names in base.binder.config_keys.values():
-        for name in names:
-            if base.config.get(name) is not None:
-                config_values[name] = base.config[name]
-    index = base.path / INDEX_NAME
-    if index.is_file():
-        index_digest = hashlib.sha256(index.read_bytes()).hexdigest()
-    else:  # a single file: its header is the index
-        with base.shards[0].open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            index_digest = hashlib.sha256(handle.read(length)).hexdigest()
-    return {
-        "model_type": base.source.arch,
-        "dimensions": base.source.as_dict(),
-        "config": config_values,
-        "config_sha256": hashlib.sha256((base.path / "config.json").read_bytes()).hexdigest(),
-        "weights_index_sha256": index_digest,
-        "weights_index": INDEX_NAME if index.is_file() else f"{base.shards[0].name} header",
-    }

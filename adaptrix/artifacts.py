@@ -1,0 +1,64 @@
+"""The artifacts' file names and format tags, in one place.
+
+Standard library only: the compiler (targets, api) writes these names and the serving-time
+runtimes (`adaptrix.runtimes.hooks`, `adaptrix.runtimes.onnx`) read them, so both import this
+module and nothing else of each other.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACTIVATION_NAMES",
+    "ADAPTERS_DIR",
+    "ADAPTER_SUFFIX",
+    "BOTTLENECK_FORMAT",
+    "BUNDLE_FORMAT",
+    "DATA_NAME",
+    "GENAI_CONFIG",
+    "IDENTITY",
+    "KINDS_FORMAT",
+    "MANIFEST_NAME",
+    "MODEL_NAME",
+    "ONNX_TARGETS",
+    "PEFT_CONFIG_NAME",
+    "PEFT_WEIGHTS_NAME",
+    "TENSORS_FILE",
+    "probe_indices",
+]
+
+# Every artifact
+MANIFEST_NAME = "manifest.json"
+
+# Hooks bundles
+TENSORS_FILE = "bundle.safetensors"
+BUNDLE_FORMAT = 1
+KINDS_FORMAT = 2  # a bundle with dense or scale entries: a reader of format 1 must refuse it
+BOTTLENECK_FORMAT = 3  # a bundle with bottleneck entries: readers of formats 1 and 2 must refuse it
+IDENTITY = "linear"  # a bottleneck's activation that computes nothing
+# The activations a bottleneck may use, as AdapterHub names them (transformers' ACT2FN)
+ACTIVATION_NAMES = frozenset({
+    "relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "silu", "swish", "tanh",
+    "sigmoid", "leakyrelu", "leaky_relu", "relu6", "mish", IDENTITY,
+})  # fmt: skip
+
+# ONNX artifacts
+ONNX_TARGETS = ("onnx-cpu", "onnx-cuda")
+MODEL_NAME = "model.onnx"
+DATA_NAME = "model.onnx_data"
+GENAI_CONFIG = "genai_config.json"
+ADAPTERS_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+# PEFT adapter directories (read by the PEFT frontend, written by the peft target)
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+_PROBES = 8  # elements a bundle's or an ONNX patch's probe samples from a base weight
+
+
+def probe_indices(numel: int) -> list[int]:
+    """Flat indices of the elements a probe samples from a weight of `numel` elements."""
+    if numel <= _PROBES:
+        return list(range(numel))
+    return sorted({(k * numel) // _PROBES + (k * 7919) % max(1, numel // _PROBES) for k in range(_PROBES)})

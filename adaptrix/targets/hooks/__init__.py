@@ -1,1 +1,0 @@
-"""The hooks target: a bundle of per-module deltas for adaptrix.attach."""
