@@ -23,6 +23,7 @@ __all__ = [
     "PEFT_CONFIG_NAME",
     "PEFT_WEIGHTS_NAME",
     "TENSORS_FILE",
+    "find_module",
     "probe_indices",
 ]
 
@@ -62,3 +63,15 @@ def probe_indices(numel: int) -> list[int]:
     if numel <= _PROBES:
         return list(range(numel))
     return sorted({(k * numel) // _PROBES + (k * 7919) % max(1, numel // _PROBES) for k in range(_PROBES)})
+
+
+def find_module(model, name: str, modules: dict | None = None):
+    """A module by its checkpoint name, with or without the model's base prefix (`model.`, `bert.`)."""
+    modules = dict(model.named_modules()) if modules is None else modules
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix and name.startswith(prefix + "."):
+        candidates.append(name[len(prefix) + 1 :])
+    elif prefix:
+        candidates.append(f"{prefix}.{name}")
+    return next((modules[c] for c in candidates if c in modules), None)

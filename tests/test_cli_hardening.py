@@ -125,7 +125,7 @@ def test_every_load_passes_trust_remote_code_false():
 
 
 def test_loading_a_base_with_remote_code_refuses_without_asking(tmp_path, answer_yes):
-    from adaptrix.api.parity_run import load_auto
+    from adaptrix.calibration.models import load_auto
 
     marker = tmp_path / "remote-code-ran"
     base = plant_remote_code(tmp_path / "base", marker, model=True)

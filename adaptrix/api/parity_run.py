@@ -7,37 +7,16 @@ from pathlib import Path
 import torch
 
 from adaptrix.artifacts import MANIFEST_NAME
+from adaptrix.calibration.models import forward, load_auto
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["BACKENDS", "load_auto", "reference_outputs", "run_backend"]
+__all__ = ["BACKENDS", "reference_outputs", "run_backend"]
 
 BACKENDS = ("merged", "hooks", "onnx-cpu", "onnx-cuda")
 # (what the backend returns, its dtype name, whether it is quantized, a note for the report)
 Run = tuple[torch.Tensor, str, bool, str]
-
-
-def load_auto(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The transformers model a directory holds, by its config's architectures, in eval mode."""
-    import transformers
-
-    config = read_json(path / "config.json", what="config.json")
-    architectures = [str(a) for a in config.get("architectures") or []]
-    kind = transformers.AutoModel
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        kind = transformers.AutoModelForCausalLM
-    elif any(a.endswith("ForSequenceClassification") for a in architectures):
-        kind = transformers.AutoModelForSequenceClassification
-    return kind.from_pretrained(path, dtype=dtype, trust_remote_code=False).eval()
-
-
-@torch.no_grad()
-def forward(model: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits (or an encoder's last hidden state) as float32."""
-    output = model(**feeds)
-    value = getattr(output, "logits", None)
-    return (value if value is not None else output.last_hidden_state).float()
 
 
 def reference_outputs(

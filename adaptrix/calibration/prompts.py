@@ -8,9 +8,8 @@ answers; encoders take the prompts as they are.
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from adaptrix.io.jsonfile import loads_strict
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["Capture", "batches", "calibration", "is_causal", "read_prompts"]
+__all__ = ["batches", "calibration", "is_causal", "read_prompts"]
 
 _FIX = "give a JSON list of token-id lists, or a text file with one prompt per line"
 # Files a tokenizer is loaded from; text prompts need one of them next to the base's config.
@@ -103,42 +102,3 @@ def calibration(model: torch.nn.Module, prompts: list[list[int]], generate: int)
 def is_causal(model: torch.nn.Module) -> bool:
     """Whether the model is a causal LM (its config names a *ForCausalLM / *LMHeadModel)."""
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in model.config.architectures or [])
-
-
-class _Stop(Exception):  # noqa: N818 - control flow, not an error
-    """Raised by a capture once it has every input it needs: the rest of the forward is skipped."""
-
-
-class Capture:
-    """Collects the inputs of some modules over the calibration, per batch, for a consumer."""
-
-    def __init__(self, modules: dict[str, torch.nn.Module]):
-        self.modules = modules
-
-    @torch.no_grad()
-    def run(self, model: torch.nn.Module, sequences: list[list[int]], consume: Callable[[dict], None]):
-        """Run `model` batch by batch; call `consume({name: inputs [tokens, in]})` for each batch."""
-        seen: dict[str, torch.Tensor] = {}
-
-        def hook(name: str):
-            def read(module: torch.nn.Module, args: tuple) -> None:
-                x = args[0]
-                seen[name] = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                if len(seen) == len(self.modules):
-                    raise _Stop
-
-            return read
-
-        removers = [module.register_forward_pre_hook(hook(name)) for name, module in self.modules.items()]
-        try:
-            for ids in batches(sequences):
-                seen.clear()
-                with contextlib.suppress(_Stop):
-                    model(input_ids=ids)
-                if len(seen) != len(self.modules):
-                    missing = sorted(set(self.modules) - set(seen))
-                    raise BadInputError(f"refit: the model never called {', '.join(missing)}")
-                consume(dict(seen))
-        finally:
-            for remover in removers:
-                remover.remove()

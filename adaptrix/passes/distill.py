@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from adaptrix.api.parity_run import load_auto
+from adaptrix.calibration.models import add_pairs, load_auto
 from adaptrix.calibration.prompts import batches, calibration, is_causal, read_prompts
 from adaptrix.frontends.formats import lower_adapter, read_adapter
 from adaptrix.io.checkpoint import Checkpoint
@@ -33,7 +33,7 @@ from adaptrix.ir.errors import UnsupportedError
 from adaptrix.ir.values import AdapterIR, LazyTensor, LowRank
 from adaptrix.passes.base import PassResult, rebuild
 from adaptrix.passes.project import source_base
-from adaptrix.passes.refit import add_pairs, check_same_shape
+from adaptrix.passes.refit import check_same_shape
 from adaptrix.targets.peft import write_peft
 
 __all__ = ["DistillOptions", "distill"]

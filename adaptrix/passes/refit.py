@@ -23,23 +23,18 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptrix.api.parity_run import load_auto
-from adaptrix.binders.table import Layout, Placement
-from adaptrix.calibration.prompts import Capture, calibration, read_prompts
+from adaptrix.artifacts import find_module
+from adaptrix.calibration.inputs import STAGES, Capture, input_group
+from adaptrix.calibration.models import add_pairs, load_auto
+from adaptrix.calibration.prompts import calibration, read_prompts
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import BadInputError, UnsupportedError
-from adaptrix.ir.values import AdapterIR, LazyTensor, LowRank, Role
-from adaptrix.lowering.module_pairs import low_rank_pairs
+from adaptrix.ir.values import AdapterIR, LazyTensor, LowRank
 from adaptrix.lowering.touched import TouchedModule, touched_modules
 from adaptrix.passes.base import PassResult, rebuild
 from adaptrix.passes.project import DIMENSIONS, source_base
-from adaptrix.runtimes.hooks.fit import find_module
 
-__all__ = ["RefitOptions", "add_pairs", "check_same_shape", "input_group", "refit"]
-
-# Where in a layer each role's module reads its input: modules of one stage read one input.
-STAGES = {Role.ATTN_Q: 0, Role.ATTN_K: 0, Role.ATTN_V: 0, Role.ATTN_O: 1, Role.MLP_GATE: 2, Role.MLP_UP: 2,
-          Role.MLP_DOWN: 3, Role.LM_HEAD: 4, Role.POOLER: 4, Role.CLS_DENSE: 5, Role.CLS_HEAD: 6}  # fmt: skip
+__all__ = ["RefitOptions", "check_same_shape", "refit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,16 +108,6 @@ def check_same_shape(ir: AdapterIR, base: Checkpoint, name: str) -> None:
             what = type(op).__name__ if not isinstance(op, LowRank) else f"LoRA on {site.role}"
             raise UnsupportedError(f"{site}: {name} carries LoRA on projections and heads, not {what}",
                                    fix=f"compile without --pass {name}, or drop those ops")  # fmt: skip
-
-
-def input_group(placement: Placement, layers: int) -> tuple[int, int]:
-    """(layer, stage) of a module whose roles are all in STAGES: modules of one group read one input.
-
-    Model-level modules (the head) count as layer `layers`, after the last one; keys sort in
-    forward order.
-    """
-    layer = layers if placement.layer is None else placement.layer
-    return layer, min(STAGES[role] for role in placement.module.roles)
 
 
 def _stages(modules: list[TouchedModule], layers: int) -> list[list[TouchedModule]]:
@@ -215,17 +200,3 @@ def _replace(ir: AdapterIR, refitted: dict[int, torch.Tensor], only: set[int] | 
             op = dataclasses.replace(op, a=a)
         ops.append((site, op))
     return rebuild(ir, ops)
-
-
-def add_pairs(model: torch.nn.Module, ir: AdapterIR, checkpoint: Checkpoint) -> torch.nn.Module:
-    """Add the IR's low-rank deltas into the model's weights (in memory); returns the model."""
-    for pair in low_rank_pairs(ir, checkpoint, torch.float32):
-        module = find_module(model, pair.placement.name)
-        delta = pair.down @ pair.up  # [in, out]
-        weight = module.weight
-        value = delta.T if pair.placement.module.layout is Layout.LINEAR else delta
-        if tuple(value.shape) != tuple(weight.shape):
-            raise BadInputError(f"refit: {pair.placement.name} has shape {list(weight.shape)}, "
-                                f"the delta {list(value.shape)}")  # fmt: skip
-        weight += value.to(weight.dtype)
-    return model

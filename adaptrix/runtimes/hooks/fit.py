@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from adaptrix.artifacts import find_module
 from adaptrix.ir.errors import BadInputError
 from adaptrix.runtimes.hooks.bottleneck import BottleneckEntry
 from adaptrix.runtimes.hooks.bundle import Bundle, ModuleEntry
@@ -46,18 +47,6 @@ def fit_modules(
             _check_probe(bundle, entry, weight)
         found.append((entry, module))
     return found
-
-
-def find_module(model: torch.nn.Module, name: str, modules: dict | None = None) -> torch.nn.Module | None:
-    """A module by its checkpoint name, with or without the model's base prefix (`model.`, `bert.`)."""
-    modules = dict(model.named_modules()) if modules is None else modules
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [name]
-    if prefix and name.startswith(prefix + "."):
-        candidates.append(name[len(prefix) + 1 :])
-    elif prefix:
-        candidates.append(f"{prefix}.{name}")
-    return next((modules[c] for c in candidates if c in modules), None)
 
 
 def _spread(count: int, most: int) -> list[int]:

@@ -20,13 +20,13 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from adaptrix.api.parity_run import load_auto
+from adaptrix.artifacts import find_module
+from adaptrix.calibration.inputs import STAGES, input_group
+from adaptrix.calibration.models import add_pairs, load_auto
 from adaptrix.calibration.prompts import batches
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR, LowRank
-from adaptrix.passes.refit import STAGES, add_pairs, input_group
-from adaptrix.runtimes.hooks.fit import find_module
 
 __all__ = ["DAMPING", "FactorCache", "calibration_hessians", "gptq_blocks"]
 
