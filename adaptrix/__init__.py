@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from adaptrix.artifacts import ADAPTRIX_VERSION
+
+__version__ = ADAPTRIX_VERSION
 
 __all__ = [
     "__version__",

@@ -11,6 +11,7 @@ __all__ = [
     "ACTIVATION_NAMES",
     "ADAPTERS_DIR",
     "ADAPTER_SUFFIX",
+    "ADAPTRIX_VERSION",
     "BOTTLENECK_FORMAT",
     "BUNDLE_FORMAT",
     "DATA_NAME",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 # Every artifact
+ADAPTRIX_VERSION = "0.1.0"  # recorded in every manifest; pyproject.toml has the same
 MANIFEST_NAME = "manifest.json"
 
 # Hooks bundles

@@ -17,8 +17,9 @@ from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention
 from transformers.models.phi3.modeling_phi3 import Phi3Attention, Phi3MLP
 from transformers.pytorch_utils import Conv1D
 
-from adaptrix.binders import BINDERS, binder_for, binder_for_model_type
+from adaptrix.binders import BINDERS, binder_for_model_type
 from adaptrix.binders.table import Layout, fuse_rows, split_rows
+from adaptrix.io.checkpoint import binder_for
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import Role, SourceModel
 

@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptrix import __version__
 from adaptrix.api.manifest import input_hashes, write_manifest
+from adaptrix.artifacts import ADAPTRIX_VERSION
 from adaptrix.frontends.air.adapter import AirAdapter
 from adaptrix.frontends.formats import ReadAdapter, format_name, lower_adapter, read_adapter
 from adaptrix.frontends.peft.config import CONFIG_NAME
@@ -75,7 +75,7 @@ def provenance(adapter: Path, source: ReadAdapter, base: Checkpoint | None) -> d
     """
     digests = hash_files(source.files())
     record: dict[str, object] = {
-        "adaptrix_version": __version__,
+        "adaptrix_version": ADAPTRIX_VERSION,
         "adapter": os.path.realpath(adapter),
         "adapter_format": format_name(source),
         "adapter_files": {file.name: digest for file, digest in digests.items()},

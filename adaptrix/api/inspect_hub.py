@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from adaptrix.api.inspect import site_rows
+from adaptrix.api.inspect_rows import site_rows
 from adaptrix.frontends.adapterhub.adapter import lower_adapterhub, read_adapterhub
 from adaptrix.io.checkpoint import Checkpoint
 

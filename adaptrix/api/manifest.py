@@ -9,8 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import NoReturn
 
-from adaptrix import __version__
-from adaptrix.artifacts import MANIFEST_NAME
+from adaptrix.artifacts import ADAPTRIX_VERSION, MANIFEST_NAME
 from adaptrix.io.hashing import hash_files
 from adaptrix.ir.errors import BadInputError
 
@@ -62,7 +61,7 @@ def write_manifest(
     """Write manifest.json into an output directory."""
     manifest = {
         "format": MANIFEST_FORMAT,
-        "adaptrix_version": __version__,
+        "adaptrix_version": ADAPTRIX_VERSION,
         "target": target,
         "dtype": dtype,
         "inputs": inputs,

@@ -91,18 +91,18 @@ def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torc
     if target == "merged":
         return forward(load_auto(path, getattr(torch, dtype)), feeds), dtype, False, ""
     if target == "hooks":
-        import adaptrix
+        from adaptrix.runtimes.hooks import attach
 
         model = load_auto(base.path)
-        with adaptrix.attach(model, path):
+        with attach(model, path):
             return forward(model, feeds), dtype, False, "attached to the base loaded in float32"
     return _run_onnx(target, path, manifest, feeds)
 
 
 def _run_onnx(target: str, path: Path, manifest: dict, feeds: dict[str, torch.Tensor]) -> Run:
-    import adaptrix
+    from adaptrix.runtimes.onnx.session import open_onnx
 
-    artifact = adaptrix.open_onnx(path, provider="cuda" if target == "onnx-cuda" else "cpu")
+    artifact = open_onnx(path, provider="cuda" if target == "onnx-cuda" else "cpu")
     names, note = artifact.adapter_names, ""
     adapter = names[0] if names else None
     if len(names) > 1:

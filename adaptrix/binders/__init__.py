@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from adaptrix.binders import bert, gpt2, gpt_neox, llama, phi3
-from adaptrix.binders.table import Binder, read_config
+from adaptrix.binders.table import Binder
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.ir.registry import registry
 
-__all__ = ["BINDERS", "Binder", "binder_for", "binder_for_model_type"]
+__all__ = ["BINDERS", "Binder", "binder_for_model_type"]
 
 
 def _register(*binders: Binder) -> Mapping[str, Binder]:
@@ -30,9 +30,3 @@ def binder_for_model_type(model_type: str, path: Path | str) -> Binder:
             fix=f"supported model types: {', '.join(sorted(BINDERS))}",
         )
     return binder
-
-
-def binder_for(base: Path) -> Binder:
-    """The binder for a base model directory, chosen from its config.json."""
-    config = read_config(base)
-    return binder_for_model_type(str(config["model_type"]), base / "config.json")

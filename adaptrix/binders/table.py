@@ -11,7 +11,6 @@ from types import MappingProxyType
 
 import torch
 
-from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import Role, SourceModel
 
@@ -188,16 +187,3 @@ def fuse_rows(parts: list[torch.Tensor], index: list[torch.Tensor]) -> torch.Ten
     for part, rows in zip(parts, index, strict=True):
         fused[rows] = part
     return fused
-
-
-def read_config(path: Path) -> dict:
-    """Read a base's config.json, with errors a user can act on."""
-    file = path / "config.json"
-    if not file.is_file():
-        raise BadInputError(
-            "has no config.json", path=path, fix="pass a Hugging Face model directory as --base"
-        )
-    config = read_json(file, what="JSON")
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise BadInputError("has no model_type", path=file, fix="re-save the base with save_pretrained")
-    return config

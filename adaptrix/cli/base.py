@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from typer.exceptions import TyperException
 
-from adaptrix import __version__
+from adaptrix.artifacts import ADAPTRIX_VERSION
 from adaptrix.cli.errors import INPUT_ERRORS, describe
 from adaptrix.ir.errors import AdaptrixError
 
@@ -61,7 +61,7 @@ def _fail(line: str, code: int) -> NoReturn:
 
 def _print_version(value: bool) -> None:
     if value:
-        out.print(__version__, markup=False, highlight=False)
+        out.print(ADAPTRIX_VERSION, markup=False, highlight=False)
         raise typer.Exit()
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from adaptrix import __version__
+from adaptrix.artifacts import ADAPTRIX_VERSION
 from adaptrix.cli.base import app, call, cell, out
 
 __all__ = ["archs_command", "inspect_command", "passes_command", "targets_command", "version_command"]
@@ -82,4 +82,4 @@ def passes_command() -> None:
 @app.command("version")
 def version_command() -> None:
     """Print the version."""
-    out.print(__version__)
+    out.print(ADAPTRIX_VERSION)

@@ -10,14 +10,13 @@ from pathlib import Path
 import torch
 
 from adaptrix.binders import Binder, binder_for_model_type
-from adaptrix.binders.table import read_config
 from adaptrix.io.checkpoint_layout import check_layout
 from adaptrix.io.jsonfile import read_json
 from adaptrix.io.safetensors_io import TensorInfo, read_header, read_tensor
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import SourceModel
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "binder_for", "read_config"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -173,3 +172,22 @@ def _check_weight_map(weight_map: dict[str, str], tensors: dict[str, TensorInfo]
         if name not in tensors:
             raise BadInputError(f"puts tensor {name!r} in {shard}, which does not hold it", path=index,
                                 fix=_FIX_INDEX)  # fmt: skip
+
+
+def read_config(path: Path) -> dict:
+    """Read a base's config.json, with errors a user can act on."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise BadInputError(
+            "has no config.json", path=path, fix="pass a Hugging Face model directory as --base"
+        )
+    config = read_json(file, what="JSON")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise BadInputError("has no model_type", path=file, fix="re-save the base with save_pretrained")
+    return config
+
+
+def binder_for(base: Path) -> Binder:
+    """The binder for a base model directory, chosen from its config.json."""
+    config = read_config(base)
+    return binder_for_model_type(str(config["model_type"]), base / "config.json")

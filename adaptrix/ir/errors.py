@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AdaptrixError", "BadInputError", "ParityError", "UnsupportedError"]
+__all__ = ["AdaptrixError", "BadInputError", "ParityError", "UnsupportedError", "site_context"]
 
 
 class AdaptrixError(Exception):
@@ -42,3 +42,17 @@ class ParityError(AdaptrixError):
     """An artifact's outputs differ from the reference beyond tolerance."""
 
     exit_code = 1
+
+
+class site_context:  # noqa: N801 - a context manager used like a function
+    """Re-raise an AdaptrixError inside the block with the site prefixed to its message."""
+
+    def __init__(self, site: object):
+        self.site = site
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, AdaptrixError):
+            raise exc.with_context(str(self.site)) from None

@@ -10,10 +10,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from adaptrix.ir.errors import AdaptrixError, BadInputError
-from adaptrix.ir.values import AdapterIR, Site
+from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.values import AdapterIR
 
-__all__ = ["Pass", "PassResult", "parse_options", "rebuild", "site_context"]
+__all__ = ["Pass", "PassResult", "parse_options", "rebuild"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,20 +43,6 @@ class Pass:
     several: bool = False
     uses_base: bool = False
     bottlenecks: bool = False
-
-
-class site_context:  # noqa: N801 - a context manager used like a function
-    """Re-raise an AdaptrixError inside the block with the site prefixed to its message."""
-
-    def __init__(self, site: Site):
-        self.site = site
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, AdaptrixError):
-            raise exc.with_context(str(self.site)) from None
 
 
 def parse_options(spec: Pass, text: str) -> Any:

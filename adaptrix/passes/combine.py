@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.errors import BadInputError, UnsupportedError, site_context
 from adaptrix.ir.values import AdapterIR, Bias, LazyTensor, LowRank, Site, site_order
-from adaptrix.passes.base import PassResult, site_context
+from adaptrix.passes.base import PassResult
 from adaptrix.passes.combine_sparse import SPARSE_METHODS, merge_unit, peft_units
 from adaptrix.passes.reduce_rank import truncate
 

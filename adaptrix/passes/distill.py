@@ -17,24 +17,20 @@ before and after.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from adaptrix.calibration.models import add_pairs, load_auto
+from adaptrix.calibration.peft_bridge import peft_student, trained_ops
 from adaptrix.calibration.prompts import batches, calibration, is_causal, read_prompts
-from adaptrix.frontends.formats import lower_adapter, read_adapter
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
-from adaptrix.ir.values import AdapterIR, LazyTensor, LowRank
+from adaptrix.ir.values import AdapterIR
 from adaptrix.passes.base import PassResult, rebuild
 from adaptrix.passes.project import source_base
 from adaptrix.passes.refit import check_same_shape
-from adaptrix.targets.peft import write_peft
 
 __all__ = ["DistillOptions", "distill"]
 
@@ -93,17 +89,11 @@ def distill(ir: AdapterIR, options: DistillOptions, base: Checkpoint) -> PassRes
             for ids in batches(sequences, options.batch)
         ]
         del teacher
-    with tempfile.TemporaryDirectory(prefix="adaptrix-distill-") as scratch:
-        start, end = Path(scratch) / "start", Path(scratch) / "end"
-        start.mkdir()
-        write_peft(ir, base, start)
-        student = _peft_student(base, start)
-        before = _measure(student, data, options.generate)
-        _train(student, data, options)
-        after = _measure(student, data, options.generate)
-        student.save_pretrained(end)
-        trained = lower_adapter(read_adapter(end), base)
-        ops = [(site, _in_memory(op, site)) for site, op in trained]
+    student, state = peft_student(ir, base)
+    before = _measure(student, data, options.generate)
+    _train(student, data, options)
+    after = _measure(student, data, options.generate)
+    ops = trained_ops(student, state, base)
     report = {
         "sequences": len(sequences),
         "answer_tokens": len(sequences) * options.generate,
@@ -118,17 +108,6 @@ def _answer_log_probs(model: torch.nn.Module, ids: torch.Tensor, generate: int) 
     """Log-probabilities [batch, generate, vocab] the model gives each answer token's position."""
     logits = model(input_ids=ids).logits[:, -generate - 1 : -1]
     return torch.log_softmax(logits.float(), dim=-1)
-
-
-def _peft_student(base: Checkpoint, adapter: Path) -> torch.nn.Module:
-    """The base with the adapter as PEFT's trainable LoRA modules (dropout off: eval mode)."""
-    from peft import PeftModel
-
-    with torch.inference_mode(False):
-        model = PeftModel.from_pretrained(
-            load_auto(base.path), adapter, is_trainable=True, trust_remote_code=False
-        )
-    return model.eval()
 
 
 def _kl(student_log_probs: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -174,12 +153,3 @@ def _train(model: torch.nn.Module, data: list, options: DistillOptions) -> None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
-
-
-def _in_memory(op: LowRank, site) -> LowRank:
-    """The op with its factors loaded (the trained adapter's files are temporary)."""
-    if not isinstance(op, LowRank):
-        raise UnsupportedError(f"{site}: distill read back a {type(op).__name__}, not LoRA")
-    a = LazyTensor.of(op.a.load().clone(), f"distilled {site} A")
-    b = LazyTensor.of(op.b.load().clone(), f"distilled {site} B")
-    return dataclasses.replace(op, a=a, b=b)

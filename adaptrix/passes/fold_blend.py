@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.errors import UnsupportedError, site_context
 from adaptrix.ir.values import AdapterIR, Bias, Factored, LowRank, Op, Scale
-from adaptrix.passes.base import PassResult, rebuild, site_context
+from adaptrix.passes.base import PassResult, rebuild
 
 __all__ = ["FoldBlendOptions", "fold_blend"]
 

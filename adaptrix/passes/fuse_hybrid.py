@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.errors import BadInputError, UnsupportedError, site_context
 from adaptrix.ir.values import AdapterIR, Bias, Bottleneck, LowRank, Op, Site, site_order
 from adaptrix.lowering.bottleneck_fold import fold_bottleneck, why_not_foldable
-from adaptrix.passes.base import PassResult, site_context
+from adaptrix.passes.base import PassResult
 from adaptrix.passes.combine import stack_weighted
 
 __all__ = ["CONFLICT_CHOICES", "FuseHybridOptions", "fuse_hybrid"]

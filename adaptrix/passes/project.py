@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.errors import BadInputError, UnsupportedError, site_context
 from adaptrix.ir.values import AdapterIR, Bias, LazyTensor, LowRank, Op, Replace, Role, Site, SourceModel
-from adaptrix.passes.base import PassResult, rebuild, site_context
+from adaptrix.passes.base import PassResult, rebuild
 from adaptrix.passes.project_align import Alignment, safe_reciprocal
 from adaptrix.passes.project_maps import factor_error, factor_norm2, weight_reader
 from adaptrix.passes.project_plan import AlignedPlan, GeometricPlan, Subspaces

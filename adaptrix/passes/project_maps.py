@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from adaptrix.binders.table import Layout, split_rows
-from adaptrix.frontends.air.lower import base_sites
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.values import Site, SourceModel
+from adaptrix.lowering.sites import base_sites
 
 __all__ = [
     "AxisMap",

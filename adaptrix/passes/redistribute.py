@@ -15,9 +15,9 @@ from fractions import Fraction
 import torch
 
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.errors import BadInputError, UnsupportedError, site_context
 from adaptrix.ir.values import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Role, Site, site_order
-from adaptrix.passes.base import PassResult, site_context
+from adaptrix.passes.base import PassResult
 from adaptrix.passes.combine import stack_weighted
 
 __all__ = ["METHODS", "RedistributeOptions", "mixing_matrix", "redistribute"]

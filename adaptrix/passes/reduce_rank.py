@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptrix.ir.errors import site_context
 from adaptrix.ir.values import AdapterIR, DoRA, Factored, LazyTensor, LowRank, Scale
-from adaptrix.passes.base import PassResult, rebuild, site_context
+from adaptrix.passes.base import PassResult, rebuild
 
 __all__ = ["ReduceRankOptions", "low_rank_svd", "reduce_rank", "truncate"]
 

@@ -37,6 +37,7 @@ def _onnx(target: str) -> Callable[..., Written]:
         module = importlib.import_module("adaptrix.targets.onnx")
         return module.write_onnx(*args, target=target, **kwargs)
 
+    write.__module__ = "adaptrix.targets.onnx"  # what it runs, as functools.wraps would say
     return write
 
 

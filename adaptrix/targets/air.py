@@ -15,10 +15,9 @@ import torch
 from adaptrix.io.air_format import FORMAT, FORMAT_VERSION, tensor_key
 from adaptrix.io.safetensors_io import PlannedTensor, write_safetensors
 from adaptrix.ir.bottleneck import refuse_bottlenecks
-from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.errors import UnsupportedError, site_context
 from adaptrix.ir.factored_low_rank import factored_as_low_rank, low_rank_record
 from adaptrix.ir.values import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Site, site_order
-from adaptrix.passes.base import site_context
 
 __all__ = ["air_metadata", "write_air_file"]
 

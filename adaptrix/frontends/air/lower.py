@@ -9,59 +9,20 @@ result onto the base with `fit_ir`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-from adaptrix.binders.table import Layout, split_rows
 from adaptrix.frontends.air.adapter import AirAdapter
-from adaptrix.frontends.peft.adapter import base_modules
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Role, Site
+from adaptrix.lowering.sites import base_sites
 
-__all__ = ["BaseSite", "base_sites", "fit_ir", "lower_air"]
+__all__ = ["fit_ir", "lower_air"]
 
 logger = logging.getLogger(__name__)
 
 _ATTENTION = frozenset({Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V, Role.ATTN_O})
 _FIX = "use a base with the adapter's dimensions, or add `--pass project` to carry the deltas to the base's"
-
-
-@dataclass(frozen=True, slots=True)
-class BaseSite:
-    """A site of the base: its module, the role's canonical [out, in] shape ([dim, 0]: 1-D), parameters."""
-
-    module: str
-    shape: tuple[int, int]
-    params: frozenset[str]
-
-
-def base_sites(base: Checkpoint) -> dict[Site, BaseSite]:
-    """Every site the base's modules provide (a fused module provides one per role)."""
-    params: dict[str, set[str]] = {}
-    for tensor in base.tensors:
-        module, _, param = tensor.rpartition(".")
-        params.setdefault(module, set()).add(param)
-    sites: dict[Site, BaseSite] = {}
-    for (layer, _), name in base_modules(base).items():
-        module = base.binder.resolve(name).module
-        info = base.info(f"{name}.weight")
-        if info is None:
-            continue
-        stored = info.shape
-        if module.layout is Layout.CONV1D:
-            out_rows, in_cols = stored[1], stored[0]
-        else:
-            out_rows, in_cols = (stored[0], stored[1]) if len(stored) == 2 else (stored[0], 0)
-        index = split_rows(module.split, base.source)
-        sizes = [len(rows) for rows in index] if index is not None else [out_rows]
-        for role, rows in zip(module.roles, sizes, strict=True):
-            sites[Site(layer, role)] = BaseSite(name, (rows, in_cols), frozenset(params[name]))
-    embed, head = Site(None, Role.EMBED), Site(None, Role.LM_HEAD)
-    if head not in sites and embed in sites and base.source.tie_word_embeddings:
-        head_module = base.binder.lm_head_weight.rpartition(".")[0]
-        sites[head] = BaseSite(head_module, sites[embed].shape, frozenset({"weight"}))
-    return sites
 
 
 def lower_air(adapter: AirAdapter, base: Checkpoint) -> AdapterIR:

@@ -29,6 +29,7 @@ from adaptrix.ir.values import (
     Scale,
     Site,
 )
+from adaptrix.lowering.sites import base_modules
 
 __all__ = ["base_modules", "load_peft", "lower_peft"]
 
@@ -36,17 +37,6 @@ __all__ = ["base_modules", "load_peft", "lower_peft"]
 def load_peft(adapter: Path | str, base: Checkpoint) -> AdapterIR:
     """Read a PEFT adapter directory and lower it onto `base`."""
     return lower_peft(read_peft(adapter), base)
-
-
-def base_modules(base: Checkpoint) -> dict[tuple[int | None, str], str]:
-    """Each module of the base that its binder can place, by (layer, key) -> its name."""
-    found: dict[tuple[int | None, str], str] = {}
-    for tensor in base.tensors:
-        module_name = tensor.rpartition(".")[0]
-        placement = base.binder.resolve(module_name)
-        if placement is not None:
-            found.setdefault((placement.layer, placement.key), module_name)
-    return found
 
 
 def lower_peft(adapter: PeftAdapter, base: Checkpoint) -> AdapterIR:
