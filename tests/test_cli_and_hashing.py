@@ -103,3 +103,18 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path):
     assert result.exit_code == 2
     assert "Traceback" in result.output and "has no config.json" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_library_callers_get_the_compiles_process_settings(bases, tmp_path, monkeypatch):
+    """compile_adapter starts hashing the base early, as the CLI does; adaptrix.api sets the wait policy."""
+    import adaptrix.api  # noqa: F401
+    from adaptrix.api.compile import compile_adapter
+
+    assert os.environ.get("OMP_WAIT_POLICY")
+    base = bases("llama")
+    adapter = make_adapter("llama", base, tmp_path / "adapter")
+    started = []
+    real = hashing.hash_early
+    monkeypatch.setattr(hashing, "hash_early", lambda files: started.append(list(files)) or real(files))
+    compile_adapter(adapter, base, "hooks", tmp_path / "out")
+    assert started and {f.name for f in started[0]} >= {"config.json"}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from adaptrix.api.manifest import input_hashes, write_manifest
+from adaptrix.api.process import prepare_compile
 from adaptrix.frontends.air.adapter import AirAdapter
 from adaptrix.frontends.air.lower import fit_ir
 from adaptrix.frontends.formats import lower_adapter, read_adapter, source_ir
@@ -81,6 +82,7 @@ def compile_adapter(
     `progress(done, total)` counts the bytes the target has written; `phase(label)` names each long
     phase as it begins (the ONNX targets' first export of a base takes minutes).
     """
+    prepare_compile(base)  # the base's files hash on a thread while the rest is read and checked
     emit = target_named(target)
     adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
     options = {key: value for key, value in (options or {}).items() if value is not None}

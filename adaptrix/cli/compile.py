@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from adaptrix.api.process import prepare_compile
 from adaptrix.cli.base import app, call, err, out
 from adaptrix.cli.progress import CompileProgress
 from adaptrix.ir.errors import BadInputError
@@ -49,11 +49,8 @@ def compile_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Compile ADAPTERS for BASE into OUTPUT."""
-    # Before torch loads: its OpenMP workers otherwise spin between parallel regions and take the
-    # cores from the threads that read, hash and write (4 s of CPU in a 1.1B merge on 2 cores).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     call(lambda: _refuse_flag_values(adapters))
-    call(lambda: _hash_early(base))
+    call(lambda: prepare_compile(base))  # before torch loads (adaptrix.api.process)
     from adaptrix.api.compile import compile_adapter
 
     options = {
@@ -83,14 +80,6 @@ def _refuse_flag_values(adapters: list[Path]) -> None:
         if str(path).lower() in ("true", "false", "yes", "no", "1", "0") and not path.exists():
             raise BadInputError(f"{str(path)!r} is not an adapter: --force, --unmerged and --json are flags "
                                 "and take no value", fix=f"leave out {str(path)!r}")  # fmt: skip
-
-
-def _hash_early(base: Path) -> None:
-    """Start hashing the base's files (for the manifest) on the core torch's import leaves idle."""
-    if base.is_dir():
-        from adaptrix.io.hashing import hash_early  # numpy: not at start-up of every command
-
-        hash_early(sorted(p for p in base.iterdir() if p.is_file()))
 
 
 def _quantized(dtype: str, scheme: str) -> str:

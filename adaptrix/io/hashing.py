@@ -109,6 +109,9 @@ def hash_early(files: Sequence[Path]) -> None:
     jobs = []
     for f in files:
         key, ident = _identity(f)
+        started = _early.get(key)
+        if started is not None and started[0] == ident:
+            continue  # already hashing (the CLI started it, then compile_adapter asked again)
         if not (key in entries and entries[key][0] == ident):
             jobs.append((f, Future()))
             _early[key] = (ident, jobs[-1][1])
