@@ -20,6 +20,7 @@ from adaptrix.ir.errors import UnsupportedError
 from adaptrix.ir.values import Bias, DoRA, Factored, LowRank, Op, Replace, Scale, Site
 from adaptrix.lowering.factored_entries import compact_factored, dense_delta, input_scale, output_scale
 from adaptrix.lowering.merge_math import merge_tensor
+from adaptrix.lowering.peft_modules import grouped_pairs
 from adaptrix.lowering.touched import TouchedModule
 
 __all__ = ["EntryBuilder"]
@@ -84,23 +85,10 @@ class EntryBuilder:
 
     def lora(self, weight_ops: list[list[Op]]) -> dict:
         """One low-rank pair for the whole module: roles sharing an A share its rank."""
-        groups: dict[tuple[int, float], tuple[torch.Tensor, list]] = {}
-        for rows, ops in zip(self.rows or [None], weight_ops, strict=True):
-            for op in ops:
-                low_rank = op.low_rank if isinstance(op, DoRA) else op
-                key = (id(low_rank.a), low_rank.scale)
-                if key not in groups:
-                    groups[key] = (low_rank.a.load(), [])
-                groups[key][1].append((rows, low_rank.b))
-        downs, ups = [], []
-        for (_, scale), (a, parts) in groups.items():
-            b = torch.zeros(self._canonical_out(), a.shape[0])
-            for rows, part in parts:
-                b[slice(None) if rows is None else rows] = part.load()
-            downs.append(a)
-            ups.append(b * scale)  # each group's scale folded into its B
-        a, b = torch.cat(downs), torch.cat(ups, 1)
-        scales = {scale for _, scale in groups}
+        pairs = grouped_pairs(weight_ops, self.rows, self._canonical_out())
+        a = torch.cat([down for down, _, _ in pairs])
+        b = torch.cat([up * scale for _, up, scale in pairs], 1)  # each group's scale folded into its B
+        scales = {scale for _, _, scale in pairs}
         # The runtime right-multiplies: x @ down @ up, so down = A.T [in, r] and up = (scale B).T [r, out].
         # An embedding's canonical delta is [num, dim] = (scale B) A: down = scale B [num, r], gathered by id.
         down, up = (b, a) if self.layout is Layout.EMBEDDING else (a.T, b.T)

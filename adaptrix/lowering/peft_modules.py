@@ -18,7 +18,7 @@ from adaptrix.ir.errors import AdaptrixError, BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR, Bias, DoRA, Factored, LowRank, Op, Replace, Role, Scale, Site
 from adaptrix.lowering.merge_math import merge_tensor
 
-__all__ = ["LoraPair", "ModuleDelta", "module_deltas"]
+__all__ = ["LoraPair", "ModuleDelta", "grouped_pairs", "module_deltas"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +87,22 @@ def _module_delta(name: str, placement: Placement, role_ops: list[tuple[Op, ...]
 
 def _pair(weight_ops: list[list[Op]], index, placement: Placement, base: Checkpoint) -> LoraPair:
     """The module's low-rank ops as one pair (roles sharing A and scale share rank)."""
-    out_rows = _canonical_out(placement, base)
+    pairs = grouped_pairs(weight_ops, index, _canonical_out(placement, base))
+    if len(pairs) == 1:
+        a, b, scale = pairs[0]
+    else:  # concatenated ranks: each group's scale folded into its columns of B
+        a, b, scale = torch.cat([p[0] for p in pairs]), torch.cat([p[1] * p[2] for p in pairs], 1), 1.0
+    return LoraPair(a, b, scale, _magnitude(weight_ops, index, placement))
+
+
+def grouped_pairs(
+    weight_ops: list[list[Op]], index, out_rows: int
+) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """A module's low-rank ops grouped by shared A and scale: (A [r, in], B [out, r], scale) each.
+
+    `index`: each role's rows of the module's output (None: one role, all rows); a group's B holds
+    each of its roles' B in that role's rows, zeros elsewhere.
+    """
     groups: dict[tuple[int, float], tuple[torch.Tensor, list]] = {}
     for rows, ops in zip(index or [None], weight_ops, strict=True):
         for op in ops:
@@ -102,11 +117,7 @@ def _pair(weight_ops: list[list[Op]], index, placement: Placement, base: Checkpo
         for rows, part in parts:
             b[slice(None) if rows is None else rows] += part.load()
         pairs.append((a, b, scale))
-    if len(pairs) == 1:
-        a, b, scale = pairs[0]
-    else:  # concatenated ranks: each group's scale folded into its columns of B
-        a, b, scale = torch.cat([p[0] for p in pairs]), torch.cat([p[1] * p[2] for p in pairs], 1), 1.0
-    return LoraPair(a, b, scale, _magnitude(weight_ops, index, placement))
+    return pairs
 
 
 def _magnitude(weight_ops: list[list[Op]], index, placement: Placement) -> torch.Tensor | None:
