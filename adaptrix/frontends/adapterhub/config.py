@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptrix.frontends.peft.config import MAX_SCALE
+from adaptrix.frontends.peft.settings import MAX_SCALE
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 
