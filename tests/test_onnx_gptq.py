@@ -14,7 +14,7 @@ from test_onnx_unmerged import relative_error
 from adaptrix.api.compile import compile_adapter
 from adaptrix.ir.errors import AdaptrixError
 from adaptrix.targets.onnx.gptq import gptq_blocks
-from adaptrix.targets.onnx.quantize import _gptq_arrays
+from adaptrix.targets.onnx.quantize_schemes import gptq_arrays
 
 
 def decoded(codes, scales, zeros, block_size, k):
@@ -53,7 +53,7 @@ def test_packed_codes_are_what_onnxruntime_computes_with(scheme, bits, k):
     weight = rng.standard_normal((k, 24)).astype(np.float32)
     x = correlated(rng, 50, k)
     hessian = x.T.astype(np.float64) @ x / len(x)
-    arrays = _gptq_arrays(scheme, weight, "w", 32, hessian)
+    arrays = gptq_arrays(scheme, weight, "w", 32, hessian)
     codes, scales, zeros = gptq_blocks(weight, hessian, bits, 32, scheme == "int8")
     expected = x @ decoded(codes, scales, zeros, 32, k)
     got = matmul_nbits(arrays, "w", k, 24, bits, 32, x[:7])

@@ -189,7 +189,7 @@ def test_quantized_merged_output_stays_near_float32(scheme, bases, tmp_path):
     graph = onnx.load(tmp_path / scheme / "model.onnx", load_external_data=False).graph
     node = next(node for node in graph.node if node.op_type == QUANTIZED_OPS[scheme])
     dims = {init.name: list(init.dims) for init in graph.initializer}
-    if scheme == "int8-dynamic":  # one scale, zero point 0 (see quantize._int8: per column saturates)
+    if scheme == "int8-dynamic":  # one scale, zero point 0 (see quantize_schemes._int8: per column saturates)
         assert dims[node.input[2]] == dims[node.input[3]] == []
         return
     n, blocks, packed = dims[node.input[1]]

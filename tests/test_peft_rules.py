@@ -18,7 +18,8 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 
-from adaptrix.frontends.peft.config import LoraSettings, pattern_key, read_lora_settings
+from adaptrix.frontends.peft.config import read_lora_settings
+from adaptrix.frontends.peft.settings import LoraSettings, pattern_key
 
 LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
           "c_attn", "c_proj", "c_fc", "query_key_value", "dense", "embed_tokens", "lm_head")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Staging buffers and the file calls around them, for HashingWriter (toolchain/stream.py).
+"""Staging buffers and the file calls around them, for HashingWriter (stream.py).
 
 Buffers are block-aligned, as direct I/O needs, and pooled: a buffer's pages are touched once and
 reused for piece after piece, where fresh arrays would be zeroed by the kernel on every first touch.

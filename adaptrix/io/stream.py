@@ -12,12 +12,12 @@ so the bytes past a piece's last block start the next piece's buffer, and the fi
 to its size at the end; where the file system refuses direct I/O, writes go through the page cache.
 The file is preallocated first, so a full disk fails here with a clear error and not midway.
 The digest is of the bytes written, so the manifest does not have to read the file again.
+The pieces, their budget and the two threads are in stream_threads.py.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import queue
 import threading
@@ -28,11 +28,11 @@ import numpy as np
 
 from adaptrix.io import staging
 from adaptrix.io.staging import read_range
+from adaptrix.io.stream_threads import Piece, PieceThreads, StoppedError
 from adaptrix.ir.errors import AdaptrixError
 
 __all__ = ["HashingWriter", "OutputSpaceError", "read_range"]
 
-_DONE = object()
 Compute = Callable[[np.ndarray], None]
 _CHUNK = 8 << 20  # put, copy and skip go through buffers of at most this many bytes
 _AHEAD = 32 << 20  # a source's bytes after those read are read into the page cache meanwhile
@@ -42,27 +42,7 @@ class OutputSpaceError(AdaptrixError):
     """The output's file system cannot hold the file."""
 
 
-class _StoppedError(Exception):
-    """The caller stopped a read-ahead."""
-
-
-class _Piece:
-    """A buffer on its way into the file.
-
-    Its first `head` bytes are the end of the previous piece, not yet written (a write covers
-    whole blocks); the next `length` are new and hashed; its first `written` bytes are written at
-    `offset`, a block boundary, and what follows them starts the next piece.
-    """
-
-    __slots__ = ("buffer", "head", "length", "offset", "pending", "written")
-
-    def __init__(self, buffer: np.ndarray, head: int, length: int, offset: int):
-        self.buffer, self.head, self.length, self.offset = buffer, head, length, offset
-        self.written = 0
-        self.pending = 2  # the hash and the write
-
-
-class HashingWriter:
+class HashingWriter(PieceThreads):
     """Fill the new file `path` of `size` bytes in order; `close()` returns its sha256.
 
     At most `budget` bytes are in flight (filled, not yet both written and hashed; one piece
@@ -74,11 +54,7 @@ class HashingWriter:
     def __init__(self, path: Path, size: int, budget: int = 64 << 20):
         self.path, self.size = Path(path), size
         self.offset = 0
-        self._budget = budget
-        self._in_flight = 0
-        self._room = threading.Condition()
-        self._error: BaseException | None = None
-        self._digest = hashlib.sha256()
+        super().__init__(budget)
         self._sources: dict[Path, tuple[int, bool]] = {}  # files read from, kept open; direct or not
         self._tail = b""  # the bytes after the last whole block, which start the next piece
         self._fd, self._direct = staging.open_output(self.path)
@@ -92,13 +68,7 @@ class HashingWriter:
                 raise OutputSpaceError(f"no room for {size / 1e9:.2f} GB", path=self.path,
                                        fix="free space there or choose another -o") from None  # fmt: skip
             raise
-        self._hashes, self._writes = queue.SimpleQueue(), queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, args=args, name=f"adaptrix-{name}", daemon=True)
-            for args, name in (((self._hashes, self._hash), "sha256"), ((self._writes, self._write), "write"))
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._start_threads()
 
     def fill(self, length: int, compute: Compute, source: tuple[Path, int] | None = None) -> None:
         """Append `length` bytes that `compute` writes into the uint8 view it is given.
@@ -132,7 +102,7 @@ class HashingWriter:
                 self._room.notify_all()
             reader.join()
             while not ready.empty():
-                if isinstance(piece := ready.get(), _Piece):
+                if isinstance(piece := ready.get(), Piece):
                     piece.pending = 1
                     self._release(piece)
 
@@ -184,22 +154,11 @@ class HashingWriter:
         if self.offset + length > self.size:
             raise ValueError(f"{self.path}: {self.offset + length} bytes exceed its size {self.size}")
 
-    def _hold(self, length: int, stop: threading.Event | None = None) -> None:
-        """Wait until `length` more bytes may be in flight, and count them."""
-        with self._room:
-            while self._in_flight and self._in_flight + length > self._budget and self._error is None:
-                if stop is not None and stop.is_set():
-                    raise _StoppedError
-                self._room.wait()
-            if self._error is not None:
-                raise self._error
-            self._in_flight += length
-
-    def _prepare(self, length: int, source: tuple[Path, int] | None, offset: int, stop=None) -> _Piece:
+    def _prepare(self, length: int, source: tuple[Path, int] | None, offset: int, stop=None) -> Piece:
         """A piece for the bytes at `offset`, within the budget, holding the source's bytes."""
         self._hold(length, stop)
         head = offset % staging.BLOCK  # the bytes of the last block begun, not written yet
-        piece = _Piece(staging.POOL.take(head + length), head, length, offset - head)
+        piece = Piece(staging.POOL.take(head + length), head, length, offset - head)
         if source is not None:
             try:
                 self._read(Path(source[0]), source[1], piece.buffer[head : head + length])
@@ -209,7 +168,7 @@ class HashingWriter:
                 raise
         return piece
 
-    def _complete(self, piece: _Piece, compute: Compute | None) -> None:
+    def _complete(self, piece: Piece, compute: Compute | None) -> None:
         """Let `compute` change the piece's bytes, then send it to be hashed and written."""
         head, length = piece.head, piece.length
         try:
@@ -234,7 +193,7 @@ class HashingWriter:
                 return
             try:
                 ready.put(self._prepare(length, source, offset, stop))
-            except _StoppedError:
+            except StoppedError:
                 return
             except BaseException as exc:
                 ready.put(exc)
@@ -257,7 +216,7 @@ class HashingWriter:
 
     def _write_tail(self) -> None:
         """Write the last bytes as a whole block (the file is cut back to its size after)."""
-        piece = _Piece(staging.POOL.take(staging.BLOCK), len(self._tail), 0, self.offset - len(self._tail))
+        piece = Piece(staging.POOL.take(staging.BLOCK), len(self._tail), 0, self.offset - len(self._tail))
         piece.buffer[: staging.BLOCK] = 0
         piece.buffer[: piece.head] = np.frombuffer(self._tail, np.uint8)
         piece.written, piece.pending = staging.BLOCK, 1
@@ -269,52 +228,10 @@ class HashingWriter:
         self._sources.clear()
         if self._fd < 0:
             return
-        for target in (self._hashes, self._writes):
-            target.put(_DONE)
-        for thread in self._threads:
-            thread.join()
+        self._stop_threads()
         os.ftruncate(self._fd, self.size)  # a last whole block may have run past it
         os.close(self._fd)
         self._fd = -1
-
-    # the threads' side
-
-    def _run(self, items: queue.SimpleQueue, work: Callable[[_Piece], None]) -> None:
-        while (piece := items.get()) is not _DONE:
-            if self._error is None:
-                try:
-                    work(piece)
-                except BaseException as exc:
-                    with self._room:
-                        self._error = self._error or exc
-                        self._room.notify_all()
-            self._release(piece)
-
-    def _release(self, piece: _Piece) -> None:
-        """One of the piece's jobs is done; after the last its buffer and budget are given back."""
-        with self._room:
-            piece.pending -= 1
-            if piece.pending:
-                return
-            self._in_flight -= piece.length
-            self._room.notify_all()
-        staging.POOL.give(piece.buffer)
-
-    def _hash(self, piece: _Piece) -> None:
-        self._digest.update(piece.buffer[piece.head : piece.head + piece.length])
-
-    def _write(self, piece: _Piece) -> None:
-        view, offset = memoryview(piece.buffer[: piece.written]), piece.offset
-        while view:
-            try:
-                done = os.pwrite(self._fd, view, offset)
-            except OSError as exc:
-                if not self._direct:
-                    raise
-                staging.direct_refused(self._fd, exc)
-                self._direct = False
-                continue
-            view, offset = view[done:], offset + done
 
 
 def _zeros(view: np.ndarray) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptrix.artifacts import PEFT_CONFIG_NAME as CONFIG_NAME
-from adaptrix.frontends.peft.config import MAX_SCALE
+from adaptrix.frontends.peft.settings import MAX_SCALE
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 

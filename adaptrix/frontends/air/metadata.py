@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from types import MappingProxyType
 
-from adaptrix.frontends.peft.config import MAX_SCALE
+from adaptrix.frontends.peft.settings import MAX_SCALE
 from adaptrix.io.air_format import FORMAT, FORMAT_VERSION, METADATA_KEYS, PARAM_NAME, SLOTS
 from adaptrix.io.jsonfile import loads_strict
 from adaptrix.ir.errors import BadInputError, UnsupportedError

@@ -2,7 +2,7 @@
 
 For each peft_type: the fields that change what the adapter computes and that Adaptrix honours,
 the ones that only matter while training or are described by the saved tensors' shapes, and the
-name of its alpha field. Any other field set to a value is an error (peft_config.py).
+name of its alpha field. Any other field set to a value is an error (config.py).
 """
 
 from __future__ import annotations

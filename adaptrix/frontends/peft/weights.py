@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from adaptrix.artifacts import PEFT_WEIGHTS_NAME as SAFETENSORS_NAME
-from adaptrix.frontends.peft.config import LoraSettings, read_lora_settings
+from adaptrix.frontends.peft.config import read_lora_settings
+from adaptrix.frontends.peft.settings import LoraSettings
 from adaptrix.io.safetensors_io import MAX_NAME, read_header, read_tensor
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import LazyTensor

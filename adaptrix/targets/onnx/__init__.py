@@ -39,12 +39,8 @@ from adaptrix.targets.onnx.ia3 import add_scale_inputs, scale_parameters
 from adaptrix.targets.onnx.loads import check_loads
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
-from adaptrix.targets.onnx.quantize import (
-    BLOCKED_SCHEMES,
-    DEFAULT_BLOCK_SIZE,
-    check_quantize,
-    quantize_weights,
-)
+from adaptrix.targets.onnx.quantize import quantize_weights
+from adaptrix.targets.onnx.quantize_schemes import BLOCKED_SCHEMES, DEFAULT_BLOCK_SIZE, check_quantize
 from adaptrix.targets.written import Written
 
 __all__ = ["write_onnx"]
