@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from adaptrix.ir.errors import AdaptrixError
 
 __all__ = [
     "Carry",
+    "assert_carry_refused",
     "assert_dora_refused",
     "assert_pass_option_refused",
     "bias_pair",
@@ -60,24 +61,34 @@ def assert_pass_option_refused(args: list, out: Path, words: str) -> None:
     assert not out.exists()
 
 
-@dataclass(frozen=True)
-class Carry:
+class Carry(NamedTuple):
     """A llama adapter made on `source`, a `target` base to carry it to, prompts, and a folder for outputs."""
 
     source: Path
     target: Path
     adapter: Path
     prompts: Path
-    prompt_ids: torch.Tensor
     tmp: Path
+
+    def prompt_ids(self) -> torch.Tensor:
+        """The prompts as a [count, length] tensor of token ids."""
+        return torch.tensor(json.loads(self.prompts.read_text()))
 
 
 def carry_case(bases, adapters, tmp: Path, make_target: Callable[[Path, Path], Path], prompts: int) -> Carry:
     """The shared llama base as the source, `make_target(source, tmp / "target")`, `prompts` prompts."""
     source = bases("llama")
     target = make_target(source, tmp / "target")
-    ids = prompts_file(tmp / "prompts.json", prompts)
-    return Carry(source, target, adapters("llama"), tmp / "prompts.json", ids, tmp)
+    prompts_file(tmp / "prompts.json", prompts)
+    return Carry(source, target, adapters("llama"), tmp / "prompts.json", tmp)
+
+
+def assert_carry_refused(case: Carry, spec: str, match: str) -> None:
+    """Compiling the case's adapter onto its target with the pass `spec` raises an error matching `match`."""
+    with pytest.raises(AdaptrixError, match=match):
+        adaptrix.compile_adapter(
+            case.adapter, case.target, "hooks", case.tmp / "err", passes=[spec], force=True
+        )
 
 
 def assert_dora_refused(case: Carry, adapters, name: str) -> None:
