@@ -9,22 +9,25 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from builders import model_logits, prompts_file, sample_inputs
+from builders import model_logits, peft_logits, prompts_file, sample_inputs
 from typer.testing import CliRunner
 
 import adaptrix
 from adaptrix.api.compile import compile_adapter
+from adaptrix.api.convert import convert_adapter
 from adaptrix.cli import app
 from adaptrix.ir.errors import AdaptrixError
 
 __all__ = [
     "Carry",
+    "air_of",
     "assert_carry_refused",
     "assert_dora_refused",
     "assert_pass_option_refused",
     "bias_pair",
     "carry_case",
     "compiled_logits",
+    "gap_to_peft",
     "pair_of",
     "pass_records",
 ]
@@ -46,6 +49,16 @@ def compiled_logits(adapters, base: Path, out: Path, passes: list[str], family: 
     """Logits of the float32 merged model compiled from `adapters` with `passes`."""
     compile_adapter(adapters, base, "merged", out, dtype="float32", passes=passes)
     return model_logits(family, out, sample_inputs(family))
+
+
+def gap_to_peft(got: torch.Tensor, source: Path, adapter: Path, family: str = "llama") -> float:
+    """max |got - PEFT's logits of `adapter` on its `source` base| on the sample inputs."""
+    return float((got - peft_logits(family, source, adapter, sample_inputs(family))).abs().max())
+
+
+def air_of(adapter: Path, path: Path, base: Path | None = None) -> Path:
+    """`adapter` converted to an AIR file at `path`."""
+    return convert_adapter(adapter, "air", path, base=base).out
 
 
 def pass_records(out: Path) -> list[dict]:
