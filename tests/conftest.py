@@ -15,8 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adaptrix-test-cache-")
 
 import torch
-from builders import FAMILIES, build_base, make_adapter
-from pass_builders import pair_of
+from builders import FAMILIES, build_base, make_adapter, pair_of
 
 
 @pytest.fixture(scope="session")

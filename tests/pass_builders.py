@@ -28,16 +28,10 @@ __all__ = [
     "carry_case",
     "compiled_logits",
     "gap_to_peft",
-    "pair_of",
     "pass_records",
 ]
 
 runner = CliRunner()
-
-
-def pair_of(adapters, family: str, **lora) -> tuple[Path, Path]:
-    """Two LoRA adapters from the `peft_adapters` fixture: ranks 4 and 2 (full rank 6), `lora` on both."""
-    return adapters(family, **lora), adapters(family, seed=5, r=2, lora_alpha=3, **lora)
 
 
 def bias_pair(adapters, family: str = "gpt2") -> tuple[Path, Path]:

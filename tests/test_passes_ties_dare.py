@@ -3,8 +3,8 @@
 import peft.tuners.lora.model as peft_lora_model
 import pytest
 import torch
-from builders import FP32_TOLERANCE, load_model, sample_inputs
-from pass_builders import assert_pass_option_refused, bias_pair, compiled_logits, pair_of, pass_records
+from builders import FP32_TOLERANCE, load_model, pair_of, sample_inputs
+from pass_builders import assert_pass_option_refused, bias_pair, compiled_logits, pass_records
 from peft import PeftModel
 
 from adaptrix.api.compile import compile_adapter, load
