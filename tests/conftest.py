@@ -17,6 +17,9 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adaptrix-test-cache-")
 import torch
 from builders import FAMILIES, build_base, make_adapter, pair_of
 
+# The asserts of the shared check helpers report their values as a test's own do.
+pytest.register_assert_rewrite("onnx_builders", "pass_builders")
+
 
 @pytest.fixture(scope="session")
 def bases(tmp_path_factory):
