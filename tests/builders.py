@@ -113,6 +113,11 @@ def make_adapter(
     return path
 
 
+def pair_of(adapters, family: str, **lora) -> tuple[Path, Path]:
+    """Two LoRA adapters from conftest's `peft_adapters`: ranks 4 and 2 (full rank 6), `lora` on both."""
+    return adapters(family, **lora), adapters(family, seed=5, r=2, lora_alpha=3, **lora)
+
+
 def prompts_file(
     path: Path, count: int, *, length: int = 6, high: int = VOCAB, seed: int = 3
 ) -> torch.Tensor:

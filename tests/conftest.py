@@ -1,4 +1,4 @@
-"""Shared fixtures: builders live in tests/builders.py."""
+"""Shared fixtures: builders live in tests/builders.py, tests/onnx_builders.py and tests/pass_builders.py."""
 
 import os
 import sys
@@ -14,7 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Adaptrix's sha256 cache goes to a throwaway folder, never the user's ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adaptrix-test-cache-")
 
-from builders import build_base
+import torch
+from builders import FAMILIES, build_base, make_adapter, pair_of
+
+# The asserts of the shared check helpers report their values as a test's own do.
+pytest.register_assert_rewrite("onnx_builders", "pass_builders")
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +34,26 @@ def bases(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(bases, tmp_path_factory):
+    """make_adapter(family, bases(family), ...) once per (family, keywords), torch seeded; shared."""
+    made = {}
+
+    def get(family: str, **kwargs) -> Path:
+        kwargs = {"seed": 1, "target_modules": list(FAMILIES[family].targets), **kwargs}
+        key = (family, repr(sorted(kwargs.items())))
+        if key not in made:
+            torch.manual_seed(kwargs["seed"])  # PEFT draws the LoRA weights from the global generator
+            path = tmp_path_factory.mktemp(f"adapter-{family}")
+            made[key] = make_adapter(family, bases(family), path, **kwargs)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def lora_pair(bases, peft_adapters):
+    """A llama base and two LoRA adapters of it of ranks 4 and 2 (full rank 6)."""
+    return bases("llama"), *pair_of(peft_adapters, "llama")

@@ -7,32 +7,32 @@ the adapter files is exercised. Also: the option errors of the ONNX targets.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
-from builders import FAMILIES, load_model, make_adapter, peft_logits, sample_inputs
-from peft import PeftModel
+from builders import FAMILIES, sample_inputs
+from onnx_builders import (
+    Unmerged,
+    assert_decode_step_matches_peft,
+    assert_each_file_matches_peft,
+    compile_unmerged,
+)
 from test_errors import assert_refused
 from test_onnx_parity import (
-    ONNX_FP32_TOLERANCE,
     activate,
-    assert_matches,
     base_logits,
     genai_tokens,
-    max_diff,
     optimum_tokens,
     peft_tokens,
-    positions_of,
     prefill,
     prompt_of,
     seeded_adapter,
     session,
-    step,
 )
 from typer.testing import CliRunner
 
@@ -59,57 +59,38 @@ def lora_variants(family: str) -> dict[str, dict]:
     }
 
 
-@dataclass(frozen=True)
-class Unmerged:
-    """A base, its adapters by name and one unmerged output holding them all."""
+@pytest.fixture(scope="module")
+def unmerged(bases, tmp_path_factory):
+    """One unmerged onnx-cpu output of the lora_variants per family, compiled on first use."""
 
-    family: str
-    base: Path
-    adapters: dict[str, Path]
-    out: Path
+    @functools.cache
+    def get(family: str) -> Unmerged:
+        root, base = tmp_path_factory.mktemp(f"unmerged-{family}"), bases(family)
+        adapters = {name: seeded_adapter(family, base, root / name, **kwargs)  # its name: the folder's
+                    for name, kwargs in lora_variants(family).items()}  # fmt: skip
+        return compile_unmerged(family, base, adapters, root / "out")
 
-    def adapter_file(self, name: str) -> Path:
-        return self.out / "adapters" / f"{name}.onnx_adapter"
-
-
-def compile_unmerged(
-    family, base, root: Path, adapters: dict[str, Path] | None = None, **options
-) -> Unmerged:
-    """Compile the adapters (made here unless given) into one unmerged output under `root`."""
-    adapters = adapters or {name: seeded_adapter(family, base, root / name, **kwargs)
-                            for name, kwargs in lora_variants(family).items()}  # fmt: skip
-    out = root / "out"
-    compile_adapter(list(adapters.values()), base, "onnx-cpu", out, options={"unmerged": True, **options})
-    return Unmerged(family, base, adapters, out)
+    return get
 
 
 @pytest.fixture(scope="module")
-def unmerged(bases, tmp_path_factory):
-    """One unmerged onnx-cpu output per family, compiled on first use."""
-    made: dict[str, Unmerged] = {}
+def float32_merged(bases, peft_adapters, tmp_path_factory):
+    """(base, adapter, its float32 merged onnx-cpu output) per family, compiled on first use."""
 
-    def get(family: str) -> Unmerged:
-        if family not in made:
-            made[family] = compile_unmerged(
-                family, bases(family), tmp_path_factory.mktemp(f"unmerged-{family}")
-            )
-        return made[family]
+    @functools.cache
+    def get(family: str) -> tuple[Path, Path, Path]:
+        base, adapter = bases(family), peft_adapters(family)
+        out = compile_adapter(
+            adapter, base, "onnx-cpu", tmp_path_factory.mktemp(f"fp32-{family}") / "fp32"
+        ).out
+        return base, adapter, out
 
     return get
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_each_adapter_file_matches_peft_and_none_is_the_base(family, unmerged):
-    case = unmerged(family)
-    inputs = sample_inputs(family)
-    base = base_logits(family, case.base, inputs)
-    sess = session(case.out)
-    assert max_diff(prefill(sess, inputs), base) <= ONNX_FP32_TOLERANCE
-    for name, adapter in case.adapters.items():
-        expected = peft_logits(family, case.base, adapter, inputs)
-        got = prefill(sess, inputs, activate(case.adapter_file(name)))
-        assert_matches(got, expected, base, ONNX_FP32_TOLERANCE)
-    assert max_diff(prefill(sess, inputs), base) <= ONNX_FP32_TOLERANCE  # nothing stays active
+    assert_each_file_matches_peft(unmerged(family))
 
 
 @pytest.mark.parametrize("family", ["gpt_neox", "phi3"])
@@ -134,19 +115,7 @@ def test_manifest_lists_the_adapter_files(family, unmerged):
 
 
 def test_decode_step_with_an_adapter_matches_peft(unmerged):
-    case = unmerged("llama")
-    ids = sample_inputs("llama")["input_ids"]
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    positions = positions_of(mask)
-    adapter = case.adapters["rslora"]
-    with torch.no_grad():
-        peft = PeftModel.from_pretrained(load_model("llama", case.base), adapter).eval()
-        expected = peft(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-    sess, options = session(case.out), activate(case.adapter_file("rslora"))
-    first = step(sess, ids[:, :-1], mask[:, :-1], positions[:, :-1], run_options=options)
-    last = step(sess, ids[:, -1:], mask, positions[:, -1:], past=first, run_options=options)
-    assert max_diff(torch.from_numpy(last["logits"])[:, -1], expected) <= ONNX_FP32_TOLERANCE
+    assert_decode_step_matches_peft(unmerged("llama"), "rslora")
 
 
 def test_genai_and_optimum_generate_peft_tokens_with_each_adapter(unmerged):
@@ -171,17 +140,15 @@ def op_types(out: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_quantized_merged_output_stays_near_float32(scheme, bases, tmp_path):
-    base = bases("llama")
-    adapter = seeded_adapter("llama", base, tmp_path / "adapter")
-    compile_adapter(adapter, base, "onnx-cpu", tmp_path / "fp32")
+def test_quantized_merged_output_stays_near_float32(scheme, float32_merged, tmp_path):
+    base, adapter, fp32 = float32_merged("llama")
     compile_adapter(adapter, base, "onnx-cpu", tmp_path / scheme, options={"quantize": scheme})
     section = json.loads((tmp_path / scheme / "manifest.json").read_text())["onnx"]
     blocks = None if scheme == "int8-dynamic" else 32
     assert section["quantize"] == scheme and section.get("block_size") == blocks
     assert QUANTIZED_OPS[scheme] in op_types(tmp_path / scheme)
     inputs = sample_inputs("llama")
-    reference = prefill(session(tmp_path / "fp32"), inputs)
+    reference = prefill(session(fp32), inputs)
     got = prefill(session(tmp_path / scheme), inputs)
     error = relative_error(got, reference)
     assert error <= QUANTIZED_TOLERANCE[scheme], error
@@ -205,7 +172,7 @@ def test_quantized_merged_output_stays_near_float32(scheme, bases, tmp_path):
 def test_quantized_unmerged_graph_still_takes_adapter_files(scheme, unmerged, tmp_path):
     """The base's MatMuls are quantized; the LoRA branches stay float MatMuls fed by the files."""
     reference = unmerged("llama")
-    case = compile_unmerged("llama", reference.base, tmp_path, reference.adapters, quantize=scheme)
+    case = compile_unmerged("llama", reference.base, reference.adapters, tmp_path / "out", quantize=scheme)
     lora = json.loads((case.out / "manifest.json").read_text())["onnx"]["lora"]
     graph = onnx.load(case.out / "model.onnx", load_external_data=False).graph
     assert {n.op_type for n in graph.node if set(n.input) & set(lora["inputs"])} == {"MatMul"}
@@ -240,13 +207,10 @@ REFUSED = {
 
 
 @pytest.fixture(scope="module")
-def refusal_adapters(bases, tmp_path_factory):
-    base = bases("llama")
-    root = tmp_path_factory.mktemp("onnx-refused")
-    made = {"plain": make_adapter("llama", base, root / "plain"),
-            "second": make_adapter("llama", base, root / "second", seed=4),
-            "dora": make_adapter("llama", base, root / "dora", use_dora=True)}  # fmt: skip
-    return base, made
+def refusal_adapters(bases, peft_adapters):
+    made = {"plain": peft_adapters("llama"), "second": peft_adapters("llama", seed=4),
+            "dora": peft_adapters("llama", use_dora=True)}  # fmt: skip
+    return bases("llama"), made
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
@@ -272,9 +236,9 @@ def _no_export(*args, **kwargs):
     raise AssertionError("a refused compile started an export")
 
 
-def test_block_size_reaches_the_int4_quantizer(bases, tmp_path):
+def test_block_size_reaches_the_int4_quantizer(bases, peft_adapters, tmp_path):
     base = bases("llama")
-    adapter = make_adapter("llama", base, tmp_path / "adapter")
+    adapter = peft_adapters("llama")
     compile_adapter(
         adapter, base, "onnx-cpu", tmp_path / "out", options={"quantize": "int4", "block_size": 16}
     )
@@ -288,16 +252,14 @@ def test_block_size_reaches_the_int4_quantizer(bases, tmp_path):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_quantize_takes_gpt2_conv1d_projections(scheme, bases, tmp_path):
+def test_quantize_takes_gpt2_conv1d_projections(scheme, float32_merged, tmp_path):
     """GPT-2's Conv1D layers export as Gemm with a bias; each scheme quantizes them too, bias kept."""
-    base = bases("gpt2")
-    adapter = seeded_adapter("gpt2", base, tmp_path / "adapter")
-    compile_adapter(adapter, base, "onnx-cpu", tmp_path / "fp32")
+    base, adapter, fp32 = float32_merged("gpt2")
     compile_adapter(adapter, base, "onnx-cpu", tmp_path / scheme, options={"quantize": scheme})
     ops = op_types(tmp_path / scheme)
     assert ops.count(QUANTIZED_OPS[scheme]) >= 4 * FAMILIES["gpt2"].config_kwargs["n_layer"]
     assert "Gemm" not in ops
     inputs = sample_inputs("gpt2")
-    reference = prefill(session(tmp_path / "fp32"), inputs)
+    reference = prefill(session(fp32), inputs)
     error = relative_error(prefill(session(tmp_path / scheme), inputs), reference)
     assert error <= QUANTIZED_TOLERANCE[scheme], error

@@ -9,8 +9,7 @@ a module has both a scale and a LoRA branch in the graph.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +19,25 @@ import pytest
 import torch
 from builders import load_model, peft_logits, sample_inputs
 from onnx import helper, numpy_helper
-from peft import IA3Config, PeftModel
+from onnx_builders import (
+    Unmerged,
+    assert_decode_step_matches_peft,
+    assert_each_file_matches_peft,
+    compile_unmerged,
+    write_onnx_adapter,
+)
+from peft import IA3Config
 from test_onnx_parity import (
     ONNX_FP32_TOLERANCE,
-    activate,
     assert_matches,
     base_logits,
     genai_tokens,
     loaded_adapter,
-    max_diff,
     peft_tokens,
-    positions_of,
     prefill,
     prompt_of,
     seeded_adapter,
     session,
-    step,
 )
 from test_peft_kinds import perturbed
 
@@ -58,23 +60,6 @@ IA3_CONFIGS = {
 LLAMA_LORA = ["q_proj", "k_proj", "down_proj"]
 
 
-@dataclass(frozen=True)
-class Case:
-    """A base, its adapters by name and one unmerged output holding them all."""
-
-    family: str
-    base: Path
-    adapters: dict[str, Path]
-    out: Path
-
-    def adapter_file(self, name: str) -> Path:
-        return self.out / "adapters" / f"{name}.onnx_adapter"
-
-    @property
-    def manifest(self) -> dict:
-        return json.loads((self.out / "manifest.json").read_text())
-
-
 def with_biases(family: str, base: Path, path: Path) -> Path:
     """The base with its biases (zeros as built) made random, so that a scale that missed one shows."""
     model = load_model(family, base)
@@ -90,50 +75,26 @@ def with_biases(family: str, base: Path, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def compiled(bases, tmp_path_factory):
     """One unmerged onnx-cpu output per family (llama's with a LoRA adapter too), made on first use."""
-    made: dict[str, Case] = {}
 
-    def get(family: str) -> Case:
-        if family not in made:
-            root = tmp_path_factory.mktemp(f"ia3-{family}")
-            base = with_biases(family, bases(family), root / "base")
-            adapters = {"ia3": perturbed(load_model(family, base), IA3_CONFIGS[family], root / "ia3")}
-            if family == "llama":
-                adapters["lora"] = seeded_adapter(family, base, root / "lora", target_modules=LLAMA_LORA)
-            out = root / "out"
-            compile_adapter(list(adapters.values()), base, "onnx-cpu", out, options={"unmerged": True})
-            made[family] = Case(family, base, adapters, out)
-        return made[family]
+    @functools.cache
+    def get(family: str) -> Unmerged:
+        root = tmp_path_factory.mktemp(f"ia3-{family}")
+        base = with_biases(family, bases(family), root / "base")
+        adapters = {"ia3": perturbed(load_model(family, base), IA3_CONFIGS[family], root / "ia3")}
+        if family == "llama":
+            adapters["lora"] = seeded_adapter(family, base, root / "lora", target_modules=LLAMA_LORA)
+        return compile_unmerged(family, base, adapters, root / "out")
 
     return get
 
 
 @pytest.mark.parametrize("family", sorted(IA3_CONFIGS))
 def test_ia3_file_matches_peft_and_none_is_the_base(family, compiled):
-    case = compiled(family)
-    inputs = sample_inputs(family)
-    base = base_logits(family, case.base, inputs)
-    sess = session(case.out)
-    assert max_diff(prefill(sess, inputs), base) <= ONNX_FP32_TOLERANCE
-    for name, adapter in case.adapters.items():
-        expected = peft_logits(family, case.base, adapter, inputs)
-        got = prefill(sess, inputs, activate(case.adapter_file(name)))
-        assert_matches(got, expected, base, ONNX_FP32_TOLERANCE)
-    assert max_diff(prefill(sess, inputs), base) <= ONNX_FP32_TOLERANCE  # nothing stays active
+    assert_each_file_matches_peft(compiled(family))
 
 
 def test_decode_step_with_ia3_matches_peft(compiled):
-    case = compiled("llama")
-    ids = sample_inputs("llama")["input_ids"]
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    positions = positions_of(mask)
-    with torch.no_grad():
-        peft = PeftModel.from_pretrained(load_model("llama", case.base), case.adapters["ia3"]).eval()
-        expected = peft(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-    sess, options = session(case.out), activate(case.adapter_file("ia3"))
-    first = step(sess, ids[:, :-1], mask[:, :-1], positions[:, :-1], run_options=options)
-    last = step(sess, ids[:, -1:], mask, positions[:, -1:], past=first, run_options=options)
-    assert max_diff(torch.from_numpy(last["logits"])[:, -1], expected) <= ONNX_FP32_TOLERANCE
+    assert_decode_step_matches_peft(compiled("llama"), "ia3")
 
 
 @pytest.mark.parametrize(
@@ -176,12 +137,7 @@ def test_misfit_vector_is_refused(compiled, tmp_path):
     params = {name: value.numpy() for name, value in read.get_parameters().items()}
     name = "model.layers.0.mlp.down_proj.ia3_in"
     params[name] = np.ones(63, np.float32)
-    writer = ort.AdapterFormat()
-    writer.set_adapter_version(1)
-    writer.set_model_version(read.get_model_version())
-    writer.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
-    file = tmp_path / "misfit.onnx_adapter"
-    writer.export_adapter(str(file))
+    file = write_onnx_adapter(tmp_path / "misfit.onnx_adapter", params, read.get_model_version())
     with pytest.raises(BadInputError, match=rf"parameter {name}: expected shape \[64\], found \[63\]"):
         open_onnx(case.out).load_adapter(file)
     open_onnx(case.out).load_adapter("ia3")  # the compiled one fits

@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from builders import FP32_TOLERANCE, load_model, make_adapter, model_logits, sample_inputs
+from builders import FP32_TOLERANCE, load_model, sample_inputs
+from pass_builders import assert_pass_option_refused, bias_pair, compiled_logits, pass_records
 from peft import PeftModel
 from typer.testing import CliRunner
 
@@ -16,16 +17,6 @@ from adaptrix.passes import PASSES, Pass, register
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def case(bases, tmp_path_factory):
-    """A llama base and two LoRA adapters of different ranks."""
-    root = tmp_path_factory.mktemp("passes")
-    base = bases("llama")
-    first = make_adapter("llama", base, root / "first", seed=1)
-    second = make_adapter("llama", base, root / "second", seed=5, r=2, lora_alpha=3)
-    return base, first, second
 
 
 @torch.no_grad()
@@ -42,25 +33,19 @@ def reference_logits(base, parts, inputs, family="llama"):
     return model(**inputs).logits
 
 
-def compiled_logits(adapters, base, out, passes, family="llama"):
-    compile_adapter(adapters, base, "merged", out, dtype="float32", passes=passes)
-    return model_logits(family, out, sample_inputs(family))
-
-
-def test_fold_blend_is_exact(case, tmp_path):
-    base, first, _ = case
+def test_fold_blend_is_exact(lora_pair, tmp_path):
+    base, first, _ = lora_pair
     got = compiled_logits(first, base, tmp_path / "out", ["fold-blend:alpha=0.3"])
     expected = reference_logits(base, [(first, 0.3)], sample_inputs("llama"))
     assert (got - expected).abs().max() <= FP32_TOLERANCE
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    [record] = manifest["passes"]
+    [record] = pass_records(tmp_path / "out")
     assert record["name"] == "fold-blend" and record["options"] == {"alpha": 0.3} and record["changed"]
     assert "layer 0 attn_q" in record["report"]["sites"]
 
 
 @pytest.mark.parametrize("method", ["linear", "cat"])
-def test_combine_is_the_exact_weighted_sum_with_mixed_ranks(case, tmp_path, method):
-    base, first, second = case
+def test_combine_is_the_exact_weighted_sum_with_mixed_ranks(lora_pair, tmp_path, method):
+    base, first, second = lora_pair
     spec = f"combine:method={method},weights=0.7,-0.4"
     got = compiled_logits([first, second], base, tmp_path / "out", [spec])
     expected = reference_logits(base, [(first, 0.7), (second, -0.4)], sample_inputs("llama"))
@@ -73,8 +58,8 @@ def test_combine_is_the_exact_weighted_sum_with_mixed_ranks(case, tmp_path, meth
     assert set(manifest["inputs"]) == {"adapter", "adapter.2", "base"}
 
 
-def test_combine_svd_at_full_rank_and_reduce_rank_at_full_rank_are_exact(case, tmp_path):
-    base, first, second = case
+def test_combine_svd_at_full_rank_and_reduce_rank_at_full_rank_are_exact(lora_pair, tmp_path):
+    base, first, second = lora_pair
     passes = ["combine:method=svd,weights=1,1,rank=6", "reduce-rank:rank=6"]
     got = compiled_logits([first, second], base, tmp_path / "out", passes)
     expected = reference_logits(base, [(first, 1.0), (second, 1.0)], sample_inputs("llama"))
@@ -84,8 +69,8 @@ def test_combine_svd_at_full_rank_and_reduce_rank_at_full_rank_are_exact(case, t
     assert manifest["passes"][1]["report"]["max_relative_error"] < 1e-6
 
 
-def test_reduce_rank_meets_the_eckart_young_bound(case):
-    base, first, _ = case
+def test_reduce_rank_meets_the_eckart_young_bound(lora_pair):
+    base, first, _ = lora_pair
     ir = load(first, base)
     result = reduce_rank(ir, ReduceRankOptions(rank=2))
     assert result.changed
@@ -115,17 +100,13 @@ def test_reduce_rank_meets_the_eckart_young_bound(case):
         ("combine:weights=1,x", "option weights='1,x' is not a comma-separated list of numbers"),
     ],
 )
-def test_bad_options_exit_2_with_one_line_naming_pass_and_option(case, tmp_path, spec, words):
-    base, first, _ = case
-    result = runner.invoke(app, ["compile", str(first), "--base", str(base), "-o", str(tmp_path / "o"),
-                                 "--pass", spec])  # fmt: skip
-    assert result.exit_code == 2, result.output
-    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+def test_bad_options_exit_2_with_one_line_naming_pass_and_option(lora_pair, tmp_path, spec, words):
+    base, first, _ = lora_pair
+    assert_pass_option_refused(["compile", first, "--base", base, "--pass", spec], tmp_path / "o", words)
 
 
-def test_pass_that_does_not_fit_the_ir_fails_with_pass_and_counts(case, tmp_path):
-    base, first, second = case
+def test_pass_that_does_not_fit_the_ir_fails_with_pass_and_counts(lora_pair, tmp_path):
+    base, first, second = lora_pair
     with pytest.raises(BadInputError, match="pass combine: option weights has 1 values for 2 adapters"):
         compile_adapter([first, second], base, "merged", tmp_path / "a", passes=["combine:weights=1"])
     with pytest.raises(BadInputError, match="pass combine: needs two adapters"):
@@ -134,18 +115,17 @@ def test_pass_that_does_not_fit_the_ir_fails_with_pass_and_counts(case, tmp_path
         compile_adapter([first, second], base, "merged", tmp_path / "c", passes=["fold-blend:alpha=1"])
 
 
-def test_fold_blend_refuses_dora_naming_the_site(bases, tmp_path):
+def test_fold_blend_refuses_dora_naming_the_site(bases, peft_adapters, tmp_path):
     base = bases("llama")
-    adapter = make_adapter("llama", base, tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
+    adapter = peft_adapters("llama", use_dora=True, target_modules=["q_proj"])
     with pytest.raises(UnsupportedError, match=r"^pass fold-blend: layer 0 attn_q: a DoRA op is not linear"):
         compile_adapter(adapter, base, "merged", tmp_path / "out", passes=["fold-blend:alpha=0.5"])
 
 
 @pytest.mark.parametrize("spec", ["fold-blend:alpha=1.7", "combine:weights=0.6,0.9"])
-def test_bias_deltas_blend_and_combine_exactly_on_gpt2(bases, tmp_path, spec):
+def test_bias_deltas_blend_and_combine_exactly_on_gpt2(bases, peft_adapters, tmp_path, spec):
     base = bases("gpt2")
-    first = make_adapter("gpt2", base, tmp_path / "first", bias="lora_only")
-    second = make_adapter("gpt2", base, tmp_path / "second", seed=3, r=3, bias="lora_only")
+    first, second = bias_pair(peft_adapters)
     adapters, parts = (
         ([first], [(first, 1.7)]) if "fold" in spec else ([first, second], [(first, 0.6), (second, 0.9)])
     )

@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from builders import build_base, load_model, make_adapter, prompts_file
+from builders import build_base, load_model, prompts_file
+from pass_builders import assert_carry_refused, assert_dora_refused, carry_case
 from peft import PeftModel
 
 import adaptrix
@@ -29,13 +30,8 @@ def independent_layers(source, dest):
 
 
 @pytest.fixture(scope="module")
-def setup(bases, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distill")
-    source = bases("llama")
-    target = independent_layers(source, tmp / "independent")
-    adapter = make_adapter("llama", source, tmp / "adapter")
-    prompts = prompts_file(tmp / "prompts.json", 48)
-    return source, target, adapter, prompts, tmp
+def setup(bases, peft_adapters, tmp_path_factory):
+    return carry_case(bases, peft_adapters, tmp_path_factory.mktemp("distill"), independent_layers, 48)
 
 
 def answer_log_probs(model, ids):
@@ -67,7 +63,7 @@ def test_distill_moves_the_target_towards_the_adapted_source(setup):
     assert report["kl"]["after"] < 0.2 * report["kl"]["before"]  # measured 0.08
     assert report["agreement"]["after"] > report["agreement"]["before"] + 0.3  # measured 0.22 -> 0.65
     # Measured apart from the pass: PEFT as the teacher, the written bundle as the student.
-    source, target, adapter, prompts, _ = setup
+    prompts = setup.prompt_ids()
     identity, distilled = (
         kl_to_peft("llama", source, target, adapter, prompts, out) for out in (plain.out, result.out)
     )
@@ -76,11 +72,11 @@ def test_distill_moves_the_target_towards_the_adapted_source(setup):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "phi3", "gpt_neox"])
-def test_fused_modules_are_trained_and_written_back(family, bases, tmp_path):
+def test_fused_modules_are_trained_and_written_back(family, bases, peft_adapters, tmp_path):
     """c_attn, qkv_proj / gate_up_proj and query_key_value train as one PEFT pair and come back whole."""
     source = bases(family)
     target = build_base(family, tmp_path / "target", seed=5)  # unrelated, head included: little to gain
-    adapter = make_adapter(family, source, tmp_path / "adapter")
+    adapter = peft_adapters(family)
     prompts = prompts_file(tmp_path / "prompts.json", 32, high=100)
     spec = (
         f"distill:source={source},prompts={tmp_path / 'prompts.json'},generate={GENERATE},steps=40,batch=16"
@@ -111,30 +107,20 @@ def test_the_same_seed_gives_the_same_adapter(setup):
     ],
 )
 def test_bad_options_are_clear_errors(options, match, setup):
-    source, target, adapter, _, tmp = setup
+    source, tmp = setup.source, setup.tmp
     spec = "distill:" + options.format(source=source, prompts=tmp / "prompts.json", missing=tmp / "none.json")
-    with pytest.raises(AdaptrixError, match=match):
-        adaptrix.compile_adapter(adapter, target, "hooks", tmp / "err", passes=[spec], force=True)
+    assert_carry_refused(setup, spec, match)
     assert not (tmp / "err").exists()
 
 
-def test_an_encoder_is_refused(bases, tmp_path):
+def test_an_encoder_is_refused(bases, peft_adapters, tmp_path):
     source = bases("bert")
-    adapter = make_adapter("bert", source, tmp_path / "adapter")
+    adapter = peft_adapters("bert")
     (tmp_path / "prompts.json").write_text("[[5, 6, 7]]")
     spec = f"distill:source={source},prompts={tmp_path / 'prompts.json'}"
     with pytest.raises(AdaptrixError, match="not a causal LM"):
         adaptrix.compile_adapter(adapter, source, "hooks", tmp_path / "out", passes=[spec])
 
 
-def test_dora_is_refused(setup):
-    source, target, _, _, tmp = setup
-    dora = make_adapter("llama", source, tmp / "dora", use_dora=True)
-    with pytest.raises(AdaptrixError, match="distill carries LoRA"):
-        adaptrix.compile_adapter(
-            dora,
-            target,
-            "hooks",
-            tmp / "err2",
-            passes=[f"distill:source={source},prompts={tmp / 'prompts.json'}"],
-        )
+def test_dora_is_refused(setup, peft_adapters):
+    assert_dora_refused(setup, peft_adapters, "distill")

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from builders import FP32_TOLERANCE, make_adapter, model_logits, peft_logits, sample_inputs
+from builders import FP32_TOLERANCE, model_logits, sample_inputs
 from growth import grow_wider
+from pass_builders import air_of, compiled_logits, gap_to_peft, pass_records
 from test_errors import assert_refused
 from typer.testing import CliRunner
 
-from adaptrix import compile_adapter, convert_adapter
 from adaptrix.cli import app
 from adaptrix.frontends.air.adapter import read_air
 from adaptrix.io.checkpoint import Checkpoint
@@ -31,29 +31,25 @@ LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 
 
 @pytest.fixture(scope="module")
-def case(bases, tmp_path_factory):
+def case(bases, peft_adapters, tmp_path_factory):
     """The tiny llama source, a wider grown copy, and AIR files of two adapters made on the source."""
     root = tmp_path_factory.mktemp("project")
     source = bases("llama")
     wider = grow_wider(source, root / "wider", **WIDER)
-    linear = make_adapter("llama", source, root / "linear", target_modules=LINEAR)
-    tokens = make_adapter("llama", source, root / "tokens", seed=4, target_modules=[*LINEAR, "embed_tokens",
-                          "lm_head"])  # fmt: skip
-    airs = {}
-    for adapter in (linear, tokens):
-        airs[adapter.name] = convert_adapter(adapter, "air", root / f"{adapter.name}.air.safetensors").out
-    return source, wider, {"linear": linear, "tokens": tokens}, airs
+    tokens = [*LINEAR, "embed_tokens", "lm_head"]
+    adapters = {"linear": peft_adapters("llama", target_modules=LINEAR),
+                "tokens": peft_adapters("llama", seed=4, target_modules=tokens)}  # fmt: skip
+    airs = {name: air_of(adapter, root / f"{name}.air.safetensors") for name, adapter in adapters.items()}
+    return source, wider, adapters, airs
 
 
 def carried_gap(case, tmp_path, adapter: str, spec: str, base: Path | None = None) -> tuple[float, dict]:
     """max |logits of the compiled base - PEFT's on the source|, and the pass's report."""
     source, wider, adapters, airs = case
     out = tmp_path / "out"
-    compile_adapter(airs[adapter], base or wider, "merged", out, dtype="float32", passes=[spec])
-    inputs = sample_inputs("llama")
-    expected = peft_logits("llama", source, adapters[adapter], inputs)
-    [record] = json.loads((out / "manifest.json").read_text())["passes"]
-    return float((model_logits("llama", out, inputs) - expected).abs().max()), record["report"]
+    got = compiled_logits(airs[adapter], base or wider, out, [spec])
+    [record] = pass_records(out)
+    return gap_to_peft(got, source, adapters[adapter]), record["report"]
 
 
 def test_grow_wider_preserves_the_function(case):
@@ -87,9 +83,8 @@ def test_projection_through_the_cli(case, tmp_path):
     result = runner.invoke(app, ["compile", str(airs["linear"]), "--base", str(wider), "--target", "merged",
                                  "-o", str(out), "--pass", spec])  # fmt: skip
     assert result.exit_code == 0, result.output
-    inputs = sample_inputs("llama")
-    expected = peft_logits("llama", source, adapters["linear"], inputs)
-    assert (model_logits("llama", out, inputs) - expected).abs().max() <= FP32_TOLERANCE
+    got = model_logits("llama", out, sample_inputs("llama"))
+    assert gap_to_peft(got, source, adapters["linear"]) <= FP32_TOLERANCE
 
 
 @torch.no_grad()
@@ -213,10 +208,10 @@ def test_bad_options_and_sources_are_refused(case, bases, tmp_path):
     )
 
 
-def test_dora_and_other_vocabularies_are_refused_naming_the_site(case, bases, tmp_path):
-    source, _, _, airs = case
-    dora = make_adapter("llama", source, tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
-    air = convert_adapter(dora, "air", tmp_path / "dora.air.safetensors").out
+def test_dora_and_other_vocabularies_are_refused_naming_the_site(case, bases, peft_adapters, tmp_path):
+    _, _, _, airs = case
+    dora = peft_adapters("llama", use_dora=True, target_modules=["q_proj"])
+    air = air_of(dora, tmp_path / "dora.air.safetensors")
     line = _refused(case, tmp_path, "project:method=truncate", adapter=air)
     assert "layer 0 attn_q: a DoRA op" in line
     other_vocab = bases("llama", "vocab-96", vocab_size=96)

@@ -9,12 +9,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from builders import FP32_TOLERANCE, make_adapter, model_logits, peft_logits, sample_inputs
+from builders import FP32_TOLERANCE, make_adapter, model_logits, sample_inputs
 from growth import grow_deeper
+from pass_builders import air_of, compiled_logits, gap_to_peft, pass_records
 from test_errors import assert_refused
 from typer.testing import CliRunner
 
-from adaptrix import compile_adapter, convert_adapter
+from adaptrix import compile_adapter
 from adaptrix.cli import app
 from adaptrix.frontends.air.adapter import read_air
 from adaptrix.io.checkpoint import Checkpoint
@@ -38,8 +39,7 @@ def case(bases, tmp_path_factory):
     found = {"source": source, "deeper": deeper}
     for name, lora in (("lora", {}), ("dora", dict(use_dora=True, target_modules=["q_proj", "v_proj"]))):
         found[name] = make_adapter("llama", source, root / name, **lora)
-        found[f"{name}_air"] = root / f"{name}.air.safetensors"
-        convert_adapter(found[name], "air", found[f"{name}_air"], base=source)
+        found[f"{name}_air"] = air_of(found[name], root / f"{name}.air.safetensors", base=source)
     return found
 
 
@@ -69,12 +69,9 @@ def test_grown_base_computes_what_its_source_computes(case):
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_chosen_layers_carry_the_adapter_exactly_onto_the_grown_base(case, tmp_path, kind):
     out = tmp_path / "out"
-    passes = [f"redistribute:layers={LAYERS}"]
-    compile_adapter(case[f"{kind}_air"], case["deeper"], "merged", out, dtype="float32", passes=passes)
-    inputs = sample_inputs("llama")
-    expected = peft_logits("llama", case["source"], case[kind], inputs)
-    assert (model_logits("llama", out, inputs) - expected).abs().max() <= FP32_TOLERANCE
-    [record] = json.loads((out / "manifest.json").read_text())["passes"]
+    got = compiled_logits(case[f"{kind}_air"], case["deeper"], out, [f"redistribute:layers={LAYERS}"])
+    assert gap_to_peft(got, case["source"], case[kind]) <= FP32_TOLERANCE
+    [record] = pass_records(out)
     report = record["report"]
     assert record["changed"] and report["matrix"] == torch.eye(4).tolist()
     assert (report["source_depth"], report["target_depth"]) == (4, 8)
@@ -89,9 +86,8 @@ def test_cli_compiles_air_from_a_shallower_base(case, tmp_path):
             "--target", "merged", "--dtype", "float32", "-o", out]  # fmt: skip
     result = runner.invoke(app, [str(arg) for arg in args])
     assert result.exit_code == 0, (result.output, result.exception)
-    inputs = sample_inputs("llama")
-    expected = peft_logits("llama", case["source"], case["lora"], inputs)
-    assert (model_logits("llama", out, inputs) - expected).abs().max() <= FP32_TOLERANCE
+    got = model_logits("llama", out, sample_inputs("llama"))
+    assert gap_to_peft(got, case["source"], case["lora"]) <= FP32_TOLERANCE
 
 
 def test_depth_mode_linear_conserves_each_roles_total_and_composes(case):

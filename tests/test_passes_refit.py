@@ -4,19 +4,11 @@ import json
 
 import pytest
 import torch
-from builders import (
-    FP32_TOLERANCE,
-    build_base,
-    load_model,
-    make_adapter,
-    peft_logits,
-    prompts_file,
-    sample_inputs,
-)
+from builders import FP32_TOLERANCE, build_base, load_model, peft_logits, sample_inputs
+from pass_builders import assert_carry_refused, assert_dora_refused, carry_case
 from test_hooks_parity import logits
 
 import adaptrix
-from adaptrix.ir.errors import AdaptrixError
 
 
 def reparameterised(source, dest):
@@ -48,20 +40,16 @@ def reparameterised(source, dest):
 
 
 @pytest.fixture(scope="module")
-def setup(bases, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("refit")
-    source = bases("llama")
-    target = reparameterised(source, tmp / "target")
-    adapter = make_adapter("llama", source, tmp / "adapter")
-    prompts = tmp / "prompts.json"
-    prompts_file(prompts, 24)
-    return source, target, adapter, prompts, tmp
+def setup(bases, peft_adapters, tmp_path_factory):
+    return carry_case(bases, peft_adapters, tmp_path_factory.mktemp("refit"), reparameterised, 24)
 
 
-def carried_logits(setup, name, passes):
+def carried_logits(setup, name, passes, base=None):
+    """Logits of `base` (the target unless given) with the adapter compiled onto it with `passes`."""
     _, target, adapter, _, tmp = setup
-    result = adaptrix.compile_adapter(adapter, target, "hooks", tmp / name, passes=passes, force=True)
-    model = load_model("llama", target)
+    base = base or target
+    result = adaptrix.compile_adapter(adapter, base, "hooks", tmp / name, passes=passes, force=True)
+    model = load_model("llama", base)
     with adaptrix.attach(model, tmp / name):
         return logits(model, sample_inputs("llama")), result
 
@@ -87,13 +75,10 @@ def test_refit_recovers_the_adapter_on_a_reparameterised_base(setup):
 
 
 def test_refit_on_its_own_base_keeps_the_adapter(setup):
-    source, _, adapter, prompts, tmp = setup
+    source, _, adapter, prompts, _ = setup
     expected = peft_logits("llama", source, adapter, sample_inputs("llama"))
     spec = f"refit:source={source},prompts={prompts},generate=0,alpha=1e-9"
-    adaptrix.compile_adapter(adapter, source, "hooks", tmp / "self", passes=[spec], force=True)
-    model = load_model("llama", source)
-    with adaptrix.attach(model, tmp / "self"):
-        got = logits(model, sample_inputs("llama"))
+    got, _ = carried_logits(setup, "self", [spec], base=source)
     assert (got - expected).abs().max() <= 10 * FP32_TOLERANCE
 
 
@@ -107,7 +92,7 @@ def test_refit_on_its_own_base_keeps_the_adapter(setup):
     ],
 )
 def test_bad_options_are_clear_errors(options, match, setup):
-    source, target, adapter, prompts, tmp = setup
+    source, _, _, prompts, tmp = setup
     bad = tmp / "bad.json"
     bad.write_text("[[1, 2], [999999]]")
     wider = tmp / "wider"
@@ -116,14 +101,8 @@ def test_bad_options_are_clear_errors(options, match, setup):
     spec = "refit:" + options.format(
         source=source, prompts=prompts, bad=bad, missing=tmp / "none.json", wider=wider
     )
-    with pytest.raises(AdaptrixError, match=match):
-        adaptrix.compile_adapter(adapter, target, "hooks", tmp / "err", passes=[spec], force=True)
+    assert_carry_refused(setup, spec, match)
 
 
-def test_dora_is_refused(setup):
-    source, target, _, prompts, tmp = setup
-    dora = make_adapter("llama", source, tmp / "dora", use_dora=True)
-    with pytest.raises(AdaptrixError, match="refit carries LoRA"):
-        adaptrix.compile_adapter(
-            dora, target, "hooks", tmp / "err2", passes=[f"refit:source={source},prompts={prompts}"]
-        )
+def test_dora_is_refused(setup, peft_adapters):
+    assert_dora_refused(setup, peft_adapters, "refit")

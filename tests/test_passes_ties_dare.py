@@ -1,31 +1,16 @@
 """combine's ties / dare_linear / dare_ties match PEFT's add_weighted_adapter(*_svd) at full rank."""
 
-import json
-
 import peft.tuners.lora.model as peft_lora_model
 import pytest
 import torch
-from builders import FP32_TOLERANCE, load_model, make_adapter, model_logits, sample_inputs
+from builders import FP32_TOLERANCE, load_model, pair_of, sample_inputs
+from pass_builders import assert_pass_option_refused, bias_pair, compiled_logits, pass_records
 from peft import PeftModel
-from typer.testing import CliRunner
 
 from adaptrix.api.compile import compile_adapter, load
-from adaptrix.cli import app
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.passes.combine import CombineOptions, combine
 from adaptrix.passes.combine_sparse import merge_deltas
-
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def case(bases, tmp_path_factory):
-    """A llama base and two LoRA adapters of different ranks (4 and 2: full rank 6)."""
-    root = tmp_path_factory.mktemp("ties-dare")
-    base = bases("llama")
-    first = make_adapter("llama", base, root / "first", seed=1)
-    second = make_adapter("llama", base, root / "second", seed=5, r=2, lora_alpha=3)
-    return base, first, second
 
 
 @torch.no_grad()
@@ -63,12 +48,11 @@ def peft_combined_logits(
         ("dare_ties", {"density": 1.0}),
     ],
 )
-def test_matches_peft_add_weighted_adapter_svd_at_full_rank(case, tmp_path, monkeypatch, method, extra):
-    base, first, second = case
+def test_matches_peft_add_weighted_adapter_svd_at_full_rank(lora_pair, tmp_path, monkeypatch, method, extra):
+    base, first, second = lora_pair
     weights = (0.7, -0.4)
     spec = f"combine:method={method},weights=0.7,-0.4," + ",".join(f"{k}={v}" for k, v in extra.items())
-    compile_adapter([first, second], base, "merged", tmp_path / "out", dtype="float32", passes=[spec])
-    got = model_logits("llama", tmp_path / "out", sample_inputs("llama"))
+    got = compiled_logits([first, second], base, tmp_path / "out", [spec])
     peft_kwargs = {k: v for k, v in extra.items() if k != "seed"}
     expected = peft_combined_logits(base, [first, second], weights, f"{method}_svd", extra.get("seed", 0),
                                     monkeypatch, svd_rank=6, **peft_kwargs)  # fmt: skip
@@ -78,7 +62,7 @@ def test_matches_peft_add_weighted_adapter_svd_at_full_rank(case, tmp_path, monk
         other = peft_combined_logits(base, [first, second], weights, f"{method}_svd", extra["seed"] + 1,
                                      monkeypatch, svd_rank=6, **peft_kwargs)  # fmt: skip
         assert (got - other).abs().max() > 100 * FP32_TOLERANCE
-    [record] = json.loads((tmp_path / "out" / "manifest.json").read_text())["passes"]
+    [record] = pass_records(tmp_path / "out")
     assert record["options"]["method"] == method and record["options"]["density"] == extra["density"]
     assert {entry["rank_after"] for entry in record["report"]["sites"]} == {6}
 
@@ -97,22 +81,19 @@ FUSED_CASES = [
 @pytest.mark.parametrize(("family", "lora"), FUSED_CASES, ids=[family for family, _ in FUSED_CASES])
 @pytest.mark.parametrize(("method", "density", "seed"), [("ties", 0.5, 0), ("dare_ties", 0.6, 4)])
 def test_fused_modules_and_model_order_match_peft(
-    bases, tmp_path, monkeypatch, family, lora, method, density, seed
+    bases, peft_adapters, tmp_path, monkeypatch, family, lora, method, density, seed
 ):
     base = bases(family)
-    first = make_adapter(family, base, tmp_path / "first", seed=1, **lora)
-    second = make_adapter(family, base, tmp_path / "second", seed=5, r=2, lora_alpha=3, **lora)
-    compile_adapter([first, second], base, "merged", tmp_path / "out", dtype="float32",
-                    passes=[f"combine:method={method},weights=0.7,-0.4,density={density}"
-                            + (f",seed={seed}" if seed else "")])  # fmt: skip
-    got = model_logits(family, tmp_path / "out", sample_inputs(family))
+    first, second = pair_of(peft_adapters, family, **lora)
+    spec = f"combine:method={method},weights=0.7,-0.4,density={density}" + (f",seed={seed}" if seed else "")
+    got = compiled_logits([first, second], base, tmp_path / "out", [spec], family=family)
     expected = peft_combined_logits(base, [first, second], (0.7, -0.4), f"{method}_svd", seed, monkeypatch,
                                     family=family, svd_rank=6, density=density)  # fmt: skip
     assert (got - expected).abs().max() <= FP32_TOLERANCE
 
 
-def test_the_random_stream_moves_with_the_seed(case):
-    base, first, second = case
+def test_the_random_stream_moves_with_the_seed(lora_pair):
+    base, first, second = lora_pair
     irs = [load(first, base), load(second, base)]
 
     def deltas(seed):
@@ -124,8 +105,8 @@ def test_the_random_stream_moves_with_the_seed(case):
     assert any(not torch.allclose(x, y) for x, y in zip(same, other, strict=True))
 
 
-def test_at_the_matrix_rank_the_refactoring_loses_nothing(case):
-    base, first, second = case
+def test_at_the_matrix_rank_the_refactoring_loses_nothing(lora_pair):
+    base, first, second = lora_pair
     irs = [load(first, base), load(second, base)]
     result = combine(irs, CombineOptions(method="ties", weights=(1.0, 0.5), density=0.5, rank=64))
     by_site = [irs[0].by_site(), irs[1].by_site()]
@@ -146,10 +127,9 @@ def test_ties_formula_on_a_small_case():
     assert torch.equal(by_count, deltas[0])
 
 
-def test_bias_deltas_are_refused_naming_the_site(bases, tmp_path):
+def test_bias_deltas_are_refused_naming_the_site(bases, peft_adapters, tmp_path):
     base = bases("gpt2")
-    first = make_adapter("gpt2", base, tmp_path / "first", bias="lora_only")
-    second = make_adapter("gpt2", base, tmp_path / "second", seed=3, r=3, bias="lora_only")
+    first, second = bias_pair(peft_adapters)
     words = r"^pass combine: .*method=ties merges LoRA deltas only, not a Bias"
     spec = "combine:method=ties,density=0.5"
     with pytest.raises(UnsupportedError, match=words):
@@ -174,10 +154,7 @@ def test_bias_deltas_are_refused_naming_the_site(bases, tmp_path):
         ("combine:method=ties,density=0.5,rank=0", "option rank=0 must be at least 1"),
     ],
 )  # fmt: skip
-def test_bad_options_exit_2_with_one_line_naming_pass_and_option(case, tmp_path, spec, words):
-    base, first, second = case
-    result = runner.invoke(app, ["compile", str(first), str(second), "--base", str(base),
-                                 "-o", str(tmp_path / "o"), "--pass", spec])  # fmt: skip
-    assert result.exit_code == 2, result.output
-    assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+def test_bad_options_exit_2_with_one_line_naming_pass_and_option(lora_pair, tmp_path, spec, words):
+    base, first, second = lora_pair
+    args = ["compile", first, second, "--base", base, "--pass", spec]
+    assert_pass_option_refused(args, tmp_path / "o", words)
