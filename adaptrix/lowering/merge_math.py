@@ -76,18 +76,27 @@ def merge_tensor(
                     merged[whole] = stored[whole]
                 continue
             part = stored[whole].to(torch.float32, copy=True)  # never alias the caller's tensor
-            if not all_finite(part):
-                raise BadInputError(f"{name} of the base holds NaN or Inf values",
-                                    fix="the base is corrupt: restore it")  # fmt: skip
             for kernel in kernels:
                 part = kernel(part, local)
             merged[whole] = part
-            if not all_finite(merged[whole]):
-                raise BadInputError(
-                    f"{name} merged with the adapter holds NaN or Inf values (in {out_dtype})",
-                    fix="the adapter's scale or weights are far too large: check lora_alpha and r",
-                )
+            if not all_finite(merged[whole]):  # one pass over the output; its cause found only then
+                raise _not_finite(name, part, out_dtype)
     return target
+
+
+def _not_finite(name: str | None, part: torch.Tensor, out_dtype: torch.dtype) -> BadInputError:
+    """Why a merged block holds NaN or Inf: the base already did, or the output dtype overflowed.
+
+    The adapter's own factors are checked finite when they are loaded, so a float32 merge that is
+    not finite comes from the base's values.
+    """
+    if not all_finite(part):
+        return BadInputError(f"{name} of the base holds NaN or Inf values",
+                             fix="the base is corrupt: restore it")  # fmt: skip
+    return BadInputError(
+        f"{name} merged with the adapter holds NaN or Inf values (in {out_dtype})",
+        fix="the adapter's scale or weights are far too large: check lora_alpha and r",
+    )
 
 
 def _segments(rows: torch.Tensor | None, stored: torch.Tensor, in_one_piece: bool = False):
