@@ -19,7 +19,9 @@ __all__ = [
     "load",
     "load_bundle",
     "open_onnx",
+    "parity",
     "switch",
+    "verify_artifact",
 ]
 
 _API = {
@@ -32,6 +34,8 @@ _API = {
     "switch": "adaptrix.runtimes.hooks",
     "load_bundle": "adaptrix.runtimes.hooks",
     "open_onnx": "adaptrix.runtimes.onnx.session",
+    "parity": "adaptrix.api.parity",
+    "verify_artifact": "adaptrix.api.verify",
 }
 
 

@@ -218,3 +218,8 @@ def test_the_activations_the_ir_accepts_are_those_the_runtime_computes():
     from adaptrix.runtimes.hooks.activations import ACTIVATIONS
 
     assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)
+
+
+def test_the_public_api_loads_from_the_package():
+    for name in adaptrix.__all__:
+        assert getattr(adaptrix, name) is not None, name
