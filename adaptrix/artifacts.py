@@ -12,6 +12,7 @@ __all__ = [
     "ADAPTERS_DIR",
     "ADAPTER_SUFFIX",
     "ADAPTRIX_VERSION",
+    "AIR_FORMAT",
     "BOTTLENECK_FORMAT",
     "BUNDLE_FORMAT",
     "DATA_NAME",
@@ -51,6 +52,9 @@ DATA_NAME = "model.onnx_data"
 GENAI_CONFIG = "genai_config.json"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
+
+# AIR files: the safetensors metadata's `format` (the rest of the container: adaptrix.io.air_format)
+AIR_FORMAT = "adaptrix-air"
 
 # PEFT adapter directories (read by the PEFT frontend, written by the peft target)
 PEFT_CONFIG_NAME = "adapter_config.json"

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from adaptrix.artifacts import AIR_FORMAT
 from adaptrix.ir.values import Role, Site
 
 __all__ = [
@@ -26,7 +27,7 @@ __all__ = [
     "tensor_key",
 ]
 
-FORMAT = "adaptrix-air"
+FORMAT = AIR_FORMAT
 FORMAT_VERSION = 1
 FILE_NAME = "adapter.air.safetensors"  # the file's name inside a directory given as an AIR adapter
 

@@ -10,13 +10,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from adaptrix.artifacts import AIR_FORMAT
 from adaptrix.artifacts import MANIFEST_NAME as _MANIFEST
 from adaptrix.io.jsonfile import MAX_JSON_BYTES, loads_strict, read_json
 from adaptrix.ir.errors import BadInputError
 
 __all__ = ["check_output", "check_outside_inputs", "resolved"]
 
-_AIR_FORMAT = "adaptrix-air"  # adaptrix.io.air_format.FORMAT (that module imports torch)
 _KEEP = "remove it yourself if it may go, or choose another -o"
 
 
@@ -125,6 +125,6 @@ def _not_air_file(file: Path) -> str | None:
     except BadInputError:
         header = None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not (isinstance(metadata, dict) and metadata.get("format") == _AIR_FORMAT):
-        return "is not an AIR file (no safetensors header whose metadata says adaptrix-air)"
+    if not (isinstance(metadata, dict) and metadata.get("format") == AIR_FORMAT):
+        return f"is not an AIR file (no safetensors header whose metadata says {AIR_FORMAT})"
     return None
