@@ -16,7 +16,7 @@ from adaptrix.io.safetensors_io import TensorInfo, read_header, read_tensor
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import SourceModel
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "binder_for", "read_config"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "base_roots", "binder_for", "read_config"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -122,7 +122,7 @@ def _shard_inside(base: Path, name: str, index: Path) -> Path:
     inside = "\0" not in name and not relative.is_absolute() and ".." not in relative.parts
     if inside:  # a symlink may still lead out
         resolved = Path(os.path.realpath(base / relative))
-        inside = any(resolved.is_relative_to(root) for root in _roots(base))
+        inside = any(resolved.is_relative_to(root) for root in base_roots(base))
     if not inside:
         raise BadInputError(
             f"names shard {name!r}, which lies outside the base directory",
@@ -149,7 +149,7 @@ def _check_all_named(base: Path, shards: list[Path], index: Path) -> None:
                                 fix=_FIX_INDEX)  # fmt: skip
 
 
-def _roots(base: Path) -> list[Path]:
+def base_roots(base: Path) -> list[Path]:
     """Where a base's shards may lie: inside it, and in a Hugging Face cache, its repository's blobs."""
     root = Path(os.path.realpath(base))
     repo = root.parent.parent

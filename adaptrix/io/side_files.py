@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from adaptrix.artifacts import MANIFEST_NAME
-from adaptrix.io.checkpoint import INDEX_NAME, Checkpoint
+from adaptrix.io.checkpoint import INDEX_NAME, Checkpoint, base_roots
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
@@ -135,9 +135,7 @@ def _inside(root: Path, path: Path, name: str) -> Path:
     if not path.is_symlink():
         return path
     target = Path(os.path.realpath(path))
-    snapshots = root.parent
-    blobs = snapshots.parent / "blobs" if snapshots.name == "snapshots" else None  # the HF cache layout
-    inside = target.is_relative_to(root) or (blobs is not None and target.is_relative_to(blobs))
+    inside = any(target.is_relative_to(place) for place in base_roots(root))  # the HF cache's blobs too
     if not target.exists() or target.is_dir() or not inside:
         what = "a broken symlink" if not target.exists() else f"a symlink to {target}"
         raise BadInputError(
