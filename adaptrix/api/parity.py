@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaptrix.api.parity_run import BACKENDS, reference_outputs, run_backend
-from adaptrix.artifacts import MANIFEST_NAME
+from adaptrix.api.parity_run import BACKENDS, artifact_manifest, reference_outputs, run_backend
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.jsonfile import read_json
 from adaptrix.io.output_guard import check_outside_inputs
@@ -151,7 +150,7 @@ def parity(
         raise BadInputError("no targets to check", fix="give --targets merged,hooks,onnx-cpu")
     given = {target: Path(path) for target, path in (artifacts or {}).items()}
     for target, path in given.items():
-        _check_given(target, path)
+        artifact_manifest(target, path)
     checkpoint = Checkpoint(base)
     feeds = read_inputs(Path(inputs) if inputs else None, checkpoint.source.vocab_size)
     if work_dir is not None:
@@ -168,19 +167,6 @@ def parity(
     given_inputs = {"shape": shape, "file": str(inputs) if inputs else None}
     output = "logits" if expected.dim() == 3 else "outputs"
     return ParityReport(str(adapter), str(base), output, given_inputs, tuple(results), reference)
-
-
-def _check_given(target: str, path: Path) -> None:
-    """An --artifact must be one a compile for its target wrote: else the command line is wrong (exit 2)."""
-    manifest_file = path / MANIFEST_NAME
-    if not manifest_file.is_file():
-        raise BadInputError("has no manifest.json", path=path,
-                            fix=f"give a directory `adaptrix compile --target {target}` wrote")  # fmt: skip
-    manifest = read_json(manifest_file, what="JSON manifest")
-    found = manifest.get("target") if isinstance(manifest, dict) else None
-    if found != target:
-        raise BadInputError(f"was compiled for {found!r}, not {target}", path=path,
-                            fix=f"pass it as {found}=DIR")  # fmt: skip
 
 
 def _compile(compile_fn, adapter, base, target: str, out: Path) -> None:

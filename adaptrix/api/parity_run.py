@@ -12,7 +12,7 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["BACKENDS", "reference_outputs", "run_backend"]
+__all__ = ["BACKENDS", "artifact_manifest", "reference_outputs", "run_backend"]
 
 BACKENDS = ("merged", "hooks", "onnx-cpu", "onnx-cuda")
 # (what the backend returns, its dtype name, whether it is quantized, a note for the report)
@@ -72,8 +72,8 @@ def _reference_base(read, base: Checkpoint) -> torch.nn.Module:
     ).eval()
 
 
-def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torch.Tensor]) -> Run:
-    """Run one compiled artifact with its own runtime on the inputs."""
+def artifact_manifest(target: str, path: Path) -> dict:
+    """The manifest of an artifact a compile for `target` wrote; else the command line is wrong (exit 2)."""
     manifest_file = path / MANIFEST_NAME
     if not manifest_file.is_file():
         raise BadInputError(
@@ -87,6 +87,12 @@ def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torc
     if manifest.get("target") != target:
         raise BadInputError(f"was compiled for {manifest.get('target')!r}, not {target}", path=path,
                             fix=f"pass it as {manifest.get('target')}=DIR")  # fmt: skip
+    return manifest
+
+
+def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torch.Tensor]) -> Run:
+    """Run one compiled artifact with its own runtime on the inputs."""
+    manifest = artifact_manifest(target, path)
     dtype = str(manifest.get("dtype", "float32"))
     if target == "merged":
         return forward(load_auto(path, getattr(torch, dtype)), feeds), dtype, False, ""
