@@ -14,6 +14,7 @@ with their hashes); pin its sha256 (`expect`) for that. See docs/verify.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from adaptrix.api.manifest import MANIFEST_NAME, check_manifest, is_sha256
 from adaptrix.artifacts import MODEL_NAME
 from adaptrix.io.hashing import sha256_file
-from adaptrix.io.jsonfile import read_json
+from adaptrix.io.jsonfile import loads_strict, read_bounded
 from adaptrix.ir.errors import BadInputError
 
 __all__ = ["VerifyReport", "verify_artifact"]
@@ -59,12 +60,12 @@ def verify_artifact(path: Path | str, *, inputs: bool = True, expect: str | None
     """
     root = Path(path)
     pinned = _pinned(expect)
-    manifest, digest = _manifest(root)
+    real_root = Path(os.path.realpath(root))
+    manifest, digest = _manifest(root, real_root)
     problems, notes = [], []
     if pinned is not None and digest != pinned:
         problems.append(f"{MANIFEST_NAME}: sha256 {digest}, expected {pinned} (--expect)")
     outputs = manifest["outputs"]
-    real_root = Path(os.path.realpath(root))
     for name, expected in sorted(outputs.items()):
         problems.extend(_check_output(root, real_root, name, expected))
     known = set(outputs) | {MANIFEST_NAME}
@@ -78,7 +79,7 @@ def verify_artifact(path: Path | str, *, inputs: bool = True, expect: str | None
             notes.extend(missing)
             checked_inputs += len(group["files"]) - len(missing)
     if "onnx" in manifest:
-        problems.extend(_check_graph(root, manifest["onnx"]))
+        problems.extend(_check_graph(root, real_root, manifest["onnx"]))
     return VerifyReport(str(root), manifest["target"], len(outputs), checked_inputs, problems, notes, digest)
 
 
@@ -93,19 +94,19 @@ def _pinned(expect: str | None) -> str | None:
     return pinned
 
 
-def _manifest(root: Path) -> tuple[dict, str]:
+def _manifest(root: Path, real_root: Path) -> tuple[dict, str]:
     """The checked manifest and the sha256 of its bytes."""
     file = root / MANIFEST_NAME
     if not file.is_file():
         raise BadInputError(f"has no {MANIFEST_NAME}", path=root,
                             fix="give a directory that `adaptrix compile` wrote")  # fmt: skip
-    if not _inside(Path(os.path.realpath(root)), file):
+    if not _inside(real_root, file):
         raise BadInputError(f"{MANIFEST_NAME} is a link that leads out of the artifact", path=root,
                             fix="give the directory a compile wrote: it writes no links")  # fmt: skip
-    manifest = read_json(file, what="JSON manifest")
-    digest = sha256_file(file)
+    data = read_bounded(file, what="JSON manifest")  # read once: the hash is of the bytes checked
+    manifest = loads_strict(data, path=file, what="JSON manifest")
     check_manifest(manifest, file)
-    return manifest, digest
+    return manifest, hashlib.sha256(data).hexdigest()
 
 
 def _inside(real_root: Path, file: Path) -> bool:
@@ -151,13 +152,13 @@ def _check_input(label: str, group: dict) -> tuple[list[str], list[str]]:
     return problems, notes
 
 
-def _check_graph(root: Path, section: dict) -> list[str]:
+def _check_graph(root: Path, real_root: Path, section: dict) -> list[str]:
     """The graph's inputs are the manifest's fed inputs, in order, then its LoRA / IA3 inputs."""
     import onnx
     from google.protobuf.message import DecodeError
 
     file = root / MODEL_NAME
-    if not file.is_file() or not _inside(Path(os.path.realpath(root)), file):
+    if not file.is_file() or not _inside(real_root, file):
         return []  # reported as a missing or outside output already
     try:
         graph = onnx.load(file, load_external_data=False).graph

@@ -15,7 +15,7 @@ from typing import Any
 
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["MAX_DEPTH", "MAX_JSON_BYTES", "loads_strict", "read_json"]
+__all__ = ["MAX_DEPTH", "MAX_JSON_BYTES", "loads_strict", "read_bounded", "read_json"]
 
 MAX_JSON_BYTES = 64 << 20  # a config, manifest or index; safetensors headers have their own bound
 MAX_DEPTH = 64  # PEFT, transformers and Adaptrix files nest a few levels
@@ -69,6 +69,11 @@ def loads_strict(text: str | bytes, *, path: object | None = None, what: str = "
 
 def read_json(path: Path | str, *, what: str = "JSON", max_bytes: int = MAX_JSON_BYTES) -> Any:
     """Read and strictly parse a JSON file no larger than `max_bytes`, with errors naming the file."""
+    return loads_strict(read_bounded(path, what=what, max_bytes=max_bytes), path=Path(path), what=what)
+
+
+def read_bounded(path: Path | str, *, what: str = "JSON", max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    """A JSON file's bytes, read once and refused past `max_bytes` (for a caller that also hashes them)."""
     file = Path(path)
     try:
         with file.open("rb") as handle:
@@ -80,4 +85,4 @@ def read_json(path: Path | str, *, what: str = "JSON", max_bytes: int = MAX_JSON
     if len(data) > max_bytes:
         raise BadInputError(f"is larger than {max_bytes} bytes, too large for a {what}", path=file,
                             fix="give the file Adaptrix or the library wrote, not another")  # fmt: skip
-    return loads_strict(data, path=file, what=what)
+    return data
