@@ -159,7 +159,7 @@ def _claimed(out: Path, force: bool, inputs: Sequence[Path], kind: str) -> Itera
         remove_stale(target.parent, target.name)  # may put back an output a killed run moved aside
         check_replaceable(target, force=force, kind=kind, given=given)  # again, now that it is ours
         tmp = _temporary(target)
-        watcher = _Watcher(tmp, target, _aside(target), target.parent / f".{target.name}{_LOCK}")
+        watcher = _Watcher(tmp, target, _aside(target), _lock_file(target))
         try:
             yield target, tmp
         finally:
@@ -170,7 +170,7 @@ def _claimed(out: Path, force: bool, inputs: Sequence[Path], kind: str) -> Itera
 @contextmanager
 def _locked(target: Path, given: Path) -> Iterator[None]:
     """Hold `target`'s lock file (flock) while the body runs; refuse if another process holds it."""
-    lock = target.parent / f".{target.name}{_LOCK}"
+    lock = _lock_file(target)
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -217,6 +217,10 @@ _MOVE = "move it elsewhere, then run again"
 
 def _aside(target: Path) -> Path:
     return target.parent / f".{target.name}.adaptrix-old-{os.getpid()}"
+
+
+def _lock_file(target: Path) -> Path:
+    return target.parent / f".{target.name}{_LOCK}"
 
 
 def _publish_folder(tmp: Path, target: Path, force: bool, given: Path) -> None:
