@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adaptrix import convert_adapter
 from adaptrix.api.compile import compile_adapter
+from adaptrix.io.output import MARKER
 
 # Big enough (about 110 MB of float32) that a merged compile takes a while to write.
 SLOW_BASE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
@@ -43,7 +44,9 @@ def kill_while_writing(process: subprocess.Popen, out: Path) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         siblings = list(out.parent.glob(f".{out.name}.adaptrix-tmp-*"))
-        if siblings and any(siblings[0].iterdir()):
+        # A file beside the marker: the watcher that cleans up after a kill starts once the marked
+        # temporary exists, so a kill before the first write tests a leftover the next run removes.
+        if siblings and any(p.name != MARKER for p in siblings[0].iterdir()):
             break
         assert process.poll() is None, process.stderr.read().decode()
         time.sleep(0.002)
