@@ -129,7 +129,13 @@ def _base_missing(base, adapter, tmp, bases):
 
 def _unknown_model_type(base, adapter, tmp, bases):
     odd = Path(shutil.copytree(base, tmp / "odd-base"))
-    _edit_json(odd / "config.json", model_type="mamba")
+    _edit_json(odd / "config.json", model_type="not_a_family")
+    return adapter, odd, [], odd / "config.json"
+
+
+def _other_family(base, adapter, tmp, bases):
+    odd = Path(shutil.copytree(base, tmp / "odd-base"))
+    _edit_json(odd / "config.json", model_type="mamba")  # a family transformers has, other weights
     return adapter, odd, [], odd / "config.json"
 
 
@@ -157,6 +163,7 @@ CASES = {
     "other-size": _other_size,
     "base-missing": _base_missing,
     "unknown-model-type": _unknown_model_type,
+    "config-of-another-family": _other_family,
     "unknown-target": _unknown_target,
     "unknown-dtype": _unknown_dtype,
 }
@@ -188,11 +195,16 @@ def test_bad_input_is_refused(case, valid, bases, tmp_path):
     assert "; " in line.removeprefix(f"error: {named}"), f"no fix in: {line}"
 
 
-def test_unknown_model_type_lists_supported(valid, bases, tmp_path):
+def test_unknown_model_type_says_transformers_does_not_know_it(valid, bases, tmp_path):
     adapter, base, _, named = _unknown_model_type(*valid, tmp_path, bases)
     line = assert_refused(_compile(adapter, base, tmp_path / "out"), tmp_path / "out", named)
-    for model_type in ("gpt2", "llama", "gpt_neox", "phi3", "bert"):
-        assert model_type in line
+    assert "'not_a_family', which this transformers does not know" in line
+
+
+def test_weights_of_another_family_are_refused(valid, bases, tmp_path):
+    adapter, base, _, named = _other_family(*valid, tmp_path, bases)
+    line = assert_refused(_compile(adapter, base, tmp_path / "out"), tmp_path / "out", named)
+    assert "describes a mamba model, which has no module for weight" in line
 
 
 class _RunsCode:

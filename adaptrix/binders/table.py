@@ -42,9 +42,10 @@ class Split:
 class Module:
     """One module of the architecture: its roles (several when fused) and weight layout."""
 
-    roles: tuple[Role, ...]
+    roles: tuple[Role | str, ...]
     layout: Layout = Layout.LINEAR
     split: Split | None = None
+    shape: tuple[int, ...] | None = None  # a module role's stored weight shape, from the module tree
 
     @property
     def is_linear(self) -> bool:
@@ -95,6 +96,8 @@ class Binder:
     tie_default: bool = False
     lm_head_weight: str = "lm_head.weight"
     bottleneck_points: Mapping[str, BlockPoints] = field(default_factory=dict)  # by BottleneckBlock
+    tree_source: SourceModel | None = None  # the dimensions, where the module tree gave them
+    roles_table: bool = True  # whether a table gave the semantic roles (False: module roles only)
     _layer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,13 +112,17 @@ class Binder:
     def resolve(self, name: str) -> Placement | None:
         """Place a module name (any prefix) in this architecture, or None if it has no role."""
         match = self._layer_re.match(name)
+        parts = name.split(".")
+        starts = len(parts)
         if match:
             module = self.layer_modules.get(match.group(2))
-            if module is None:
-                return None
-            return Placement(name, int(match.group(1)), match.group(2), module)
-        for key, module in self.model_modules.items():
-            if name == key or name.endswith("." + key):
+            if module is not None:
+                return Placement(name, int(match.group(1)), match.group(2), module)
+            # inside a layer, only a model-level key that names the layer too may match
+            starts = name[: match.start(1) - len(self.layer_container) - 1].count(".") + 1
+        for start in range(starts):  # the longest key that ends the name
+            key = ".".join(parts[start:])
+            if (module := self.model_modules.get(key)) is not None:
                 return Placement(name, None, key, module)
         return None
 
@@ -125,6 +132,8 @@ class Binder:
 
     def source_model(self, config: Mapping[str, object], path: Path) -> SourceModel:
         """Read the dimensions from a config.json's contents."""
+        if self.tree_source is not None:
+            return self.tree_source
         values = {key: _dimension(self._config_value(config, key, path), key, path)
                   for key in self.config_keys}  # fmt: skip
         hidden, heads = int(values["hidden_size"]), int(values["num_heads"])

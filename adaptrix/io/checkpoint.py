@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from adaptrix.binders import Binder, binder_for_model_type
+from adaptrix.binders import BINDERS, Binder
+from adaptrix.binders.tree import tree_binder
 from adaptrix.io.checkpoint_layout import check_layout
 from adaptrix.io.jsonfile import read_json
 from adaptrix.io.safetensors_io import TensorInfo, read_header, read_tensor
@@ -21,6 +22,7 @@ __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "base_roots", "binder_for"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _FIX_INDEX = "restore the index save_pretrained wrote"
+_FIX_MODEL = "the config.json and the weights are of different models: restore the base as it was saved"
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
@@ -40,8 +42,6 @@ class Checkpoint:
                 fix="pass the base model's directory as --base",
             )
         self.config = read_config(self.path)
-        self.binder: Binder = binder_for_model_type(str(self.config["model_type"]), self.path / "config.json")
-        self.source: SourceModel = self.binder.source_model(self.config, self.path / "config.json")
         self.shards, weight_map = self._shard_files()
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self.shards:
@@ -51,6 +51,8 @@ class Checkpoint:
             self.tensors.update(found)
         if weight_map is not None:
             _check_weight_map(weight_map, self.tensors, self.path / INDEX_NAME)
+        self.binder: Binder = _binder(self.config, self.path / "config.json", self.tensors)
+        self.source: SourceModel = self.binder.source_model(self.config, self.path / "config.json")
         check_layout(self.binder, self.config, self.source, self.tensors, self.path / "config.json")
 
     def _shard_files(self) -> tuple[list[Path], dict[str, str] | None]:
@@ -188,6 +190,22 @@ def read_config(path: Path) -> dict:
 
 
 def binder_for(base: Path) -> Binder:
-    """The binder for a base model directory, chosen from its config.json."""
+    """The binder for a base model directory, chosen from its config.json (its table, else its tree)."""
     config = read_config(base)
-    return binder_for_model_type(str(config["model_type"]), base / "config.json")
+    table = BINDERS.get(str(config["model_type"]))
+    return table if table is not None else tree_binder(config, base / "config.json", None)
+
+
+def _binder(config: dict, file: Path, tensors: dict[str, TensorInfo]) -> Binder:
+    """The family's table where it places every module with a weight; else widened by the module tree."""
+    table = BINDERS.get(str(config["model_type"]))
+    if table is not None and all(
+        table.resolve(name.rpartition(".")[0]) is not None for name in tensors if name.endswith(".weight")
+    ):
+        return table
+    binder = tree_binder(config, file, table)
+    for name in tensors:
+        if name.endswith(".weight") and binder.resolve(name.rpartition(".")[0]) is None:
+            raise BadInputError(f"describes a {config['model_type']} model, which has no module for weight "
+                                f"{name!r} of the base", path=file, fix=_FIX_MODEL)  # fmt: skip
+    return binder

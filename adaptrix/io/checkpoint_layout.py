@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from adaptrix.binders.table import Binder, Layout, Placement
+from adaptrix.binders.table import Binder, Layout, Module, Placement
 from adaptrix.io.safetensors_io import TensorInfo
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.role_shapes import role_shape
@@ -72,6 +72,8 @@ def _required_model_modules(binder: Binder, config: Mapping[str, object], source
 def expected_shape(placement: Placement, param: str, source: SourceModel) -> tuple[int | None, ...] | None:
     """The stored shape a module's weight or bias must have (None: a dimension the config leaves open)."""
     module = placement.module
+    if module.shape is not None:  # a module role: its shape is the module tree's
+        return _tree_shape(module, param)
     shapes = [role_shape(role, source) for role in module.roles]
     outs = [out for out, _ in shapes]
     out = None if None in outs else sum(outs)
@@ -87,6 +89,18 @@ def expected_shape(placement: Placement, param: str, source: SourceModel) -> tup
     return (out, size_in)
 
 
+def _tree_shape(module: Module, param: str) -> tuple[int, ...] | None:
+    """The shape the module tree gives a module role's weight or bias."""
+    shape = module.shape or ()
+    if param == "weight":
+        return shape
+    if param != "bias" or not shape:
+        return None
+    if module.layout is Layout.NORM:
+        return shape
+    return (shape[1],) if module.layout is Layout.CONV1D else (shape[0],)
+
+
 def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
     return len(shape) == len(expected) and all(
         e is None or e == n for n, e in zip(shape, expected, strict=True)
@@ -94,7 +108,14 @@ def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
 
 
 def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, TensorInfo], path: Path) -> None:
-    """Layers 0 .. num_layers - 1 each hold the same tensors; none beyond."""
+    """Layers 0 .. num_layers - 1 each hold the same tensors; none beyond.
+
+    With modules from the module tree (whose layers may differ: MoE layers between dense ones)
+    only the count of layers and the table's modules in layer 0 are checked; shapes are
+    checked module by module against the tree.
+    """
+    if binder.layer_container == "\0":  # no layer stack (an encoder-decoder read from its tree)
+        return
     pattern = re.compile(rf"(?:.*\.)?{re.escape(binder.layer_container)}\.(\d+)\.(.+)")
     layers: dict[int, set[str]] = {}
     for name in tensors:
@@ -111,11 +132,14 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
             fix=_FIX,
         )
     first = layers[0]
-    if lacking := sorted(f"{key}.weight" for key in binder.layer_modules if f"{key}.weight" not in first):
+    table_keys = [key for key, module in binder.layer_modules.items() if module.shape is None]
+    if lacking := sorted(f"{key}.weight" for key in table_keys if f"{key}.weight" not in first):
         where = f"{binder.layer_container}.0.{lacking[0]}"
         raise BadInputError(f"describes a {binder.name} model, but layer 0 of the weights has no {where}",
                             path=path, fix=_FIX_MISSING)  # fmt: skip
     for layer, names in sorted(layers.items()):
+        if binder.tree_source is not None:
+            break  # the tree's layers may differ from one another
         if names != first:
             lacking = sorted(first - names) or sorted(names - first)
             side = "lacks" if first - names else "has an extra"

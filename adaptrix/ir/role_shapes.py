@@ -9,8 +9,10 @@ __all__ = ["NORM_ROLES", "role_shape"]
 NORM_ROLES = frozenset({Role.ATTN_NORM, Role.MLP_NORM, Role.EMBED_NORM, Role.FINAL_NORM})
 
 
-def role_shape(role: Role, source: SourceModel) -> tuple[int | None, int | None]:
+def role_shape(role: Role | str, source: SourceModel) -> tuple[int | None, int | None]:
     """(out, in) of the role's weight; None where the dimensions do not say; in = 0 for 1-D norms."""
+    if not isinstance(role, Role):
+        return (None, None)  # a module role: its module's shape says
     hidden, inter = source.hidden_size, source.intermediate_size
     shapes: dict[Role, tuple[int | None, int | None]] = {
         Role.ATTN_Q: (source.q_size, hidden),

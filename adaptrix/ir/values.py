@@ -35,6 +35,7 @@ __all__ = [
     "Scale",
     "Site",
     "SourceModel",
+    "is_module_role",
     "site_order",
 ]
 
@@ -79,13 +80,22 @@ GLOBAL_ROLES = frozenset(
 
 @dataclass(frozen=True, slots=True, order=True)
 class Site:
-    """Where an op applies: a layer (None for model-level roles) and a role."""
+    """Where an op applies: a layer (None for model-level roles) and a role.
+
+    A role is a semantic `Role`, or for a module no binder table names (an MoE expert, a
+    family without a table) a module role: the module's name inside its layer, or inside
+    the model for a model-level module, as a plain string.
+    """
 
     layer: int | None
-    role: Role
+    role: Role | str
 
     def __post_init__(self) -> None:
         """Check that model-level roles have no layer and layer roles have one."""
+        if not isinstance(self.role, Role):
+            if not isinstance(self.role, str) or not self.role or self.role in _ROLE_VALUES:
+                raise ValueError(f"module role {self.role!r} is not a module name")
+            return
         if (self.layer is None) != (self.role in GLOBAL_ROLES):
             raise ValueError(f"role {self.role} {'needs' if self.layer is None else 'takes no'} layer")
 
@@ -233,8 +243,20 @@ class AdapterIR:
 
 
 _ROLE_ORDER = {role: i for i, role in enumerate(Role)}
+_ROLE_VALUES = frozenset(role.value for role in Role)
 
 
-def site_order(site: Site) -> tuple[int, int]:
-    """Sort key for sites: model-level roles first, then by layer, roles in declaration order."""
-    return (-1 if site.layer is None else site.layer, _ROLE_ORDER[site.role])
+def site_order(site: Site) -> tuple[int, int, str]:
+    """Sort key for sites: model-level roles first, then by layer, roles in declaration order.
+
+    Module roles come after the semantic ones of their layer, by name.
+    """
+    layer = -1 if site.layer is None else site.layer
+    if isinstance(site.role, Role):
+        return (layer, _ROLE_ORDER[site.role], "")
+    return (layer, len(_ROLE_ORDER), site.role)
+
+
+def is_module_role(role: Role | str) -> bool:
+    """Whether a role is a module's name (no binder table gave it a semantic role)."""
+    return not isinstance(role, Role)
