@@ -14,7 +14,7 @@ from types import MappingProxyType
 import torch
 
 from adaptrix.ir.bottleneck import Bottleneck, BottleneckBlock, LayerNormParams
-from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.kinds import Factored, Scale
 from adaptrix.ir.lazy import LazyTensor
 
@@ -36,6 +36,7 @@ __all__ = [
     "Site",
     "SourceModel",
     "is_module_role",
+    "refuse_module_roles",
     "site_order",
 ]
 
@@ -255,6 +256,17 @@ def site_order(site: Site) -> tuple[int, int, str]:
     if isinstance(site.role, Role):
         return (layer, _ROLE_ORDER[site.role], "")
     return (layer, len(_ROLE_ORDER), site.role)
+
+
+def refuse_module_roles(ir: AdapterIR, what: str) -> None:
+    """Refuse an IR with a module role (a site no binder table named), for work that needs roles."""
+    for site, _ in ir:
+        if is_module_role(site.role):
+            raise UnsupportedError(
+                f"{what}, and {site} of the {ir.source.arch} base has none",
+                fix=f"add a role table for {ir.source.arch} in adaptrix/binders/ (see docs/support.md), "
+                "or compile without it",
+            )
 
 
 def is_module_role(role: Role | str) -> bool:

@@ -34,13 +34,14 @@ PASSES = register(
     Pass("redistribute", "per-layer deltas onto another depth or chosen layers (each role's total kept)",
          RedistributeOptions, redistribute, uses_base=True),
     Pass("project", "deltas to the base's hidden / intermediate sizes and heads: svd, truncate, interpolate",
-         ProjectOptions, project, uses_base=True),
+         ProjectOptions, project, uses_base=True, roles=True),
     Pass("refit", "LoRA A factors refit on data for a base of the same shape (trained further, tuned)",
          RefitOptions, refit, uses_base=True),
     Pass("distill", "LoRA trained on the base to match the adapted source's answers (data, gradient steps)",
          DistillOptions, distill, uses_base=True),
     Pass("fuse-hybrid", "a LoRA and bottleneck adapters into one; linear bottlenecks folded exactly",
-         FuseHybridOptions, fuse_hybrid, several=True, uses_base=True, bottlenecks=True),
+         FuseHybridOptions, fuse_hybrid, several=True, uses_base=True, bottlenecks=True,
+         roles=True),
 )  # fmt: skip
 
 

@@ -33,7 +33,8 @@ class Pass:
     IRs instead and makes one from them. A pass with `uses_base` set (redistribute, project) is
     called as `run(ir, options, base)` with the Checkpoint of the base being compiled for; its
     input IR may be in other dimensions than the base's (an AIR adapter made for another model).
-    Only a pass with `bottlenecks` set (fuse-hybrid) takes IRs holding Bottleneck ops.
+    Only a pass with `bottlenecks` set (fuse-hybrid) takes IRs holding Bottleneck ops. A pass
+    with `roles` set (project, fuse-hybrid) needs semantic roles: module roles are refused.
     """
 
     name: str
@@ -43,6 +44,7 @@ class Pass:
     several: bool = False
     uses_base: bool = False
     bottlenecks: bool = False
+    roles: bool = False
 
 
 def parse_options(spec: Pass, text: str) -> Any:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.bottleneck import refuse_bottlenecks
 from adaptrix.ir.errors import AdaptrixError, BadInputError
-from adaptrix.ir.values import AdapterIR
+from adaptrix.ir.values import AdapterIR, refuse_module_roles
 from adaptrix.passes import parse_pass
 
 __all__ = ["run_passes"]
@@ -34,6 +34,8 @@ def run_passes(
             for ir in irs if not spec.bottlenecks else ():
                 refuse_bottlenecks(ir, "only fuse-hybrid rewrites bottleneck adapters",
                                    fix="compile without --pass, or pass only the LoRA adapter")  # fmt: skip
+            for ir in irs if spec.roles else ():
+                refuse_module_roles(ir, "needs semantic roles (attn_q, mlp_down, ...)")
             extra = (base,) if spec.uses_base else ()
             if spec.several:
                 if len(irs) < 2:

@@ -17,7 +17,18 @@ from adaptrix.io.safetensors_io import PlannedTensor, write_safetensors
 from adaptrix.ir.bottleneck import refuse_bottlenecks
 from adaptrix.ir.errors import UnsupportedError, site_context
 from adaptrix.ir.factored_low_rank import factored_as_low_rank, low_rank_record
-from adaptrix.ir.values import AdapterIR, Bias, DoRA, LazyTensor, LowRank, Op, Replace, Site, site_order
+from adaptrix.ir.values import (
+    AdapterIR,
+    Bias,
+    DoRA,
+    LazyTensor,
+    LowRank,
+    Op,
+    Replace,
+    Site,
+    refuse_module_roles,
+    site_order,
+)
 
 __all__ = ["air_metadata", "write_air_file"]
 
@@ -32,6 +43,7 @@ def write_air_file(
     """
     refuse_bottlenecks(ir, "AIR cannot hold bottleneck adapters yet",
                        fix="compile the AdapterHub adapter directly (--target hooks)")  # fmt: skip
+    refuse_module_roles(ir, "AIR is architecture-agnostic and needs semantic roles (attn_q, mlp_down, ...)")
     if forms := low_rank_record(ir):
         ir, provenance = factored_as_low_rank(ir), {**provenance, "low_rank_forms": forms}
     entries, tensors = _layout(ir)
