@@ -15,6 +15,18 @@ from adaptrix.io.hashing import hash_early, hash_files
 runner = CliRunner()
 
 
+def test_archs_all_lists_every_text_family_and_what_it_compiles_to():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as SEQ2SEQ
+
+    table = runner.invoke(app, ["archs", "--all", "--markdown"])
+    assert table.exit_code == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.stdout.splitlines()[2:]}
+    assert set(SEQ2SEQ) <= set(rows) and set(BINDERS) <= set(rows)
+    assert rows["llama"] == "| llama | llama table | yes | yes | yes | yes |"
+    assert rows["t5"] == "| t5 | module tree | yes | yes | yes | no |" or "t5 table" in rows["t5"]
+    assert rows["gpt2"].startswith("| gpt2 | gpt2 table (fused splits) |")
+
+
 def test_archs_and_targets_list_the_registries():
     archs = runner.invoke(app, ["archs"])
     assert archs.exit_code == 0

@@ -53,12 +53,26 @@ def inspect_command(
 
 
 @app.command("archs")
-def archs_command() -> None:
-    """List the supported model architectures (model_type values)."""
-    from adaptrix.binders import BINDERS
+def archs_command(
+    everything: Annotated[
+        bool, typer.Option("--all", help="also every text family transformers has (module tree)")
+    ] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print a markdown table")] = False,
+) -> None:
+    """List the model families and what each compiles to (merged, hooks, onnx, roles for passes / AIR)."""
+    from adaptrix.api.archs import FAMILY_COLUMNS, families, families_markdown
 
-    for model_type, binder in sorted(BINDERS.items()):
-        out.print(f"{model_type:12} {binder.name} binder")
+    if markdown:
+        out.print(families_markdown(everything), end="", markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(*FAMILY_COLUMNS)
+    for row in families(everything):
+        table.add_row(*(cell(row[column]) for column in FAMILY_COLUMNS))
+    out.print(table)
+    if not everything:
+        note = ("any other family transformers can build: merged, hooks and --to peft through its "
+                "module tree, onnx where optimum exports it; see --all")  # fmt: skip
+        out.print(note, markup=False, highlight=False)
 
 
 @app.command("targets")
