@@ -33,12 +33,22 @@ def load_auto(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module
         kind = transformers.AutoModelForCausalLM
     elif any(a.endswith("ForSequenceClassification") for a in architectures):
         kind = transformers.AutoModelForSequenceClassification
+    elif any(a.endswith("ForMaskedLM") for a in architectures):
+        kind = transformers.AutoModelForMaskedLM
+    elif config.get("is_encoder_decoder") and any(a.endswith("Generation") for a in architectures):
+        kind = transformers.AutoModelForSeq2SeqLM
     return kind.from_pretrained(path, dtype=dtype, trust_remote_code=False).eval()
 
 
 @torch.no_grad()
 def forward(model: torch.nn.Module, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits (or an encoder's last hidden state) as float32."""
+    """Logits (or an encoder's last hidden state) as float32.
+
+    An encoder-decoder reads the ids on both sides (teacher forcing): the logits then depend on
+    the encoder's, the decoder's and the cross-attention's modules.
+    """
+    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" not in feeds:
+        feeds = {**feeds, "decoder_input_ids": feeds["input_ids"]}
     output = model(**feeds)
     value = getattr(output, "logits", None)
     return (value if value is not None else output.last_hidden_state).float()
