@@ -195,6 +195,55 @@ def test_cli_decodes_text_when_the_artifact_has_a_tokenizer(built, tmp_path):
     assert text == " ".join(f"w{i}" for i in ids.split(","))
 
 
+def _words(artifact, chat_template: str | None = None) -> None:
+    """A word-level tokenizer for the tiny vocabulary: w0 .. w127, split on spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(artifact)
+
+
+def test_cli_run_prompt_generates_pefts_tokens_and_prints_their_text(built, tmp_path):
+    made = built("llama")
+    artifact = shutil.copytree(made.merged, tmp_path / "with-tokenizer")
+    _words(artifact, "{% for m in messages %}w1 {{ m['content'] }} {% endfor %}w2")
+    expected = peft_generate(made, "one", [5, 6, 7])
+    result = runner.invoke(app, ["run", str(artifact), "--prompt", "w5 w6 w7", "--max-new-tokens",
+                                 str(NEW_TOKENS), "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)["results"][0]
+    assert found["prompt_ids"] == [5, 6, 7] and found["generated_ids"] == expected
+    assert found["text"] == " ".join(f"w{i}" for i in expected)
+    plain = runner.invoke(app, ["run", str(artifact), "--prompt", "w5 w6 w7", "--max-new-tokens", "3"])
+    assert plain.stdout.strip().splitlines()[-1] == " ".join(f"w{i}" for i in expected[:3])
+    chat = runner.invoke(app, ["run", str(artifact), "--prompt", "w5 w6", "--chat", "--json",
+                               "--max-new-tokens", str(NEW_TOKENS)])  # fmt: skip
+    assert chat.exit_code == 0, chat.output
+    chatted = json.loads(chat.stdout)["results"][0]
+    assert chatted["prompt_ids"] == [1, 5, 6, 2]
+    assert chatted["generated_ids"] == peft_generate(made, "one", [1, 5, 6, 2])
+
+
+def test_cli_run_prompt_refusals(built, tmp_path):
+    bare = built("llama").merged
+    for args, message in (
+        (["--prompt", "w5"], "has no tokenizer transformers can load"),
+        (["--prompt", "w5", "--prompt-ids", "5"], "either as --prompt TEXT or as --prompt-ids"),
+        ([], "either as --prompt TEXT or as --prompt-ids"),
+        (["--prompt-ids", "5", "--chat"], "--chat applies to --prompt"),
+    ):
+        result = runner.invoke(app, ["run", str(bare), *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+    artifact = shutil.copytree(bare, tmp_path / "no-template")
+    _words(artifact)
+    result = runner.invoke(app, ["run", str(artifact), "--prompt", "w5", "--chat"])
+    assert result.exit_code == 2 and "without a chat template" in result.output
+
+
 def _wrong_shape(params):
     name = next(k for k in params if k.endswith("q_proj.lora_A"))
     params[name] = np.zeros((33, 4), np.float32)

@@ -21,8 +21,16 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def run_command(
     artifact: Annotated[Path, typer.Argument(help="ONNX artifact directory (onnx-cpu / onnx-cuda).")],
     prompt_ids: Annotated[
-        list[str], typer.Option("--prompt-ids", help="Token ids, comma-separated; repeat for more inputs.")
-    ],
+        list[str] | None,
+        typer.Option("--prompt-ids", help="Token ids, comma-separated; repeat for more inputs."),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("--prompt", help="Text, tokenized by the artifact's tokenizer; repeat for more."),
+    ] = None,
+    chat: Annotated[
+        bool, typer.Option("--chat", help="--prompt as a user message in the tokenizer's chat template.")
+    ] = False,
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", help="Decoders: ids to generate (16).")
     ] = None,
@@ -37,7 +45,12 @@ def run_command(
     """Run an ONNX artifact: generated ids for decoders, the output rows for encoders."""
     from adaptrix.runtimes.onnx.session import open_onnx
 
-    prompts = call(lambda: [_parse_ids(text) for text in prompt_ids])
+    if bool(prompt_ids) == bool(prompt) or (chat and not prompt):
+        call(lambda: _refuse_prompts(chat))
+    if prompt:
+        prompts = call(lambda: _encode(artifact, prompt, chat))
+    else:
+        prompts = call(lambda: [_parse_ids(text) for text in prompt_ids or ()])
     model = call(lambda: open_onnx(artifact, provider, threads))
     results = call(lambda: _run_prompts(model, prompts, max_new_tokens, adapter, eos))
     decode = call(lambda: _tokenizer_decode(artifact)) if model.is_decoder else None
@@ -71,6 +84,35 @@ def _run_prompts(model, prompts: list[list[int]], max_new_tokens: int | None, ad
             for ids in prompts]  # fmt: skip
 
 
+def _refuse_prompts(chat: bool) -> None:
+    if chat:
+        raise BadInputError("--chat applies to --prompt", fix="give the text with --prompt")
+    raise BadInputError("give the inputs either as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
+
+
+def _encode(artifact: Path, texts: list[str], chat: bool) -> list[list[int]]:
+    """Each text as token ids of the artifact's own tokenizer (with `chat`, in its chat template)."""
+    tokenizer = _tokenizer(artifact)
+    if tokenizer is None:
+        raise BadInputError("has no tokenizer transformers can load, so --prompt cannot be tokenized",
+                            path=artifact, fix="pass token ids with --prompt-ids")  # fmt: skip
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise BadInputError("has a tokenizer without a chat template", path=artifact,
+                            fix="drop --chat, or compile from a base whose tokenizer has one")  # fmt: skip
+    ids = []
+    for text in texts:
+        if chat:
+            message = [{"role": "user", "content": text}]
+            encoded = tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True)
+            encoded = encoded["input_ids"] if isinstance(encoded, dict) else encoded
+        else:
+            encoded = tokenizer(text)["input_ids"]
+        if not encoded:
+            raise BadInputError(f"--prompt {text[:40]!r} has no tokens", fix="give a non-empty text")
+        ids.append([int(i) for i in encoded])
+    return ids
+
+
 def _parse_ids(text: str) -> list[int]:
     """Comma-separated token ids as a list of ints."""
     try:
@@ -81,7 +123,13 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _tokenizer_decode(artifact: Path) -> Callable[[list[int]], str] | None:
-    """The decode of the artifact's tokenizer, when it holds tokenizer files transformers can load.
+    """The decode of the artifact's tokenizer, when it holds tokenizer files transformers can load."""
+    tokenizer = _tokenizer(artifact)
+    return None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def _tokenizer(artifact: Path):
+    """The artifact's tokenizer, when it holds tokenizer files transformers can load.
 
     Never the artifact's own Python (`auto_map`): transformers would ask on stdout whether to run
     it; with trust_remote_code=False it uses its own class or refuses, and the ids stay undecoded.
@@ -91,7 +139,7 @@ def _tokenizer_decode(artifact: Path) -> Callable[[list[int]], str] | None:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(artifact, trust_remote_code=False, local_files_only=True).decode
+        return AutoTokenizer.from_pretrained(artifact, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         text = " ".join(str(exc).split())
         if _asks_for_code(artifact / "tokenizer_config.json"):
