@@ -228,6 +228,7 @@ def test_every_command_wraps_its_api_call(command, monkeypatch, tmp_path):
 
     monkeypatch.setattr(api, fail)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "b").mkdir()  # the base, which compile resolves before the call
     line = one_error_line(runner.invoke(app, args))
     assert "/data/model.safetensors: Input/output error (EIO)" in line
 

@@ -17,6 +17,7 @@ from adaptrix.frontends.air.adapter import AirAdapter
 from adaptrix.frontends.air.lower import fit_ir
 from adaptrix.frontends.formats import lower_adapter, read_adapter, source_ir
 from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.io.hub import resolve_base
 from adaptrix.io.output import atomic_output
 from adaptrix.io.output_guard import check_output
 from adaptrix.ir.errors import AdaptrixError, BadInputError
@@ -66,7 +67,7 @@ def load(adapter: Path | str, base: Path | str | Checkpoint) -> AdapterIR:
 
 def compile_adapter(
     adapter: Path | str | Sequence[Path | str],
-    base: Path | str,
+    base: Path | str | None,
     target: str,
     out: Path | str,
     *,
@@ -80,11 +81,13 @@ def compile_adapter(
     """Compile adapters (PEFT directories or AIR files), after `passes` (`NAME:k=v,...`), into `out`.
 
     `progress(done, total)` counts the bytes the target has written; `phase(label)` names each long
-    phase as it begins (the ONNX targets' first export of a base takes minutes).
+    phase as it begins (the ONNX targets' first export of a base takes minutes). `base` is a
+    directory or a hub id in the local Hugging Face cache; None: the adapter's own base, if cached.
     """
+    adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
+    base = resolve_base(base, adapters)
     prepare_compile(base)  # the base's files hash on a thread while the rest is read and checked
     emit = target_named(target)
-    adapters = [Path(adapter)] if isinstance(adapter, str | Path) else [Path(a) for a in adapter]
     options = {key: value for key, value in (options or {}).items() if value is not None}
     combining = any(parse_pass(text)[0].several for text in passes)
     _check_options(emit, adapters, options, combining)

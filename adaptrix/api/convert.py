@@ -15,6 +15,7 @@ from adaptrix.frontends.formats import ReadAdapter, format_name, lower_adapter, 
 from adaptrix.frontends.peft.config import CONFIG_NAME
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import hash_files
+from adaptrix.io.hub import is_hub_id, resolve_base
 from adaptrix.io.output import atomic_file, atomic_output
 from adaptrix.ir.errors import AdaptrixError, BadInputError
 from adaptrix.targets.air import write_air_file
@@ -96,7 +97,7 @@ def _write_peft_manifest(out: Path, groups: dict, files: list[str], sites: int) 
 def _base_for(source: ReadAdapter, base: Path | None, to: str) -> Path | None:
     """The base to lower onto: --base, else a PEFT adapter's own local base, else none (AIR to AIR)."""
     if base is not None:
-        return base
+        return resolve_base(base)
     if isinstance(source, AirAdapter):
         if to == "peft":
             raise BadInputError(
@@ -110,6 +111,8 @@ def _base_for(source: ReadAdapter, base: Path | None, to: str) -> Path | None:
     if isinstance(recorded, str) and recorded and (Path(recorded) / "config.json").is_file():
         logger.info("lowering onto %s, the base named in %s", recorded, CONFIG_NAME)
         return Path(recorded)
+    if isinstance(recorded, str) and is_hub_id(recorded):
+        return resolve_base(recorded)
     raise BadInputError(
         f"needs --base: its {CONFIG_NAME} names no local base directory ({recorded!r})",
         path=source.path,

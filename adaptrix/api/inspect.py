@@ -13,6 +13,7 @@ from adaptrix.frontends.air.lower import lower_air
 from adaptrix.frontends.peft.adapter import lower_peft
 from adaptrix.frontends.peft.weights import PeftAdapter, read_peft
 from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.io.hub import resolve_base
 from adaptrix.ir.values import (
     LazyTensor,
 )
@@ -24,6 +25,7 @@ _FACTOR_KINDS = {"hada_": "loha", "lokr_": "lokr", "ia3_l": "ia3", "vera_": "ver
 
 def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict:
     """Describe an adapter (per IR site with a base, else per PEFT module), a bundle or an .onnx_adapter."""
+    base = None if base is None else resolve_base(base)
     if is_onnx_adapter(adapter):
         return inspect_onnx_adapter(adapter)
     if _is_bundle(Path(adapter)):

@@ -26,6 +26,7 @@ import torch
 
 from adaptrix.api.parity_run import BACKENDS, artifact_manifest, reference_outputs, run_backend
 from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.io.hub import resolve_base
 from adaptrix.io.jsonfile import read_json
 from adaptrix.io.output_guard import check_outside_inputs
 from adaptrix.ir.errors import AdaptrixError, BadInputError
@@ -131,7 +132,7 @@ def read_inputs(path: Path | None, vocab_size: int) -> dict[str, torch.Tensor]:
 
 def parity(
     adapter: Path | str,
-    base: Path | str,
+    base: Path | str | None,
     targets: Sequence[str],
     *,
     inputs: Path | str | None = None,
@@ -151,6 +152,7 @@ def parity(
     given = {target: Path(path) for target, path in (artifacts or {}).items()}
     for target, path in given.items():
         artifact_manifest(target, path)
+    base = resolve_base(base, [Path(adapter)])
     checkpoint = Checkpoint(base)
     feeds = read_inputs(Path(inputs) if inputs else None, checkpoint.source.vocab_size)
     if work_dir is not None:

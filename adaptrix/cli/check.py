@@ -18,7 +18,10 @@ __all__ = ["parity_command", "verify_command"]
 @app.command("parity")
 def parity_command(
     adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory or AIR file.")],
-    base: Annotated[Path, typer.Option("--base", help="Base model directory (safetensors).")],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Base model: a directory or a cached hub id (default: the adapter's)."),
+    ] = None,
     targets: Annotated[
         str | None,
         typer.Option(

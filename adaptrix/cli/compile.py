@@ -11,6 +11,7 @@ import typer
 from adaptrix.api.process import prepare_compile
 from adaptrix.cli.base import app, call, err, out
 from adaptrix.cli.progress import CompileProgress
+from adaptrix.io.hub import resolve_base
 from adaptrix.ir.errors import BadInputError
 
 __all__ = ["compile_command", "convert_command"]
@@ -19,8 +20,15 @@ __all__ = ["compile_command", "convert_command"]
 @app.command("compile")
 def compile_command(
     adapters: Annotated[list[Path], typer.Argument(help="PEFT adapter directories or AIR files.")],
-    base: Annotated[Path, typer.Option("--base", help="Base model directory (safetensors).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            help="Base model: a directory, or a hub id in the local Hugging Face cache "
+            "(default: the adapter's base_model_name_or_path, if cached).",
+        ),
+    ] = None,
     target: Annotated[str, typer.Option("--target", help="Target; see `adaptrix targets`.")] = "merged",
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="Output dtype (default: the target's).")
@@ -50,6 +58,7 @@ def compile_command(
 ) -> None:
     """Compile ADAPTERS for BASE into OUTPUT."""
     call(lambda: _refuse_flag_values(adapters))
+    base = call(lambda: resolve_base(base, adapters))
     call(lambda: prepare_compile(base))  # before torch loads (adaptrix.api.process)
     from adaptrix.api.compile import compile_adapter
 

@@ -20,7 +20,9 @@ def inspect_command(
     adapter: Annotated[
         Path, typer.Argument(help="PEFT or AdapterHub adapter directory, AIR file, or a hooks bundle.")
     ],
-    base: Annotated[Path | None, typer.Option("--base", help="Base model: show IR sites.")] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model (a directory or a cached hub id): show IR sites.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Show an adapter's layers, roles, ranks, scales, parameters and bytes."""
