@@ -1,4 +1,7 @@
-"""LLaMA, Mistral, Qwen2: separate q/k/v/o and gate/up/down projections (Qwen2 adds q/k/v biases)."""
+"""LLaMA, Mistral, Qwen2, Qwen3: separate q/k/v/o and gate/up/down projections.
+
+Qwen2 adds q/k/v biases; Qwen3 per-head q_norm / k_norm, which have no role.
+"""
 
 from adaptrix.binders.table import Binder, BlockPoints, Layout, Module
 from adaptrix.ir.values import Role
@@ -27,7 +30,7 @@ HEADS = {
 
 BINDER = Binder(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     layer_container="layers",
     layer_modules={
         "self_attn.q_proj": Module((Role.ATTN_Q,)),

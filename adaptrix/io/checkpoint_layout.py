@@ -94,12 +94,14 @@ def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
 
 
 def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, TensorInfo], path: Path) -> None:
-    """Layers 0 .. num_layers - 1 each hold the same tensors; none beyond."""
+    """Layers 0 .. num_layers - 1 each hold the same tensors (optional modules aside); none beyond."""
     pattern = re.compile(rf"(?:.*\.)?{re.escape(binder.layer_container)}\.(\d+)\.(.+)")
     layers: dict[int, set[str]] = {}
     for name in tensors:
         if match := pattern.fullmatch(name):
-            layers.setdefault(int(match.group(1)), set()).add(match.group(2))
+            layers.setdefault(int(match.group(1)), set())
+            if match.group(2).rpartition(".")[0] not in binder.optional_modules:
+                layers[int(match.group(1))].add(match.group(2))
     count = source.num_layers
     # count distinct numbers from 0 to count - 1 are exactly the layers (range(count) may be huge)
     complete = len(layers) == count and min(layers, default=0) == 0 and max(layers, default=-1) == count - 1
@@ -111,7 +113,8 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
             fix=_FIX,
         )
     first = layers[0]
-    if lacking := sorted(f"{key}.weight" for key in binder.layer_modules if f"{key}.weight" not in first):
+    required = [key for key in binder.layer_modules if key not in binder.optional_modules]
+    if lacking := sorted(f"{key}.weight" for key in required if f"{key}.weight" not in first):
         where = f"{binder.layer_container}.0.{lacking[0]}"
         raise BadInputError(f"describes a {binder.name} model, but layer 0 of the weights has no {where}",
                             path=path, fix=_FIX_MISSING)  # fmt: skip
