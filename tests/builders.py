@@ -41,6 +41,7 @@ _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _QK_NORM = r"self_attn\.[qk]_norm"
 _POST_NORMS = r"post_(attention|feedforward)_layernorm"
+_GEMMA_NORMS = (r"\w+_layernorm", r"model\.norm")  # (1 + weight) RMSNorms: see binders/gemma.py
 _MOE = dict(_DECODER, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 _GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
 
@@ -71,14 +72,16 @@ FAMILIES: dict[str, Family] = {
         tf.RobertaConfig, tf.RobertaForSequenceClassification,
         dict(_ENCODER, pad_token_id=1), ("query", "key", "value", "dense"), encoder=True,
     ),
-    "gemma": Family(tf.GemmaConfig, tf.GemmaForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS),
+    "gemma": Family(
+        tf.GemmaConfig, tf.GemmaForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS, unnamed=_GEMMA_NORMS
+    ),
     "gemma2": Family(
         tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS,
-        unnamed=(_POST_NORMS,),
+        unnamed=_GEMMA_NORMS,
     ),
     "gemma3_text": Family(
         tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS,
-        unnamed=(_POST_NORMS, _QK_NORM),
+        unnamed=(*_GEMMA_NORMS, _QK_NORM),
     ),
     "qwen3": Family(
         tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS, unnamed=(_QK_NORM,)

@@ -12,7 +12,6 @@ from adaptrix.binders import (
     deberta_v2,
     falcon,
     gemma,
-    gemma2,
     gpt2,
     gpt_bigcode,
     gpt_neox,
@@ -43,7 +42,7 @@ def _register(*binders: Binder) -> Mapping[str, Binder]:
 
 BINDERS = _register(
     gpt2.BINDER, llama.BINDER, gpt_neox.BINDER, phi3.BINDER, bert.BINDER,
-    gemma.BINDER, gemma2.BINDER, moe.BINDER, phi.BINDER, olmo.BINDER, olmo2.BINDER, granite.BINDER,
+    gemma.BINDER, moe.BINDER, phi.BINDER, olmo.BINDER, olmo2.BINDER, granite.BINDER,
     stablelm.BINDER, starcoder2.BINDER, falcon.BINDER, gptj.BINDER, opt.BINDER, bloom.BINDER,
     gpt_bigcode.BINDER, cohere.BINDER, smollm3.BINDER, deberta_v2.BINDER, modernbert.BINDER,
 )  # fmt: skip

@@ -1,7 +1,6 @@
 """Cohere (Command R): LLaMA's projections run in parallel on one LayerNorm (weight, no bias)."""
 
-from adaptrix.binders.gemma2 import ATTENTION, MLP
-from adaptrix.binders.llama import DECODER_CONFIG_KEYS, HEADS
+from adaptrix.binders.llama import ATTENTION, DECODER_CONFIG_KEYS, HEADS, MLP
 from adaptrix.binders.table import Binder, Layout, Module
 from adaptrix.ir.values import Role
 

@@ -16,6 +16,19 @@ DECODER_CONFIG_KEYS = {
     "vocab_size": ("vocab_size",),
 }
 
+ATTENTION = {
+    "self_attn.q_proj": Module((Role.ATTN_Q,)),
+    "self_attn.k_proj": Module((Role.ATTN_K,)),
+    "self_attn.v_proj": Module((Role.ATTN_V,)),
+    "self_attn.o_proj": Module((Role.ATTN_O,)),
+}
+
+MLP = {
+    "mlp.gate_proj": Module((Role.MLP_GATE,)),
+    "mlp.up_proj": Module((Role.MLP_UP,)),
+    "mlp.down_proj": Module((Role.MLP_DOWN,)),
+}
+
 NORMS = {
     "input_layernorm": Module((Role.ATTN_NORM,), Layout.NORM),
     "post_attention_layernorm": Module((Role.MLP_NORM,), Layout.NORM),
@@ -32,16 +45,7 @@ BINDER = Binder(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3"),
     layer_container="layers",
-    layer_modules={
-        "self_attn.q_proj": Module((Role.ATTN_Q,)),
-        "self_attn.k_proj": Module((Role.ATTN_K,)),
-        "self_attn.v_proj": Module((Role.ATTN_V,)),
-        "self_attn.o_proj": Module((Role.ATTN_O,)),
-        "mlp.gate_proj": Module((Role.MLP_GATE,)),
-        "mlp.up_proj": Module((Role.MLP_UP,)),
-        "mlp.down_proj": Module((Role.MLP_DOWN,)),
-        **NORMS,
-    },
+    layer_modules={**ATTENTION, **MLP, **NORMS},
     model_modules=HEADS,
     config_keys=DECODER_CONFIG_KEYS,
     # The decoder layer adds each block's output to its residual, which enters the next norm.

@@ -5,8 +5,7 @@ The router (`mlp.gate`, `block_sparse_moe.gate`), the experts (`...experts.N.gat
 weight per layer, and an expert is one of many.
 """
 
-from adaptrix.binders.gemma2 import ATTENTION
-from adaptrix.binders.llama import DECODER_CONFIG_KEYS, HEADS, NORMS
+from adaptrix.binders.llama import ATTENTION, DECODER_CONFIG_KEYS, HEADS, NORMS
 from adaptrix.binders.table import Binder
 
 BINDER = Binder(

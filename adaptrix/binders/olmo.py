@@ -1,7 +1,6 @@
 """OLMo: LLaMA's projections; its LayerNorms are non-parametric (no weight), so no norm has a role."""
 
-from adaptrix.binders.gemma2 import ATTENTION, MLP
-from adaptrix.binders.llama import DECODER_CONFIG_KEYS
+from adaptrix.binders.llama import ATTENTION, DECODER_CONFIG_KEYS, MLP
 from adaptrix.binders.table import Binder, Layout, Module
 from adaptrix.ir.values import Role
 

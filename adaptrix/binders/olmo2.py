@@ -5,8 +5,7 @@ residual add; nothing normalises a block's input, so ATTN_NORM / MLP_NORM (a blo
 scale, as passes read it) name nothing here. The final norm does feed the head.
 """
 
-from adaptrix.binders.gemma2 import ATTENTION, MLP
-from adaptrix.binders.llama import DECODER_CONFIG_KEYS, HEADS
+from adaptrix.binders.llama import ATTENTION, DECODER_CONFIG_KEYS, HEADS, MLP
 from adaptrix.binders.table import Binder
 
 BINDER = Binder(

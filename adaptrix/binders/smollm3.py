@@ -12,5 +12,4 @@ BINDER = Binder(
     model_modules=HEADS,
     config_keys=DECODER_CONFIG_KEYS,
     tie_default=True,
-    bottleneck_points=LLAMA.bottleneck_points,
 )

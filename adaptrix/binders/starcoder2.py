@@ -1,7 +1,6 @@
 """StarCoder2: q/k/v/o with biases, a plain MLP c_fc / c_proj, LayerNorms; embeddings tied by default."""
 
-from adaptrix.binders.gemma2 import ATTENTION
-from adaptrix.binders.llama import DECODER_CONFIG_KEYS, HEADS, NORMS
+from adaptrix.binders.llama import ATTENTION, DECODER_CONFIG_KEYS, HEADS, NORMS
 from adaptrix.binders.table import Binder, Module
 from adaptrix.ir.values import Role
 
