@@ -1,14 +1,18 @@
 """Role tables of the families people fine-tune: tiny checkpoints load, fused splits match the modules'
-own forward, and LoRA on every linear module compiles to merged and hooks equal to PEFT's forward."""
+own forward, LoRA on every linear module compiles to merged and hooks equal to PEFT's forward, and
+through AIR and the redistribute pass."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 
 import pytest
 import torch
 import transformers as tf
 from builders import (
+    FAMILIES,
     FP32_TOLERANCE,
     load_model,
     make_adapter,
@@ -264,3 +268,46 @@ def test_air_round_trip_of_fused_families(family, overrides, bases, tmp_path):
     expected = peft_logits(family, base, adapter, inputs)
     assert (model_logits(family, tmp_path / "merged", inputs) - expected).abs().max() <= FP32_TOLERANCE
     assert load_model(family, tmp_path / "merged") is not None
+
+
+def _grow_deeper(family: str, source_dir, out_dir, positions: tuple[int, ...], depth: int):
+    """A deeper model of `family` computing what `source_dir` computes (growth.py's, for any table).
+
+    Source layer i sits at positions[i]; every other layer copies its nearest placed layer with its
+    attention output and MLP down projections (found by role) zeroed, so the residual passes through.
+    """
+    source = load_model(family, source_dir)
+    binder = BINDERS[source.config.model_type]
+    layer_re = re.compile(rf"(.*\.{binder.layer_container}\.)(\d+)\.(.+)")
+    config = copy.deepcopy(source.config)
+    config.num_hidden_layers = depth
+    old = source.state_dict()
+    new = {key: value for key, value in old.items() if not layer_re.fullmatch(key)}
+    for key, value in old.items():
+        if match := layer_re.fullmatch(key):
+            placement = binder.resolve(key.rpartition(".")[0])
+            outputs = placement is not None and {Role.ATTN_O, Role.MLP_DOWN} & set(placement.module.roles)
+            for layer in range(depth):
+                if max([i for i, p in enumerate(positions) if p <= layer] or [0]) == int(match.group(2)):
+                    zero = outputs and layer not in positions
+                    new[f"{match.group(1)}{layer}.{match.group(3)}"] = value * 0 if zero else value.clone()
+    model = FAMILIES[family].model(config).eval()
+    model.load_state_dict(new, strict=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@pytest.mark.parametrize(("family", "overrides"), [
+    ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2)), ("opt", {}), ("phi", {}),
+])  # fmt: skip
+def test_redistribute_carries_an_adapter_onto_a_grown_base(family, overrides, bases, tmp_path):
+    source = bases(family, "four-layers" + json.dumps(overrides), num_hidden_layers=4, **overrides)
+    deeper = _grow_deeper(family, source, tmp_path / "deeper", (1, 2, 5, 7), 8)
+    inputs = sample_inputs(family)
+    assert (model_logits(family, deeper, inputs) - model_logits(family, source, inputs)).abs().max() <= 1e-5
+    adapter = make_adapter(family, source, tmp_path / "adapter", target_modules="all-linear")
+    air = tmp_path / "adapter.air"
+    cli("convert", adapter, "--to", "air", "-o", air, "--base", source)
+    compile_adapter(air, deeper, "merged", tmp_path / "out", passes=["redistribute:layers=1,2,5,7"])
+    expected = peft_logits(family, source, adapter, inputs)
+    assert (model_logits(family, tmp_path / "out", inputs) - expected).abs().max() <= FP32_TOLERANCE
