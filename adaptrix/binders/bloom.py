@@ -7,15 +7,15 @@ BINDER = Binder(
     name="bloom",
     model_types=("bloom",),
     layer_container="h",
-    layer_modules={
+    layer_modules={  # in the model's own module order
+        "input_layernorm": Module((Role.ATTN_NORM,), Layout.NORM),
         "self_attention.query_key_value": Module(
             (Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V), split=Split("headwise", ("q", "k", "v"))
         ),
         "self_attention.dense": Module((Role.ATTN_O,)),
+        "post_attention_layernorm": Module((Role.MLP_NORM,), Layout.NORM),
         "mlp.dense_h_to_4h": Module((Role.MLP_UP,)),
         "mlp.dense_4h_to_h": Module((Role.MLP_DOWN,)),
-        "input_layernorm": Module((Role.ATTN_NORM,), Layout.NORM),
-        "post_attention_layernorm": Module((Role.MLP_NORM,), Layout.NORM),
     },
     model_modules={
         "word_embeddings": Module((Role.EMBED,), Layout.EMBEDDING),

@@ -14,13 +14,13 @@ BINDER = Binder(
     name="gpt_bigcode",
     model_types=("gpt_bigcode",),
     layer_container="h",
-    layer_modules={
+    layer_modules={  # in the model's own module order
+        "ln_1": Module((Role.ATTN_NORM,), Layout.NORM),
         "attn.c_attn": Module((Role.ATTN_Q, Role.ATTN_K, Role.ATTN_V), split=GROUPED),
         "attn.c_proj": Module((Role.ATTN_O,)),
+        "ln_2": Module((Role.MLP_NORM,), Layout.NORM),
         "mlp.c_fc": Module((Role.MLP_UP,)),
         "mlp.c_proj": Module((Role.MLP_DOWN,)),
-        "ln_1": Module((Role.ATTN_NORM,), Layout.NORM),
-        "ln_2": Module((Role.MLP_NORM,), Layout.NORM),
     },
     model_modules=GPT2.model_modules,
     config_keys=GPT2.config_keys,

@@ -8,15 +8,16 @@ BINDER = Binder(
     name="gptj",
     model_types=("gptj",),
     layer_container="h",
+    # In the model's own module order, as PEFT walks them (combine's dare draws its masks in it).
     layer_modules={
-        "attn.q_proj": Module((Role.ATTN_Q,)),
+        # Attention and MLP run in parallel on the same normalised input.
+        "ln_1": Module((Role.ATTN_NORM,), Layout.NORM),
         "attn.k_proj": Module((Role.ATTN_K,)),
         "attn.v_proj": Module((Role.ATTN_V,)),
+        "attn.q_proj": Module((Role.ATTN_Q,)),
         "attn.out_proj": Module((Role.ATTN_O,)),
         "mlp.fc_in": Module((Role.MLP_UP,)),
         "mlp.fc_out": Module((Role.MLP_DOWN,)),
-        # Attention and MLP run in parallel on the same normalised input.
-        "ln_1": Module((Role.ATTN_NORM,), Layout.NORM),
     },
     model_modules={
         "wte": Module((Role.EMBED,), Layout.EMBEDDING),

@@ -11,14 +11,15 @@ BINDER = Binder(
     name="opt",
     model_types=("opt",),
     layer_container="layers",
+    # In the model's own module order, as PEFT walks them (combine's dare draws its masks in it).
     layer_modules={
-        "self_attn.q_proj": Module((Role.ATTN_Q,)),
         "self_attn.k_proj": Module((Role.ATTN_K,)),
         "self_attn.v_proj": Module((Role.ATTN_V,)),
+        "self_attn.q_proj": Module((Role.ATTN_Q,)),
         "self_attn.out_proj": Module((Role.ATTN_O,)),
+        "self_attn_layer_norm": Module((Role.ATTN_NORM,), Layout.NORM),
         "fc1": Module((Role.MLP_UP,)),
         "fc2": Module((Role.MLP_DOWN,)),
-        "self_attn_layer_norm": Module((Role.ATTN_NORM,), Layout.NORM),
         "final_layer_norm": Module((Role.MLP_NORM,), Layout.NORM),
     },
     model_modules={
