@@ -25,7 +25,7 @@ BINDER = Binder(
         "score": Module((Role.CLS_HEAD,)),
     },
     config_keys={
-        "hidden_size": ("hidden_size", "n_embed"),
+        "hidden_size": ("n_embed", "hidden_size"),  # as BloomConfig reads them: the old name wins
         "num_layers": ("n_layer", "num_hidden_layers"),
         "num_heads": ("n_head", "num_attention_heads"),
         "vocab_size": ("vocab_size",),

@@ -36,11 +36,11 @@ BINDER = Binder(
         "lm_head": Module((Role.LM_HEAD,)),
         "score": Module((Role.CLS_HEAD,)),
     },
-    config_keys={
-        "hidden_size": ("hidden_size",),
-        "num_layers": ("num_hidden_layers", "n_layer"),
-        "num_heads": ("num_attention_heads", "n_head"),
-        "num_kv_heads": ("num_kv_heads", "n_head_kv"),
+    config_keys={  # as FalconConfig reads them (n_embed: its old name, which wins)
+        "hidden_size": ("n_embed", "hidden_size"),
+        "num_layers": ("num_hidden_layers",),
+        "num_heads": ("num_attention_heads",),
+        "num_kv_heads": ("num_kv_heads",),
         "intermediate_size": ("ffn_hidden_size",),
         "vocab_size": ("vocab_size",),
     },
