@@ -42,7 +42,8 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _QK_NORM = r"self_attn\.[qk]_norm"
 _POST_NORMS = r"post_(attention|feedforward)_layernorm"
 _GEMMA_NORMS = (r"\w+_layernorm", r"model\.norm")  # (1 + weight) RMSNorms: see binders/gemma.py
-# head_dim 16, not hidden / heads = 8, as in Gemma 7B and Qwen3: the config's head_dim must be read.
+# head_dim 16, not hidden / heads = 8, as in Gemma 7B and Qwen3: the config's head_dim must be read
+# (Qwen2-MoE refuses it).
 _MOE = dict(_DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 _GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
 
@@ -88,7 +89,7 @@ FAMILIES: dict[str, Family] = {
         tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(_DECODER, head_dim=16), _LLAMA_TARGETS, unnamed=(_QK_NORM,)
     ),
     "qwen2_moe": Family(
-        tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, dict(_MOE, shared_expert_intermediate_size=32),
+        tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, dict(_MOE, head_dim=8, shared_expert_intermediate_size=32),
         _ATTENTION, unnamed=(r"mlp\..+",),
     ),
     "qwen3_moe": Family(
