@@ -46,8 +46,7 @@ NEW = (
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # experts, routers and shared experts have no role
 # (id, family, config overrides, kv heads the model really has): layouts a family's config selects.
 VARIANTS = [
-    *[(f, f, {}, None) for f in NEW],
-    ("falcon-multi-query", "falcon", {}, 1),
+    *[(f, f, {}, {"falcon": 1, "gpt_bigcode": 1}.get(f)) for f in NEW],  # both multi-query by default
     ("falcon-new-architecture", "falcon", dict(new_decoder_architecture=True, num_kv_heads=2), 2),
     ("falcon-per-head", "falcon", dict(multi_query=False, parallel_attn=False), 4),
     ("gpt_bigcode-per-head", "gpt_bigcode", dict(multi_query=False), 4),
