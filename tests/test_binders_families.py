@@ -94,6 +94,27 @@ def test_layer_tables_follow_the_models_module_order(family, overrides, kv_heads
     assert in_model == [key for key in binder.layer_modules if key in in_model]
 
 
+@pytest.mark.parametrize(("model_type", "flags", "kv_heads"), [
+    ("falcon", {}, 1), ("falcon", {"multi_query": False}, 8), ("falcon", {"num_kv_heads": 2}, 1),
+    ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, 2),
+    ("falcon", {"new_decoder_architecture": True}, 8),
+    ("gpt_bigcode", {}, 1), ("gpt_bigcode", {"multi_query": False}, 8),
+])  # fmt: skip
+def test_multi_query_configs_read_as_transformers_builds_them(model_type, flags, kv_heads):
+    """Older configs leave the flags and the kv heads out; transformers' defaults decide."""
+    names = {"falcon": ("hidden_size", "num_hidden_layers", "num_attention_heads"),
+             "gpt_bigcode": ("n_embd", "n_layer", "n_head")}[model_type]  # fmt: skip
+    dims = dict(zip(names, (64, 2, 8), strict=True))
+    config = {"model_type": model_type, "vocab_size": 128, **dims, **flags}
+    source = BINDERS[model_type].source_model(config, "config.json")
+    attention = (FalconAttention if model_type == "falcon" else GPTBigCodeAttention)(
+        tf.AutoConfig.for_model(**config), layer_idx=0
+    )
+    fused = attention.query_key_value if model_type == "falcon" else attention.c_attn
+    built = (fused.out_features - source.q_size) // (2 * source.head_dim)  # the kv heads its weight holds
+    assert source.num_kv_heads == built == kv_heads
+
+
 QUICK = settings(max_examples=15, deadline=None)
 
 
