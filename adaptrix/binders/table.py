@@ -125,7 +125,7 @@ class Binder:
     tie_default: bool = False
     lm_head_weight: str = "lm_head.weight"
     bottleneck_points: Mapping[str, BlockPoints] = field(default_factory=dict)  # by BottleneckBlock
-    multi_query: MultiQuery | None = None
+    multi_query: MultiQuery | None = None  # a config flag that leaves one kv head (Falcon, GPTBigCode)
     # Layer modules that some layers or some variants of the family lack (ModernBERT's layer 0 has
     # no attn_norm; StableLM's parallel residual has no post_attention_layernorm).
     optional_modules: frozenset[str] = frozenset()
