@@ -23,6 +23,10 @@ class Family:
     config_kwargs: dict
     targets: tuple[str, ...]
     encoder: bool = False
+    token_types: bool = True  # whether the encoder's forward takes token_type_ids
+    # Modules with a weight that the family's role table leaves to the module-tree binder: patterns
+    # (re.fullmatch) of the key inside a layer, or of the full name outside the layers.
+    unnamed: tuple[str, ...] = ()
 
 
 _DECODER = dict(
@@ -34,6 +38,14 @@ _ENCODER = dict(
     vocab_size=VOCAB, max_position_embeddings=64, num_labels=3,
 )  # fmt: skip
 _LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_QK_NORM = r"self_attn\.[qk]_norm"
+_POST_NORMS = r"post_(attention|feedforward)_layernorm"
+_GEMMA_NORMS = (r"\w+_layernorm", r"model\.norm")  # (1 + weight) RMSNorms: see binders/gemma.py
+# head_dim 16, not hidden / heads = 8, as in Gemma 7B and Qwen3: the config's head_dim must be read
+# (Qwen2-MoE refuses it).
+_MOE = dict(_DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+_GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
@@ -62,7 +74,87 @@ FAMILIES: dict[str, Family] = {
         tf.RobertaConfig, tf.RobertaForSequenceClassification,
         dict(_ENCODER, pad_token_id=1), ("query", "key", "value", "dense"), encoder=True,
     ),
+    "gemma": Family(
+        tf.GemmaConfig, tf.GemmaForCausalLM, dict(_DECODER, head_dim=16), _LLAMA_TARGETS, unnamed=_GEMMA_NORMS
+    ),
+    "gemma2": Family(
+        tf.Gemma2Config, tf.Gemma2ForCausalLM, dict(_DECODER, head_dim=16), _LLAMA_TARGETS,
+        unnamed=_GEMMA_NORMS,
+    ),
+    "gemma3_text": Family(
+        tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, dict(_DECODER, head_dim=16), _LLAMA_TARGETS,
+        unnamed=(*_GEMMA_NORMS, _QK_NORM),
+    ),
+    "qwen3": Family(
+        tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(_DECODER, head_dim=16), _LLAMA_TARGETS, unnamed=(_QK_NORM,)
+    ),
+    "qwen2_moe": Family(
+        tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, dict(_MOE, head_dim=8, shared_expert_intermediate_size=32),
+        _ATTENTION, unnamed=(r"mlp\..+",),
+    ),
+    "qwen3_moe": Family(
+        tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM, _MOE, _ATTENTION, unnamed=(r"mlp\..+", _QK_NORM)
+    ),
+    "mixtral": Family(
+        tf.MixtralConfig, tf.MixtralForCausalLM, dict(_DECODER, num_local_experts=4, num_experts_per_tok=2),
+        _ATTENTION, unnamed=(r"block_sparse_moe\..+",),
+    ),
+    "phi": Family(
+        tf.PhiConfig, tf.PhiForCausalLM, _DECODER, ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+    ),
+    "olmo": Family(tf.OlmoConfig, tf.OlmoForCausalLM, _DECODER, _LLAMA_TARGETS),
+    "olmo2": Family(
+        tf.Olmo2Config, tf.Olmo2ForCausalLM, _DECODER, _LLAMA_TARGETS, unnamed=(_POST_NORMS, _QK_NORM)
+    ),
+    "granite": Family(tf.GraniteConfig, tf.GraniteForCausalLM, _DECODER, _LLAMA_TARGETS),
+    "stablelm": Family(tf.StableLmConfig, tf.StableLmForCausalLM, _DECODER, _LLAMA_TARGETS),
+    "starcoder2": Family(
+        tf.Starcoder2Config, tf.Starcoder2ForCausalLM, _DECODER, (*_ATTENTION, "c_fc", "c_proj")
+    ),
+    "falcon": Family(
+        tf.FalconConfig, tf.FalconForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB),
+        ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    ),
+    "gptj": Family(
+        tf.GPTJConfig, tf.GPTJForCausalLM, dict(_GPT2_LIKE, rotary_dim=4),
+        ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
+    ),
+    "opt": Family(
+        tf.OPTConfig, tf.OPTForCausalLM,
+        dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+             max_position_embeddings=64, word_embed_proj_dim=32),
+        ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    ),
+    "bloom": Family(
+        tf.BloomConfig, tf.BloomForCausalLM, dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=VOCAB),
+        ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    ),
+    "gpt_bigcode": Family(
+        tf.GPTBigCodeConfig, tf.GPTBigCodeForCausalLM, _GPT2_LIKE, ("c_attn", "c_proj", "c_fc"),
+    ),
+    "cohere": Family(tf.CohereConfig, tf.CohereForCausalLM, _DECODER, _LLAMA_TARGETS),
+    "smollm3": Family(
+        tf.SmolLM3Config, tf.SmolLM3ForCausalLM,
+        dict(_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2), _LLAMA_TARGETS,
+    ),
+    # DeBERTa-v3's layout: relative attention, no absolute positions.
+    "deberta-v2": Family(
+        tf.DebertaV2Config, tf.DebertaV2ForSequenceClassification,
+        dict(_ENCODER, relative_attention=True, position_biased_input=False, pos_att_type=["p2c", "c2p"],
+             norm_rel_ebd="layer_norm", position_buckets=8, max_relative_positions=-1, share_att_key=True),
+        ("query_proj", "key_proj", "value_proj", "dense"), encoder=True,
+        unnamed=(r"deberta\.encoder\.(rel_embeddings|LayerNorm)",),
+    ),
+    "modernbert": Family(
+        tf.ModernBertConfig, tf.ModernBertForSequenceClassification,
+        dict(_ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+             global_attn_every_n_layers=2, local_attention=16),
+        ("Wqkv", "Wo", "Wi", "dense"), encoder=True, token_types=False, unnamed=(r"head\.norm",),
+    ),
 }  # fmt: skip
+# The families of the first role tables, which the ONNX and CUDA tests cover.
+ONNX_FAMILIES = ("bert", "gpt2", "gpt_neox", "llama", "mistral", "phi3", "qwen2", "roberta")
 
 
 def build_base(
@@ -135,6 +227,8 @@ def sample_inputs(family: str, seed: int = 2, batch: int = 2, length: int = 9) -
         return {"input_ids": ids}
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0
+    if not FAMILIES[family].token_types:
+        return {"input_ids": ids, "attention_mask": mask}
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 

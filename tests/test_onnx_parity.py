@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from builders import FAMILIES, load_model, make_adapter, peft_logits, sample_inputs
+from builders import FAMILIES, ONNX_FAMILIES, load_model, make_adapter, peft_logits, sample_inputs
 from peft import PeftModel
 
 from adaptrix.api.compile import compile_adapter
@@ -30,8 +30,8 @@ FP16_TOLERANCE = 5e-3
 # The error must also stay under this share of what the adapter changes, so that a small bound
 # cannot pass an output that ignores an adapter whose effect is small (bert's classifier head).
 ADAPTER_SHARE = 1e-2
-DECODERS = sorted(f for f in FAMILIES if not FAMILIES[f].encoder)
-ENCODERS = sorted(f for f in FAMILIES if FAMILIES[f].encoder)
+DECODERS = sorted(f for f in ONNX_FAMILIES if not FAMILIES[f].encoder)
+ENCODERS = sorted(f for f in ONNX_FAMILIES if FAMILIES[f].encoder)
 # onnxruntime-genai refuses an eos outside the vocab (the builders' gpt2 keeps GPT-2's 50256)
 # or none at all (qwen2's default), so those bases get in-vocab special tokens.
 SPECIAL_TOKENS = {"gpt2": {"bos_token_id": 1, "eos_token_id": 2}, "qwen2": {"eos_token_id": 2}}
@@ -154,7 +154,7 @@ def merged(bases, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ONNX_FAMILIES)
 def test_prefill_matches_peft(family, merged):
     case = merged(family)
     inputs = sample_inputs(family)

@@ -5,7 +5,30 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from adaptrix.binders import bert, gpt2, gpt_neox, llama, phi3
+from adaptrix.binders import (
+    bert,
+    bloom,
+    cohere,
+    deberta_v2,
+    falcon,
+    gemma,
+    gpt2,
+    gpt_bigcode,
+    gpt_neox,
+    gptj,
+    granite,
+    llama,
+    modernbert,
+    moe,
+    olmo,
+    olmo2,
+    opt,
+    phi,
+    phi3,
+    smollm3,
+    stablelm,
+    starcoder2,
+)
 from adaptrix.binders.table import Binder
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.ir.registry import registry
@@ -17,7 +40,12 @@ def _register(*binders: Binder) -> Mapping[str, Binder]:
     return registry("model_type", ((t, binder) for binder in binders for t in binder.model_types))
 
 
-BINDERS = _register(gpt2.BINDER, llama.BINDER, gpt_neox.BINDER, phi3.BINDER, bert.BINDER)
+BINDERS = _register(
+    gpt2.BINDER, llama.BINDER, gpt_neox.BINDER, phi3.BINDER, bert.BINDER,
+    gemma.BINDER, moe.BINDER, phi.BINDER, olmo.BINDER, olmo2.BINDER, granite.BINDER,
+    stablelm.BINDER, starcoder2.BINDER, falcon.BINDER, gptj.BINDER, opt.BINDER, bloom.BINDER,
+    gpt_bigcode.BINDER, cohere.BINDER, smollm3.BINDER, deberta_v2.BINDER, modernbert.BINDER,
+)  # fmt: skip
 
 
 def binder_for_model_type(model_type: str, path: Path | str) -> Binder:

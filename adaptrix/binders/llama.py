@@ -1,4 +1,7 @@
-"""LLaMA, Mistral, Qwen2: separate q/k/v/o and gate/up/down projections (Qwen2 adds q/k/v biases)."""
+"""LLaMA, Mistral, Qwen2, Qwen3: separate q/k/v/o and gate/up/down projections.
+
+Qwen2 adds q/k/v biases; Qwen3 per-head q_norm / k_norm, which have no role.
+"""
 
 from adaptrix.binders.table import Binder, BlockPoints, Layout, Module
 from adaptrix.ir.values import Role
@@ -11,6 +14,19 @@ DECODER_CONFIG_KEYS = {
     "head_dim": ("head_dim",),
     "intermediate_size": ("intermediate_size",),
     "vocab_size": ("vocab_size",),
+}
+
+ATTENTION = {
+    "self_attn.q_proj": Module((Role.ATTN_Q,)),
+    "self_attn.k_proj": Module((Role.ATTN_K,)),
+    "self_attn.v_proj": Module((Role.ATTN_V,)),
+    "self_attn.o_proj": Module((Role.ATTN_O,)),
+}
+
+MLP = {
+    "mlp.gate_proj": Module((Role.MLP_GATE,)),
+    "mlp.up_proj": Module((Role.MLP_UP,)),
+    "mlp.down_proj": Module((Role.MLP_DOWN,)),
 }
 
 NORMS = {
@@ -27,18 +43,9 @@ HEADS = {
 
 BINDER = Binder(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     layer_container="layers",
-    layer_modules={
-        "self_attn.q_proj": Module((Role.ATTN_Q,)),
-        "self_attn.k_proj": Module((Role.ATTN_K,)),
-        "self_attn.v_proj": Module((Role.ATTN_V,)),
-        "self_attn.o_proj": Module((Role.ATTN_O,)),
-        "mlp.gate_proj": Module((Role.MLP_GATE,)),
-        "mlp.up_proj": Module((Role.MLP_UP,)),
-        "mlp.down_proj": Module((Role.MLP_DOWN,)),
-        **NORMS,
-    },
+    layer_modules={**ATTENTION, **MLP, **NORMS},
     model_modules=HEADS,
     config_keys=DECODER_CONFIG_KEYS,
     # The decoder layer adds each block's output to its residual, which enters the next norm.

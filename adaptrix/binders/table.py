@@ -14,7 +14,17 @@ import torch
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import Role, SourceModel
 
-__all__ = ["Binder", "BlockPoints", "Layout", "Module", "Placement", "Split", "fuse_rows", "split_rows"]
+__all__ = [
+    "Binder",
+    "BlockPoints",
+    "Layout",
+    "Module",
+    "MultiQuery",
+    "Placement",
+    "Split",
+    "fuse_rows",
+    "split_rows",
+]
 
 
 class Layout(StrEnum):
@@ -32,6 +42,9 @@ class Split:
 
     `blocked`: consecutive blocks whose sizes name SourceModel properties.
     `headwise`: per head, the roles interleaved, each head_dim rows (GPT-NeoX query_key_value).
+    `grouped`: per key/value head, its num_heads / num_kv_heads query heads, then its key head and
+    its value head (Falcon's query_key_value, GPTBigCode's c_attn): with one kv head that is
+    q | k | v in blocks (multi-query), with as many kv heads as heads it is `headwise`.
     """
 
     kind: str
@@ -74,6 +87,23 @@ class BlockPoints:
 
 
 @dataclass(frozen=True, slots=True)
+class MultiQuery:
+    """A config flag by which every query head shares one key/value head (Falcon, GPTBigCode).
+
+    `default`: the flag's value when config.json leaves it out; `unless`: a flag that turns the
+    rule off (Falcon's new_decoder_architecture, whose kv heads are num_kv_heads).
+    """
+
+    flag: str
+    default: bool
+    unless: str | None = None
+
+    def applies(self, config: Mapping[str, object]) -> bool:
+        """Whether this config has a single key/value head."""
+        return bool(config.get(self.flag, self.default)) and not (self.unless and config.get(self.unless))
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """A module name resolved by a binder."""
 
@@ -98,6 +128,10 @@ class Binder:
     bottleneck_points: Mapping[str, BlockPoints] = field(default_factory=dict)  # by BottleneckBlock
     tree_source: SourceModel | None = None  # the dimensions, where the module tree gave them
     roles_table: bool = True  # whether a table gave the semantic roles (False: module roles only)
+    multi_query: MultiQuery | None = None  # a config flag that leaves one kv head (Falcon, GPTBigCode)
+    # Layer modules that some layers or some variants of the family lack (ModernBERT's layer 0 has
+    # no attn_norm; StableLM's parallel residual has no post_attention_layernorm).
+    optional_modules: frozenset[str] = frozenset()
     _layer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +140,7 @@ class Binder:
         object.__setattr__(self, "model_modules", MappingProxyType(dict(self.model_modules)))
         object.__setattr__(self, "config_keys", MappingProxyType(dict(self.config_keys)))
         object.__setattr__(self, "bottleneck_points", MappingProxyType(dict(self.bottleneck_points)))
+        object.__setattr__(self, "optional_modules", frozenset(self.optional_modules))
         pattern = rf"^(?:.*\.)?{re.escape(self.layer_container)}\.(\d+)\.(.+)$"
         object.__setattr__(self, "_layer_re", re.compile(pattern))
 
@@ -138,6 +173,8 @@ class Binder:
                   for key in self.config_keys}  # fmt: skip
         hidden, heads = int(values["hidden_size"]), int(values["num_heads"])
         kv_heads = values.get("num_kv_heads") or heads
+        if self.multi_query is not None and self.multi_query.applies(config):
+            kv_heads = 1
         head_dim = values.get("head_dim") or hidden // heads
         inter = values.get("intermediate_size") or 4 * hidden
         tie = config.get("tie_word_embeddings", self.tie_default)
@@ -186,7 +223,20 @@ def split_rows(split: Split | None, source: SourceModel) -> list[torch.Tensor] |
         parts, head_dim = len(split.sizes), source.head_dim
         base = torch.arange(source.num_heads)[:, None] * parts * head_dim
         return [(base + i * head_dim + torch.arange(head_dim)[None, :]).reshape(-1) for i in range(parts)]
+    if split.kind == "grouped":
+        return _grouped_rows(source)
     raise ValueError(f"unknown split kind {split.kind!r}")
+
+
+def _grouped_rows(source: SourceModel) -> list[torch.Tensor]:
+    """q, k, v rows of a layout that stores, per kv head, its query heads, its key and its value head."""
+    head_dim, kv_heads = source.head_dim, source.num_kv_heads
+    group = source.num_heads // kv_heads
+    per_group = (group + 2) * head_dim
+    starts = torch.arange(kv_heads)[:, None] * per_group
+    q = (starts + torch.arange(group * head_dim)[None, :]).reshape(-1)
+    k = (starts + group * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    return [q, k, k + head_dim]
 
 
 def fuse_rows(parts: list[torch.Tensor], index: list[torch.Tensor]) -> torch.Tensor:

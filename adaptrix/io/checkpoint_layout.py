@@ -108,7 +108,7 @@ def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
 
 
 def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, TensorInfo], path: Path) -> None:
-    """Layers 0 .. num_layers - 1 each hold the same tensors; none beyond.
+    """Layers 0 .. num_layers - 1 each hold the same tensors (optional modules aside); none beyond.
 
     With modules from the module tree (whose layers may differ: MoE layers between dense ones)
     only the count of layers and the table's modules in layer 0 are checked; shapes are
@@ -120,7 +120,9 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
     layers: dict[int, set[str]] = {}
     for name in tensors:
         if match := pattern.fullmatch(name):
-            layers.setdefault(int(match.group(1)), set()).add(match.group(2))
+            layers.setdefault(int(match.group(1)), set())
+            if match.group(2).rpartition(".")[0] not in binder.optional_modules:
+                layers[int(match.group(1))].add(match.group(2))
     count = source.num_layers
     # count distinct numbers from 0 to count - 1 are exactly the layers (range(count) may be huge)
     complete = len(layers) == count and min(layers, default=0) == 0 and max(layers, default=-1) == count - 1
@@ -132,8 +134,9 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
             fix=_FIX,
         )
     first = layers[0]
-    table_keys = [key for key, module in binder.layer_modules.items() if module.shape is None]
-    if lacking := sorted(f"{key}.weight" for key in table_keys if f"{key}.weight" not in first):
+    required = [key for key, module in binder.layer_modules.items()
+                if key not in binder.optional_modules and module.shape is None]  # fmt: skip
+    if lacking := sorted(f"{key}.weight" for key in required if f"{key}.weight" not in first):
         where = f"{binder.layer_container}.0.{lacking[0]}"
         raise BadInputError(f"describes a {binder.name} model, but layer 0 of the weights has no {where}",
                             path=path, fix=_FIX_MISSING)  # fmt: skip
