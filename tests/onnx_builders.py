@@ -56,7 +56,7 @@ class Unmerged:
 
 def compile_unmerged(family: str, base: Path, adapters: dict[str, Path], out: Path, **options) -> Unmerged:
     """Compile `adapters` into one onnx-cpu --unmerged output at `out` (more target options in `options`)."""
-    compile_adapter(list(adapters.values()), base, "onnx-cpu", out, options={"unmerged": True, **options})
+    compile_adapter(list(adapters.values()), base, "onnx-cpu", out, unmerged=True, **options)
     return Unmerged(family, base, adapters, out)
 
 
@@ -92,7 +92,7 @@ def two_adapter_unmerged(base: Path, tmp: Path) -> Path:
     """A llama onnx-cpu --unmerged artifact with adapters `one` (defaults) and `two` (r 2, q and v)."""
     one = make_adapter("llama", base, tmp / "one")
     two = make_adapter("llama", base, tmp / "two", seed=3, r=2, target_modules=["q_proj", "v_proj"])
-    return compile_adapter([one, two], base, "onnx-cpu", tmp / "unmerged", options={"unmerged": True}).out
+    return compile_adapter([one, two], base, "onnx-cpu", tmp / "unmerged", unmerged=True).out
 
 
 def write_onnx_adapter(path: Path, params: dict[str, np.ndarray], version: int) -> Path:

@@ -251,7 +251,7 @@ def test_onnx_cuda_unmerged_adapter_files_on_the_provider(family, bases, tmp_pat
                                  use_rslora=True, target_modules=targets[-2:]),
     }  # fmt: skip
     out = tmp_path / "out"
-    compile_adapter(list(adapters.values()), base, "onnx-cuda", out, options={"unmerged": True})
+    compile_adapter(list(adapters.values()), base, "onnx-cuda", out, unmerged=True)
     sess = provider_session(out)
     inputs = sample_inputs(family)
     plain = base_logits(family, base, inputs)

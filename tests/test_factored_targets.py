@@ -47,7 +47,7 @@ def factored(bases, tmp_path_factory):
 def test_onnx_unmerged_adapter_files_match_peft(factored, tmp_path):
     base, adapters = factored
     out = tmp_path / "out"
-    adaptrix.compile_adapter(list(adapters.values()), base, "onnx-cpu", out, options={"unmerged": True})
+    adaptrix.compile_adapter(list(adapters.values()), base, "onnx-cpu", out, unmerged=True)
     inputs = sample_inputs("llama")
     plain = base_logits("llama", base, inputs)
     sess = session(out)

@@ -119,7 +119,7 @@ def test_onnx_refuses_a_headless_classifier_before_exporting_the_base(tmp_path, 
     adapter = _classifier_adapter(base, tmp_path / "adapter")
     for unmerged in (False, True):
         with pytest.raises(AdaptrixError, match="--target merged"):
-            compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", options={"unmerged": unmerged})
+            compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", unmerged=unmerged)
 
 
 def test_parity_checks_a_headless_classifier_against_peft_and_names_the_targets_that_refuse(tmp_path):

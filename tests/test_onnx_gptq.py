@@ -122,7 +122,7 @@ def test_calibrated_blocks_stay_nearer_float32_than_rounded_ones(scheme, calibra
     for name, extra in (("fp32", {}), ("nearest", {"quantize": scheme}),
                         ("gptq", {"quantize": scheme, "calibration": tmp / "calibration.json"})):  # fmt: skip
         outs[name] = compile_adapter(
-            adapter, base, "onnx-cpu", tmp / f"{scheme}-{name}", options=extra, force=True
+            adapter, base, "onnx-cpu", tmp / f"{scheme}-{name}", **extra, force=True
         ).out
     section = json.loads((outs["gptq"] / "manifest.json").read_text())["onnx"]
     assert section["quantized"]["rounding"] == "gptq"
@@ -152,10 +152,10 @@ def test_calibration_misuse_is_a_clear_error(options, match, calibrated):
     paths = {"CAL": tmp / "calibration.json", "MISSING": tmp / "none.json"}
     options = {key: paths.get(value, value) for key, value in options.items()}
     with pytest.raises(AdaptrixError, match=match):
-        compile_adapter(adapter, base, "onnx-cpu", tmp / "refused", options=options)
+        compile_adapter(adapter, base, "onnx-cpu", tmp / "refused", **options)
     assert not (tmp / "refused").exists()
     with pytest.raises(AdaptrixError, match="--calibration does not apply to --target merged"):
-        compile_adapter(adapter, base, "merged", tmp / "refused", options={"calibration": paths["CAL"]})
+        compile_adapter(adapter, base, "merged", tmp / "refused", calibration=paths["CAL"])
 
 
 def test_calibration_refuses_bottleneck_adapters(bases, tmp_path):
@@ -167,5 +167,5 @@ def test_calibration_refuses_bottleneck_adapters(bases, tmp_path):
     (tmp_path / "calibration.json").write_text("[[5, 6, 7, 8]]")
     options = {"quantize": "int4", "calibration": tmp_path / "calibration.json"}
     with pytest.raises(AdaptrixError, match="not bottlenecks"):
-        compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", options=options)
+        compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()

@@ -116,7 +116,7 @@ def bert_recipe(tmp_path_factory):
     base = _bert_model_base(root / "base")
     adapter = _bert_adapter(base, root / "adapter", BERT_RECIPE)
     compile_adapter(adapter, base, "onnx-cpu", root / "merged")
-    compile_adapter(adapter, base, "onnx-cpu", root / "unmerged", options={"unmerged": True})
+    compile_adapter(adapter, base, "onnx-cpu", root / "unmerged", unmerged=True)
     return base, adapter, root
 
 

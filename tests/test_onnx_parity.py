@@ -334,7 +334,7 @@ def test_second_compile_reuses_the_cached_export(bases, tmp_path, monkeypatch):
         raise AssertionError("the base was exported again")
 
     monkeypatch.setattr(export, "_export", no_second_export)
-    compile_adapter(second, base, "onnx-cpu", tmp_path / "two", options={"cache_dir": cache})
+    compile_adapter(second, base, "onnx-cpu", tmp_path / "two", cache_dir=cache)
     assert list(cache.iterdir()) == entries
     inputs = sample_inputs("llama")
     expected = peft_logits("llama", base, second, inputs)

@@ -55,7 +55,7 @@ def build(family: str, base: Path, tmp: Path) -> Built:
     one = make_adapter(family, base, tmp / "one")
     two = make_adapter(family, base, tmp / "two", seed=3, r=2, target_modules=ATTENTION_ONLY[family])
     merged = compile_adapter(one, base, "onnx-cpu", tmp / "merged").out
-    unmerged = compile_adapter([one, two], base, "onnx-cpu", tmp / "unmerged", options={"unmerged": True}).out
+    unmerged = compile_adapter([one, two], base, "onnx-cpu", tmp / "unmerged", unmerged=True).out
     return Built(family, base, {"one": one, "two": two}, merged, unmerged)
 
 

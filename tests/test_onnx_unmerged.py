@@ -142,7 +142,7 @@ def op_types(out: Path) -> list[str]:
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_quantized_merged_output_stays_near_float32(scheme, float32_merged, tmp_path):
     base, adapter, fp32 = float32_merged("llama")
-    compile_adapter(adapter, base, "onnx-cpu", tmp_path / scheme, options={"quantize": scheme})
+    compile_adapter(adapter, base, "onnx-cpu", tmp_path / scheme, quantize=scheme)
     section = json.loads((tmp_path / scheme / "manifest.json").read_text())["onnx"]
     blocks = None if scheme == "int8-dynamic" else 32
     assert section["quantize"] == scheme and section.get("block_size") == blocks
@@ -239,9 +239,7 @@ def _no_export(*args, **kwargs):
 def test_block_size_reaches_the_int4_quantizer(bases, peft_adapters, tmp_path):
     base = bases("llama")
     adapter = peft_adapters("llama")
-    compile_adapter(
-        adapter, base, "onnx-cpu", tmp_path / "out", options={"quantize": "int4", "block_size": 16}
-    )
+    compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", quantize="int4", block_size=16)
     graph = onnx.load(tmp_path / "out" / "model.onnx", load_external_data=False).graph
     blocks = {
         a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"
@@ -255,7 +253,7 @@ def test_block_size_reaches_the_int4_quantizer(bases, peft_adapters, tmp_path):
 def test_quantize_takes_gpt2_conv1d_projections(scheme, float32_merged, tmp_path):
     """GPT-2's Conv1D layers export as Gemm with a bias; each scheme quantizes them too, bias kept."""
     base, adapter, fp32 = float32_merged("gpt2")
-    compile_adapter(adapter, base, "onnx-cpu", tmp_path / scheme, options={"quantize": scheme})
+    compile_adapter(adapter, base, "onnx-cpu", tmp_path / scheme, quantize=scheme)
     ops = op_types(tmp_path / scheme)
     assert ops.count(QUANTIZED_OPS[scheme]) >= 4 * FAMILIES["gpt2"].config_kwargs["n_layer"]
     assert "Gemm" not in ops

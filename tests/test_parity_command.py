@@ -199,7 +199,7 @@ def test_every_target_is_reported_when_one_cannot_compile(case, tmp_path):
 def test_a_row_it_does_not_judge_is_not_ok_true(case, tmp_path):
     base, adapter, _ = case
     quantized = tmp_path / "int8"
-    compile_adapter(adapter, base, "onnx-cpu", quantized, options={"quantize": "int8"})
+    compile_adapter(adapter, base, "onnx-cpu", quantized, quantize="int8")
     result = parity(adapter, "--base", base, "--artifact", f"onnx-cpu={quantized}", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

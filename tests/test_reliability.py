@@ -104,8 +104,8 @@ def test_the_same_inputs_give_byte_identical_outputs(bases, tmp_path, target, op
     base = bases("llama")
     adapter = make_adapter("llama", base, tmp_path / "adapter", seed=4)
     first, second = tmp_path / "first", tmp_path / "second"
-    compile_adapter(adapter, base, target, first, options=options)
-    compile_adapter(adapter, base, target, second, options=options)
+    compile_adapter(adapter, base, target, first, **options)
+    compile_adapter(adapter, base, target, second, **options)
     assert digests(first) == digests(second) and "manifest.json" in digests(first)
 
 

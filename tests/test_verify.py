@@ -147,7 +147,7 @@ def kinds(bases, tmp_path_factory):
     def get(kind: str) -> Path:
         if kind not in made:
             target, names, options = KINDS[kind]
-            compile_adapter([adapters[n] for n in names], base, target, root / kind, options=options)
+            compile_adapter([adapters[n] for n in names], base, target, root / kind, **options)
             made[kind] = root / kind
         return made[kind]
 
@@ -278,7 +278,7 @@ def test_the_artifact_does_not_depend_on_how_paths_are_spelled(bases, tmp_path, 
     for how, (adapter, base) in spelled.items():
         monkeypatch.chdir(root if how == "relative" else tmp_path)
         for target, options in (("merged", {}), ("hooks", {}), ("onnx-cpu", {"unmerged": True})):
-            compile_adapter(adapter, base, target, root / how / target, options=options)
+            compile_adapter(adapter, base, target, root / how / target, **options)
         convert_adapter(adapter, "air", root / how / "adapter.air", base=base)
     relative, absolute = _tree(root / "relative"), _tree(root / "absolute")
     assert sorted(relative) == sorted(absolute) and len(relative) > 10

@@ -73,12 +73,20 @@ def compile_adapter(
     *,
     dtype: str | None = None,
     force: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    options: Mapping[str, object] | None = None,
     passes: Sequence[str] = (),
+    unmerged: bool = False,
+    quantize: str | None = None,
+    block_size: int | None = None,
+    calibration: Path | str | None = None,
+    cache_dir: Path | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
     phase: Callable[[str], None] | None = None,
 ) -> CompileResult:
     """Compile adapters (PEFT directories or AIR files), after `passes` (`NAME:k=v,...`), into `out`.
+
+    The ONNX targets take `unmerged` (LoRA and IA3 as swappable .onnx_adapter files), `quantize`
+    ("int8", "int4", "int8-dynamic") with `block_size` and `calibration` (a prompts file: GPTQ
+    rounding), and `cache_dir` (where base exports are cached); another target refuses them.
 
     `progress(done, total)` counts the bytes the target has written; `phase(label)` names each long
     phase as it begins (the ONNX targets' first export of a base takes minutes). `base` is a
@@ -88,7 +96,9 @@ def compile_adapter(
     base = resolve_base(base, adapters)
     prepare_compile(base)  # the base's files hash on a thread while the rest is read and checked
     emit = target_named(target)
-    options = {key: value for key, value in (options or {}).items() if value is not None}
+    given = {"unmerged": unmerged or None, "quantize": quantize, "block_size": block_size,
+             "calibration": calibration, "cache_dir": cache_dir}  # fmt: skip
+    options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
     combining = any(parse_pass(text)[0].several for text in passes)
     _check_options(emit, adapters, options, combining)
     torch_dtype = parse_dtype(dtype) or emit.default_dtype

@@ -62,14 +62,9 @@ def compile_command(
     call(lambda: prepare_compile(base))  # before torch loads (adaptrix.api.process)
     from adaptrix.api.compile import compile_adapter
 
-    options = {
-        "unmerged": unmerged or None,
-        "quantize": quantize,
-        "block_size": block_size,
-        "cache_dir": cache_dir,
-        "calibration": calibration,
-    }
-    kwargs = {"dtype": dtype, "force": force, "options": options, "passes": passes or ()}
+    kwargs = {"dtype": dtype, "force": force, "passes": passes or (), "unmerged": unmerged,
+              "quantize": quantize, "block_size": block_size, "cache_dir": cache_dir,
+              "calibration": calibration}  # fmt: skip
     with CompileProgress(err, enabled=not as_json) as bar:
         result = call(lambda: compile_adapter(adapters, base, target, output, progress=bar.advance,
                                               phase=bar.phase, **kwargs), writing=output)  # fmt: skip
