@@ -154,21 +154,34 @@ def check_target(ref: Reference, target: str, out: Path) -> tuple[str, float | N
     return ("ok" if diff <= bound else "mismatch"), diff
 
 
+def _relative(row: dict, root: Path) -> dict:
+    """The row with the family's folder dropped from its texts (they name files inside it)."""
+    prefix = f"{root}/"
+    return {key: value.replace(prefix, "") if isinstance(value, str) else value for key, value in row.items()}
+
+
 def sweep_family(
-    model_type: str, mapping: str, root: Path, targets=("merged", "hooks"), seed: int = 0
+    model_type: str, mapping: str, root: Path, targets=("merged", "hooks"), seed: int = 0, report=None
 ) -> dict:
-    """One row of the sweep: {family, mapping, build, peft, <target>: outcome, <target>_diff}."""
+    """One row of the sweep: {family, mapping, build, peft, <target>: outcome, <target>_diff}.
+
+    `report(row)` is called with the row so far after each step (a caller that must kill a hung
+    family then knows which step hung).
+    """
     row = {"family": model_type, "mapping": mapping, "build": "ok", "peft": "ok"}
     if model_type in SKIPPED:
         return {**row, "build": f"skip: {SKIPPED[model_type]}", "peft": "-"}
     try:
         ref = build_reference(model_type, mapping, root, seed)
     except PeftTroubleError as exc:
-        return {**row, "peft": f"fail: {exc}"}
+        return _relative({**row, "peft": f"fail: {exc}"}, root)
     except ImportError as exc:
         return {**row, "build": f"skip: needs an external package ({first_line(exc)})", "peft": "-"}
     except Exception as exc:
-        return {**row, "build": f"error: {first_line(exc)}", "peft": "-"}
+        return _relative({**row, "build": f"error: {first_line(exc)}", "peft": "-"}, root)
     for target in targets:
+        if report:
+            report(row)
         row[target], row[f"{target}_diff"] = check_target(ref, target, root / target)
+        row = _relative(row, root)
     return row
