@@ -111,8 +111,9 @@ OVERRIDES: dict[str, dict] = {
     "deepseek_v3": {"kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4,
                     "v_head_dim": 8, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1,
                     "n_shared_experts": 1, "head_dim": 4, "qk_head_dim": 8},
-    "dbrx": {"attn_config": {"kv_n_heads": KV_HEADS}, "ffn_config": {"ffn_hidden_size": FFN,
-             "moe_num_experts": EXPERTS, "moe_top_k": 2}},
+    "blt": {"encoder_config": {"hidden_size_global": HIDDEN},
+            "decoder_config": {"hidden_size_global": HIDDEN},
+            "global_config": {"encoder_cross_output_size": HIDDEN}, "encoder_hash_byte_group_vocab": 64},
     "transfo-xl": {"cutoffs": [64], "div_val": 1},
     "reformer": {"axial_pos_shape": [8, 8], "axial_pos_embds_dim": [16, 16], "attn_layers": ["local", "lsh"],
                  "attention_head_size": HEAD_DIM, "num_buckets": 4, "is_decoder": True},
@@ -120,6 +121,13 @@ OVERRIDES: dict[str, dict] = {
     "prophetnet": {"ngram": 2},
     "switch_transformers": {"num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1},
     "nllb-moe": {"encoder_sparse_step": 2, "decoder_sparse_step": 2},
+}  # fmt: skip
+
+# Families whose sub-configs refuse the common keys a shrunk to_dict() carries: given whole instead.
+WHOLE: dict[str, dict] = {
+    "dbrx": {"d_model": HIDDEN, "n_heads": HEADS, "n_layers": LAYERS, "max_seq_len": POSITIONS,
+             "vocab_size": VOCAB, "attn_config": {"kv_n_heads": KV_HEADS},
+             "ffn_config": {"ffn_hidden_size": FFN, "moe_num_experts": EXPERTS, "moe_top_k": 2}},
 }  # fmt: skip
 
 # Not text models (their LM class takes images or audio), or only a wrapper of other families.
@@ -185,6 +193,8 @@ def _merge(values: dict, extra: dict) -> dict:
 def tiny_config(model_type: str) -> tf.PretrainedConfig:
     """The family's config with its defaults shrunk to a tiny model."""
     config_class = CONFIG_MAPPING[model_type]
+    if model_type in WHOLE:
+        return config_class(**WHOLE[model_type])
     values = _merge(_shrink(config_class().to_dict()), OVERRIDES.get(model_type, {}))
     values.pop("transformers_version", None)
     return config_class.from_dict(values)
