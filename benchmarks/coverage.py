@@ -24,14 +24,17 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+_HERE = Path(__file__).resolve().parent
+# benchmarks/onnx.py would shadow the onnx package that the onnx-cpu target imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from coverage_sweep import TARGETS, quiet, sweep_family
-from families import MAPPINGS, all_cases
+from coverage_sweep import TARGETS, quiet, sweep_family  # noqa: E402
+from families import MAPPINGS, all_cases  # noqa: E402
 
 
 def _child(case: tuple[str, str], root: Path, targets: tuple[str, ...], conn) -> None:
