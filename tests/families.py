@@ -116,7 +116,8 @@ OVERRIDES: dict[str, dict] = {
             "global_config": {"encoder_cross_output_size": HIDDEN}, "encoder_hash_byte_group_vocab": 64},
     "transfo-xl": {"cutoffs": [64], "div_val": 1},
     "reformer": {"axial_pos_shape": [8, 8], "axial_pos_embds_dim": [16, 16], "attn_layers": ["local", "lsh"],
-                 "attention_head_size": HEAD_DIM, "num_buckets": 4, "is_decoder": True},
+                 "attention_head_size": HEAD_DIM, "num_buckets": 4},
+    "gptsan-japanese": {"num_switch_layers": 1, "num_ext_layers": 1},
     "xlm-prophetnet": {"ngram": 2},
     "prophetnet": {"ngram": 2},
     "switch_transformers": {"num_sparse_encoder_layers": 1, "num_sparse_decoder_layers": 1},
@@ -205,9 +206,9 @@ def tiny_model(model_type: str, mapping: str, seed: int = 0) -> torch.nn.Module:
     if model_type in SKIPPED:
         raise ValueError(f"{model_type} is skipped: {SKIPPED[model_type]}")
     config = tiny_config(model_type)
-    config.is_decoder = (
-        mapping == "causal"
-    )  # an encoder family's causal LM class asks for it (reformer checks)
+    config.is_decoder = mapping == "causal"  # an encoder family's causal LM asks for it (reformer checks)
+    if mapping == "causal" and getattr(config, "bidirectional", False):
+        config.bidirectional = False  # MEGA's causal LM needs its one-way EMA
     torch.manual_seed(seed)
     return auto_class(mapping).from_config(config, torch_dtype=torch.float32).float().eval()
 
