@@ -15,6 +15,7 @@ from transformers.models.auto import modeling_auto
 
 __all__ = [
     "AUTO_CLASSES",
+    "BROKEN",
     "MAPPINGS",
     "SKIPPED",
     "VOCAB",
@@ -130,6 +131,14 @@ WHOLE: dict[str, dict] = {
              "vocab_size": VOCAB, "attn_config": {"kv_n_heads": KV_HEADS},
              "ffn_config": {"ffn_hidden_size": FFN, "moe_num_experts": EXPERTS, "moe_top_k": 2}},
 }  # fmt: skip
+
+# Families whose tiny model does not run today (transformers 4.57), each with what it raises; the full
+# sweep fails on a build failure not listed here, so that no family drops out of the coverage unseen.
+BROKEN: dict[str, str] = {
+    "transfo-xl": "deprecated; its forward calls type_as() without an argument",
+    "fsmt": "FSMTDecoder has no attribute 'config' (its forward builds a DynamicCache(config=self.config))",
+    "xlstm": "its chunkwise kernel mixes qk and v head sizes at this tiny size (no override found yet)",
+}
 
 # Not text models (their LM class takes images or audio), or only a wrapper of other families.
 SKIPPED: dict[str, str] = {
