@@ -22,21 +22,11 @@ SAMPLE = [
 ]  # fmt: skip
 TARGETS = ("merged", "hooks")
 
-# Refused today (no role table, and no generic binder read from the model's module tree yet):
-# strict xfails, so that each case the core change makes pass shows up as XPASS(strict) -> fix this set.
-_PENDING_CORE = {
-    "gemma2:causal", "qwen3:causal", "mixtral:causal", "qwen2_moe:causal", "phi:causal",
-    "falcon:causal", "bloom:causal", "gpt_bigcode:causal", "opt:causal", "gptj:causal",
-    "t5:seq2seq", "bart:seq2seq", "roberta:masked", "deberta-v2:masked", "modernbert:masked",
-}  # fmt: skip
-
 
 def _params():
     for family, mapping in SAMPLE:
         for target in TARGETS:
-            pending = f"{family}:{mapping}" in _PENDING_CORE
-            marks = [pytest.mark.xfail(strict=True, reason="needs the generic binder")] if pending else []
-            yield pytest.param(family, mapping, target, marks=marks, id=f"{family}-{mapping}-{target}")
+            yield pytest.param(family, mapping, target, id=f"{family}-{mapping}-{target}")
 
 
 @pytest.fixture(scope="module")
