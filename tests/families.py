@@ -74,6 +74,7 @@ _MAMBA_HYBRID = {
 }
 # Where the generic sizes are not enough: keys set after them (a dict value is merged into a sub-dict).
 OVERRIDES: dict[str, dict] = {
+    "mobilebert": {"embedding_size": 16},  # its LM head dense has hidden - embedding rows
     "big_bird": {"attention_type": "original_full"},
     "bigbird_pegasus": {"attention_type": "original_full"},
     "longformer": {"attention_window": 4},

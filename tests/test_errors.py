@@ -204,7 +204,7 @@ def test_unknown_model_type_says_transformers_does_not_know_it(valid, bases, tmp
 def test_weights_of_another_family_are_refused(valid, bases, tmp_path):
     adapter, base, _, named = _other_family(*valid, tmp_path, bases)
     line = assert_refused(_compile(adapter, base, tmp_path / "out"), tmp_path / "out", named)
-    assert "describes a mamba model, which has no module for weight" in line
+    assert "describes a mamba model, which has no tensor" in line
 
 
 class _RunsCode:

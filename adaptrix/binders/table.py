@@ -128,6 +128,7 @@ class Binder:
     bottleneck_points: Mapping[str, BlockPoints] = field(default_factory=dict)  # by BottleneckBlock
     tree_source: SourceModel | None = None  # the dimensions, where the module tree gave them
     roles_table: bool = True  # whether a table gave the semantic roles (False: module roles only)
+    tree_tensors: frozenset[str] = field(default=frozenset(), repr=False, compare=False)  # the tree's names
     multi_query: MultiQuery | None = None  # a config flag that leaves one kv head (Falcon, GPTBigCode)
     # Layer modules that some layers or some variants of the family lack (ModernBERT's layer 0 has
     # no attn_norm; StableLM's parallel residual has no post_attention_layernorm).

@@ -17,6 +17,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 from adaptrix.binders.table import Binder, Layout, Module
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import Role, SourceModel
@@ -65,7 +67,6 @@ _BUILT: dict[tuple[str, str, str | None], Binder] = {}
 
 def _meta_model(config: Mapping[str, object], file: Path):
     """The model config.json describes, built on the meta device (no weights, no memory)."""
-    import torch
     from transformers import AutoModel, PreTrainedModel
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -87,14 +88,30 @@ def _meta_model(config: Mapping[str, object], file: Path):
         cls = _model_class(config, type(settings)) or AutoModel._model_mapping[type(settings)]
         if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
             raise TypeError(f"{cls!r} is not a transformers model class")
-        with torch.device("meta"):
-            return cls._from_config(settings, attn_implementation="eager")
+        return _build_empty(cls, settings)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ImportError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnsupportedError(
             f"describes a {model_type} model transformers cannot build ({message[:200]})",
             path=file, fix="re-save the base with save_pretrained",
         ) from None  # fmt: skip
+
+
+def _build_empty(cls: type, settings: object):
+    """The model with every tensor on the meta device, or only its parameters there.
+
+    Some families compute buffers at init from tensors that cannot be meta ones: their buffers
+    are built for real (they are small: rotary tables, masks).
+    """
+    from accelerate import init_empty_weights
+
+    try:
+        with torch.device("meta"):
+            return cls._from_config(settings, attn_implementation="eager", dtype=torch.float32)
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        logger.debug("building %s on the meta device: %s; buffers are built for real", cls.__name__, exc)
+    with init_empty_weights(include_buffers=False):
+        return cls._from_config(settings, attn_implementation="eager", dtype=torch.float32)
 
 
 def _model_class(config: Mapping[str, object], settings: type) -> type | None:
@@ -172,7 +189,9 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         in_layer = stack is not None and canonical.startswith(stack + ".")
         key = canonical.removeprefix(stack + ".").partition(".")[2] if in_layer else canonical
         if not in_layer and name in (embed, head):
-            model_modules[key] = Module((Role.EMBED if name == embed else Role.LM_HEAD,), layout)
+            weight_shape = tuple(module._parameters["weight"].shape)
+            role = Role.EMBED if name == embed else Role.LM_HEAD
+            model_modules[key] = Module((role,), layout, shape=weight_shape)
             continue
         shapes.setdefault((in_layer, key), set()).add(tuple(module._parameters["weight"].shape))
         layouts[(in_layer, key)] = layout
@@ -193,7 +212,15 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         lm_head_weight=table.lm_head_weight if table and _has_head(table) else head_weight,
         tree_source=source,
         roles_table=table is not None,
+        tree_tensors=_tensor_names(model, prefix),
     )  # fmt: skip
+
+
+def _tensor_names(model, prefix: str) -> frozenset[str]:
+    """Every parameter and buffer name of the model (tied ones under each name), with and without prefix."""
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in model.named_buffers(remove_duplicate=False)]
+    return frozenset(names) | frozenset(name.removeprefix(prefix) for name in names)
 
 
 def _has_head(table: Binder) -> bool:
@@ -208,6 +235,8 @@ def _embedding_names(model) -> tuple[str | None, str | None]:
         head = model.get_output_embeddings()
     except (AttributeError, NotImplementedError):
         head = None
+    embed = embed if isinstance(embed, torch.nn.Module) else None
+    head = head if isinstance(head, torch.nn.Module) else None
     return (names.get(id(embed)) if embed is not None else None,
             names.get(id(head)) if head is not None else None)  # fmt: skip
 
@@ -225,7 +254,8 @@ def _source(model, config: Mapping[str, object], stacks: list[str]) -> SourceMod
         return default
 
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    vocab, hidden = tuple(embed.weight.shape) if embed is not None and embed.weight.dim() == 2 else (1, 1)
+    weight = getattr(embed, "weight", None)
+    vocab, hidden = tuple(weight.shape) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else (1, 1)
     hidden = value("hidden_size", hidden)
     heads = value("num_heads", 1)
     return SourceModel(

@@ -204,8 +204,9 @@ def _binder(config: dict, file: Path, tensors: dict[str, TensorInfo]) -> Binder:
     ):
         return table
     binder = tree_binder(config, file, table)
+    known = binder.tree_tensors
     for name in tensors:
-        if name.endswith(".weight") and binder.resolve(name.rpartition(".")[0]) is None:
-            raise BadInputError(f"describes a {config['model_type']} model, which has no module for weight "
-                                f"{name!r} of the base", path=file, fix=_FIX_MODEL)  # fmt: skip
+        if name not in known and name.partition(".")[2] not in known:
+            raise BadInputError(f"describes a {config['model_type']} model, which has no tensor {name!r} "
+                                "of the base", path=file, fix=_FIX_MODEL)  # fmt: skip
     return binder
