@@ -171,8 +171,9 @@ def _stacks(model) -> list[str]:
 def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder | None) -> Binder:
     """The binder: `table`'s modules, plus every other module with a weight as a module role."""
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    saved = _saved_names(model)
     stacks = _stacks(model)
-    stack = stacks[0].removeprefix(prefix) if len(stacks) == 1 else None
+    stack = saved(stacks[0]).removeprefix(prefix) if len(stacks) == 1 else None
     if table is not None and stack is not None and stack.rpartition(".")[2] != table.layer_container:
         stack = None
     container = table.layer_container if table is not None else (stack or "")
@@ -183,9 +184,9 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
     layouts: dict[tuple[bool, str], Layout] = {}
     for name, module in model.named_modules():
         layout = _layout(module)
-        if layout is None or (table is not None and table.resolve(name) is not None):
+        if layout is None or (table is not None and table.resolve(saved(name)) is not None):
             continue
-        canonical = name.removeprefix(prefix)
+        canonical = saved(name).removeprefix(prefix)
         in_layer = stack is not None and canonical.startswith(stack + ".")
         key = canonical.removeprefix(stack + ".").partition(".")[2] if in_layer else canonical
         if not in_layer and name in (embed, head):
@@ -200,7 +201,7 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         role = key if key not in {r.value for r in Role} else f"module.{key}"
         shape = next(iter(found)) if len(found) == 1 else None
         (layer_modules if in_layer else model_modules)[key] = Module((role,), layout, shape=shape)
-    head_weight = f"{head.removeprefix(prefix)}.weight" if head else "lm_head.weight"
+    head_weight = f"{saved(head).removeprefix(prefix)}.weight" if head else "lm_head.weight"
     source = table.source_model(config, file) if table else _source(model, config, stacks)
     return dataclasses.replace(
         table or Binder(name=str(config["model_type"]), model_types=(str(config["model_type"]),),
@@ -212,14 +213,33 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         lm_head_weight=table.lm_head_weight if table and _has_head(table) else head_weight,
         tree_source=source,
         roles_table=table is not None,
-        tree_tensors=_tensor_names(model, prefix),
+        tree_tensors=_tensor_names(model, prefix, saved),
     )  # fmt: skip
 
 
-def _tensor_names(model, prefix: str) -> frozenset[str]:
+def _saved_names(model):
+    """A module name as save_pretrained writes it: the class's checkpoint conversion mapping, reversed.
+
+    Some classes (Gemma 3n's) load checkpoints under other names than their modules'; transformers
+    renames on load and back on save, with the class's own patterns (library code, not input).
+    """
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    reverse = [(value, re.sub(r"\(.*\)", "", key.lstrip("^"))) for key, value in mapping.items()]
+
+    def saved(name: str) -> str:
+        for pattern, replacement in reverse:
+            renamed, count = re.subn(pattern, replacement, name)
+            if count:
+                return renamed
+        return name
+
+    return saved
+
+
+def _tensor_names(model, prefix: str, saved) -> frozenset[str]:
     """Every parameter and buffer name of the model (tied ones under each name), with and without prefix."""
-    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
-    names += [name for name, _ in model.named_buffers(remove_duplicate=False)]
+    names = [saved(name) for name, _ in model.named_parameters(remove_duplicate=False)]
+    names += [saved(name) for name, _ in model.named_buffers(remove_duplicate=False)]
     return frozenset(names) | frozenset(name.removeprefix(prefix) for name in names)
 
 

@@ -17,7 +17,7 @@ from adaptrix.binders.table import Binder, Layout, Module, Placement
 from adaptrix.io.safetensors_io import TensorInfo
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.role_shapes import role_shape
-from adaptrix.ir.values import Role, SourceModel
+from adaptrix.ir.values import Role, SourceModel, is_module_role
 
 __all__ = ["check_layout", "expected_shape"]
 
@@ -135,7 +135,7 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
         )
     first = layers[0]
     required = [key for key, module in binder.layer_modules.items()
-                if key not in binder.optional_modules and module.shape is None]  # fmt: skip
+                if key not in binder.optional_modules and not is_module_role(module.roles[0])]  # fmt: skip
     if lacking := sorted(f"{key}.weight" for key in required if f"{key}.weight" not in first):
         where = f"{binder.layer_container}.0.{lacking[0]}"
         raise BadInputError(f"describes a {binder.name} model, but layer 0 of the weights has no {where}",
