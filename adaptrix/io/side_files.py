@@ -183,6 +183,7 @@ def copy_side_files(base: Checkpoint, out: Path, dtype, untied: bool) -> list[st
 def write_config(base: Checkpoint, file: Path, dtype: torch.dtype, untied: bool, updates=None) -> None:
     """The base's config.json for the output: its dtype, an untied head, a task model's changes."""
     config = {**base.config, **(updates or {})}
+    config.pop("quantization_config", None)  # a quantized base's weights are written dequantized
     key = "dtype" if "dtype" in config else "torch_dtype"
     config[key] = str(dtype).removeprefix("torch.")
     if untied:

@@ -78,7 +78,7 @@ def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, p
         run = []  # tensors kept in their dtype: read ahead, merged in place in the bytes read
         for item, plan in zip(batch, planned, strict=True):
             info = base.tensors.get(item.source)
-            if info is not None and plan.dtype == info.dtype:
+            if info is not None and plan.dtype == info.dtype and not base.computed(item.source):
                 change = partial(merge_into, item, base) if item.touched else None
                 run.append((item.name, info, change))
                 continue
