@@ -45,7 +45,7 @@ def fit_modules(
         _check_layout(bundle, entry, module, weight)
         _check_replaced(bundle, entry, module, original)
         if number in probed:
-            _check_probe(bundle, entry, weight)
+            _check_probe(bundle, entry, weight, module)
         found.append((entry, module))
     return found
 
@@ -112,10 +112,10 @@ def _rtol(found: torch.dtype, stored: torch.dtype) -> float:
     return 2 * max(_EPS.get(found, _EPS[torch.bfloat16]), _EPS.get(stored, _EPS[torch.bfloat16]))
 
 
-def _check_probe(bundle: Bundle, entry: ModuleEntry, weight: torch.Tensor) -> None:
+def _check_probe(bundle: Bundle, entry: ModuleEntry, weight: torch.Tensor, module: torch.nn.Module) -> None:
     """A few of the base's weight values must be this model's, up to rounding between dtypes."""
     with torch.no_grad():
-        values = plain_weight(weight).detach().reshape(-1)
+        values = plain_weight(weight, module).detach().reshape(-1)
         found = values[entry.probe_at.to(weight.device)].to("cpu", torch.float32)
     stored = entry.probe_values
     stored_dtype = getattr(torch, entry.probe_dtype, torch.float32)
@@ -174,7 +174,7 @@ def fit_bottlenecks(
                 f"{entry.modules['projection']}.weight has shape {shape}, expected {entry.probe['shape']}",
             )
         if number in probed:
-            _check_probe_values(bundle, entry.modules["projection"], weight, entry.probe)
+            _check_probe_values(bundle, entry.modules["projection"], weight, entry.probe, projection)
         found.append((entry, named))
     return found
 
@@ -193,13 +193,16 @@ def _check_residual_arg(bundle: Bundle, entry: BottleneckEntry, module: torch.nn
         _refuse(bundle, f"{name}'s forward takes {len(params)} arguments, the bundle reads argument {index}")
 
 
-def _check_probe_values(bundle: Bundle, name: str, weight: torch.Tensor, probe: dict) -> None:
+def _check_probe_values(
+    bundle: Bundle, name: str, weight: torch.Tensor, probe: dict, module: torch.nn.Module
+) -> None:
     """A bottleneck's probe of the projection it follows, checked like a module's."""
     stored_dtype = getattr(torch, probe.get("dtype", "float32"), torch.float32)
     at = torch.tensor(probe["indices"], dtype=torch.long)
     stored = torch.tensor(probe["values"], dtype=torch.float32)
     with torch.no_grad():
-        found = plain_weight(weight).detach().reshape(-1)[at.to(weight.device)].to("cpu", torch.float32)
+        values = plain_weight(weight, module).detach().reshape(-1)
+        found = values[at.to(weight.device)].to("cpu", torch.float32)
     rtol = _rtol(plain_dtype(weight), stored_dtype)
     if not bool(((found - stored).abs() <= rtol * stored.abs() + _PROBE_ATOL).all()):
         _refuse(bundle, f"{name}.weight holds other values than the base it was compiled for "

@@ -60,7 +60,7 @@ class ModuleHook:
             return
         scale = self.handle.scale
         with torch.inference_mode(False), torch.no_grad():
-            weight = plain_weight(self.module.weight).to(torch.float32)
+            weight = plain_weight(self.module.weight, self.module).to(torch.float32)
             weight = weight if self.layout == "linear" else weight.T  # as a map [out, in]
             delta_t = self.down.to(torch.float32) @ self.up.to(torch.float32)  # [in, out]
             combined = weight.add(delta_t.T, alpha=scale)

@@ -19,7 +19,7 @@ def _kind(weight: object) -> str | None:
     name = type(weight).__name__
     if name == "Params4bit" and getattr(weight, "quant_state", None) is not None:
         return "4bit"
-    if name == "Int8Params" and getattr(weight, "SCB", None) is not None:
+    if name == "Int8Params" and weight.dtype == torch.int8:
         return "8bit"
     return None
 
@@ -35,12 +35,22 @@ def plain_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.quant_state.dtype if kind == "4bit" else torch.float32 if kind else weight.dtype
 
 
-def plain_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight's values as the module computes with them (dequantized by bitsandbytes)."""
+def plain_weight(weight: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """The values `module` computes with from its `weight` (dequantized by bitsandbytes).
+
+    An 8-bit module's row scales move from its weight to its matmul state on its first forward.
+    """
     kind = _kind(weight)
     if kind is None:
         return weight
     functional = importlib.import_module("bitsandbytes.functional")
+    state = getattr(weight, "quant_state", None)
+    if kind == "4bit" and getattr(state, "packing_format_for_cpu", False):
+        # repacked by a CPU eval forward for bitsandbytes' AVX512-BF16 kernel: read back through it
+        eye = torch.eye(state.shape[1], dtype=state.dtype, device=weight.device)
+        return functional.gemv_4bit(eye, weight.data, state=state).T
     if kind == "4bit":
-        return functional.dequantize_4bit(weight.data, weight.quant_state)
-    return functional.int8_vectorwise_dequant(weight.data, weight.SCB)
+        return functional.dequantize_4bit(weight.data, state)
+    scales = getattr(weight, "SCB", None)
+    scales = scales if scales is not None else getattr(getattr(module, "state", None), "SCB", None)
+    return functional.int8_vectorwise_dequant(weight.data, scales)
