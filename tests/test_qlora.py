@@ -138,3 +138,29 @@ def test_merge_into_needs_a_quantized_base_and_onnx_refuses_one(qlora, tmp_path)
         compile_adapter(adapter, full, "merged", tmp_path / "out", merge_into="dequantized")
     with pytest.raises(BadInputError, match="does not apply to --target onnx-cpu"):
         compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out", qlora_base=tmp_path / "x.json")
+
+
+def test_onnx_refuses_a_quantized_base(qlora, tmp_path):
+    _, base, adapter, _ = qlora["nf4-dq"]
+    with pytest.raises(UnsupportedError, match="--target onnx-cpu does not take a quantized base"):
+        compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out")
+
+
+def test_cli_takes_merge_into_and_qlora_base(qlora, tmp_path):
+    from typer.testing import CliRunner
+
+    from adaptrix.cli import app
+
+    full, base, adapter, config = qlora["fp4"]
+    runner = CliRunner()
+    args = [str(adapter), "--dtype", "float32", "--json", "-o"]
+    deq = runner.invoke(app, ["compile", *args, str(tmp_path / "deq"), "--base", str(base),
+                              "--merge-into", "dequantized"])  # fmt: skip
+    sim = runner.invoke(app, ["compile", *args, str(tmp_path / "sim"), "--base", str(full),
+                              "--qlora-base", str(config)])  # fmt: skip
+    assert deq.exit_code == 0 and sim.exit_code == 0, deq.output + sim.output
+    deq_tensors, sim_tensors = (load_file(tmp_path / d / "model.safetensors") for d in ("deq", "sim"))
+    assert all(torch.equal(value, sim_tensors[name]) for name, value in deq_tensors.items())
+    wrong = runner.invoke(app, ["compile", *args, str(tmp_path / "x"), "--base", str(full),
+                                "--merge-into", "dequantized"])  # fmt: skip
+    assert wrong.exit_code == 2 and "needs a quantized base" in wrong.output
