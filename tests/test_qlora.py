@@ -164,3 +164,36 @@ def test_cli_takes_merge_into_and_qlora_base(qlora, tmp_path):
     wrong = runner.invoke(app, ["compile", *args, str(tmp_path / "x"), "--base", str(full),
                                 "--merge-into", "dequantized"])  # fmt: skip
     assert wrong.exit_code == 2 and "needs a quantized base" in wrong.output
+
+
+@pytest.mark.parametrize("scheme", list(_SCHEMES))
+def test_requantize_loads_with_transformers_and_reports_the_added_error(qlora, tmp_path, scheme):
+    _, base, adapter, _ = qlora[scheme]
+    inputs = sample_inputs("llama")
+    compile_adapter(adapter, base, "merged", tmp_path / "out", requantize=True)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    saved = json.loads((base / "config.json").read_text())
+    assert config["quantization_config"] == saved["quantization_config"]
+    manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
+    assert manifest["quantized_base"]["merge_into"] == "requantized"
+    errors = manifest["requantize_max_abs_error"]
+    assert len(errors) == 14 and all(0 < error < 1 for error in errors.values())
+    out, stored = load_file(tmp_path / "out" / "model.safetensors"), load_file(base / "model.safetensors")
+    assert out.keys() == stored.keys()
+    assert torch.equal(out["lm_head.weight"], stored["lm_head.weight"])  # untouched: as stored
+    assert not torch.equal(out["model.layers.0.self_attn.q_proj.weight"],
+                           stored["model.layers.0.self_attn.q_proj.weight"])  # fmt: skip
+    model = tf.LlamaForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).train()
+    merged = compile_adapter(adapter, base, "merged", tmp_path / "deq", dtype="float32").out
+    with torch.no_grad():
+        requantized = model(**inputs).logits
+        reference = _peft_logits(base, adapter, inputs)
+        plain = tf.LlamaForCausalLM.from_pretrained(merged, dtype=torch.float32)(**inputs).logits
+    assert (plain - reference).abs().max() <= FP32_TOLERANCE
+    assert 0 < (requantized - reference).abs().max() < 0.5  # the second rounding, measured
+
+
+def test_requantize_needs_a_quantized_base(qlora, tmp_path):
+    full, _, adapter, _ = qlora["nf4-dq"]
+    with pytest.raises(BadInputError, match="--requantize needs a bitsandbytes-quantized base"):
+        compile_adapter(adapter, full, "merged", tmp_path / "out", requantize=True)

@@ -82,6 +82,7 @@ def compile_adapter(
     cache_dir: Path | str | None = None,
     merge_into: str | None = None,
     qlora_base: Path | str | None = None,
+    requantize: bool = False,
     progress: Callable[[int, int], None] | None = None,
     phase: Callable[[str], None] | None = None,
 ) -> CompileResult:
@@ -92,7 +93,8 @@ def compile_adapter(
     rounding), and `cache_dir` (where base exports are cached); another target refuses them.
     The merged and hooks targets take a bitsandbytes-quantized base, merged into its dequantized
     weights (`merge_into="dequantized"`, the default for such a base), and `qlora_base` (a
-    quantization config file: a full-precision base's weights quantized as in QLoRA training).
+    quantization config file: a full-precision base's weights quantized as in QLoRA training);
+    merged takes `requantize` (a quantized base's touched weights quantized again, its own scheme).
 
     `progress(done, total)` counts the bytes the target has written; `phase(label)` names each long
     phase as it begins (the ONNX targets' first export of a base takes minutes). `base` is a
@@ -104,13 +106,14 @@ def compile_adapter(
     emit = target_named(target)
     given = {"unmerged": unmerged or None, "quantize": quantize, "block_size": block_size,
              "calibration": calibration, "cache_dir": cache_dir, "merge_into": merge_into,
-             "qlora_base": qlora_base}  # fmt: skip
+             "qlora_base": qlora_base, "requantize": requantize or None}  # fmt: skip
     options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
     combining = any(parse_pass(text)[0].several for text in passes)
     _check_options(emit, adapters, options, combining)
     torch_dtype = parse_dtype(dtype) or emit.default_dtype
     checkpoint = Checkpoint(base, qlora_base=options.pop("qlora_base", None))
     _check_merge_into(options.pop("merge_into", None), checkpoint, emit)
+    _check_requantize(requantize, checkpoint, dtype)
     read = [read_adapter(path) for path in adapters]
     guarded = _read_paths(adapters, Path(base), options, passes)
     guarded += [Path(qlora_base)] if qlora_base is not None else []
@@ -157,7 +160,7 @@ def compile_adapter(
                 "sites": len(irs[0].sites()),
                 "source": irs[0].source.as_dict(),
                 **written.manifest,
-                **_quantized_base(checkpoint),
+                **_quantized_base(checkpoint, requantize),
             },
         )
     logger.info("compiled %s for %s into %s (%s)", adapter, base, out, target)
@@ -198,9 +201,22 @@ def _check_merge_into(merge_into: str | None, checkpoint: Checkpoint, emit: Targ
                                fix="compile to merged first, then from the merged model")  # fmt: skip
 
 
-def _quantized_base(checkpoint: Checkpoint) -> dict:
+def _check_requantize(requantize: bool, checkpoint: Checkpoint, dtype: str | None) -> None:
+    """--requantize needs a quantized base, and keeps its dtypes."""
+    if not requantize:
+        return
+    if checkpoint.quantization is None or checkpoint.quantization.mode != "dequantized":
+        raise BadInputError("--requantize needs a bitsandbytes-quantized base", path=checkpoint.path,
+                            fix="leave out --requantize")  # fmt: skip
+    if dtype is not None:
+        raise BadInputError("--requantize keeps the base's dtypes", fix="leave out --dtype")
+
+
+def _quantized_base(checkpoint: Checkpoint, requantize: bool) -> dict:
     """The manifest's record of a quantized or --qlora-base base: merge mode and scheme."""
-    return {} if checkpoint.quantization is None else {"quantized_base": checkpoint.quantization.manifest()}
+    if checkpoint.quantization is None:
+        return {}
+    return {"quantized_base": checkpoint.quantization.manifest(requantized=requantize)}
 
 
 def _read_paths(

@@ -61,6 +61,10 @@ def compile_command(
             "base quantized as in QLoRA before merging.",
         ),
     ] = None,
+    requantize: Annotated[
+        bool,
+        typer.Option("--requantize", help="A bitsandbytes base: merged, then quantized again."),
+    ] = False,
     passes: Annotated[
         list[str] | None,
         typer.Option("--pass", help="Pass NAME[:key=value,...] to run before the target; repeat, in order."),
@@ -76,7 +80,8 @@ def compile_command(
 
     kwargs = {"dtype": dtype, "force": force, "passes": passes or (), "unmerged": unmerged,
               "quantize": quantize, "block_size": block_size, "cache_dir": cache_dir,
-              "calibration": calibration, "merge_into": merge_into, "qlora_base": qlora_base}  # fmt: skip
+              "calibration": calibration, "merge_into": merge_into, "qlora_base": qlora_base,
+              "requantize": requantize}  # fmt: skip
     with CompileProgress(err, enabled=not as_json) as bar:
         result = call(lambda: compile_adapter(adapters, base, target, output, progress=bar.advance,
                                               phase=bar.phase, **kwargs), writing=output)  # fmt: skip

@@ -41,9 +41,10 @@ class Quantization:
     mode: str  # "dequantized": a quantized checkpoint; "qlora-base": simulated on a full-precision one
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # weight -> its statistics' names
 
-    def manifest(self) -> dict:
+    def manifest(self, requantized: bool = False) -> dict:
         """The manifest's record of the merge mode and the scheme."""
-        return {"merge_into": self.mode, "scheme": "bitsandbytes", **self.settings}
+        mode = "requantized" if requantized else self.mode
+        return {"merge_into": mode, "scheme": "bitsandbytes", **self.settings}
 
     def read(self, name: str, read: Read, info: TensorInfo) -> torch.Tensor:
         """The value weight `name` computes with, in its dtype `info.dtype`."""
@@ -56,6 +57,35 @@ class Quantization:
         stats = {part.removeprefix(name + "."): read(part) for part in self.groups[name]}
         state = functional.QuantState.from_dict(stats, device=torch.device("cpu"))
         return functional.dequantize_4bit(read(name), state)
+
+    def owner(self, name: str) -> str | None:
+        """The quantized weight a stored tensor belongs to (the weight itself or its statistics)."""
+        if name in self.groups:
+            return name
+        head, sep, _ = name.partition(".weight.")
+        if sep and head + ".weight" in self.groups:
+            return head + ".weight"
+        module = name.removesuffix(".SCB").removesuffix(".weight_format")
+        return module + ".weight" if module != name and module + ".weight" in self.groups else None
+
+    def requantize(self, name: str, value: torch.Tensor, packed: TensorInfo) -> dict[str, torch.Tensor]:
+        """A merged weight quantized again with the base's scheme: the tensors transformers saves.
+
+        `value` is in the weight's own dtype; `packed` is the stored packed weight (its storage dtype).
+        """
+        functional = _bnb()
+        if self.settings["bits"] == 8:
+            codes, scales, _ = functional.int8_vectorwise_quant(value.to(torch.float16))
+            return {name: codes, name.removesuffix("weight") + "SCB": scales}
+        codes, state = functional.quantize_4bit(
+            value.contiguous(), blocksize=_BLOCKSIZE, compress_statistics=self.settings["double_quant"],
+            quant_type=self.settings["quant_type"], quant_storage=packed.dtype,
+        )  # fmt: skip
+        return {name: codes, **{f"{name}.{key}": v for key, v in state.as_dict(packed=True).items()}}
+
+    def dequantize(self, name: str, tensors: Mapping[str, torch.Tensor], info: TensorInfo) -> torch.Tensor:
+        """What `requantize`'s tensors compute with (to measure the second rounding)."""
+        return self.read(name, tensors.__getitem__, info)
 
 
 def bnb_settings(config: object, path: Path) -> dict:

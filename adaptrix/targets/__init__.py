@@ -54,7 +54,7 @@ TARGETS = _register(
         "merged",
         "Hugging Face model directory with the adapter merged (sharded safetensors)",
         write_merged,
-        options=("merge_into", "qlora_base"),
+        options=("merge_into", "qlora_base", "requantize"),
     ),
     Target(
         "hooks",
