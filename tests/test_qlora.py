@@ -197,3 +197,14 @@ def test_requantize_needs_a_quantized_base(qlora, tmp_path):
     full, _, adapter, _ = qlora["nf4-dq"]
     with pytest.raises(BadInputError, match="--requantize needs a bitsandbytes-quantized base"):
         compile_adapter(adapter, full, "merged", tmp_path / "out", requantize=True)
+
+
+def test_hooks_from_the_full_base_with_qlora_base_fit_the_quantized_model(qlora, tmp_path):
+    full, base, adapter, config = qlora["nf4-dq"]
+    inputs = sample_inputs("llama")
+    compile_adapter(adapter, full, "hooks", tmp_path / "bundle", qlora_base=config)
+    model = _quantized(full, "nf4-dq").train()
+    adaptrix.attach(model, tmp_path / "bundle")
+    with torch.no_grad():
+        diff = (model(**inputs).logits - _peft_logits(base, adapter, inputs)).abs().max().item()
+    assert diff <= FP32_TOLERANCE, diff

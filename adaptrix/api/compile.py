@@ -36,7 +36,7 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16,
 }  # fmt: skip
 
-_MERGE_INTO = ("dequantized",)  # --requantize (the base's own scheme again) is not built yet
+_MERGE_INTO = ("dequantized",)  # what a quantized base is merged into (--requantize: then quantized again)
 _PASS_FILES = ("source", "prompts")  # pass options that name a file or folder the pass reads
 
 
