@@ -208,3 +208,29 @@ def test_hooks_from_the_full_base_with_qlora_base_fit_the_quantized_model(qlora,
     with torch.no_grad():
         diff = (model(**inputs).logits - _peft_logits(base, adapter, inputs)).abs().max().item()
     assert diff <= FP32_TOLERANCE, diff
+
+
+def test_gpt2_conv1d_weights_quantized_transposed(tmp_path):
+    no_dropout = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)  # the reference runs in training mode
+    full = build_base("gpt2", tmp_path / "full", n_embd=64, **no_dropout)
+    config = tf.BitsAndBytesConfig(**_SCHEMES["nf4-dq"])
+    model = tf.GPT2LMHeadModel.from_pretrained(full, quantization_config=config, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "nf4")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")
+    (tmp_path / "bnb.json").write_text(json.dumps(config.to_dict()))
+    inputs = sample_inputs("gpt2")
+    adapter = tmp_path / "adapter"
+    deq = compile_adapter(adapter, tmp_path / "nf4", "merged", tmp_path / "deq", dtype="float32").out
+    sim = compile_adapter(
+        adapter, full, "merged", tmp_path / "sim", dtype="float32", qlora_base=tmp_path / "bnb.json"
+    ).out
+    merged = tf.GPT2LMHeadModel.from_pretrained(deq, dtype=torch.float32)
+    quantized = tf.GPT2LMHeadModel.from_pretrained(tmp_path / "nf4", dtype=torch.float32)
+    peft = PeftModel.from_pretrained(quantized, adapter).train()
+    with torch.no_grad():
+        diff = (merged(**inputs).logits - peft(**inputs).logits).abs().max().item()
+    assert diff <= FP32_TOLERANCE, diff
+    deq_tensors, sim_tensors = load_file(deq / "model.safetensors"), load_file(sim / "model.safetensors")
+    assert all(torch.equal(value, sim_tensors[name]) for name, value in deq_tensors.items())

@@ -13,7 +13,7 @@ from adaptrix.binders import BINDERS, Binder
 from adaptrix.binders.tree import tree_binder
 from adaptrix.io.checkpoint_layout import check_layout
 from adaptrix.io.jsonfile import read_json
-from adaptrix.io.quantized import qlora_quantization, quantization_of
+from adaptrix.io.quantized import qlora_quantization, quantization_of, with_conv1d
 from adaptrix.io.safetensors_io import TensorInfo, read_elements, read_header, read_tensor
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import SourceModel
@@ -57,6 +57,8 @@ class Checkpoint:
             self.config, self.path / "config.json", self.stored, self._read_stored
         )
         self.binder: Binder = _binder(self.config, self.path / "config.json", self.tensors)
+        if self.quantization is not None:
+            self.quantization, self.tensors = with_conv1d(self.quantization, self.tensors, self.binder)
         self.source: SourceModel = self.binder.source_model(self.config, self.path / "config.json")
         check_layout(self.binder, self.config, self.source, self.tensors, self.path / "config.json")
         if qlora_base is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
 
@@ -25,9 +25,10 @@ from adaptrix.io.jsonfile import read_json
 from adaptrix.io.safetensors_io import TensorInfo
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 
-__all__ = ["Quantization", "bnb_settings", "qlora_quantization", "quantization_of"]
+__all__ = ["Quantization", "bnb_settings", "qlora_quantization", "quantization_of", "with_conv1d"]
 
 _QS = ".quant_state.bitsandbytes__"
+_LINEAR = (Layout.LINEAR, Layout.CONV1D)  # what transformers replaces by bitsandbytes modules
 _BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers keeps
 _FIX_BNB = "pip install 'adaptrix[qlora]' (bitsandbytes >= 0.46)"
 Read = Callable[[str], torch.Tensor]
@@ -40,6 +41,7 @@ class Quantization:
     settings: dict  # bits, quant_type, double_quant, skip
     mode: str  # "dequantized": a quantized checkpoint; "qlora-base": simulated on a full-precision one
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)  # weight -> its statistics' names
+    transposed: frozenset[str] = frozenset()  # Conv1D weights, quantized as [out, in] (stored [in, out])
 
     def manifest(self, requantized: bool = False) -> dict:
         """The manifest's record of the merge mode and the scheme."""
@@ -49,14 +51,18 @@ class Quantization:
     def read(self, name: str, read: Read, info: TensorInfo) -> torch.Tensor:
         """The value weight `name` computes with, in its dtype `info.dtype`."""
         functional = _bnb()
+        flip = name in self.transposed
         if self.mode == "qlora-base":
-            return _simulate(functional, read(name), self.settings)
-        if self.settings["bits"] == 8:
+            value = read(name)
+            value = _simulate(functional, value.T.contiguous() if flip else value, self.settings)
+        elif self.settings["bits"] == 8:
             scb = next(part for part in self.groups[name] if part.endswith(".SCB"))
-            return functional.int8_vectorwise_dequant(read(name), read(scb)).to(info.dtype)
-        stats = {part.removeprefix(name + "."): read(part) for part in self.groups[name]}
-        state = functional.QuantState.from_dict(stats, device=torch.device("cpu"))
-        return functional.dequantize_4bit(read(name), state)
+            value = functional.int8_vectorwise_dequant(read(name), read(scb)).to(info.dtype)
+        else:
+            stats = {part.removeprefix(name + "."): read(part) for part in self.groups[name]}
+            state = functional.QuantState.from_dict(stats, device=torch.device("cpu"))
+            value = functional.dequantize_4bit(read(name), state)
+        return value.T.contiguous() if flip else value
 
     def owner(self, name: str) -> str | None:
         """The quantized weight a stored tensor belongs to (the weight itself or its statistics)."""
@@ -74,6 +80,7 @@ class Quantization:
         `value` is in the weight's own dtype; `packed` is the stored packed weight (its storage dtype).
         """
         functional = _bnb()
+        value = value.T if name in self.transposed else value
         if self.settings["bits"] == 8:
             codes, scales, _ = functional.int8_vectorwise_quant(value.to(torch.float16))
             return {name: codes, name.removesuffix("weight") + "SCB": scales}
@@ -154,10 +161,25 @@ def qlora_quantization(file: Path, tensors: Mapping[str, TensorInfo], binder: Bi
         placement = binder.resolve(module_name)
         if param != "weight" or placement is None or len(info.shape) != 2:
             continue
-        linear = placement.module.layout is Layout.LINEAR and placement.layer is not None
+        linear = placement.module.layout in _LINEAR and placement.layer is not None
         if linear and info.dtype.is_floating_point and not any(key in module_name for key in skip):
             groups[name] = ()
-    return Quantization(settings, "qlora-base", groups)
+    return with_conv1d(Quantization(settings, "qlora-base", groups), dict(tensors), binder)[0]
+
+
+def with_conv1d(
+    quantization: Quantization, tensors: dict[str, TensorInfo], binder: Binder
+) -> tuple[Quantization, dict[str, TensorInfo]]:
+    """GPT-2's Conv1D weights are quantized transposed, as [out, in]: shown in their stored [in, out]."""
+    flipped = set()
+    for name in quantization.groups:
+        placement = binder.resolve(name.rpartition(".")[0])
+        if placement is not None and placement.module.layout is Layout.CONV1D:
+            flipped.add(name)
+    if not flipped or quantization.mode == "qlora-base":  # a full-precision base is stored [in, out]
+        return replace(quantization, transposed=frozenset(flipped)), tensors
+    shown = {n: replace(i, shape=i.shape[::-1]) if n in flipped else i for n, i in tensors.items()}
+    return replace(quantization, transposed=frozenset(flipped)), shown
 
 
 def _groups_4bit(tensors: Mapping[str, TensorInfo]) -> dict[str, tuple[str, ...]]:
