@@ -20,7 +20,7 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hub import resolve_base
 from adaptrix.io.output import atomic_output
 from adaptrix.io.output_guard import check_output
-from adaptrix.ir.errors import AdaptrixError, BadInputError
+from adaptrix.ir.errors import AdaptrixError, BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR
 from adaptrix.passes import parse_pass
 from adaptrix.passes.runner import run_passes
@@ -36,6 +36,7 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16,
 }  # fmt: skip
 
+_MERGE_INTO = ("dequantized",)  # what a quantized base is merged into (--requantize: then quantized again)
 _PASS_FILES = ("source", "prompts")  # pass options that name a file or folder the pass reads
 
 
@@ -79,6 +80,9 @@ def compile_adapter(
     block_size: int | None = None,
     calibration: Path | str | None = None,
     cache_dir: Path | str | None = None,
+    merge_into: str | None = None,
+    qlora_base: Path | str | None = None,
+    requantize: bool = False,
     progress: Callable[[int, int], None] | None = None,
     phase: Callable[[str], None] | None = None,
 ) -> CompileResult:
@@ -87,6 +91,10 @@ def compile_adapter(
     The ONNX targets take `unmerged` (LoRA and IA3 as swappable .onnx_adapter files), `quantize`
     ("int8", "int4", "int8-dynamic") with `block_size` and `calibration` (a prompts file: GPTQ
     rounding), and `cache_dir` (where base exports are cached); another target refuses them.
+    The merged and hooks targets take a bitsandbytes-quantized base, merged into its dequantized
+    weights (`merge_into="dequantized"`, the default for such a base), and `qlora_base` (a
+    quantization config file: a full-precision base's weights quantized as in QLoRA training);
+    merged takes `requantize` (a quantized base's touched weights quantized again, its own scheme).
 
     `progress(done, total)` counts the bytes the target has written; `phase(label)` names each long
     phase as it begins (the ONNX targets' first export of a base takes minutes). `base` is a
@@ -97,14 +105,18 @@ def compile_adapter(
     prepare_compile(base)  # the base's files hash on a thread while the rest is read and checked
     emit = target_named(target)
     given = {"unmerged": unmerged or None, "quantize": quantize, "block_size": block_size,
-             "calibration": calibration, "cache_dir": cache_dir}  # fmt: skip
+             "calibration": calibration, "cache_dir": cache_dir, "merge_into": merge_into,
+             "qlora_base": qlora_base, "requantize": requantize or None}  # fmt: skip
     options: dict[str, object] = {key: value for key, value in given.items() if value is not None}
     combining = any(parse_pass(text)[0].several for text in passes)
     _check_options(emit, adapters, options, combining)
     torch_dtype = parse_dtype(dtype) or emit.default_dtype
-    checkpoint = Checkpoint(base)
+    checkpoint = Checkpoint(base, qlora_base=options.pop("qlora_base", None))
+    _check_merge_into(options.pop("merge_into", None), checkpoint, emit)
+    _check_requantize(requantize, checkpoint, dtype)
     read = [read_adapter(path) for path in adapters]
     guarded = _read_paths(adapters, Path(base), options, passes)
+    guarded += [Path(qlora_base)] if qlora_base is not None else []
     check_output(out, force=force, inputs=guarded)  # before the passes' slow work; again when writing
     irs, records = run_passes([source_ir(each, checkpoint) for each in read], passes, checkpoint)
     carried = any(ir.source != checkpoint.source for ir in irs)
@@ -120,6 +132,8 @@ def compile_adapter(
     inputs = {"adapter" if i == 0 else f"adapter.{i + 1}": (path, adapter_read.files())
               for i, (path, adapter_read) in enumerate(zip(adapters, read, strict=True))}  # fmt: skip
     inputs["base"] = (Path(base), checkpoint.files())
+    if qlora_base is not None:
+        inputs["qlora_base"] = (Path(qlora_base), [Path(qlora_base)])
     total = sum(info.nbytes for info in checkpoint.tensors.values())
     step = (lambda done: progress(done, total)) if progress else None
     files = [file for _, group in inputs.values() for file in group]  # an HF cache's links: their blobs
@@ -142,7 +156,12 @@ def compile_adapter(
             passes=records,
             files=written.files,
             known=written.digests,
-            extra={"sites": len(irs[0].sites()), "source": irs[0].source.as_dict(), **written.manifest},
+            extra={
+                "sites": len(irs[0].sites()),
+                "source": irs[0].source.as_dict(),
+                **written.manifest,
+                **_quantized_base(checkpoint, requantize),
+            },
         )
     logger.info("compiled %s for %s into %s (%s)", adapter, base, out, target)
     return CompileResult(Path(out), target, out_dtype, written.files, len(irs[0].sites()))
@@ -165,6 +184,39 @@ def _check_options(
     if len(adapters) > 1 and not emit.several and not combining:
         raise BadInputError(f"--target {emit.name} takes one adapter, {len(adapters)} were given",
                             fix="compile them one at a time, or into one with --pass combine")  # fmt: skip
+
+
+def _check_merge_into(merge_into: str | None, checkpoint: Checkpoint, emit: Target) -> None:
+    """A quantized base goes only to the targets that read it, merged into its dequantized weights."""
+    if merge_into is not None and merge_into not in _MERGE_INTO:
+        raise BadInputError(f"unknown --merge-into {merge_into!r}",
+                            fix=f"choose one of: {', '.join(_MERGE_INTO)}")  # fmt: skip
+    if checkpoint.quantization is None:
+        if merge_into is not None:
+            raise BadInputError(f"--merge-into {merge_into} needs a quantized base", path=checkpoint.path,
+                                fix="for a full-precision base: --qlora-base CONFIG")  # fmt: skip
+        return
+    if "qlora_base" not in emit.options:
+        raise UnsupportedError(f"--target {emit.name} does not take a quantized base", path=checkpoint.path,
+                               fix="compile to merged first, then from the merged model")  # fmt: skip
+
+
+def _check_requantize(requantize: bool, checkpoint: Checkpoint, dtype: str | None) -> None:
+    """--requantize needs a quantized base, and keeps its dtypes."""
+    if not requantize:
+        return
+    if checkpoint.quantization is None or checkpoint.quantization.mode != "dequantized":
+        raise BadInputError("--requantize needs a bitsandbytes-quantized base", path=checkpoint.path,
+                            fix="leave out --requantize")  # fmt: skip
+    if dtype is not None:
+        raise BadInputError("--requantize keeps the base's dtypes", fix="leave out --dtype")
+
+
+def _quantized_base(checkpoint: Checkpoint, requantize: bool) -> dict:
+    """The manifest's record of a quantized or --qlora-base base: merge mode and scheme."""
+    if checkpoint.quantization is None:
+        return {}
+    return {"quantized_base": checkpoint.quantization.manifest(requantized=requantize)}
 
 
 def _read_paths(

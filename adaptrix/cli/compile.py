@@ -49,6 +49,22 @@ def compile_command(
         Path | None,
         typer.Option("--calibration", help="ONNX int4 / int8: prompts file; blocks rounded by GPTQ on them."),
     ] = None,
+    merge_into: Annotated[
+        str | None,
+        typer.Option("--merge-into", help="A bitsandbytes-quantized base: dequantized (the default)."),
+    ] = None,
+    qlora_base: Annotated[
+        Path | None,
+        typer.Option(
+            "--qlora-base",
+            help="The training's quantization config (JSON): a full-precision "
+            "base quantized as in QLoRA before merging.",
+        ),
+    ] = None,
+    requantize: Annotated[
+        bool,
+        typer.Option("--requantize", help="A bitsandbytes base: merged, then quantized again."),
+    ] = False,
     passes: Annotated[
         list[str] | None,
         typer.Option("--pass", help="Pass NAME[:key=value,...] to run before the target; repeat, in order."),
@@ -64,7 +80,8 @@ def compile_command(
 
     kwargs = {"dtype": dtype, "force": force, "passes": passes or (), "unmerged": unmerged,
               "quantize": quantize, "block_size": block_size, "cache_dir": cache_dir,
-              "calibration": calibration}  # fmt: skip
+              "calibration": calibration, "merge_into": merge_into, "qlora_base": qlora_base,
+              "requantize": requantize}  # fmt: skip
     with CompileProgress(err, enabled=not as_json) as bar:
         result = call(lambda: compile_adapter(adapters, base, target, output, progress=bar.advance,
                                               phase=bar.phase, **kwargs), writing=output)  # fmt: skip

@@ -13,7 +13,8 @@ from adaptrix.binders import BINDERS, Binder
 from adaptrix.binders.tree import tree_binder
 from adaptrix.io.checkpoint_layout import check_layout
 from adaptrix.io.jsonfile import read_json
-from adaptrix.io.safetensors_io import TensorInfo, read_header, read_tensor
+from adaptrix.io.quantized import qlora_quantization, quantization_of, with_conv1d
+from adaptrix.io.safetensors_io import TensorInfo, read_elements, read_header, read_tensor
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import SourceModel
 
@@ -33,7 +34,7 @@ class Checkpoint:
     it, so the pages of the checkpoint never accumulate in the process's resident memory.
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, qlora_base: Path | str | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise BadInputError(
@@ -51,9 +52,20 @@ class Checkpoint:
             self.tensors.update(found)
         if weight_map is not None:
             _check_weight_map(weight_map, self.tensors, self.path / INDEX_NAME)
+        self.stored = self.tensors  # as stored; `tensors`: a quantized base's weights as plain ones
+        self.quantization, self.tensors = quantization_of(
+            self.config, self.path / "config.json", self.stored, self._read_stored
+        )
         self.binder: Binder = _binder(self.config, self.path / "config.json", self.tensors)
+        if self.quantization is not None:
+            self.quantization, self.tensors = with_conv1d(self.quantization, self.tensors, self.binder)
         self.source: SourceModel = self.binder.source_model(self.config, self.path / "config.json")
         check_layout(self.binder, self.config, self.source, self.tensors, self.path / "config.json")
+        if qlora_base is not None:
+            if self.quantization is not None:
+                raise BadInputError("--qlora-base is for a full-precision base; this one is quantized",
+                                    path=self.path, fix="leave out --qlora-base")  # fmt: skip
+            self.quantization = qlora_quantization(Path(qlora_base), self.tensors, self.binder)
 
     def _shard_files(self) -> tuple[list[Path], dict[str, str] | None]:
         """The shard files, and the index's weight_map (None for a single file)."""
@@ -84,8 +96,23 @@ class Checkpoint:
         return self.tensors.get(name)
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor in its stored dtype."""
-        return read_tensor(self.tensors[name].file, name)
+        """Read one tensor in its dtype (a quantized weight: dequantized, as its library does)."""
+        if self.quantization is not None and name in self.quantization.groups:
+            return self.quantization.read(name, self._read_stored, self.tensors[name])
+        return self._read_stored(name)
+
+    def elements(self, name: str, flat_indices: list[int]) -> torch.Tensor:
+        """A few elements of a tensor by flat index, as float32 (a computed one is read whole)."""
+        if self.computed(name):
+            return self.read(name).reshape(-1)[flat_indices].to(torch.float32)
+        return read_elements(self.tensors[name], flat_indices)
+
+    def computed(self, name: str) -> bool:
+        """Whether a tensor's value is computed (dequantized), not its stored bytes."""
+        return self.quantization is not None and name in self.quantization.groups
+
+    def _read_stored(self, name: str) -> torch.Tensor:
+        return read_tensor(self.stored[name].file, name)
 
     def module_names(self) -> list[str]:
         """The modules that own the base's tensors, in checkpoint order, then a tied head (no tensor)."""

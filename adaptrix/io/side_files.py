@@ -180,9 +180,13 @@ def copy_side_files(base: Checkpoint, out: Path, dtype, untied: bool) -> list[st
     return [*copied, CONFIG_NAME]
 
 
-def write_config(base: Checkpoint, file: Path, dtype: torch.dtype, untied: bool, updates=None) -> None:
+def write_config(
+    base: Checkpoint, file: Path, dtype: torch.dtype, untied: bool, updates=None, keep_quantization=False
+) -> None:
     """The base's config.json for the output: its dtype, an untied head, a task model's changes."""
     config = {**base.config, **(updates or {})}
+    if not keep_quantization:
+        config.pop("quantization_config", None)  # a quantized base's weights are written dequantized
     key = "dtype" if "dtype" in config else "torch_dtype"
     config[key] = str(dtype).removeprefix("torch.")
     if untied:

@@ -14,7 +14,6 @@ import torch
 
 from adaptrix.artifacts import probe_indices
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.io.safetensors_io import read_elements
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR, Bottleneck, Site
 
@@ -93,7 +92,7 @@ def layer_prefix(base: Checkpoint, site: Site, op: Bottleneck) -> tuple[str, str
 def _probe(base: Checkpoint, tensor: str) -> dict:
     info = base.tensors[tensor]
     indices = probe_indices(math.prod(info.shape))
-    values = read_elements(info, indices)
+    values = base.elements(tensor, indices)
     return {
         "tensor": tensor,
         "shape": list(info.shape),

@@ -15,7 +15,6 @@ import torch
 from adaptrix.artifacts import probe_indices
 from adaptrix.binders.table import Layout, fuse_rows, split_rows
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.io.safetensors_io import read_elements
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.ir.values import Bias, DoRA, Factored, LowRank, Op, Replace, Scale, Site
 from adaptrix.lowering.factored_entries import compact_factored, dense_delta, input_scale, output_scale
@@ -79,7 +78,7 @@ class EntryBuilder:
 
     def _probe(self) -> dict:
         indices = probe_indices(math.prod(self.info.shape))
-        values = read_elements(self.info, indices)
+        values = self.base.elements(self.module.weight, indices)
         dtype = str(self.info.dtype).removeprefix("torch.")
         return {"tensor": self.module.weight, "dtype": dtype, "indices": indices, "values": values.tolist()}
 

@@ -54,12 +54,14 @@ TARGETS = _register(
         "merged",
         "Hugging Face model directory with the adapter merged (sharded safetensors)",
         write_merged,
+        options=("merge_into", "qlora_base", "requantize"),
     ),
     Target(
         "hooks",
         "bundle of unmerged deltas for adaptrix.attach on an eager PyTorch model",
         write_hooks,
         default_dtype=torch.float32,
+        options=("merge_into", "qlora_base"),
     ),
     Target(
         "onnx-cpu",

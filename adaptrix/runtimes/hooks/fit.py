@@ -11,6 +11,7 @@ from adaptrix.artifacts import find_module
 from adaptrix.ir.errors import BadInputError
 from adaptrix.runtimes.hooks.bottleneck import BottleneckEntry
 from adaptrix.runtimes.hooks.bundle import Bundle, ModuleEntry
+from adaptrix.runtimes.hooks.quantized_weight import plain_dtype, plain_shape, plain_weight
 
 __all__ = ["find_module", "fit_bottlenecks", "fit_modules"]
 
@@ -44,7 +45,7 @@ def fit_modules(
         _check_layout(bundle, entry, module, weight)
         _check_replaced(bundle, entry, module, original)
         if number in probed:
-            _check_probe(bundle, entry, weight)
+            _check_probe(bundle, entry, weight, module)
         found.append((entry, module))
     return found
 
@@ -80,7 +81,7 @@ def _check_layout(bundle: Bundle, entry: ModuleEntry, module: torch.nn.Module, w
     expected_kind = {"linear": "Linear", "conv1d": "Conv1D", "embedding": "Embedding"}.get(entry.layout)
     if expected_kind is not None and not _is_kind(module, expected_kind):
         _refuse(bundle, f"{entry.name} is a {kind} here, the bundle expects a {expected_kind}")
-    shape = None if weight is None else tuple(weight.shape)
+    shape = None if weight is None else plain_shape(weight)
     if shape != entry.weight_shape:
         found, expected = list(shape or []), list(entry.weight_shape)
         _refuse(bundle, f"{entry.name}.weight has shape {found}, expected {expected}")
@@ -106,13 +107,19 @@ def _is_kind(module: torch.nn.Module, kind: str) -> bool:
     return type(module).__name__ == kind
 
 
-def _check_probe(bundle: Bundle, entry: ModuleEntry, weight: torch.Tensor) -> None:
+def _rtol(found: torch.dtype, stored: torch.dtype) -> float:
+    """How far a probed value may be from the bundle's: two roundings, in the coarser of the dtypes."""
+    return 2 * max(_EPS.get(found, _EPS[torch.bfloat16]), _EPS.get(stored, _EPS[torch.bfloat16]))
+
+
+def _check_probe(bundle: Bundle, entry: ModuleEntry, weight: torch.Tensor, module: torch.nn.Module) -> None:
     """A few of the base's weight values must be this model's, up to rounding between dtypes."""
     with torch.no_grad():
-        found = weight.detach().reshape(-1)[entry.probe_at.to(weight.device)].to("cpu", torch.float32)
+        values = plain_weight(weight, module).detach().reshape(-1)
+        found = values[entry.probe_at.to(weight.device)].to("cpu", torch.float32)
     stored = entry.probe_values
     stored_dtype = getattr(torch, entry.probe_dtype, torch.float32)
-    rtol = 2 * max(_EPS.get(weight.dtype, _EPS[torch.bfloat16]), _EPS.get(stored_dtype, _EPS[torch.bfloat16]))
+    rtol = _rtol(plain_dtype(weight), stored_dtype)
     if not bool(((found - stored).abs() <= rtol * stored.abs() + _PROBE_ATOL).all()):
         _refuse(
             bundle,
@@ -160,14 +167,14 @@ def fit_bottlenecks(
         projection = named["projection"]
         weight = original(projection, "weight")
         weight = weight if weight is not None else getattr(projection, "weight", None)
-        shape = None if weight is None else list(weight.shape)
+        shape = None if weight is None else list(plain_shape(weight))
         if shape != entry.probe["shape"]:
             _refuse(
                 bundle,
                 f"{entry.modules['projection']}.weight has shape {shape}, expected {entry.probe['shape']}",
             )
         if number in probed:
-            _check_probe_values(bundle, entry.modules["projection"], weight, entry.probe)
+            _check_probe_values(bundle, entry.modules["projection"], weight, entry.probe, projection)
         found.append((entry, named))
     return found
 
@@ -186,14 +193,17 @@ def _check_residual_arg(bundle: Bundle, entry: BottleneckEntry, module: torch.nn
         _refuse(bundle, f"{name}'s forward takes {len(params)} arguments, the bundle reads argument {index}")
 
 
-def _check_probe_values(bundle: Bundle, name: str, weight: torch.Tensor, probe: dict) -> None:
+def _check_probe_values(
+    bundle: Bundle, name: str, weight: torch.Tensor, probe: dict, module: torch.nn.Module
+) -> None:
     """A bottleneck's probe of the projection it follows, checked like a module's."""
     stored_dtype = getattr(torch, probe.get("dtype", "float32"), torch.float32)
     at = torch.tensor(probe["indices"], dtype=torch.long)
     stored = torch.tensor(probe["values"], dtype=torch.float32)
     with torch.no_grad():
-        found = weight.detach().reshape(-1)[at.to(weight.device)].to("cpu", torch.float32)
-    rtol = 2 * max(_EPS.get(weight.dtype, _EPS[torch.bfloat16]), _EPS.get(stored_dtype, _EPS[torch.bfloat16]))
+        values = plain_weight(weight, module).detach().reshape(-1)
+        found = values[at.to(weight.device)].to("cpu", torch.float32)
+    rtol = _rtol(plain_dtype(weight), stored_dtype)
     if not bool(((found - stored).abs() <= rtol * stored.abs() + _PROBE_ATOL).all()):
         _refuse(bundle, f"{name}.weight holds other values than the base it was compiled for "
                         "(another checkpoint of the same shape)")  # fmt: skip

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812  (the usual name)
 
 from adaptrix.runtimes.hooks.bundle import Bundle, ModuleEntry
+from adaptrix.runtimes.hooks.quantized_weight import plain_dtype, plain_weight
 from adaptrix.runtimes.hooks.shared_input import SharedDown
 
 __all__ = ["ModuleHook", "compute_dtype"]
@@ -33,7 +34,7 @@ class ModuleHook:
     def __init__(self, handle, module: torch.nn.Module, entry: ModuleEntry, bundle: Bundle):
         weight = getattr(module, "weight", None)
         reference = weight if weight is not None else next(module.parameters())
-        dtype, device = compute_dtype(reference.dtype), reference.device
+        dtype, device = compute_dtype(plain_dtype(reference)), reference.device
         self.handle, self.module, self.layout, self.device = handle, module, entry.layout, device
         self.embedding = entry.layout == "embedding"
         self.down = self.up = self.bias = self.magnitude = self.mag_scale = None
@@ -59,7 +60,7 @@ class ModuleHook:
             return
         scale = self.handle.scale
         with torch.inference_mode(False), torch.no_grad():
-            weight = self.module.weight.to(torch.float32)
+            weight = plain_weight(self.module.weight, self.module).to(torch.float32)
             weight = weight if self.layout == "linear" else weight.T  # as a map [out, in]
             delta_t = self.down.to(torch.float32) @ self.up.to(torch.float32)  # [in, out]
             combined = weight.add(delta_t.T, alpha=scale)
