@@ -193,12 +193,14 @@ def binder_for(base: Path) -> Binder:
     """The binder for a base model directory, chosen from its config.json (its table, else its tree)."""
     config = read_config(base)
     table = BINDERS.get(str(config["model_type"]))
-    return table if table is not None else tree_binder(config, base / "config.json", None)
+    file = base / "config.json"
+    return table.bind(config, file) if table is not None else tree_binder(config, file, None)
 
 
 def _binder(config: dict, file: Path, tensors: dict[str, TensorInfo]) -> Binder:
     """The family's table where it places every module with a weight; else widened by the module tree."""
     table = BINDERS.get(str(config["model_type"]))
+    table = table.bind(config, file) if table is not None else None  # number its layer stacks
     if table is not None and all(
         table.resolve(name.rpartition(".")[0]) is not None for name in tensors if name.endswith(".weight")
     ):
