@@ -96,11 +96,14 @@ def _json(metadata: Mapping[str, str], key: str, kind: type, file: Path):
     return value
 
 
+_OPTIONAL_SOURCE = frozenset({"decoder_start"})  # only an encoder-decoder's source has it
+
+
 def _source(raw: dict, file: Path) -> SourceModel:
     names = {f.name for f in fields(SourceModel)}
     if unknown := sorted(raw.keys() - names):
         raise BadInputError(f"has source field {unknown[0]!r}, unknown to AIR", path=file, fix=_FIX)
-    if missing := sorted(names - raw.keys()):
+    if missing := sorted(names - raw.keys() - _OPTIONAL_SOURCE):
         raise BadInputError(f"has no source field {missing[0]!r}", path=file, fix=_FIX)
     for name, value in raw.items():
         kind = str if name == "arch" else bool if name == "tie_word_embeddings" else int
