@@ -16,10 +16,10 @@ def _attention(prefix: str, roles: tuple[Role, ...]) -> dict[str, Module]:
 
 def _mlp(block: int) -> dict[str, Module]:
     prefix = f"layer.{block}.DenseReluDense"
-    return {
-        f"{prefix}.wi": Module((Role.MLP_UP,)),
+    return {  # the gated variant's order first: wi_1 and wi hold the same role, one model has one of them
         f"{prefix}.wi_0": Module((Role.MLP_GATE,)),
         f"{prefix}.wi_1": Module((Role.MLP_UP,)),
+        f"{prefix}.wi": Module((Role.MLP_UP,)),
         f"{prefix}.wo": Module((Role.MLP_DOWN,)),
         f"layer.{block}.layer_norm": Module((Role.MLP_NORM,), Layout.NORM),
     }
