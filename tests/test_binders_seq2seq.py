@@ -194,16 +194,20 @@ def test_air_onto_other_encoder_and_decoder_depths_is_refused(bases, all_linear,
         adaptrix.compile_adapter(air, other, "merged", tmp_path / "out")
 
 
-@pytest.mark.parametrize(("family", "spec"), [("t5", "redistribute"), ("bart", "project"),
-                                              ("t5", "redistribute:depth=4")])  # fmt: skip
-def test_passes_that_move_layers_refuse_encoder_decoders(family, spec, bases, all_linear, tmp_path):
+@pytest.mark.parametrize(("family", "spec", "why"), [
+    ("t5", "redistribute", "would move deltas between the encoder and the decoder"),
+    ("t5", "redistribute:depth=4", "would move deltas between the encoder and the decoder"),
+    ("bart", "project", "would move deltas between the encoder and the decoder"),
+    ("t5", "refit:source={base},prompts={prompts}", "runs the models on prompts as decoders or encoders"),
+])  # fmt: skip
+def test_passes_that_cannot_take_encoder_decoders_refuse_them(family, spec, why, bases, all_linear, tmp_path):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text("[[5, 6, 7, 8]]")
+    spec = spec.format(base=bases(family), prompts=prompts)
     with pytest.raises(AdaptrixError) as raised:
         adaptrix.compile_adapter(all_linear(family), bases(family), "merged", tmp_path / "out", passes=[spec])
     line = raised.value.line()
-    name = spec.partition(":")[0]
-    assert (
-        f"pass {name}: the {family} model is an encoder-decoder (encoder layers 0-1, decoder layers 2-3)"
-        in line
-    )
-    assert "would move deltas between the encoder and the decoder" in line
+    stacks = "is an encoder-decoder (encoder layers 0-1, decoder layers 2-3)"
+    assert f"pass {spec.partition(':')[0]}: the {family} model {stacks}" in line
+    assert why in line and line.endswith("compile without this pass")
     assert not (tmp_path / "out").exists()

@@ -36,8 +36,8 @@ def run_passes(
                                    fix="compile without --pass, or pass only the LoRA adapter")  # fmt: skip
             for ir in irs if spec.roles else ():
                 refuse_module_roles(ir, "needs semantic roles (attn_q, mlp_down, ...)")
-            for ir in irs if spec.one_stack else ():
-                _refuse_stacks(ir, base)
+            for ir in irs if spec.no_encoder_decoder else ():
+                _refuse_stacks(ir, base, spec.no_encoder_decoder)
             extra = (base,) if spec.uses_base else ()
             if spec.several:
                 if len(irs) < 2:
@@ -56,15 +56,14 @@ def run_passes(
     return irs, records
 
 
-def _refuse_stacks(ir: AdapterIR, base: Checkpoint | None) -> None:
+def _refuse_stacks(ir: AdapterIR, base: Checkpoint | None, why: str) -> None:
     """Refuse an encoder-decoder adapter or base: its layers are two stacks, not one depth."""
     for source in (ir.source, base.source if base is not None else None):
         if source is not None and (start := source.decoder_start) is not None:
             raise UnsupportedError(
                 f"the {source.arch} model is an encoder-decoder (encoder layers 0-{start - 1}, "
-                f"decoder layers {start}-{source.num_layers - 1}): this pass reads layers as "
-                "one stack and would move deltas between the encoder and the decoder",
-                fix="compile without it (an encoder-decoder adapter compiles onto a base of its own depths)",
+                f"decoder layers {start}-{source.num_layers - 1}): {why}",
+                fix="compile without this pass",
             )
 
 
