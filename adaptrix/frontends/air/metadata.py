@@ -110,6 +110,9 @@ def _source(raw: dict, file: Path) -> SourceModel:
         good = isinstance(value, kind) and (kind is not int or (not isinstance(value, bool) and value > 0))
         if not good:
             raise BadInputError(f"has source {name} = {value!r}", path=file, fix=_FIX)
+    if raw.get("decoder_start", 0) >= raw["num_layers"]:  # the decoder has a layer at least
+        raise BadInputError(f"has source decoder_start = {raw['decoder_start']}, not below its num_layers = "
+                            f"{raw['num_layers']}", path=file, fix=_FIX)  # fmt: skip
     return SourceModel(**raw)
 
 
