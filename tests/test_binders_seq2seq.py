@@ -211,3 +211,16 @@ def test_passes_that_cannot_take_encoder_decoders_refuse_them(family, spec, why,
     assert f"pass {spec.partition(':')[0]}: the {family} model {stacks}" in line
     assert why in line and line.endswith("compile without this pass")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bart_whose_decoder_has_other_sizes_compiles_from_its_module_tree(bases, tmp_path, caplog):
+    """The table reads one intermediate size; such a config keeps merged and hooks (module roles)."""
+    base = bases("bart", "wider-decoder", decoder_ffn_dim=128)
+    with caplog.at_level("WARNING"):
+        binder = Checkpoint(base).binder
+    assert "encoder_ffn_dim 64 != decoder_ffn_dim 128: the bart role table reads one size" in caplog.text
+    assert not binder.roles_table
+    assert binder.resolve("model.decoder.layers.1.fc1").module.roles == ("decoder.layers.1.fc1",)
+    torch.manual_seed(1)
+    adapter = make_adapter("bart", base, tmp_path / "adapter", target_modules="all-linear")
+    _check("bart", base, adapter, tmp_path)

@@ -45,4 +45,9 @@ BINDER = Binder(
         "vocab_size": ("vocab_size",),
     },
     tie_default=True,
+    # one intermediate size and one head count: a config whose decoder differs is read from its tree
+    same_sizes=(
+        ("encoder_ffn_dim", "decoder_ffn_dim"),
+        ("encoder_attention_heads", "decoder_attention_heads"),
+    ),
 )

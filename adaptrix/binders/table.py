@@ -152,6 +152,7 @@ class Binder:
     optional_modules: frozenset[str] = frozenset()
     # Several layer stacks (encoder-decoders), each with its own table (layer_modules empty); see `bind`
     stacks: tuple[Stack, ...] = ()
+    same_sizes: tuple[tuple[str, str], ...] = ()  # config keys read as one size; else: the tree alone
     _layer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
