@@ -24,6 +24,7 @@ class Family:
     targets: tuple[str, ...]
     encoder: bool = False
     token_types: bool = True  # whether the encoder's forward takes token_type_ids
+    seq2seq: bool = False  # an encoder-decoder: its forward takes decoder_input_ids too
     # Modules with a weight that the family's role table leaves to the module-tree binder: patterns
     # (re.fullmatch) of the key inside a layer, or of the full name outside the layers.
     unnamed: tuple[str, ...] = ()
@@ -46,6 +47,10 @@ _GEMMA_NORMS = (r"\w+_layernorm", r"model\.norm")  # (1 + weight) RMSNorms: see 
 # (Qwen2-MoE refuses it).
 _MOE = dict(_DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
 _GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+
+_T5 = dict(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)
+_T5_UNNAMED = (r"(en|de)coder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias",
+               r"encoder\.final_layer_norm")  # fmt: skip
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
@@ -152,6 +157,27 @@ FAMILIES: dict[str, Family] = {
              global_attn_every_n_layers=2, local_attention=16),
         ("Wqkv", "Wo", "Wi", "dense"), encoder=True, token_types=False, unnamed=(r"head\.norm",),
     ),
+    # Encoder-decoders (binders/t5.py, binders/bart.py): 2 encoder + 2 decoder layers; mT5 is gated
+    # (wi_0 / wi_1) with an attention width num_heads * d_kv = 16 != d_model and 3 decoder layers.
+    "t5": Family(
+        tf.T5Config, tf.T5ForConditionalGeneration, _T5, (*"qkvo", "wi", "wo"), seq2seq=True,
+        unnamed=_T5_UNNAMED,
+    ),
+    "mt5": Family(
+        tf.MT5Config, tf.MT5ForConditionalGeneration,
+        dict(_T5, d_kv=4, num_decoder_layers=3, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        (*"qkvo", "wi_0", "wi_1", "wo"), seq2seq=True, unnamed=_T5_UNNAMED,
+    ),
+    "bart": Family(
+        tf.BartConfig, tf.BartForConditionalGeneration,
+        dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+             decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+             max_position_embeddings=64),
+        ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), seq2seq=True,
+        # (the stacks' embed_tokens are modules of their own whose weight is shared's)
+        unnamed=(r"model\.encoder\.(embed_positions|layernorm_embedding)",
+                 r"model\.(en|de)coder\.embed_tokens"),
+    ),
 }  # fmt: skip
 # The families of the first role tables, which the ONNX and CUDA tests cover.
 ONNX_FAMILIES = ("bert", "gpt2", "gpt_neox", "llama", "mistral", "phi3", "qwen2", "roberta")
@@ -220,9 +246,11 @@ def prompts_file(
 
 
 def sample_inputs(family: str, seed: int = 2, batch: int = 2, length: int = 9) -> dict:
-    """Seeded model inputs (token ids, and a mask and token types for encoders)."""
+    """Seeded model inputs (token ids, a mask and token types for encoders, decoder ids for seq2seq)."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, length), generator=generator)
+    if FAMILIES[family].seq2seq:
+        return {"input_ids": ids, "decoder_input_ids": ids[:, : length - 3]}
     if not FAMILIES[family].encoder:
         return {"input_ids": ids}
     mask = torch.ones_like(ids)

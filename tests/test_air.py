@@ -281,6 +281,9 @@ BROKEN = {
     "metadata-key-unknown": _meta("comment", "hello"),
     "ops-not-json": _meta("ops", "[{"),
     "source-field-missing": _json_meta("source", lambda s: s.pop("hidden_size")),
+    "source-decoder-start-too-deep": _json_meta("source", lambda s: s.__setitem__("decoder_start", 2)),
+    # an encoder-decoder's AIR (layer 1 is its decoder's) onto a base of one stack
+    "source-decoder-start-not-the-base": _json_meta("source", lambda s: s.__setitem__("decoder_start", 1)),
     "op-field-unknown": _json_meta("ops", lambda ops: ops[0].__setitem__("alpha", 8)),
     "op-kind-unknown": _json_meta("ops", lambda ops: ops[0].__setitem__("op", "loha")),
     "op-role-unknown": _json_meta("ops", lambda ops: ops[0].__setitem__("role", "attn_x")),

@@ -192,6 +192,7 @@ def test_binder_resolves_every_module_of_a_tiny_model(model_type):
     spec, binder = FAMILIES[model_type], BINDERS[model_type]
     torch.manual_seed(0)
     model = spec.model(spec.config(**spec.config_kwargs))
+    binder = binder.bind(model.config.to_dict(), "config.json")  # an encoder-decoder's stacks numbered
     seen = set()
     for name, module in model.named_modules():
         layout = _layout_of(module)
@@ -202,12 +203,22 @@ def test_binder_resolves_every_module_of_a_tiny_model(model_type):
             continue
         assert placement is not None, f"{model_type}: {name} ({type(module).__name__}) has no role"
         assert placement.module.layout is layout, (name, placement.module.layout, layout)
-        marker = f".{binder.layer_container}."
-        expected_layer = int(name.split(marker)[1].split(".")[0]) if marker in name else None
-        assert placement.layer == expected_layer, name
+        assert placement.layer == _expected_layer(binder, f".{name}"), name
         seen.add(placement.key)
     # Every layer entry of the table names a module that the family really has (or may lack).
-    assert set(binder.layer_modules) - binder.optional_modules <= seen, set(binder.layer_modules) - seen
+    tables = [(binder.layer_modules, binder.optional_modules)]
+    tables += [(stack.layer_modules, stack.optional_modules) for stack in binder.stacks]
+    for table, optional in tables:
+        assert set(table) - optional <= seen, set(table) - seen
+
+
+def _expected_layer(binder, name: str) -> int | None:
+    """The layer number in the name, after the stacks before its own (encoder-decoders)."""
+    stacks = [(binder.layer_container, 0), *((s.container, s.start) for s in binder.stacks)]
+    for container, start in stacks:
+        if (marker := f".{container}.") in name:
+            return start + int(name.split(marker)[1].split(".")[0])
+    return None
 
 
 def _left_unnamed(spec, binder, name: str) -> bool:

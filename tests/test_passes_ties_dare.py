@@ -74,6 +74,8 @@ FUSED_CASES = [
     ("gpt2", {}),
     ("phi3", {}),
     ("gpt_neox", {}),
+    ("t5", {}),  # an encoder-decoder: the encoder's layers, then the decoder's with cross-attention
+    ("mt5", {}),  # gated: wi_0 (gate) before wi_1 (up), the role T5's wi has
     ("llama", {"target_modules": ["embed_tokens", "q_proj", "lm_head"], "save_embedding_layers": False}),
 ]
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from adaptrix.binders import (
+    bart,
     bert,
     bloom,
     cohere,
@@ -28,6 +29,7 @@ from adaptrix.binders import (
     smollm3,
     stablelm,
     starcoder2,
+    t5,
 )
 from adaptrix.binders.table import Binder
 from adaptrix.ir.errors import UnsupportedError
@@ -45,6 +47,7 @@ BINDERS = _register(
     gemma.BINDER, moe.BINDER, phi.BINDER, olmo.BINDER, olmo2.BINDER, granite.BINDER,
     stablelm.BINDER, starcoder2.BINDER, falcon.BINDER, gptj.BINDER, opt.BINDER, bloom.BINDER,
     gpt_bigcode.BINDER, cohere.BINDER, smollm3.BINDER, deberta_v2.BINDER, modernbert.BINDER,
+    t5.BINDER, bart.BINDER,
 )  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ __all__ = [
     "MultiQuery",
     "Placement",
     "Split",
+    "Stack",
     "fuse_rows",
     "split_rows",
 ]
@@ -104,6 +106,22 @@ class MultiQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class Stack:
+    """A layer stack of several (encoder-decoders) with its own table; `Binder.bind` numbers its layers."""
+
+    container: str
+    count_keys: tuple[str, ...]
+    layer_modules: Mapping[str, Module]
+    optional_modules: frozenset[str] = frozenset()
+    start: int | None = None  # its first layer, layers numbered across the stacks in order
+    count: int | None = None  # from the first of the config's count_keys that is set
+
+    def match(self, name: str) -> re.Match[str] | None:
+        """The layer number and the key inside the layer of a module name in this stack, or None."""
+        return re.match(rf"^(?:.*\.)?{re.escape(self.container)}\.(\d+)\.(.+)$", name)
+
+
+@dataclass(frozen=True, slots=True)
 class Placement:
     """A module name resolved by a binder."""
 
@@ -133,6 +151,9 @@ class Binder:
     # Layer modules that some layers or some variants of the family lack (ModernBERT's layer 0 has
     # no attn_norm; StableLM's parallel residual has no post_attention_layernorm).
     optional_modules: frozenset[str] = frozenset()
+    # Several layer stacks (encoder-decoders), each with its own table (layer_modules empty); see `bind`
+    stacks: tuple[Stack, ...] = ()
+    same_sizes: tuple[tuple[str, str], ...] = ()  # config keys read as one size; else: the tree alone
     _layer_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -145,17 +166,39 @@ class Binder:
         pattern = rf"^(?:.*\.)?{re.escape(self.layer_container)}\.(\d+)\.(.+)$"
         object.__setattr__(self, "_layer_re", re.compile(pattern))
 
+    def bind(self, config: Mapping[str, object], path: Path) -> Binder:
+        """The binder of one model: its layer stacks numbered from its config's layer counts."""
+        if not self.stacks:
+            return self
+        stacks, start = [], 0
+        for stack in self.stacks:
+            value = next((config[k] for k in stack.count_keys if config.get(k) is not None), None)
+            if value is None:
+                raise BadInputError(f"has no {' or '.join(stack.count_keys)}", path=path,
+                                    fix=f"a {self.name} config.json needs it")  # fmt: skip
+            count = int(_dimension(value, stack.count_keys[0], path))
+            stacks.append(dataclasses.replace(stack, start=start, count=count))
+            start += count
+        return dataclasses.replace(self, stacks=tuple(stacks))
+
     def resolve(self, name: str) -> Placement | None:
         """Place a module name (any prefix) in this architecture, or None if it has no role."""
-        match = self._layer_re.match(name)
+        match, first = self._layer_re.match(name), 0
+        container, table = self.layer_container, self.layer_modules
+        for stack in self.stacks if match is None else ():
+            if (match := stack.match(name)) is not None:
+                if stack.start is None:
+                    raise ValueError(f"binder {self.name} is not bound to a config: call bind()")
+                container, table, first = stack.container, stack.layer_modules, stack.start
+                break
         parts = name.split(".")
         starts = len(parts)
         if match:
-            module = self.layer_modules.get(match.group(2))
+            module = table.get(match.group(2))
             if module is not None:
-                return Placement(name, int(match.group(1)), match.group(2), module)
+                return Placement(name, first + int(match.group(1)), match.group(2), module)
             # inside a layer, only a model-level key that names the layer too may match
-            starts = name[: match.start(1) - len(self.layer_container) - 1].count(".") + 1
+            starts = name[: match.start(1) - len(container) - 1].count(".") + 1
         for start in range(starts):  # the longest key that ends the name
             key = ".".join(parts[start:])
             if (module := self.model_modules.get(key)) is not None:
@@ -164,14 +207,14 @@ class Binder:
 
     def roles(self) -> list[str]:
         """Every module key this binder knows, layer modules first."""
-        return [*self.layer_modules, *self.model_modules]
+        return [*self.layer_modules, *(k for s in self.stacks for k in s.layer_modules), *self.model_modules]
 
     def source_model(self, config: Mapping[str, object], path: Path) -> SourceModel:
         """Read the dimensions from a config.json's contents."""
         if self.tree_source is not None:
             return self.tree_source
         values = {key: _dimension(self._config_value(config, key, path), key, path)
-                  for key in self.config_keys}  # fmt: skip
+                  for key in self.config_keys if key != "num_layers" or not self.stacks}  # fmt: skip
         hidden, heads = int(values["hidden_size"]), int(values["num_heads"])
         kv_heads = values.get("num_kv_heads") or heads
         if self.multi_query is not None and self.multi_query.applies(config):
@@ -179,17 +222,26 @@ class Binder:
         head_dim = values.get("head_dim") or hidden // heads
         inter = values.get("intermediate_size") or 4 * hidden
         tie = config.get("tie_word_embeddings", self.tie_default)
+        layers, decoder_start = self._layer_counts(config, path, values)
         return SourceModel(
             arch=str(config["model_type"]),
             hidden_size=hidden,
-            num_layers=int(values["num_layers"]),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(kv_heads),
             head_dim=int(head_dim),
             intermediate_size=int(inter),
             vocab_size=int(values["vocab_size"]),
             tie_word_embeddings=bool(tie),
+            decoder_start=decoder_start,
         )
+
+    def _layer_counts(self, config: Mapping[str, object], path: Path, values: Mapping[str, object]):
+        """(all layers, the decoder's first layer or None): the stacks' counts, else num_layers."""
+        if not self.stacks:
+            return int(values["num_layers"]), None
+        stacks = self.bind(config, path).stacks
+        return sum(int(s.count or 0) for s in stacks), stacks[-1].start
 
     def _config_value(self, config: Mapping[str, object], key: str, path: Path) -> object:
         for name in self.config_keys[key]:

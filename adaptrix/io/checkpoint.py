@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
@@ -19,6 +20,8 @@ from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import SourceModel
 
 __all__ = ["INDEX_NAME", "SINGLE_NAME", "Checkpoint", "base_roots", "binder_for", "read_config"]
+
+logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -218,14 +221,28 @@ def read_config(path: Path) -> dict:
 
 def binder_for(base: Path) -> Binder:
     """The binder for a base model directory, chosen from its config.json (its table, else its tree)."""
-    config = read_config(base)
+    config, file = read_config(base), base / "config.json"
+    table = _table(config, file)
+    return table if table is not None else tree_binder(config, file, None)
+
+
+def _table(config: dict, file: Path) -> Binder | None:
+    """The family's table bound to the config, or None (no table, or sizes the table cannot read)."""
     table = BINDERS.get(str(config["model_type"]))
-    return table if table is not None else tree_binder(config, base / "config.json", None)
+    if table is None:
+        return None
+    for first, second in table.same_sizes:
+        if config.get(second) is not None and config.get(first) != config.get(second):
+            logger.warning("%s: %s %s != %s %s: the %s role table reads one size; its modules get module "
+                           "roles (merged, hooks and --to peft only)", file, first, config.get(first),
+                           second, config.get(second), table.name)  # fmt: skip
+            return None
+    return table.bind(config, file)
 
 
 def _binder(config: dict, file: Path, tensors: dict[str, TensorInfo]) -> Binder:
     """The family's table where it places every module with a weight; else widened by the module tree."""
-    table = BINDERS.get(str(config["model_type"]))
+    table = _table(config, file)
     if table is not None and all(
         table.resolve(name.rpartition(".")[0]) is not None for name in tensors if name.endswith(".weight")
     ):

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from adaptrix.binders.table import Binder, Layout, Module, Placement
+from adaptrix.binders.table import Binder, Layout, Module, Placement, Stack
 from adaptrix.io.safetensors_io import TensorInfo
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.role_shapes import role_shape
@@ -108,36 +108,47 @@ def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
 
 
 def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, TensorInfo], path: Path) -> None:
-    """Layers 0 .. num_layers - 1 each hold the same tensors (optional modules aside); none beyond.
+    """Layers 0 .. num_layers - 1 of each layer stack hold the same tensors (optional modules aside).
 
     With modules from the module tree (whose layers may differ: MoE layers between dense ones)
     only the count of layers and the table's modules in layer 0 are checked; shapes are
     checked module by module against the tree.
     """
-    if binder.layer_container == "\0":  # no layer stack (an encoder-decoder read from its tree)
-        return
-    pattern = re.compile(rf"(?:.*\.)?{re.escape(binder.layer_container)}\.(\d+)\.(.+)")
+    if binder.stacks:
+        for stack in binder.stacks:
+            _check_stack(binder, stack, int(stack.count or 0), tensors, path)
+    elif binder.layer_container != "\0":  # "\0": no layer stack (a stackless tree)
+        whole = Stack(binder.layer_container, (), binder.layer_modules, binder.optional_modules)
+        _check_stack(binder, whole, source.num_layers, tensors, path)
+
+
+def _check_stack(
+    binder: Binder, stack: Stack, count: int, tensors: Mapping[str, TensorInfo], path: Path
+) -> None:
+    """One stack's layers: exactly 0 .. count - 1, layer 0 complete, the others equal to it."""
+    container = stack.container
+    pattern = re.compile(rf"(?:.*\.)?{re.escape(container)}\.(\d+)\.(.+)")
     layers: dict[int, set[str]] = {}
     for name in tensors:
         if match := pattern.fullmatch(name):
             layers.setdefault(int(match.group(1)), set())
-            if match.group(2).rpartition(".")[0] not in binder.optional_modules:
+            if match.group(2).rpartition(".")[0] not in stack.optional_modules:
                 layers[int(match.group(1))].add(match.group(2))
-    count = source.num_layers
     # count distinct numbers from 0 to count - 1 are exactly the layers (range(count) may be huge)
     complete = len(layers) == count and min(layers, default=0) == 0 and max(layers, default=-1) == count - 1
     if not complete:
         held = _ranges(sorted(layers))
+        where = f"{container} " if binder.stacks else ""
         raise BadInputError(
-            f"says the model has {count} layers, but the weights hold layers {held or 'none'}",
+            f"says the model has {count} {where}layers, but the weights hold {where}layers {held or 'none'}",
             path=path,
             fix=_FIX,
         )
-    first = layers[0]
-    required = [key for key, module in binder.layer_modules.items()
-                if key not in binder.optional_modules and not is_module_role(module.roles[0])]  # fmt: skip
+    first = layers.get(0, set())
+    required = [key for key, module in stack.layer_modules.items()
+                if key not in stack.optional_modules and not is_module_role(module.roles[0])]  # fmt: skip
     if lacking := sorted(f"{key}.weight" for key in required if f"{key}.weight" not in first):
-        where = f"{binder.layer_container}.0.{lacking[0]}"
+        where = f"{container}.0.{lacking[0]}"
         raise BadInputError(f"describes a {binder.name} model, but layer 0 of the weights has no {where}",
                             path=path, fix=_FIX_MISSING)  # fmt: skip
     for layer, names in sorted(layers.items()):
@@ -147,8 +158,7 @@ def _check_layers(binder: Binder, source: SourceModel, tensors: Mapping[str, Ten
             lacking = sorted(first - names) or sorted(names - first)
             side = "lacks" if first - names else "has an extra"
             raise BadInputError(
-                f"layer {layer} of the weights {side} {binder.layer_container}.{layer}.{lacking[0]} "
-                "(layer 0 differs)",
+                f"layer {layer} of the weights {side} {container}.{layer}.{lacking[0]} (layer 0 differs)",
                 path=path.parent,
                 fix=_FIX_MISSING,
             )

@@ -6,7 +6,7 @@ from adaptrix.ir.values import Role, SourceModel
 
 __all__ = ["NORM_ROLES", "role_shape"]
 
-NORM_ROLES = frozenset({Role.ATTN_NORM, Role.MLP_NORM, Role.EMBED_NORM, Role.FINAL_NORM})
+NORM_ROLES = frozenset({Role.ATTN_NORM, Role.MLP_NORM, Role.XATTN_NORM, Role.EMBED_NORM, Role.FINAL_NORM})
 
 
 def role_shape(role: Role | str, source: SourceModel) -> tuple[int | None, int | None]:
@@ -19,6 +19,11 @@ def role_shape(role: Role | str, source: SourceModel) -> tuple[int | None, int |
         Role.ATTN_K: (source.kv_size, hidden),
         Role.ATTN_V: (source.kv_size, hidden),
         Role.ATTN_O: (hidden, source.q_size),
+        # cross-attention: k and v read the encoder's output, whose width is hidden_size too (T5, BART)
+        Role.XATTN_Q: (source.q_size, hidden),
+        Role.XATTN_K: (source.kv_size, hidden),
+        Role.XATTN_V: (source.kv_size, hidden),
+        Role.XATTN_O: (hidden, source.q_size),
         Role.MLP_GATE: (inter, hidden),
         Role.MLP_UP: (inter, hidden),
         Role.MLP_DOWN: (hidden, inter),

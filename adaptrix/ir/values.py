@@ -53,6 +53,11 @@ class Role(StrEnum):
     MLP_DOWN = "mlp_down"
     ATTN_NORM = "attn_norm"
     MLP_NORM = "mlp_norm"
+    XATTN_Q = "xattn_q"  # an encoder-decoder's cross-attention (T5 EncDecAttention, BART encoder_attn)
+    XATTN_K = "xattn_k"
+    XATTN_V = "xattn_v"
+    XATTN_O = "xattn_o"
+    XATTN_NORM = "xattn_norm"
     EMBED = "embed"
     EMBED_POS = "embed_pos"
     EMBED_TYPE = "embed_type"
@@ -118,10 +123,14 @@ class SourceModel:
     intermediate_size: int
     vocab_size: int
     tie_word_embeddings: bool = False
+    # An encoder-decoder's layers are numbered across its stacks: encoder layers 0 .. decoder_start - 1,
+    # then the decoder's. None: one layer stack.
+    decoder_start: int | None = None
 
     def as_dict(self) -> dict[str, object]:
-        """The fields as a plain dict (for manifests and reports)."""
-        return {name: getattr(self, name) for name in self.__slots__}
+        """The fields as a plain dict (for manifests and reports); decoder_start only where it is set."""
+        return {name: getattr(self, name) for name in self.__slots__
+                if name != "decoder_start" or self.decoder_start is not None}  # fmt: skip
 
     @property
     def q_size(self) -> int:

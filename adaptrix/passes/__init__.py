@@ -24,6 +24,9 @@ def register(*passes: Pass) -> Mapping[str, Pass]:
     return registry("pass", ((spec.name, spec) for spec in passes))
 
 
+_ONE_STACK = "this pass reads layers as one stack and would move deltas between the encoder and the decoder"
+_CALIBRATION = "this pass runs the models on prompts as decoders or encoders, not as encoder-decoders"
+
 PASSES = register(
     Pass("fold-blend", "fold out = (1-alpha)*base + alpha*adapted into the deltas (exact)",
          FoldBlendOptions, fold_blend),
@@ -32,13 +35,13 @@ PASSES = register(
     Pass("combine", "several adapters into one: linear, cat, svd, ties, dare_linear, dare_ties",
          CombineOptions, combine, several=True),
     Pass("redistribute", "per-layer deltas onto another depth or chosen layers (each role's total kept)",
-         RedistributeOptions, redistribute, uses_base=True),
+         RedistributeOptions, redistribute, uses_base=True, no_encoder_decoder=_ONE_STACK),
     Pass("project", "deltas to the base's hidden / intermediate sizes and heads: svd, truncate, interpolate",
-         ProjectOptions, project, uses_base=True, roles=True),
+         ProjectOptions, project, uses_base=True, roles=True, no_encoder_decoder=_ONE_STACK),
     Pass("refit", "LoRA A factors refit on data for a base of the same shape (trained further, tuned)",
-         RefitOptions, refit, uses_base=True),
+         RefitOptions, refit, uses_base=True, no_encoder_decoder=_CALIBRATION),
     Pass("distill", "LoRA trained on the base to match the adapted source's answers (data, gradient steps)",
-         DistillOptions, distill, uses_base=True),
+         DistillOptions, distill, uses_base=True, no_encoder_decoder=_CALIBRATION),
     Pass("fuse-hybrid", "a LoRA and bottleneck adapters into one; linear bottlenecks folded exactly",
          FuseHybridOptions, fuse_hybrid, several=True, uses_base=True, bottlenecks=True,
          roles=True),

@@ -34,7 +34,8 @@ class Pass:
     called as `run(ir, options, base)` with the Checkpoint of the base being compiled for; its
     input IR may be in other dimensions than the base's (an AIR adapter made for another model).
     Only a pass with `bottlenecks` set (fuse-hybrid) takes IRs holding Bottleneck ops. A pass
-    with `roles` set (project, fuse-hybrid) needs semantic roles: module roles are refused.
+    with `roles` set (project, fuse-hybrid) needs semantic roles: module roles are refused. Where a pass
+    cannot take an encoder-decoder (adapter or base), `no_encoder_decoder` says why: it is refused.
     """
 
     name: str
@@ -45,6 +46,7 @@ class Pass:
     uses_base: bool = False
     bottlenecks: bool = False
     roles: bool = False
+    no_encoder_decoder: str = ""
 
 
 def parse_options(spec: Pass, text: str) -> Any:

@@ -48,11 +48,13 @@ def peft_units(source: SourceModel, sites: Sequence[Site]) -> list[Unit]:
     binder = BINDERS.get(source.arch)
     units: list[Unit] = []
     model = list(binder.model_modules.values()) if binder is not None else []
-    layer_modules = list(binder.layer_modules.values()) if binder is not None else []
+    taken: set[Site] = set()  # a role two modules of a table may hold (T5's wi, or wi_1 when gated)
 
     def add(layer: int | None, module) -> None:
-        found = tuple(Site(layer, role) for role in module.roles if Site(layer, role) in present)
+        sites = (Site(layer, role) for role in module.roles)
+        found = tuple(site for site in sites if site in present and site not in taken)
         if found:
+            taken.update(found)
             rows = split_rows(module.split, source) if len(module.roles) > 1 else None
             units.append(Unit(tuple(Site(layer, role) for role in module.roles) if rows else found, rows,
                               module.layout is Layout.CONV1D))  # fmt: skip
@@ -61,7 +63,7 @@ def peft_units(source: SourceModel, sites: Sequence[Site]) -> list[Unit]:
         if set(module.roles) & _BEFORE_LAYERS:
             add(None, module)
     for layer in sorted({site.layer for site in present if site.layer is not None}):
-        for module in layer_modules:
+        for module in _layer_table(binder, source, layer):
             add(layer, module)
     for module in model:
         if not set(module.roles) & _BEFORE_LAYERS:
@@ -69,6 +71,16 @@ def peft_units(source: SourceModel, sites: Sequence[Site]) -> list[Unit]:
     placed = {site for unit in units for site in unit.sites}
     units.extend(Unit((site,)) for site in sorted(present - placed, key=site_order))
     return units
+
+
+def _layer_table(binder, source: SourceModel, layer: int) -> list:
+    """The modules of a layer in the model's order (an encoder-decoder's: its encoder's or decoder's)."""
+    if binder is None:
+        return []
+    if not binder.stacks:
+        return list(binder.layer_modules.values())
+    decoder = source.decoder_start is not None and layer >= source.decoder_start
+    return list(binder.stacks[-1 if decoder else 0].layer_modules.values())
 
 
 def merge_unit(

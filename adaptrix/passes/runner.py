@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.bottleneck import refuse_bottlenecks
-from adaptrix.ir.errors import AdaptrixError, BadInputError
+from adaptrix.ir.errors import AdaptrixError, BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR, refuse_module_roles
 from adaptrix.passes import parse_pass
 
@@ -36,6 +36,8 @@ def run_passes(
                                    fix="compile without --pass, or pass only the LoRA adapter")  # fmt: skip
             for ir in irs if spec.roles else ():
                 refuse_module_roles(ir, "needs semantic roles (attn_q, mlp_down, ...)")
+            for ir in irs if spec.no_encoder_decoder else ():
+                _refuse_stacks(ir, base, spec.no_encoder_decoder)
             extra = (base,) if spec.uses_base else ()
             if spec.several:
                 if len(irs) < 2:
@@ -52,6 +54,17 @@ def run_passes(
         records.append({"name": spec.name, "options": _plain(dataclasses.asdict(options)),
                         "changed": changed, "report": report})  # fmt: skip
     return irs, records
+
+
+def _refuse_stacks(ir: AdapterIR, base: Checkpoint | None, why: str) -> None:
+    """Refuse an encoder-decoder adapter or base: its layers are two stacks, not one depth."""
+    for source in (ir.source, base.source if base is not None else None):
+        if source is not None and (start := source.decoder_start) is not None:
+            raise UnsupportedError(
+                f"the {source.arch} model is an encoder-decoder (encoder layers 0-{start - 1}, "
+                f"decoder layers {start}-{source.num_layers - 1}): {why}",
+                fix="compile without this pass",
+            )
 
 
 def _plain(options: dict) -> dict:

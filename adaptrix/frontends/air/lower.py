@@ -38,6 +38,7 @@ def fit_ir(ir: AdapterIR, base: Checkpoint, path: Path) -> AdapterIR:
     """
     sites = base_sites(base)
     _check_heads(ir, base, path)
+    _check_stacks(ir, base, path)
     if ir.source.num_layers != base.source.num_layers:
         ours, theirs = ir.source.num_layers, base.source.num_layers
         logger.warning("%s was made for %d layers, the base %s has %d: ops stay on their layers "
@@ -60,6 +61,26 @@ def _check_heads(ir: AdapterIR, base: Checkpoint, path: Path) -> None:
             f"of {theirs.head_dim}",
             path=path,
             fix=_FIX,
+        )
+
+
+def _check_stacks(ir: AdapterIR, base: Checkpoint, path: Path) -> None:
+    """An encoder-decoder's layers mean encoder or decoder layers only with the same split of them."""
+    ours, theirs = ir.source, base.source
+    if (ours.decoder_start, ours.num_layers) != (theirs.decoder_start, theirs.num_layers) and (
+        ours.decoder_start is not None or theirs.decoder_start is not None
+    ):
+
+        def split(source) -> str:
+            start = source.decoder_start
+            if start is None:
+                return f"{source.num_layers} layers in one stack"
+            return f"{start} encoder and {source.num_layers - start} decoder layers"
+
+        raise BadInputError(
+            f"was made for {split(ours)}, the base {base.path} has {split(theirs)}",
+            path=path,
+            fix="use a base with the adapter's encoder and decoder depths",
         )
 
 

@@ -96,17 +96,23 @@ def _json(metadata: Mapping[str, str], key: str, kind: type, file: Path):
     return value
 
 
+_OPTIONAL_SOURCE = frozenset({"decoder_start"})  # only an encoder-decoder's source has it
+
+
 def _source(raw: dict, file: Path) -> SourceModel:
     names = {f.name for f in fields(SourceModel)}
     if unknown := sorted(raw.keys() - names):
         raise BadInputError(f"has source field {unknown[0]!r}, unknown to AIR", path=file, fix=_FIX)
-    if missing := sorted(names - raw.keys()):
+    if missing := sorted(names - raw.keys() - _OPTIONAL_SOURCE):
         raise BadInputError(f"has no source field {missing[0]!r}", path=file, fix=_FIX)
     for name, value in raw.items():
         kind = str if name == "arch" else bool if name == "tie_word_embeddings" else int
         good = isinstance(value, kind) and (kind is not int or (not isinstance(value, bool) and value > 0))
         if not good:
             raise BadInputError(f"has source {name} = {value!r}", path=file, fix=_FIX)
+    if raw.get("decoder_start", 0) >= raw["num_layers"]:  # the decoder has a layer at least
+        raise BadInputError(f"has source decoder_start = {raw['decoder_start']}, not below its num_layers = "
+                            f"{raw['num_layers']}", path=file, fix=_FIX)  # fmt: skip
     return SourceModel(**raw)
 
 
