@@ -1,5 +1,6 @@
 """Shared fixtures: builders live in tests/builders.py, tests/onnx_builders.py and tests/pass_builders.py."""
 
+import importlib.util
 import os
 import sys
 import tempfile
@@ -19,6 +20,27 @@ from builders import FAMILIES, build_base, make_adapter, pair_of
 
 # The asserts of the shared check helpers report their values as a test's own do.
 pytest.register_assert_rewrite("onnx_builders", "pass_builders")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
+# marker -> (the module it needs, why a test is skipped without it). The transformers 5 job has neither.
+OPTIONAL = {
+    "onnx_export": ("optimum.exporters.onnx", 'ONNX export needs optimum-onnx: pip install "adaptrix[onnx]"'),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for marker, (module, reason) in OPTIONAL.items():
+        if not _installed(module):
+            for item in items:
+                if item.get_closest_marker(marker):
+                    item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from adapters import DoubleSeqBnConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig
-from hub_builders import hub_model, save_hub
+from hub_builders import DoubleSeqBnConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig, hub_model, save_hub
 from test_errors import assert_refused
 from typer.testing import CliRunner
 

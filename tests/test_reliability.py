@@ -111,8 +111,7 @@ def test_the_same_inputs_give_byte_identical_outputs(bases, tmp_path, target, op
 
 def test_a_hybrid_bundle_is_byte_identical(bases, tmp_path):
     """An AdapterHub LoRA + bottleneck adapter compiles to the same bundle bytes twice."""
-    from adapters import ConfigUnion, LoRAConfig, SeqBnConfig
-    from hub_builders import save_hub
+    from hub_builders import ConfigUnion, LoRAConfig, SeqBnConfig, save_hub
 
     base = bases("llama")
     union = ConfigUnion(LoRAConfig(r=4, alpha=8), SeqBnConfig(reduction_factor=4))
