@@ -1,6 +1,5 @@
 """Shared fixtures: builders live in tests/builders.py, tests/onnx_builders.py and tests/pass_builders.py."""
 
-import importlib.util
 import os
 import sys
 import tempfile
@@ -16,31 +15,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adaptrix-test-cache-")
 
 import torch
-from builders import FAMILIES, build_base, make_adapter, pair_of
+from builders import FAMILIES, ONNX_EXPORT_MISSING, build_base, exports_onnx, make_adapter, pair_of
 
 # The asserts of the shared check helpers report their values as a test's own do.
 pytest.register_assert_rewrite("onnx_builders", "pass_builders")
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # a parent package is missing
-        return False
-
-
-# marker -> (the module it needs, why a test is skipped without it). The transformers 5 job has neither.
-OPTIONAL = {
-    "onnx_export": ("optimum.exporters.onnx", 'ONNX export needs optimum-onnx: pip install "adaptrix[onnx]"'),
-}
-
-
 def pytest_collection_modifyitems(config, items):
-    for marker, (module, reason) in OPTIONAL.items():
-        if not _installed(module):
-            for item in items:
-                if item.get_closest_marker(marker):
-                    item.add_marker(pytest.mark.skip(reason=reason))
+    """Tests marked onnx_export skip where optimum's ONNX exporter is not installed (transformers 5)."""
+    if not exports_onnx():
+        for item in items:
+            if item.get_closest_marker("onnx_export"):
+                item.add_marker(pytest.mark.skip(reason=ONNX_EXPORT_MISSING))
 
 
 @pytest.fixture(scope="session")

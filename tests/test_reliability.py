@@ -96,8 +96,8 @@ def digests(folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("target", "options"),
-    [("merged", {}), ("hooks", {}), ("onnx-cpu", {}), ("onnx-cpu", {"unmerged": True}),
-     ("onnx-cpu", {"quantize": "int4"})],
+    [("merged", {}), ("hooks", {}), *(pytest.param("onnx-cpu", options, marks=pytest.mark.onnx_export)
+                                      for options in ({}, {"unmerged": True}, {"quantize": "int4"}))],
     ids=["merged", "hooks", "onnx-cpu", "onnx-cpu-unmerged", "onnx-cpu-int4"],
 )  # fmt: skip
 def test_the_same_inputs_give_byte_identical_outputs(bases, tmp_path, target, options):
