@@ -288,5 +288,5 @@ def test_the_artifact_does_not_depend_on_how_paths_are_spelled(bases, tmp_path, 
             compile_adapter(adapter, base, target, root / how / target, options=options)
         convert_adapter(adapter, "air", root / how / "adapter.air", base=base)
     relative, absolute = _tree(root / "relative"), _tree(root / "absolute")
-    assert sorted(relative) == sorted(absolute) and len(relative) > 10
+    assert sorted(relative) == sorted(absolute) and len(relative) > (10 if exports_onnx() else 5)
     assert [name for name in relative if relative[name] != absolute[name]] == []
