@@ -102,6 +102,14 @@ def test_merged_and_hooks_equal_peft(made, family, tmp_path):
     assert (item.logits(model) - item.reference).abs().max() <= TOLERANCE
 
 
+@pytest.mark.skipif(int(tf.__version__.split(".")[0]) < 5, reason="transformers 4 keeps experts as modules")
+def test_fused_moe_experts_are_refused_in_one_line(made, tmp_path):
+    item = made("mixtral")
+    with pytest.raises(AdaptrixError) as caught:
+        adaptrix.compile_adapter(item.adapter, item.base, "merged", tmp_path / "merged")
+    assert "\n" not in str(caught.value) and not (tmp_path / "merged").exists()
+
+
 def _sites(made_item: Made) -> set[str]:
     report = adaptrix.inspect_adapter(made_item.adapter, base=made_item.base)
     rows = report["rows"]
