@@ -71,9 +71,20 @@ def probe_indices(numel: int) -> list[int]:
     return sorted({(k * numel) // _PROBES + (k * 7919) % max(1, numel // _PROBES) for k in range(_PROBES)})
 
 
+# Checkpoint module names that transformers 5 loads under another name (its checkpoint conversion
+# mapping); checkpoints, and so artifacts, keep the stored name.
+_RENAMED_ON_LOAD = {"embed_out": "lm_head"}  # GPT-NeoX's head
+
+
 def find_module(model, name: str, modules: dict | None = None):
-    """A module by its checkpoint name, with or without the model's base prefix (`model.`, `bert.`)."""
+    """A module by its checkpoint name, with or without the model's base prefix (`model.`, `bert.`).
+
+    Where the model has no such module, the name transformers 5 loads it under (GPT-NeoX's
+    `embed_out` is its `lm_head`).
+    """
     modules = dict(model.named_modules()) if modules is None else modules
+    if name not in modules and name in _RENAMED_ON_LOAD:
+        name = _RENAMED_ON_LOAD[name]
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates = [name]
     if prefix and name.startswith(prefix + "."):

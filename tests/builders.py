@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 import transformers as tf
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -271,3 +273,20 @@ def peft_logits(family: str, base: Path, adapter: Path, inputs: dict) -> torch.T
 def model_logits(family: str, path: Path, inputs: dict, dtype=torch.float32) -> torch.Tensor:
     """Logits of a saved model directory, loaded with transformers."""
     return load_model(family, path, dtype)(**inputs).logits
+
+
+ONNX_EXPORT_MISSING = 'ONNX export needs optimum-onnx: pip install "adaptrix[onnx]" (transformers < 4.58)'
+
+
+def exports_onnx() -> bool:
+    """Whether optimum's ONNX exporter (the `onnx` extra) is installed; the transformers 5 job has none."""
+    try:
+        return importlib.util.find_spec("optimum.exporters.onnx") is not None
+    except ImportError:  # optimum itself is missing
+        return False
+
+
+def needs_onnx_export() -> None:
+    """Skip the calling test or fixture where optimum's ONNX exporter is not installed."""
+    if not exports_onnx():
+        pytest.skip(ONNX_EXPORT_MISSING)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from builders import load_model, make_adapter, peft_logits, sample_inputs
+from builders import load_model, make_adapter, needs_onnx_export, peft_logits, sample_inputs
 from peft import PeftModel
 from test_onnx_parity import (
     ONNX_FP32_TOLERANCE,
@@ -56,6 +56,7 @@ class Unmerged:
 
 def compile_unmerged(family: str, base: Path, adapters: dict[str, Path], out: Path, **options) -> Unmerged:
     """Compile `adapters` into one onnx-cpu --unmerged output at `out` (more target options in `options`)."""
+    needs_onnx_export()
     compile_adapter(list(adapters.values()), base, "onnx-cpu", out, unmerged=True, **options)
     return Unmerged(family, base, adapters, out)
 
@@ -90,6 +91,7 @@ def assert_decode_step_matches_peft(case: Unmerged, name: str) -> None:
 
 def two_adapter_unmerged(base: Path, tmp: Path) -> Path:
     """A llama onnx-cpu --unmerged artifact with adapters `one` (defaults) and `two` (r 2, q and v)."""
+    needs_onnx_export()
     one = make_adapter("llama", base, tmp / "one")
     two = make_adapter("llama", base, tmp / "two", seed=3, r=2, target_modules=["q_proj", "v_proj"])
     return compile_adapter([one, two], base, "onnx-cpu", tmp / "unmerged", unmerged=True).out

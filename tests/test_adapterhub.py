@@ -12,16 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from adapters import (
+from builders import FP32_TOLERANCE, load_model, sample_inputs
+from hub_builders import (
     ConfigUnion,
     DoubleSeqBnConfig,
     IA3Config,
     LoRAConfig,
     ParBnConfig,
     SeqBnConfig,
+    hub_model,
+    outputs,
+    save_hub,
+    share_layer_weights,
+    zero_biases,
 )
-from builders import FP32_TOLERANCE, load_model, sample_inputs
-from hub_builders import hub_model, outputs, save_hub, share_layer_weights, zero_biases
 from test_hooks_parity import assert_untouched, logits, snapshot
 
 import adaptrix

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
-from adapters import DoubleSeqBnConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig
-from hub_builders import hub_model, save_hub
+from hub_builders import DoubleSeqBnConfig, LoRAConfig, PrefixTuningConfig, SeqBnConfig, hub_model, save_hub
 from test_errors import assert_refused
 from typer.testing import CliRunner
 
@@ -101,3 +101,14 @@ def test_unmerged_onnx_air_and_passes_refuse_bottlenecks(bases, tmp_path):
     assert_refused(result, tmp_path / "a.air", "AIR cannot hold bottleneck adapters yet")
     result = _compile(adapter, base, out, "hooks", "--pass", "reduce-rank:rank=2")
     assert "pass reduce-rank" in assert_refused(result, out, "layer 1 mlp_down")
+
+
+def test_hub_adapters_compile_without_the_library_and_parity_names_the_extra(bases, tmp_path, monkeypatch):
+    base = bases("llama")
+    adapter, _ = save_hub("llama", base, SeqBnConfig(reduction_factor=4), tmp_path / "adapter")
+    monkeypatch.setitem(sys.modules, "adapters", None)  # as in the transformers 5 job: not installed
+    assert _compile(adapter, base, tmp_path / "hooks").exit_code == 0  # reading needs no `adapters`
+    result = _cli("parity", adapter, "--base", base, "--targets", "merged")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "needs the `adapters` library" in result.stderr
+    assert 'pip install "adaptrix[adapterhub]"' in result.stderr

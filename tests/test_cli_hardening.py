@@ -347,6 +347,7 @@ def test_compile_labels_each_phase_on_a_terminal_only(llama, tmp_path, monkeypat
     assert "0/?" not in screen.getvalue()
 
 
+@pytest.mark.onnx_export
 def test_onnx_compile_reports_its_phases(llama, tmp_path):
     base, adapter = llama
     labels = []

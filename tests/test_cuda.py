@@ -16,7 +16,6 @@ import os
 import onnxruntime as ort
 import pytest
 import torch
-from adapters import ConfigUnion, DoubleSeqBnConfig, LoRAConfig, ParBnConfig, SeqBnConfig
 from builders import (
     FAMILIES,
     FP32_TOLERANCE,
@@ -26,7 +25,15 @@ from builders import (
     peft_logits,
     sample_inputs,
 )
-from hub_builders import save_hub, share_layer_weights
+from hub_builders import (
+    ConfigUnion,
+    DoubleSeqBnConfig,
+    LoRAConfig,
+    ParBnConfig,
+    SeqBnConfig,
+    save_hub,
+    share_layer_weights,
+)
 from peft import PeftModel
 from test_hooks_parity import (
     check_half_precision,
@@ -56,6 +63,8 @@ from test_peft_kinds import FUSED_KINDS, LLAMA_KINDS, perturbed
 
 import adaptrix
 from adaptrix.api.compile import compile_adapter
+
+pytestmark = pytest.mark.onnx_export
 
 DEVICE = os.environ.get("ADAPTRIX_TEST_DEVICE", "cuda")
 PROVIDER = os.environ.get("ADAPTRIX_TEST_PROVIDER", "CUDAExecutionProvider")

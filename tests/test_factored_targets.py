@@ -44,6 +44,7 @@ def factored(bases, tmp_path_factory):
     }
 
 
+@pytest.mark.onnx_export
 def test_onnx_unmerged_adapter_files_match_peft(factored, tmp_path):
     base, adapters = factored
     out = tmp_path / "out"

@@ -10,9 +10,16 @@ import json
 
 import pytest
 import torch
-from adapters import DoubleSeqBnConfig, SeqBnConfig
 from builders import FP32_TOLERANCE, load_model, make_adapter, sample_inputs
-from hub_builders import adapters, outputs, save_hub, share_layer_weights, zero_biases
+from hub_builders import (
+    DoubleSeqBnConfig,
+    SeqBnConfig,
+    adapters,
+    outputs,
+    save_hub,
+    share_layer_weights,
+    zero_biases,
+)
 from peft import PeftModel
 from safetensors import safe_open
 from typer.testing import CliRunner

@@ -153,8 +153,7 @@ HUB_KEYS = ["architecture", "mh_adapter", "output_adapter", "reduction_factor", 
 
 @pytest.fixture(scope="module")
 def hub_adapter(bases, tmp_path_factory):
-    from adapters import SeqBnConfig
-    from hub_builders import save_hub
+    from hub_builders import SeqBnConfig, save_hub
 
     base = bases("llama")
     return base, save_hub(

@@ -97,8 +97,7 @@ def assert_one_line(result, code_ok=(0, 2)) -> None:
 @pytest.fixture(scope="module")
 def bundles(bases, tmp_path_factory):
     """A llama base, its model with a pristine snapshot, and two bundles (LoRA + replace, bottleneck)."""
-    from adapters import SeqBnConfig
-    from hub_builders import save_hub
+    from hub_builders import SeqBnConfig, save_hub
 
     base = bases("llama")
     tmp = tmp_path_factory.mktemp("fuzz-bundles")

@@ -260,8 +260,7 @@ def test_an_error_while_attaching_rolls_everything_back(how, bundle, monkeypatch
 @pytest.fixture(scope="module")
 def hub_bundle(bases, tmp_path_factory):
     """A llama base and a bundle of AdapterHub bottlenecks (SeqBn)."""
-    from adapters import SeqBnConfig
-    from hub_builders import save_hub
+    from hub_builders import SeqBnConfig, save_hub
 
     base = bases("llama")
     tmp = tmp_path_factory.mktemp("hostile-hub")

@@ -535,8 +535,7 @@ def test_integers_too_large_for_a_float_are_refused(llama, tmp_path, changes):
     ids=["scaling", "huge-factor", "huge-int-scaling"],
 )  # fmt: skip
 def test_an_adapterhub_config_with_absurd_numbers_is_refused(bases, tmp_path, edits):
-    from adapters import SeqBnConfig
-    from hub_builders import save_hub
+    from hub_builders import SeqBnConfig, save_hub
 
     base = bases("llama")
     adapter = save_hub("llama", base, SeqBnConfig(reduction_factor=4), tmp_path / "hub")[0]

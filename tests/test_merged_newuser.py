@@ -98,7 +98,7 @@ def test_a_headless_base_missing_a_body_tensor_the_classifier_needs_is_refused(t
     assert "\n" not in str(caught.value) and not (tmp_path / "merged").exists()
 
 
-@pytest.mark.parametrize("target", ["hooks", "onnx-cpu"])
+@pytest.mark.parametrize("target", ["hooks", pytest.param("onnx-cpu", marks=pytest.mark.onnx_export)])
 def test_other_targets_refuse_a_headless_classifier_naming_the_merged_target(target, tmp_path):
     base = _headless_base("bert", tmp_path / "base")
     adapter = _classifier_adapter(base, tmp_path / "adapter")

@@ -15,9 +15,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from adapters import ConfigUnion, DoubleSeqBnConfig, LoRAConfig, ParBnConfig, SeqBnConfig
 from builders import load_model, sample_inputs
-from hub_builders import hub_model, save_hub, share_layer_weights
+from hub_builders import (
+    ConfigUnion,
+    DoubleSeqBnConfig,
+    LoRAConfig,
+    ParBnConfig,
+    SeqBnConfig,
+    hub_model,
+    save_hub,
+    share_layer_weights,
+)
 from onnx import TensorProto, helper
 from test_onnx_parity import (
     FP16_TOLERANCE,
@@ -38,6 +46,8 @@ from adaptrix.runtimes.hooks.activations import ACTIVATIONS
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
 from adaptrix.targets.onnx.bottleneck_ops import ONNX_ACTIVATIONS, NodeWriter
 from adaptrix.targets.onnx.export import export_base
+
+pytestmark = pytest.mark.onnx_export
 
 LLAMA_KINDS = {
     "seqbn": SeqBnConfig(reduction_factor=4),

@@ -20,6 +20,8 @@ from test_onnx_parity import onnx_base, seeded_adapter
 from adaptrix.api.compile import compile_adapter
 from adaptrix.targets.onnx.float16 import fuse_rms_norms
 
+pytestmark = pytest.mark.onnx_export
+
 RMS_FAMILIES = ("llama", "qwen2", "phi3")
 
 

@@ -16,6 +16,8 @@ from adaptrix.ir.errors import AdaptrixError
 from adaptrix.targets.onnx.gptq import gptq_blocks
 from adaptrix.targets.onnx.quantize_schemes import gptq_arrays
 
+pytestmark = pytest.mark.onnx_export
+
 
 def decoded(codes, scales, zeros, block_size, k):
     """[K, N] weights the codes stand for: (code - zero) * scale per block."""
@@ -159,8 +161,7 @@ def test_calibration_misuse_is_a_clear_error(options, match, calibrated):
 
 
 def test_calibration_refuses_bottleneck_adapters(bases, tmp_path):
-    from adapters import SeqBnConfig
-    from hub_builders import save_hub
+    from hub_builders import SeqBnConfig, save_hub
 
     base = bases("llama")
     adapter, _ = save_hub("llama", base, SeqBnConfig(reduction_factor=4), tmp_path / "hub")

@@ -30,6 +30,8 @@ from test_onnx_parity import (
 import adaptrix.targets.onnx.patch as patch_module
 from adaptrix.api.compile import compile_adapter
 
+pytestmark = pytest.mark.onnx_export
+
 # The adapter must move each compared output by at least this many times the error allowed.
 ADAPTER_EFFECT = 100
 # What PEFT adapts in BERT with the common recipe: `dense` also names the pooler's dense.

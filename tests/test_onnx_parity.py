@@ -22,6 +22,8 @@ from peft import PeftModel
 
 from adaptrix.api.compile import compile_adapter
 
+pytestmark = pytest.mark.onnx_export
+
 # onnxruntime fuses and reorders float32 kernels (attention, layer norm, GELU); measured <= 6.4e-7.
 ONNX_FP32_TOLERANCE = 5e-4
 # float16 weights and activations against PEFT in float32; measured 6.2e-4 (llama), 4.4e-5 (bert)

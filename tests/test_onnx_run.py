@@ -21,6 +21,8 @@ from adaptrix.cli import app
 from adaptrix.ir.errors import BadInputError
 from adaptrix.runtimes.onnx.session import open_onnx
 
+pytestmark = pytest.mark.onnx_export
+
 runner = CliRunner()
 TOLERANCE = 5e-4  # max |logits diff| against PEFT, float32
 NEW_TOKENS = 10

@@ -39,6 +39,8 @@ from typer.testing import CliRunner
 from adaptrix.api.compile import compile_adapter
 from adaptrix.cli import app
 
+pytestmark = pytest.mark.onnx_export
+
 # Relative Frobenius error of quantized logits against the float32 graph's. Hidden size 32 makes
 # every weight row one block (and one int8-dynamic scale); measured on llama: int8-dynamic 0.037
 # merged on an AVX512-VNNI CPU, 0.070 on an AVX2 one (u8s8 pairs saturate in int16), <= 0.02

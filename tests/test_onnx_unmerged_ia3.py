@@ -50,6 +50,8 @@ from adaptrix.runtimes.onnx.session import open_onnx
 from adaptrix.targets.onnx.graph import Use
 from adaptrix.targets.onnx.ia3 import add_scale_inputs
 
+pytestmark = pytest.mark.onnx_export
+
 IA3_CONFIGS = {
     "llama": IA3Config(target_modules=["k_proj", "v_proj", "up_proj", "down_proj"],
                        feedforward_modules=["down_proj"]),

@@ -324,6 +324,7 @@ export.export_base(Checkpoint(sys.argv[1]), "float32", cache_dir=sys.argv[2])
 """
 
 
+@pytest.mark.onnx_export
 def test_a_killed_export_leaves_nothing_in_the_cache(bases, tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -333,6 +334,7 @@ def test_a_killed_export_leaves_nothing_in_the_cache(bases, tmp_path):
     assert leftovers(cache) == [] and list(cache.iterdir()) == []
 
 
+@pytest.mark.onnx_export
 def test_the_next_export_removes_a_killed_runs_leftovers(bases, tmp_path, monkeypatch):
     from adaptrix.io.checkpoint import Checkpoint
     from adaptrix.targets.onnx import export

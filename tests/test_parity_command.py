@@ -34,6 +34,7 @@ def parity(*args: str):
     return runner.invoke(app, ["parity", *map(str, args)])
 
 
+@pytest.mark.onnx_export
 def test_every_backend_matches_peft(case, tmp_path):
     base, adapter, _ = case
     result = parity(adapter, "--base", base, "--targets", "merged,hooks,onnx-cpu", "--json",
@@ -156,6 +157,7 @@ def test_parity_api_is_the_command(case):
     assert isinstance(report.as_json()["backends"][0]["max_rel"], float) and Path(report.adapter) == adapter
 
 
+@pytest.mark.onnx_export
 def test_every_target_is_reported_when_one_cannot_run(case, tmp_path):
     base, adapter, root = case
     bundle = tmp_path / "bundle"
@@ -196,6 +198,7 @@ def test_every_target_is_reported_when_one_cannot_compile(case, tmp_path):
     assert json.loads(json.dumps(report.as_json(), allow_nan=False))["ok"] is False  # strict JSON
 
 
+@pytest.mark.onnx_export
 def test_a_row_it_does_not_judge_is_not_ok_true(case, tmp_path):
     base, adapter, _ = case
     quantized = tmp_path / "int8"

@@ -3,11 +3,15 @@
 import json
 
 import pytest
+import transformers
 from builders import FP32_TOLERANCE, make_adapter, model_logits, peft_logits, sample_inputs
 
 from adaptrix import compile_adapter
 
 # (case id, family, base variant overrides, LoraConfig keyword arguments)
+# GPT-NeoX's head: `embed_out` in its checkpoints and to transformers 4; transformers 5 loads it as `lm_head`.
+NEOX_HEAD = "lm_head" if int(transformers.__version__.split(".")[0]) >= 5 else "embed_out"
+
 FEATURES = [
     ("rslora", "llama", {}, dict(use_rslora=True, r=8, lora_alpha=4)),
     (
@@ -40,7 +44,7 @@ FEATURES = [
     ),
     ("head-only-tied", "gpt2", {}, dict(target_modules=["lm_head"])),
     ("embedding-only-tied", "gpt2", {}, dict(target_modules=["wte", "c_attn"])),
-    ("embedding-neox-untied", "gpt_neox", {}, dict(target_modules=["embed_in", "embed_out"])),
+    ("embedding-neox-untied", "gpt_neox", {}, dict(target_modules=["embed_in", NEOX_HEAD])),
     ("dora-rslora-pattern", "phi3", {}, dict(use_dora=True, use_rslora=True, rank_pattern={"qkv_proj": 6})),
     ("dora-conv1d-bias-all", "gpt2", {}, dict(use_dora=True, bias="all")),
     ("bert-embeddings", "bert", {}, dict(target_modules=["word_embeddings", "query", "value"])),

@@ -131,6 +131,7 @@ def test_real_minilm(kind, tmp_path):
     assert torch.equal(detached, plain)
 
 
+@pytest.mark.onnx_export
 @pytest.mark.parametrize("kind", ["loha", "ia3"])
 def test_onnx_cpu_merged_matches_peft(kind, bases, tmp_path):
     """onnx-cpu gets the new ops through the merged values (one export of the base for both)."""

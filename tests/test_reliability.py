@@ -96,8 +96,8 @@ def digests(folder: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("target", "options"),
-    [("merged", {}), ("hooks", {}), ("onnx-cpu", {}), ("onnx-cpu", {"unmerged": True}),
-     ("onnx-cpu", {"quantize": "int4"})],
+    [("merged", {}), ("hooks", {}), *(pytest.param("onnx-cpu", options, marks=pytest.mark.onnx_export)
+                                      for options in ({}, {"unmerged": True}, {"quantize": "int4"}))],
     ids=["merged", "hooks", "onnx-cpu", "onnx-cpu-unmerged", "onnx-cpu-int4"],
 )  # fmt: skip
 def test_the_same_inputs_give_byte_identical_outputs(bases, tmp_path, target, options):
@@ -111,8 +111,7 @@ def test_the_same_inputs_give_byte_identical_outputs(bases, tmp_path, target, op
 
 def test_a_hybrid_bundle_is_byte_identical(bases, tmp_path):
     """An AdapterHub LoRA + bottleneck adapter compiles to the same bundle bytes twice."""
-    from adapters import ConfigUnion, LoRAConfig, SeqBnConfig
-    from hub_builders import save_hub
+    from hub_builders import ConfigUnion, LoRAConfig, SeqBnConfig, save_hub
 
     base = bases("llama")
     union = ConfigUnion(LoRAConfig(r=4, alpha=8), SeqBnConfig(reduction_factor=4))

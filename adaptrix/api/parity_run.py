@@ -10,7 +10,7 @@ from adaptrix.artifacts import MANIFEST_NAME
 from adaptrix.calibration.models import forward, load_auto
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.jsonfile import read_json
-from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.errors import BadInputError, UnsupportedError
 
 __all__ = ["BACKENDS", "artifact_manifest", "reference_outputs", "run_backend"]
 
@@ -35,8 +35,7 @@ def reference_outputs(
 
     read = read_adapter(adapter)
     if isinstance(read, HubAdapter):
-        import adapters
-
+        adapters = _adapterhub(adapter)
         model = load_auto(base.path)
         adapters.init(model)
         model.set_active_adapters(model.load_adapter(str(adapter), with_head=False))
@@ -48,6 +47,19 @@ def reference_outputs(
         adapter = scratch / "reference-peft"
     model = PeftModel.from_pretrained(_reference_base(read, base), adapter, trust_remote_code=False).eval()
     return forward(model, feeds), "peft"
+
+
+def _adapterhub(adapter: Path):
+    """AdapterHub's `adapters` library, the reference of an AdapterHub adapter; else a one-line refusal."""
+    try:
+        import adapters
+    except ImportError:
+        raise UnsupportedError(
+            "AdapterHub's reference forward needs the `adapters` library, which is not installed",
+            path=adapter,
+            fix='pip install "adaptrix[adapterhub]" (it pins transformers 4.57); compile needs no extra',
+        ) from None
+    return adapters
 
 
 def _reference_base(read, base: Checkpoint) -> torch.nn.Module:

@@ -21,6 +21,7 @@ BINDER = Binder(
         "embed_in": Module((Role.EMBED,), Layout.EMBEDDING),
         "final_layer_norm": Module((Role.FINAL_NORM,), Layout.NORM),
         "embed_out": Module((Role.LM_HEAD,)),
+        "lm_head": Module((Role.LM_HEAD,)),  # transformers 5's name of embed_out (checkpoints keep embed_out)
         "score": Module((Role.CLS_HEAD,)),
     },
     config_keys=DECODER_CONFIG_KEYS,

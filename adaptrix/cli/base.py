@@ -38,6 +38,7 @@ def call(action: Callable[[], T], writing: Path | None = None) -> T:
     An OSError names its file (or `writing`, the output, when the system names none) and what to
     do; another error names its kind. `--debug` prints the traceback as well.
     """
+    _quiet_loading()
     try:
         return action()
     except (typer.Exit, typer.Abort, TyperException):  # the CLI's own exits, not errors
@@ -49,6 +50,16 @@ def call(action: Callable[[], T], writing: Path | None = None) -> T:
     except Exception as exc:  # the last resort: one line, never a traceback
         _fail(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}; this may be a bug in "
               "Adaptrix: rerun with --debug and report the traceback", 2)  # fmt: skip
+
+
+def _quiet_loading() -> None:
+    """No progress bar per model transformers loads (transformers 5 draws one on stderr)."""
+    from huggingface_hub.utils import disable_progress_bars  # transformers reads it when imported
+
+    disable_progress_bars()
+    loaded = sys.modules.get("transformers.utils.logging")
+    if loaded is not None:  # imported already (the Python API, tests): it read the setting then
+        loaded.disable_progress_bar()
 
 
 def _fail(line: str, code: int) -> NoReturn:

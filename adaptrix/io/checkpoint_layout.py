@@ -62,8 +62,10 @@ def _required_model_modules(binder: Binder, config: Mapping[str, object], source
     names = architectures if isinstance(architectures, list) else []
     causal = any(isinstance(a, str) and ("LMHead" in a or "CausalLM" in a) for a in names)
     required = []
+    stored_head = binder.lm_head_weight.rpartition(".")[0]  # a head another transformers names otherwise
     for key, module in binder.model_modules.items():
-        head = module.roles == (Role.LM_HEAD,) and causal and not source.tie_word_embeddings
+        untied = causal and not source.tie_word_embeddings
+        head = module.roles == (Role.LM_HEAD,) and key == stored_head and untied
         if head or set(module.roles) & _ALWAYS:
             required.append(key)
     return required
