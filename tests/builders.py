@@ -52,7 +52,8 @@ _GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=
 
 _T5 = dict(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)
 _T5_UNNAMED = (r"(en|de)coder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias",
-               r"encoder\.final_layer_norm")  # fmt: skip
+               r"encoder\.final_layer_norm",
+               r"(en|de)coder\.embed_tokens")  # transformers 5: the stacks' own names of `shared`  # fmt: skip
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(

@@ -3,7 +3,9 @@
 import hashlib
 import json
 import os
+from pathlib import Path
 
+import pytest
 from builders import exports_onnx, make_adapter
 from typer.testing import CliRunner
 
@@ -26,6 +28,14 @@ def test_archs_all_lists_every_text_family_and_what_it_compiles_to():
     assert rows["llama"] == f"| llama | llama table | yes | yes | {onnx} | yes |"
     assert rows["t5"] == f"| t5 | module tree | yes | yes | {onnx} | no |" or "t5 table" in rows["t5"]
     assert rows["gpt2"].startswith("| gpt2 | gpt2 table (fused splits) |")
+
+
+def test_docs_support_holds_the_archs_table():
+    pytest.importorskip("optimum.exporters.onnx", reason="the onnx column says what optimum exports")
+    table = runner.invoke(app, ["archs", "--markdown"])
+    assert table.exit_code == 0
+    docs = (Path(__file__).parents[1] / "docs" / "support.md").read_text()
+    assert table.stdout in docs, "regenerate docs/support.md's table with `adaptrix archs --markdown`"
 
 
 def test_archs_and_targets_list_the_registries():
