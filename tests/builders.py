@@ -51,9 +51,9 @@ _MOE = dict(_DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_int
 _GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
 
 _T5 = dict(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)
+# transformers 5 keeps the stacks' own names of `shared` (encoder.embed_tokens, decoder.embed_tokens)
 _T5_UNNAMED = (r"(en|de)coder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias",
-               r"encoder\.final_layer_norm",
-               r"(en|de)coder\.embed_tokens")  # transformers 5: the stacks' own names of `shared`  # fmt: skip
+               r"encoder\.final_layer_norm", r"(en|de)coder\.embed_tokens")  # fmt: skip
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(
