@@ -7,6 +7,8 @@ module and nothing else of each other.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "ACTIVATION_NAMES",
     "ADAPTERS_DIR",
@@ -76,6 +78,20 @@ def probe_indices(numel: int) -> list[int]:
 _RENAMED_ON_LOAD = {"embed_out": "lm_head"}  # GPT-NeoX's head
 
 
+def _loaded_name(model, name: str) -> str:
+    """A checkpoint's module name as the model has it in memory: its class's conversion mapping.
+
+    Some classes (Gemma 3n's) load checkpoints under other names; transformers keeps the
+    patterns on the class (`_checkpoint_conversion_mapping`, library code, not input).
+    """
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    for pattern, replacement in mapping.items():
+        renamed, count = re.subn(pattern, replacement, name)
+        if count:
+            return renamed
+    return name
+
+
 def find_module(model, name: str, modules: dict | None = None):
     """A module by its checkpoint name, with or without the model's base prefix (`model.`, `bert.`).
 
@@ -85,6 +101,8 @@ def find_module(model, name: str, modules: dict | None = None):
     modules = dict(model.named_modules()) if modules is None else modules
     if name not in modules and name in _RENAMED_ON_LOAD:
         name = _RENAMED_ON_LOAD[name]
+    if name not in modules:
+        name = _loaded_name(model, name)
     prefix = getattr(model, "base_model_prefix", "") or ""
     candidates = [name]
     if prefix and name.startswith(prefix + "."):

@@ -21,6 +21,12 @@ SAMPLE = [
     ("roberta", "masked"), ("deberta-v2", "masked"), ("modernbert", "masked"),
 ]  # fmt: skip
 TARGETS = ("merged", "hooks")
+# Families PEFT adapts that Adaptrix refuses (one line), with why; the full sweep fails when one of
+# them starts to pass too (remove it then) or when any other family fails.
+KNOWN_GAPS = {
+    ("luke", "masked"): "a LoRA on entity_predictions.decoder, whose weight is tied to the entity "
+    "embeddings and not stored: only the lm_head tie is untied in the merged output",
+}
 
 
 def _params():
@@ -83,7 +89,10 @@ def test_every_family_peft_adapts_compiles_to_merged_and_hooks(tmp_path):
     unbuilt = {row["family"] for row in rows if row.get("build") != "ok" and "skip" not in row["build"]}
     assert unbuilt <= set(BROKEN), f"tiny models that fail to build, not in BROKEN: {unbuilt - set(BROKEN)}"
     adapted = [row for row in rows if row.get("build") == "ok" and row.get("peft") == "ok"]
-    failed = [row for row in adapted if any(row.get(target) != "ok" for target in TARGETS)]
+    failing = [row for row in adapted if any(row.get(target) != "ok" for target in TARGETS)]
+    failed = [row for row in failing if (row["family"], row["mapping"]) not in KNOWN_GAPS]
+    closed = set(KNOWN_GAPS) - {(row["family"], row["mapping"]) for row in failing}
+    assert not closed, f"known gaps that now compile (remove them from KNOWN_GAPS): {sorted(closed)}"
     report = "\n".join(
         f"{row['family']} ({row['mapping']}): " + "; ".join(f"{t} {row.get(t)}" for t in TARGETS)
         for row in failed

@@ -131,6 +131,7 @@ class Binder:
     tree_source: SourceModel | None = None  # the dimensions, where the module tree gave them
     roles_table: bool = True  # whether a table gave the semantic roles (False: module roles only)
     tree_tensors: frozenset[str] = field(default=frozenset(), repr=False, compare=False)  # the tree's names
+    aliases: Mapping[str, str] = field(default_factory=dict)  # a model-level key -> the checkpoint's key
     multi_query: MultiQuery | None = None  # a config flag that leaves one kv head (Falcon, GPTBigCode)
     # Layer modules that some layers or some variants of the family lack (ModernBERT's layer 0 has
     # no attn_norm; StableLM's parallel residual has no post_attention_layernorm).
@@ -144,6 +145,7 @@ class Binder:
         """Freeze the tables and compile the layer pattern."""
         object.__setattr__(self, "layer_modules", MappingProxyType(dict(self.layer_modules)))
         object.__setattr__(self, "model_modules", MappingProxyType(dict(self.model_modules)))
+        object.__setattr__(self, "aliases", MappingProxyType(dict(self.aliases)))
         object.__setattr__(self, "config_keys", MappingProxyType(dict(self.config_keys)))
         object.__setattr__(self, "bottleneck_points", MappingProxyType(dict(self.bottleneck_points)))
         object.__setattr__(self, "optional_modules", frozenset(self.optional_modules))
@@ -186,7 +188,7 @@ class Binder:
         for start in range(starts):  # the longest key that ends the name
             key = ".".join(parts[start:])
             if (module := self.model_modules.get(key)) is not None:
-                return Placement(name, None, key, module)
+                return Placement(name, None, self.aliases.get(key, key), module)
         return None
 
     def roles(self) -> list[str]:

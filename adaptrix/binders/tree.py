@@ -176,12 +176,14 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
     stack = saved(stacks[0]).removeprefix(prefix) if len(stacks) == 1 else None
     if table is not None and stack is not None and stack.rpartition(".")[2] != table.layer_container:
         stack = None
-    container = table.layer_container if table is not None else (stack or "")
+    # the stack's last name, as tables do: a checkpoint's and an adapter's names may differ above it
+    container = table.layer_container if table is not None else (stack or "").rpartition(".")[2]
     embed, head = _embedding_names(model)
     layer_modules: dict[str, Module] = dict(table.layer_modules) if table else {}
     model_modules: dict[str, Module] = dict(table.model_modules) if table else {}
     shapes: dict[tuple[bool, str], set[tuple[int, ...]]] = {}
     layouts: dict[tuple[bool, str], Layout] = {}
+    aliases: dict[str, str] = {}  # a model-level module's name in memory -> its name in the checkpoint
     for name, module in model.named_modules():
         layout = _layout(module)
         if layout is None or (table is not None and table.resolve(saved(name)) is not None):
@@ -189,6 +191,8 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         canonical = saved(name).removeprefix(prefix)
         in_layer = stack is not None and canonical.startswith(stack + ".")
         key = canonical.removeprefix(stack + ".").partition(".")[2] if in_layer else canonical
+        if not in_layer and name.removeprefix(prefix) != key:
+            aliases[name.removeprefix(prefix)] = key
         if not in_layer and name in (embed, head):
             weight_shape = tuple(module._parameters["weight"].shape)
             role = Role.EMBED if name == embed else Role.LM_HEAD
@@ -201,6 +205,9 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         role = key if key not in {r.value for r in Role} else f"module.{key}"
         shape = next(iter(found)) if len(found) == 1 else None
         (layer_modules if in_layer else model_modules)[key] = Module((role,), layout, shape=shape)
+    aliases = {alias: key for alias, key in aliases.items() if alias not in model_modules}
+    for alias, key in aliases.items():  # an adapter names modules as the model in memory has them
+        model_modules[alias] = model_modules[key]
     head_weight = f"{saved(head).removeprefix(prefix)}.weight" if head else "lm_head.weight"
     source = table.source_model(config, file) if table else _source(model, config, stacks)
     return dataclasses.replace(
@@ -214,6 +221,7 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         tree_source=source,
         roles_table=table is not None,
         tree_tensors=_tensor_names(model, prefix, saved),
+        aliases=aliases,
     )  # fmt: skip
 
 

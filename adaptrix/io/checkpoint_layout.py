@@ -33,14 +33,14 @@ def check_layout(
 ) -> None:  # fmt: skip
     """Refuse a checkpoint whose layers or tensor shapes disagree with its config (`path`: config.json)."""
     _check_layers(binder, source, tensors, path)
-    model_level: set[str] = set()
+    model_level: set[int] = set()  # the model-level modules with a weight (a module may have aliases)
     for name, info in tensors.items():
         module_name, _, param = name.rpartition(".")
         placement = binder.resolve(module_name)
         if placement is None:
             continue
         if placement.layer is None and param == "weight":
-            model_level.add(placement.key)
+            model_level.add(id(placement.module))
         expected = expected_shape(placement, param, source)
         if expected is not None and not _fits(info.shape, expected):
             shown = ["?" if n is None else n for n in expected]
@@ -51,7 +51,7 @@ def check_layout(
                 fix=_FIX,
             )
     for key in _required_model_modules(binder, config, source):
-        if key not in model_level:
+        if id(binder.model_modules[key]) not in model_level:
             raise BadInputError(f"describes a {binder.name} model with a {key}, but the weights hold no "
                                 f"{key}.weight", path=path, fix=_FIX_MISSING)  # fmt: skip
 
