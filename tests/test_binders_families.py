@@ -14,6 +14,7 @@ import transformers as tf
 from builders import (
     FAMILIES,
     FP32_TOLERANCE,
+    TRANSFORMERS_5,
     load_model,
     make_adapter,
     model_logits,
@@ -157,6 +158,7 @@ def _assert_same(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.skipif(TRANSFORMERS_5, reason="checked against transformers 4.57's FalconAttention internals")
 @pytest.mark.parametrize("layout", ["multi_query", "new_decoder_architecture", "per_head"])
 @QUICK
 @given(shape=dims(), seed=st.integers(0, 2**31 - 1))
@@ -225,6 +227,7 @@ def test_gpt_bigcode_split_matches_its_attention(multi_query, shape, seed):
     _assert_same([t.transpose(1, 2) for t in ours], [_CAPTURED[n] for n in "qkv"])
 
 
+@pytest.mark.skipif(TRANSFORMERS_5, reason="checked against transformers 4.57's ModernBERT internals")
 @QUICK
 @given(shape=dims(), inter=st.integers(1, 24), seed=st.integers(0, 2**31 - 1))
 def test_modernbert_wqkv_and_wi_splits_match_its_forward(shape, inter, seed):

@@ -240,6 +240,16 @@ def _table(config: dict, file: Path) -> Binder | None:
     return table.bind(config, file)
 
 
+def _fix_model() -> str:
+    """What to do about weights the model has no place for; transformers 5 renames and packs some."""
+    from transformers import __version__
+
+    if int(__version__.split(".")[0]) >= 5:
+        return ("or the base stores tensors transformers 5 renames or packs on load (MoE experts): "
+                "compile it with transformers 4.57; else restore the base as it was saved")  # fmt: skip
+    return _FIX_MODEL
+
+
 def _binder(config: dict, file: Path, tensors: dict[str, TensorInfo]) -> Binder:
     """The family's table where it places every module with a weight; else widened by the module tree."""
     table = _table(config, file)
@@ -252,5 +262,5 @@ def _binder(config: dict, file: Path, tensors: dict[str, TensorInfo]) -> Binder:
     for name in tensors:
         if name not in known and name.partition(".")[2] not in known:
             raise BadInputError(f"describes a {config['model_type']} model, which has no tensor {name!r} "
-                                "of the base", path=file, fix=_FIX_MODEL)  # fmt: skip
+                                "of the base", path=file, fix=_fix_model())  # fmt: skip
     return binder
