@@ -30,26 +30,49 @@ from adaptrix.lowering.tensor_plan import TensorPlan, merged_value, plan_tensors
 from adaptrix.targets.onnx.external import Filler, initializer_bytes, read_initializer
 from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
 
-__all__ = ["base_uses", "merged_patches"]
+__all__ = ["base_uses", "merged_patches", "unused_tensor"]
 
 logger = logging.getLogger(__name__)
 
 
-def base_uses(base: Checkpoint, graph: onnx.GraphProto) -> dict[str, list[Use]]:
-    """Where each of the base's tensors is used in the exported graph."""
-    known = set(base.tensors) | {base.binder.lm_head_weight}
+def base_uses(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> dict[str, list[Use]]:
+    """Where each of the base's tensors is used in the exported graph.
 
-    def tensor_name(name: str) -> str | None:
+    `scope` is the prefix of a graph traced from an inner module (a seq2seq export's encoder
+    graph names its nodes `/block.0/...` for `encoder.block.0`): names are looked up in it first.
+    """
+    known = set(base.tensors) | {base.binder.lm_head_weight}
+    by_suffix = _by_suffix(known)
+
+    def lookup(name: str) -> str | None:
         if name in known:
             return name
         rest = name.partition(".")[2]  # a head model's prefix ("bert.") on a bare base
-        return rest if rest in known else None
+        if rest in known:
+            return rest
+        # the exporter traced an inner module (OPT's `/decoder/layers.0/...` in `model.decoder`)
+        found = by_suffix.get(name, ())
+        return next(iter(found)) if len(found) == 1 else None
+
+    def tensor_name(name: str) -> str | None:
+        return (lookup(scope + name) if scope else None) or lookup(name)
 
     def layout_of(module: str) -> Layout | None:
-        placement = base.binder.resolve(module)
+        tensor = tensor_name(f"{module}.weight")
+        placement = base.binder.resolve(tensor.removesuffix(".weight") if tensor else module)
         return None if placement is None else placement.module.layout
 
     return tensor_uses(graph, tensor_name, layout_of)
+
+
+def _by_suffix(names: set[str]) -> dict[str, set[str]]:
+    """{each proper dotted suffix of a name: the names ending with it}."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        parts = name.split(".")
+        for start in range(1, len(parts)):
+            found[".".join(parts[start:])].add(name)
+    return found
 
 
 def merged_patches(
@@ -58,11 +81,18 @@ def merged_patches(
     model: onnx.ModelProto,
     folder: Path,
     progress: Callable[[int], None] | None = None,
+    *,
+    patched: set[str] | None = None,
+    scope: str = "",
 ) -> dict[str, np.ndarray]:
-    """{initializer: new value, or a function computing it} with the adapter merged; rewires `model`."""
+    """{initializer: new value, or a function computing it} with the adapter merged; rewires `model`.
+
+    With `patched` (one graph of several), a tensor this graph does not use is left to the others
+    and the names of those it does use are added to `patched`; the caller refuses the rest.
+    """
     graph = model.graph
     items, _ = plan_tensors(ir, base)
-    uses = base_uses(base, graph)
+    uses = base_uses(base, graph, scope)
     users = initializer_users(graph)
     initializers = {init.name: init for init in graph.initializer}
     pairs = {f"{p.placement.name}.weight": p for p in low_rank_pairs(ir, base, torch.float32, strict=False)}
@@ -70,12 +100,12 @@ def merged_patches(
     taken = _graph_names(graph)
     for item in (item for item in items if item.touched):
         found = uses.get(item.name)
+        if not found and patched is not None:
+            continue
         if not found:
-            raise UnsupportedError(
-                f"{item.name}: the exported graph has no initializer for it",
-                path=base.path,
-                fix="use --target merged or hooks for this model",
-            )
+            raise unused_tensor(item.name, base)
+        if patched is not None:
+            patched.add(item.name)
         exact = _check_probe(item, base, found, initializers, folder)
         use = found[0]
         if exact and item.name in pairs and _plain_matmul_weight(found, users, graph, initializers):
@@ -88,6 +118,17 @@ def merged_patches(
             progress(base.tensors[item.source].nbytes)
     logger.info("patched %d tensors into the graph", len(values))
     return values
+
+
+def unused_tensor(name: str, base: Checkpoint) -> UnsupportedError:
+    """The refusal for a tensor the adapter changes that no node of the exported graphs reads."""
+    module = name.rpartition(".")[0]
+    return UnsupportedError(
+        f"module {module} ({base.config.get('model_type')}): no node of the exported ONNX graph "
+        f"reads its tensor {name}, so the adapter cannot be merged into it",
+        path=base.path,
+        fix="use --target merged or hooks for this model",
+    )
 
 
 def _plain_matmul_weight(found: list[Use], users: dict, graph: onnx.GraphProto, initializers: dict) -> bool:
