@@ -49,6 +49,8 @@ EXPORT_FORMAT = 4  # bump when the cached layout or the graph rewrites change
 _DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 _PLAIN_GRAPHS = ("model",)
+_EXPORT_FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+                    NotImplementedError)  # fmt: skip
 # optimum's seq2seq graphs, unmerged (its merged decoder holds both decoders in If subgraphs)
 SEQ2SEQ_GRAPHS = ("encoder_model", "decoder_model", "decoder_with_past_model")
 
@@ -185,6 +187,14 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
             warnings.simplefilter("ignore")
             main_export(str(base.path), raw, task=task, device="cpu", dtype="fp32", local_files_only=True,
                         do_validation=False, trust_remote_code=False, **kwargs)  # fmt: skip
+    except _EXPORT_FAILURES as exc:  # optimum's or torch's tracer's: the family's export is not supported
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise UnsupportedError(
+            f"optimum's ONNX export of this {base.config.get('model_type')} base failed "
+            f"({type(exc).__name__}: {lines[0][:200]})",
+            path=base.path,
+            fix="use --target merged or --target hooks for this base",
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     for graph in SEQ2SEQ_GRAPHS if task == SEQ2SEQ_TASK else _PLAIN_GRAPHS:

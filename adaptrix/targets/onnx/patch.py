@@ -27,7 +27,7 @@ from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.module_pairs import LowRankPair, low_rank_pairs
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value, plan_tensors
-from adaptrix.targets.onnx.external import Filler, initializer_bytes, read_initializer
+from adaptrix.targets.onnx.external import Filler, external_location, initializer_bytes, read_initializer
 from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
 
 __all__ = ["base_uses", "merged_patches", "unused_tensor"]
@@ -132,7 +132,7 @@ def unused_tensor(name: str, base: Checkpoint) -> UnsupportedError:
 
 
 def _plain_matmul_weight(found: list[Use], users: dict, graph: onnx.GraphProto, initializers: dict) -> bool:
-    """One use, as a float32 MatMul / Gemm (no transB) weight read straight from its own initializer."""
+    """One use, as a float32 MatMul / Gemm (no transB) weight read from its own external initializer."""
     if len(found) != 1:
         return False
     use = found[0]
@@ -144,6 +144,7 @@ def _plain_matmul_weight(found: list[Use], users: dict, graph: onnx.GraphProto, 
         and use.stored_transposed == use.input_transposed
         and users.get(use.initializer) == 1
         and initializers[use.initializer].data_type == onnx.TensorProto.FLOAT
+        and external_location(initializers[use.initializer]) is not None  # a small one stays in the graph
     )
 
 

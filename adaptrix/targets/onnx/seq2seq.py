@@ -73,4 +73,5 @@ def write_seq2seq_graphs(
         }
     for graph in models:
         check_loads(out / model_name(graph))
-    return files, digests, {"graphs": graphs}
+    first_step = graphs["decoder_model"]  # what adaptrix's runtime runs after the encoder (parity)
+    return files, digests, {"graphs": graphs, **{key: first_step[key] for key in ("inputs", "outputs")}}
