@@ -25,6 +25,7 @@ from adaptrix.api.compile import compile_adapter
 from adaptrix.api.parity import parity
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
+from adaptrix.runtimes.onnx.session import open_onnx
 from adaptrix.targets.onnx.export import export_base
 
 TOLERANCE = 1e-4  # the bound for float32 logits
@@ -166,6 +167,12 @@ def test_seq2seq_onnx_generates_as_peft(family, made, cache, tmp_path):
         assert (mine - theirs)[finite].abs().max() <= TOLERANCE, step
         if step == 0:  # the adapter changes what is compared (BART's last step is its forced eos)
             assert (theirs - base_step)[finite].abs().max() > 100 * TOLERANCE
+    # adaptrix's own runtime decodes greedily too: each token is PEFT's argmax after the ones before
+    tokens = open_onnx(out).generate(IDS[0].tolist(), 8)
+    start = torch.tensor([[reference.config.decoder_start_token_id, *tokens[:-1]]])
+    with torch.no_grad():
+        forced = reference(input_ids=IDS[:1], decoder_input_ids=start).logits
+    assert forced[0].argmax(-1).tolist() == tokens
 
 
 def test_parity_compares_seq2seq_onnx(made, cache, monkeypatch):

@@ -1,9 +1,9 @@
-"""Run a seq2seq ONNX artifact (T5, BART, ...): the encoder, then the decoder's first step.
+"""Run a seq2seq ONNX artifact (T5, BART, ...): the encoder, then the decoder on given ids.
 
-The artifact holds optimum's three graphs; ORTModelForSeq2SeqLM generates with them. Here the
-encoder runs on the input ids and `decoder_model` on given decoder ids, which is what parity
-compares with PEFT's forward (logits for each decoder position). Merged artifacts only: the
-target writes no unmerged seq2seq graphs.
+The artifact holds optimum's three graphs; ORTModelForSeq2SeqLM generates with them and the KV
+cache. Here the encoder runs on the input ids and `decoder_model` on decoder ids, which is what
+parity compares with PEFT's forward (logits for each decoder position) and what greedy `generate`
+reruns per token. Merged artifacts only: the target writes no unmerged seq2seq graphs.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_
 _ORT_FAILURES = (ort_state.Fail, ort_state.InvalidArgument, ort_state.RuntimeException,
                  ort_state.InvalidGraph, ort_state.InvalidProtobuf, ort_state.NoSuchFile,
                  ort_state.NotImplemented, ort_state.EPFail)  # fmt: skip
-_GENERATE_FIX = "generate with optimum's ORTModelForSeq2SeqLM.from_pretrained(ARTIFACT)"
 
 
 def open_seq2seq(path: Path, manifest: dict, options: ort.SessionOptions, provider: str) -> Seq2SeqArtifact:
@@ -44,9 +43,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 class Seq2SeqArtifact:
-    """An opened seq2seq artifact: logits of the decoder's first step for given decoder ids."""
+    """An opened seq2seq artifact: the decoder's logits for given decoder ids, greedy generation."""
 
-    is_decoder = False
+    is_decoder = True  # it generates (run's --max-new-tokens)
     adapter_names: list[str] = []  # noqa: RUF012  (merged only: never changed)
 
     def __init__(
@@ -85,10 +84,40 @@ class Seq2SeqArtifact:
         feeds = {"input_ids": decoder_ids, "encoder_hidden_states": hidden, "encoder_attention_mask": mask}
         return self._run(self.decoder, {k: v for k, v in feeds.items() if k in self.decoder_inputs})[0]
 
-    def generate(self, *args, **kwargs) -> list[int]:
-        """Not here: optimum's ORTModelForSeq2SeqLM runs the three graphs with the KV cache."""
-        raise BadInputError("adaptrix's ONNX runtime does not generate with seq2seq graphs", path=self.path,
-                            fix=_GENERATE_FIX)  # fmt: skip
+    def generate(
+        self,
+        prompt_ids: Sequence[int] | np.ndarray,
+        max_new_tokens: int,
+        *,
+        adapter: object = None,
+        stop_at_eos: bool = False,
+    ) -> list[int]:
+        """Greedy decoding: the `max_new_tokens` ids the decoder writes after its start token.
+
+        Each step reruns `decoder_model` on all the ids so far (no KV cache: simple, and exact);
+        optimum's ORTModelForSeq2SeqLM generates with the cached graph.
+        """
+        ids = self._ids(prompt_ids)
+        if ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise BadInputError(f"generate takes one non-empty prompt, not ids of shape {list(ids.shape)}")
+        if max_new_tokens < 0:
+            raise BadInputError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
+        eos = self._eos_ids() if stop_at_eos else set()
+        start = self.config.get("decoder_start_token_id") or 0
+        tokens: list[int] = []
+        while len(tokens) < max_new_tokens and not (tokens and tokens[-1] in eos):
+            decoder_ids = np.array([[start, *tokens]], np.int64)
+            tokens.append(
+                int(np.argmax(self.logits(ids, decoder_input_ids=decoder_ids, adapter=adapter)[0, -1]))
+            )
+        return tokens
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.config.get("eos_token_id")
+        if eos is None:
+            raise BadInputError("config.json names no eos_token_id", path=self.path,
+                                fix="generate without stop_at_eos")  # fmt: skip
+        return set(eos) if isinstance(eos, list) else {eos}
 
     def _ids(self, values: Sequence | np.ndarray) -> np.ndarray:
         ids = np.atleast_2d(np.asarray(values))
