@@ -9,6 +9,7 @@ refused with one line naming the family or the module.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -200,27 +201,41 @@ def test_seq2seq_options_the_graphs_do_not_take_are_refused(unmerged, made, cach
         compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", options=options)
 
 
-@pytest.mark.parametrize("unmerged", [False, True])
-def test_a_weight_no_node_reads_is_refused_naming_its_module(unmerged, made, cache, tmp_path):
-    """An export whose q_proj weight (anonymous, transposed) reaches its MatMul through an op the
-    patcher does not know (a Cast): no node it understands reads the weight."""
-    base, adapter = made("opt")
+# (family, graph file, the MatMul whose weight goes through a Cast, unmerged, the module refused)
+_OPT_Q = ("/decoder/layers.0/self_attn/q_proj/MatMul", "model.decoder.layers.0.self_attn.q_proj")
+DOCTORED = [
+    ("opt", "model.onnx", _OPT_Q[0], False, _OPT_Q[1]),
+    ("opt", "model.onnx", _OPT_Q[0], True, _OPT_Q[1]),
+    # decoder_model reads it as the patcher expects; the graph of later steps must not keep the base's
+    ("t5", "decoder_with_past_model.onnx", "/decoder/block.1/layer.0/SelfAttention/q/MatMul", False,
+     "decoder.block.1.layer.0.SelfAttention.q"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "graph", "matmul", "unmerged", "module"), DOCTORED)
+def test_a_weight_no_node_reads_is_refused_naming_its_module(
+    family, graph, matmul, unmerged, module, made, cache, tmp_path
+):
+    """An export whose weight (anonymous, transposed) reaches its MatMul through an op the patcher
+    does not know (a Cast): no node it understands reads the weight there."""
+    base, adapter = made(family)
     export_base(Checkpoint(base), "float32", cache)  # cached once for the module
     doctored = tmp_path / "cache"
     shutil.copytree(cache, doctored)
-    for graph_file in doctored.glob("*/model.onnx"):
+    changed = 0
+    for graph_file in doctored.glob(f"*/{graph}"):
         model = onnx.load(graph_file, load_external_data=False)
-        node = next(
-            (n for n in model.graph.node if n.name == "/decoder/layers.0/self_attn/q_proj/MatMul"), None
-        )
+        node = next((n for n in model.graph.node if n.name == matmul), None)
         if node is None:
             continue
         assert node.input[1].startswith("onnx::")  # named by nothing but its use
-        cast = helper.make_node("Cast", [node.input[1]], ["q_weight_cast"], to=onnx.TensorProto.FLOAT)
-        node.input[1] = "q_weight_cast"
+        cast = helper.make_node("Cast", [node.input[1]], ["weight_cast"], to=onnx.TensorProto.FLOAT)
+        node.input[1] = "weight_cast"
         model.graph.node.insert(0, cast)
         onnx.save(model, graph_file)
+        changed += 1
+    assert changed == 1
     options = {"cache_dir": doctored, "unmerged": unmerged}
-    with pytest.raises(UnsupportedError, match=r"model\.decoder\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(UnsupportedError, match=re.escape(f"module {module}: no ")):
         compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", options=options)
     assert not (tmp_path / "out").exists()

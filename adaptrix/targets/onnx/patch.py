@@ -28,9 +28,9 @@ from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.module_pairs import LowRankPair, low_rank_pairs
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value, plan_tensors
 from adaptrix.targets.onnx.external import Filler, external_location, initializer_bytes, read_initializer
-from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
+from adaptrix.targets.onnx.graph import Use, initializer_users, module_of_node, tensor_uses
 
-__all__ = ["base_uses", "merged_patches", "unused_tensor"]
+__all__ = ["base_uses", "matmul_weights", "merged_patches", "unused_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,26 @@ def base_uses(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> dict
     `scope` is the prefix of a graph traced from an inner module (a seq2seq export's encoder
     graph names its nodes `/block.0/...` for `encoder.block.0`): names are looked up in it first.
     """
+    tensor_name = _tensor_names(base, scope)
+
+    def layout_of(module: str) -> Layout | None:
+        tensor = tensor_name(f"{module}.weight")
+        placement = base.binder.resolve(tensor.removesuffix(".weight") if tensor else module)
+        return None if placement is None else placement.module.layout
+
+    return tensor_uses(graph, tensor_name, layout_of)
+
+
+def matmul_weights(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> set[str]:
+    """The weights of the modules a MatMul / Gemm of the graph is named after (whatever it reads)."""
+    tensor_name = _tensor_names(base, scope)
+    names = (tensor_name(f"{module_of_node(node)}.weight") for node in graph.node
+             if node.op_type in ("MatMul", "Gemm"))  # fmt: skip
+    return {name for name in names if name is not None}
+
+
+def _tensor_names(base: Checkpoint, scope: str) -> Callable[[str], str | None]:
+    """A graph name -> the checkpoint's tensor it stands for, or None."""
     known = set(base.tensors) | {base.binder.lm_head_weight}
     by_suffix = _by_suffix(known)
 
@@ -57,12 +77,7 @@ def base_uses(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> dict
     def tensor_name(name: str) -> str | None:
         return (lookup(scope + name) if scope else None) or lookup(name)
 
-    def layout_of(module: str) -> Layout | None:
-        tensor = tensor_name(f"{module}.weight")
-        placement = base.binder.resolve(tensor.removesuffix(".weight") if tensor else module)
-        return None if placement is None else placement.module.layout
-
-    return tensor_uses(graph, tensor_name, layout_of)
+    return tensor_name
 
 
 def _by_suffix(names: set[str]) -> dict[str, set[str]]:
@@ -88,11 +103,14 @@ def merged_patches(
     """{initializer: new value, or a function computing it} with the adapter merged; rewires `model`.
 
     With `patched` (one graph of several), a tensor this graph does not use is left to the others
-    and the names of those it does use are added to `patched`; the caller refuses the rest.
+    and the names of those it does use are added to `patched`; the caller refuses the rest. A
+    tensor whose module's MatMul is in this graph must be found here, or it is refused now: that
+    MatMul reads it in a way the patcher does not understand, and would keep the base's weight.
     """
     graph = model.graph
     items, _ = plan_tensors(ir, base)
     uses = base_uses(base, graph, scope)
+    multiplied = matmul_weights(base, graph, scope) if patched is not None else set()
     users = initializer_users(graph)
     initializers = {init.name: init for init in graph.initializer}
     pairs = {f"{p.placement.name}.weight": p for p in low_rank_pairs(ir, base, torch.float32, strict=False)}
@@ -100,8 +118,8 @@ def merged_patches(
     taken = _graph_names(graph)
     for item in (item for item in items if item.touched):
         found = uses.get(item.name)
-        if not found and patched is not None:
-            continue
+        if not found and patched is not None and item.name not in multiplied:
+            continue  # another graph of the export reads it (the caller refuses a tensor none reads)
         if not found:
             raise unused_tensor(item.name, base)
         if patched is not None:
@@ -124,8 +142,8 @@ def unused_tensor(name: str, base: Checkpoint) -> UnsupportedError:
     """The refusal for a tensor the adapter changes that no node of the exported graphs reads."""
     module = name.rpartition(".")[0]
     return UnsupportedError(
-        f"module {module} ({base.config.get('model_type')}): no node of the exported ONNX graph "
-        f"reads its tensor {name}, so the adapter cannot be merged into it",
+        f"module {module}: no node of the exported {base.config.get('model_type')} ONNX graph reads "
+        f"its tensor {name} as the patcher expects, so the adapter cannot be merged into it",
         path=base.path,
         fix="use --target merged or hooks for this model",
     )
