@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -27,7 +28,7 @@ from adaptrix.api.parity import parity
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.runtimes.onnx.session import open_onnx
-from adaptrix.targets.onnx.export import export_base
+from adaptrix.targets.onnx.export import export_base, task_of
 
 TOLERANCE = 1e-4  # the bound for float32 logits
 V = 128
@@ -182,6 +183,29 @@ def test_parity_compares_seq2seq_onnx(made, cache, monkeypatch):
     report = parity(adapter, base, ["merged", "hooks", "onnx-cpu"])
     assert report.ok, report.as_json()
     assert [row.target for row in report.backends] == ["merged", "hooks", "onnx-cpu"]
+
+
+TASKS = [
+    (["LlamaForCausalLM"], False, "text-generation-with-past"),
+    (["GPT2LMHeadModel"], False, "text-generation-with-past"),
+    (["T5ForConditionalGeneration"], True, "text2text-generation-with-past"),
+    (["MarianMTModel"], True, "text2text-generation-with-past"),
+    (["RobertaForMaskedLM"], False, "fill-mask"),
+    (["DebertaV2ForSequenceClassification"], False, "text-classification"),
+    (["ModernBertModel"], False, "feature-extraction"),
+]
+
+
+@pytest.mark.parametrize(("architectures", "encoder_decoder", "task"), TASKS)
+def test_each_kind_of_base_gets_its_export_task(architectures, encoder_decoder, task, tmp_path):
+    config = {"architectures": architectures, "is_encoder_decoder": encoder_decoder}
+    assert task_of(SimpleNamespace(config=config, path=tmp_path)) == task
+
+
+def test_a_bare_encoder_decoder_has_no_export_task(tmp_path):
+    config = {"architectures": ["T5Model"], "is_encoder_decoder": True}
+    with pytest.raises(UnsupportedError, match="no ONNX export task"):
+        task_of(SimpleNamespace(config=config, path=tmp_path))
 
 
 def test_a_family_optimum_cannot_export_is_refused_in_one_line(made, cache, tmp_path):

@@ -31,7 +31,7 @@ def task_of(base: Checkpoint) -> str:
     for arch in architectures:
         if arch.endswith(("ForCausalLM", "LMHeadModel")) and not encoder_decoder:
             return CAUSAL_TASK
-        if arch.endswith("ForConditionalGeneration") and encoder_decoder:
+        if encoder_decoder and (arch.endswith("ForConditionalGeneration") or arch in _seq2seq_classes()):
             return SEQ2SEQ_TASK
         if arch.endswith("ForMaskedLM") and not encoder_decoder:
             return "fill-mask"
@@ -45,6 +45,14 @@ def task_of(base: Checkpoint) -> str:
         fix="use a *ForCausalLM, *ForConditionalGeneration (encoder-decoder), *ForMaskedLM, "
         "*ForSequenceClassification or bare encoder base, or --target merged / hooks",
     )
+
+
+def _seq2seq_classes() -> set[str]:
+    """The seq2seq LM classes transformers' auto mapping names (MarianMTModel among them)."""
+    from transformers.models.auto import modeling_auto
+
+    names = modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    return {cls for value in names.values() for cls in ([value] if isinstance(value, str) else value)}
 
 
 def check_exportable(base: Checkpoint, task: str) -> None:
