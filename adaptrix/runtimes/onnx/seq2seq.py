@@ -35,6 +35,9 @@ def open_seq2seq(path: Path, manifest: dict, options: ort.SessionOptions, provid
             sessions.append(ort.InferenceSession(str(path / name), options, providers=[provider]))
         except _ORT_FAILURES as exc:
             raise BadInputError(f"onnxruntime cannot load it: {_first_line(exc)}", path=path / name) from None
+        if provider not in sessions[-1].get_providers():
+            raise BadInputError(f"onnxruntime did not start {provider} for this model", path=path / name,
+                                fix="check that the libraries the provider needs are installed")  # fmt: skip
     return Seq2SeqArtifact(path, manifest, *sessions)
 
 
