@@ -1,4 +1,4 @@
-"""onnx-cpu on families without a role table (issue 25, items 4 and 5): PEFT's numbers, or a refusal.
+"""onnx-cpu on the families issue 25 adds (items 4, 5), with or without a role table: PEFT, or a refusal.
 
 Each base is a tiny seeded model with a PEFT LoRA on `target_modules="all-linear"`; its export is
 cached in one folder shared by the module. Merged and unmerged logits must equal PEFT's forward;
@@ -58,8 +58,15 @@ BUILDS = {
                                  bos_token_id=0, eos_token_id=2, decoder_start_token_id=2),
              tf.BartForConditionalGeneration),
     "mixtral": (tf.MixtralConfig, dict(_DEC, num_local_experts=2), tf.MixtralForCausalLM),
+    "gpt_neo": (tf.GPTNeoConfig, dict(hidden_size=32, num_layers=2, num_heads=4, vocab_size=V,
+                                      max_position_embeddings=64, attention_types=[[["global", "local"], 1]],
+                                      window_size=8), tf.GPTNeoForCausalLM),
+    "codegen": (tf.CodeGenConfig, dict(_GPT2, rotary_dim=4), tf.CodeGenForCausalLM),
+    "electra": (tf.ElectraConfig, dict(_ENC, embedding_size=32), tf.ElectraForMaskedLM),
 }  # fmt: skip
-FLAT = ["opt", "bloom", "gptj", "gpt_bigcode", "falcon", "gemma2", "qwen3", "roberta", "deberta-v2"]
+# with role tables (fused splits: bloom, falcon, gpt_bigcode), and without (gpt_neo, codegen, electra)
+FLAT = ["opt", "bloom", "gptj", "gpt_bigcode", "falcon", "gemma2", "qwen3", "roberta", "deberta-v2",
+        "gpt_neo", "codegen", "electra"]  # fmt: skip
 SEQ2SEQ = ["t5", "bart"]
 IDS = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(2))
 
@@ -132,15 +139,15 @@ def _assert_peft(family: str, base: Path, adapter: Path, got: torch.Tensor) -> N
 @pytest.mark.parametrize("family", FLAT)
 def test_merged_onnx_equals_peft(family, made, cache, tmp_path):
     base, adapter = made(family)
-    compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", options={"cache_dir": cache})
+    compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", cache_dir=cache)
     _assert_peft(family, base, adapter, _onnx_logits(tmp_path / "out"))
 
 
-@pytest.mark.parametrize("family", ["opt", "bloom", "deberta-v2"])
+@pytest.mark.parametrize("family", ["opt", "bloom", "deberta-v2", "codegen"])
 def test_unmerged_onnx_equals_peft(family, made, cache, tmp_path):
     base, adapter = made(family)
     out = tmp_path / "out"
-    compile_adapter([adapter], base, "onnx-cpu", out, options={"cache_dir": cache, "unmerged": True})
+    compile_adapter([adapter], base, "onnx-cpu", out, cache_dir=cache, unmerged=True)
     _assert_peft(family, base, adapter, _onnx_logits(out, out / "adapters" / "adapter.onnx_adapter"))
 
 
@@ -149,7 +156,7 @@ def test_seq2seq_onnx_generates_as_peft(family, made, cache, tmp_path):
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
     base, adapter = made(family)
-    out = compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", options={"cache_dir": cache}).out
+    out = compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", cache_dir=cache).out
     assert {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"} <= {
         f.name for f in out.iterdir()
     }
@@ -211,7 +218,7 @@ def test_a_bare_encoder_decoder_has_no_export_task(tmp_path):
 def test_a_family_optimum_cannot_export_is_refused_in_one_line(made, cache, tmp_path):
     base, adapter = made("mixtral")
     with pytest.raises(UnsupportedError) as caught:
-        compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", options={"cache_dir": cache})
+        compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", cache_dir=cache)
     message = str(caught.value)
     assert "mixtral" in message and "--target merged" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
@@ -222,7 +229,7 @@ def test_seq2seq_options_the_graphs_do_not_take_are_refused(unmerged, made, cach
     base, adapter = made("t5")
     options = {"cache_dir": cache, "unmerged": True} if unmerged else {"cache_dir": cache, "quantize": "int8"}
     with pytest.raises(UnsupportedError, match="encoder-decoder"):
-        compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", options=options)
+        compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", **options)
 
 
 # (family, graph file, the MatMul whose weight goes through a Cast, unmerged, the module refused)
@@ -261,5 +268,5 @@ def test_a_weight_no_node_reads_is_refused_naming_its_module(
     assert changed == 1
     options = {"cache_dir": doctored, "unmerged": unmerged}
     with pytest.raises(UnsupportedError, match=re.escape(f"module {module}: no ")):
-        compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", options=options)
+        compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
