@@ -270,3 +270,14 @@ def test_a_weight_no_node_reads_is_refused_naming_its_module(
     with pytest.raises(UnsupportedError, match=re.escape(f"module {module}: no ")):
         compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_module_called_twice_is_patched_at_each_call(cache, tmp_path):
+    """ALBERT shares one layer across its depth: the tracer names the second call's nodes `query_1`,
+    `ffn_1`, ..., and the exporter gives them their own copies of the weights; each is merged."""
+    from coverage_sweep import build_reference
+
+    ref = build_reference("albert", "masked", tmp_path / "albert")
+    out = compile_adapter([ref.adapter], ref.base, "onnx-cpu", tmp_path / "out", cache_dir=cache).out
+    got = open_onnx(out).logits(ref.inputs["input_ids"].numpy())
+    assert np.abs(got - ref.logits.numpy()).max() <= TOLERANCE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -51,12 +52,14 @@ def base_uses(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> dict
     return tensor_uses(graph, tensor_name, layout_of)
 
 
-def matmul_weights(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> set[str]:
-    """The weights of the modules a MatMul / Gemm of the graph is named after (whatever it reads)."""
+def matmul_weights(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> dict[str, set[int]]:
+    """{weight: the positions of the MatMul / Gemm nodes named after its module}, whatever they read."""
     tensor_name = _tensor_names(base, scope)
-    names = (tensor_name(f"{module_of_node(node)}.weight") for node in graph.node
-             if node.op_type in ("MatMul", "Gemm"))  # fmt: skip
-    return {name for name in names if name is not None}
+    found: dict[str, set[int]] = defaultdict(set)
+    for position, node in enumerate(graph.node):
+        if node.op_type in ("MatMul", "Gemm") and (name := tensor_name(f"{module_of_node(node)}.weight")):
+            found[name].add(position)
+    return found
 
 
 def _tensor_names(base: Checkpoint, scope: str) -> Callable[[str], str | None]:
@@ -75,9 +78,16 @@ def _tensor_names(base: Checkpoint, scope: str) -> Callable[[str], str | None]:
         return next(iter(found)) if len(found) == 1 else None
 
     def tensor_name(name: str) -> str | None:
-        return (lookup(scope + name) if scope else None) or lookup(name)
+        found = (lookup(scope + name) if scope else None) or lookup(name)
+        if found is None and _CALL_SUFFIX.search(name):  # a module called again (ALBERT's shared layer)
+            return tensor_name(_CALL_SUFFIX.sub("", name))
+        return found
 
     return tensor_name
+
+
+# The tracer names the nodes of a module's second and later calls `query_1`, `query_2`, ...
+_CALL_SUFFIX = re.compile(r"_\d+(?=\.|$)")
 
 
 def _by_suffix(names: set[str]) -> dict[str, set[str]]:
@@ -103,22 +113,25 @@ def merged_patches(
     """{initializer: new value, or a function computing it} with the adapter merged; rewires `model`.
 
     With `patched` (one graph of several), a tensor this graph does not use is left to the others
-    and the names of those it does use are added to `patched`; the caller refuses the rest. A
-    tensor whose module's MatMul is in this graph must be found here, or it is refused now: that
-    MatMul reads it in a way the patcher does not understand, and would keep the base's weight.
+    and the names of those it does use are added to `patched`; the caller refuses the rest.
+    Every MatMul / Gemm named after a changed module (each call of it: `query`, `query_1`) must
+    read the tensor where the patcher finds it, or the module is refused: that MatMul would keep
+    the base's weight.
     """
     graph = model.graph
     items, _ = plan_tensors(ir, base)
     uses = base_uses(base, graph, scope)
-    multiplied = matmul_weights(base, graph, scope) if patched is not None else set()
+    multiplied = matmul_weights(base, graph, scope)
     users = initializer_users(graph)
     initializers = {init.name: init for init in graph.initializer}
     pairs = {f"{p.placement.name}.weight": p for p in low_rank_pairs(ir, base, torch.float32, strict=False)}
     values: dict[str, np.ndarray] = {}
     taken = _graph_names(graph)
     for item in (item for item in items if item.touched):
-        found = uses.get(item.name)
-        if not found and patched is not None and item.name not in multiplied:
+        found = uses.get(item.name, [])
+        if multiplied.get(item.name, set()) - {use.node for use in found}:
+            raise unused_tensor(item.name, base)  # a MatMul of its module reads something else
+        if not found and patched is not None:
             continue  # another graph of the export reads it (the caller refuses a tensor none reads)
         if not found:
             raise unused_tensor(item.name, base)
