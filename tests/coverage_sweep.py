@@ -134,11 +134,15 @@ def _onnx_logits(ref: Reference, out: Path) -> torch.Tensor:
     model.onnx with an empty cache (optimum's ORTModelForCausalLM sizes phi3's cache from the wrong heads).
     """
     ids = ref.inputs["input_ids"]
-    if ref.mapping == "seq2seq":
+    if (out / "encoder_model.onnx").is_file():  # optimum's seq2seq graphs (bart's masked-LM class too)
         from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
         model = ORTModelForSeq2SeqLM.from_pretrained(out)
-        return logits_of(model, dict(ref.inputs, attention_mask=torch.ones_like(ids)))
+        inputs = dict(ref.inputs, attention_mask=torch.ones_like(ids))
+        if "decoder_input_ids" not in inputs:  # what BART's forward does without them: ids shifted right
+            prepare = load_base(ref.mapping, ref.base).prepare_decoder_input_ids_from_labels
+            inputs["decoder_input_ids"] = prepare(labels=ids)
+        return logits_of(model, inputs)
     import numpy as np
     import onnxruntime as ort
 

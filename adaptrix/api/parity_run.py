@@ -118,6 +118,7 @@ def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torc
 
 
 def _run_onnx(target: str, path: Path, manifest: dict, feeds: dict[str, torch.Tensor]) -> Run:
+    from adaptrix.runtimes.onnx.seq2seq import SEQ2SEQ_TASK
     from adaptrix.runtimes.onnx.session import open_onnx
 
     artifact = open_onnx(path, provider="cuda" if target == "onnx-cuda" else "cpu")
@@ -133,5 +134,8 @@ def _run_onnx(target: str, path: Path, manifest: dict, feeds: dict[str, torch.Te
             filter(None, [note, f"{quantize} quantized: reported, judged only with --tolerance"])
         )
     ids, mask = feeds["input_ids"].numpy(), feeds["attention_mask"].numpy()
-    values = torch.from_numpy(artifact.logits(ids, mask, adapter=adapter)).float()
+    extra = {}
+    if artifact.task == SEQ2SEQ_TASK:  # the decoder reads the ids too, as calibration's forward has it
+        extra["decoder_input_ids"] = feeds.get("decoder_input_ids", feeds["input_ids"]).numpy()
+    values = torch.from_numpy(artifact.logits(ids, mask, adapter=adapter, **extra)).float()
     return values, str(manifest.get("dtype", "float32")), bool(quantize), note

@@ -26,6 +26,8 @@ __all__ = [
 
 _COMPILE_FIX = "compile one with `adaptrix compile ADAPTER --base BASE --target onnx-cpu -o OUT`"
 _TAMPERED = "the artifact was edited or damaged; compile it again"
+_SEQ2SEQ_TASK = "text2text-generation-with-past"  # optimum's three graphs in place of model.onnx
+_SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
 _CONFIG_INTS = ("vocab_size", "max_position_embeddings", "n_positions")
 
 
@@ -46,9 +48,10 @@ def read_manifest(path: Path) -> dict:
         shown = target if isinstance(target, str | None) else type(target).__name__
         raise BadInputError(f"target {shown!r:.40} is not an ONNX target ({' or '.join(ONNX_TARGETS)})",
                             path=file, fix=_COMPILE_FIX)  # fmt: skip
-    if not (path / MODEL_NAME).is_file():
-        raise BadInputError(f"{MODEL_NAME} is missing", path=path, fix="compile the artifact again")
     section = manifest["onnx"]
+    for name in _SEQ2SEQ_FILES if section.get("task") == _SEQ2SEQ_TASK else (MODEL_NAME,):
+        if not (path / name).is_file():
+            raise BadInputError(f"{name} is missing", path=path, fix="compile the artifact again")
     if not isinstance(section.get("task", ""), str):
         _refuse(file, "onnx.task", f"expected a task name, found {section['task']!r:.40}")
     outputs = section.get("outputs")

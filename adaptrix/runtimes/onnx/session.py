@@ -21,6 +21,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from adaptrix.ir.errors import BadInputError
 from adaptrix.runtimes.onnx.adapter import adapter_file, check_adapter_file, dtype_name
 from adaptrix.runtimes.onnx.files import MANIFEST_NAME, MODEL_NAME, read_manifest, read_side_json
+from adaptrix.runtimes.onnx.seq2seq import SEQ2SEQ_TASK, Seq2SeqArtifact, open_seq2seq
 
 __all__ = ["DECODER_TASK", "OnnxArtifact", "open_onnx"]
 
@@ -38,7 +39,9 @@ Adapter = str | Path | ort.LoraAdapter | None
 Past = dict[str, np.ndarray]
 
 
-def open_onnx(path: Path | str, provider: str = "cpu", threads: int | None = None) -> OnnxArtifact:
+def open_onnx(
+    path: Path | str, provider: str = "cpu", threads: int | None = None
+) -> OnnxArtifact | Seq2SeqArtifact:
     """Open an ONNX artifact directory for inference on `provider` ("cpu" or "cuda")."""
     path = Path(path)
     manifest = read_manifest(path)
@@ -55,6 +58,8 @@ def open_onnx(path: Path | str, provider: str = "cpu", threads: int | None = Non
     options.log_severity_level = 3  # LoRA inputs are graph inputs with initializers: a harmless warning
     if threads is not None:
         options.intra_op_num_threads = threads
+    if manifest["onnx"].get("task") == SEQ2SEQ_TASK:  # encoder and decoder graphs
+        return open_seq2seq(path, manifest, options, _PROVIDERS[provider])
     model = path / MODEL_NAME
     try:
         session = ort.InferenceSession(str(model), options, providers=[_PROVIDERS[provider]])

@@ -41,6 +41,8 @@ from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_ada
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
 from adaptrix.targets.onnx.quantize import quantize_weights
 from adaptrix.targets.onnx.quantize_schemes import BLOCKED_SCHEMES, DEFAULT_BLOCK_SIZE, check_quantize
+from adaptrix.targets.onnx.seq2seq import refuse_seq2seq_options, write_seq2seq_graphs
+from adaptrix.targets.onnx.tasks import SEQ2SEQ_TASK, task_of
 from adaptrix.targets.written import Written
 
 __all__ = ["write_onnx"]
@@ -96,6 +98,10 @@ def write_onnx(
         raise UnsupportedError("--calibration measures the merged model with LoRA ops only, not bottlenecks",
                                fix="leave out --calibration (round-to-nearest blocks)")  # fmt: skip
     dtype = dtype or torch.float32
+    seq2seq = task_of(base) == SEQ2SEQ_TASK
+    if seq2seq:
+        refuse_seq2seq_options(unmerged=unmerged, quantize=quantize, calibration=calibration,
+                               bottlenecks=bool(bottlenecks))  # fmt: skip
     # What the adapters can be refused for is checked before the (slow, noisy) first export.
     # LoHa / LoKr stay unmerged as their exact low-rank forms: ordinary LoRA pairs; IA3 as vectors.
     pairs = [(name, low_rank_pairs(factored_as_low_rank(adapter), base, dtype, keep_scales=True))
@@ -103,6 +109,8 @@ def write_onnx(
     scales = [(name, module_scales(adapter, base)) for name, adapter in adapters] if unmerged else []
     phase("exporting the base to ONNX (first compile for this base)")  # a cached export: a moment
     export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
+    if seq2seq:
+        return _write_seq2seq(ir, base, export, out, dtype, phase)
     model = onnx.load(export.model, load_external_data=False)
     fused = None
     if target == "onnx-cpu" and export.task == "text-generation-with-past":
@@ -155,6 +163,15 @@ def write_onnx(
     section["inputs"] = [value.name for value in model.graph.input if value.name not in _lora_names(section)]
     section["outputs"] = [value.name for value in model.graph.output]
     check_loads(out / MODEL_NAME)  # last: a graph onnxruntime refuses is never renamed into place
+    return Written(files, {"onnx": section}, digests)
+
+
+def _write_seq2seq(ir, base: Checkpoint, export: BaseExport, out: Path, dtype, phase) -> Written:
+    """The merged adapter in each of optimum's seq2seq graphs, and the base's side files."""
+    phase("merging the adapter into the encoder and decoder graphs")
+    files, digests, section = write_seq2seq_graphs(ir, base, export, out)
+    files += copy_side_files(base, out, dtype, plan_tensors(ir, base)[1])
+    section = {"task": export.task, "base_export": export.key, "quantize": None, **section}
     return Written(files, {"onnx": section}, digests)
 
 

@@ -3,6 +3,8 @@
 The cache key is the sha256 of the base's weight and config files, the ONNX dtype, the export
 task and the versions of the exporting libraries. A cached export holds `model.onnx` with every
 weight in `model.onnx_data`, unquantized; each compile for the same base patches a copy of it.
+A seq2seq export holds optimum's three graphs instead (`encoder_model`, `decoder_model`,
+`decoder_with_past_model`, each `.onnx` with its own `.onnx_data`), as ORTModelForSeq2SeqLM loads them.
 """
 
 from __future__ import annotations
@@ -26,14 +28,41 @@ from adaptrix.io.output import atomic_entry
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.targets.onnx.export_outputs import export_kwargs
 from adaptrix.targets.onnx.float16 import to_float16
+from adaptrix.targets.onnx.tasks import SEQ2SEQ_TASK, check_exportable, task_of
 
-__all__ = ["DATA_NAME", "EXPORT_FORMAT", "MODEL_NAME", "BaseExport", "cache_root", "export_base", "task_of"]
+__all__ = [
+    "DATA_NAME",
+    "EXPORT_FORMAT",
+    "MODEL_NAME",
+    "SEQ2SEQ_GRAPHS",
+    "BaseExport",
+    "cache_root",
+    "data_name",
+    "export_base",
+    "model_name",
+    "task_of",
+]
 
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 4  # bump when the cached layout or the graph rewrites change
 _DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
+_PLAIN_GRAPHS = ("model",)
+_EXPORT_FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+                    NotImplementedError)  # fmt: skip
+# optimum's seq2seq graphs, unmerged (its merged decoder holds both decoders in If subgraphs)
+SEQ2SEQ_GRAPHS = ("encoder_model", "decoder_model", "decoder_with_past_model")
+
+
+def model_name(graph: str) -> str:
+    """The file of graph `graph` ("model" -> model.onnx)."""
+    return MODEL_NAME if graph == "model" else f"{graph}.onnx"
+
+
+def data_name(graph: str) -> str:
+    """The external weights file of graph `graph` ("model" -> model.onnx_data)."""
+    return DATA_NAME if graph == "model" else f"{graph}.onnx_data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +75,19 @@ class BaseExport:
     dtype: str
 
     @property
+    def graphs(self) -> tuple[str, ...]:
+        """The export's graphs: ("model",), or optimum's three seq2seq graphs."""
+        return SEQ2SEQ_GRAPHS if self.task == SEQ2SEQ_TASK else _PLAIN_GRAPHS
+
+    @property
     def model(self) -> Path:
-        """The cached graph."""
-        return self.path / MODEL_NAME
+        """The cached graph (a seq2seq export's first: its encoder)."""
+        return self.path / model_name(self.graphs[0])
 
     @property
     def data(self) -> Path:
         """The cached graph's weights."""
-        return self.path / DATA_NAME
+        return self.path / data_name(self.graphs[0])
 
 
 def cache_root(cache_dir: Path | str | None = None) -> Path:
@@ -64,23 +98,6 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
         return Path(os.environ["ADAPTRIX_CACHE_DIR"])
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "adaptrix" / "onnx"
-
-
-def task_of(base: Checkpoint) -> str:
-    """Optimum's export task for the base's architecture (decoders keep their KV cache)."""
-    architectures = [str(a) for a in base.config.get("architectures") or []]
-    for arch in architectures:
-        if arch.endswith(("ForCausalLM", "LMHeadModel")):
-            return "text-generation-with-past"
-        if arch.endswith("ForSequenceClassification"):
-            return "text-classification"
-        if arch in ("BertModel", "RobertaModel"):
-            return "feature-extraction"
-    raise UnsupportedError(
-        f"architectures {architectures} have no ONNX export task here",
-        path=base.path / "config.json",
-        fix="use a *ForCausalLM, *ForSequenceClassification or BertModel/RobertaModel base",
-    )
 
 
 def export_key(base: Checkpoint, dtype: str, task: str) -> str:
@@ -108,9 +125,11 @@ def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = Non
     key = export_key(base, dtype, task)
     root = cache_root(cache_dir)
     entry = root / key[:32]
-    if (entry / MODEL_NAME).is_file() and (entry / "export.json").is_file():
+    cached = BaseExport(entry, key, task, dtype)
+    if all((entry / model_name(g)).is_file() for g in cached.graphs) and (entry / "export.json").is_file():
         logger.info("using the cached ONNX export %s", entry)
-        return BaseExport(entry, key, task, dtype)
+        return cached
+    check_exportable(base, task)  # a family optimum cannot export: one line, before its long error
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -159,6 +178,8 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
     kwargs = export_kwargs(base, task)  # the plain transformers export; BERT's pooler output
     if task == "text-classification":
         kwargs["pad_token_id"] = base.config.get("pad_token_id") or 0
+    if task == SEQ2SEQ_TASK:
+        kwargs["no_post_process"] = True  # the two decoders as separate graphs, no If subgraphs
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' deprecation notes are not the user's concern here
     try:
@@ -166,12 +187,21 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
             warnings.simplefilter("ignore")
             main_export(str(base.path), raw, task=task, device="cpu", dtype="fp32", local_files_only=True,
                         do_validation=False, trust_remote_code=False, **kwargs)  # fmt: skip
+    except _EXPORT_FAILURES as exc:  # optimum's or torch's tracer's: the family's export is not supported
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise UnsupportedError(
+            f"optimum's ONNX export of this {base.config.get('model_type')} base failed "
+            f"({type(exc).__name__}: {lines[0][:200]})",
+            path=base.path,
+            fix="use --target merged or --target hooks for this base",
+        ) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if dtype == "float16":
-        model = _to_float16(raw / MODEL_NAME)
-    else:
-        model = onnx.load(raw / MODEL_NAME, load_external_data=True)
-    onnx.save_model(model, into / MODEL_NAME, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=DATA_NAME, size_threshold=1024)  # fmt: skip
+    for graph in SEQ2SEQ_GRAPHS if task == SEQ2SEQ_TASK else _PLAIN_GRAPHS:
+        if dtype == "float16":
+            model = _to_float16(raw / model_name(graph))
+        else:
+            model = onnx.load(raw / model_name(graph), load_external_data=True)
+        onnx.save_model(model, into / model_name(graph), save_as_external_data=True, size_threshold=1024,
+                        all_tensors_to_one_file=True, location=data_name(graph))  # fmt: skip
     shutil.rmtree(raw)

@@ -67,6 +67,7 @@ def write_model(
     out: Path,
     data_name: str,
     progress: Callable[[int], None] | None = None,
+    model_name: str = MODEL_NAME,
 ) -> str:
     """Write `model` into `out`: initializers in `values` get new data, the rest keep `source`'s.
 
@@ -96,7 +97,7 @@ def write_model(
             if progress:
                 progress(length)
         digest = writer.close()
-    with (out / MODEL_NAME).open("wb") as handle:
+    with (out / model_name).open("wb") as handle:
         handle.write(model.SerializeToString())
     return digest
 

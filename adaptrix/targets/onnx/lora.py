@@ -100,8 +100,8 @@ def module_matmul(graph: onnx.GraphProto, uses: dict[str, list[Use]], name: str,
     use = next((u for u in uses.get(weight, ()) if u.index == 1
                 and graph.node[u.node].op_type in ("MatMul", "Gemm")), None)  # fmt: skip
     if use is None:
-        raise UnsupportedError(f"{name}: the exported graph has no MatMul for this module",
-                               fix="compile without --unmerged")  # fmt: skip
+        raise UnsupportedError(f"module {name}: no MatMul of the exported ONNX graph reads {weight}",
+                               fix="compile without --unmerged, or use --target hooks")  # fmt: skip
     if any(a.name == "transA" and a.i for a in graph.node[use.node].attribute):
         raise UnsupportedError(f"{name}: its Gemm transposes its input", fix="compile without --unmerged")
     return use

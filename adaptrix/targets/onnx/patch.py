@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -27,29 +28,76 @@ from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.module_pairs import LowRankPair, low_rank_pairs
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value, plan_tensors
-from adaptrix.targets.onnx.external import Filler, initializer_bytes, read_initializer
-from adaptrix.targets.onnx.graph import Use, initializer_users, tensor_uses
+from adaptrix.targets.onnx.external import Filler, external_location, initializer_bytes, read_initializer
+from adaptrix.targets.onnx.graph import Use, initializer_users, module_of_node, tensor_uses
 
-__all__ = ["base_uses", "merged_patches"]
+__all__ = ["base_uses", "matmul_weights", "merged_patches", "unused_tensor"]
 
 logger = logging.getLogger(__name__)
 
 
-def base_uses(base: Checkpoint, graph: onnx.GraphProto) -> dict[str, list[Use]]:
-    """Where each of the base's tensors is used in the exported graph."""
-    known = set(base.tensors) | {base.binder.lm_head_weight}
+def base_uses(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> dict[str, list[Use]]:
+    """Where each of the base's tensors is used in the exported graph.
 
-    def tensor_name(name: str) -> str | None:
-        if name in known:
-            return name
-        rest = name.partition(".")[2]  # a head model's prefix ("bert.") on a bare base
-        return rest if rest in known else None
+    `scope` is the prefix of a graph traced from an inner module (a seq2seq export's encoder
+    graph names its nodes `/block.0/...` for `encoder.block.0`): names are looked up in it first.
+    """
+    tensor_name = _tensor_names(base, scope)
 
     def layout_of(module: str) -> Layout | None:
-        placement = base.binder.resolve(module)
+        tensor = tensor_name(f"{module}.weight")
+        placement = base.binder.resolve(tensor.removesuffix(".weight") if tensor else module)
         return None if placement is None else placement.module.layout
 
     return tensor_uses(graph, tensor_name, layout_of)
+
+
+def matmul_weights(base: Checkpoint, graph: onnx.GraphProto, scope: str = "") -> dict[str, set[int]]:
+    """{weight: the positions of the MatMul / Gemm nodes named after its module}, whatever they read."""
+    tensor_name = _tensor_names(base, scope)
+    found: dict[str, set[int]] = defaultdict(set)
+    for position, node in enumerate(graph.node):
+        if node.op_type in ("MatMul", "Gemm") and (name := tensor_name(f"{module_of_node(node)}.weight")):
+            found[name].add(position)
+    return found
+
+
+def _tensor_names(base: Checkpoint, scope: str) -> Callable[[str], str | None]:
+    """A graph name -> the checkpoint's tensor it stands for, or None."""
+    known = set(base.tensors) | {base.binder.lm_head_weight}
+    by_suffix = _by_suffix(known)
+
+    def lookup(name: str) -> str | None:
+        if name in known:
+            return name
+        rest = name.partition(".")[2]  # a head model's prefix ("bert.") on a bare base
+        if rest in known:
+            return rest
+        # the exporter traced an inner module (OPT's `/decoder/layers.0/...` in `model.decoder`)
+        found = by_suffix.get(name, ())
+        return next(iter(found)) if len(found) == 1 else None
+
+    def tensor_name(name: str) -> str | None:
+        found = (lookup(scope + name) if scope else None) or lookup(name)
+        if found is None and _CALL_SUFFIX.search(name):  # a module called again (ALBERT's shared layer)
+            return tensor_name(_CALL_SUFFIX.sub("", name))
+        return found
+
+    return tensor_name
+
+
+# The tracer names the nodes of a module's second and later calls `query_1`, `query_2`, ...
+_CALL_SUFFIX = re.compile(r"_\d+(?=\.|$)")
+
+
+def _by_suffix(names: set[str]) -> dict[str, set[str]]:
+    """{each proper dotted suffix of a name: the names ending with it}."""
+    found: dict[str, set[str]] = defaultdict(set)
+    for name in names:
+        parts = name.split(".")
+        for start in range(1, len(parts)):
+            found[".".join(parts[start:])].add(name)
+    return found
 
 
 def merged_patches(
@@ -58,24 +106,37 @@ def merged_patches(
     model: onnx.ModelProto,
     folder: Path,
     progress: Callable[[int], None] | None = None,
+    *,
+    patched: set[str] | None = None,
+    scope: str = "",
 ) -> dict[str, np.ndarray]:
-    """{initializer: new value, or a function computing it} with the adapter merged; rewires `model`."""
+    """{initializer: new value, or a function computing it} with the adapter merged; rewires `model`.
+
+    With `patched` (one graph of several), a tensor this graph does not use is left to the others
+    and the names of those it does use are added to `patched`; the caller refuses the rest.
+    Every MatMul / Gemm named after a changed module (each call of it: `query`, `query_1`) must
+    read the tensor where the patcher finds it, or the module is refused: that MatMul would keep
+    the base's weight.
+    """
     graph = model.graph
     items, _ = plan_tensors(ir, base)
-    uses = base_uses(base, graph)
+    uses = base_uses(base, graph, scope)
+    multiplied = matmul_weights(base, graph, scope)
     users = initializer_users(graph)
     initializers = {init.name: init for init in graph.initializer}
     pairs = {f"{p.placement.name}.weight": p for p in low_rank_pairs(ir, base, torch.float32, strict=False)}
     values: dict[str, np.ndarray] = {}
     taken = _graph_names(graph)
     for item in (item for item in items if item.touched):
-        found = uses.get(item.name)
+        found = uses.get(item.name, [])
+        if multiplied.get(item.name, set()) - {use.node for use in found}:
+            raise unused_tensor(item.name, base)  # a MatMul of its module reads something else
+        if not found and patched is not None:
+            continue  # another graph of the export reads it (the caller refuses a tensor none reads)
         if not found:
-            raise UnsupportedError(
-                f"{item.name}: the exported graph has no initializer for it",
-                path=base.path,
-                fix="use --target merged or hooks for this model",
-            )
+            raise unused_tensor(item.name, base)
+        if patched is not None:
+            patched.add(item.name)
         exact = _check_probe(item, base, found, initializers, folder)
         use = found[0]
         if exact and item.name in pairs and _plain_matmul_weight(found, users, graph, initializers):
@@ -90,8 +151,19 @@ def merged_patches(
     return values
 
 
+def unused_tensor(name: str, base: Checkpoint) -> UnsupportedError:
+    """The refusal for a tensor the adapter changes that no node of the exported graphs reads."""
+    module = name.rpartition(".")[0]
+    return UnsupportedError(
+        f"module {module}: no node of the exported {base.config.get('model_type')} ONNX graph reads "
+        f"its tensor {name} as the patcher expects, so the adapter cannot be merged into it",
+        path=base.path,
+        fix="use --target merged or hooks for this model",
+    )
+
+
 def _plain_matmul_weight(found: list[Use], users: dict, graph: onnx.GraphProto, initializers: dict) -> bool:
-    """One use, as a float32 MatMul / Gemm (no transB) weight read straight from its own initializer."""
+    """One use, as a float32 MatMul / Gemm (no transB) weight read from its own external initializer."""
     if len(found) != 1:
         return False
     use = found[0]
@@ -103,6 +175,7 @@ def _plain_matmul_weight(found: list[Use], users: dict, graph: onnx.GraphProto, 
         and use.stored_transposed == use.input_transposed
         and users.get(use.initializer) == 1
         and initializers[use.initializer].data_type == onnx.TensorProto.FLOAT
+        and external_location(initializers[use.initializer]) is not None  # a small one stays in the graph
     )
 
 
