@@ -44,6 +44,10 @@ FAMILIES = {
     "xglm": (tf.XGLMConfig, tf.XGLMForCausalLM,  # a family without a role table
              dict(d_model=32, ffn_dim=64, num_layers=2, attention_heads=4, vocab_size=128,
                   max_position_embeddings=64)),
+    "bart-decoder": (tf.BartConfig, tf.BartForCausalLM,  # a decoder alone: BART's table has two stacks
+                     dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                          decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          vocab_size=128, max_position_embeddings=64)),
     "opt": (tf.OPTConfig, tf.OPTForCausalLM,
             dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
                  word_embed_proj_dim=32, max_position_embeddings=64)),
@@ -64,7 +68,7 @@ class Made:
         peft_model.save_pretrained(self.adapter)
         ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
         self.inputs = {"input_ids": ids}
-        if peft_model.config.is_encoder_decoder:
+        if peft_model.config.is_encoder_decoder and "CausalLM" not in model_class.__name__:
             self.inputs["decoder_input_ids"] = ids[:, :5]
         with torch.no_grad():
             self.reference = peft_model(**self.inputs).logits

@@ -253,6 +253,10 @@ def _fix_model() -> str:
 def _binder(config: dict, file: Path, tensors: dict[str, TensorInfo]) -> Binder:
     """The family's table where it places every module with a weight; else widened by the module tree."""
     table = _table(config, file)
+    if table is not None and any(not any(map(stack.match, tensors)) for stack in table.stacks):
+        logger.info("%s: a stack of the %s table holds no layer (a decoder alone): module roles", file,
+                    table.name)  # fmt: skip
+        table = None  # BartForCausalLM: the decoder's layers only
     if table is not None and all(
         table.resolve(name.rpartition(".")[0]) is not None for name in tensors if name.endswith(".weight")
     ):
