@@ -63,10 +63,15 @@ BUILDS = {
                                       window_size=8), tf.GPTNeoForCausalLM),
     "codegen": (tf.CodeGenConfig, dict(_GPT2, rotary_dim=4), tf.CodeGenForCausalLM),
     "electra": (tf.ElectraConfig, dict(_ENC, embedding_size=32), tf.ElectraForMaskedLM),
+    # a decoder alone: its cross-attention, which all-linear adapts, is never run by the graph
+    "bart-decoder": (tf.BartConfig, dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
+                                         encoder_attention_heads=4, decoder_attention_heads=4,
+                                         encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64),
+                     tf.BartForCausalLM),
 }  # fmt: skip
 # with role tables (fused splits: bloom, falcon, gpt_bigcode), and without (gpt_neo, codegen, electra)
 FLAT = ["opt", "bloom", "gptj", "gpt_bigcode", "falcon", "gemma2", "qwen3", "roberta", "deberta-v2",
-        "gpt_neo", "codegen", "electra"]  # fmt: skip
+        "gpt_neo", "codegen", "electra", "bart-decoder"]  # fmt: skip
 SEQ2SEQ = ["t5", "bart"]
 IDS = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(2))
 
@@ -265,7 +270,7 @@ def test_a_weight_no_node_reads_is_refused_naming_its_module(
         model.graph.node.insert(0, cast)
         onnx.save(model, graph_file)
         changed += 1
-    assert changed == 1
+    assert changed >= 1  # other families of the shared cache may have a node of that name too
     options = {"cache_dir": doctored, "unmerged": unmerged}
     with pytest.raises(UnsupportedError, match=re.escape(f"module {module}: no ")):
         compile_adapter([adapter], base, "onnx-cpu", tmp_path / "out", **options)

@@ -28,6 +28,7 @@ from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.module_pairs import LowRankPair, low_rank_pairs
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value, plan_tensors
+from adaptrix.targets.onnx.dead import absent_from_graphs
 from adaptrix.targets.onnx.external import Filler, external_location, initializer_bytes, read_initializer
 from adaptrix.targets.onnx.graph import Use, initializer_users, module_of_node, tensor_uses
 
@@ -133,6 +134,8 @@ def merged_patches(
             raise unused_tensor(item.name, base)  # a MatMul of its module reads something else
         if not found and patched is not None:
             continue  # another graph of the export reads it (the caller refuses a tensor none reads)
+        if not found and absent_from_graphs(item.name, item.source, base, [model], folder):
+            continue  # the graph never runs the module: its delta cannot change the outputs
         if not found:
             raise unused_tensor(item.name, base)
         if patched is not None:

@@ -20,6 +20,7 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.tensor_plan import plan_tensors
+from adaptrix.targets.onnx.dead import absent_from_graphs
 from adaptrix.targets.onnx.export import BaseExport, data_name, model_name
 from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.loads import check_loads
@@ -58,8 +59,9 @@ def write_seq2seq_graphs(
         models[graph] = model
         logger.info("%s: %d tensors patched", graph, len(values[graph]))
     items, _ = plan_tensors(ir, base)
-    for item in items:
-        if item.touched and item.name not in patched:
+    every = list(models.values())
+    for item in (item for item in items if item.touched and item.name not in patched):
+        if not absent_from_graphs(item.name, item.source, base, every, export.path):
             raise unused_tensor(item.name, base)
     files, digests, graphs = [], {}, {}
     for graph, model in models.items():
