@@ -38,6 +38,8 @@ _GPT2 = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=V, n_positions=64)
 _ENC = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             vocab_size=V, max_position_embeddings=64)  # fmt: skip
 # family: (config class, its arguments, model class); none of them has a role table
+pytestmark = pytest.mark.onnx_export  # optimum exports every base here
+
 BUILDS = {
     "opt": (tf.OPTConfig, dict(_ENC, ffn_dim=64, word_embed_proj_dim=32), tf.OPTForCausalLM),
     "bloom": (tf.BloomConfig, dict(hidden_size=32, n_layer=2, n_head=4, vocab_size=V), tf.BloomForCausalLM),
