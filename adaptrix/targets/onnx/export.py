@@ -126,7 +126,7 @@ def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = Non
     root = cache_root(cache_dir)
     entry = root / key[:32]
     cached = BaseExport(entry, key, task, dtype)
-    if all((entry / model_name(g)).is_file() for g in cached.graphs) and (entry / "export.json").is_file():
+    if _complete(cached):
         logger.info("using the cached ONNX export %s", entry)
         return cached
     check_exportable(base, task)  # a family optimum cannot export: one line, before its long error
@@ -136,6 +136,8 @@ def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = Non
         raise BadInputError(f"cannot create the cache directory: {exc.strerror}", path=root,
                             fix="pass --cache-dir with a writable directory") from None  # fmt: skip
     if os.path.lexists(entry):
+        if _complete(cached):  # another process finished the same export since the check above
+            return cached
         raise _in_the_way(entry)
     with atomic_entry(entry) as tmp:  # a killed export leaves nothing: its watcher, or the next export
         _export(base, task, dtype, tmp)
@@ -144,6 +146,12 @@ def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = Non
     if not (entry / "export.json").is_file():
         raise _in_the_way(entry)
     return BaseExport(entry, key, task, dtype)
+
+
+def _complete(export: BaseExport) -> bool:
+    """Whether a cache entry holds every graph of the export and its record."""
+    entry = export.path
+    return all((entry / model_name(g)).is_file() for g in export.graphs) and (entry / "export.json").is_file()
 
 
 def _in_the_way(entry: Path) -> BadInputError:
