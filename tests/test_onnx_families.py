@@ -288,3 +288,19 @@ def test_a_module_called_twice_is_patched_at_each_call(cache, tmp_path):
     out = compile_adapter([ref.adapter], ref.base, "onnx-cpu", tmp_path / "out", cache_dir=cache).out
     got = open_onnx(out).logits(ref.inputs["input_ids"].numpy())
     assert np.abs(got - ref.logits.numpy()).max() <= TOLERANCE
+
+
+def test_an_export_another_process_finished_meanwhile_is_used(made, cache, tmp_path, monkeypatch):
+    """Two compiles of bases with the same weights export at once: the slower one takes the other's."""
+    from adaptrix.targets.onnx import export as exporting
+
+    base, _ = made("opt")
+    done = export_base(Checkpoint(base), "float32", cache)  # what the other process wrote
+    other = tmp_path / "cache"
+
+    def finished_meanwhile(*_args):
+        shutil.copytree(done.path, other / done.path.name)
+
+    monkeypatch.setattr(exporting, "check_exportable", finished_meanwhile)
+    found = export_base(Checkpoint(base), "float32", other)
+    assert found.path == other / done.path.name and (found.path / "export.json").is_file()
