@@ -204,3 +204,25 @@ def test_a_module_role_never_equals_a_semantic_role():
     with pytest.raises(ValueError, match="is not a module name"):
         Site(None, "lm_head")
     assert Site(3, "block_sparse_moe.experts.0.w1").role == "block_sparse_moe.experts.0.w1"
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_a_lora_on_an_encoder_decoders_tied_head_is_refused_by_merged_and_hooked(family, tmp_path):
+    config_class, model_class, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model_class(config_class(**kwargs)).eval().save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    lora = LoraConfig(target_modules=["lm_head", "q", "q_proj"], init_lora_weights=False, r=4, lora_alpha=8)
+    peft_model = get_peft_model(model_class.from_pretrained(tmp_path / "base"), lora).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="the head an encoder-decoder ties to its embeddings"):
+        adaptrix.compile_adapter(tmp_path / "adapter", tmp_path / "base", "merged", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    adaptrix.compile_adapter(tmp_path / "adapter", tmp_path / "base", "hooks", tmp_path / "hooks")
+    model = model_class.from_pretrained(tmp_path / "base").eval()
+    adaptrix.attach(model, tmp_path / "hooks")
+    ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        found = model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    assert (found - expected).abs().max() <= TOLERANCE

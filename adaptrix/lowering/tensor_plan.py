@@ -13,7 +13,7 @@ import torch
 
 from adaptrix.binders.table import Placement
 from adaptrix.io.checkpoint import INDEX_NAME, Checkpoint
-from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import AdapterIR, LazyTensor, Op, Replace, Role, Site
 from adaptrix.lowering.head import HeadLayout, refuse_new_head
 from adaptrix.lowering.merge_math import merge_tensor, op_params, required_params
@@ -112,6 +112,18 @@ def _check_all_used(ir: AdapterIR, used: set, base: Checkpoint) -> None:
     unused = [site for site, op in ir for param in required_params(op) if (site, id(op), param) not in used]
     if unused:
         refuse_new_head(ir, base, unused)  # a head the base has not: only write_merged adds it
+    if (
+        Site(None, Role.LM_HEAD) in unused
+        and base.source.tie_word_embeddings
+        and base.config.get("is_encoder_decoder")
+    ):
+        raise UnsupportedError(
+            "lm_head: the adapter changes the head an encoder-decoder ties to its embeddings, which a "
+            "merged model cannot untie yet (T5 rescales a tied head's input; BART ties its stacks' "
+            "embeddings with it)",
+            path=base.path,
+            fix="use --target hooks, or leave lm_head out of the LoRA",
+        )
     for site, op in ir:
         for param in sorted(required_params(op)):
             if (site, id(op), param) not in used:
