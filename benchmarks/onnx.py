@@ -296,12 +296,12 @@ def print_latency_goals(decode: dict) -> bool:
           f"goal >= {GOAL_DECODE_SPEEDUP:.0f}x")  # fmt: skip
     eager_ref = REFERENCE_MS["PyTorch eager fp32"]
     refs = ", ".join(f"{label} {ref:.1f} ms ({eager_ref / ref:.2f}x)" for label, ref in REFERENCE_MS.items())
-    print(f"  the issue's reference on this machine kind: {refs}")
-    genai = eager_ref / REFERENCE_MS[GENAI]
-    here = decode["eager"]["median_ms"]
-    verdict = "beaten" if speedup > genai else "not beaten"
-    print(f"  {best}: {speedup:.2f}x eager here, against {genai:.2f}x for {GENAI}: {verdict} "
-          f"(eager: {here:.0f} ms here, {eager_ref:.0f} ms there)")  # fmt: skip
+    # A rival is timed in the same run or not compared at all: these figures are another day's.
+    print(f"  for history only, not compared (another day's figures, not measured here): {refs}")
+    print(
+        f"  {GENAI}: not built in this run, so no verdict against it (issue 26 builds and times it "
+        "beside Adaptrix's graph)"
+    )
     return ok
 
 
