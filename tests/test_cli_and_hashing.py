@@ -141,3 +141,23 @@ def test_library_callers_get_the_compiles_process_settings(bases, tmp_path, monk
     monkeypatch.setattr(hashing, "hash_early", lambda files: started.append(list(files)) or real(files))
     compile_adapter(adapter, base, "hooks", tmp_path / "out")
     assert started and {f.name for f in started[0]} >= {"config.json"}
+
+
+def test_inspect_describes_a_compiled_artifact_from_its_manifest(bases, tmp_path):
+    from adaptrix.api.compile import compile_adapter
+
+    base = bases("llama")
+    adapter = make_adapter("llama", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "merged", tmp_path / "merged", passes=["reduce-rank:rank=2"])
+    result = runner.invoke(app, ["inspect", str(tmp_path / "merged"), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["format"] == "merged artifact" and summary["arch"] == "llama" and summary["sites"] > 0
+    assert summary["passes"] == ["reduce-rank"]
+    assert {row["module"] for row in summary["rows"]} >= {"config.json", "model.safetensors"}
+    manifest = tmp_path / "merged" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["outputs"]["../../outside"] = "0" * 64  # a tampered manifest names no file outside
+    manifest.write_text(json.dumps(data))
+    text = runner.invoke(app, ["inspect", str(tmp_path / "merged")])
+    assert text.exit_code == 0 and "outside" not in text.stdout and "merged for a llama base" in text.stdout

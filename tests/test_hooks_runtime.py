@@ -217,5 +217,5 @@ def test_cli_compiles_and_inspects_a_bundle(bases, tmp_path):
     assert (
         runner.invoke(app, ["compile", str(adapter), "--base", str(base), "-o", str(merged)]).exit_code == 0
     )
-    wrong = runner.invoke(app, ["inspect", str(merged)])
-    assert wrong.exit_code == 2 and "not a hooks bundle" in wrong.output
+    other = runner.invoke(app, ["inspect", str(merged)])  # another artifact: what its manifest says
+    assert other.exit_code == 0 and "merged for a phi3 base" in other.stdout

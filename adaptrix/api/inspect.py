@@ -14,6 +14,8 @@ from adaptrix.frontends.peft.adapter import lower_peft
 from adaptrix.frontends.peft.weights import PeftAdapter, read_peft
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hub import resolve_base
+from adaptrix.io.jsonfile import read_json
+from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import (
     LazyTensor,
 )
@@ -29,7 +31,8 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
     if is_onnx_adapter(adapter):
         return inspect_onnx_adapter(adapter)
     if _is_bundle(Path(adapter)):
-        return inspect_bundle(adapter)
+        target = _artifact_target(Path(adapter))
+        return inspect_bundle(adapter) if target == "hooks" else inspect_artifact(adapter)
     if is_air(adapter) and not (Path(adapter) / PEFT_CONFIG_NAME).is_file():
         return inspect_air(adapter, base)
     if is_adapterhub(Path(adapter)):
@@ -145,6 +148,41 @@ def inspect_bundle(path: Path | str) -> dict:
         "roles": sorted({site.rpartition(" ")[2] for row in rows for site in row["sites"]}),
         "parameters": sum(row["parameters"] for row in rows),
         "bytes": sum(row["bytes"] for row in rows),
+        "rows": rows,
+    }
+
+
+def _artifact_target(path: Path) -> str | None:
+    """The target an Adaptrix output's manifest names (None when it names none)."""
+    manifest = read_json(path / MANIFEST_NAME, what="manifest")
+    target = manifest.get("target") if isinstance(manifest, dict) else None
+    return target if isinstance(target, str) else None
+
+
+def inspect_artifact(path: Path | str) -> dict:
+    """Describe a compiled artifact other than a hooks bundle from its manifest: target, sites, files."""
+    path = Path(path)
+    manifest = read_json(path / MANIFEST_NAME, what="manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("target"), str):
+        raise BadInputError("is not an Adaptrix output (its manifest names no target)",
+                            path=path / MANIFEST_NAME,
+                            fix="inspect an adapter, a hooks bundle or a compiled artifact")  # fmt: skip
+    outputs = manifest.get("outputs") if isinstance(manifest.get("outputs"), dict) else {}
+    files = [name for name in outputs if isinstance(name, str) and name and Path(name).name == name]
+    rows = [{"module": name, "op": "file", "bytes": (path / name).stat().st_size
+             if (path / name).is_file() else None} for name in sorted(files)]  # fmt: skip
+    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    return {
+        "adapter": str(path),
+        "format": f"{manifest['target']} artifact",
+        "target": manifest["target"],
+        "dtype": manifest.get("dtype"),
+        "sites": manifest.get("sites"),
+        "arch": source.get("arch"),
+        "passes": [p.get("name") for p in manifest.get("passes") or [] if isinstance(p, dict)],
+        "layers": [],
+        "parameters": 0,
+        "bytes": sum(row["bytes"] or 0 for row in rows),
         "rows": rows,
     }
 

@@ -18,7 +18,8 @@ __all__ = ["archs_command", "inspect_command", "passes_command", "targets_comman
 @app.command("inspect")
 def inspect_command(
     adapter: Annotated[
-        Path, typer.Argument(help="PEFT or AdapterHub adapter directory, AIR file, or a hooks bundle.")
+        Path,
+        typer.Argument(help="PEFT or AdapterHub adapter directory, AIR file, hooks bundle or compiled artifact."),
     ],
     base: Annotated[
         str | None, typer.Option("--base", help="Base model (a directory or a cached hub id): show IR sites.")
@@ -50,6 +51,10 @@ def inspect_command(
         f"{len(summary['rows'])} entries over {len(summary['layers'])} layers; "
         f"{summary['parameters']:,} parameters, {summary['bytes']:,} bytes"
     )
+    if summary.get("target") is not None:  # a compiled artifact: what its manifest says
+        passes = ", ".join(summary["passes"]) or "none"
+        out.print(f"{summary['target']} for a {summary['arch']} base, {summary['dtype']}, {summary['sites']} "
+                  f"sites; passes: {passes}", markup=False, highlight=False)  # fmt: skip
     if summary.get("model_version") is not None:  # an .onnx_adapter: the base export it fits
         out.print(f"model version {summary['model_version']}", markup=False, highlight=False)
 
