@@ -19,7 +19,7 @@ __all__ = ["archs_command", "inspect_command", "passes_command", "targets_comman
 def inspect_command(
     adapter: Annotated[
         Path,
-        typer.Argument(help="PEFT or AdapterHub adapter directory, AIR file, hooks bundle or compiled artifact."),
+        typer.Argument(help="PEFT or AdapterHub adapter, AIR file, hooks bundle or compiled artifact."),
     ],
     base: Annotated[
         str | None, typer.Option("--base", help="Base model (a directory or a cached hub id): show IR sites.")
