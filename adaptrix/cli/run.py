@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -47,15 +46,19 @@ def run_command(
 
     if bool(prompt_ids) == bool(prompt) or (chat and not prompt):
         call(lambda: _refuse_prompts(chat))
+    tokenizer = call(lambda: _tokenizer(artifact)) if prompt else None  # loaded once, for both ways
     if prompt:
-        prompts = call(lambda: _encode(artifact, prompt, chat))
+        prompts = call(lambda: _encode(tokenizer, artifact, prompt, chat))
     else:
         prompts = call(lambda: [_parse_ids(text) for text in prompt_ids or ()])
     model = call(lambda: open_onnx(artifact, provider, threads))
     results = call(lambda: _run_prompts(model, prompts, max_new_tokens, adapter, eos))
-    decode = call(lambda: _tokenizer_decode(artifact)) if model.is_decoder else None
+    if model.is_decoder and not prompt:
+        tokenizer = call(lambda: _tokenizer(artifact))
+    decode = model.is_decoder and tokenizer is not None
     for result in results if decode else ():
-        result["text"] = call(lambda ids=result["generated_ids"]: decode(ids))
+        ids = result["generated_ids"]
+        result["text"] = call(lambda ids=ids: tokenizer.decode(ids, skip_special_tokens=True))
     if as_json:
         out.print_json(json.dumps({"task": model.task, "adapter": adapter, "results": results}))
         return
@@ -90,9 +93,8 @@ def _refuse_prompts(chat: bool) -> None:
     raise BadInputError("give the inputs either as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
 
 
-def _encode(artifact: Path, texts: list[str], chat: bool) -> list[list[int]]:
+def _encode(tokenizer, artifact: Path, texts: list[str], chat: bool) -> list[list[int]]:
     """Each text as token ids of the artifact's own tokenizer (with `chat`, in its chat template)."""
-    tokenizer = _tokenizer(artifact)
     if tokenizer is None:
         raise BadInputError("has no tokenizer transformers can load, so --prompt cannot be tokenized",
                             path=artifact, fix="pass token ids with --prompt-ids")  # fmt: skip
@@ -120,12 +122,6 @@ def _parse_ids(text: str) -> list[int]:
     except ValueError:
         raise BadInputError(f"--prompt-ids {text!r} is not a list of token ids",
                             fix="pass integers separated by commas, e.g. 1,2,3") from None  # fmt: skip
-
-
-def _tokenizer_decode(artifact: Path) -> Callable[[list[int]], str] | None:
-    """The decode of the artifact's tokenizer, when it holds tokenizer files transformers can load."""
-    tokenizer = _tokenizer(artifact)
-    return None if tokenizer is None else (lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def _tokenizer(artifact: Path):
