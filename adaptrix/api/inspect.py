@@ -30,9 +30,11 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
     base = None if base is None else resolve_base(base)
     if is_onnx_adapter(adapter):
         return inspect_onnx_adapter(adapter)
-    if _is_bundle(Path(adapter)):
-        target = _artifact_target(Path(adapter))
-        return inspect_bundle(adapter) if target == "hooks" else inspect_artifact(adapter)
+    if _is_output(Path(adapter)):
+        manifest = read_json(Path(adapter) / MANIFEST_NAME, what="manifest")
+        if isinstance(manifest, dict) and manifest.get("target") == "hooks":
+            return inspect_bundle(adapter)
+        return inspect_artifact(adapter, manifest)
     if is_air(adapter) and not (Path(adapter) / PEFT_CONFIG_NAME).is_file():
         return inspect_air(adapter, base)
     if is_adapterhub(Path(adapter)):
@@ -152,17 +154,14 @@ def inspect_bundle(path: Path | str) -> dict:
     }
 
 
-def _artifact_target(path: Path) -> str | None:
-    """The target an Adaptrix output's manifest names (None when it names none)."""
-    manifest = read_json(path / MANIFEST_NAME, what="manifest")
-    target = manifest.get("target") if isinstance(manifest, dict) else None
-    return target if isinstance(target, str) else None
+def inspect_artifact(path: Path | str, manifest: object = None) -> dict:
+    """Describe a compiled artifact other than a hooks bundle from its manifest: target, sites, files.
 
-
-def inspect_artifact(path: Path | str) -> dict:
-    """Describe a compiled artifact other than a hooks bundle from its manifest: target, sites, files."""
+    `manifest`: its manifest.json as read already (else it is read here).
+    """
     path = Path(path)
-    manifest = read_json(path / MANIFEST_NAME, what="manifest")
+    if manifest is None:
+        manifest = read_json(path / MANIFEST_NAME, what="manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("target"), str):
         raise BadInputError("is not an Adaptrix output (its manifest names no target)",
                             path=path / MANIFEST_NAME,
@@ -187,7 +186,8 @@ def inspect_artifact(path: Path | str) -> dict:
     }
 
 
-def _is_bundle(path: Path) -> bool:
+def _is_output(path: Path) -> bool:
+    """Whether `path` is an Adaptrix output (its manifest.json), not a PEFT adapter directory."""
     manifest = path / MANIFEST_NAME
     return manifest.is_file() and not (path / PEFT_CONFIG_NAME).is_file()
 
