@@ -70,20 +70,10 @@ def _text_families() -> dict[str, str]:
 
 def _onnx(model_type: str) -> str:
     """'yes' where optimum's ONNX exporter knows the family, 'no' where not, or what to install."""
-    exported = _exported_families()
-    if exported is None:
-        return "needs optimum-onnx"
-    return "yes" if {model_type, model_type.replace("_", "-")} & exported else "no"
+    from adaptrix.targets.onnx.tasks import exported_tasks
 
-
-@cache
-def _exported_families() -> frozenset[str] | None:
-    """The model types optimum exports to ONNX (None when optimum's exporter is not installed)."""
     try:
-        import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
-        from optimum.exporters.tasks import TasksManager
+        return "no" if exported_tasks(model_type) is None else "yes"
     except ImportError:
         logger.info("optimum's ONNX exporter is not installed")
-        return None
-    table = TasksManager._SUPPORTED_MODEL_TYPE
-    return frozenset(name for name, exporters in table.items() if "onnx" in exporters)
+        return "needs optimum-onnx"

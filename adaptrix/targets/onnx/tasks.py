@@ -15,7 +15,7 @@ import logging
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 
-__all__ = ["CAUSAL_TASK", "SEQ2SEQ_TASK", "check_exportable", "task_of"]
+__all__ = ["CAUSAL_TASK", "SEQ2SEQ_TASK", "check_exportable", "exported_tasks", "task_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +55,30 @@ def _seq2seq_classes() -> set[str]:
     return {cls for value in names.values() for cls in ([value] if isinstance(value, str) else value)}
 
 
-def check_exportable(base: Checkpoint, task: str) -> None:
-    """Refuse (one line) a family optimum's ONNX exporter has no config for, or not for `task`."""
+def exported_tasks(model_type: str) -> frozenset[str] | None:
+    """The tasks optimum's ONNX exporter has for a family, or None where it has no config for it.
+
+    Raises ImportError where optimum's exporter is not installed.
+    """
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the exporter's families)
     from optimum.exporters.tasks import TasksManager
 
-    family = str(base.config.get("model_type"))
     try:
-        tasks = TasksManager.get_supported_tasks_for_model_type(family, "onnx", library_name="transformers")
+        return frozenset(
+            TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers")
+        )
     except KeyError:
+        return None
+
+
+def check_exportable(base: Checkpoint, task: str) -> None:
+    """Refuse (one line) a family optimum's ONNX exporter has no config for, or not for `task`."""
+    family = str(base.config.get("model_type"))
+    tasks = exported_tasks(family)
+    if tasks is None:
         raise UnsupportedError(
             f"optimum's ONNX exporter does not support the {family} family", path=base.path, fix=_FIX
-        ) from None
+        )
     if task not in tasks:
         raise UnsupportedError(
             f"optimum's ONNX exporter has no {task} export for the {family} family "
