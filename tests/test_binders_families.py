@@ -24,6 +24,7 @@ from builders import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_air import cli
+from test_binders import _randomized
 from test_hooks_parity import check_attach_matches_peft, compile_bundle
 from torch import nn
 from transformers import AttentionInterface
@@ -125,15 +126,6 @@ def dims(draw) -> tuple[int, int, int]:
     heads = draw(st.integers(1, 6))
     kv_heads = draw(st.sampled_from([d for d in range(1, heads + 1) if heads % d == 0]))
     return heads, kv_heads, 2 * draw(st.integers(1, 4))
-
-
-def _randomized(module: nn.Module, seed: int) -> nn.Module:
-    module = module.double()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float64))
-    return module.eval()
 
 
 def _ours(

@@ -21,7 +21,7 @@ import torch
 
 from adaptrix.binders.table import Binder, Layout, Module
 from adaptrix.ir.errors import BadInputError, UnsupportedError
-from adaptrix.ir.values import Role, SourceModel
+from adaptrix.ir.values import ROLE_VALUES, Role, SourceModel
 
 __all__ = ["GENERIC_CONFIG_KEYS", "tree_binder"]
 
@@ -202,7 +202,7 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         layouts[(in_layer, key)] = layout
     for (in_layer, key), layout in layouts.items():
         found = shapes[(in_layer, key)]
-        role = key if key not in {r.value for r in Role} else f"module.{key}"
+        role = key if key not in ROLE_VALUES else f"module.{key}"
         shape = next(iter(found)) if len(found) == 1 else None
         (layer_modules if in_layer else model_modules)[key] = Module((role,), layout, shape=shape)
     aliases = {alias: key for alias, key in aliases.items() if alias not in model_modules}

@@ -20,6 +20,7 @@ from adaptrix.ir.lazy import LazyTensor
 
 __all__ = [
     "GLOBAL_ROLES",
+    "ROLE_VALUES",
     "AdapterIR",
     "Bias",
     "Bottleneck",
@@ -99,7 +100,7 @@ class Site:
     def __post_init__(self) -> None:
         """Check that model-level roles have no layer and layer roles have one."""
         if not isinstance(self.role, Role):
-            if not isinstance(self.role, str) or not self.role or self.role in _ROLE_VALUES:
+            if not isinstance(self.role, str) or not self.role or self.role in ROLE_VALUES:
                 raise ValueError(f"module role {self.role!r} is not a module name")
             return
         if (self.layer is None) != (self.role in GLOBAL_ROLES):
@@ -253,7 +254,7 @@ class AdapterIR:
 
 
 _ROLE_ORDER = {role: i for i, role in enumerate(Role)}
-_ROLE_VALUES = frozenset(role.value for role in Role)
+ROLE_VALUES = frozenset(role.value for role in Role)  # no module role may take one of these names
 
 
 def site_order(site: Site) -> tuple[int, int, str]:
