@@ -29,6 +29,7 @@ __all__ = [
     "TENSORS_FILE",
     "find_module",
     "probe_indices",
+    "renamed",
 ]
 
 # Every artifact
@@ -84,11 +85,18 @@ def _loaded_name(model, name: str) -> str:
     Some classes (Gemma 3n's) load checkpoints under other names; transformers keeps the
     patterns on the class (`_checkpoint_conversion_mapping`, library code, not input).
     """
-    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
-    for pattern, replacement in mapping.items():
-        renamed, count = re.subn(pattern, replacement, name)
+    return renamed(name, (getattr(model, "_checkpoint_conversion_mapping", None) or {}).items())
+
+
+def renamed(name: str, patterns) -> str:
+    """`name` rewritten by the first (regex, replacement) of `patterns` that matches it, else unchanged.
+
+    That is how transformers applies a class's checkpoint conversion mapping.
+    """
+    for pattern, replacement in patterns:
+        new, count = re.subn(pattern, replacement, name)
         if count:
-            return renamed
+            return new
     return name
 
 

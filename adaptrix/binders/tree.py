@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.artifacts import renamed
 from adaptrix.binders.table import Binder, Layout, Module
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import ROLE_VALUES, Role, SourceModel
@@ -48,7 +49,6 @@ _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "
                      "decoder_layers", "num_decoder_layers")  # fmt: skip
 _MAX_LAYERS = 4096  # a config asking for more is refused before anything is built
 _CLASS_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,99}")
-_FIX_TABLE = "add a role table for the family in adaptrix/binders/ (see docs/support.md)"
 
 
 def tree_binder(config: Mapping[str, object], path: Path, table: Binder | None) -> Binder:
@@ -233,15 +233,7 @@ def _saved_names(model):
     """
     mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
     reverse = [(value, re.sub(r"\(.*\)", "", key.lstrip("^"))) for key, value in mapping.items()]
-
-    def saved(name: str) -> str:
-        for pattern, replacement in reverse:
-            renamed, count = re.subn(pattern, replacement, name)
-            if count:
-                return renamed
-        return name
-
-    return saved
+    return lambda name: renamed(name, reverse)
 
 
 def _tensor_names(model, prefix: str, saved) -> frozenset[str]:
