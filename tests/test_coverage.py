@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-import transformers
+from builders import MOE, TRANSFORMERS_5
 from coverage_sweep import TOLERANCE, PeftTroubleError, build_reference, check_target
 
 SAMPLE = [
@@ -30,14 +30,13 @@ KNOWN_GAPS = {
 }
 
 
-_TF5_MOE = int(transformers.__version__.split(".")[0]) >= 5
 _MOE_SKIP = pytest.mark.skip(reason="transformers 5 packs and renames MoE experts on load (needs 4.57)")
 
 
 def _params():
     for family, mapping in SAMPLE:
         for target in TARGETS:
-            marks = [_MOE_SKIP] if _TF5_MOE and family in ("mixtral", "qwen2_moe") else []
+            marks = [_MOE_SKIP] if TRANSFORMERS_5 and family in MOE else []
             yield pytest.param(family, mapping, target, marks=marks, id=f"{family}-{mapping}-{target}")
 
 

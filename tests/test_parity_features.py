@@ -3,14 +3,13 @@
 import json
 
 import pytest
-import transformers
-from builders import FP32_TOLERANCE, make_adapter, model_logits, peft_logits, sample_inputs
+from builders import FP32_TOLERANCE, TRANSFORMERS_5, make_adapter, model_logits, peft_logits, sample_inputs
 
 from adaptrix import compile_adapter
 
 # (case id, family, base variant overrides, LoraConfig keyword arguments)
 # GPT-NeoX's head: `embed_out` in its checkpoints and to transformers 4; transformers 5 loads it as `lm_head`.
-NEOX_HEAD = "lm_head" if int(transformers.__version__.split(".")[0]) >= 5 else "embed_out"
+NEOX_HEAD = "lm_head" if TRANSFORMERS_5 else "embed_out"
 
 FEATURES = [
     ("rslora", "llama", {}, dict(use_rslora=True, r=8, lora_alpha=4)),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
+from builders import TRANSFORMERS_5
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import adaptrix
@@ -24,7 +25,7 @@ TOLERANCE = 1e-4
 # transformers 5 builds MoE experts as 3-D parameters (a checkpoint keeps experts.N.* weights; PEFT targets
 # them with target_parameters): Adaptrix refuses those bases and adapters in one line, compiling them is open.
 FUSED_EXPERTS = pytest.mark.skipif(
-    int(tf.__version__.split(".")[0]) >= 5, reason="transformers 5 fuses MoE experts into 3-D parameters"
+    TRANSFORMERS_5, reason="transformers 5 fuses MoE experts into 3-D parameters"
 )
 MOE = {"mixtral", "qwen2_moe"}
 _DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -109,7 +110,7 @@ def test_merged_and_hooks_equal_peft(made, family, tmp_path):
     assert (item.logits(model) - item.reference).abs().max() <= TOLERANCE
 
 
-@pytest.mark.skipif(int(tf.__version__.split(".")[0]) < 5, reason="transformers 4 keeps experts as modules")
+@pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4 keeps experts as modules")
 def test_fused_moe_experts_are_refused_in_one_line(made, tmp_path):
     item = made("mixtral")
     with pytest.raises(AdaptrixError) as caught:
