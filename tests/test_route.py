@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 
+import adaptrix
 from adaptrix import attach
 from adaptrix.api.compile import compile_adapter
+from adaptrix.api.route import read_router, route
 from adaptrix.ir.errors import AdaptrixError
 from tests.builders import load_model, sample_inputs
-from tests.route_builders import arrow_adapters, arrow_logits
+from tests.route_builders import arrow_adapters, arrow_logits, domain_adapters, domain_prompts
 
 FP32_TOLERANCE = 1e-4
 
@@ -89,3 +91,29 @@ def test_routed_ir_goes_to_routing_targets_only(routed, tmp_path):
         compile_adapter(
             adapters, base, "hooks", tmp_path / "x", passes=["route:top_k=1", "reduce-rank:rank=2"]
         )
+
+
+def test_route_picks_each_domains_adapter(bases, tmp_path):
+    base = bases("llama")
+    adapters = domain_adapters("llama", base, tmp_path)
+    out = tmp_path / "routed"
+    compile_adapter(adapters, base, "hooks", out, passes=["route:top_k=1"])
+    model = load_model("llama", base)
+    router = read_router(out)
+    assert router.adapters == ("domain0", "domain1", "domain2")
+    for domain in range(3):
+        for prompt in domain_prompts(domain, seed=7):
+            assert route(router, prompt, model) == f"domain{domain}"
+    assert adaptrix.route(out, domain_prompts(1, seed=9)[0]) == "domain1"  # the base named by the manifest
+
+
+def test_route_refuses_a_batch_and_a_single_adapter_bundle(routed, peft_adapters, tmp_path):
+    base, adapters = routed("llama")
+    out = tmp_path / "routed"
+    compile_adapter(adapters, base, "hooks", out, passes=["route:top_k=1"])
+    with pytest.raises(AdaptrixError, match="one prompt"):
+        route(out, torch.ones(2, 4, dtype=torch.long))
+    single = tmp_path / "single"
+    compile_adapter(adapters[0], base, "hooks", single)
+    with pytest.raises(AdaptrixError, match="nothing to route between"):
+        route(single, [3, 4, 5])
