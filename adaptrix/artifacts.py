@@ -27,6 +27,7 @@ __all__ = [
     "PEFT_CONFIG_NAME",
     "PEFT_WEIGHTS_NAME",
     "ROUTE_FORMAT",
+    "ROUTE_TENSORS",
     "TENSORS_FILE",
     "find_module",
     "probe_indices",
@@ -57,6 +58,7 @@ DATA_NAME = "model.onnx_data"
 GENAI_CONFIG = "genai_config.json"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
+ROUTE_TENSORS = "route.safetensors"  # a routed ONNX artifact's prototypes, one tensor per module
 
 # AIR files: the safetensors metadata's `format` (the rest of the container: adaptrix.io.air_format)
 AIR_FORMAT = "adaptrix-air"

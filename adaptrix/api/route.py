@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from adaptrix.artifacts import MANIFEST_NAME
+from adaptrix.artifacts import MANIFEST_NAME, ROUTE_TENSORS
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import LazyTensor, LowRank
@@ -28,8 +28,6 @@ from adaptrix.runtimes.hooks.route import arrow_coefficients
 __all__ = ["Router", "module_inputs", "read_router", "request_scores", "route", "route_scores"]
 
 logger = logging.getLogger(__name__)
-
-ROUTE_TENSORS = "route.safetensors"  # a routed ONNX artifact's prototypes, one tensor per module
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from adaptrix.ir.errors import UnsupportedError
 from adaptrix.ir.route import Routed
 from adaptrix.lowering.peft_modules import grouped_pairs
 
-__all__ = ["RoutedPairs", "route_entry", "routed_pairs"]
+__all__ = ["RoutedPairs", "route_entry", "routed_modules", "routed_pairs"]
 
 
 class RoutedPairs:
@@ -63,3 +63,23 @@ def route_entry(routed: RoutedPairs, put: Callable[[str, torch.Tensor], str]) ->
     ]
     prototypes = put("route.prototypes", routed.prototypes)
     return {**op.options(), "adapters": list(op.adapters), "prototypes": prototypes, "experts": experts}
+
+
+def routed_modules(ir, base) -> list[tuple[object, str, RoutedPairs]]:
+    """Each routed module of the base: (placement, weight tensor name, its router), in checkpoint order."""
+    from adaptrix.binders.table import split_rows
+    from adaptrix.lowering.touched import touched_modules
+
+    found = []
+    for module in touched_modules(ir, base):
+        placement = module.placement
+        layout = placement.module.layout
+        shape = base.tensors[module.weight].shape
+        out_rows = shape[1] if layout is Layout.CONV1D else shape[0]
+        rows = split_rows(placement.module.split, base.source)
+        routed = routed_pairs(module.role_ops, rows, out_rows, layout, placement.name)
+        if routed is None:
+            raise UnsupportedError(f"{placement.name}: a routed adapter has a module that is not routed",
+                                   fix="route with --pass route only")  # fmt: skip
+        found.append((placement, module.weight, routed))
+    return found
