@@ -8,9 +8,11 @@ import pytest
 from builders import load_model, needs_onnx_export, sample_inputs
 from route_builders import arrow_adapters, arrow_logits, domain_adapters, domain_prompts
 from test_onnx_parity import max_diff, prefill, session
+from typer.testing import CliRunner
 
 from adaptrix.api.compile import compile_adapter
 from adaptrix.api.route import route
+from adaptrix.cli import app
 from adaptrix.ir.errors import AdaptrixError
 
 FP32_TOLERANCE = 1e-4
@@ -42,10 +44,18 @@ def test_route_reads_routed_and_unmerged_onnx_artifacts(bases, tmp_path):
     compile_adapter(adapters, base, "onnx-cpu", routed, passes=["route:top_k=1"])
     compile_adapter(adapters, base, "onnx-cpu", unmerged, unmerged=True)
     model = load_model("llama", base)
-    for domain in range(3):
-        prompt = domain_prompts(domain, seed=11)[0]
+    prompts = [domain_prompts(domain, seed=11)[0] for domain in range(3)]
+    for domain, prompt in enumerate(prompts):
         assert route(routed, prompt, model) == f"domain{domain}"
         assert route(unmerged, prompt, model) == f"domain{domain}"
+    given = [arg for prompt in prompts for arg in ("--prompt-ids", ",".join(map(str, prompt.tolist())))]
+    result = CliRunner().invoke(
+        app, ["run", str(unmerged), *given, "--route", "--max-new-tokens", "2", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert [r["adapter"] for r in json.loads(result.stdout)["results"]] == ["domain0", "domain1", "domain2"]
+    refused = CliRunner().invoke(app, ["run", str(routed), *given[:2], "--route"])
+    assert refused.exit_code == 2 and "routes per token in its graph already" in refused.output
 
 
 def test_routed_onnx_refuses_unmerged(bases, tmp_path):

@@ -25,7 +25,7 @@ from adaptrix.ir.values import LazyTensor, LowRank
 from adaptrix.passes.route import prototype
 from adaptrix.runtimes.hooks.route import arrow_coefficients
 
-__all__ = ["Router", "module_inputs", "read_router", "request_scores", "route", "route_scores"]
+__all__ = ["Router", "base_model", "module_inputs", "read_router", "request_scores", "route", "route_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def route_scores(
         raise BadInputError(f"route takes one prompt of token ids, found shape {list(ids.shape)}",
                             fix="route each prompt on its own")  # fmt: skip
     if model is None:
-        model = _load_base(router)
+        model = base_model(router)
     inputs = module_inputs(model, list(router.prototypes), ids)
     return request_scores(router, inputs)
 
@@ -183,7 +183,7 @@ def _onnx_adapters_router(root: Path, lora: dict, base: Path | None) -> Router:
     return Router(names, protos, 1, 1.0, base)
 
 
-def _load_base(router: Router) -> torch.nn.Module:
+def base_model(router: Router) -> torch.nn.Module:
     """The base the artifact's manifest names, loaded with transformers."""
     from adaptrix.calibration.models import load_auto
 
