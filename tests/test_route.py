@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import adaptrix
 from adaptrix import attach
 from adaptrix.api.compile import compile_adapter
+from adaptrix.api.inspect import inspect_adapter
 from adaptrix.api.route import read_router, route
+from adaptrix.cli import app
 from adaptrix.ir.errors import AdaptrixError
 from tests.builders import load_model, sample_inputs
 from tests.route_builders import arrow_adapters, arrow_logits, domain_adapters, domain_prompts
@@ -117,3 +121,28 @@ def test_route_refuses_a_batch_and_a_single_adapter_bundle(routed, peft_adapters
     compile_adapter(adapters[0], base, "hooks", single)
     with pytest.raises(AdaptrixError, match="nothing to route between"):
         route(single, [3, 4, 5])
+
+
+def test_inspect_shows_the_prototypes_overlap(routed, tmp_path):
+    base, adapters = routed("llama")
+    out = tmp_path / "routed"
+    compile_adapter(adapters, base, "hooks", out, passes=["route:top_k=2"])
+    summary = inspect_adapter(out)
+    overlap = summary["route"]["overlap"]
+    assert set(overlap) == {"task0|task1", "task0|task2", "task1|task2"}
+    assert all(0.0 <= value < 0.9 for value in overlap.values())  # random adapters: far from parallel
+    assert summary["route"]["modules"] == 14 and {row["op"] for row in summary["rows"]} == {"route"}
+    assert summary["parameters"] > 0
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0 and "prototypes: task0|task1" in " ".join(shown.output.split())
+    same = tmp_path / "same"
+    compile_adapter(
+        [adapters[0], _copy(adapters[0], tmp_path / "twin")], base, "hooks", same, passes=["route"]
+    )
+    assert inspect_adapter(same)["route"]["overlap"] == {"task0|twin": 1.0}
+
+
+def _copy(adapter, path):
+    """A copy of an adapter directory under another name."""
+    shutil.copytree(adapter, path)
+    return path

@@ -22,10 +22,19 @@ from adaptrix.artifacts import MANIFEST_NAME, ROUTE_TENSORS
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import LazyTensor, LowRank
-from adaptrix.passes.route import prototype
+from adaptrix.passes.route import prototype, prototype_overlap
 from adaptrix.runtimes.hooks.route import arrow_coefficients
 
-__all__ = ["Router", "base_model", "module_inputs", "read_router", "request_scores", "route", "route_scores"]
+__all__ = [
+    "Router",
+    "base_model",
+    "module_inputs",
+    "read_router",
+    "request_scores",
+    "route",
+    "route_overview",
+    "route_scores",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -192,3 +201,22 @@ def base_model(router: Router) -> torch.nn.Module:
                             fix="pass the base model: route(artifact, ids, model=...)")  # fmt: skip
     logger.info("loading the base %s to route", router.base)
     return load_auto(router.base)
+
+
+def route_overview(path: Path | str, manifest: dict) -> dict | None:
+    """What `inspect` shows of an artifact's routing: adapters, options, mean |cos| of prototypes per pair.
+
+    None for an artifact that neither routes nor holds two swappable adapters or more.
+    """
+    lora = (manifest.get("onnx") or {}).get("lora") if isinstance(manifest.get("onnx"), dict) else None
+    adapters = lora.get("adapters") if isinstance(lora, dict) else None
+    if not isinstance(manifest.get("route"), dict) and not (isinstance(adapters, dict) and len(adapters) > 1):
+        return None
+    router = read_router(path)
+    overlaps = [prototype_overlap(protos) for protos in router.prototypes.values()]
+    mean = torch.stack(overlaps).mean(0)
+    names = router.adapters
+    pairs = {f"{names[i]}|{names[j]}": round(float(mean[i, j]), 6)
+             for i in range(len(names)) for j in range(i + 1, len(names))}  # fmt: skip
+    return {"adapters": list(names), "top_k": router.top_k, "temperature": router.temperature,
+            "modules": len(overlaps), "overlap": pairs}  # fmt: skip
