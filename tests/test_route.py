@@ -146,3 +146,20 @@ def _copy(adapter, path):
     """A copy of an adapter directory under another name."""
     shutil.copytree(adapter, path)
     return path
+
+
+def test_parity_checks_a_routed_artifact_against_peft_arrow(routed, tmp_path):
+    base, adapters = routed("llama")
+    out = tmp_path / "routed"
+    compile_adapter(adapters, base, "hooks", out, passes=["route:top_k=1"])
+    args = ["parity", str(adapters[0]), "--base", str(base), "--artifact", f"hooks={out}", "--json"]
+    checked = CliRunner().invoke(app, args)
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["reference"] == "peft-arrow" and report["backends"][0]["max_abs"] <= FP32_TOLERANCE
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["route"]["top_k"] = 2  # the reference now routes otherwise than the bundle
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert CliRunner().invoke(app, args).exit_code == 1
+    refused = CliRunner().invoke(app, [*args[:-1], "--targets", "merged"])
+    assert refused.exit_code == 2 and "checked against PEFT's Arrow model" in refused.output
