@@ -17,7 +17,7 @@ from adaptrix.api.route import read_router, route
 from adaptrix.cli import app
 from adaptrix.ir.errors import AdaptrixError
 from tests.builders import load_model, sample_inputs
-from tests.route_builders import arrow_adapters, arrow_logits, domain_adapters, domain_prompts
+from tests.route_builders import arrow_adapters, arrow_logits, domain_adapters, domain_prompts, padded_adapter
 
 FP32_TOLERANCE = 1e-4
 
@@ -55,6 +55,20 @@ def test_routed_hooks_bundle_equals_peft_arrow(routed, tmp_path, family, top_k):
                                  "temperature": 0.7}  # fmt: skip
     [record] = manifest["passes"]
     assert set(record["report"]["overlap"]) == {"task0|task1", "task0|task2", "task1|task2"}
+
+
+def test_adapters_of_different_ranks_route_as_their_deltas(routed, tmp_path):
+    """One adapter zero-padded to rank 6: the same deltas and prototypes, so PEFT's logits (rank 4)."""
+    base, adapters = routed("llama")
+    mixed = [padded_adapter(adapters[0], tmp_path / "task0"), *adapters[1:]]
+    inputs = sample_inputs("llama")
+    for top_k in (1, 2):
+        out = tmp_path / f"mixed{top_k}"
+        compile_adapter(mixed, base, "hooks", out, passes=[f"route:top_k={top_k}"])
+        model = load_model("llama", base)
+        with torch.no_grad(), attach(model, out):
+            got = model(**inputs).logits
+        assert (got - arrow_logits("llama", base, adapters, inputs, top_k)).abs().max() <= FP32_TOLERANCE
 
 
 def test_routing_matters(routed, tmp_path):
