@@ -70,6 +70,8 @@ def test_route_reads_routed_and_unmerged_onnx_artifacts(bases, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert [r["adapter"] for r in json.loads(result.stdout)["results"]] == ["domain0", "domain1", "domain2"]
+    plain = CliRunner().invoke(app, ["run", str(routed), *given[:2], "--max-new-tokens", "2", "--json"])
+    assert plain.exit_code == 0 and len(json.loads(plain.stdout)["results"][0]["generated_ids"]) == 2
     refused = CliRunner().invoke(app, ["run", str(routed), *given[:2], "--route"])
     assert refused.exit_code == 2 and "routes per token in its graph already" in refused.output
 
