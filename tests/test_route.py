@@ -37,7 +37,7 @@ def routed(bases, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_routed_hooks_bundle_equals_peft_arrow(routed, tmp_path, family, top_k):
     base, adapters = routed(family)

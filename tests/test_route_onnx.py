@@ -19,7 +19,7 @@ from adaptrix.ir.errors import AdaptrixError
 FP32_TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 def test_routed_onnx_cpu_equals_peft_arrow(bases, tmp_path, family):
     needs_onnx_export()
     base = bases(family)
