@@ -12,6 +12,7 @@ import torch
 
 from adaptrix.binders.table import Layout, Placement, split_rows
 from adaptrix.frontends.peft.kinds import kind_op, vera_projections
+from adaptrix.frontends.peft.parameters import packed_ops, targeted_param
 from adaptrix.frontends.peft.weights import PeftAdapter, PeftModule, read_peft
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.safetensors_io import TensorInfo
@@ -67,7 +68,10 @@ class _Lowering:
         return self._projections
 
     def module_ops(self, record: PeftModule) -> list[tuple[Site, Op]]:
-        placement = self._place(record.name)
+        packed = packed_ops(self.base.binder, self.adapter.settings, record)
+        if packed is not None:  # LoRA on a 3-D expert parameter (transformers 5, target_parameters)
+            return packed
+        placement = self._place(record.name.removesuffix(".base_layer"))
         if self._is_new_head(record, placement):
             return [(Site(placement.layer, placement.module.roles[0]), self._new_head(record, placement))]
         out_rows, in_cols = self._base_shape(placement)
@@ -268,9 +272,12 @@ def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> Non
     have = {}
     for record in adapter.modules.values():
         if record.has_delta:
-            placement = binder.resolve(record.name)
+            param = targeted_param(binder, settings, record.name)
+            if param is not None and len(param[1]) == 3:
+                continue  # a packed expert parameter: its stored weights are checked by their shapes
+            placement = binder.resolve(record.name.removesuffix(".base_layer"))
             have[(placement.layer, placement.key)] = record.name
-            if not settings.targets(record.name, placement.module.is_linear):
+            if param is None and not settings.targets(record.name, placement.module.is_linear):
                 raise BadInputError(
                     f"holds {kind} weights for {record.name!r}, which adapter_config.json does not target",
                     path=adapter.weights_file,
@@ -278,6 +285,8 @@ def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> Non
                 )
     for where, name in modules.items():
         module = binder.resolve(name).module
+        if module.packed is not None:
+            continue  # where the loaded model packs it, only target_parameters reaches it
         targeted = module.layout is not Layout.NORM and settings.targets(name, module.is_linear)
         if targeted and where not in have:
             raise BadInputError(
