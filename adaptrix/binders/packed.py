@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 from adaptrix.binders.table import Packed
 
-__all__ = ["PackedTable", "PackedWeight", "load_renamings", "packed_table", "packed_weights", "router_modules"]
+__all__ = [
+    "PackedTable",
+    "PackedWeight",
+    "load_renamings",
+    "packed_table",
+    "packed_weights",
+    "router_modules",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +141,8 @@ def packed_table(model, saved: Callable[[str], str], layout: Callable, stack: st
         key, loaded_key = in_layer(stored, stored_stack), in_layer(loaded, stack)
         if key is None or loaded_key is None:
             continue
-        modules[key] = Module((key,), Layout.LINEAR, shape=shape, packed=Packed(loaded_key, param, expert, rows))
+        packed = Packed(loaded_key, param, expert, rows)
+        modules[key] = Module((key,), Layout.LINEAR, shape=shape, packed=packed)
         if expert is None and loaded_key != key:
             aliases[loaded_key] = key
         owner = model.get_submodule(loaded)

@@ -73,7 +73,8 @@ def packed_ops(binder: Binder, settings: LoraSettings, record: PeftModule) -> li
     rank = settings.rank(full)
     if a.shape != (rank * experts, cols) or b.shape != (rows, rank * experts):
         raise BadInputError(
-            f"has lora_A {list(a.shape)} and lora_B {list(b.shape)} for {full!r} [{experts}, {rows}, {cols}]; "
+            f"has lora_A {list(a.shape)} and lora_B {list(b.shape)} for {full!r} "
+            f"[{experts}, {rows}, {cols}]; "
             f"r={rank} needs {[rank * experts, cols]} and {[rows, rank * experts]}",
             path=settings.path, fix="use the base the adapter was trained on",
         )  # fmt: skip
@@ -95,6 +96,5 @@ def _a(a: LazyTensor, expert: int, experts: int, rank: int, cols: int) -> LazyTe
 
 def _b(b: LazyTensor, expert: int, rows: tuple[int, int], experts: int, rank: int) -> LazyTensor:
     first, last = rows
-    return b.map(
-        lambda t: t.reshape(t.shape[0], rank, experts)[first:last, :, expert].contiguous(), (last - first, rank)
-    )
+    shape = (last - first, rank)
+    return b.map(lambda t: t.reshape(t.shape[0], rank, experts)[first:last, :, expert].contiguous(), shape)

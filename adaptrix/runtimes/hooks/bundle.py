@@ -80,6 +80,7 @@ class ModuleEntry:
     dense: str | None = None
     scale_out: str | None = None
     scale_in: str | None = None
+    packed: dict | None = None  # {module, param, expert, rows}: the weight is rows of that parameter
 
 
 @dataclass(frozen=True, slots=True)
