@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import pytest
-from builders import MOE, TRANSFORMERS_5
 from coverage_sweep import TOLERANCE, PeftTroubleError, build_reference, check_target
 
 SAMPLE = [
@@ -30,14 +29,10 @@ KNOWN_GAPS = {
 }
 
 
-_MOE_SKIP = pytest.mark.skip(reason="transformers 5 packs and renames MoE experts on load (needs 4.57)")
-
-
 def _params():
     for family, mapping in SAMPLE:
         for target in TARGETS:
-            marks = [_MOE_SKIP] if TRANSFORMERS_5 and family in MOE else []
-            yield pytest.param(family, mapping, target, marks=marks, id=f"{family}-{mapping}-{target}")
+            yield pytest.param(family, mapping, target, id=f"{family}-{mapping}-{target}")
 
 
 @pytest.fixture(scope="module")
