@@ -277,7 +277,8 @@ def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> Non
                 continue  # a packed expert parameter: its stored weights are checked by their shapes
             placement = binder.resolve(record.name.removesuffix(".base_layer"))
             have[(placement.layer, placement.key)] = record.name
-            if param is None and not settings.targets(record.name, placement.module.is_linear):
+            wrapped = param is not None or settings.targets_parameter(f"{record.name}.weight")
+            if not wrapped and not settings.targets(record.name, placement.module.is_linear):
                 raise BadInputError(
                     f"holds {kind} weights for {record.name!r}, which adapter_config.json does not target",
                     path=adapter.weights_file,
