@@ -153,6 +153,9 @@ class Binder:
     # The loaded model's modules whose parameters hold packed weights (Packed), each with its
     # parameters in registration order and their shapes: what PEFT's target_parameters wraps.
     packed_params: Mapping[str, tuple[tuple[str, tuple[int, ...]], ...]] = field(default_factory=dict)
+    ties: Mapping[str, tuple[str, ...]] = field(
+        default_factory=dict
+    )  # a model-level key -> its weight's sharers
     multi_query: MultiQuery | None = None  # a config flag that leaves one kv head (Falcon, GPTBigCode)
     # Layer modules that some layers or some variants of the family lack (ModernBERT's layer 0 has
     # no attn_norm; StableLM's parallel residual has no post_attention_layernorm).
@@ -169,6 +172,7 @@ class Binder:
         object.__setattr__(self, "aliases", MappingProxyType(dict(self.aliases)))
         object.__setattr__(self, "layer_aliases", MappingProxyType(dict(self.layer_aliases)))
         object.__setattr__(self, "packed_params", MappingProxyType(dict(self.packed_params)))
+        object.__setattr__(self, "ties", MappingProxyType(dict(self.ties)))
         object.__setattr__(self, "config_keys", MappingProxyType(dict(self.config_keys)))
         object.__setattr__(self, "bottleneck_points", MappingProxyType(dict(self.bottleneck_points)))
         object.__setattr__(self, "optional_modules", frozenset(self.optional_modules))

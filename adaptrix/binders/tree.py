@@ -22,6 +22,7 @@ import torch
 from adaptrix.artifacts import renamed
 from adaptrix.binders.packed import load_renamings, packed_table
 from adaptrix.binders.table import Binder, Layout, Module
+from adaptrix.binders.ties import tied_modules
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import ROLE_VALUES, Role, SourceModel
 
@@ -227,6 +228,7 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         aliases=aliases,
         layer_aliases=packed.layer_aliases,
         packed_params=packed.packed_params,
+        ties=tied_modules(model, saved, prefix),
     )  # fmt: skip
 
 

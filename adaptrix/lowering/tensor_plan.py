@@ -48,6 +48,7 @@ def plan_tensors(
     model's names, those it has not are left out, and the head is added to the last shard.
     """
     by_site = ir.by_site()
+    _refuse_tied(base, by_site)
     shard_names = {shard: _shard_name(shard, base) for shard in base.shards}
     items, used = [], set()
     tied = base.source.tie_word_embeddings
@@ -86,6 +87,26 @@ def plan_tensors(
             )
     _check_all_used(ir, used, base)
     return items, untie
+
+
+def _refuse_tied(base: Checkpoint, by_site: dict) -> None:
+    """A delta on a tied module other than the head (LUKE's entity head): no checkpoint can hold it.
+
+    The class ties the module to its sharer again on load, whatever the config says, so the
+    module cannot change without the sharer (PEFT's merge_and_unload changes both; its forward,
+    and the hooks target, only the module).
+    """
+    for key, sharers in base.binder.ties.items():
+        module = base.binder.model_modules.get(key)
+        stored = any(name == f"{key}.weight" or name.endswith(f".{key}.weight") for name in base.tensors)
+        if module is None or stored or module.roles == (Role.LM_HEAD,):
+            continue
+        if any(Site(None, role) in by_site for role in module.roles):
+            raise UnsupportedError(
+                f"changes {key}, whose weight is {sharers[0]}'s (tied, stored once, tied again on "
+                "load): a merged checkpoint cannot change one without the other",
+                path=base.path, fix="use --target hooks: it adapts the module alone, as PEFT's forward does",
+            )  # fmt: skip
 
 
 def _has_lm_head(base: Checkpoint) -> bool:

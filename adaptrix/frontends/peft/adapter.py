@@ -138,10 +138,12 @@ class _Lowering:
         return Replace(record.params)
 
     def _base_tensor(self, placement: Placement, param: str) -> TensorInfo | None:
-        """The base tensor a module's parameter is stored in (a tied head's is the embedding's)."""
+        """The base tensor a module's parameter is stored in (a tied module's is its sharer's)."""
         name = self.modules.get((placement.layer, placement.key))
         if name is None and placement.module.roles == (Role.LM_HEAD,) and param == "weight":
             name = self.modules.get((None, _embed_key(self.base)))
+        for key in self.base.binder.ties.get(placement.key, ()) if name is None and param == "weight" else ():
+            name = name or self.modules.get((None, key))  # a tied module's weight: LUKE's entity head
         return self.base.info(f"{name}.{param}") if name else None
 
     def _base_shape(self, placement: Placement) -> tuple[int, int]:
