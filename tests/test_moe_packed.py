@@ -9,15 +9,17 @@ while its module runs), both equal to PEFT's forward in float32.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from builders import FP32_TOLERANCE, TRANSFORMERS_5, load_model, make_adapter, peft_logits, sample_inputs
 from safetensors import safe_open
+from safetensors.torch import save_file
 from test_hooks_parity import check_attach_matches_peft, logits, snapshot
 
 import adaptrix
-from adaptrix.ir.errors import AdaptrixError
+from adaptrix.ir.errors import AdaptrixError, UnsupportedError
 
 pytestmark = pytest.mark.skipif(
     not TRANSFORMERS_5, reason="transformers 4 keeps experts as Linear modules (tests/test_tree_binder.py)"
@@ -109,3 +111,29 @@ def test_a_bundle_without_packing_is_refused_on_a_router_in_one_line(bases, adap
     with pytest.raises(AdaptrixError) as caught:
         adaptrix.attach(load_model("mixtral", base), tmp_path / "bundle")
     assert "\n" not in str(caught.value) and "does not fit this model" in str(caught.value)
+
+
+def _packed_base(family: str, base, path):
+    """The base saved as transformers 5 holds it in memory: experts packed [E, 2I, H], loaded names."""
+    model = load_model(family, base)
+    shutil.copytree(base, path)
+    tied = model.config.tie_word_embeddings
+    tensors = {name: value.contiguous() for name, value in model.state_dict().items()
+               if name != "lm_head.weight" or not tied}  # fmt: skip
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    assert "model.layers.0.mlp.experts.gate_up_proj" in _keys(path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_merged_into_a_packed_checkpoint_writes_each_experts_slice(family, bases, adapters, tmp_path):
+    base, adapter = _packed_base(family, bases(family), tmp_path / "packed"), adapters(family)
+    adaptrix.compile_adapter(adapter, base, "merged", tmp_path / "merged")
+    assert _keys(tmp_path / "merged") == _keys(base)  # packed as it was
+    inputs = sample_inputs(family)
+    expected = peft_logits(family, bases(family), adapter, inputs)
+    got = load_model(family, tmp_path / "merged")(**inputs).logits.detach()
+    assert (got - expected).abs().max() <= FP32_TOLERANCE
+    with pytest.raises(UnsupportedError) as caught:
+        adaptrix.compile_adapter(adapter, base, "hooks", tmp_path / "bundle")
+    assert "\n" not in str(caught.value) and "packed" in str(caught.value)

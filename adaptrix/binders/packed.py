@@ -147,5 +147,6 @@ def packed_table(model, saved: Callable[[str], str], layout: Callable, stack: st
             aliases[loaded_key] = key
         owner = model.get_submodule(loaded)
         params[loaded_key] = tuple((n, tuple(p.shape)) for n, p in owner.named_parameters(recurse=False))
-        tensors.update({f"{stored}.weight", f"{stored}.weight".removeprefix(prefix)})
+        for name in (f"{stored}.weight", f"{loaded}.{param}"):  # stored one by one, or packed as loaded
+            tensors.update({name, name.removeprefix(prefix)})
     return PackedTable(modules, aliases, params, frozenset(tensors))

@@ -31,11 +31,14 @@ class TensorPlan:
     placement: Placement | None
     param: str
     role_ops: tuple[tuple[Op, ...], ...]
+    # A tensor that packs several modules' weights (MoE experts saved as transformers 5 loads them):
+    # (expert or None, (first row, last row), the module's placement, its role ops) for each.
+    pieces: tuple[tuple[int | None, tuple[int, int], Placement, tuple[tuple[Op, ...], ...]], ...] = ()
 
     @property
     def touched(self) -> bool:
         """Whether any op changes this tensor."""
-        return any(self.role_ops)
+        return any(self.role_ops) or any(any(piece[3]) for piece in self.pieces)
 
 
 def plan_tensors(
@@ -63,7 +66,8 @@ def plan_tensors(
         placement = base.binder.resolve(module_name)
         shard = shard_names[info.file]
         if placement is None:
-            items.append(TensorPlan(out_name, name, shard, None, param, ()))
+            pieces = _packed_pieces(base, module_name, param, by_site, used)
+            items.append(TensorPlan(out_name, name, shard, None, param, (), pieces))
             continue
         if placement.module.roles == (Role.EMBED,) and param == "weight":
             embed = (name, shard)
@@ -87,6 +91,22 @@ def plan_tensors(
             )
     _check_all_used(ir, used, base)
     return items, untie
+
+
+def _packed_pieces(base: Checkpoint, module: str, param: str, by_site: dict, used: set) -> tuple:
+    """The stored expert weights a packed tensor holds (`mlp.experts.gate_up_proj`), with their ops."""
+    match = base.binder._layer_re.match(module)
+    key = match.group(2) if match else None
+    if key not in base.binder.packed_params:
+        return ()
+    pieces = []
+    prefix = module[: len(module) - len(key)]
+    for name, piece in base.binder.layer_modules.items():
+        if piece.packed is not None and (piece.packed.module, piece.packed.param) == (key, param):
+            placement = Placement(prefix + name, int(match.group(1)), name, piece)
+            role_ops = _role_ops(placement, "weight", by_site, used)
+            pieces.append((piece.packed.expert, piece.packed.rows, placement, role_ops))
+    return tuple(pieces)
 
 
 def _refuse_tied(base: Checkpoint, by_site: dict) -> None:
@@ -180,6 +200,8 @@ def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torc
     value = base.read(item.source)
     if not item.touched:
         return value.to(dtype)
+    if item.pieces:
+        return _merge_pieces(item, base, value.clone()).to(dtype)
     return merge_tensor(
         value, item.param, item.placement, item.role_ops, base.source, dtype, name=item.source
     )
@@ -187,5 +209,16 @@ def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torc
 
 def merge_into(item: TensorPlan, base: Checkpoint, value: torch.Tensor) -> None:
     """Merge an item into its base value, in place (the output dtype is the stored one)."""
+    if item.pieces:
+        _merge_pieces(item, base, value)
+        return
     merge_tensor(value, item.param, item.placement, item.role_ops, base.source, value.dtype, out=value,
                  name=item.source)  # fmt: skip
+
+
+def _merge_pieces(item: TensorPlan, base: Checkpoint, value: torch.Tensor) -> torch.Tensor:
+    """Merge each packed module's ops into its rows of `value`, in place."""
+    for expert, (first, last), placement, role_ops in item.pieces:
+        rows = (value if expert is None else value[expert])[first:last]
+        merge_tensor(rows, "weight", placement, role_ops, base.source, rows.dtype, out=rows, name=item.source)
+    return value
