@@ -3,7 +3,7 @@
 PEFT's forward adapts the head alone; its merge_and_unload writes the delta into the shared weight,
 so the entity embeddings change too (PEFT merged and unmerged differ wherever entities are given).
 Hooks compute PEFT's forward; merged is refused in one line, as no checkpoint can hold it (the
-class ties the two again on load).
+class ties the two again on load). Also: PEFT's target_parameters on a plain Linear weight.
 """
 
 from __future__ import annotations
@@ -65,3 +65,17 @@ def test_merged_refuses_a_delta_on_a_tied_module_in_one_line(luke, tmp_path):
         adaptrix.compile_adapter(adapter, base, "merged", tmp_path / "merged")
     assert "\n" not in str(caught.value) and "entity_predictions.decoder" in str(caught.value)
     assert "--target hooks" in str(caught.value) and not (tmp_path / "merged").exists()
+
+
+def test_target_parameters_on_a_linear_weight_is_a_linear_lora(bases, tmp_path):
+    """PEFT's ParamWrapper on a 2-D weight (target_parameters, no target_modules) computes a Linear's LoRA."""
+    from builders import FP32_TOLERANCE, make_adapter, model_logits, peft_logits, sample_inputs
+
+    base = bases("llama")
+    adapter = make_adapter("llama", base, tmp_path / "adapter", target_modules=[],
+                           target_parameters=["self_attn.q_proj.weight", "mlp.down_proj.weight"])  # fmt: skip
+    adaptrix.compile_adapter(adapter, base, "merged", tmp_path / "merged")
+    inputs = sample_inputs("llama")
+    expected = peft_logits("llama", base, adapter, inputs)
+    assert (model_logits("llama", base, inputs) - expected).abs().max() > 100 * FP32_TOLERANCE
+    assert (model_logits("llama", tmp_path / "merged", inputs) - expected).abs().max() <= FP32_TOLERANCE
