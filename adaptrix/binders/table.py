@@ -219,6 +219,11 @@ class Binder:
                 return Placement(name, None, self.aliases.get(key, key), module)
         return None
 
+    def layer_of(self, name: str) -> tuple[int, str] | None:
+        """(layer, name inside the layer) of a module name in the layer stack, or None."""
+        match = self._layer_re.match(name)
+        return (int(match.group(1)), match.group(2)) if match else None
+
     def roles(self) -> list[str]:
         """Every module key this binder knows, layer modules first."""
         return [*self.layer_modules, *(k for s in self.stacks for k in s.layer_modules), *self.model_modules]

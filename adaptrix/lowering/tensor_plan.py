@@ -95,15 +95,14 @@ def plan_tensors(
 
 def _packed_pieces(base: Checkpoint, module: str, param: str, by_site: dict, used: set) -> tuple:
     """The stored expert weights a packed tensor holds (`mlp.experts.gate_up_proj`), with their ops."""
-    match = base.binder._layer_re.match(module)
-    key = match.group(2) if match else None
+    layer, key = base.binder.layer_of(module) or (None, None)
     if key not in base.binder.packed_params:
         return ()
     pieces = []
     prefix = module[: len(module) - len(key)]
     for name, piece in base.binder.layer_modules.items():
         if piece.packed is not None and (piece.packed.module, piece.packed.param) == (key, param):
-            placement = Placement(prefix + name, int(match.group(1)), name, piece)
+            placement = Placement(prefix + name, layer, name, piece)
             role_ops = _role_ops(placement, "weight", by_site, used)
             pieces.append((piece.packed.expert, piece.packed.rows, placement, role_ops))
     return tuple(pieces)

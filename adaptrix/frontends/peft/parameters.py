@@ -34,10 +34,8 @@ def _unwrapped(name: str) -> tuple[str, int]:
 
 def _loaded(binder: Binder, name: str) -> tuple[int, str] | None:
     """(layer, key) of a loaded module with packed parameters, or None."""
-    match = binder._layer_re.match(name)
-    if match is None or match.group(2) not in binder.packed_params:
-        return None
-    return int(match.group(1)), match.group(2)
+    found = binder.layer_of(name)
+    return found if found is not None and found[1] in binder.packed_params else None
 
 
 def targeted_param(binder: Binder, settings: LoraSettings, name: str) -> tuple[str, tuple[int, ...]] | None:
