@@ -187,7 +187,7 @@ ONNX_FAMILIES = ("bert", "gpt2", "gpt_neox", "llama", "mistral", "phi3", "qwen2"
 
 
 # transformers 5 keeps MoE experts packed in 3-D parameters and renames them on load, while the
-# checkpoint stores them one by one: Adaptrix reads such bases with transformers 4.57.
+# checkpoint stores them one by one (adaptrix.binders.packed).
 TRANSFORMERS_5 = int(tf.__version__.split(".")[0]) >= 5
 MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
 
@@ -196,8 +196,6 @@ def build_base(
     family: str, path: Path, *, seed: int = 0, dtype=torch.float32, shard: str | None = None, **overrides
 ) -> Path:
     """Save a seeded random base of `family` into `path`."""
-    if TRANSFORMERS_5 and family in MOE:
-        pytest.skip("transformers 5 packs and renames MoE experts on load: such bases need transformers 4.57")
     spec = FAMILIES[family]
     torch.manual_seed(seed)
     config = spec.config(**{**spec.config_kwargs, **overrides})

@@ -110,9 +110,30 @@ def build_reference(model_type: str, mapping: str, root: Path, seed: int = 0) ->
     merged = _step("merge_and_unload", model.merge_and_unload)
     if (diff := max_diff(logits_of(merged, inputs), expected)) > TOLERANCE:
         raise PeftTroubleError(f"merge_and_unload differs from PEFT's forward (max diff {diff:.2e})")
+    _check_ties(merged, load_base(mapping, base), adapter)
     if (effect := max_diff(base_logits, expected)) <= _EFFECT:
         raise PeftTroubleError(f"the adapter moves the logits by {effect:.1e} only: too little to test")
     return Reference(model_type, mapping, base, adapter, inputs, expected)
+
+
+def _check_ties(merged: torch.nn.Module, base: torch.nn.Module, adapter: Path) -> None:
+    """PEFT's merge must change only the modules it adapted: a LoRA on a module whose weight is tied to
+    another's (LUKE's entity head, tied to the entity embeddings) changes both when merged, while PEFT's
+    forward changes only the module: PEFT's own result depends on whether it merges (ill-defined).
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as handle:
+        keys = [key.removeprefix("base_model.model.").split(".lora_")[0] for key in handle.keys()]  # noqa: SIM118
+    adapted = {key.replace(".base_layer", "") for key in keys}  # nested ParamWrappers (packed experts)
+    before = base.state_dict()
+    for name, value in merged.state_dict().items():
+        if name.rpartition(".")[0] in adapted or name not in before or torch.equal(value, before[name]):
+            continue
+        raise PeftTroubleError(
+            f"merge_and_unload changes {name}, which PEFT's forward leaves alone (its weight is tied to an "
+            "adapted module): merged and unmerged PEFT differ wherever it is used"
+        )
 
 
 def _target_logits(ref: Reference, target: str, out: Path) -> torch.Tensor:

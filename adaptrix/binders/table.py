@@ -20,6 +20,7 @@ __all__ = [
     "Layout",
     "Module",
     "MultiQuery",
+    "Packed",
     "Placement",
     "Split",
     "Stack",
@@ -38,6 +39,22 @@ class Layout(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Packed:
+    """Where a stored weight lives in the model transformers 5 loads: rows of one of a module's parameters.
+
+    Mixtral's `block_sparse_moe.experts.3.w1.weight` is rows 0 .. I of expert 3 of the loaded
+    `mlp.experts.gate_up_proj` [E, 2I, H]; a router's weight (`mlp.gate`, a module that is no
+    nn.Linear) is all rows of its `weight` (expert None). `module` is the loaded module's name in
+    its layer.
+    """
+
+    module: str
+    param: str
+    expert: int | None
+    rows: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Module:
     """One module of the architecture: its roles (several when fused) and weight layout."""
 
@@ -45,13 +62,13 @@ class Module:
     layout: Layout = Layout.LINEAR
     split: Split | None = None
     shape: tuple[int, ...] | None = None  # a module role's stored weight shape, from the module tree
+    packed: Packed | None = None  # where the loaded model keeps the weight, where no module holds it
 
     @property
     def is_linear(self) -> bool:
-        """Whether PEFT's "all-linear" would target it (projections, not heads)."""
-        return self.layout in (Layout.LINEAR, Layout.CONV1D) and not (
-            set(self.roles) & {Role.LM_HEAD, Role.CLS_HEAD}
-        )
+        """Whether PEFT's "all-linear" would target it (projections, not heads, not packed experts)."""
+        return (self.layout in (Layout.LINEAR, Layout.CONV1D) and self.packed is None
+                and not (set(self.roles) & {Role.LM_HEAD, Role.CLS_HEAD}))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +149,13 @@ class Binder:
     roles_table: bool = True  # whether a table gave the semantic roles (False: module roles only)
     tree_tensors: frozenset[str] = field(default=frozenset(), repr=False, compare=False)  # the tree's names
     aliases: Mapping[str, str] = field(default_factory=dict)  # a model-level key -> the checkpoint's key
+    layer_aliases: Mapping[str, str] = field(default_factory=dict)  # a loaded layer key -> the checkpoint's
+    # The loaded model's modules whose parameters hold packed weights (Packed), each with its
+    # parameters in registration order and their shapes: what PEFT's target_parameters wraps.
+    packed_params: Mapping[str, tuple[tuple[str, tuple[int, ...]], ...]] = field(default_factory=dict)
+    ties: Mapping[str, tuple[str, ...]] = field(
+        default_factory=dict
+    )  # a model-level key -> its weight's sharers
     multi_query: MultiQuery | None = None  # a config flag that leaves one kv head (Falcon, GPTBigCode)
     # Layer modules that some layers or some variants of the family lack (ModernBERT's layer 0 has
     # no attn_norm; StableLM's parallel residual has no post_attention_layernorm).
@@ -146,6 +170,9 @@ class Binder:
         object.__setattr__(self, "layer_modules", MappingProxyType(dict(self.layer_modules)))
         object.__setattr__(self, "model_modules", MappingProxyType(dict(self.model_modules)))
         object.__setattr__(self, "aliases", MappingProxyType(dict(self.aliases)))
+        object.__setattr__(self, "layer_aliases", MappingProxyType(dict(self.layer_aliases)))
+        object.__setattr__(self, "packed_params", MappingProxyType(dict(self.packed_params)))
+        object.__setattr__(self, "ties", MappingProxyType(dict(self.ties)))
         object.__setattr__(self, "config_keys", MappingProxyType(dict(self.config_keys)))
         object.__setattr__(self, "bottleneck_points", MappingProxyType(dict(self.bottleneck_points)))
         object.__setattr__(self, "optional_modules", frozenset(self.optional_modules))
@@ -180,9 +207,10 @@ class Binder:
         parts = name.split(".")
         starts = len(parts)
         if match:
-            module = table.get(match.group(2))
+            key = self.layer_aliases.get(match.group(2), match.group(2))
+            module = table.get(key)
             if module is not None:
-                return Placement(name, first + int(match.group(1)), match.group(2), module)
+                return Placement(name, first + int(match.group(1)), key, module)
             # inside a layer, only a model-level key that names the layer too may match
             starts = name[: match.start(1) - len(container) - 1].count(".") + 1
         for start in range(starts):  # the longest key that ends the name
@@ -190,6 +218,11 @@ class Binder:
             if (module := self.model_modules.get(key)) is not None:
                 return Placement(name, None, self.aliases.get(key, key), module)
         return None
+
+    def layer_of(self, name: str) -> tuple[int, str] | None:
+        """(layer, name inside the layer) of a module name in the layer stack, or None."""
+        match = self._layer_re.match(name)
+        return (int(match.group(1)), match.group(2)) if match else None
 
     def roles(self) -> list[str]:
         """Every module key this binder knows, layer modules first."""

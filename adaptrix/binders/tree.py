@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from adaptrix.artifacts import renamed
+from adaptrix.binders.packed import load_renamings, packed_table
 from adaptrix.binders.table import Binder, Layout, Module
+from adaptrix.binders.ties import tied_modules
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.values import ROLE_VALUES, Role, SourceModel
 
@@ -208,6 +210,8 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
     aliases = {alias: key for alias, key in aliases.items() if alias not in model_modules}
     for alias, key in aliases.items():  # an adapter names modules as the model in memory has them
         model_modules[alias] = model_modules[key]
+    packed = packed_table(model, saved, _layout, stacks[0] if stack is not None else None)
+    layer_modules.update(packed.layer_modules)
     head_weight = f"{saved(head).removeprefix(prefix)}.weight" if head else "lm_head.weight"
     source = table.source_model(config, file) if table else _source(model, config, stacks)
     return dataclasses.replace(
@@ -220,8 +224,11 @@ def _from_modules(model, config: Mapping[str, object], file: Path, table: Binder
         lm_head_weight=table.lm_head_weight if table and _has_head(table) else head_weight,
         tree_source=source,
         roles_table=table is not None,
-        tree_tensors=_tensor_names(model, prefix, saved),
+        tree_tensors=_tensor_names(model, prefix, saved) | packed.tensors,
         aliases=aliases,
+        layer_aliases=packed.layer_aliases,
+        packed_params=packed.packed_params,
+        ties=tied_modules(model, saved, prefix),
     )  # fmt: skip
 
 
@@ -233,6 +240,7 @@ def _saved_names(model):
     """
     mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
     reverse = [(value, re.sub(r"\(.*\)", "", key.lstrip("^"))) for key, value in mapping.items()]
+    reverse += load_renamings(model)  # transformers 5's, for classes that pack weights on load
     return lambda name: renamed(name, reverse)
 
 

@@ -67,12 +67,28 @@ class EntryBuilder:
             "replace": self._replace(),
             **self.kinds(),
             **self._route(),
+            **self._packed(),
         }
 
     def _route(self) -> dict:
         """A routed module's `route` section (adaptrix.lowering.route_entries): the key only when used."""
         routed = routed_pairs(self.module.role_ops, self.rows, self._canonical_out(), self.layout, self.name)
         return {"route": route_entry(routed, self._put)} if routed is not None else {}
+
+    def _packed(self) -> dict:
+        """Where the loaded model keeps a packed weight (transformers 5's MoE experts, routers)."""
+        placement = self.module.placement
+        packed = placement.module.packed
+        if packed is None:
+            return {}
+        if any(not isinstance(op, LowRank) for ops in self.module.role_ops for op in ops):
+            raise UnsupportedError(
+                f"has ops other than LoRA on {self.name}, which the loaded model packs into "
+                f"{packed.module}.{packed.param}", fix="use --target merged",
+            )  # fmt: skip
+        loaded = self.name[: len(self.name) - len(placement.key)] + packed.module
+        return {"packed": {"module": loaded, "param": packed.param, "expert": packed.expert,
+                           "rows": list(packed.rows)}}  # fmt: skip
 
     @staticmethod
     def _of(ops: tuple[Op, ...], kind) -> list:

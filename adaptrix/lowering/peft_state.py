@@ -41,6 +41,7 @@ def peft_state(ir: AdapterIR, base: Checkpoint) -> PeftState:
     """The PEFT LoRA adapter computing the IR's ops on `base`; an error names what PEFT cannot hold."""
     refuse_bottlenecks(ir, "a PEFT adapter cannot hold AdapterHub bottlenecks",
                        fix="use --target hooks, or keep the AdapterHub adapter")  # fmt: skip
+    _refuse_packed(ir, base)
     deltas = module_deltas(factored_as_low_rank(ir), base)  # LoHa / LoKr: their exact LoRA forms
     lora = [d for d in deltas if d.lora is not None]
     if not lora:
@@ -57,6 +58,19 @@ def peft_state(ir: AdapterIR, base: Checkpoint) -> PeftState:
         tensors.update(_module_tensors(delta, ranks.get(delta.name)))
     config = _config(deltas, {name: (r, alpha) for name, (r, alpha, _) in ranks.items()}, base)
     return PeftState(config, tensors, deltas)
+
+
+def _refuse_packed(ir: AdapterIR, base: Checkpoint) -> None:
+    """A PEFT adapter names modules; transformers 5 packs MoE experts and routers into parameters."""
+    for site, _ in ir:
+        module = base.binder.layer_modules.get(site.role) if site.layer is not None else None
+        if module is not None and module.packed is not None:
+            raise UnsupportedError(
+                f"has deltas on {site.role}, which this transformers packs into "
+                f"{module.packed.module}.{module.packed.param}: a PEFT adapter of per-expert modules "
+                "would not load onto it",
+                fix="compile with --target merged or hooks (or convert with transformers 4.57)",
+            )
 
 
 def _exact_alpha(pair: LoraPair) -> tuple[int, float, torch.Tensor]:

@@ -31,11 +31,14 @@ class TensorPlan:
     placement: Placement | None
     param: str
     role_ops: tuple[tuple[Op, ...], ...]
+    # A tensor that packs several modules' weights (MoE experts saved as transformers 5 loads them):
+    # (expert or None, (first row, last row), the module's placement, its role ops) for each.
+    pieces: tuple[tuple[int | None, tuple[int, int], Placement, tuple[tuple[Op, ...], ...]], ...] = ()
 
     @property
     def touched(self) -> bool:
         """Whether any op changes this tensor."""
-        return any(self.role_ops)
+        return any(self.role_ops) or any(any(piece[3]) for piece in self.pieces)
 
 
 def plan_tensors(
@@ -48,6 +51,7 @@ def plan_tensors(
     model's names, those it has not are left out, and the head is added to the last shard.
     """
     by_site = ir.by_site()
+    _refuse_tied(base, by_site)
     shard_names = {shard: _shard_name(shard, base) for shard in base.shards}
     items, used = [], set()
     tied = base.source.tie_word_embeddings
@@ -62,7 +66,8 @@ def plan_tensors(
         placement = base.binder.resolve(module_name)
         shard = shard_names[info.file]
         if placement is None:
-            items.append(TensorPlan(out_name, name, shard, None, param, ()))
+            pieces = _packed_pieces(base, module_name, param, by_site, used)
+            items.append(TensorPlan(out_name, name, shard, None, param, (), pieces))
             continue
         if placement.module.roles == (Role.EMBED,) and param == "weight":
             embed = (name, shard)
@@ -86,6 +91,41 @@ def plan_tensors(
             )
     _check_all_used(ir, used, base)
     return items, untie
+
+
+def _packed_pieces(base: Checkpoint, module: str, param: str, by_site: dict, used: set) -> tuple:
+    """The stored expert weights a packed tensor holds (`mlp.experts.gate_up_proj`), with their ops."""
+    layer, key = base.binder.layer_of(module) or (None, None)
+    if key not in base.binder.packed_params:
+        return ()
+    pieces = []
+    prefix = module[: len(module) - len(key)]
+    for name, piece in base.binder.layer_modules.items():
+        if piece.packed is not None and (piece.packed.module, piece.packed.param) == (key, param):
+            placement = Placement(prefix + name, layer, name, piece)
+            role_ops = _role_ops(placement, "weight", by_site, used)
+            pieces.append((piece.packed.expert, piece.packed.rows, placement, role_ops))
+    return tuple(pieces)
+
+
+def _refuse_tied(base: Checkpoint, by_site: dict) -> None:
+    """A delta on a tied module other than the head (LUKE's entity head): no checkpoint can hold it.
+
+    The class ties the module to its sharer again on load, whatever the config says, so the
+    module cannot change without the sharer (PEFT's merge_and_unload changes both; its forward,
+    and the hooks target, only the module).
+    """
+    for key, sharers in base.binder.ties.items():
+        module = base.binder.model_modules.get(key)
+        stored = any(name == f"{key}.weight" or name.endswith(f".{key}.weight") for name in base.tensors)
+        if module is None or stored or module.roles == (Role.LM_HEAD,):
+            continue
+        if any(Site(None, role) in by_site for role in module.roles):
+            raise UnsupportedError(
+                f"changes {key}, whose weight is {sharers[0]}'s (tied, stored once, tied again on "
+                "load): a merged checkpoint cannot change one without the other",
+                path=base.path, fix="use --target hooks: it adapts the module alone, as PEFT's forward does",
+            )  # fmt: skip
 
 
 def _has_lm_head(base: Checkpoint) -> bool:
@@ -159,6 +199,8 @@ def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torc
     value = base.read(item.source)
     if not item.touched:
         return value.to(dtype)
+    if item.pieces:
+        return _merge_pieces(item, base, value.clone()).to(dtype)
     return merge_tensor(
         value, item.param, item.placement, item.role_ops, base.source, dtype, name=item.source
     )
@@ -166,5 +208,16 @@ def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torc
 
 def merge_into(item: TensorPlan, base: Checkpoint, value: torch.Tensor) -> None:
     """Merge an item into its base value, in place (the output dtype is the stored one)."""
+    if item.pieces:
+        _merge_pieces(item, base, value)
+        return
     merge_tensor(value, item.param, item.placement, item.role_ops, base.source, value.dtype, out=value,
                  name=item.source)  # fmt: skip
+
+
+def _merge_pieces(item: TensorPlan, base: Checkpoint, value: torch.Tensor) -> torch.Tensor:
+    """Merge each packed module's ops into its rows of `value`, in place."""
+    for expert, (first, last), placement, role_ops in item.pieces:
+        rows = (value if expert is None else value[expert])[first:last]
+        merge_tensor(rows, "weight", placement, role_ops, base.source, rows.dtype, out=rows, name=item.source)
+    return value

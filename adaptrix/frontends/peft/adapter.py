@@ -12,6 +12,7 @@ import torch
 
 from adaptrix.binders.table import Layout, Placement, split_rows
 from adaptrix.frontends.peft.kinds import kind_op, vera_projections
+from adaptrix.frontends.peft.parameters import packed_ops, targeted_param
 from adaptrix.frontends.peft.weights import PeftAdapter, PeftModule, read_peft
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.safetensors_io import TensorInfo
@@ -67,7 +68,10 @@ class _Lowering:
         return self._projections
 
     def module_ops(self, record: PeftModule) -> list[tuple[Site, Op]]:
-        placement = self._place(record.name)
+        packed = packed_ops(self.base.binder, self.adapter.settings, record)
+        if packed is not None:  # LoRA on a 3-D expert parameter (transformers 5, target_parameters)
+            return packed
+        placement = self._place(record.name.removesuffix(".base_layer"))
         if self._is_new_head(record, placement):
             return [(Site(placement.layer, placement.module.roles[0]), self._new_head(record, placement))]
         out_rows, in_cols = self._base_shape(placement)
@@ -134,10 +138,12 @@ class _Lowering:
         return Replace(record.params)
 
     def _base_tensor(self, placement: Placement, param: str) -> TensorInfo | None:
-        """The base tensor a module's parameter is stored in (a tied head's is the embedding's)."""
+        """The base tensor a module's parameter is stored in (a tied module's is its sharer's)."""
         name = self.modules.get((placement.layer, placement.key))
         if name is None and placement.module.roles == (Role.LM_HEAD,) and param == "weight":
             name = self.modules.get((None, _embed_key(self.base)))
+        for key in self.base.binder.ties.get(placement.key, ()) if name is None and param == "weight" else ():
+            name = name or self.modules.get((None, key))  # a tied module's weight: LUKE's entity head
         return self.base.info(f"{name}.{param}") if name else None
 
     def _base_shape(self, placement: Placement) -> tuple[int, int]:
@@ -268,9 +274,13 @@ def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> Non
     have = {}
     for record in adapter.modules.values():
         if record.has_delta:
-            placement = binder.resolve(record.name)
+            param = targeted_param(binder, settings, record.name)
+            if param is not None and len(param[1]) == 3:
+                continue  # a packed expert parameter: its stored weights are checked by their shapes
+            placement = binder.resolve(record.name.removesuffix(".base_layer"))
             have[(placement.layer, placement.key)] = record.name
-            if not settings.targets(record.name, placement.module.is_linear):
+            wrapped = param is not None or settings.targets_parameter(f"{record.name}.weight")
+            if not wrapped and not settings.targets(record.name, placement.module.is_linear):
                 raise BadInputError(
                     f"holds {kind} weights for {record.name!r}, which adapter_config.json does not target",
                     path=adapter.weights_file,
@@ -278,6 +288,8 @@ def _check_targets(adapter: PeftAdapter, base: Checkpoint, modules: dict) -> Non
                 )
     for where, name in modules.items():
         module = binder.resolve(name).module
+        if module.packed is not None:
+            continue  # where the loaded model packs it, only target_parameters reaches it
         targeted = module.layout is not Layout.NORM and settings.targets(name, module.is_linear)
         if targeted and where not in have:
             raise BadInputError(

@@ -33,7 +33,6 @@ __all__ = ["CONFIG_NAME", "read_lora_settings"]
 # Fields that change what the adapter computes and that Adaptrix cannot honour: refused when set.
 _UNSUPPORTED = {
     "layer_replication": "layer replication duplicates base layers",
-    "target_parameters": "LoRA on nn.Parameter targets (MoE experts)",
     "trainable_token_indices": "trainable token embeddings",
     "alora_invocation_tokens": "activated LoRA depends on the input tokens and cannot be merged",
     "use_qalora": "QA-LoRA pools the input groupwise",
@@ -54,7 +53,7 @@ _HARMLESS = {
 _SUPPORTED = {
     "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
     "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "bias",
-    "use_dora", "lora_bias",
+    "use_dora", "lora_bias", "target_parameters",
 }  # fmt: skip
 
 
@@ -121,6 +120,7 @@ def _settings(raw: dict, file: Path) -> LoraSettings:
             rank_pattern=pattern_numbers(raw.get("rank_pattern"), integer, "rank_pattern"),
             alpha_pattern=pattern_numbers(raw.get("alpha_pattern"), finite, "alpha_pattern"),
             target_modules=selector(raw.get("target_modules"), "target_modules"),
+            target_parameters=module_names(raw.get("target_parameters"), "target_parameters"),
             exclude_modules=selector(raw.get("exclude_modules"), "exclude_modules"),
             layers_to_transform=layer_indices(raw.get("layers_to_transform")),
             layers_pattern=selector(raw.get("layers_pattern"), "layers_pattern", "layer"),

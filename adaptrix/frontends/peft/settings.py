@@ -47,6 +47,11 @@ class LoraSettings:
     projection_prng_key: int = 0  # VeRA: the seed of the shared projections
     save_projection: bool = True  # VeRA: whether the shared projections are in the adapter file
     task_type: str | None = None  # SEQ_CLS lets a saved classifier head come with the adapter
+    target_parameters: tuple[str, ...] = ()  # parameters PEFT wraps (ParamWrapper): MoE experts, routers
+
+    def targets_parameter(self, key: str) -> bool:
+        """Whether PEFT's target_parameters wraps parameter `key` (its name inside the base model)."""
+        return any(key == t or key.endswith(f".{t}") for t in self.target_parameters)
 
     def rank(self, key: str) -> int:
         """The rank PEFT gives module `key` (rank_pattern first, then r)."""

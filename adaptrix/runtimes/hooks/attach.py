@@ -1,9 +1,10 @@
 """attach / detach / switch: hook bundles onto a plain PyTorch model and take them off again.
 
 Attaching never changes a parameter's values: deltas are added to module outputs by forward
-hooks, and a replaced module's parameters (PEFT modules_to_save) are swapped for new Parameter
-objects whose originals are put back on detach. So a detached model is bit for bit the model
-it was, state_dict included.
+hooks, a packed parameter (transformers 5's MoE experts) is swapped for W + delta while its
+module runs (packed_hook.py), and a replaced module's parameters (PEFT modules_to_save) are
+swapped for new Parameter objects whose originals are put back on detach. So a detached model
+is bit for bit the model it was, state_dict included.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from adaptrix.runtimes.hooks.bottleneck import BottleneckHook
 from adaptrix.runtimes.hooks.bundle import Bundle, ModuleEntry, load_bundle
 from adaptrix.runtimes.hooks.fit import fit_bottlenecks, fit_modules
 from adaptrix.runtimes.hooks.module_hook import ModuleHook, compute_dtype
+from adaptrix.runtimes.hooks.packed_hook import PackedHook
 from adaptrix.runtimes.hooks.quantized_weight import plain_dtype
 from adaptrix.runtimes.hooks.route import RouteHook
 from adaptrix.runtimes.hooks.shared_input import share_inputs
@@ -100,8 +102,16 @@ class Handle:
             for entry, modules in bottlenecks or []:
                 hook = BottleneckHook(self, entry, self.bundle, modules)
                 self._removers.extend(hook.register(modules))
+            packed: dict[tuple[int, str], list] = {}
+            for entry, module in fitted:
+                if entry.packed is not None:
+                    packed.setdefault((id(module), entry.packed["param"]), [module]).append(entry)
+            for module, *entries in packed.values():
+                self._removers.extend(PackedHook(self, module, entries, self.bundle).register(module))
             hooked = []
             for entry, module in fitted:
+                if entry.packed is not None:
+                    continue
                 for name, key in entry.replace.items():
                     self._swap(module, name, self.bundle.tensors[key])
                 if entry.route:

@@ -83,6 +83,7 @@ class ModuleEntry:
     scale_out: str | None = None
     scale_in: str | None = None
     route: dict | None = None  # a routed module (adaptrix.runtimes.hooks.route)
+    packed: dict | None = None  # {module, param, expert, rows}: the weight is rows of that parameter
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SECTION_KEYS = {"format_version", "tensors_file", "dtype", "base", "modules", "bottlenecks"}
 _ENTRY_KEYS = {"name", "layout", "sites", "weight_shape", "out_features", "probe", "lora", "dora", "bias",
-               "replace", "dense", "scale_out", "scale_in", "route"}  # fmt: skip
+               "replace", "dense", "scale_out", "scale_in", "route", "packed"}  # fmt: skip
 _PROBE_KEYS = {"tensor", "shape", "dtype", "indices", "values"}
 _MAX_PROBES = 64
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -154,8 +154,30 @@ def module_fields(raw: object, file: Path, number: int) -> dict:
     if out != (shape[0] if layout == "linear" else shape[-1]):
         _refuse(file, f"{where}.out_features", f"{out} does not match weight_shape {shape} ({layout})")
     probe = check_probe(entry.get("probe"), math.prod(shape), file, f"{where}.probe")
+    deltas = _deltas(entry, layout, file, where)
+    packed = _packed(entry.get("packed"), shape, layout, deltas, file, f"{where}.packed")
     return {"name": name, "layout": layout, "sites": tuple(sites), "weight_shape": tuple(shape),
-            "out_features": out, "probe": probe, **_deltas(entry, layout, file, where)}  # fmt: skip
+            "out_features": out, "probe": probe, "packed": packed, **deltas}  # fmt: skip
+
+
+def _packed(raw: object, shape: list[int], layout: str, deltas: dict, file: Path, where: str) -> dict | None:
+    """Where the loaded model keeps the weight: rows of a module's parameter (one expert's, or all)."""
+    if raw is None:
+        return None
+    packed = _object(raw, file, where, {"module", "param", "expert", "rows"})
+    string(packed.get("module"), file, f"{where}.module")
+    if not PARAMETER_NAME.fullmatch(str(packed.get("param"))):
+        _refuse(file, f"{where}.param", f"{packed.get('param')!r:.40} is not a parameter name")
+    if packed.get("expert") is not None:
+        nonnegative_int(packed["expert"], file, f"{where}.expert")
+    rows = packed.get("rows")
+    if not (isinstance(rows, list) and len(rows) == 2 and all(is_int(n) and n >= 0 for n in rows)
+            and rows[1] - rows[0] == shape[0]):  # fmt: skip
+        _refuse(file, f"{where}.rows", f"expected [first, last] spanning {shape[0]} rows, found {rows!r:.60}")
+    others = [key for key in ("dora", "bias", "dense", "scale_out", "scale_in") if deltas[key]]
+    if layout != "linear" or deltas["replace"] or others or deltas["lora"] is None:
+        _refuse(file, where, "a packed weight takes a linear layout and a LoRA pair only")
+    return packed
 
 
 def _deltas(entry: dict, layout: str, file: Path, where: str) -> dict:

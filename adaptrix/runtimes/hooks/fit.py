@@ -36,6 +36,9 @@ def fit_modules(
     probed = set(_spread(len(bundle.modules), _PROBED_MODULES))
     found = []
     for number, entry in enumerate(bundle.modules):
+        if entry.packed is not None:
+            found.append((entry, _fit_packed(model, bundle, entry, modules, number in probed)))
+            continue
         module = find_module(model, entry.name, modules)
         if module is None:
             _refuse(bundle, f"the model has no module {entry.name!r} ({', '.join(entry.sites)})")
@@ -48,6 +51,28 @@ def fit_modules(
             _check_probe(bundle, entry, weight, module)
         found.append((entry, module))
     return found
+
+
+def _fit_packed(model, bundle: Bundle, entry: ModuleEntry, modules: dict, probe: bool) -> torch.nn.Module:
+    """The loaded module holding a packed weight, checked: its parameter's rows have the weight's shape."""
+    packed = entry.packed
+    module = find_module(model, packed["module"], modules)
+    param = module._parameters.get(packed["param"]) if module is not None else None
+    if param is None:
+        _refuse(bundle, f"the model has no parameter {packed['module']}.{packed['param']} "
+                        f"({', '.join(entry.sites)})")  # fmt: skip
+    expert, (first, last) = packed["expert"], packed["rows"]
+    weight = param if expert is None else param[expert] if expert < param.shape[0] else None
+    if weight is None or weight.dim() != 2 or last > weight.shape[0]:
+        _refuse(bundle, f"{packed['module']}.{packed['param']} {list(param.shape)} holds no expert {expert} "
+                        f"rows {first}..{last}")  # fmt: skip
+    weight = weight[first:last]
+    if list(weight.shape) != list(entry.weight_shape):
+        _refuse(bundle, f"{entry.name}.weight is {list(weight.shape)} in {packed['module']}."
+                        f"{packed['param']}, expected {list(entry.weight_shape)}")  # fmt: skip
+    if probe:
+        _check_probe(bundle, entry, weight, module)
+    return module
 
 
 def _spread(count: int, most: int) -> list[int]:
