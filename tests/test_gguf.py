@@ -124,7 +124,7 @@ def test_misfit_adapter_is_refused_before_anything_is_written(made, bases, tmp_p
     _, adapter = made("llama")
     wide = bases("llama", "gguf-wide", hidden_size=64)
     save_tokenizer(wide)
-    with pytest.raises(BadInputError):
+    with pytest.raises(BadInputError, match="does not fit this base"):
         compile_adapter(adapter, wide, "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
