@@ -7,6 +7,8 @@ artifact's GGUF LoRA files are applied at load time, one adapter per loaded mode
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +56,10 @@ class GgufModel:
                 raise BadInputError(f"has no adapter {adapter!r}", path=self.path,
                                     fix=f"choose one of: {', '.join(lora) or '(none: merged)'}")  # fmt: skip
             kwargs["lora_path"] = str(self.path / lora[adapter]["file"])
-        return Llama(model_path=str(self.path / GGUF_MODEL), logits_all=logits_all, n_ctx=max(n_ctx, 8),
-                     n_threads=self.threads, verbose=False, type_k=_F32, type_v=_F32, **kwargs)  # fmt: skip
+        with _plain_weights():
+            return Llama(model_path=str(self.path / GGUF_MODEL), logits_all=logits_all,
+                         n_ctx=max(n_ctx, 8), n_threads=self.threads, verbose=False, type_k=_F32,
+                         type_v=_F32, **kwargs)  # fmt: skip
 
     def logits(self, rows: list[list[int]], adapter: str | None = None) -> np.ndarray:
         """Logits [rows, positions, vocab] of equal-length token id rows, each run from an empty cache."""
@@ -107,6 +111,31 @@ class GgufModel:
         from llama_cpp import Llama
 
         return Llama(model_path=str(self.path / GGUF_MODEL), vocab_only=True, verbose=False)
+
+
+@contextmanager
+def _plain_weights() -> Iterator[None]:
+    """Load weights as stored, not repacked into llama.cpp's extra CPU buffer types.
+
+    llama-cpp-python 0.3.36 exposes no option for it (llama.cpp's `use_extra_bufts`), and on a CPU
+    with AMX its repacked Q8_0 / Q4_0 / Q4_1 path crashed in eval (segfault) on these models, the
+    converter's own file included; repacking only speeds the CPU kernels up. The default params
+    are set for the Llama built inside this block only.
+    """
+    import llama_cpp.llama_cpp as native
+
+    default = native.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    native.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = default
 
 
 def open_gguf(path: Path | str, threads: int | None = None) -> GgufModel:
