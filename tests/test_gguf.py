@@ -102,7 +102,9 @@ def test_f16_gguf_logits_within_f16_tolerance_of_pefts(made, tmp_path, family):
 _SCALES = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}
 
 
-@pytest.mark.parametrize(("family", "lora"), [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {})])
+@pytest.mark.parametrize(
+    ("family", "lora"), [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {})]
+)
 def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path, family, lora):
     base, adapter = made(family, **lora)
     compile_adapter(adapter, base, "gguf", tmp_path / "merged", quantize="f32")
