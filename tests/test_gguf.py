@@ -175,3 +175,20 @@ def test_a_base_without_tokenizer_json_is_refused_in_one_line(bases, peft_adapte
     with pytest.raises(UnsupportedError, match=r"no tokenizer\.json"):
         compile_adapter(peft_adapters("llama"), bases("llama"), "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}  # fmt: skip
+
+
+def test_llama3_rope_scaling_is_written_as_the_converters_rope_freqs(bases, tmp_path):
+    # theta 5e5 and an original context of 16: of head_dim 8's four frequencies, one is smoothed and
+    # three are divided by 8, so a file without rope_freqs would compute other logits
+    base = bases("llama", "gguf-llama3", rope_scaling=_LLAMA3_ROPE, rope_theta=500000.0)
+    save_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter("llama", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    ids = _ids("llama")
+    expected = peft_logits("llama", base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
