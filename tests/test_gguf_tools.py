@@ -74,6 +74,14 @@ def test_cli_run_generates_pefts_greedy_tokens_merged_and_unmerged(llama):
     # llama.cpp's tokenizer, read from the GGUF's metadata, splits the text as the base's own does
     own = AutoTokenizer.from_pretrained(base)("hi there")["input_ids"]
     assert json.loads(text.stdout)["results"][0]["prompt_ids"] == own
+    args = ["run", str(merged), "--prompt", "hi", "--chat", "--max-new-tokens", "2", "--json"]
+    chat = runner.invoke(app, args)
+    assert chat.exit_code == 0, chat.output
+    templated = AutoTokenizer.from_pretrained(base).apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True
+    )
+    templated = templated["input_ids"] if isinstance(templated, dict) else templated
+    assert json.loads(chat.stdout)["results"][0]["prompt_ids"] == list(templated)
 
 
 def test_verify_checks_the_gguf_files_against_the_manifest(llama, tmp_path):

@@ -48,15 +48,9 @@ def run_command(
     if bool(prompt_ids) == bool(prompt) or (chat and not prompt):
         call(lambda: _refuse_prompts(chat))
     if (artifact / GGUF_MODEL).is_file():
-        if chat:
-            call(_refuse_gguf_chat)
-        options = {
-            "threads": threads,
-            "max_new_tokens": max_new_tokens,
-            "adapter": adapter,
-            "stop_at_eos": eos,
-        }
-        _run_gguf(artifact, prompt or [], prompt_ids or [], options, as_json)
+        options = {"threads": threads, "max_new_tokens": max_new_tokens, "adapter": adapter,
+                   "stop_at_eos": eos}  # fmt: skip
+        _run_gguf(artifact, prompt or [], prompt_ids or [], chat, options, as_json)
         return
     tokenizer = call(lambda: _tokenizer(artifact)) if prompt else None  # loaded once, for both ways
     if prompt:
@@ -99,14 +93,17 @@ def _run_prompts(model, prompts: list[list[int]], max_new_tokens: int | None, ad
             for ids in prompts]  # fmt: skip
 
 
-def _run_gguf(artifact: Path, texts: list[str], ids_text: list[str], options: dict, as_json: bool) -> None:
+def _run_gguf(
+    artifact: Path, texts: list[str], ids_text: list[str], chat: bool, options: dict, as_json
+) -> None:
     """A GGUF artifact, run by llama.cpp: greedy ids, and their text by the GGUF's own tokenizer."""
     from adaptrix.runtimes.gguf import open_gguf
 
     model = call(lambda: open_gguf(artifact, options.pop("threads")))
     count = options.pop("max_new_tokens")
     if texts:
-        prompts = [call(lambda text=text: model.tokenize(text)) for text in texts]
+        encode = model.chat if chat else model.tokenize
+        prompts = [call(lambda text=text: encode(text)) for text in texts]
     else:
         prompts = [call(lambda text=text: _parse_ids(text)) for text in ids_text]
     results = []
@@ -119,12 +116,6 @@ def _run_gguf(artifact: Path, texts: list[str], ids_text: list[str], options: di
     for result in results:
         for line in (",".join(map(str, result["generated_ids"])), result["text"]):
             out.print(line, markup=False, highlight=False, soft_wrap=True)
-
-
-def _refuse_gguf_chat() -> None:
-    raise BadInputError(
-        "--chat is not supported for GGUF artifacts yet", fix="give the formatted text with --prompt"
-    )
 
 
 def _refuse_prompts(chat: bool) -> None:

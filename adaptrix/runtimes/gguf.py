@@ -99,6 +99,24 @@ class GgufModel:
         finally:
             llm.close()
 
+    def chat(self, text: str) -> list[int]:
+        """`text` as a user message in the GGUF's chat template (rendered as transformers does), as ids."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        llm = self._vocab()
+        try:
+            template = llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise BadInputError("has no chat template in its GGUF metadata", path=self.path,
+                                    fix="drop --chat")  # fmt: skip
+            ends = (llm.token_eos(), llm.token_bos())
+            eos, bos = (llm.detokenize([token], special=True).decode() for token in ends)
+            message = {"role": "user", "content": text}
+            prompt = Jinja2ChatFormatter(template, eos, bos)(messages=[message]).prompt
+            return llm.tokenize(prompt.encode(), add_bos=False, special=True)  # no BOS beyond the template's
+        finally:
+            llm.close()
+
     def detokenize(self, ids: list[int]) -> str:
         """Token ids as text, by llama.cpp's tokenizer."""
         llm = self._vocab()
