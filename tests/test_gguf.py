@@ -192,3 +192,24 @@ def test_llama3_rope_scaling_is_written_as_the_converters_rope_freqs(bases, tmp_
     ids = _ids("llama")
     expected = peft_logits("llama", base, adapter, {"input_ids": torch.tensor([ids])})[0]
     assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
+
+
+def test_tensors_are_merged_one_at_a_time_after_the_header_is_written(made, tmp_path, monkeypatch):
+    import gguf
+
+    from adaptrix.targets.gguf import tensors
+
+    base, adapter = made("llama")
+    events = []
+    merged_value, write_data, write_infos = tensors.merged_value, gguf.GGUFWriter.write_tensor_data, None
+    write_infos = gguf.GGUFWriter.write_ti_data_to_file
+    monkeypatch.setattr(
+        tensors, "merged_value", lambda *a, **k: events.append("merge") or merged_value(*a, **k)
+    )
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data",
+                        lambda self, t, *a: events.append("write") or write_data(self, t, *a))  # fmt: skip
+    monkeypatch.setattr(gguf.GGUFWriter, "write_ti_data_to_file",
+                        lambda self: events.append("infos") or write_infos(self))  # fmt: skip
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    assert events[0] == "infos" and events.count("infos") == 1
+    assert events[1:] == ["merge", "write"] * (len(events[1:]) // 2)  # never two tensors held at once
