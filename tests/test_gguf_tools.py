@@ -96,3 +96,20 @@ def test_verify_checks_the_gguf_files_against_the_manifest(llama, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     problems = verify_artifact(copy).problems
     assert any("tensors, the manifest says" in line for line in problems), problems
+
+
+def test_a_damaged_gguf_or_gguf_section_is_a_finding_or_a_one_line_refusal(llama, tmp_path):
+    import shutil
+
+    _, _, merged, unmerged = llama
+    copy = shutil.copytree(unmerged, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["gguf"]["lora"] = [1]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_artifact(copy).problems == ["manifest.json: the gguf section is malformed"]
+    refused = runner.invoke(app, ["run", str(copy), "--prompt-ids", "5,6", "--max-new-tokens", "1"])
+    assert refused.exit_code == 2 and "malformed gguf section" in refused.output
+    damaged = shutil.copytree(merged, tmp_path / "damaged")
+    (damaged / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+    problems = verify_artifact(damaged).problems
+    assert any(line.startswith("model.gguf: not a GGUF file") for line in problems), problems

@@ -185,18 +185,21 @@ def _check_gguf(root: Path, real_root: Path, section: dict) -> list[str]:
     """The GGUF files parse, hold the manifest's architecture and tensor count; LoRA files are adapters."""
     from gguf import GGUFReader
 
+    lora = section.get("lora") if isinstance(section, dict) else None
+    if not isinstance(section, dict) or not isinstance(lora or {}, dict):
+        return ["manifest.json: the gguf section is malformed"]
+    names = [entry.get("file") if isinstance(entry, dict) else None for entry in (lora or {}).values()]
+    if not all(isinstance(name, str) for name in names):
+        return ["manifest.json: a GGUF LoRA entry names no file"]
     problems = []
-    files = {
-        GGUF_MODEL: "model",
-        **{entry["file"]: "adapter" for entry in (section.get("lora") or {}).values()},
-    }
+    files = {GGUF_MODEL: "model", **dict.fromkeys(names, "adapter")}
     for name, kind in files.items():
         file = root / name
         if not file.is_file() or not _inside(real_root, file):
             continue  # reported as a missing or outside output already
         try:
             reader = GGUFReader(file)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:  # a damaged file
             problems.append(f"{name}: not a GGUF file llama.cpp's reader can parse ({type(exc).__name__})")
             continue
         fields = {key: reader.fields[key].contents() for key in ("general.architecture", "general.type")

@@ -166,4 +166,20 @@ def open_gguf(path: Path | str, threads: int | None = None) -> GgufModel:
     manifest = read_json(manifest_file, what="manifest")
     if not isinstance(manifest, dict) or manifest.get("target") != "gguf":
         raise BadInputError("was not compiled for --target gguf", path=path)
-    return GgufModel(path, dict(manifest.get("gguf") or {}), threads)
+    section = manifest.get("gguf")
+    lora = section.get("lora") if isinstance(section, dict) else None
+    files = lora.values() if isinstance(lora, dict) else ()
+    if (
+        not isinstance(section, dict)
+        or not isinstance(lora, dict | None)
+        or not all(_lora_file(e) for e in files)
+    ):
+        raise BadInputError("has a malformed gguf section in manifest.json", path=manifest_file,
+                            fix="compile the artifact again")  # fmt: skip
+    return GgufModel(path, section, threads)
+
+
+def _lora_file(entry: object) -> bool:
+    """Whether a manifest's LoRA entry names a plain file of the artifact's own folder."""
+    name = entry.get("file") if isinstance(entry, dict) else None
+    return isinstance(name, str) and name.endswith(".gguf") and "/" not in name and not name.startswith(".")
