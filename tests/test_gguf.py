@@ -213,3 +213,18 @@ def test_tensors_are_merged_one_at_a_time_after_the_header_is_written(made, tmp_
     compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
     assert events[0] == "infos" and events.count("infos") == 1
     assert events[1:] == ["merge", "write"] * (len(events[1:]) // 2)  # never two tensors held at once
+
+
+def test_a_lora_on_a_tied_embedding_writes_the_untied_head_as_output_weight(bases, tmp_path):
+    import gguf
+
+    base = bases("qwen2", "gguf-tied", tie_word_embeddings=True)
+    save_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter("qwen2", base, tmp_path / "adapter", target_modules=["q_proj", "embed_tokens"])
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "out" / "model.gguf").tensors}
+    assert "output.weight" in names  # the base's embedding; token_embd.weight has the LoRA merged
+    ids = _ids("qwen2")
+    expected = peft_logits("qwen2", base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
