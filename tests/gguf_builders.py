@@ -43,6 +43,40 @@ def save_tokenizer(base: Path, vocab_size: int = VOCAB) -> Path:
     return base
 
 
+def save_sentencepiece_style_tokenizer(base: Path, vocab_size: int = VOCAB) -> Path:
+    """A SentencePiece-style BPE tokenizer.json (byte fallback, "▁" for spaces: Llama 2, Mistral, Gemma).
+
+    Ids 0..2 are <unk> <s> </s>; then "▁", letters and digits, "▁" + each of them, up to `vocab_size`.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    pieces = ["<unk>", "<s>", "</s>", "\u2581", *symbols]
+    merges = []
+    for symbol in symbols:
+        if len(pieces) == vocab_size:
+            break
+        merges.append(("\u2581", symbol))
+        pieces.append("\u2581" + symbol)
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    assert len(vocab) == vocab_size, len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    # BOS first, as Llama 2's tokenizer.json has it (llama.cpp adds it to SPM vocabularies by default)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                           decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # fmt: skip
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(base)
+    return base
+
+
 def llama_logits(model: Path, ids: list[int], lora: Path | None = None) -> torch.Tensor:
     """llama.cpp's logits (one row per position) for the token ids, through llama-cpp-python."""
     from llama_cpp import Llama

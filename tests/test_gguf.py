@@ -228,3 +228,22 @@ def test_a_lora_on_a_tied_embedding_writes_the_untied_head_as_output_weight(base
     ids = _ids("qwen2")
     expected = peft_logits("qwen2", base, adapter, {"input_ids": torch.tensor([ids])})[0]
     assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
+
+
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_vocabulary(bases, tmp_path):
+    import gguf
+    from gguf_builders import save_sentencepiece_style_tokenizer
+    from transformers import AutoTokenizer
+
+    from adaptrix.runtimes.gguf import open_gguf
+
+    base = bases("llama", "gguf-spm")
+    save_sentencepiece_style_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter("llama", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    text = "hi there Bob"
+    own = AutoTokenizer.from_pretrained(base)(text)["input_ids"]
+    assert open_gguf(tmp_path / "out").tokenize(text) == own  # llama.cpp's SPM tokenizer splits it the same
