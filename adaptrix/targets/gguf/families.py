@@ -29,7 +29,7 @@ class GgufFamily:
     arch: gguf.MODEL_ARCH
     hparams: Callable[[Writer, dict], None]
     permute_qk: bool = False  # llama's rotary layout: q / k rows regrouped per head (LlamaModel.permute)
-    norm_plus_one: bool = False  # RMSNorm weights computed as (1 + w): stored as such
+    norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w); llama.cpp by its stored weight: w + 1
     transposed: tuple[str, ...] = ()  # Conv1D weights stored [in, out]: name suffixes
     neox_qkv: bool = False  # query_key_value per head (n_head, 3, d): regrouped as [q | k | v]
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
