@@ -43,7 +43,7 @@ def save_tokenizer(base: Path, vocab_size: int = VOCAB) -> Path:
     return base
 
 
-def save_sentencepiece_style_tokenizer(base: Path, vocab_size: int = VOCAB) -> Path:
+def save_sentencepiece_style_tokenizer(base: Path, vocab_size: int = VOCAB, prepend: bool = True) -> Path:
     """A SentencePiece-style BPE tokenizer.json (byte fallback, "▁" for spaces: Llama 2, Mistral, Gemma).
 
     Ids 0..2 are <unk> <s> </s>; then "▁", letters and digits, "▁" + each of them, up to `vocab_size`.
@@ -62,9 +62,9 @@ def save_sentencepiece_style_tokenizer(base: Path, vocab_size: int = VOCAB) -> P
     vocab = {piece: index for index, piece in enumerate(pieces)}
     assert len(vocab) == vocab_size, len(vocab)
     tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
-    )
+    spaces = [normalizers.Replace(" ", "\u2581")]  # Gemma's: no "▁" prepended to the text
+    prepended = [normalizers.Prepend("\u2581"), *spaces]
+    tokenizer.normalizer = normalizers.Sequence(prepended if prepend else spaces)
     # BOS first, as Llama 2's tokenizer.json has it (llama.cpp adds it to SPM vocabularies by default)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),

@@ -230,15 +230,16 @@ def test_a_lora_on_a_tied_embedding_writes_the_untied_head_as_output_weight(base
     assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
 
 
-def test_a_sentencepiece_style_tokenizer_is_written_as_llama_vocabulary(bases, tmp_path):
+@pytest.mark.parametrize("prepend", [True, False])  # Llama 2's normalizer prepends "▁", Gemma's does not
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_vocabulary(bases, tmp_path, prepend):
     import gguf
     from gguf_builders import save_sentencepiece_style_tokenizer
     from transformers import AutoTokenizer
 
     from adaptrix.runtimes.gguf import open_gguf
 
-    base = bases("llama", "gguf-spm")
-    save_sentencepiece_style_tokenizer(base)
+    base = bases("llama", f"gguf-spm-{prepend}")
+    save_sentencepiece_style_tokenizer(base, prepend=prepend)
     torch.manual_seed(1)
     adapter = make_adapter("llama", base, tmp_path / "adapter")
     compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")

@@ -40,7 +40,8 @@ def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
         raise UnsupportedError(f"a {model.get('type')} tokenizer: the gguf target writes BPE tokenizers",
                                path=file, fix="use --target merged, then llama.cpp's converter")  # fmt: skip
     if model.get("byte_fallback") and (spec.get("decoder") or {}).get("type") == "Sequence":
-        return _add_llama_hf(writer, base, vocab_size)  # SentencePiece-style BPE (Llama 2, Mistral, Gemma)
+        # SentencePiece-style BPE (Llama 2, Mistral, Gemma)
+        return _add_llama_hf(writer, base, vocab_size, _prepends_space(spec))
     tokens, types = _tokens(spec, vocab_size, file)
     pre = _pre_tokenizer(file)
     writer.add_tokenizer_model("gpt2")
@@ -52,7 +53,7 @@ def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
     return {"model": "gpt2", "pre": pre, "tokens": len(tokens), "chat_template": bool(special.chat_template)}
 
 
-def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
+def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, vocab_size: int, space_prefix: bool) -> dict:
     """A SentencePiece-style tokenizer.json as the converter's _set_vocab_llama_hf writes it, padded."""
     vocab = gguf.LlamaHfVocab(base)
     tokens, scores, types = [], [], []
@@ -66,6 +67,8 @@ def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
         types.append(gguf.TokenType.UNUSED)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
+    if not space_prefix:  # llama.cpp prepends a space to SentencePiece input unless told not to (Gemma)
+        writer.add_add_space_prefix(False)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
@@ -77,6 +80,13 @@ def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
         "tokens": len(tokens),
         "chat_template": bool(special.chat_template),
     }
+
+
+def _prepends_space(spec: dict) -> bool:
+    """Whether the tokenizer's normalizer prepends "▁" to the text (Llama 2, Mistral; not Gemma)."""
+    normalizer = spec.get("normalizer") or {}
+    steps = normalizer.get("normalizers") or [normalizer]
+    return any(isinstance(step, dict) and step.get("type") == "Prepend" for step in steps)
 
 
 def _tokens(spec: dict, vocab_size: int, file: Path) -> tuple[list[str], list[int]]:
