@@ -1,6 +1,8 @@
 """The `onnx-cpu` and `onnx-cuda` targets: an onnxruntime model directory, merged or unmerged.
 
-The base is exported once per (weights, dtype, task) with optimum and cached; each compile
+The base is exported once per (weights, dtype, task) and cached, by optimum where it is installed
+(transformers 4.57), else by onnxruntime-genai's model builder (decoders it builds, transformers 5)
+or torch.onnx (exporters.py says which, and the manifest records it); each compile
 copies the cached graph and patches the adapter into it (merged; bottleneck adapters become
 nodes), or adds LoRA and IA3 inputs and writes one `.onnx_adapter` file per adapter (`unmerged`;
 LoHa and LoKr go there as their exact low-rank forms, IA3 as scale vectors).
@@ -12,6 +14,7 @@ it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -22,6 +25,7 @@ import torch
 
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import hash_files
+from adaptrix.io.jsonfile import read_json
 from adaptrix.io.side_files import copy_side_files
 from adaptrix.ir.bottleneck import refuse_bottlenecks
 from adaptrix.ir.errors import BadInputError, UnsupportedError
@@ -31,10 +35,12 @@ from adaptrix.lowering.head import new_head_sites, refuse_new_head
 from adaptrix.lowering.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
 from adaptrix.lowering.tensor_plan import plan_tensors
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
-from adaptrix.targets.onnx.export import DATA_NAME, MODEL_NAME, BaseExport, export_base
+from adaptrix.targets.onnx.builder_patch import builder_patches
+from adaptrix.targets.onnx.export import BUILDER_GENAI, DATA_NAME, MODEL_NAME, BaseExport, export_base
+from adaptrix.targets.onnx.exporters import BUILDER, OPTIMUM, choose_exporter
 from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.fuse import fuse_attention
-from adaptrix.targets.onnx.genai import write_genai_config
+from adaptrix.targets.onnx.genai import GENAI_CONFIG, write_genai_config
 from adaptrix.targets.onnx.ia3 import add_scale_inputs, scale_parameters
 from adaptrix.targets.onnx.loads import check_loads
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
@@ -99,6 +105,9 @@ def write_onnx(
                                fix="leave out --calibration (round-to-nearest blocks)")  # fmt: skip
     dtype = dtype or torch.float32
     seq2seq = task_of(base) == SEQ2SEQ_TASK
+    if choose_exporter(base, task_of(base)) == BUILDER:  # what its graph cannot take: before the export
+        _refuse_on_builder(unmerged=unmerged, calibration=calibration, bottlenecks=bool(bottlenecks),
+                           scales=any(module_scales(a, base) for _, a in adapters))  # fmt: skip
     if seq2seq:
         refuse_seq2seq_options(unmerged=unmerged, quantize=quantize, calibration=calibration,
                                bottlenecks=bool(bottlenecks))  # fmt: skip
@@ -108,14 +117,16 @@ def write_onnx(
              for name, adapter in adapters] if unmerged else []  # fmt: skip
     scales = [(name, module_scales(adapter, base)) for name, adapter in adapters] if unmerged else []
     phase("exporting the base to ONNX (first compile for this base)")  # a cached export: a moment
-    export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
+    provider = "cuda" if target == "onnx-cuda" else "cpu"
+    export = export_base(base, str(dtype).removeprefix("torch."), cache_dir, provider)
     if seq2seq:
         return _write_seq2seq(ir, base, export, out, dtype, phase)
     model = onnx.load(export.model, load_external_data=False)
     fused = None
-    if target == "onnx-cpu" and export.task == "text-generation-with-past":
+    if target == "onnx-cpu" and export.task == "text-generation-with-past" and export.exporter == OPTIMUM:
         fused = fuse_attention(model, base)  # first: patches and LoRA branches find nodes by position
-    section: dict = {"task": export.task, "base_export": export.key, "quantize": quantize}
+    section: dict = {"task": export.task, "exporter": export.exporter, "base_export": export.key,
+                     "quantize": quantize}  # fmt: skip
     if quantize in BLOCKED_SCHEMES:
         section["block_size"] = block_size
     exclude: list[str] = []
@@ -124,6 +135,9 @@ def write_onnx(
         values, lora, exclude = _unmerged(pairs, scales, base, model, dtype, export, out)
         section["lora"] = lora
         untied = False
+    elif export.exporter == BUILDER:
+        values = builder_patches(ir, base, model, export.path, progress)
+        untied = plan_tensors(ir, base)[1]
     else:
         values = merged_patches(ir, base, model, export.path, progress)
         untied = plan_tensors(ir, base)[1]
@@ -154,7 +168,10 @@ def write_onnx(
     digests = {DATA_NAME: write_model(model, export.path, values, out, DATA_NAME)}
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":
-        genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)
+        if export.exporter == BUILDER:
+            genai = _builder_genai_config(export, out)
+        else:
+            genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)
         files += [genai] if genai else []
         section["genai_config"] = genai
     files += copy_side_files(base, out, dtype, untied)
@@ -171,8 +188,29 @@ def _write_seq2seq(ir, base: Checkpoint, export: BaseExport, out: Path, dtype, p
     phase("merging the adapter into the encoder and decoder graphs")
     files, digests, section = write_seq2seq_graphs(ir, base, export, out)
     files += copy_side_files(base, out, dtype, plan_tensors(ir, base)[1])
-    section = {"task": export.task, "base_export": export.key, "quantize": None, **section}
+    section = {"task": export.task, "exporter": export.exporter, "base_export": export.key, "quantize": None,
+               **section}  # fmt: skip
     return Written(files, {"onnx": section}, digests)
+
+
+def _refuse_on_builder(*, unmerged: bool, calibration, bottlenecks: bool, scales: bool) -> None:
+    """What onnxruntime-genai's builder graph (packed QKV, fused attention) does not take yet."""
+    for asked, what in ((unmerged, "--unmerged LoRA inputs"), (calibration is not None, "--calibration"),
+                        (bottlenecks, "bottleneck adapters"), (scales, "IA3 scales")):  # fmt: skip
+        if asked:
+            raise UnsupportedError(
+                f"{what} on onnxruntime-genai's builder graph (the ONNX exporter where optimum is not "
+                "installed) are not supported",
+                fix='compile a merged LoRA, or install "adaptrix[onnx]" (transformers < 4.58) for optimum',
+            )
+
+
+def _builder_genai_config(export: BaseExport, out: Path) -> str:
+    """The builder's own genai_config.json (shared KV buffers, its model type), naming the written graph."""
+    genai = read_json(export.path / BUILDER_GENAI, what="the cached builder's genai config")
+    genai["model"]["decoder"]["filename"] = MODEL_NAME
+    (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
+    return GENAI_CONFIG
 
 
 def _check_calibration(calibration: Path | str | None, quantize: str | None, unmerged: bool) -> None:

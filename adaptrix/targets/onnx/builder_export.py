@@ -49,7 +49,8 @@ builder.create_model(None, base, out, precision, provider, cache, **options)
 def build_decoder(base: Checkpoint, dtype: str, provider: str, into: Path) -> tuple[onnx.ModelProto, dict]:
     """The builder's graph of `base` (weights loaded) and its genai config, built under `into`."""
     raw, cache = into / "raw", into / "builder-cache"
-    command = [sys.executable, "-c", _DRIVER, str(base.path), str(raw), _PRECISIONS[dtype], provider, str(cache)]
+    precision = _PRECISIONS[dtype]
+    command = [sys.executable, "-c", _DRIVER, str(base.path), str(raw), precision, provider, str(cache)]
     logger.info("exporting %s with onnxruntime-genai's model builder (%s, %s)", base.path, dtype, provider)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not (raw / "model.onnx").is_file():

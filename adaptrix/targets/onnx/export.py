@@ -18,7 +18,6 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import onnx
@@ -28,18 +27,18 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import hash_files
 from adaptrix.io.output import atomic_entry
 from adaptrix.ir.errors import BadInputError, UnsupportedError
-from adaptrix.targets.onnx.exporters import BUILDER, OPTIMUM, choose_exporter, exporter_versions
 from adaptrix.targets.onnx.export_outputs import export_kwargs
+from adaptrix.targets.onnx.exporters import BUILDER, OPTIMUM, choose_exporter, exporter_versions
 from adaptrix.targets.onnx.float16 import to_float16
 from adaptrix.targets.onnx.tasks import SEQ2SEQ_TASK, check_exportable, task_of
 from adaptrix.targets.onnx.torch_export import torch_export
 
 __all__ = [
+    "BUILDER_GENAI",
     "DATA_NAME",
     "EXPORT_FORMAT",
     "MODEL_NAME",
     "SEQ2SEQ_GRAPHS",
-    "BUILDER_GENAI",
     "BaseExport",
     "cache_root",
     "data_name",
@@ -107,7 +106,9 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
     return Path(root) / "adaptrix" / "onnx"
 
 
-def export_key(base: Checkpoint, dtype: str, task: str, exporter: str = OPTIMUM, provider: str = "cpu") -> str:
+def export_key(
+    base: Checkpoint, dtype: str, task: str, exporter: str = OPTIMUM, provider: str = "cpu"
+) -> str:
     """The cache key: the base's files, the dtype, the task, the exporter and its libraries' versions."""
     files = [f for f in base.files() if f.name.endswith(_WEIGHT_SUFFIXES) and f.name != MANIFEST_NAME]
     digests = hash_files(files)
@@ -157,8 +158,8 @@ def export_base(
         raise _in_the_way(entry)
     with atomic_entry(entry) as tmp:  # a killed export leaves nothing: its watcher, or the next export
         _EXPORTS[exporter](base, task, dtype, tmp, provider)
-        (tmp / "export.json").write_text(json.dumps({"key": key, "task": task, "dtype": dtype, "exporter": exporter,
-                                                     "base": str(base.path)}, indent=2) + "\n")  # fmt: skip
+        record = {"key": key, "task": task, "dtype": dtype, "exporter": exporter, "base": str(base.path)}
+        (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     if not (entry / "export.json").is_file():
         raise _in_the_way(entry)
     return cached

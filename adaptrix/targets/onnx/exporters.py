@@ -71,15 +71,26 @@ def choose_exporter(base: Checkpoint, task: str) -> str:
             f"ONNX for encoder-decoders ({family}) is exported by optimum-onnx, which is not installed"
             f" (transformers {version('transformers')} is)",
             path=base.path,
-            fix='pip install "adaptrix[onnx]" (it needs transformers < 4.58), or use --target merged or hooks',
+            fix='pip install "adaptrix[onnx]" (it needs transformers < 4.58), or --target merged or hooks',
         )
     architectures = set(base.config.get("architectures") or [])
-    if task == CAUSAL_TASK and has_builder() and architectures & BUILDER_ARCHITECTURES:
+    if task == CAUSAL_TASK and has_builder() and architectures & BUILDER_ARCHITECTURES and _gqa_heads(base):
         return BUILDER
     if task in _TORCH_TASKS:
         return TORCH
-    raise UnsupportedError(f"no ONNX exporter here has a {task} export for the {family} family",
-                           path=base.path, fix="use --target merged or --target hooks for this base")  # fmt: skip
+    raise UnsupportedError(
+        f"no ONNX exporter here has a {task} export for the {family} family",
+        path=base.path,
+        fix="use --target merged or --target hooks for this base",
+    )
+
+
+def _gqa_heads(base: Checkpoint) -> bool:
+    """Whether onnxruntime's GroupQueryAttention runs the base's heads (CPU kernel: head size % 16 == 0)."""
+    config = base.config
+    heads = max(config.get("num_attention_heads", 1), 1)
+    head = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    return bool(head) and head % 16 == 0
 
 
 def exporter_versions(exporter: str) -> dict[str, str]:

@@ -22,7 +22,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
@@ -35,17 +34,23 @@ logger = logging.getLogger(__name__)
 
 _OPSET = 17
 _FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError)
-_CLASSES = {CAUSAL_TASK: "AutoModelForCausalLM", "fill-mask": "AutoModelForMaskedLM",
-            "text-classification": "AutoModelForSequenceClassification", "feature-extraction": "AutoModel"}  # fmt: skip
+_CLASSES = {
+    CAUSAL_TASK: "AutoModelForCausalLM",
+    "fill-mask": "AutoModelForMaskedLM",
+    "text-classification": "AutoModelForSequenceClassification",
+    "feature-extraction": "AutoModel",
+}
 
 
 def torch_export(base: Checkpoint, task: str, file: Path) -> None:
     """Export `base` for `task` to `file` (weights beside it) with the TorchScript exporter."""
     import transformers
 
-    model = getattr(transformers, _CLASSES[task]).from_pretrained(
-        base.path, dtype=torch.float32, local_files_only=True, trust_remote_code=False, attn_implementation="eager"
-    ).eval()
+    model = (
+        getattr(transformers, _CLASSES[task])
+        .from_pretrained(base.path, dtype=torch.float32, local_files_only=True, attn_implementation="eager")
+        .eval()
+    )
     dense = _densify_experts(model)
     if dense:
         logger.info("exporting %d mixture-of-experts blocks dense (every expert on every token)", dense)
@@ -53,8 +58,8 @@ def torch_export(base: Checkpoint, task: str, file: Path) -> None:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer warns about every data-dependent branch it records
-            torch.onnx.export(wrapper, args, str(file), dynamo=False, opset_version=_OPSET, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes, do_constant_folding=True)  # fmt: skip
+            torch.onnx.export(wrapper, args, str(file), dynamo=False, opset_version=_OPSET,
+                              input_names=inputs, output_names=outputs, dynamic_axes=axes)  # fmt: skip
     except _FAILURES as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise UnsupportedError(
@@ -143,9 +148,12 @@ def _sliding_window(config, base: Checkpoint) -> int | None:
         return None
     kinds = set(getattr(config, "layer_types", None) or ["sliding_attention"])
     if kinds != {"sliding_attention"}:
-        raise UnsupportedError(f"torch.onnx export of a {config.model_type} base with layers of both full and "
-                               f"sliding-window attention ({sorted(kinds)}) is not supported here",
-                               path=base.path, fix="use --target merged or --target hooks for this base")  # fmt: skip
+        raise UnsupportedError(
+            f"torch.onnx export of a {config.model_type} base mixing full and sliding-window attention "
+            f"layers ({sorted(kinds)}) is not supported here",
+            path=base.path,
+            fix="use --target merged or --target hooks for this base",
+        )
     return int(window)
 
 
@@ -181,7 +189,7 @@ def dense_moe_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, 
     batch, length, hidden = hidden_states.shape
     flat = hidden_states.reshape(-1, hidden)
     router_logits = self.gate(flat)
-    weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+    weights = torch.softmax(router_logits, dim=1, dtype=torch.float)
     top, picked = torch.topk(weights, self.top_k, dim=-1)
     if getattr(self, "norm_topk_prob", True):  # Mixtral always normalizes; Qwen-MoE where configured
         top = top / top.sum(dim=-1, keepdim=True)
