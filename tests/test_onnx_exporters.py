@@ -58,13 +58,13 @@ def _adapter(family: str, base: Path, path: Path, **lora) -> Path:
     return make_adapter(family, base, path, **lora)
 
 
-def _check_logits(family: str, base: Path, adapter: Path, out: Path) -> None:
+def _check_logits(family: str, base: Path, adapter: Path, out: Path, name: str | None = None) -> None:
     inputs = sample_inputs(family)
     expected = peft_logits(family, base, adapter, inputs).numpy()
     feeds = {k: v.numpy() for k, v in inputs.items() if k != "input_ids"}
     types = feeds.pop("token_type_ids", None)
     ids = inputs["input_ids"].numpy()
-    got = open_onnx(out).logits(ids, feeds.get("attention_mask"), token_type_ids=types)
+    got = open_onnx(out).logits(ids, feeds.get("attention_mask"), token_type_ids=types, adapter=name)
     error = float(np.abs(got - expected).max())
     effect = float(np.abs(expected - model_logits(family, base, inputs).numpy()).max())
     assert error <= ONNX_FP32_TOLERANCE, error
@@ -72,19 +72,19 @@ def _check_logits(family: str, base: Path, adapter: Path, out: Path) -> None:
 
 
 @torch.no_grad()
-def _check_decoding(family: str, base: Path, adapter: Path, out: Path) -> None:
+def _check_decoding(family: str, base: Path, adapter: Path, out: Path, name: str | None = None) -> None:
     """Greedy decoding with the artifact's KV cache, step by step, against PEFT's full forward."""
     model = PeftModel.from_pretrained(load_model(family, base), adapter).eval()
     artifact = open_onnx(out)
     ids = sample_inputs(family, batch=1)["input_ids"]
-    logits, past = artifact.step(ids.numpy())
+    logits, past = artifact.step(ids.numpy(), adapter=name)
     tokens = []
     for _ in range(NEW_TOKENS):
         expected = model(torch.cat([ids, torch.tensor([tokens], dtype=ids.dtype)], dim=1)).logits[:, -1]
         assert float(np.abs(logits[:, -1] - expected.numpy()).max()) <= ONNX_FP32_TOLERANCE
         tokens.append(int(expected.argmax()))
-        logits, past = artifact.step(np.array([tokens[-1:]]), past)
-    assert artifact.generate(ids[0].tolist(), NEW_TOKENS) == tokens
+        logits, past = artifact.step(np.array([tokens[-1:]]), past, adapter=name)
+    assert artifact.generate(ids[0].tolist(), NEW_TOKENS, adapter=name) == tokens
 
 
 @needs_builder
@@ -101,6 +101,27 @@ def test_builder_graph_with_the_adapter_merged_equals_peft(family, bases, tmp_pa
     assert genai["model"]["decoder"]["filename"] == "model.onnx"
     _check_logits(family, base, adapter, tmp_path / "out")
     _check_decoding(family, base, adapter, tmp_path / "out")
+
+
+@needs_builder
+def test_builder_graph_unmerged_adapter_files_equal_peft(bases, tmp_path, cache):
+    base = bases("llama", "gqa-heads", **GQA_HEADS)
+    first = _adapter("llama", base, tmp_path / "first")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    second = _adapter("llama", base, tmp_path / "second", r=2, target_modules=targets)
+    out = tmp_path / "out"
+    compile_adapter([first, second], base, "onnx-cpu", out, cache_dir=cache, unmerged=True)
+    section = json.loads((out / "manifest.json").read_text())["onnx"]
+    assert section["exporter"] == "genai-builder"
+    assert sorted(section["lora"]["adapters"]) == ["first", "second"]
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    assert "GroupQueryAttention" in {n.op_type for n in graph.node}
+    for name, adapter in (("first", first), ("second", second)):
+        _check_logits("llama", base, adapter, out, name)
+    _check_decoding("llama", base, second, out, "second")
+    inputs = sample_inputs("llama")
+    plain = open_onnx(out).logits(inputs["input_ids"].numpy())  # no adapter active: the base
+    assert np.abs(plain - model_logits("llama", base, inputs).numpy()).max() <= ONNX_FP32_TOLERANCE
 
 
 @needs_builder

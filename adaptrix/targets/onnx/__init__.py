@@ -14,7 +14,6 @@ it) and, for decoders, genai_config.json (onnxruntime-genai runs it).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -25,7 +24,6 @@ import torch
 
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import hash_files
-from adaptrix.io.jsonfile import read_json
 from adaptrix.io.side_files import copy_side_files
 from adaptrix.ir.bottleneck import refuse_bottlenecks
 from adaptrix.ir.errors import BadInputError, UnsupportedError
@@ -35,12 +33,13 @@ from adaptrix.lowering.head import new_head_sites, refuse_new_head
 from adaptrix.lowering.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
 from adaptrix.lowering.tensor_plan import plan_tensors
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
+from adaptrix.targets.onnx.builder_graph import builder_genai_config, builder_uses, refuse_on_builder
 from adaptrix.targets.onnx.builder_patch import builder_patches
 from adaptrix.targets.onnx.export import BUILDER_GENAI, DATA_NAME, MODEL_NAME, BaseExport, export_base
 from adaptrix.targets.onnx.exporters import BUILDER, OPTIMUM, choose_exporter
 from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.fuse import fuse_attention
-from adaptrix.targets.onnx.genai import GENAI_CONFIG, write_genai_config
+from adaptrix.targets.onnx.genai import write_genai_config
 from adaptrix.targets.onnx.ia3 import add_scale_inputs, scale_parameters
 from adaptrix.targets.onnx.loads import check_loads
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
@@ -106,8 +105,8 @@ def write_onnx(
     dtype = dtype or torch.float32
     seq2seq = task_of(base) == SEQ2SEQ_TASK
     if choose_exporter(base, task_of(base)) == BUILDER:  # what its graph cannot take: before the export
-        _refuse_on_builder(unmerged=unmerged, calibration=calibration, bottlenecks=bool(bottlenecks),
-                           scales=any(module_scales(a, base) for _, a in adapters))  # fmt: skip
+        refuse_on_builder(calibration=calibration, bottlenecks=bool(bottlenecks),
+                          scales=any(module_scales(a, base) for _, a in adapters))  # fmt: skip
     if seq2seq:
         refuse_seq2seq_options(unmerged=unmerged, quantize=quantize, calibration=calibration,
                                bottlenecks=bool(bottlenecks))  # fmt: skip
@@ -118,7 +117,7 @@ def write_onnx(
     scales = [(name, module_scales(adapter, base)) for name, adapter in adapters] if unmerged else []
     phase("exporting the base to ONNX (first compile for this base)")  # a cached export: a moment
     provider = "cuda" if target == "onnx-cuda" else "cpu"
-    export = export_base(base, str(dtype).removeprefix("torch."), cache_dir, provider)
+    export = export_base(base, str(dtype).removeprefix("torch."), cache_dir, provider, packed=not unmerged)
     if seq2seq:
         return _write_seq2seq(ir, base, export, out, dtype, phase)
     model = onnx.load(export.model, load_external_data=False)
@@ -169,7 +168,7 @@ def write_onnx(
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":
         if export.exporter == BUILDER:
-            genai = _builder_genai_config(export, out)
+            genai = builder_genai_config(export.path / BUILDER_GENAI, out, MODEL_NAME)
         else:
             genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)
         files += [genai] if genai else []
@@ -191,26 +190,6 @@ def _write_seq2seq(ir, base: Checkpoint, export: BaseExport, out: Path, dtype, p
     section = {"task": export.task, "exporter": export.exporter, "base_export": export.key, "quantize": None,
                **section}  # fmt: skip
     return Written(files, {"onnx": section}, digests)
-
-
-def _refuse_on_builder(*, unmerged: bool, calibration, bottlenecks: bool, scales: bool) -> None:
-    """What onnxruntime-genai's builder graph (packed QKV, fused attention) does not take yet."""
-    for asked, what in ((unmerged, "--unmerged LoRA inputs"), (calibration is not None, "--calibration"),
-                        (bottlenecks, "bottleneck adapters"), (scales, "IA3 scales")):  # fmt: skip
-        if asked:
-            raise UnsupportedError(
-                f"{what} on onnxruntime-genai's builder graph (the ONNX exporter where optimum is not "
-                "installed) are not supported",
-                fix='compile a merged LoRA, or install "adaptrix[onnx]" (transformers < 4.58) for optimum',
-            )
-
-
-def _builder_genai_config(export: BaseExport, out: Path) -> str:
-    """The builder's own genai_config.json (shared KV buffers, its model type), naming the written graph."""
-    genai = read_json(export.path / BUILDER_GENAI, what="the cached builder's genai config")
-    genai["model"]["decoder"]["filename"] = MODEL_NAME
-    (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
-    return GENAI_CONFIG
 
 
 def _check_calibration(calibration: Path | str | None, quantize: str | None, unmerged: bool) -> None:
@@ -262,8 +241,12 @@ def _unmerged(pairs, scales, base: Checkpoint, model: onnx.ModelProto, dtype, ex
                 seen, out=_either(seen.out, each.out), in_=_either(seen.in_, each.in_)
             )
     # IA3 first: the LoRA branches then read the scaled input and add before the output scale.
-    vectors = add_scale_inputs(model, base_uses(base, model.graph), list(scaled.values()))
-    branches = add_lora_inputs(model, base_uses(base, model.graph), list(union.values()))
+    if export.exporter == BUILDER:  # its unpacked graph: each module's MatMul reads its own weight
+        uses = builder_uses(base, model, export.path, [pair.weight for pair in union.values()])
+    else:
+        uses = base_uses(base, model.graph)
+    vectors = add_scale_inputs(model, uses, list(scaled.values()))
+    branches = add_lora_inputs(model, uses, list(union.values()))
     version = model_version(export.key)
     lora = {
         "model_version": version,

@@ -34,6 +34,7 @@ from transformers import AutoConfig
 from onnxruntime_genai.models import builder
 
 base, out, precision, provider, cache = sys.argv[1:6]
+extra = sys.argv[6:]  # KEY=VALUE options of the builder
 
 def details(model_name, input_path, cache_dir, extra_options):
     config = AutoConfig.from_pretrained(input_path, local_files_only=True, trust_remote_code=False)
@@ -41,16 +42,22 @@ def details(model_name, input_path, cache_dir, extra_options):
 
 builder.get_hf_details = details
 builder.Model.save_processing = lambda self, *args: None
-options = builder.parse_extra_options(None, base, out, precision, provider, cache, [])
+options = builder.parse_extra_options(None, base, out, precision, provider, cache, extra)
 builder.create_model(None, base, out, precision, provider, cache, **options)
 """
 
 
-def build_decoder(base: Checkpoint, dtype: str, provider: str, into: Path) -> tuple[onnx.ModelProto, dict]:
-    """The builder's graph of `base` (weights loaded) and its genai config, built under `into`."""
+def build_decoder(
+    base: Checkpoint, dtype: str, provider: str, into: Path, packed: bool = True
+) -> tuple[onnx.ModelProto, dict]:
+    """The builder's graph of `base` (weights loaded) and its genai config, built under `into`.
+
+    Not `packed`: q / k / v as three MatMuls (the builder's `fuse_qkv=false`), for LoRA branches.
+    """
     raw, cache = into / "raw", into / "builder-cache"
     precision = _PRECISIONS[dtype]
     command = [sys.executable, "-c", _DRIVER, str(base.path), str(raw), precision, provider, str(cache)]
+    command += [] if packed else ["fuse_qkv=false"]
     logger.info("exporting %s with onnxruntime-genai's model builder (%s, %s)", base.path, dtype, provider)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not (raw / "model.onnx").is_file():

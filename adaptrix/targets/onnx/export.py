@@ -107,7 +107,12 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
 
 
 def export_key(
-    base: Checkpoint, dtype: str, task: str, exporter: str = OPTIMUM, provider: str = "cpu"
+    base: Checkpoint,
+    dtype: str,
+    task: str,
+    exporter: str = OPTIMUM,
+    provider: str = "cpu",
+    packed: bool = True,
 ) -> str:
     """The cache key: the base's files, the dtype, the task, the exporter and its libraries' versions."""
     files = [f for f in base.files() if f.name.endswith(_WEIGHT_SUFFIXES) and f.name != MANIFEST_NAME]
@@ -119,17 +124,23 @@ def export_key(
         "task": task,
         "exporter": exporter,
         "provider": provider if exporter == BUILDER else "any",
+        "packed": packed or exporter != BUILDER,
         "versions": exporter_versions(exporter),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def export_base(
-    base: Checkpoint, dtype: str, cache_dir: Path | str | None = None, provider: str = "cpu"
+    base: Checkpoint,
+    dtype: str,
+    cache_dir: Path | str | None = None,
+    provider: str = "cpu",
+    packed: bool = True,
 ) -> BaseExport:
     """The cached export of `base` in `dtype` (float32 or float16), exporting it on first use.
 
-    `provider` (cpu or cuda) matters to onnxruntime-genai's builder only, which builds per provider.
+    `provider` (cpu or cuda) and `packed` (q / k / v in one MatMul) matter to onnxruntime-genai's
+    builder only, which builds per provider and packs q / k / v unless told not to.
     """
     if dtype not in _DTYPES:
         raise UnsupportedError(
@@ -138,7 +149,7 @@ def export_base(
         )
     task = task_of(base)
     exporter = choose_exporter(base, task)
-    key = export_key(base, dtype, task, exporter, provider)
+    key = export_key(base, dtype, task, exporter, provider, packed)
     root = cache_root(cache_dir)
     entry = root / key[:32]
     cached = BaseExport(entry, key, task, dtype, exporter)
@@ -157,7 +168,7 @@ def export_base(
             return cached
         raise _in_the_way(entry)
     with atomic_entry(entry) as tmp:  # a killed export leaves nothing: its watcher, or the next export
-        _EXPORTS[exporter](base, task, dtype, tmp, provider)
+        _EXPORTS[exporter](base, task, dtype, tmp, provider, packed)
         record = {"key": key, "task": task, "dtype": dtype, "exporter": exporter, "base": str(base.path)}
         (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     if not (entry / "export.json").is_file():
@@ -186,7 +197,9 @@ def _to_float16(path: Path) -> onnx.ModelProto:
     return to_float16(onnx.load(inferred, load_external_data=True))
 
 
-def _export(base: Checkpoint, task: str, dtype: str, into: Path, provider: str = "cpu") -> None:
+def _export(
+    base: Checkpoint, task: str, dtype: str, into: Path, provider: str = "cpu", packed: bool = True
+) -> None:
     """Optimum's main_export of the base, rewritten with every weight in one external data file.
 
     float16 is exported in float32 and converted with onnxruntime's float16 converter: optimum's
@@ -237,18 +250,18 @@ def _save(model: onnx.ModelProto, into: Path, graph: str = "model") -> None:
                     all_tensors_to_one_file=True, location=data_name(graph))  # fmt: skip
 
 
-def _builder_export(base: Checkpoint, task: str, dtype: str, into: Path, provider: str = "cpu") -> None:
+def _builder_export(base: Checkpoint, task: str, dtype: str, into: Path, provider: str, packed: bool) -> None:
     """onnxruntime-genai's builder graph of the decoder, and its genai config beside it."""
     from adaptrix.targets.onnx.builder_export import build_decoder
 
-    model, genai = build_decoder(base, dtype, provider, into)
+    model, genai = build_decoder(base, dtype, provider, into, packed)
     _save(model, into)
     (into / BUILDER_GENAI).write_text(json.dumps(genai, indent=2) + "\n")
     shutil.rmtree(into / "raw")
     shutil.rmtree(into / "builder-cache", ignore_errors=True)
 
 
-def _torch_export(base: Checkpoint, task: str, dtype: str, into: Path, provider: str = "cpu") -> None:
+def _torch_export(base: Checkpoint, task: str, dtype: str, into: Path, provider: str, packed: bool) -> None:
     """torch.onnx's (TorchScript) graph of the base, float16 converted as optimum's is."""
     raw = into / "raw"
     raw.mkdir()
