@@ -101,6 +101,27 @@ def test_builder_graph_with_the_adapter_merged_equals_peft(family, bases, tmp_pa
     assert genai["model"]["decoder"]["filename"] == "model.onnx"
     _check_logits(family, base, adapter, tmp_path / "out")
     _check_decoding(family, base, adapter, tmp_path / "out")
+    _check_genai(tmp_path / "out")
+
+
+def _check_genai(out: Path) -> None:
+    """onnxruntime-genai runs the artifact (the builder's config) to the tokens Adaptrix's runtime decodes."""
+    import onnxruntime_genai as og
+
+    prompt = [5, 17, 33]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + NEW_TOKENS, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+    ours = open_onnx(out).generate(prompt, NEW_TOKENS)
+    assert tokens and ours[: len(tokens)] == tokens, (tokens, ours)
+    if len(tokens) < NEW_TOKENS:  # genai stops at (and leaves out) an end-of-sequence token
+        eos = json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"]
+        assert ours[len(tokens)] in (eos if isinstance(eos, list) else [eos]), (tokens, ours)
 
 
 @needs_builder
