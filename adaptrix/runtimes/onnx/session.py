@@ -1,10 +1,12 @@
 """Run an ONNX artifact with onnxruntime: logits, greedy generation, swappable LoRA adapters.
 
 Needs numpy and onnxruntime only (no torch, transformers or optimum), so serving code can use it
-alone. Decoder graphs (optimum's `text-generation-with-past`) take `input_ids`, `attention_mask`,
-`position_ids` and `past_key_values.N.key/value` [batch, kv_heads, past_len, head_dim], by name,
-and return `logits` and `present.N.key/value`; one graph does the prefill (a past of length 0)
-and every decoding step. An adapter file is checked against the manifest and the graph before it is loaded.
+alone. Decoder graphs (`text-generation-with-past`: optimum's, torch.onnx's or onnxruntime-genai's
+builder's) take `input_ids`, `attention_mask`, `position_ids` where the graph has it (the builder's
+has not) and `past_key_values.N.key/value` [batch, kv_heads, past_len, head_dim], fed by the names
+the graph's inputs have, and return `logits` and `present.N.key/value`; one graph does the prefill
+(a past of length 0) and every decoding step. An adapter file is checked against the manifest
+and the graph before it is loaded.
 """
 
 from __future__ import annotations
