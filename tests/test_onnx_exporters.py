@@ -199,3 +199,15 @@ def test_seq2seq_without_optimum_is_refused_naming_it(bases, peft_adapters, tmp_
     with pytest.raises(UnsupportedError, match="optimum-onnx"):
         _compile(peft_adapters("t5"), bases("t5"), tmp_path / "out", cache)
     assert not (tmp_path / "out").exists()
+
+
+@only_457
+def test_an_moe_block_routed_otherwise_is_refused_naming_it(tmp_path, cache):
+    # GLM-4-MoE routes by grouped top-k with score biases: a trace would freeze one input's experts
+    from coverage_sweep import build_reference
+
+    ref = build_reference("glm4_moe", "causal", tmp_path)
+    with pytest.raises(UnsupportedError, match="Glm4MoeMoE") as caught:
+        _compile(ref.adapter, ref.base, tmp_path / "out", cache)
+    assert "--target merged" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()

@@ -33,6 +33,9 @@ __all__ = ["dense_moe_forward", "torch_export"]
 logger = logging.getLogger(__name__)
 
 _OPSET = 17
+# MoE blocks routed as dense_moe_forward computes (transformers 4.57's classes)
+_DENSE_MOE = frozenset({"MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
+                        "OlmoeSparseMoeBlock"})  # fmt: skip
 _FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError)
 _CLASSES = {
     CAUSAL_TASK: "AutoModelForCausalLM",
@@ -51,7 +54,7 @@ def torch_export(base: Checkpoint, task: str, file: Path) -> None:
         .from_pretrained(base.path, dtype=torch.float32, local_files_only=True, attn_implementation="eager")
         .eval()
     )
-    dense = _densify_experts(model)
+    dense = _densify_experts(model, base)
     if dense:
         logger.info("exporting %d mixture-of-experts blocks dense (every expert on every token)", dense)
     wrapper, args, inputs, outputs, axes = (_decoder if task == CAUSAL_TASK else _encoder)(model, base, task)
@@ -173,14 +176,27 @@ def _additive_mask(mask: torch.Tensor, length: int, window: int | None) -> torch
     return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
 
 
-def _densify_experts(model: torch.nn.Module) -> int:
-    """Give each sparse MoE block the dense forward; the number of blocks changed."""
+def _densify_experts(model: torch.nn.Module, base: Checkpoint) -> int:
+    """Give each sparse MoE block the dense forward; the number of blocks changed.
+
+    Only the blocks whose routing dense_moe_forward repeats (softmax, top-k, optionally
+    renormalized; a sigmoid-gated shared expert): any other module with experts routes its own way
+    (grouped top-k, score biases, sparsemixer, ...) and a trace of it would freeze the experts one
+    input picked, so it is refused.
+    """
     count = 0
-    for module in model.modules():
-        experts = getattr(module, "experts", None)
-        if isinstance(experts, torch.nn.ModuleList) and hasattr(module, "gate") and hasattr(module, "top_k"):
-            module.forward = types.MethodType(dense_moe_forward, module)
-            count += 1
+    for name, module in model.named_modules():
+        if not hasattr(module, "experts"):
+            continue
+        if type(module).__name__ not in _DENSE_MOE or not isinstance(module.experts, torch.nn.ModuleList):
+            raise UnsupportedError(
+                f"module {name} ({type(module).__name__}): torch.onnx would trace its expert routing for "
+                "one input only, and Adaptrix's dense export does not know how it routes",
+                path=base.path,
+                fix="use --target merged or --target hooks for this base",
+            )
+        module.forward = types.MethodType(dense_moe_forward, module)
+        count += 1
     return count
 
 
