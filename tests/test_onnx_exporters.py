@@ -211,3 +211,15 @@ def test_an_moe_block_routed_otherwise_is_refused_naming_it(tmp_path, cache):
         _compile(ref.adapter, ref.base, tmp_path / "out", cache)
     assert "--target merged" in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "out").exists()
+
+
+@only_457
+def test_a_torch_onnx_graph_that_is_not_the_forward_is_refused(tmp_path, cache, without_optimum):
+    # Doge's eager attention (the one a trace follows) differs from its default sdpa one by ~0.2
+    from coverage_sweep import build_reference
+
+    ref = build_reference("doge", "causal", tmp_path)
+    with pytest.raises(UnsupportedError, match="does not compute its PyTorch forward") as caught:
+        _compile(ref.adapter, ref.base, tmp_path / "out", cache)
+    assert "doge" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,8 @@ Encoders are exported with optimum's input and output names (`input_ids`, `atten
 `input_ids`, `attention_mask`, `position_ids` and `past_key_values.N.key/value` [batch,
 kv_heads, past, head_dim] and return `logits` and `present.N.key/value`, as optimum's do, so
 Adaptrix's runtime runs both alike. The TorchScript exporter names each node by the module that
-made it (`/model/layers.0/self_attn/q_proj/MatMul`), which is how the patcher finds weights.
+made it (`/model/layers.0/self_attn/q_proj/MatMul`), which is how the patcher finds weights. The
+graph is checked against the model's PyTorch forward on other inputs before it is kept (torch_check.py).
 
 Mixture-of-experts blocks (Mixtral, Qwen2-MoE, Qwen3-MoE) route each token through a loop over
 the experts that the batch happens to hit, which a trace would freeze; they are exported dense:
@@ -27,6 +28,7 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.onnx.export_outputs import POOLER_OUTPUT, has_pooler
 from adaptrix.targets.onnx.tasks import CAUSAL_TASK
+from adaptrix.targets.onnx.torch_check import check_export, check_inputs
 
 __all__ = ["dense_moe_forward", "torch_export"]
 
@@ -47,13 +49,10 @@ _CLASSES = {
 
 def torch_export(base: Checkpoint, task: str, file: Path) -> None:
     """Export `base` for `task` to `file` (weights beside it) with the TorchScript exporter."""
-    import transformers
-
-    model = (
-        getattr(transformers, _CLASSES[task])
-        .from_pretrained(base.path, dtype=torch.float32, local_files_only=True, attn_implementation="eager")
-        .eval()
-    )
+    # The check's reference: the model as users run it (its default attention), loaded first and
+    # let go before the eager model the tracer can follow is loaded.
+    checked = check_inputs(_load(base, task, None), base, task)
+    model = _load(base, task, "eager")
     dense = _densify_experts(model, base)
     if dense:
         logger.info("exporting %d mixture-of-experts blocks dense (every expert on every token)", dense)
@@ -71,6 +70,16 @@ def torch_export(base: Checkpoint, task: str, file: Path) -> None:
             path=base.path,
             fix="use --target merged or --target hooks for this base",
         ) from None
+    check_export(file, checked, base, task)
+
+
+def _load(base: Checkpoint, task: str, attention: str | None) -> torch.nn.Module:
+    """The base's model class for `task` in float32, with `attention` (None: transformers' default)."""
+    import transformers
+
+    kwargs = {} if attention is None else {"attn_implementation": attention}
+    cls = getattr(transformers, _CLASSES[task])
+    return cls.from_pretrained(base.path, dtype=torch.float32, local_files_only=True, **kwargs).eval()
 
 
 def _encoder(model, base: Checkpoint, task: str):
