@@ -23,6 +23,7 @@ from adaptrix.runtimes.onnx.session import open_onnx
 from adaptrix.targets.onnx import exporters
 
 ONNX_FP32_TOLERANCE = 5e-4  # as test_onnx_parity's
+FP16_TOLERANCE = 5e-3  # as test_onnx_parity's: float16 weights and activations against PEFT in float32
 NEW_TOKENS = 6
 needs_builder = pytest.mark.skipif(
     not exporters.has_builder(), reason="onnxruntime-genai's model builder needs transformers 5 and onnx-ir"
@@ -143,6 +144,26 @@ def test_builder_graph_unmerged_adapter_files_equal_peft(bases, tmp_path, cache)
     inputs = sample_inputs("llama")
     plain = open_onnx(out).logits(inputs["input_ids"].numpy())  # no adapter active: the base
     assert np.abs(plain - model_logits("llama", base, inputs).numpy()).max() <= ONNX_FP32_TOLERANCE
+
+
+@needs_builder
+def test_builder_graph_for_cuda_is_float16_and_equals_peft(bases, tmp_path, cache):
+    # The fp16 graph the builder writes for the CUDA provider, run here on the CPU provider
+    # (checked on a GPU by tests/test_cuda.py where one is lent)
+    base = bases("llama", "gqa-heads", **GQA_HEADS)
+    adapter = _adapter("llama", base, tmp_path / "adapter")
+    out = tmp_path / "out"
+    compile_adapter(adapter, base, "onnx-cuda", out, cache_dir=cache)
+    section = json.loads((out / "manifest.json").read_text())["onnx"]
+    assert section["exporter"] == "genai-builder"
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    assert graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # the KV cache
+    inputs = sample_inputs("llama")
+    got = open_onnx(out).logits(inputs["input_ids"].numpy()).astype(np.float32)
+    expected = peft_logits("llama", base, adapter, inputs).numpy()
+    assert np.abs(got - expected).max() <= FP16_TOLERANCE
+    genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
+    assert "cuda" in genai["session_options"]["provider_options"][0]  # onnxruntime-genai runs it on the GPU
 
 
 @needs_builder
