@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from builders import TRANSFORMERS_5, load_model, make_adapter, model_logits, peft_logits, sample_inputs
@@ -164,6 +165,9 @@ def test_builder_graph_for_cuda_is_float16_and_equals_peft(bases, tmp_path, cach
     assert np.abs(got - expected).max() <= FP16_TOLERANCE
     genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]
     assert "cuda" in genai["session_options"]["provider_options"][0]  # onnxruntime-genai runs it on the GPU
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # where a GPU is lent: on the provider
+        got = open_onnx(out, provider="cuda").logits(inputs["input_ids"].numpy()).astype(np.float32)
+        assert np.abs(got - expected).max() <= FP16_TOLERANCE
 
 
 @needs_builder
