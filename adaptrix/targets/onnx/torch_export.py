@@ -48,7 +48,28 @@ _CLASSES = {
 
 
 def torch_export(base: Checkpoint, task: str, file: Path) -> None:
-    """Export `base` for `task` to `file` (weights beside it) with the TorchScript exporter."""
+    """Export `base` for `task` to `file` (weights beside it) with the TorchScript exporter.
+
+    Any failure of the model's own code, of the tracer or of onnxruntime running the check is one
+    line naming the family (the family's export is not supported), never a traceback.
+    """
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    failures = (*_FAILURES, AssertionError, ort_state.Fail, ort_state.InvalidArgument,
+                ort_state.InvalidGraph, ort_state.NotImplemented, ort_state.RuntimeException)  # fmt: skip
+    try:
+        _export(base, task, file)
+    except failures as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise UnsupportedError(
+            f"torch.onnx's export of this {base.config.get('model_type')} base failed "
+            f"({type(exc).__name__}: {lines[0][:200]})",
+            path=base.path,
+            fix="use --target merged or --target hooks for this base",
+        ) from None
+
+
+def _export(base: Checkpoint, task: str, file: Path) -> None:
     # The check's reference: the model as users run it (its default attention), loaded first and
     # let go before the eager model the tracer can follow is loaded.
     checked = check_inputs(_load(base, task, None), base, task)
@@ -57,19 +78,10 @@ def torch_export(base: Checkpoint, task: str, file: Path) -> None:
     if dense:
         logger.info("exporting %d mixture-of-experts blocks dense (every expert on every token)", dense)
     wrapper, args, inputs, outputs, axes = (_decoder if task == CAUSAL_TASK else _encoder)(model, base, task)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the tracer warns about every data-dependent branch it records
-            torch.onnx.export(wrapper, args, str(file), dynamo=False, opset_version=_OPSET,
-                              input_names=inputs, output_names=outputs, dynamic_axes=axes)  # fmt: skip
-    except _FAILURES as exc:
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise UnsupportedError(
-            f"torch.onnx's export of this {base.config.get('model_type')} base failed "
-            f"({type(exc).__name__}: {lines[0][:200]})",
-            path=base.path,
-            fix="use --target merged or --target hooks for this base",
-        ) from None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer warns about every data-dependent branch it records
+        torch.onnx.export(wrapper, args, str(file), dynamo=False, opset_version=_OPSET,
+                          input_names=inputs, output_names=outputs, dynamic_axes=axes)  # fmt: skip
     check_export(file, checked, base, task)
 
 
