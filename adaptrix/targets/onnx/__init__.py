@@ -240,13 +240,15 @@ def _unmerged(pairs, scales, base: Checkpoint, model: onnx.ModelProto, dtype, ex
             scaled[each.placement.name] = replace(
                 seen, out=_either(seen.out, each.out), in_=_either(seen.in_, each.in_)
             )
+
     # IA3 first: the LoRA branches then read the scaled input and add before the output scale.
-    if export.exporter == BUILDER:  # its unpacked graph: each module's MatMul reads its own weight
-        uses = builder_uses(base, model, export.path, [pair.weight for pair in union.values()])
-    else:
-        uses = base_uses(base, model.graph)
-    vectors = add_scale_inputs(model, uses, list(scaled.values()))
-    branches = add_lora_inputs(model, uses, list(union.values()))
+    def uses():  # read again after each insertion: node positions move
+        if export.exporter == BUILDER:  # its unpacked graph: each module's MatMul reads its own weight
+            return builder_uses(base, model, export.path, [pair.weight for pair in union.values()])
+        return base_uses(base, model.graph)
+
+    vectors = add_scale_inputs(model, uses(), list(scaled.values()))
+    branches = add_lora_inputs(model, uses(), list(union.values()))
     version = model_version(export.key)
     lora = {
         "model_version": version,

@@ -168,7 +168,7 @@ def export_base(
             return cached
         raise _in_the_way(entry)
     with atomic_entry(entry) as tmp:  # a killed export leaves nothing: its watcher, or the next export
-        _EXPORTS[exporter](base, task, dtype, tmp, provider, packed)
+        _run_export(exporter, base, task, dtype, tmp, provider, packed)
         record = {"key": key, "task": task, "dtype": dtype, "exporter": exporter, "base": str(base.path)}
         (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     if not (entry / "export.json").is_file():
@@ -197,9 +197,7 @@ def _to_float16(path: Path) -> onnx.ModelProto:
     return to_float16(onnx.load(inferred, load_external_data=True))
 
 
-def _export(
-    base: Checkpoint, task: str, dtype: str, into: Path, provider: str = "cpu", packed: bool = True
-) -> None:
+def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
     """Optimum's main_export of the base, rewritten with every weight in one external data file.
 
     float16 is exported in float32 and converted with onnxruntime's float16 converter: optimum's
@@ -250,7 +248,7 @@ def _save(model: onnx.ModelProto, into: Path, graph: str = "model") -> None:
                     all_tensors_to_one_file=True, location=data_name(graph))  # fmt: skip
 
 
-def _builder_export(base: Checkpoint, task: str, dtype: str, into: Path, provider: str, packed: bool) -> None:
+def _builder_export(base: Checkpoint, dtype: str, into: Path, provider: str, packed: bool) -> None:
     """onnxruntime-genai's builder graph of the decoder, and its genai config beside it."""
     from adaptrix.targets.onnx.builder_export import build_decoder
 
@@ -261,7 +259,7 @@ def _builder_export(base: Checkpoint, task: str, dtype: str, into: Path, provide
     shutil.rmtree(into / "builder-cache", ignore_errors=True)
 
 
-def _torch_export(base: Checkpoint, task: str, dtype: str, into: Path, provider: str, packed: bool) -> None:
+def _torch_export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
     """torch.onnx's (TorchScript) graph of the base, float16 converted as optimum's is."""
     raw = into / "raw"
     raw.mkdir()
@@ -271,4 +269,13 @@ def _torch_export(base: Checkpoint, task: str, dtype: str, into: Path, provider:
     shutil.rmtree(raw)
 
 
-_EXPORTS = {OPTIMUM: _export, BUILDER: _builder_export, "torch.onnx": _torch_export}
+def _run_export(
+    exporter: str, base: Checkpoint, task: str, dtype: str, into: Path, provider: str, packed: bool
+) -> None:
+    """The chosen exporter's export into `into` (looked up when called, so a test can replace one)."""
+    if exporter == OPTIMUM:
+        _export(base, task, dtype, into)
+    elif exporter == BUILDER:
+        _builder_export(base, dtype, into, provider, packed)
+    else:
+        _torch_export(base, task, dtype, into)
