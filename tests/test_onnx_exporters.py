@@ -19,7 +19,7 @@ from builders import TRANSFORMERS_5, load_model, make_adapter, model_logits, pef
 from peft import PeftModel
 
 from adaptrix.api.compile import compile_adapter
-from adaptrix.ir.errors import UnsupportedError
+from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.runtimes.onnx.session import open_onnx
 from adaptrix.targets.onnx import exporters
 
@@ -104,6 +104,10 @@ def test_builder_graph_with_the_adapter_merged_equals_peft(family, bases, tmp_pa
     _check_logits(family, base, adapter, tmp_path / "out")
     _check_decoding(family, base, adapter, tmp_path / "out")
     _check_genai(tmp_path / "out")
+    mask = np.ones((2, 5), np.int64)
+    mask[1, :2] = 0  # GroupQueryAttention takes its positions from the mask: padding would shift them
+    with pytest.raises(BadInputError, match="no padding"):
+        open_onnx(tmp_path / "out").logits(np.full((2, 5), 7), mask)
 
 
 def _check_genai(out: Path) -> None:
