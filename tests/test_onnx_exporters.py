@@ -131,6 +131,18 @@ def _check_genai(out: Path) -> None:
 
 
 @needs_builder
+def test_a_builder_graph_that_is_not_the_forward_is_refused(bases, tmp_path, cache, monkeypatch):
+    # The builder's OLMo graph is 0.16 off its PyTorch forward (so OLMo is not in the builder's set)
+    widened = exporters.BUILDER_ARCHITECTURES | {"OlmoForCausalLM"}
+    monkeypatch.setattr(exporters, "BUILDER_ARCHITECTURES", widened)
+    base = bases("olmo", "gqa-heads", **GQA_HEADS)
+    adapter = _adapter("olmo", base, tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="genai-builder's graph of this olmo base does not compute"):
+        _compile(adapter, base, tmp_path / "out", cache)
+    assert not (tmp_path / "out").exists()
+
+
+@needs_builder
 def test_builder_graph_unmerged_adapter_files_equal_peft(bases, tmp_path, cache):
     base = bases("llama", "gqa-heads", **GQA_HEADS)
     first = _adapter("llama", base, tmp_path / "first")

@@ -30,7 +30,7 @@ from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.targets.onnx.export_outputs import export_kwargs
 from adaptrix.targets.onnx.exporters import BUILDER, OPTIMUM, choose_exporter, exporter_versions
 from adaptrix.targets.onnx.float16 import to_float16
-from adaptrix.targets.onnx.tasks import SEQ2SEQ_TASK, check_exportable, task_of
+from adaptrix.targets.onnx.tasks import CAUSAL_TASK, SEQ2SEQ_TASK, check_exportable, task_of
 from adaptrix.targets.onnx.torch_export import torch_export
 
 __all__ = [
@@ -49,7 +49,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 5  # bump when the cached layout or the graph rewrites change
+EXPORT_FORMAT = 6  # bump when the cached layout or the graph rewrites change
 _DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 _PLAIN_GRAPHS = ("model",)
@@ -251,9 +251,12 @@ def _save(model: onnx.ModelProto, into: Path, graph: str = "model") -> None:
 def _builder_export(base: Checkpoint, dtype: str, into: Path, provider: str, packed: bool) -> None:
     """onnxruntime-genai's builder graph of the decoder, and its genai config beside it."""
     from adaptrix.targets.onnx.builder_export import build_decoder
+    from adaptrix.targets.onnx.torch_check import check_export, check_inputs, load_model
 
+    checked = check_inputs(load_model(base, CAUSAL_TASK, None), base, CAUSAL_TASK)
     model, genai = build_decoder(base, dtype, provider, into, packed)
     _save(model, into)
+    check_export(into / MODEL_NAME, checked, base, CAUSAL_TASK, BUILDER)  # it writes each family by hand
     (into / BUILDER_GENAI).write_text(json.dumps(genai, indent=2) + "\n")
     shutil.rmtree(into / "raw")
     shutil.rmtree(into / "builder-cache", ignore_errors=True)

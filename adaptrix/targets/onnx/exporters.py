@@ -33,7 +33,11 @@ OPTIMUM, BUILDER, TORCH = "optimum", "genai-builder", "torch.onnx"
 EXPORTERS = (OPTIMUM, BUILDER, TORCH)
 # The causal LMs the builder's dispatch builds as plain text decoders whose weights Adaptrix finds
 # in its graph (builder_patch.py checks each found weight against the base's values).
-BUILDER_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+# Each export is also checked against the model's PyTorch forward (torch_check.py): OLMo's was off.
+BUILDER_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
+    "SmolLM3ForCausalLM",
+})  # fmt: skip
 _LIBRARIES = {OPTIMUM: ("optimum-onnx",), BUILDER: ("onnxruntime-genai", "onnx-ir"), TORCH: ()}
 _TORCH_TASKS = frozenset({CAUSAL_TASK, "fill-mask", "text-classification", "feature-extraction"})
 

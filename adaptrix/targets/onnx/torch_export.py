@@ -28,7 +28,7 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.onnx.export_outputs import POOLER_OUTPUT, has_pooler
 from adaptrix.targets.onnx.tasks import CAUSAL_TASK
-from adaptrix.targets.onnx.torch_check import check_export, check_inputs
+from adaptrix.targets.onnx.torch_check import check_export, check_inputs, load_model
 
 __all__ = ["dense_moe_forward", "torch_export"]
 
@@ -39,12 +39,6 @@ _OPSET = 17
 _DENSE_MOE = frozenset({"MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
                         "OlmoeSparseMoeBlock"})  # fmt: skip
 _FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError)
-_CLASSES = {
-    CAUSAL_TASK: "AutoModelForCausalLM",
-    "fill-mask": "AutoModelForMaskedLM",
-    "text-classification": "AutoModelForSequenceClassification",
-    "feature-extraction": "AutoModel",
-}
 
 
 def torch_export(base: Checkpoint, task: str, file: Path) -> None:
@@ -72,8 +66,8 @@ def torch_export(base: Checkpoint, task: str, file: Path) -> None:
 def _export(base: Checkpoint, task: str, file: Path) -> None:
     # The check's reference: the model as users run it (its default attention), loaded first and
     # let go before the eager model the tracer can follow is loaded.
-    checked = check_inputs(_load(base, task, None), base, task)
-    model = _load(base, task, "eager")
+    checked = check_inputs(load_model(base, task, None), base, task)
+    model = load_model(base, task, "eager")
     dense = _densify_experts(model, base)
     if dense:
         logger.info("exporting %d mixture-of-experts blocks dense (every expert on every token)", dense)
@@ -83,15 +77,6 @@ def _export(base: Checkpoint, task: str, file: Path) -> None:
         torch.onnx.export(wrapper, args, str(file), dynamo=False, opset_version=_OPSET,
                           input_names=inputs, output_names=outputs, dynamic_axes=axes)  # fmt: skip
     check_export(file, checked, base, task)
-
-
-def _load(base: Checkpoint, task: str, attention: str | None) -> torch.nn.Module:
-    """The base's model class for `task` in float32, with `attention` (None: transformers' default)."""
-    import transformers
-
-    kwargs = {} if attention is None else {"attn_implementation": attention}
-    cls = getattr(transformers, _CLASSES[task])
-    return cls.from_pretrained(base.path, dtype=torch.float32, local_files_only=True, **kwargs).eval()
 
 
 def _encoder(model, base: Checkpoint, task: str):
