@@ -3,14 +3,14 @@
 Compiles three times: a merged model, a hooks bundle attached to the plain base with
 adaptrix.attach, and an onnx-cpu model run with onnxruntime (adaptrix.open_onnx, `adaptrix run`).
 
-Without optimum-onnx (`pip install "adaptrix[onnx]"`, transformers < 4.58) the onnx-cpu part is
-left out, and said so. Runs offline in under a minute:
+The ONNX exporter is optimum where it is installed (`pip install "adaptrix[onnx]"`, transformers
+< 4.58), else onnxruntime-genai's model builder (transformers 5) or torch.onnx; the manifest says
+which. Runs offline in under a minute:
 `python examples/quickstart.py [OUT_DIR]` (default examples/out).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -40,14 +40,6 @@ def build(root: Path) -> tuple[Path, Path]:
     return base, adapter
 
 
-def _exports_onnx() -> bool:
-    """Whether optimum's ONNX exporter (the `onnx` extra) is installed."""
-    try:
-        return importlib.util.find_spec("optimum.exporters.onnx") is not None
-    except ImportError:
-        return False
-
-
 def main() -> int:
     """Build, compile with the CLI (merged and hooks), inspect, compare logits with PEFT."""
     root = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "out")
@@ -55,19 +47,14 @@ def main() -> int:
     merged, bundle, onnx_out = root / "merged", root / "bundle", root / "onnx-cpu"
     cli = [sys.executable, "-m", "adaptrix"]
     subprocess.run([*cli, "inspect", str(adapter), "--base", str(base)], check=True)
-    targets = [("merged", merged), ("hooks", bundle)]
-    if _exports_onnx():
-        targets.append(("onnx-cpu", onnx_out))
-    else:
-        print('onnx-cpu left out: optimum-onnx is not installed (pip install "adaptrix[onnx]")')
+    targets = [("merged", merged), ("hooks", bundle), ("onnx-cpu", onnx_out)]
     for target, out in targets:
         subprocess.run([*cli, "compile", str(adapter), "--base", str(base), "--target", target,
                         "-o", str(out), "--force", "--cache-dir", str(root / "onnx-cache")]
                        [: None if target.startswith("onnx") else -2], check=True)  # fmt: skip
     prompt = [5, 17, 33, 9]
-    if len(targets) == 3:
-        subprocess.run([*cli, "run", str(onnx_out), "--prompt-ids", ",".join(map(str, prompt)),
-                        "--max-new-tokens", "8"], check=True)  # fmt: skip
+    subprocess.run([*cli, "run", str(onnx_out), "--prompt-ids", ",".join(map(str, prompt)),
+                    "--max-new-tokens", "8"], check=True)  # fmt: skip
     import adaptrix
 
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -78,8 +65,7 @@ def main() -> int:
         model = LlamaForCausalLM.from_pretrained(base).eval()
         with adaptrix.attach(model, bundle):  # detached again on exit
             results["hooks"] = model(ids).logits
-        if len(targets) == 3:
-            results["onnx-cpu"] = torch.from_numpy(adaptrix.open_onnx(onnx_out).logits(ids.numpy()))
+        results["onnx-cpu"] = torch.from_numpy(adaptrix.open_onnx(onnx_out).logits(ids.numpy()))
         greedy = reference.generate(
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -93,11 +79,10 @@ def main() -> int:
         ok &= diff <= TOLERANCE
         verdict = "OK" if diff <= TOLERANCE else "MISMATCH"
         print(f"{target} vs PEFT forward: max |diff| = {diff:.2e} (tolerance {TOLERANCE:g}): {verdict}")
-    if len(targets) == 3:
-        tokens = adaptrix.open_onnx(onnx_out).generate(prompt, 8)
-        same = tokens == greedy[0, len(prompt) :].tolist()
-        ok &= same
-        print(f"onnx-cpu greedy tokens {tokens}: {'same as' if same else 'DIFFERENT from'} PEFT's generate")
+    tokens = adaptrix.open_onnx(onnx_out).generate(prompt, 8)
+    same = tokens == greedy[0, len(prompt) :].tolist()
+    ok &= same
+    print(f"onnx-cpu greedy tokens {tokens}: {'same as' if same else 'DIFFERENT from'} PEFT's generate")
     return 0 if ok else 1
 
 

@@ -21,10 +21,11 @@ def _compile(adapter: Path, base: Path, out: Path, target: str):
 
 
 @pytest.mark.parametrize("target", ["onnx-cpu", "onnx-cuda"])
-def test_onnx_target_without_optimum_names_the_extra(target, bases, peft_adapters, tmp_path, monkeypatch):
+def test_seq2seq_onnx_without_optimum_names_the_extra(target, bases, peft_adapters, tmp_path, monkeypatch):
+    # Decoders and encoders have exporters without optimum (test_onnx_exporters); encoder-decoders not.
     monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", None)  # as where it is not installed
     out = tmp_path / "out"
-    line = assert_refused(_compile(peft_adapters("llama"), bases("llama"), out, target), out, "optimum-onnx")
+    line = assert_refused(_compile(peft_adapters("t5"), bases("t5"), out, target), out, "optimum-onnx")
     assert 'pip install "adaptrix[onnx]"' in line
     assert "transformers < 4.58" in line
 

@@ -2,8 +2,8 @@
 
 A family with a role table (adaptrix/binders/) has semantic roles: passes that need them
 (project, fuse-hybrid) and AIR work on it. Every other family transformers can build compiles
-to merged, hooks and `--to peft` through its module tree. ONNX goes as far as optimum's
-exporter: a family it exports is compiled to onnx-cpu / onnx-cuda.
+to merged, hooks and `--to peft` through its module tree. The onnx column names the exporter
+that writes the family's graph here (optimum, onnxruntime-genai's builder or torch.onnx).
 """
 
 from __future__ import annotations
@@ -69,11 +69,26 @@ def _text_families() -> dict[str, str]:
 
 
 def _onnx(model_type: str) -> str:
-    """'yes' where optimum's ONNX exporter knows the family, 'no' where not, or what to install."""
+    """The exporter that writes the family's ONNX graph here, or what to install (targets/onnx/exporters.py).
+
+    `optimum` where optimum's exporter has a config for the family, else for a causal LM the
+    builder lists `genai-builder` (transformers 5), else `torch.onnx`; an encoder-decoder
+    needs optimum.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from adaptrix.targets.onnx import exporters
     from adaptrix.targets.onnx.tasks import exported_tasks
 
-    try:
-        return "no" if exported_tasks(model_type) is None else "yes"
-    except ImportError:
+    if exporters.has_optimum():
+        if exported_tasks(model_type) is not None:
+            return exporters.OPTIMUM
+    else:
         logger.info("optimum's ONNX exporter is not installed")
-        return "needs optimum-onnx"
+    kind = _text_families().get(model_type)
+    if kind == "seq2seq-lm":
+        return "no" if exporters.has_optimum() else "needs optimum-onnx"
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if kind == "causal-lm" and exporters.has_builder() and causal in exporters.BUILDER_ARCHITECTURES:
+        return exporters.BUILDER
+    return exporters.TORCH

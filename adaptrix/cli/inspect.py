@@ -84,7 +84,7 @@ def archs_command(
     out.print(table)
     if not everything:
         note = ("any other family transformers can build: merged, hooks and --to peft through its "
-                "module tree, onnx where optimum exports it; see --all")  # fmt: skip
+                "module tree, onnx by the exporter --all names for it")  # fmt: skip
         out.print(note, markup=False, highlight=False)
 
 

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from adaptrix.ir.errors import BadInputError, UnsupportedError
+from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.registry import registry
 from adaptrix.targets.hooks import write_hooks
 from adaptrix.targets.merged import write_merged
 from adaptrix.targets.written import Written
 
-__all__ = ["TARGETS", "Target", "Written", "require_onnx_exporter", "target_named"]
+__all__ = ["TARGETS", "Target", "Written", "target_named"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,28 +31,10 @@ class Target:
     routes: bool = False  # emits the router of a routed IR (`--pass route`)
 
 
-def require_onnx_exporter(target: str) -> None:
-    """Refuse `target` in one line when optimum's ONNX exporter (the `onnx` extra) is not installed."""
-    try:
-        found = importlib.util.find_spec("optimum.exporters.onnx") is not None
-    except ImportError:  # no optimum at all: find_spec imports the parent packages
-        found = False
-    if found:
-        return
-    from importlib.metadata import version
-
-    raise UnsupportedError(
-        f"--target {target} exports the base with optimum-onnx, which is not installed"
-        f" (transformers {version('transformers')} is)",
-        fix='pip install "adaptrix[onnx]" (it needs transformers < 4.58), or use --target merged or hooks',
-    )
-
-
 def _onnx(target: str) -> Callable[..., Written]:
     """The ONNX writer for `target`, imported on first use (onnx and onnxruntime are heavy)."""
 
     def write(*args, **kwargs) -> Written:
-        require_onnx_exporter(target)
         module = importlib.import_module("adaptrix.targets.onnx")
         return module.write_onnx(*args, target=target, **kwargs)
 
@@ -97,7 +78,7 @@ TARGETS = _register(
     ),
     Target(
         "onnx-cpu",
-        "onnxruntime model directory for the CPU provider (optimum, onnxruntime-genai), float32",
+        "onnxruntime model directory for the CPU provider (optimum, genai builder or torch.onnx), float32",
         _onnx("onnx-cpu"),
         default_dtype=torch.float32,
         options=_ONNX_OPTIONS,
@@ -107,7 +88,7 @@ TARGETS = _register(
     ),
     Target(
         "onnx-cuda",
-        "onnxruntime model directory for the CUDA provider (optimum, onnxruntime-genai), float16",
+        "onnxruntime model directory for the CUDA provider (optimum, genai builder or torch.onnx), float16",
         _onnx("onnx-cuda"),
         default_dtype=torch.float16,
         options=_ONNX_CUDA_OPTIONS,

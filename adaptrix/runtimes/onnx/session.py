@@ -1,10 +1,10 @@
 """Run an ONNX artifact with onnxruntime: logits, greedy generation, swappable LoRA adapters.
 
 Needs numpy and onnxruntime only (no torch, transformers or optimum), so serving code can use it
-alone. Decoder graphs (optimum's `text-generation-with-past`) take `input_ids`, `attention_mask`,
-`position_ids` and `past_key_values.N.key/value` [batch, kv_heads, past_len, head_dim], by name,
-and return `logits` and `present.N.key/value`; one graph does the prefill (a past of length 0)
-and every decoding step. An adapter file is checked against the manifest and the graph before it is loaded.
+alone. Decoder graphs (optimum's, torch.onnx's, onnxruntime-genai builder's) take `input_ids`,
+`attention_mask`, `position_ids` (if the graph has it: not the builder's, nor padding then) and
+`past_key_values.N.key/value` [batch, kv_heads, past, head_dim] by the graph's input names, return
+`logits`, `present.N.*`; one graph prefills and decodes. Adapter files are checked before loading.
 """
 
 from __future__ import annotations
@@ -227,6 +227,9 @@ class OnnxArtifact:
                                 f"found {sorted(past)}")  # fmt: skip
         past_len = past[self.past_names[0]].shape[2]
         mask = self._mask(mask, ids.shape, past_len)
+        if "position_ids" not in self.inputs and not mask.all():  # GroupQueryAttention's own positions
+            raise BadInputError("this graph (onnxruntime-genai's builder: no position_ids) takes no padding",
+                                fix="run each prompt alone, unpadded")  # fmt: skip
         positions = np.cumsum(mask, axis=1) - 1
         positions[mask == 0] = 1  # as transformers' generate does for padding
         positions = positions[:, past_len:]

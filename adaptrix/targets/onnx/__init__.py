@@ -1,6 +1,8 @@
 """The `onnx-cpu` and `onnx-cuda` targets: an onnxruntime model directory, merged or unmerged.
 
-The base is exported once per (weights, dtype, task) with optimum and cached; each compile
+The base is exported once per (weights, dtype, task) and cached, by optimum where it is installed
+(transformers 4.57), else by onnxruntime-genai's model builder (decoders it builds, transformers 5)
+or torch.onnx (exporters.py says which, and the manifest records it); each compile
 copies the cached graph and patches the adapter into it (merged; bottleneck adapters become
 nodes), or adds LoRA and IA3 inputs and writes one `.onnx_adapter` file per adapter (`unmerged`;
 LoHa and LoKr go there as their exact low-rank forms, IA3 as scale vectors).
@@ -32,7 +34,10 @@ from adaptrix.lowering.head import new_head_sites, refuse_new_head
 from adaptrix.lowering.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
 from adaptrix.lowering.tensor_plan import plan_tensors
 from adaptrix.targets.onnx.bottleneck import insert_bottlenecks, split_bottlenecks
-from adaptrix.targets.onnx.export import DATA_NAME, MODEL_NAME, BaseExport, export_base
+from adaptrix.targets.onnx.builder_graph import builder_genai_config, builder_uses, refuse_on_builder
+from adaptrix.targets.onnx.builder_patch import builder_patches
+from adaptrix.targets.onnx.export import BUILDER_GENAI, DATA_NAME, MODEL_NAME, BaseExport, export_base
+from adaptrix.targets.onnx.exporters import BUILDER, OPTIMUM, choose_exporter
 from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.fuse import fuse_attention
 from adaptrix.targets.onnx.genai import write_genai_config
@@ -102,6 +107,10 @@ def write_onnx(
     dtype = dtype or torch.float32
     seq2seq = task_of(base) == SEQ2SEQ_TASK
     routed = routed_of(ir, base, unmerged=unmerged, quantize=quantize, seq2seq=seq2seq)
+    if choose_exporter(base, task_of(base)) == BUILDER:  # what its graph cannot take: before the export
+        refuse_on_builder(calibration=calibration, bottlenecks=bool(bottlenecks),
+                          scales=any(module_scales(a, base) for _, a in adapters),
+                          routed=routed is not None)  # fmt: skip
     if seq2seq:
         refuse_seq2seq_options(unmerged=unmerged, quantize=quantize, calibration=calibration,
                                bottlenecks=bool(bottlenecks))  # fmt: skip
@@ -111,14 +120,16 @@ def write_onnx(
              for name, adapter in adapters] if unmerged else []  # fmt: skip
     scales = [(name, module_scales(adapter, base)) for name, adapter in adapters] if unmerged else []
     phase("exporting the base to ONNX (first compile for this base)")  # a cached export: a moment
-    export = export_base(base, str(dtype).removeprefix("torch."), cache_dir)
+    provider = "cuda" if target == "onnx-cuda" else "cpu"
+    export = export_base(base, str(dtype).removeprefix("torch."), cache_dir, provider, packed=not unmerged)
     if seq2seq:
         return _write_seq2seq(ir, base, export, out, dtype, phase)
     model = onnx.load(export.model, load_external_data=False)
     fused = None
-    if target == "onnx-cpu" and export.task == "text-generation-with-past":
+    if target == "onnx-cpu" and export.task == "text-generation-with-past" and export.exporter == OPTIMUM:
         fused = fuse_attention(model, base)  # first: patches and LoRA branches find nodes by position
-    section: dict = {"task": export.task, "base_export": export.key, "quantize": quantize}
+    section: dict = {"task": export.task, "exporter": export.exporter, "base_export": export.key,
+                     "quantize": quantize}  # fmt: skip
     if quantize in BLOCKED_SCHEMES:
         section["block_size"] = block_size
     exclude: list[str] = []
@@ -129,6 +140,9 @@ def write_onnx(
         untied = False
     elif routed is not None:
         values, untied = add_route_branches(model, base_uses(base, model.graph), routed), False
+    elif export.exporter == BUILDER:
+        values = builder_patches(ir, base, model, export.path, progress)
+        untied = plan_tensors(ir, base)[1]
     else:
         values = merged_patches(ir, base, model, export.path, progress)
         untied = plan_tensors(ir, base)[1]
@@ -159,7 +173,10 @@ def write_onnx(
     digests = {DATA_NAME: write_model(model, export.path, values, out, DATA_NAME)}
     files = [MODEL_NAME, DATA_NAME]
     if export.task == "text-generation-with-past":
-        genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)
+        if export.exporter == BUILDER:
+            genai = builder_genai_config(export.path / BUILDER_GENAI, out, MODEL_NAME)
+        else:
+            genai = write_genai_config(base, model.graph, out, target, MODEL_NAME)
         files += [genai] if genai else []
         section["genai_config"] = genai
     files += copy_side_files(base, out, dtype, untied)
@@ -178,7 +195,8 @@ def _write_seq2seq(ir, base: Checkpoint, export: BaseExport, out: Path, dtype, p
     phase("merging the adapter into the encoder and decoder graphs")
     files, digests, section = write_seq2seq_graphs(ir, base, export, out)
     files += copy_side_files(base, out, dtype, plan_tensors(ir, base)[1])
-    section = {"task": export.task, "base_export": export.key, "quantize": None, **section}
+    section = {"task": export.task, "exporter": export.exporter, "base_export": export.key, "quantize": None,
+               **section}  # fmt: skip
     return Written(files, {"onnx": section}, digests)
 
 
@@ -230,9 +248,15 @@ def _unmerged(pairs, scales, base: Checkpoint, model: onnx.ModelProto, dtype, ex
             scaled[each.placement.name] = replace(
                 seen, out=_either(seen.out, each.out), in_=_either(seen.in_, each.in_)
             )
+
     # IA3 first: the LoRA branches then read the scaled input and add before the output scale.
-    vectors = add_scale_inputs(model, base_uses(base, model.graph), list(scaled.values()))
-    branches = add_lora_inputs(model, base_uses(base, model.graph), list(union.values()))
+    def uses():  # read again after each insertion: node positions move
+        if export.exporter == BUILDER:  # its unpacked graph: each module's MatMul reads its own weight
+            return builder_uses(base, model, export.path, [pair.weight for pair in union.values()])
+        return base_uses(base, model.graph)
+
+    vectors = add_scale_inputs(model, uses(), list(scaled.values()))
+    branches = add_lora_inputs(model, uses(), list(union.values()))
     version = model_version(export.key)
     lora = {
         "model_version": version,

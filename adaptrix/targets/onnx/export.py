@@ -1,7 +1,9 @@
-"""The base model exported to ONNX once, with optimum, and cached by what it was built from.
+"""The base model exported to ONNX once, and cached by what it was built from.
 
-The cache key is the sha256 of the base's weight and config files, the ONNX dtype, the export
-task and the versions of the exporting libraries. A cached export holds `model.onnx` with every
+The exporter (optimum, onnxruntime-genai's model builder or torch.onnx) is chosen from what is
+installed (exporters.py). The cache key is the sha256 of the base's weight and config files, the
+ONNX dtype, the export task, the exporter, the provider a builder graph is built for, and the
+versions of the exporting libraries. A cached export holds `model.onnx` with every
 weight in `model.onnx_data`, unquantized; each compile for the same base patches a copy of it.
 A seq2seq export holds optimum's three graphs instead (`encoder_model`, `decoder_model`,
 `decoder_with_past_model`, each `.onnx` with its own `.onnx_data`), as ORTModelForSeq2SeqLM loads them.
@@ -16,7 +18,6 @@ import os
 import shutil
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
 import onnx
@@ -27,10 +28,13 @@ from adaptrix.io.hashing import hash_files
 from adaptrix.io.output import atomic_entry
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.targets.onnx.export_outputs import export_kwargs
+from adaptrix.targets.onnx.exporters import BUILDER, OPTIMUM, choose_exporter, exporter_versions
 from adaptrix.targets.onnx.float16 import to_float16
-from adaptrix.targets.onnx.tasks import SEQ2SEQ_TASK, check_exportable, task_of
+from adaptrix.targets.onnx.tasks import CAUSAL_TASK, SEQ2SEQ_TASK, check_exportable, task_of
+from adaptrix.targets.onnx.torch_export import torch_export
 
 __all__ = [
+    "BUILDER_GENAI",
     "DATA_NAME",
     "EXPORT_FORMAT",
     "MODEL_NAME",
@@ -45,10 +49,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 4  # bump when the cached layout or the graph rewrites change
+EXPORT_FORMAT = 6  # bump when the cached layout or the graph rewrites change
 _DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 _PLAIN_GRAPHS = ("model",)
+BUILDER_GENAI = "builder_genai_config.json"  # the builder's own genai_config.json, kept with its graph
 _EXPORT_FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError,
                     NotImplementedError)  # fmt: skip
 # optimum's seq2seq graphs, unmerged (its merged decoder holds both decoders in If subgraphs)
@@ -73,6 +78,7 @@ class BaseExport:
     key: str
     task: str
     dtype: str
+    exporter: str = OPTIMUM
 
     @property
     def graphs(self) -> tuple[str, ...]:
@@ -100,8 +106,15 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
     return Path(root) / "adaptrix" / "onnx"
 
 
-def export_key(base: Checkpoint, dtype: str, task: str) -> str:
-    """The cache key: the base's files, the dtype, the task and the exporters' versions."""
+def export_key(
+    base: Checkpoint,
+    dtype: str,
+    task: str,
+    exporter: str = OPTIMUM,
+    provider: str = "cpu",
+    packed: bool = True,
+) -> str:
+    """The cache key: the base's files, the dtype, the task, the exporter and its libraries' versions."""
     files = [f for f in base.files() if f.name.endswith(_WEIGHT_SUFFIXES) and f.name != MANIFEST_NAME]
     digests = hash_files(files)
     parts = {
@@ -109,27 +122,42 @@ def export_key(base: Checkpoint, dtype: str, task: str) -> str:
         "files": {f.name: digests[f] for f in files},
         "dtype": dtype,
         "task": task,
-        "versions": {p: version(p) for p in ("torch", "transformers", "optimum-onnx", "onnx")},
+        "exporter": exporter,
+        "provider": provider if exporter == BUILDER else "any",
+        "packed": packed or exporter != BUILDER,
+        "versions": exporter_versions(exporter),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = None) -> BaseExport:
-    """The cached export of `base` in `dtype` (float32 or float16), exporting it on first use."""
+def export_base(
+    base: Checkpoint,
+    dtype: str,
+    cache_dir: Path | str | None = None,
+    provider: str = "cpu",
+    packed: bool = True,
+) -> BaseExport:
+    """The cached export of `base` in `dtype` (float32 or float16), exporting it on first use.
+
+    `provider` (cpu or cuda) and `packed` (q / k / v in one MatMul) matter to onnxruntime-genai's
+    builder only, which builds per provider and packs q / k / v unless told not to.
+    """
     if dtype not in _DTYPES:
         raise UnsupportedError(
             f"ONNX targets emit float32 or float16, not {dtype}",
             fix="pass --dtype fp32 or --dtype fp16",
         )
     task = task_of(base)
-    key = export_key(base, dtype, task)
+    exporter = choose_exporter(base, task)
+    key = export_key(base, dtype, task, exporter, provider, packed)
     root = cache_root(cache_dir)
     entry = root / key[:32]
-    cached = BaseExport(entry, key, task, dtype)
+    cached = BaseExport(entry, key, task, dtype, exporter)
     if _complete(cached):
         logger.info("using the cached ONNX export %s", entry)
         return cached
-    check_exportable(base, task)  # a family optimum cannot export: one line, before its long error
+    if exporter == OPTIMUM:
+        check_exportable(base, task)  # a family optimum cannot export: one line, before its long error
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -140,12 +168,12 @@ def export_base(base: Checkpoint, dtype: str, cache_dir: Path | str | None = Non
             return cached
         raise _in_the_way(entry)
     with atomic_entry(entry) as tmp:  # a killed export leaves nothing: its watcher, or the next export
-        _export(base, task, dtype, tmp)
-        (tmp / "export.json").write_text(json.dumps({"key": key, "task": task, "dtype": dtype,
-                                                     "base": str(base.path)}, indent=2) + "\n")  # fmt: skip
+        _run_export(exporter, base, task, dtype, tmp, provider, packed)
+        record = {"key": key, "task": task, "dtype": dtype, "exporter": exporter, "base": str(base.path)}
+        (tmp / "export.json").write_text(json.dumps(record, indent=2) + "\n")
     if not (entry / "export.json").is_file():
         raise _in_the_way(entry)
-    return BaseExport(entry, key, task, dtype)
+    return cached
 
 
 def _complete(export: BaseExport) -> bool:
@@ -210,6 +238,47 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
             model = _to_float16(raw / model_name(graph))
         else:
             model = onnx.load(raw / model_name(graph), load_external_data=True)
-        onnx.save_model(model, into / model_name(graph), save_as_external_data=True, size_threshold=1024,
-                        all_tensors_to_one_file=True, location=data_name(graph))  # fmt: skip
+        _save(model, into, graph)
     shutil.rmtree(raw)
+
+
+def _save(model: onnx.ModelProto, into: Path, graph: str = "model") -> None:
+    """One graph with every weight in its one external data file."""
+    onnx.save_model(model, into / model_name(graph), save_as_external_data=True, size_threshold=1024,
+                    all_tensors_to_one_file=True, location=data_name(graph))  # fmt: skip
+
+
+def _builder_export(base: Checkpoint, dtype: str, into: Path, provider: str, packed: bool) -> None:
+    """onnxruntime-genai's builder graph of the decoder, and its genai config beside it."""
+    from adaptrix.targets.onnx.builder_export import build_decoder
+    from adaptrix.targets.onnx.torch_check import check_export, check_inputs, load_model
+
+    checked = check_inputs(load_model(base, CAUSAL_TASK, None), base, CAUSAL_TASK)
+    model, genai = build_decoder(base, dtype, provider, into, packed)
+    _save(model, into)
+    check_export(into / MODEL_NAME, checked, base, CAUSAL_TASK, BUILDER)  # it writes each family by hand
+    (into / BUILDER_GENAI).write_text(json.dumps(genai, indent=2) + "\n")
+    shutil.rmtree(into / "raw")
+    shutil.rmtree(into / "builder-cache", ignore_errors=True)
+
+
+def _torch_export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
+    """torch.onnx's (TorchScript) graph of the base, float16 converted as optimum's is."""
+    raw = into / "raw"
+    raw.mkdir()
+    torch_export(base, task, raw / MODEL_NAME)
+    model = _to_float16(raw / MODEL_NAME) if dtype == "float16" else onnx.load(raw / MODEL_NAME)
+    _save(model, into)
+    shutil.rmtree(raw)
+
+
+def _run_export(
+    exporter: str, base: Checkpoint, task: str, dtype: str, into: Path, provider: str, packed: bool
+) -> None:
+    """The chosen exporter's export into `into` (looked up when called, so a test can replace one)."""
+    if exporter == OPTIMUM:
+        _export(base, task, dtype, into)
+    elif exporter == BUILDER:
+        _builder_export(base, dtype, into, provider, packed)
+    else:
+        _torch_export(base, task, dtype, into)
