@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.registry import registry
 from adaptrix.targets.hooks import write_hooks
 from adaptrix.targets.merged import write_merged
