@@ -78,9 +78,8 @@ def test_cli_run_generates_pefts_greedy_tokens_merged_and_unmerged(llama):
     chat = runner.invoke(app, args)
     assert chat.exit_code == 0, chat.output
     templated = AutoTokenizer.from_pretrained(base).apply_chat_template(
-        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True
-    )
-    templated = templated["input_ids"] if isinstance(templated, dict) else templated
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )  # ids, not transformers 5's default BatchEncoding
     assert json.loads(chat.stdout)["results"][0]["prompt_ids"] == list(templated)
 
 
