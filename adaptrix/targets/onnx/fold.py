@@ -71,11 +71,15 @@ def _prune(graph: onnx.GraphProto) -> int:
 
 
 def _skip_identities(graph: onnx.GraphProto) -> int:
-    """Readers of an Identity read its input instead; an Identity making a graph output stays."""
-    outputs = {value.name for value in graph.output}
+    """Readers of an Identity read its input instead.
+
+    An Identity stays where it makes a graph output, or where its output's name is also an
+    initializer's or an input's: that graph is malformed, and onnxruntime's load check must see it.
+    """
+    keep = {value.name for value in (*graph.output, *graph.input)} | {init.name for init in graph.initializer}
     source: dict[str, str] = {}
     for node in graph.node:
-        if node.op_type == "Identity" and node.output[0] not in outputs:
+        if node.op_type == "Identity" and node.output[0] not in keep:
             source[node.output[0]] = source.get(node.input[0], node.input[0])
     kept = []
     for node in graph.node:
