@@ -153,7 +153,9 @@ def versus(python: str, base: Path, adaptrix: dict[str, Path], root: Path, promp
     folders = {}
     for scheme, folder in adaptrix.items():
         built = root / f"builder-{scheme}"
-        if build(python, base, built, scheme, root / f"builder-{scheme}.log") is None:
+        if (built / "genai_config.json").is_file():
+            print(f"  builder {scheme}: built earlier in this run ({built})")
+        elif build(python, base, built, scheme, root / f"builder-{scheme}.log") is None:
             if scheme == "int4":
                 return [False]
             print(f"  builder {scheme}: not written, so no {scheme} comparison")

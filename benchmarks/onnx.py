@@ -37,6 +37,9 @@ from pathlib import Path
 # and inside onnxruntime, optimum, adaptrix) finds the package, not this script.
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+import onnx  # noqa: E402, F401  the package, imported before merge.py puts this folder first
+
+# isort: split
 import _measure as m  # noqa: E402
 import _onnx_builder as builder  # noqa: E402
 import _onnx_quality as quality  # noqa: E402
@@ -321,11 +324,10 @@ def run_latency(base: Path, adapter: Path, artifacts: dict, rounds: int, steps: 
     return [print_latency_goals(dec), ok_fp32]
 
 
-def run_versus(python: str, base: Path, steps: Steps, root: Path, rounds: int) -> list[bool]:
-    """The builder's int4 / int8 graphs of `base` beside Adaptrix's, timed under onnxruntime-genai."""
+def run_versus(python: str, base: Path, ours: dict, root: Path, rounds: int) -> list[bool]:
+    """The builder's graphs of `base` beside Adaptrix's (`ours`), timed under onnxruntime-genai."""
     import torch
 
-    ours = {s: root / s for s in ("int4", "int8") if steps.ok(f"compile {s}")}
     if "int4" not in ours:
         print("FAIL: no Adaptrix int4 graph to compare with the builder's")
         return [False]
@@ -351,6 +353,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     only.add_argument("--compile-only", action="store_true", help="first and second compiles, cp, PEFT")
     only.add_argument("--versus-builder", action="store_true",
                       help="fp32, int4, int8 compiles; the builder beside them; quality")  # fmt: skip
+    ap.add_argument("--genai-schemes", default="int4,int8", help="schemes set beside the builder's")
+    ap.add_argument("--versus-from", type=Path, help="a kept run dir: time its graphs again, then quality")
     ap.add_argument("--cache", type=Path, default=m.default_cache(), help="fixture cache dir")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (artifacts, logs)")
     return ap.parse_args(argv)
@@ -365,11 +369,14 @@ def main(argv=None) -> int:
         sys.exit("the `adaptrix` CLI is not installed (not on PATH)")
     print(f"machine: {os.cpu_count()} cpus, python {platform.python_version()}, {THREADS} threads")
     verdicts: list[bool] = []
-    run_root = Path(tempfile.mkdtemp(prefix="onnx-", dir=cache))
+    run_root = args.versus_from or Path(tempfile.mkdtemp(prefix="onnx-", dir=cache))
     try:
         skip_builder = args.compile_only or args.latency_only
         python = None if skip_builder else builder.builder_python(cache, args.builder_python)
-        if not args.quality_only:
+        if args.versus_from:  # a kept run's compiles and builder graphs, timed again
+            fixture = merge.ensure_fixture(cache)
+            base = fixture / "base"
+        elif not args.quality_only:
             fixture = merge.ensure_fixture(cache)
             base, adapter = fixture / "base", fixture / "adapter"
             repeat = 0 if args.latency_only or args.versus_builder else max(1, args.repeat)
@@ -379,12 +386,14 @@ def main(argv=None) -> int:
             print_compile_table(steps)
             print()
             verdicts += print_compile_goals(steps)
-        if not (args.quality_only or args.compile_only or args.versus_builder):
+        if not (args.quality_only or args.compile_only or args.versus_builder or args.versus_from):
             artifacts = {f"onnx-{s}": run_root / s for s in ("fp32", *SCHEMES)
                          if steps.ok("first compile fp32" if s == "fp32" else f"compile {s}")}  # fmt: skip
             verdicts += run_latency(base, adapter, artifacts, max(1, args.rounds), max(1, args.steps))
         if python is not None and not args.quality_only:
-            verdicts += run_versus(python, base, steps, run_root, max(1, args.genai_rounds))
+            ours = {s: run_root / s for s in args.genai_schemes.split(",")
+                    if args.versus_from or steps.ok(f"compile {s}")}  # fmt: skip
+            verdicts += run_versus(python, base, ours, run_root, max(1, args.genai_rounds))
         if not (args.latency_only or args.compile_only):
             print()
             verdicts += quality.run(cache, run_root, exe, python)
