@@ -70,8 +70,9 @@ def test_fp32_graph_has_fused_norms_packed_qkv_and_no_constants(head16):
     found = ops(out)
     assert found["SimplifiedLayerNormalization"] + found["SkipSimplifiedLayerNormalization"] == 2 * LAYERS + 1
     assert found["SkipSimplifiedLayerNormalization"] == 2 * LAYERS  # every norm after the first takes its Add
-    for op in ("Pow", "ReduceMean", "Sqrt", "Div", "Constant", "Identity"):
-        assert found[op] == 0, op
+    for op in ("Pow", "ReduceMean", "Sqrt", "Div", "Constant", "Identity", "ConstantOfShape", "Reshape"):
+        assert found[op] == 0, op  # the last two: optimum's mask, now 12 nodes (mask.py)
+    assert sum(found.values()) == 14 * LAYERS + 22  # per layer 14, then the mask, embedding, head
     assert found["MatMul"] == MATMULS and found["GroupQueryAttention"] == found["Split"] == LAYERS
     names = node_names(out)
     for layer in range(LAYERS):
@@ -80,6 +81,7 @@ def test_fp32_graph_has_fused_norms_packed_qkv_and_no_constants(head16):
     section = graph_section(out)
     assert section["norms"] == {"fused": 2 * LAYERS + 1, "skip": 2 * LAYERS, "declined": None}
     assert section["qkv"] == {"packed_layers": LAYERS, "declined": {}}
+    assert section["mask"] == {"replaced": True, "declined": None}
 
 
 def test_fp32_lean_graph_matches_peft_prefill_and_left_padded_decode(head16):

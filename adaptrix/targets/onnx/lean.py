@@ -2,8 +2,8 @@
 
 Runs after the patches, LoRA / IA3 inputs and bottleneck nodes are in the graph and before
 quantization: norm.py (RMSNorm -> (Skip)SimplifiedLayerNormalization), pack.py (q/k/v in one
-MatMul and a Split), fold.py (no dead nodes, Identity or Constant). Each
-step reports what it did or why it declined; the manifest records the three reports.
+MatMul and a Split), mask.py (the fused attention's mask in 12 nodes), fold.py (no dead nodes,
+Identity or Constant). Each step reports what it did or why it declined, in the manifest.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from adaptrix.targets.onnx.fold import fold_graph
+from adaptrix.targets.onnx.mask import compact_mask
 from adaptrix.targets.onnx.norm import fuse_norms
 from adaptrix.targets.onnx.pack import PackReport, pack_qkv
 
@@ -44,6 +45,7 @@ def lean_decoder(model: onnx.ModelProto, values: dict, folder: Path) -> LeanRepo
     """Fuse the norms, pack q/k/v and fold the graph in place; packed weights' values go into `values`."""
     norms = fuse_norms(model)
     packed = pack_qkv(model, values, folder)
+    mask = compact_mask(model)
     folded = fold_graph(model)
     manifest = {
         "norms": asdict(norms),
@@ -51,6 +53,7 @@ def lean_decoder(model: onnx.ModelProto, values: dict, folder: Path) -> LeanRepo
             "packed_layers": packed.packed,
             "declined": packed.declined,
         },
+        "mask": asdict(mask),
         "folded": asdict(folded),
     }
     return LeanReport(manifest, packed)
