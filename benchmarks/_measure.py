@@ -199,7 +199,11 @@ class OrtDecoder:
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.layers = sum(1 for n in inputs if n.startswith("past_key_values.") and n.endswith(".key"))
         _, self.kv_heads, _, self.head_dim = inputs["past_key_values.0.key"].shape
+        if not isinstance(self.kv_heads, int) or not isinstance(self.head_dim, int):  # the builder's graph
+            decoder = json.loads((Path(path).parent / "genai_config.json").read_text())["model"]["decoder"]
+            self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.inputs = set(inputs)
 
     def empty_past(self) -> dict:
         """Past key/values of length 0."""
@@ -217,6 +221,7 @@ class OrtDecoder:
         n = ids.shape[1]
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((1, done + n), dtype=np.int64),
                  "position_ids": np.arange(done, done + n, dtype=np.int64)[None], **past}  # fmt: skip
+        feeds = {k: v for k, v in feeds.items() if k in self.inputs}  # the builder's graph: no positions
         values = dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
         present = {k.replace("present.", "past_key_values."): v for k, v in values.items() if k != "logits"}
         return values["logits"], present

@@ -191,9 +191,12 @@ def peft_logits(fixture: Path, ids):
         return model(input_ids=torch.from_numpy(ids)).logits.numpy(), bare
 
 
-def run(cache: Path, run_root: Path, exe: str) -> list[bool]:
-    """Compile fp32 / int8 / int4 through adaptrix, print agreement with fp32; return the verdicts."""
-    import numpy as np
+def run(cache: Path, run_root: Path, exe: str, builder: str | None = None) -> list[bool]:
+    """Compile fp32 / int8 / int4 through adaptrix, print agreement with fp32; return the verdicts.
+
+    With `builder` (a python that imports onnxruntime-genai's model builder), the builder's int4 and
+    int8 graphs of the PEFT-merged model are scored beside them.
+    """
 
     fixture = ensure_fixture(cache)
     onnx_cache, logits = run_root / "quality-cache", {}
@@ -210,9 +213,37 @@ def run(cache: Path, run_root: Path, exe: str) -> list[bool]:
         if s.returncode != 0:
             print(f"quality: compile {scheme} failed:\n{m.log_tail(run_root / f'quality-{scheme}.log')}")
             return [False]
-        decoder = m.OrtDecoder(out / "model.onnx")
-        logits[scheme] = np.concatenate([decoder.forward(row[None])[0][:, PROMPT:] for row in ids])
+        logits[scheme] = _logits(out / "model.onnx", ids)
+    for scheme in ("int4", "int8") if builder else ():
+        folder = _builder_graph(builder, fixture, run_root, scheme)
+        if folder is not None:
+            logits[f"builder {scheme}"] = _logits(folder / "model.onnx", ids)
     return report(fixture, ids, truth, logits)
+
+
+def _logits(graph: Path, ids):
+    import numpy as np
+
+    decoder = m.OrtDecoder(graph)
+    return np.concatenate([decoder.forward(row[None])[0][:, PROMPT:] for row in ids])
+
+
+def _builder_graph(python: str, fixture: Path, run_root: Path, scheme: str) -> Path | None:
+    """The builder's `scheme` graph of the base with the LoRA merged by PEFT (made once per run)."""
+    import _onnx_builder as builder
+
+    merged = run_root / "quality-merged"
+    if not merged.exists():
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(fixture / "base", dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, fixture / "adapter").merge_and_unload()
+        model.save_pretrained(merged, safe_serialization=True)
+    out = run_root / f"quality-builder-{scheme}"
+    done = builder.build(python, merged, out, scheme, run_root / f"quality-builder-{scheme}.log")
+    return out if done is not None else None
 
 
 def report(fixture: Path, ids, truth, logits: dict) -> list[bool]:
@@ -234,7 +265,8 @@ def report(fixture: Path, ids, truth, logits: dict) -> list[bool]:
     print(f"check: onnx fp32 vs PEFT (unmerged) logits max |diff| = {diff:.2e}, top-1 agreement "
           f"{np.mean(top['fp32'] == peft.argmax(-1)):.1%}")  # fmt: skip
     verdicts = [diff <= 1e-3]
-    for scheme, goal in GOALS.items():
+    goals = {**GOALS, **{name: None for name in logits if name.startswith("builder ")}}
+    for scheme, goal in goals.items():
         agree = float(np.mean(top[scheme] == top["fp32"]))
         rel = float(np.linalg.norm(logits[scheme] - logits["fp32"]) / np.linalg.norm(logits["fp32"]))
         if goal is not None:
@@ -243,4 +275,25 @@ def report(fixture: Path, ids, truth, logits: dict) -> list[bool]:
         print(f"{verdict}: {scheme} greedy top-1 agreement with fp32 {agree:.1%} "
               f"({int(np.sum(top[scheme] != top['fp32']))}/{n} differ; logits rel. error {rel:.2e}); "
               f"{'no goal' if goal is None else f'goal >= {goal:.0%}'}")  # fmt: skip
+    return verdicts + _against_builder(top)
+
+
+def _against_builder(top: dict) -> list[bool]:
+    """Adaptrix's agreement at least the builder's (int4, int8); with --calibration, int4 higher."""
+    import numpy as np
+
+    agree = {name: float(np.mean(v == top["fp32"])) for name, v in top.items()}
+    pairs = [
+        ("int4", "builder int4", ">="),
+        ("int4-gptq", "builder int4", ">"),
+        ("int8", "builder int8", ">="),
+    ]
+    verdicts = []
+    for ours, theirs, op in pairs:
+        if theirs not in agree:
+            continue
+        ok = agree[ours] > agree[theirs] if op == ">" else agree[ours] >= agree[theirs]
+        verdicts.append(ok)
+        print(f"{'PASS' if ok else 'FAIL'}: {ours} agreement {agree[ours]:.1%} {op} {theirs}'s "
+              f"{agree[theirs]:.1%}")  # fmt: skip
     return verdicts

@@ -1,6 +1,7 @@
 """Benchmark: the onnx-cpu target on a 1.1B Llama (compile cost, CPU latency) and quantization quality.
 
-Run: python benchmarks/onnx.py [--repeat N] [--rounds N] [--skip-peft] [--quality-only | --latency-only]
+Run: python benchmarks/onnx.py [--repeat N] [--rounds N] [--skip-peft] [--builder-python PY]
+                              [--quality-only | --latency-only | --compile-only | --versus-builder]
 Reuses merge.py's cached fixture (1.1B bf16 Llama base + r=16 LoRA). In one run:
 
 - compiles, each in its own child (wall time, peak RSS with descendants): the first compile of the
@@ -11,8 +12,13 @@ Reuses merge.py's cached fixture (1.1B bf16 Llama base + r=16 LoRA). In one run:
 - latency with 2 intra-op threads: one decode step on a 32-token KV cache and a 32-token prefill,
   PyTorch eager float32 (the PEFT-merged model) against onnxruntime's CPU provider on the fp32,
   int8, int4 and int8-dynamic artifacts, in interleaved rounds (medians and ratios from this run);
+- against onnxruntime-genai's model builder (_onnx_builder.py): its int4 and int8 graphs of the same
+  base built in this run, and Adaptrix's int4 / int8 graphs beside them, all run by onnxruntime-genai
+  with one harness (32-token prompt, greedy, 2 threads, interleaved rounds of 16 tokens): decode
+  ms/token, prefill ms, nodes, ratio Adaptrix / builder;
 - quality: greedy top-1 agreement of each quantized scheme with fp32 on a small decoder trained on a
-  synthetic corpus (benchmarks/_onnx_quality.py; trained once, cached).
+  synthetic corpus (benchmarks/_onnx_quality.py; trained once, cached), the builder's graphs of the
+  PEFT-merged decoder beside Adaptrix's.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ from pathlib import Path
 # and inside onnxruntime, optimum, adaptrix) finds the package, not this script.
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+import onnx  # noqa: E402, F401  the package, imported before merge.py puts this folder first
+
+# isort: split
 import _measure as m  # noqa: E402
+import _onnx_builder as builder  # noqa: E402
 import _onnx_quality as quality  # noqa: E402
 import merge  # noqa: E402
 
@@ -40,11 +50,7 @@ THREADS = 2
 GOAL_SECOND_VS_CP = 2.0  # second compile wall <= 2x copying the ONNX weights
 GOAL_REEXPORT_SPEEDUP = 5.0  # second compile >= 5x faster than PEFT merge + optimum export
 GOAL_DECODE_SPEEDUP = 4.0  # fastest quantized decode >= 4x faster than PyTorch eager fp32
-# The issue's numbers (this machine kind, 2 threads, one decode step), ms: the speedups they imply
-# compare across machines better than the ms do (eager fp32 is memory-bound, int4 less so).
-REFERENCE_MS = {"PyTorch eager fp32": 145.0, "optimum + ORT dynamic int8": 44.5,
-                "optimum + MatMulNBits int4": 47.0, "onnxruntime-genai model builder int4": 38.9}  # fmt: skip
-GENAI = "onnxruntime-genai model builder int4"
+NEW_TOKENS, GENAI_ROUNDS = 16, 5  # the builder comparison: tokens per round, interleaved rounds
 SCHEMES = ("int8", "int4", "int8-dynamic")  # adaptrix --quantize
 
 PEFT_OPTIMUM_SCRIPT = """
@@ -283,7 +289,7 @@ def latency_table(label: str, times: dict) -> dict:
 
 
 def print_latency_goals(decode: dict) -> bool:
-    """Print the decode goal against measured eager and against the issue's reference numbers."""
+    """Print the decode goal against eager measured in this run."""
     quantized = {k: v for k, v in decode.items() if k.removeprefix("onnx-") in SCHEMES}
     if not quantized:
         print("SKIP: decode goal (no quantized artifact measured)")
@@ -294,14 +300,6 @@ def print_latency_goals(decode: dict) -> bool:
     print(f"{'PASS' if ok else 'FAIL'}: fastest quantized decode {best} {ms:.1f} ms/step is {speedup:.2f}x "
           f"faster than PyTorch eager fp32 measured here ({decode['eager']['median_ms']:.1f} ms); "
           f"goal >= {GOAL_DECODE_SPEEDUP:.0f}x")  # fmt: skip
-    eager_ref = REFERENCE_MS["PyTorch eager fp32"]
-    refs = ", ".join(f"{label} {ref:.1f} ms ({eager_ref / ref:.2f}x)" for label, ref in REFERENCE_MS.items())
-    # A rival is timed in the same run or not compared at all: these figures are another day's.
-    print(f"  for history only, not compared (another day's figures, not measured here): {refs}")
-    print(
-        f"  {GENAI}: not built in this run, so no verdict against it (issue 26 builds and times it "
-        "beside Adaptrix's graph)"
-    )
     return ok
 
 
@@ -326,6 +324,19 @@ def run_latency(base: Path, adapter: Path, artifacts: dict, rounds: int, steps: 
     return [print_latency_goals(dec), ok_fp32]
 
 
+def run_versus(python: str, base: Path, ours: dict, root: Path, rounds: int) -> list[bool]:
+    """The builder's graphs of `base` beside Adaptrix's (`ours`), timed under onnxruntime-genai."""
+    import torch
+
+    if "int4" not in ours:
+        print("FAIL: no Adaptrix int4 graph to compare with the builder's")
+        return [False]
+    gen = torch.Generator().manual_seed(merge.SEED)
+    prompt = torch.randint(0, merge.BASE_CONFIG["vocab_size"], (PROMPT,), generator=gen).tolist()
+    print("\nonnxruntime-genai's model builder, the same base, built in this run")
+    return builder.versus(python, base, ours, root, prompt, NEW_TOKENS, rounds, THREADS)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse command-line options."""
     ap = argparse.ArgumentParser(description="Benchmark the onnx-cpu target: compile cost, latency, quality.")
@@ -334,10 +345,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=3, help="decode steps per variant per round (default 3)")
     ap.add_argument("--skip-peft", action="store_true", help="do not run PEFT merge + optimum export")
     ap.add_argument("--block-size", type=int, help="int8 / int4 block size for adaptrix (default: its own)")
+    ap.add_argument("--builder-python", help=f"python that imports genai's builder (${builder.PYTHON_ENV})")
+    ap.add_argument("--genai-rounds", type=int, default=GENAI_ROUNDS, help="builder comparison rounds (5)")
     only = ap.add_mutually_exclusive_group()
     only.add_argument("--quality-only", action="store_true", help="only the quantization quality section")
     only.add_argument("--latency-only", action="store_true", help="compile fp32 and SCHEMES, time them")
     only.add_argument("--compile-only", action="store_true", help="first and second compiles, cp, PEFT")
+    only.add_argument("--versus-builder", action="store_true",
+                      help="fp32, int4, int8 compiles; the builder beside them; quality")  # fmt: skip
+    ap.add_argument("--genai-schemes", default="int4,int8", help="schemes set beside the builder's")
+    ap.add_argument("--versus-from", type=Path, help="a kept run dir: time its graphs again, then quality")
     ap.add_argument("--cache", type=Path, default=m.default_cache(), help="fixture cache dir")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (artifacts, logs)")
     return ap.parse_args(argv)
@@ -352,25 +369,34 @@ def main(argv=None) -> int:
         sys.exit("the `adaptrix` CLI is not installed (not on PATH)")
     print(f"machine: {os.cpu_count()} cpus, python {platform.python_version()}, {THREADS} threads")
     verdicts: list[bool] = []
-    run_root = Path(tempfile.mkdtemp(prefix="onnx-", dir=cache))
+    run_root = args.versus_from or Path(tempfile.mkdtemp(prefix="onnx-", dir=cache))
     try:
-        if not args.quality_only:
+        skip_builder = args.compile_only or args.latency_only
+        python = None if skip_builder else builder.builder_python(cache, args.builder_python)
+        if args.versus_from:  # a kept run's compiles and builder graphs, timed again
+            fixture = merge.ensure_fixture(cache)
+            base = fixture / "base"
+        elif not args.quality_only:
             fixture = merge.ensure_fixture(cache)
             base, adapter = fixture / "base", fixture / "adapter"
-            repeat = 0 if args.latency_only else max(1, args.repeat)
-            skip_peft = args.skip_peft or args.latency_only
-            schemes = () if args.compile_only else SCHEMES
+            repeat = 0 if args.latency_only or args.versus_builder else max(1, args.repeat)
+            skip_peft = args.skip_peft or args.latency_only or args.versus_builder
+            schemes = () if args.compile_only else ("int8", "int4") if args.versus_builder else SCHEMES
             steps = run_compiles(exe, base, adapter, run_root, repeat, skip_peft, args.block_size, schemes)
             print_compile_table(steps)
             print()
             verdicts += print_compile_goals(steps)
-        if not (args.quality_only or args.compile_only):
+        if not (args.quality_only or args.compile_only or args.versus_builder or args.versus_from):
             artifacts = {f"onnx-{s}": run_root / s for s in ("fp32", *SCHEMES)
                          if steps.ok("first compile fp32" if s == "fp32" else f"compile {s}")}  # fmt: skip
             verdicts += run_latency(base, adapter, artifacts, max(1, args.rounds), max(1, args.steps))
+        if python is not None and not args.quality_only:
+            ours = {s: run_root / s for s in args.genai_schemes.split(",")
+                    if args.versus_from or steps.ok(f"compile {s}")}  # fmt: skip
+            verdicts += run_versus(python, base, ours, run_root, max(1, args.genai_rounds))
         if not (args.latency_only or args.compile_only):
             print()
-            verdicts += quality.run(cache, run_root, exe)
+            verdicts += quality.run(cache, run_root, exe, python)
     finally:
         if args.keep:
             print(f"kept {run_root}")

@@ -42,6 +42,7 @@ from adaptrix.targets.onnx.external import write_model
 from adaptrix.targets.onnx.fuse import fuse_attention
 from adaptrix.targets.onnx.genai import write_genai_config
 from adaptrix.targets.onnx.ia3 import add_scale_inputs, scale_parameters
+from adaptrix.targets.onnx.lean import lean_decoder
 from adaptrix.targets.onnx.loads import check_loads
 from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_adapter_files
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
@@ -154,12 +155,16 @@ def write_onnx(
     if fused is not None:
         values.update(fused.values)
         section["attention"] = {"fused_layers": fused.layers, "declined": fused.declined}
+    hessians = None if prompts is None else _hessians(base, ir, prompts, model)  # before q/k/v are packed
+    if fused is not None:  # onnx-cpu decoders; last rewrite: every patch has found its nodes
+        lean = lean_decoder(model, values, export.path)
+        section["graph"] = lean.manifest
+        hessians = lean.hessians(hessians)
     if quantize is not None:
         phase(
             f"quantizing the weights to {quantize}"
             + (" (GPTQ on the calibration prompts)" if calibration else "")
         )
-        hessians = None if prompts is None else _hessians(base, ir, prompts, model)
         report = quantize_weights(model, export.path, values, quantize, block_size, exclude, hessians)
         section["quantized"] = {"weights": report.quantized, "float_bytes": report.float_bytes,
                                 "quantized_bytes": report.quantized_bytes,

@@ -1,0 +1,59 @@
+"""The decoder graph made as lean as onnxruntime-genai's builder writes it: fused norms, packed q/k/v, folded.
+
+Runs after the patches, LoRA / IA3 inputs and bottleneck nodes are in the graph and before
+quantization: norm.py (RMSNorm -> (Skip)SimplifiedLayerNormalization), pack.py (q/k/v in one
+MatMul and a Split), mask.py (the fused attention's mask in 12 nodes), fold.py (no dead nodes,
+Identity or Constant). Each step reports what it did or why it declined, in the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from adaptrix.targets.onnx.fold import fold_graph
+from adaptrix.targets.onnx.mask import compact_mask
+from adaptrix.targets.onnx.norm import fuse_norms
+from adaptrix.targets.onnx.pack import PackReport, pack_qkv
+
+__all__ = ["LeanReport", "lean_decoder"]
+
+
+@dataclass(frozen=True, slots=True)
+class LeanReport:
+    """The three steps' reports, for the manifest, and the packed weights (for GPTQ's statistics)."""
+
+    manifest: dict
+    packed: PackReport
+
+    def hessians(self, found: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+        """GPTQ's statistics by weight with each packed weight's added: q, k and v read the same input."""
+        if found is None:
+            return None
+        merged = dict(found)
+        for name, parts in self.packed.weights.items():
+            if parts[0] in found:
+                merged[name] = found[parts[0]]
+        return merged
+
+
+def lean_decoder(model: onnx.ModelProto, values: dict, folder: Path) -> LeanReport:
+    """Fuse the norms, pack q/k/v and fold the graph in place; packed weights' values go into `values`."""
+    norms = fuse_norms(model)
+    packed = pack_qkv(model, values, folder)
+    mask = compact_mask(model)
+    folded = fold_graph(model)
+    manifest = {
+        "norms": asdict(norms),
+        "qkv": {
+            "packed_layers": packed.packed,
+            "declined": packed.declined,
+        },
+        "mask": asdict(mask),
+        "folded": asdict(folded),
+    }
+    return LeanReport(manifest, packed)
