@@ -1,0 +1,127 @@
+"""The routing study's scorers: per prompt, is the greedy answer exact, for each way of serving it.
+
+Every scorer returns {domain: bool array over that domain's scored prompts}. Prompts of one domain
+share a length, so each domain is one batch; a token-level router sees each token on its own, so
+batching changes nothing for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from _routing_data import BOS, DOMAINS, TASKS, encode
+from _routing_models import correct, load
+
+CALIBRATION_EXAMPLES, CALIBRATION_SEED = 8, 4321
+
+
+def cross(base: Path, adapters: dict[str, Path]) -> dict[str, dict[str, np.ndarray]]:
+    """cross[adapter][domain]: every domain's prompts served by every single adapter (PEFT, unmerged)."""
+    from peft import PeftModel
+
+    found = {}
+    for name, path in adapters.items():
+        model = PeftModel.from_pretrained(load(base), path).eval()
+        found[name] = {d: correct(model, TASKS[d]) for d in DOMAINS}
+    return found
+
+
+def bare(base: Path) -> dict[str, np.ndarray]:
+    """The base without any adapter."""
+    model = load(base)
+    return {d: correct(model, TASKS[d]) for d in DOMAINS}
+
+
+def merged(base: Path, adapters: dict[str, Path]) -> dict[str, np.ndarray]:
+    """One adapter: the average of all deltas (PEFT add_weighted_adapter, cat, weight 1/n each: exact)."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(load(base), adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.add_weighted_adapter(names, [1.0 / len(names)] * len(names), "average", combination_type="cat")
+    model.set_adapter("average")
+    model.eval()
+    return {d: correct(model, TASKS[d]) for d in DOMAINS}
+
+
+def peft_arrow_model(base: Path, adapters: dict[str, Path], top_k: int, temperature: float = 1.0):
+    """PEFT's Arrow model over the adapters (task_i is the i-th of `adapters`)."""
+    from peft import ArrowConfig, create_arrow_model
+
+    config = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0)
+    paths = [str(p) for p in adapters.values()]
+    return create_arrow_model(load(base), task_specific_adapter_paths=paths, arrow_config=config).eval()
+
+
+def peft_arrow(base: Path, adapters: dict[str, Path], top_k: int) -> dict[str, np.ndarray]:
+    """Token-level Arrow routing, PEFT's create_arrow_model."""
+    model = peft_arrow_model(base, adapters, top_k)
+    return {d: correct(model, TASKS[d]) for d in DOMAINS}
+
+
+def attached(model, bundle: Path) -> dict[str, np.ndarray]:
+    """The domains' prompts through `model` with a hooks bundle attached."""
+    import adaptrix
+
+    handle = adaptrix.attach(model, bundle)
+    try:
+        return {d: correct(model, TASKS[d]) for d in DOMAINS}
+    finally:
+        handle.detach()
+
+
+def request_level(choose: Callable[[np.ndarray], str], table: dict) -> tuple[dict, dict]:
+    """Route each prompt with `choose(input_ids) -> adapter name`; score it with that adapter alone.
+
+    Returns (correct per domain, chosen adapter per domain); `table` is cross()'s result.
+    """
+    results, chosen = {}, {}
+    for d in DOMAINS:
+        prompts, _ = TASKS[d].scored()
+        picks = [choose(row) for row in prompts]
+        chosen[d] = np.array(picks)
+        results[d] = np.array([table[p][d][i] for i, p in enumerate(picks)], dtype=bool)
+    return results, chosen
+
+
+def calibration_prompts(count: int = CALIBRATION_EXAMPLES, seed: int = CALIBRATION_SEED) -> dict[str, list]:
+    """`count` training-draw prompts per domain (token ids with <bos>, without answers)."""
+    rng = np.random.default_rng(seed)
+    return {d: [[BOS, *encode(p)] for p, _ in TASKS[d].examples(rng, count)] for d in DOMAINS}
+
+
+@torch.inference_mode()
+def mean_hidden(model, ids: list[int]) -> torch.Tensor:
+    """The base's last hidden state (after the final norm) averaged over the prompt's tokens."""
+    out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    return out.hidden_states[-1][0].mean(0)
+
+
+def centroid_router(base: Path, examples: dict[str, list]) -> Callable[[np.ndarray], str]:
+    """Nearest centroid (cosine) of the base's mean hidden states, one centroid per domain's examples."""
+    model = load(base)
+    names = list(examples)
+    cents = [torch.stack([mean_hidden(model, ids) for ids in examples[n]]).mean(0) for n in names]
+    cents = torch.stack(cents)
+    cents = torch.nn.functional.normalize(cents, dim=-1)
+
+    def choose(ids: np.ndarray) -> str:
+        h = torch.nn.functional.normalize(mean_hidden(model, [int(i) for i in ids]), dim=-1)
+        return names[int((cents @ h).argmax())]
+
+    return choose
+
+
+def routed_share(chosen: dict[str, np.ndarray]) -> float:
+    """Share of prompts routed to their own domain's adapter (adapters are named after domains)."""
+    hits = sum(int((chosen[d] == d).sum()) for d in DOMAINS)
+    return hits / sum(len(chosen[d]) for d in DOMAINS)
+
+
+__all__ = ["attached", "bare", "calibration_prompts", "centroid_router", "cross", "merged", "peft_arrow",
+           "peft_arrow_model", "request_level", "routed_share"]  # fmt: skip
