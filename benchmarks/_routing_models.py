@@ -14,9 +14,9 @@ from _routing_data import BOS, DOMAINS, EOS, PAD, TASKS, VOCAB, Corpus
 from _transfer_models import SOURCE_CONFIG, cached, fit, load, train_lora
 
 CONFIG = {**SOURCE_CONFIG, "vocab_size": VOCAB, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
-BASE_RECIPE = {"config": CONFIG, "seed": 1, "steps": 1200, "lr": 3e-3, "corpus": "routing-v1"}
-LORA_STEPS = {"kv": 200, "mod": 500, "rev": 600, "sub": 300}
-BATCH, LENGTH = 32, 64
+BASE_RECIPE = {"config": CONFIG, "seed": 1, "steps": 800, "lr": 3e-3, "corpus": "routing-v1", "length": 48}
+LORA_STEPS = {"kv": 150, "mod": 400, "rev": 500, "sub": 200}
+BATCH = 32
 
 
 def lora_recipe(task: str) -> dict:
@@ -29,7 +29,7 @@ def train_base(cache: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def draw(rng: np.random.Generator) -> tuple:
-        ids = Corpus().batch(rng, BATCH, LENGTH)
+        ids = Corpus().batch(rng, BATCH, BASE_RECIPE["length"])
         return ids, ids
 
     def build(tmp: Path) -> dict:

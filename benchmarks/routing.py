@@ -126,7 +126,7 @@ def goals(rows: list[dict]) -> list[str]:
     for r in rows:
         if "mixed" in r:
             by[r["label"][:3]].append(r)
-    oracle, average = by["(a)"][0]["mixed"], by["(b)"][0]["mixed"]
+    oracle, average = max(by["(a)"][0]["mixed"], 1e-9), by["(b)"][0]["mixed"]
     lines = []
     for r in by["(c)"]:
         if "extra" in r["label"]:
