@@ -20,6 +20,7 @@ __all__ = [
     "load_bundle",
     "open_onnx",
     "parity",
+    "route",
     "switch",
     "verify_artifact",
 ]
@@ -35,6 +36,7 @@ _API = {
     "load_bundle": "adaptrix.runtimes.hooks",
     "open_onnx": "adaptrix.runtimes.onnx.session",
     "parity": "adaptrix.api.parity",
+    "route": "adaptrix.api.route",
     "verify_artifact": "adaptrix.api.verify",
 }
 

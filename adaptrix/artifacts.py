@@ -26,6 +26,8 @@ __all__ = [
     "ONNX_TARGETS",
     "PEFT_CONFIG_NAME",
     "PEFT_WEIGHTS_NAME",
+    "ROUTE_FORMAT",
+    "ROUTE_TENSORS",
     "TENSORS_FILE",
     "find_module",
     "probe_indices",
@@ -41,6 +43,7 @@ TENSORS_FILE = "bundle.safetensors"
 BUNDLE_FORMAT = 1
 KINDS_FORMAT = 2  # a bundle with dense or scale entries: a reader of format 1 must refuse it
 BOTTLENECK_FORMAT = 3  # a bundle with bottleneck entries: readers of formats 1 and 2 must refuse it
+ROUTE_FORMAT = 4  # a bundle with routed entries (--pass route): readers of formats 1 to 3 must refuse it
 IDENTITY = "linear"  # a bottleneck's activation that computes nothing
 # The activations a bottleneck may use, as AdapterHub names them (transformers' ACT2FN)
 ACTIVATION_NAMES = frozenset({
@@ -55,6 +58,7 @@ DATA_NAME = "model.onnx_data"
 GENAI_CONFIG = "genai_config.json"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
+ROUTE_TENSORS = "route.safetensors"  # a routed ONNX artifact's prototypes, one tensor per module
 
 # AIR files: the safetensors metadata's `format` (the rest of the container: adaptrix.io.air_format)
 AIR_FORMAT = "adaptrix-air"

@@ -21,6 +21,7 @@ from adaptrix.io.hub import resolve_base
 from adaptrix.io.output import atomic_output
 from adaptrix.io.output_guard import check_output
 from adaptrix.ir.errors import AdaptrixError, BadInputError, UnsupportedError
+from adaptrix.ir.route import refuse_routed
 from adaptrix.ir.values import AdapterIR
 from adaptrix.passes import parse_pass
 from adaptrix.passes.runner import run_passes
@@ -123,6 +124,9 @@ def compile_adapter(
     if carried or any(isinstance(each, AirAdapter) for each in read):
         # AIR and what passes carried are checked against the base here (a combined IR: by its first input)
         irs = [fit_ir(ir, checkpoint, path) for ir, path in zip(irs, adapters, strict=False)]
+    if not emit.routes:
+        refuse_routed(irs[0], f"--target {target} cannot route between adapters",
+                      fix="use --target hooks, onnx-cpu or onnx-cuda")  # fmt: skip
     if emit.several:
         taken: set[str] = set()
         labels = [adapter_label(path, taken) for path in adapters]

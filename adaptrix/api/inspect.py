@@ -6,6 +6,7 @@ from pathlib import Path
 
 from adaptrix.api.inspect_onnx import inspect_onnx_adapter, is_onnx_adapter
 from adaptrix.api.inspect_rows import site_rows
+from adaptrix.api.route import route_overview
 from adaptrix.artifacts import MANIFEST_NAME, PEFT_CONFIG_NAME
 from adaptrix.frontends.adapterhub.adapter import is_adapterhub
 from adaptrix.frontends.air.adapter import is_air, read_air
@@ -32,9 +33,10 @@ def inspect_adapter(adapter: Path | str, base: Path | str | None = None) -> dict
         return inspect_onnx_adapter(adapter)
     if _is_output(Path(adapter)):
         manifest = read_json(Path(adapter) / MANIFEST_NAME, what="manifest")
-        if isinstance(manifest, dict) and manifest.get("target") == "hooks":
-            return inspect_bundle(adapter)
-        return inspect_artifact(adapter, manifest)
+        hooks = isinstance(manifest, dict) and manifest.get("target") == "hooks"
+        found = inspect_bundle(adapter) if hooks else inspect_artifact(adapter, manifest)
+        routing = route_overview(adapter, manifest) if isinstance(manifest, dict) else None
+        return {**found, **({"route": routing} if routing else {})}
     if is_air(adapter) and not (Path(adapter) / PEFT_CONFIG_NAME).is_file():
         return inspect_air(adapter, base)
     if is_adapterhub(Path(adapter)):
@@ -95,6 +97,7 @@ def inspect_air(path: Path | str, base: Path | str | None = None) -> dict:
 def inspect_bundle(path: Path | str) -> dict:
     """Describe a hooks bundle per module: its ops, rank, scale, parameters and bytes."""
     from adaptrix.runtimes.hooks.bundle import load_bundle
+    from adaptrix.runtimes.hooks.route import route_tensors
 
     bundle = load_bundle(path)
     rows = []
@@ -104,10 +107,12 @@ def inspect_bundle(path: Path | str) -> dict:
         keys += [entry.bias] if entry.bias else []
         keys += list(entry.replace.values())
         keys += [key for key in (entry.dense, entry.scale_out, entry.scale_in) if key]
+        keys += sorted(route_tensors(entry.route))
         tensors = [bundle.tensors[key] for key in keys]
         ops = [kind for kind, there in (("lora", entry.lora and not entry.dora), ("dora", entry.dora),
                ("dense", entry.dense), ("ia3-out", entry.scale_out), ("ia3-in", entry.scale_in),
-               ("bias", entry.bias), ("replace", entry.replace)) if there]  # fmt: skip
+               ("bias", entry.bias), ("replace", entry.replace), ("route", entry.route))
+               if there]  # fmt: skip
         rows.append(
             {
                 "module": entry.name,

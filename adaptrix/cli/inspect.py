@@ -55,6 +55,12 @@ def inspect_command(
         passes = ", ".join(summary["passes"]) or "none"
         out.print(f"{summary['target']} for a {summary['arch']} base, {summary['dtype']}, {summary['sites']} "
                   f"sites; passes: {passes}", markup=False, highlight=False)  # fmt: skip
+    if summary.get("route"):  # several adapters: how separable their prototypes are
+        routing = summary["route"]
+        pairs = ", ".join(f"{pair} {value:.3f}" for pair, value in routing["overlap"].items())
+        out.print(f"routes {len(routing['adapters'])} adapters (top_k {routing['top_k']}, temperature "
+                  f"{routing['temperature']}) over {routing['modules']} modules; mean |cos| of their "
+                  f"prototypes: {pairs}", markup=False, highlight=False)  # fmt: skip
     if summary.get("model_version") is not None:  # an .onnx_adapter: the base export it fits
         out.print(f"model version {summary['model_version']}", markup=False, highlight=False)
 

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from adaptrix.artifacts import ADAPTERS_DIR
 from adaptrix.cli.base import app, call, out
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
@@ -36,6 +37,10 @@ def run_command(
     adapter: Annotated[
         str | None, typer.Option("--adapter", help="Unmerged: an adapter's name, or an .onnx_adapter file.")
     ] = None,
+    routed: Annotated[
+        bool,
+        typer.Option("--route", help="Unmerged: run each prompt with the adapter adaptrix.route picks."),
+    ] = False,
     provider: Annotated[str, typer.Option("--provider", help="cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="onnxruntime's intra-op threads.")] = None,
     eos: Annotated[bool, typer.Option("--stop-at-eos", help="Decoders: stop at EOS.")] = False,
@@ -52,7 +57,11 @@ def run_command(
     else:
         prompts = call(lambda: [_parse_ids(text) for text in prompt_ids or ()])
     model = call(lambda: open_onnx(artifact, provider, threads))
-    results = call(lambda: _run_prompts(model, prompts, max_new_tokens, adapter, eos))
+    chosen = call(lambda: _routed(artifact, prompts, adapter)) if routed else [adapter] * len(prompts)
+    results = []
+    for ids, name in zip(prompts, chosen, strict=True):
+        found = call(lambda ids=ids, name=name: _run_prompts(model, [ids], max_new_tokens, name, eos))
+        results += [{**result, "adapter": name} if routed else result for result in found]
     if model.is_decoder and not prompt:
         tokenizer = call(lambda: _tokenizer(artifact))
     decode = model.is_decoder and tokenizer is not None
@@ -69,8 +78,23 @@ def run_command(
             value = result[model.section["outputs"][0]]
             rows = value if value and isinstance(value[0], list) else [value]
             lines = [" ".join(f"{value:.6g}" for value in row) for row in rows]
+        lines = [f"adapter: {result['adapter']}", *lines] if routed else lines
         for line in lines:
             out.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _routed(artifact: Path, prompts: list[list[int]], adapter: str | None) -> list[str]:
+    """The adapter adaptrix.route picks for each prompt (the base, named by the manifest, loaded once)."""
+    from adaptrix.api.route import base_model, read_router, route
+
+    if adapter is not None:
+        raise BadInputError("--route picks the adapter itself", fix="give --route or --adapter, not both")
+    router = read_router(artifact)
+    if not (artifact / ADAPTERS_DIR).is_dir():
+        raise BadInputError("routes per token in its graph already; --route picks one of an unmerged "
+                            "artifact's adapters", path=artifact, fix="leave out --route")  # fmt: skip
+    model = base_model(router)
+    return [route(router, ids, model) for ids in prompts]
 
 
 def _run_prompts(model, prompts: list[list[int]], max_new_tokens: int | None, adapter, eos) -> list[dict]:

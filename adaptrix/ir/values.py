@@ -17,6 +17,7 @@ from adaptrix.ir.bottleneck import Bottleneck, BottleneckBlock, LayerNormParams
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.kinds import Factored, Scale
 from adaptrix.ir.lazy import LazyTensor
+from adaptrix.ir.route import Routed
 
 __all__ = [
     "GLOBAL_ROLES",
@@ -33,6 +34,7 @@ __all__ = [
     "Op",
     "Replace",
     "Role",
+    "Routed",
     "Scale",
     "Site",
     "SourceModel",
@@ -216,7 +218,7 @@ class Replace:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
 
 
-Op = LowRank | Bias | DoRA | Replace | Factored | Scale | Bottleneck
+Op = LowRank | Bias | DoRA | Replace | Factored | Scale | Bottleneck | Routed
 
 
 @dataclass(frozen=True, slots=True)

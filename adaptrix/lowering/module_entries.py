@@ -20,6 +20,7 @@ from adaptrix.ir.values import Bias, DoRA, Factored, LowRank, Op, Replace, Scale
 from adaptrix.lowering.factored_entries import compact_factored, dense_delta, input_scale, output_scale
 from adaptrix.lowering.merge_math import merge_tensor
 from adaptrix.lowering.peft_modules import grouped_pairs
+from adaptrix.lowering.route_entries import route_entry, routed_pairs
 from adaptrix.lowering.touched import TouchedModule
 
 __all__ = ["EntryBuilder"]
@@ -65,7 +66,13 @@ class EntryBuilder:
             "bias": self._bias(),
             "replace": self._replace(),
             **self.kinds(),
+            **self._route(),
         }
+
+    def _route(self) -> dict:
+        """A routed module's `route` section (adaptrix.lowering.route_entries): the key only when used."""
+        routed = routed_pairs(self.module.role_ops, self.rows, self._canonical_out(), self.layout, self.name)
+        return {"route": route_entry(routed, self._put)} if routed is not None else {}
 
     @staticmethod
     def _of(ops: tuple[Op, ...], kind) -> list:

@@ -15,6 +15,7 @@ from adaptrix.passes.project import ProjectOptions, project
 from adaptrix.passes.redistribute import RedistributeOptions, redistribute
 from adaptrix.passes.reduce_rank import ReduceRankOptions, reduce_rank
 from adaptrix.passes.refit import RefitOptions, refit
+from adaptrix.passes.route import RouteOptions, route
 
 __all__ = ["PASSES", "Pass", "PassResult", "parse_pass", "pass_named", "register"]
 
@@ -45,6 +46,8 @@ PASSES = register(
     Pass("fuse-hybrid", "a LoRA and bottleneck adapters into one; linear bottlenecks folded exactly",
          FuseHybridOptions, fuse_hybrid, several=True, uses_base=True, bottlenecks=True,
          roles=True),
+    Pass("route", "several LoRA adapters routed per token (PEFT's Arrow): top_k by prototype, softmax",
+         RouteOptions, route, several=True),
 )  # fmt: skip
 
 

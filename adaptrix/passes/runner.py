@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.bottleneck import refuse_bottlenecks
 from adaptrix.ir.errors import AdaptrixError, BadInputError, UnsupportedError
+from adaptrix.ir.route import refuse_routed
 from adaptrix.ir.values import AdapterIR, refuse_module_roles
 from adaptrix.passes import parse_pass
 
@@ -38,6 +39,8 @@ def run_passes(
                 refuse_module_roles(ir, "needs semantic roles (attn_q, mlp_down, ...)")
             for ir in irs if spec.no_encoder_decoder else ():
                 _refuse_stacks(ir, base, spec.no_encoder_decoder)
+            for ir in irs:
+                refuse_routed(ir, "the adapters are already routed", fix="give --pass route last")
             extra = (base,) if spec.uses_base else ()
             if spec.several:
                 if len(irs) < 2:

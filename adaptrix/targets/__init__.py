@@ -29,6 +29,7 @@ class Target:
     options: tuple[str, ...] = ()  # the keyword options `write` takes beyond the common ones
     several: bool = False  # takes several adapters at once (`adapters=[(name, ir), ...]`)
     phases: bool = False  # `write` takes `phase=`, a callable it gives the label of each long phase
+    routes: bool = False  # emits the router of a routed IR (`--pass route`)
 
 
 def require_onnx_exporter(target: str) -> None:
@@ -81,6 +82,7 @@ TARGETS = _register(
         write_hooks,
         default_dtype=torch.float32,
         options=("merge_into", "qlora_base"),
+        routes=True,
     ),
     Target(
         "onnx-cpu",
@@ -90,6 +92,7 @@ TARGETS = _register(
         options=_ONNX_OPTIONS,
         several=True,
         phases=True,
+        routes=True,
     ),
     Target(
         "onnx-cuda",
@@ -99,6 +102,7 @@ TARGETS = _register(
         options=_ONNX_CUDA_OPTIONS,
         several=True,
         phases=True,
+        routes=True,
     ),
 )
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adaptrix.artifacts import BOTTLENECK_FORMAT, BUNDLE_FORMAT, KINDS_FORMAT, TENSORS_FILE
+from adaptrix.artifacts import BOTTLENECK_FORMAT, BUNDLE_FORMAT, KINDS_FORMAT, ROUTE_FORMAT, TENSORS_FILE
 from adaptrix.io.checkpoint import INDEX_NAME, Checkpoint
 from adaptrix.ir.bottleneck import Bottleneck
 from adaptrix.ir.errors import BadInputError
+from adaptrix.ir.route import route_summary
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.bottleneck_entries import bottleneck_entries
 from adaptrix.lowering.module_entries import EntryBuilder
@@ -54,6 +55,7 @@ def write_hooks(
         progress(sum(info.nbytes for info in base.tensors.values()))
     kinds = any(key in entry for entry in entries for key in _KIND_KEYS)
     version = BOTTLENECK_FORMAT if bottlenecks else KINDS_FORMAT if kinds else BUNDLE_FORMAT
+    version = ROUTE_FORMAT if any("route" in entry for entry in entries) else version
     section = {
         "format_version": version,  # older readers refuse what they lack
         "tensors_file": TENSORS_FILE,
@@ -62,7 +64,8 @@ def write_hooks(
         "modules": entries,
         **({"bottlenecks": bottlenecks} if bottlenecks else {}),
     }
-    return Written([TENSORS_FILE], {"bundle": section})
+    routed = route_summary(ir)
+    return Written([TENSORS_FILE], {"bundle": section, **({"route": routed} if routed else {})})
 
 
 def _base_section(base: Checkpoint) -> dict:

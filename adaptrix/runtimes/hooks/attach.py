@@ -19,7 +19,9 @@ from adaptrix.ir.errors import AdaptrixError, BadInputError
 from adaptrix.runtimes.hooks.bottleneck import BottleneckHook
 from adaptrix.runtimes.hooks.bundle import Bundle, ModuleEntry, load_bundle
 from adaptrix.runtimes.hooks.fit import fit_bottlenecks, fit_modules
-from adaptrix.runtimes.hooks.module_hook import ModuleHook
+from adaptrix.runtimes.hooks.module_hook import ModuleHook, compute_dtype
+from adaptrix.runtimes.hooks.quantized_weight import plain_dtype
+from adaptrix.runtimes.hooks.route import RouteHook
 from adaptrix.runtimes.hooks.shared_input import share_inputs
 
 __all__ = ["Handle", "attach", "attached", "switch"]
@@ -102,6 +104,8 @@ class Handle:
             for entry, module in fitted:
                 for name, key in entry.replace.items():
                     self._swap(module, name, self.bundle.tensors[key])
+                if entry.route:
+                    self._route(entry, module)
                 if entry.lora or entry.bias or entry.dense or entry.scale_out or entry.scale_in:
                     hook = ModuleHook(self, module, entry, self.bundle)
                     self._hooks.append(hook)
@@ -110,6 +114,12 @@ class Handle:
                     if entry.scale_in:
                         self._removers.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
             share_inputs(hooked, self.bundle)
+
+    def _route(self, entry: ModuleEntry, module: torch.nn.Module) -> None:
+        """Hook a routed module (several adapters mixed per token)."""
+        reference = next(module.parameters())
+        hook = RouteHook(self, entry, self.bundle, reference.device, compute_dtype(plain_dtype(reference)))
+        self._removers.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def _swap(self, module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         current = module._parameters[name]

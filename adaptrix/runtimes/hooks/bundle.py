@@ -40,6 +40,7 @@ from adaptrix.artifacts import (
     BUNDLE_FORMAT,
     KINDS_FORMAT,
     MANIFEST_NAME,
+    ROUTE_FORMAT,
     TENSORS_FILE,
     probe_indices,
 )
@@ -48,6 +49,7 @@ from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.finite import all_finite
 from adaptrix.runtimes.hooks.bottleneck import BottleneckEntry, check_bottleneck_tensors, parse_bottleneck
 from adaptrix.runtimes.hooks.bundle_schema import check_base, check_section, module_fields
+from adaptrix.runtimes.hooks.route import check_route, route_shapes, route_tensors
 
 __all__ = [
     "BOTTLENECK_FORMAT",
@@ -80,6 +82,7 @@ class ModuleEntry:
     dense: str | None = None
     scale_out: str | None = None
     scale_in: str | None = None
+    route: dict | None = None  # a routed module (adaptrix.runtimes.hooks.route)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +142,10 @@ def load_bundle(path: Path | str) -> Bundle:
             path=manifest_file,
             fix="compile the adapter with --target hooks",
         )
-    if section.get("format_version") not in (BUNDLE_FORMAT, KINDS_FORMAT, BOTTLENECK_FORMAT):
+    if section.get("format_version") not in (BUNDLE_FORMAT, KINDS_FORMAT, BOTTLENECK_FORMAT, ROUTE_FORMAT):
         raise BadInputError(
             f"has bundle format {section.get('format_version')!r:.40}; this adaptrix reads {BUNDLE_FORMAT} "
-            f"to {BOTTLENECK_FORMAT}",
+            f"to {ROUTE_FORMAT}",
             path=manifest_file,
             fix="recompile the bundle with this version of adaptrix",
         )
@@ -209,6 +212,8 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 def _entry(raw: object, file: Path, number: int) -> ModuleEntry:
     fields = module_fields(raw, file, number)
     indices, values, dtype = fields.pop("probe")
+    if fields["route"] is not None:
+        check_route(fields["route"], file, f"module {fields['name']!r}.route")
     return ModuleEntry(
         probe_at=torch.tensor(indices, dtype=torch.long),
         probe_values=torch.tensor(values, dtype=torch.float32),
@@ -237,6 +242,8 @@ def _check_tensors(
             expected[entry.scale_out] = (entry.out_features,)
         if entry.scale_in:
             expected[entry.scale_in] = (_in_features(entry),)
+        if entry.route:
+            expected.update(route_shapes(entry.route, _in_features(entry), entry.out_features))
         expected.update((key, None) for key in entry.replace.values())  # the module's own shape, at attach
         for key, shape in expected.items():
             tensor = tensors.get(key)
@@ -263,6 +270,7 @@ def _check_all_used(modules, bottlenecks, tensors: dict[str, torch.Tensor], file
         used.update(entry.replace.values())
         used.update((entry.lora["down"], entry.lora["up"]) if entry.lora else ())
         used.update((entry.dora["magnitude"],) if entry.dora else ())
+        used.update(route_tensors(entry.route))
     if stray := sorted(tensors.keys() - used):
         raise BadInputError(f"holds tensor {stray[0]!r}, which no entry of the manifest uses"
                             + (f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""),

@@ -32,7 +32,7 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SECTION_KEYS = {"format_version", "tensors_file", "dtype", "base", "modules", "bottlenecks"}
 _ENTRY_KEYS = {"name", "layout", "sites", "weight_shape", "out_features", "probe", "lora", "dora", "bias",
-               "replace", "dense", "scale_out", "scale_in"}  # fmt: skip
+               "replace", "dense", "scale_out", "scale_in", "route"}  # fmt: skip
 _PROBE_KEYS = {"tensor", "shape", "dtype", "indices", "values"}
 _MAX_PROBES = 64
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -181,11 +181,14 @@ def _deltas(entry: dict, layout: str, file: Path, where: str) -> dict:
         if not PARAMETER_NAME.fullmatch(param):
             _refuse(file, f"{where}.replace", f"{param!r:.40} is not a parameter name")
         string(key, file, f"{where}.replace.{param}")
-    weighted = lora is not None or keys["dense"] or keys["scale_out"] or keys["scale_in"]
+    route = entry.get("route")
+    if route is not None and layout not in ("linear", "conv1d"):
+        _refuse(file, f"{where}.route", f"a {layout} module cannot be routed")
+    weighted = lora is not None or keys["dense"] or keys["scale_out"] or keys["scale_in"] or route is not None
     if layout == "norm" and weighted:
         _refuse(file, where, "a norm takes only bias and replace entries")
     if layout == "embedding" and (keys["dense"] or keys["scale_out"] or keys["scale_in"]):
         _refuse(file, where, "an embedding takes no dense or IA3 entries")
     if not (weighted or keys["bias"] or replace):
         _refuse(file, where, "changes nothing (no lora, bias, replace, dense or scale entry)")
-    return {"lora": lora, "dora": dora, "replace": dict(replace), **keys}
+    return {"lora": lora, "dora": dora, "replace": dict(replace), "route": route, **keys}

@@ -26,6 +26,7 @@ from adaptrix.io.side_files import copy_side_files
 from adaptrix.ir.bottleneck import refuse_bottlenecks
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.ir.factored_low_rank import factored_as_low_rank
+from adaptrix.ir.route import route_summary
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.head import new_head_sites, refuse_new_head
 from adaptrix.lowering.module_pairs import LowRankPair, ModuleScales, low_rank_pairs, module_scales
@@ -41,6 +42,7 @@ from adaptrix.targets.onnx.lora import add_lora_inputs, model_version, write_ada
 from adaptrix.targets.onnx.patch import base_uses, merged_patches
 from adaptrix.targets.onnx.quantize import quantize_weights
 from adaptrix.targets.onnx.quantize_schemes import BLOCKED_SCHEMES, DEFAULT_BLOCK_SIZE, check_quantize
+from adaptrix.targets.onnx.route import add_route_branches, routed_of, write_route_tensors
 from adaptrix.targets.onnx.seq2seq import refuse_seq2seq_options, write_seq2seq_graphs
 from adaptrix.targets.onnx.tasks import SEQ2SEQ_TASK, task_of
 from adaptrix.targets.written import Written
@@ -99,6 +101,7 @@ def write_onnx(
                                fix="leave out --calibration (round-to-nearest blocks)")  # fmt: skip
     dtype = dtype or torch.float32
     seq2seq = task_of(base) == SEQ2SEQ_TASK
+    routed = routed_of(ir, base, unmerged=unmerged, quantize=quantize, seq2seq=seq2seq)
     if seq2seq:
         refuse_seq2seq_options(unmerged=unmerged, quantize=quantize, calibration=calibration,
                                bottlenecks=bool(bottlenecks))  # fmt: skip
@@ -124,6 +127,8 @@ def write_onnx(
         values, lora, exclude = _unmerged(pairs, scales, base, model, dtype, export, out)
         section["lora"] = lora
         untied = False
+    elif routed is not None:
+        values, untied = add_route_branches(model, base_uses(base, model.graph), routed), False
     else:
         values = merged_patches(ir, base, model, export.path, progress)
         untied = plan_tensors(ir, base)[1]
@@ -160,10 +165,12 @@ def write_onnx(
     files += copy_side_files(base, out, dtype, untied)
     if unmerged:
         files += [entry["file"] for entry in section["lora"]["adapters"].values()]
+    files += [write_route_tensors(routed, out)] if routed is not None else []
     section["inputs"] = [value.name for value in model.graph.input if value.name not in _lora_names(section)]
     section["outputs"] = [value.name for value in model.graph.output]
     check_loads(out / MODEL_NAME)  # last: a graph onnxruntime refuses is never renamed into place
-    return Written(files, {"onnx": section}, digests)
+    extra = {"route": route_summary(ir)} if routed is not None else {}
+    return Written(files, {"onnx": section, **extra}, digests)
 
 
 def _write_seq2seq(ir, base: Checkpoint, export: BaseExport, out: Path, dtype, phase) -> Written:
