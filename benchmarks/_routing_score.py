@@ -49,18 +49,32 @@ def merged(base: Path, adapters: dict[str, Path]) -> dict[str, np.ndarray]:
     return {d: correct(model, TASKS[d]) for d in DOMAINS}
 
 
-def peft_arrow_model(base: Path, adapters: dict[str, Path], top_k: int, temperature: float = 1.0):
-    """PEFT's Arrow model over the adapters (task_i is the i-th of `adapters`)."""
+def peft_arrow_model(base: Path, adapters: dict[str, Path], top_k: int, exact: bool = False):
+    """PEFT's Arrow model over the adapters (task_i is the i-th of `adapters`), temperature 1.
+
+    PEFT finds each prototype by 15 power iterations from a seeded random vector; `exact` replaces
+    them, after the first forward built them, by the top right singular vector from an SVD.
+    """
     from peft import ArrowConfig, create_arrow_model
 
-    config = ArrowConfig(top_k=top_k, router_temperature=temperature, rng_seed=0)
+    config = ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0)
     paths = [str(p) for p in adapters.values()]
-    return create_arrow_model(load(base), task_specific_adapter_paths=paths, arrow_config=config).eval()
+    model = create_arrow_model(load(base), task_specific_adapter_paths=paths, arrow_config=config).eval()
+    if exact:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[BOS]]))
+        for module in model.modules():
+            arrows = getattr(module, "lora_arrow", None)
+            if arrows is not None and "arrow_router" in arrows:
+                arrow = arrows["arrow_router"]
+                pairs = [(module.lora_A[n].weight, module.lora_B[n].weight) for n in arrow.task_adapter_names]
+                arrow.prototypes = torch.stack([torch.linalg.svd(b @ a).Vh[0] for a, b in pairs]).detach()
+    return model
 
 
-def peft_arrow(base: Path, adapters: dict[str, Path], top_k: int) -> dict[str, np.ndarray]:
+def peft_arrow(base: Path, adapters: dict[str, Path], top_k: int, exact: bool = False) -> dict:
     """Token-level Arrow routing, PEFT's create_arrow_model."""
-    model = peft_arrow_model(base, adapters, top_k)
+    model = peft_arrow_model(base, adapters, top_k, exact)
     return {d: correct(model, TASKS[d]) for d in DOMAINS}
 
 

@@ -45,11 +45,16 @@ def has_route() -> tuple[bool, bool]:
     return "route" in PASSES, hasattr(adaptrix, "route")
 
 
-def compile_routed(base: Path, adapters: dict[str, Path], out: Path, passes=(ROUTE_PASS,)) -> Path:
-    """The adapters as one routed hooks artifact (adapter names = domain names via the PEFT dirs)."""
+def compile_routed(base: Path, adapters: dict[str, Path], out: Path) -> Path:
+    """The adapters as one routed hooks artifact; each adapter is named after its domain (a link's name)."""
     from adaptrix.api.compile import compile_adapter
 
-    compile_adapter(list(adapters.values()), base, "hooks", out, dtype="float32", passes=list(passes))
+    links = out.parent / f"{out.name}-adapters"
+    links.mkdir()
+    for name, path in adapters.items():
+        (links / name).symlink_to(path, target_is_directory=True)
+    compile_adapter([links / name for name in adapters], base, "hooks", out, dtype="float32",
+                    passes=[ROUTE_PASS])  # fmt: skip
     return out
 
 
@@ -75,6 +80,8 @@ def study(base: Path, adapters: dict[str, Path], work: Path) -> tuple[list[dict]
             row("(b) average of all four (PEFT cat, weights 1/4)", score.merged(base, adapters))]  # fmt: skip
     arrow = score.peft_arrow(base, adapters, TOP_K)
     rows.append(row(f"(c) token-level Arrow, PEFT create_arrow_model, top_k {TOP_K}", arrow))
+    exact = score.peft_arrow(base, adapters, TOP_K, exact=True)
+    rows.append(row(f"(c) token-level Arrow, PEFT, top_k {TOP_K}, prototypes by exact SVD (extra)", exact))
     rows.append(row("(c) token-level Arrow, PEFT, top_k 2 (extra)", score.peft_arrow(base, adapters, 2)))
     has_pass, has_api = has_route()
     checks, label = {}, f"(c) token-level Arrow, adaptrix hooks `--pass {ROUTE_PASS}`"
@@ -84,14 +91,17 @@ def study(base: Path, adapters: dict[str, Path], work: Path) -> tuple[list[dict]
         mine = score.attached(load(base), routed)
         rows.append(row(label, mine))
         checks["arrow_same_answers"] = mean({d: mine[d] == arrow[d] for d in DOMAINS})
-        checks["arrow_max_logit_diff"] = arrow_logit_diff(base, adapters, routed)
+        checks["arrow_max_logit_diff"] = arrow_logit_diff(base, adapters, routed, exact=False)
+        checks["arrow_exact_max_logit_diff"] = arrow_logit_diff(base, adapters, routed, exact=True)
     else:
         rows.append(row(label, None, "not run: the route pass is not in this checkout"))
     label = "(d) request-level, adaptrix.route (prototype scores)"
     if has_api and has_pass:
         import adaptrix
+        from adaptrix.api.route import read_router
 
-        results, chosen = score.request_level(lambda ids: adaptrix.route(routed, ids), table)
+        router, model = read_router(routed), load(base)
+        results, chosen = score.request_level(lambda ids: adaptrix.route(router, ids, model=model), table)
         rows.append(row(label, results, pick=score.routed_share(chosen)))
     else:
         rows.append(row(label, None, "not run: adaptrix.route is not in this checkout"))
@@ -104,13 +114,13 @@ def study(base: Path, adapters: dict[str, Path], work: Path) -> tuple[list[dict]
 
 
 @torch.inference_mode()
-def arrow_logit_diff(base: Path, adapters: dict[str, Path], routed: Path) -> float:
+def arrow_logit_diff(base: Path, adapters: dict[str, Path], routed: Path, exact: bool) -> float:
     """max |logits diff|, PEFT's Arrow model against the routed hooks artifact, every domain's prompts."""
     from _routing_data import TASKS
 
     import adaptrix
 
-    reference, model = score.peft_arrow_model(base, adapters, TOP_K), load(base)
+    reference, model = score.peft_arrow_model(base, adapters, TOP_K, exact), load(base)
     worst = 0.0
     with adaptrix.attach(model, routed):
         for d in DOMAINS:
@@ -132,11 +142,11 @@ def goals(rows: list[dict]) -> list[str]:
         if "extra" in r["label"]:
             continue
         ok = "met" if r["mixed"] >= oracle - GOAL_ARROW_GAP and r["mixed"] > average else "missed"
-        lines.append(f"goal (c) {r['label']}: {r['mixed']:.3f} within {GOAL_ARROW_GAP} of the oracle "
+        lines.append(f"goal: {r['label']}: {r['mixed']:.3f} within {GOAL_ARROW_GAP} of the oracle "
                      f"{oracle:.3f}, above the average {average:.3f}: {ok}")  # fmt: skip
     for r in by["(d)"]:
         ok = r["pick"] >= GOAL_PICK and r["mixed"] >= GOAL_OF_ORACLE * oracle and r["mixed"] > average
-        lines.append(f"goal (d) {r['label']}: right adapter {r['pick']:.1%} >= {GOAL_PICK:.0%}, accuracy "
+        lines.append(f"goal: {r['label']}: right adapter {r['pick']:.1%} >= {GOAL_PICK:.0%}, accuracy "
                      f"{r['mixed']:.3f} = {r['mixed'] / oracle:.3f} of the oracle >= {GOAL_OF_ORACLE}, "
                      f"above the average {average:.3f}: {'met' if ok else 'missed'}")  # fmt: skip
     return lines
@@ -184,7 +194,7 @@ def main(argv=None) -> None:
         print(markdown(rows))
         lines = goals(rows)
         print("\n" + "\n".join(lines))
-        for key in ("arrow_same_answers", "arrow_max_logit_diff"):
+        for key in ("arrow_same_answers", "arrow_max_logit_diff", "arrow_exact_max_logit_diff"):
             if key in checks:
                 name = key.replace("_", " ")
                 print(f"check: adaptrix hooks Arrow vs PEFT Arrow, {name}: {checks[key]:.3g}")
