@@ -58,7 +58,12 @@ def route(
     """The name of the adapter that best fits the prompt `input_ids` (one prompt: [tokens] or [1, tokens]).
 
     `model`: the base as a transformers model; None loads the base the artifact's manifest names.
+    `artifact` may also be a calibrated router (adaptrix.calibrate_route: centroids from examples).
     """
+    from adaptrix.api.route_centroids import Centroids, route_by_centroids
+
+    if isinstance(artifact, Centroids):
+        return route_by_centroids(artifact, input_ids, model)
     router = artifact if isinstance(artifact, Router) else read_router(artifact)
     scores = route_scores(router, input_ids, model)
     return router.adapters[int(scores.argmax())]
