@@ -60,10 +60,8 @@ def route(
     `model`: the base as a transformers model; None loads the base the artifact's manifest names.
     `artifact` may also be a calibrated router (adaptrix.calibrate_route: centroids from examples).
     """
-    from adaptrix.api.route_centroids import Centroids, route_by_centroids
-
-    if isinstance(artifact, Centroids):
-        return route_by_centroids(artifact, input_ids, model)
+    if callable(getattr(artifact, "pick", None)):  # a calibrated router: Centroids (route_centroids)
+        return artifact.pick(input_ids, model)
     router = artifact if isinstance(artifact, Router) else read_router(artifact)
     scores = route_scores(router, input_ids, model)
     return router.adapters[int(scores.argmax())]

@@ -33,6 +33,10 @@ class Centroids:
     vectors: torch.Tensor
     base: Path | None  # the base the artifact was compiled from, as its manifest records it
 
+    def pick(self, input_ids: Sequence[int] | torch.Tensor, model: torch.nn.Module | None = None) -> str:
+        """The adapter for one prompt (what adaptrix.route does with a Centroids)."""
+        return route_by_centroids(self, input_ids, model)
+
 
 def read_examples(path: Path | str) -> dict[str, list[list[int]]]:
     """An examples file: {adapter name: [[token ids], ...]}, every prompt non-empty."""
