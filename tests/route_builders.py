@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from peft import ArrowConfig, LoraConfig, create_arrow_model, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from tests.builders import FAMILIES, load_model
 
@@ -104,3 +106,20 @@ def domain_adapters(family: str, base: Path, root: Path) -> list[Path]:
         paths.append(root / f"domain{domain}")
         peft_model.save_pretrained(paths[-1])
     return paths
+
+
+def padded_adapter(adapter: Path, path: Path, extra: int = 2) -> Path:
+    """The same adapter at rank r + extra (zero rows of A, zero columns of B, alpha keeping alpha / r)."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rank = config["r"]
+    config.update(r=rank + extra, lora_alpha=config["lora_alpha"] * (rank + extra) / rank)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    for key, value in tensors.items():
+        if "lora_A" in key:
+            tensors[key] = torch.cat([value, value.new_zeros(extra, value.shape[1])])
+        elif "lora_B" in key:
+            tensors[key] = torch.cat([value, value.new_zeros(value.shape[0], extra)], dim=1)
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, path / "adapter_model.safetensors")
+    return path

@@ -16,8 +16,9 @@ from adaptrix.api.inspect import inspect_adapter
 from adaptrix.api.route import read_router, route
 from adaptrix.cli import app
 from adaptrix.ir.errors import AdaptrixError
+from adaptrix.runtimes.hooks import load_bundle
 from tests.builders import load_model, sample_inputs
-from tests.route_builders import arrow_adapters, arrow_logits, domain_adapters, domain_prompts
+from tests.route_builders import arrow_adapters, arrow_logits, domain_adapters, domain_prompts, padded_adapter
 
 FP32_TOLERANCE = 1e-4
 
@@ -55,6 +56,20 @@ def test_routed_hooks_bundle_equals_peft_arrow(routed, tmp_path, family, top_k):
                                  "temperature": 0.7}  # fmt: skip
     [record] = manifest["passes"]
     assert set(record["report"]["overlap"]) == {"task0|task1", "task0|task2", "task1|task2"}
+
+
+def test_adapters_of_different_ranks_route_as_their_deltas(routed, tmp_path):
+    """One adapter zero-padded to rank 6: the same deltas and prototypes, so PEFT's logits (rank 4)."""
+    base, adapters = routed("llama")
+    mixed = [padded_adapter(adapters[0], tmp_path / "task0"), *adapters[1:]]
+    inputs = sample_inputs("llama")
+    for top_k in (1, 2):
+        out = tmp_path / f"mixed{top_k}"
+        compile_adapter(mixed, base, "hooks", out, passes=[f"route:top_k={top_k}"])
+        model = load_model("llama", base)
+        with torch.no_grad(), attach(model, out):
+            got = model(**inputs).logits
+        assert (got - arrow_logits("llama", base, adapters, inputs, top_k)).abs().max() <= FP32_TOLERANCE
 
 
 def test_routing_matters(routed, tmp_path):
@@ -109,6 +124,16 @@ def test_route_picks_each_domains_adapter(bases, tmp_path):
         for prompt in domain_prompts(domain, seed=7):
             assert route(router, prompt, model) == f"domain{domain}"
     assert adaptrix.route(out, domain_prompts(1, seed=9)[0]) == "domain1"  # the base named by the manifest
+    bundles = []
+    for adapter in adapters:  # one hooks bundle per adapter, as an engine serving one per request has
+        bundles.append(tmp_path / "bundles" / adapter.name)
+        compile_adapter(adapter, base, "hooks", bundles[-1])
+    listed = read_router(bundles)
+    assert listed.adapters == router.adapters and listed.top_k == 1
+    for name in router.prototypes:  # the same prototypes as the routed bundle's, up to sign
+        assert torch.allclose(listed.prototypes[name].abs(), router.prototypes[name].abs(), atol=1e-5)
+    for domain in range(3):
+        assert route(bundles, domain_prompts(domain, seed=7)[0], model) == f"domain{domain}"
 
 
 def test_route_refuses_a_batch_and_a_single_adapter_bundle(routed, peft_adapters, tmp_path):
@@ -146,3 +171,40 @@ def _copy(adapter, path):
     """A copy of an adapter directory under another name."""
     shutil.copytree(adapter, path)
     return path
+
+
+def test_parity_checks_a_routed_artifact_against_peft_arrow(routed, tmp_path):
+    base, adapters = routed("llama")
+    out = tmp_path / "routed"
+    compile_adapter(adapters, base, "hooks", out, passes=["route:top_k=1"])
+    args = ["parity", str(adapters[0]), "--base", str(base), "--artifact", f"hooks={out}", "--json"]
+    checked = CliRunner().invoke(app, args)
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["reference"] == "peft-arrow" and report["backends"][0]["max_abs"] <= FP32_TOLERANCE
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["route"]["top_k"] = 2  # the reference now routes otherwise than the bundle
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert CliRunner().invoke(app, args).exit_code == 1
+    refused = CliRunner().invoke(app, [*args[:-1], "--targets", "merged"])
+    assert refused.exit_code == 2 and "checked against PEFT's Arrow model" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("top_k", 4, "top_k: 4 is more than the 3 adapters"),
+        ("temperature", 0, "expected a number above 0"),
+        ("method", "mole", "expected 'arrow'"),
+        ("adapters", ["a"], "two adapter names or more"),
+    ],
+)
+def test_a_malformed_route_entry_is_refused_in_one_line(routed, tmp_path, field, value, words):
+    base, adapters = routed("llama")
+    out = tmp_path / "routed"
+    compile_adapter(adapters, base, "hooks", out, passes=["route:top_k=1"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["bundle"]["modules"][0]["route"][field] = value
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(AdaptrixError, match=words):
+        load_bundle(out)

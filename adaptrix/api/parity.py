@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adaptrix.api.parity_run import BACKENDS, artifact_manifest, reference_outputs, run_backend
+from adaptrix.api.parity_run import BACKENDS, arrow_outputs, artifact_manifest, reference_outputs, run_backend
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hub import resolve_base
 from adaptrix.io.jsonfile import read_json
@@ -160,7 +160,11 @@ def parity(
         check_outside_inputs(work_dir, read, "a --work-dir", replaced=False)  # it gets a fresh folder
     with tempfile.TemporaryDirectory(prefix="adaptrix-parity-", dir=work_dir) as scratch:
         root = Path(scratch)
-        expected, reference = reference_outputs(Path(adapter), checkpoint, feeds, root)
+        routed = _routed_manifest(given, targets)
+        if routed is not None:  # PEFT's Arrow model over the adapters the artifacts route between
+            expected, reference = arrow_outputs(routed, checkpoint, feeds), "peft-arrow"
+        else:
+            expected, reference = reference_outputs(Path(adapter), checkpoint, feeds, root)
         judge = _Judge(checkpoint, feeds, expected, tolerances or {})
         build = partial(_compile, compile_fn, adapter, base)
         results = [judge.given(target, path) for target, path in given.items()]
@@ -169,6 +173,19 @@ def parity(
     given_inputs = {"shape": shape, "file": str(inputs) if inputs else None}
     output = "logits" if expected.dim() == 3 else "outputs"
     return ParityReport(str(adapter), str(base), output, given_inputs, tuple(results), reference)
+
+
+def _routed_manifest(given: Mapping[str, Path], targets: Sequence[str]) -> dict | None:
+    """The manifest of the routed artifacts given (`--pass route`), which must all route the same way."""
+    manifests = [artifact_manifest(target, path) for target, path in given.items()]
+    routes = [m.get("route") for m in manifests]
+    if not any(routes):
+        return None
+    if not all(routes) or any(route != routes[0] for route in routes) or set(targets) - set(given):
+        raise BadInputError("a routed artifact is checked against PEFT's Arrow model, alone or with "
+                            "artifacts routing the same adapters", fix="give only routed --artifact "
+                            "TARGET=DIR, without --targets")  # fmt: skip
+    return manifests[0]
 
 
 def _compile(compile_fn, adapter, base, target: str, out: Path) -> None:

@@ -12,7 +12,7 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 
-__all__ = ["BACKENDS", "artifact_manifest", "reference_outputs", "run_backend"]
+__all__ = ["BACKENDS", "arrow_outputs", "artifact_manifest", "reference_outputs", "run_backend"]
 
 BACKENDS = ("merged", "hooks", "onnx-cpu", "onnx-cuda")
 # (what the backend returns, its dtype name, whether it is quantized, a note for the report)
@@ -47,6 +47,21 @@ def reference_outputs(
         adapter = scratch / "reference-peft"
     model = PeftModel.from_pretrained(_reference_base(read, base), adapter, trust_remote_code=False).eval()
     return forward(model, feeds), "peft"
+
+
+def arrow_outputs(manifest: dict, base: Checkpoint, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """PEFT's Arrow model (create_arrow_model) over the adapters a routed artifact was compiled from."""
+    from peft import ArrowConfig, create_arrow_model
+
+    record, inputs = manifest["route"], manifest.get("inputs", {})
+    labels = ["adapter", *(f"adapter.{i}" for i in range(2, len(record["adapters"]) + 1))]
+    paths = [Path(str(inputs.get(label, {}).get("path"))) for label in labels]
+    if missing := [path for path in paths if not path.is_dir()]:
+        raise BadInputError(f"the routed artifact's adapter {missing[0]} is not on this machine",
+                            fix="check parity where the adapters it was compiled from are")  # fmt: skip
+    config = ArrowConfig(top_k=record["top_k"], router_temperature=record["temperature"], rng_seed=0)
+    model = create_arrow_model(load_auto(base.path), [str(path) for path in paths], config)
+    return forward(model.eval(), feeds)
 
 
 def _adapterhub(adapter: Path):

@@ -51,14 +51,15 @@ class Router:
 
 
 def route(
-    artifact: Path | str | Router,
+    artifact: Path | str | Sequence[Path | str] | Router,
     input_ids: Sequence[int] | torch.Tensor,
     model: torch.nn.Module | None = None,
 ) -> str:
     """The name of the adapter that best fits the prompt `input_ids` (one prompt: [tokens] or [1, tokens]).
 
-    `model`: the base as a transformers model; None loads the base the artifact's manifest names.
-    `artifact` may also be a calibrated router (adaptrix.calibrate_route: centroids from examples).
+    `artifact`: a routed artifact, an unmerged ONNX artifact, or a list of hooks bundles of one adapter
+    each (named by their directories), or a calibrated router (adaptrix.calibrate_route). `model`:
+    the plain base as a transformers model (no bundle attached); None loads the base the manifest names.
     """
     if callable(getattr(artifact, "pick", None)):  # a calibrated router: Centroids (route_centroids)
         return artifact.pick(input_ids, model)
@@ -122,16 +123,19 @@ def module_inputs(model: torch.nn.Module, names: Sequence[str], ids: torch.Tenso
     return found
 
 
-def read_router(artifact: Path | str) -> Router:
-    """The router of a routed hooks bundle, a routed ONNX artifact, or an unmerged ONNX artifact."""
+def read_router(artifact: Path | str | Sequence[Path | str]) -> Router:
+    """The router of a routed hooks bundle or ONNX artifact, an unmerged ONNX artifact, or hooks bundles."""
+    if not isinstance(artifact, str | Path):
+        return _bundles_router([Path(path) for path in artifact])
     root = Path(artifact)
     manifest_file = root / MANIFEST_NAME
     if not manifest_file.is_file():
         raise BadInputError("is not an Adaptrix artifact (no manifest.json)", path=root,
                             fix="compile one with --pass route, or with --unmerged for ONNX")  # fmt: skip
     manifest = read_json(manifest_file, what="artifact manifest")
-    base = manifest.get("inputs", {}).get("base", {}).get("path") if isinstance(manifest, dict) else None
-    base = Path(base) if isinstance(base, str) else None
+    if not isinstance(manifest, dict):
+        raise BadInputError("is not an Adaptrix manifest (not a JSON object)", path=manifest_file)
+    base = _manifest_base(manifest)
     if isinstance(manifest.get("bundle"), dict):
         return _bundle_router(root, base)
     section = manifest.get("onnx") if isinstance(manifest.get("onnx"), dict) else {}
@@ -157,6 +161,25 @@ def _bundle_router(root: Path, base: Path | None) -> Router:
     return Router(tuple(first["adapters"]), protos, first["top_k"], float(first["temperature"]), base)
 
 
+def _bundles_router(paths: list[Path]) -> Router:
+    """Prototypes from hooks bundles of one adapter each (their LoRA pairs, modules all of them adapt)."""
+    from adaptrix.runtimes.hooks.bundle import load_bundle
+
+    if len(paths) < 2 or len({path.name for path in paths}) != len(paths):
+        raise BadInputError("route takes two hooks bundles or more, in directories of different names",
+                            fix="give each adapter's bundle, or one compiled with --pass route")  # fmt: skip
+    pairs: dict[str, dict[str, LowRank]] = {}
+    base = None
+    for path in paths:
+        bundle = load_bundle(path)
+        base = base or _manifest_base(bundle.manifest)
+        for entry in bundle.modules:
+            if entry.lora and entry.layout in ("linear", "conv1d"):
+                down, up = (bundle.tensors[entry.lora[key]] for key in ("down", "up"))
+                pairs.setdefault(entry.name, {})[path.name] = _pair(down, up, entry.name)
+    return _pairs_router(tuple(path.name for path in paths), pairs, paths[0], base)
+
+
 def _stored_router(root: Path, record: dict, base: Path | None) -> Router:
     """A routed ONNX artifact's prototypes (route.safetensors) and the manifest's options."""
     from safetensors.torch import load_file
@@ -180,19 +203,35 @@ def _onnx_adapters_router(root: Path, lora: dict, base: Path | None) -> Router:
         for key, down in values.items():
             module = key.removesuffix(".lora_A")
             if key.endswith(".lora_A") and f"{module}.lora_B" in values:
-                up = values[f"{module}.lora_B"]
-                a, b = LazyTensor.of(down.T.contiguous(), key), LazyTensor.of(up.T.contiguous(), key)
-                pairs.setdefault(module, {})[name] = LowRank(a, b, 1.0)
-    names = tuple(sorted(adapters))
+                pairs.setdefault(module, {})[name] = _pair(down, values[f"{module}.lora_B"], key)
+    return _pairs_router(tuple(sorted(adapters)), pairs, root, base)
+
+
+def _pairs_router(names: tuple[str, ...], pairs: dict[str, dict[str, LowRank]], where: Path, base) -> Router:
+    """A router of top_k 1 from each module's LoRA pair per adapter (modules every adapter has)."""
     shared = {module: found for module, found in pairs.items() if len(found) == len(names)}
     if not shared:
-        raise BadInputError("has no module that every adapter adapts", path=root,
+        raise BadInputError("has no module that every adapter adapts", path=where,
                             fix="route adapters of the same target modules")  # fmt: skip
     protos = {
         module: torch.stack([prototype([found[n]]) for n in names]).float()
         for module, found in shared.items()
     }
     return Router(names, protos, 1, 1.0, base)
+
+
+def _pair(down: torch.Tensor, up: torch.Tensor, origin: str) -> LowRank:
+    """A module's pair as stored at serving time (down [in, r], up [r, out]) as an IR LowRank."""
+    a = LazyTensor.of(down.float().T.contiguous(), f"{origin} down")
+    return LowRank(a, LazyTensor.of(up.float().T.contiguous(), f"{origin} up"), 1.0)
+
+
+def _manifest_base(manifest: object) -> Path | None:
+    """The base path a manifest records among its inputs."""
+    inputs = manifest.get("inputs") if isinstance(manifest, dict) else None
+    record = inputs.get("base") if isinstance(inputs, dict) else None
+    path = record.get("path") if isinstance(record, dict) else None
+    return Path(path) if isinstance(path, str) else None
 
 
 def base_model(router: Router) -> torch.nn.Module:

@@ -15,7 +15,14 @@ import torch
 
 from adaptrix.runtimes.hooks.bundle_schema import _finite, _object, _refuse, positive_int, string
 
-__all__ = ["RouteHook", "arrow_coefficients", "check_route", "route_shapes", "route_tensors"]
+__all__ = [
+    "RouteHook",
+    "arrow_coefficients",
+    "arrow_coefficients_of",
+    "check_route",
+    "route_shapes",
+    "route_tensors",
+]
 
 _ROUTE_KEYS = {"method", "top_k", "temperature", "adapters", "prototypes", "experts"}
 _EXPERT_KEYS = {"rank", "down", "up"}
@@ -70,27 +77,39 @@ def arrow_coefficients(
     x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float
 ) -> torch.Tensor:
     """PEFT's Arrow coefficients [tokens, adapters]: softmax of the top_k |x @ P.T| / T, zeros elsewhere."""
-    scores = (x @ prototypes.T).abs()
+    return arrow_coefficients_of(x @ prototypes.T, top_k, temperature)
+
+
+def arrow_coefficients_of(scores: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
+    """Arrow's coefficients from the signed scores x @ P.T: softmax over the top_k of their |.|."""
+    scores = scores.abs()
     top, index = torch.topk(scores, top_k, dim=-1)
     full = torch.full_like(scores, float("-inf")).scatter(-1, index, top)
     return torch.softmax(full / temperature, dim=-1)
 
 
 class RouteHook:
-    """The forward hook of a routed module: adds the per-token mix of its adapters' LoRA outputs."""
+    """The forward hook of a routed module: adds the per-token mix of its adapters' LoRA outputs.
 
-    __slots__ = ("down", "handle", "prototypes", "ranks", "temperature", "top_k", "up")
+    One matmul gives both the scores and every adapter's low-rank codes (x @ [P.T | down_1 ...]);
+    top_k 1 takes the argmax (the softmax of one score is 1); the sum goes into the output in place.
+    """
+
+    __slots__ = ("adapters", "columns", "handle", "joint", "rank", "temperature", "top_k", "up")
 
     def __init__(self, handle, entry, bundle, device: torch.device, dtype: torch.dtype):
         route = entry.route
         self.handle, self.top_k, self.temperature = handle, route["top_k"], float(route["temperature"])
-        self.prototypes = bundle.prepared(route["prototypes"], device, dtype)
         experts = route["experts"]
-        self.ranks = torch.tensor([expert["rank"] for expert in experts], device=device)
-        downs = [bundle.prepared(expert["down"], device, dtype) for expert in experts]
+        self.adapters = len(experts)
+        ranks = [expert["rank"] for expert in experts]
+        self.rank = ranks[0] if len(set(ranks)) == 1 else None  # equal ranks: a broadcast, no gather
+        self.columns = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks)).to(device)
+        parts = [bundle.prepared(route["prototypes"], device, dtype).T]
+        parts += [bundle.prepared(expert["down"], device, dtype) for expert in experts]
         ups = [bundle.prepared(expert["up"], device, dtype) for expert in experts]
         key = ("route", entry.name, str(device), dtype)
-        self.down = bundle.derived((*key, "down"), lambda: torch.cat(downs, dim=1))  # [in, sum r]
+        self.joint = bundle.derived((*key, "joint"), lambda: torch.cat(parts, dim=1).contiguous())
         self.up = bundle.derived((*key, "up"), lambda: torch.cat(ups, dim=0))  # [sum r, out]
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
@@ -99,15 +118,28 @@ class RouteHook:
         if scale == 0.0:
             return output
         x = args[0] if args else next(iter(kwargs.values()))
-        if x.device != self.down.device:
+        if x.device != self.joint.device:
             self._move(x.device)
-        tokens = x.reshape(-1, x.shape[-1]).to(self.down.dtype)
-        coeff = arrow_coefficients(tokens, self.prototypes, self.top_k, self.temperature)
-        low = (tokens @ self.down) * coeff.repeat_interleave(self.ranks, dim=1)
+        tokens = x.reshape(-1, x.shape[-1])
+        tokens = tokens if tokens.dtype == self.joint.dtype else tokens.to(self.joint.dtype)
+        both = tokens @ self.joint
+        scores, low = both[:, : self.adapters], both[:, self.adapters :]
+        if self.top_k == 1:
+            index = scores.abs().argmax(-1, keepdim=True)
+            coeff = torch.zeros_like(scores).scatter_(-1, index, 1.0)
+        else:
+            coeff = arrow_coefficients_of(scores, self.top_k, self.temperature)
+        if self.rank is not None:
+            low = (low.view(-1, self.adapters, self.rank) * coeff.unsqueeze(-1)).view(low.shape)
+        else:
+            low = low * coeff.index_select(1, self.columns)
+        if output.dtype == low.dtype and not output.requires_grad and output.is_contiguous():
+            output.view(-1, output.shape[-1]).addmm_(low, self.up, alpha=scale)
+            return output
         delta = (low @ self.up).view(*output.shape[:-1], -1)
         return torch.add(output, delta.to(output.dtype), alpha=scale)
 
     def _move(self, device: torch.device) -> None:
         """Follow the module to another device."""
-        for name in ("down", "up", "prototypes", "ranks"):
+        for name in ("joint", "up", "columns"):
             setattr(self, name, getattr(self, name).to(device))

@@ -97,7 +97,7 @@ def _arrays(routed: RoutedPairs, dtype: np.dtype) -> dict[str, np.ndarray]:
         [np.full(down.shape[1], i, np.int64) for i, (down, _) in enumerate(routed.pairs)]
     )
     return {
-        "prototypes": routed.prototypes.T.contiguous().to(torch.float32).numpy().astype(dtype),
+        "prototypes": routed.prototypes.T.contiguous().to(torch.float32).numpy(),  # routing in float32
         "down": downs.to(torch.float32).numpy().astype(dtype),
         "up": ups.to(torch.float32).numpy().astype(dtype),
         "columns": columns,
@@ -107,37 +107,40 @@ def _arrays(routed: RoutedPairs, dtype: np.dtype) -> dict[str, np.ndarray]:
 def _constants(prefix: str, routed: RoutedPairs, dtype: int) -> list[onnx.NodeProto]:
     """top_k and the temperature as Constant nodes (TopK's k must be known when the graph loads)."""
     k = helper.make_tensor("value", onnx.TensorProto.INT64, [1], [routed.op.top_k])
-    temperature = helper.make_tensor("value", dtype, [], [routed.op.temperature])
+    temperature = helper.make_tensor("value", onnx.TensorProto.FLOAT, [], [routed.op.temperature])
     return [helper.make_node("Constant", [], [f"{prefix}/k"], name=f"{prefix}/Constant_k", value=k),
             helper.make_node("Constant", [], [f"{prefix}/temperature"], name=f"{prefix}/Constant_t",
                              value=temperature)]  # fmt: skip
 
 
 def _nodes(prefix: str, name: str, x: str, base: str, output: str, dtype: int) -> list[onnx.NodeProto]:
-    """The router's nodes, from the module's input x and base output to its new output."""
+    """The router's nodes, from the module's input x and base output to its new output.
+
+    The scores, top-k and softmax run in float32 whatever the graph's dtype (float16 on onnx-cuda):
+    a rounded score would flip the choice between two adapters whose scores are close.
+    """
     key = f"{name}.route_"
     p = f"{prefix}/"
-    zero = helper.make_tensor("value", dtype, [1], [0])
+    single = onnx.TensorProto.FLOAT
+    zero = helper.make_tensor("value", single, [1], [0])
+    wide = x if dtype == single else p + "x_float32"
+    by_rank = p + "coeff_r" if dtype == single else p + "coeff_r_float32"
     return [
-        helper.make_node("MatMul", [x, key + "prototypes"], [p + "scores"], name=p + "MatMul_scores"),
+        *([] if dtype == single else [helper.make_node("Cast", [x], [wide], name=p + "Cast_x", to=single)]),
+        helper.make_node("MatMul", [wide, key + "prototypes"], [p + "scores"], name=p + "MatMul_scores"),
         helper.make_node("Abs", [p + "scores"], [p + "abs"], name=p + "Abs"),
         helper.make_node("TopK", [p + "abs", p + "k"], [p + "top", p + "index"], name=p + "TopK", axis=-1),
         helper.make_node("Div", [p + "top", p + "temperature"], [p + "scaled"], name=p + "Div"),
         helper.make_node("Softmax", [p + "scaled"], [p + "weights"], name=p + "Softmax", axis=-1),
         helper.make_node("Shape", [p + "abs"], [p + "shape"], name=p + "Shape"),
         helper.make_node("ConstantOfShape", [p + "shape"], [p + "zeros"], name=p + "Zeros", value=zero),
-        helper.make_node(
-            "ScatterElements",
-            [p + "zeros", p + "index", p + "weights"],
-            [p + "coeff"],
-            name=p + "Scatter",
-            axis=-1,
-        ),
-        helper.make_node(
-            "Gather", [p + "coeff", key + "columns"], [p + "coeff_r"], name=p + "Gather", axis=-1
-        ),
+        helper.make_node("ScatterElements", [p + "zeros", p + "index", p + "weights"], [p + "coeff"],
+                         name=p + "Scatter", axis=-1),
+        helper.make_node("Gather", [p + "coeff", key + "columns"], [by_rank], name=p + "Gather", axis=-1),
+        *([] if dtype == single else
+          [helper.make_node("Cast", [by_rank], [p + "coeff_r"], name=p + "Cast_coeff", to=dtype)]),
         helper.make_node("MatMul", [x, key + "down"], [p + "low"], name=p + "MatMul_down"),
         helper.make_node("Mul", [p + "low", p + "coeff_r"], [p + "mixed"], name=p + "Mul"),
         helper.make_node("MatMul", [p + "mixed", key + "up"], [p + "delta"], name=p + "MatMul_up"),
         helper.make_node("Add", [base, p + "delta"], [output], name=p + "Add"),
-    ]
+    ]  # fmt: skip
