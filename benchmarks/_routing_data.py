@@ -1,14 +1,11 @@
 """The routing study's text: four domains, each with its own alphabet and prefix, and their tasks.
 
 A realistic domain split (code, maths, prose, ...) shows in the prompts' tokens; here each domain
-owns one alphabet, and its prompts start with its own prefix:
+owns one alphabet, and its prompts start with its own prefix: lower (`k:abcd>`), digits
+(`m:0123>`), upper (`r:ABCD>`), symbols (`p:!#$%>`). Each domain's task is a fixed random
+substitution of its alphabet, applied to four characters, scored on 64 held-out strings.
 
-- kv:  lowercase letters, `k:abc=` -> `xyz`, a fixed random table of 64 three-letter keys;
-- mod: digits, `m:07+12=` -> `02`, addition mod 17 over all 289 pairs;
-- rev: uppercase letters, `r:ABCD>` -> `DCBA`, reversal, scored on 64 held-out words;
-- sub: 16 symbols, `p:!#$%>` -> each symbol through a fixed permutation, scored on 64 held-out strings.
-
-The base corpus teaches copying, shifting and summing in every alphabet, so the base knows every
+The base corpus shows copying, shifting and summing in every alphabet, so the base sees every
 token but none of the four tasks. Task objects follow the transfer study's interface
 (_transfer_data.Task: examples, batch, scored), so _transfer_models trains and scores them.
 """
@@ -27,8 +24,7 @@ SYMBOLS = "!#$%&*()[]{}@?^~"
 CHARS = LOWER + UPPER + DIGITS + SYMBOLS + ":+=>. "
 VOCAB = 3 + len(CHARS)
 ALPHABETS = (LOWER, UPPER, DIGITS, SYMBOLS)
-MODULUS, TABLE_SIZE, SCORED = 17, 64, 64
-TABLE_SEED, HELD_OUT_SEED, CIPHER_SEED, SCORED_SEED = 21, 22, 23, 24
+SCORED, HELD_OUT_SEED = 64, 22
 _INDEX = {c: 3 + i for i, c in enumerate(CHARS)}
 
 
@@ -71,30 +67,39 @@ class Corpus:
 
 @dataclass(frozen=True)
 class Task:
-    """A domain's task: prompts with their answers, for training draws and for scoring."""
+    """A domain's task: a fixed random substitution of its own alphabet, applied to each character.
+
+    The prompt `P:wxyz>` (P the domain's prefix, wxyz four characters of its alphabet) is answered by
+    the four characters through the domain's permutation. Scored on SCORED held-out strings that no
+    training draw shows.
+    """
 
     name: str
-    prompt_len: int
-    answer_len: int
+    prefix: str
+    alphabet: str
+    seed: int
+    length: int = 4
+
+    @property
+    def prompt_len(self) -> int:
+        """Characters of a prompt: prefix, colon, the string, `>`."""
+        return len(self.prefix) + self.length + 2
+
+    @property
+    def answer_len(self) -> int:
+        """Characters of an answer."""
+        return self.length
+
+    def apply(self, word: str) -> str:
+        """The word through the domain's permutation."""
+        perm = np.random.default_rng(self.seed).permutation(len(self.alphabet))
+        return "".join(self.alphabet[perm[self.alphabet.index(c)]] for c in word)
 
     def examples(self, rng: np.random.Generator | None = None, size: int = 0) -> list[tuple[str, str]]:
-        """The scored set (rng None, SCORED pairs) or `size` training draws from rng."""
-        if self.name == "kv":
-            table = _table()
-            return table if rng is None else [table[i] for i in rng.integers(0, len(table), size)]
-        if self.name == "mod":
-            pairs = [(a, b) for a in range(MODULUS) for b in range(MODULUS)]
-            if rng is None:
-                order = np.random.default_rng(SCORED_SEED).permutation(len(pairs))[:SCORED]
-                pairs = [pairs[i] for i in order]
-            else:
-                pairs = [pairs[i] for i in rng.integers(0, len(pairs), size)]
-            return [(f"m:{a:02d}+{b:02d}=", f"{(a + b) % MODULUS:02d}") for a, b in pairs]
-        alphabet, apply = (UPPER, lambda w: w[::-1]) if self.name == "rev" else (SYMBOLS, _cipher)
-        prefix = "r" if self.name == "rev" else "p"
-        held = _held_out(alphabet, self.answer_len)
-        words = held if rng is None else [_word(rng, alphabet, self.answer_len) for _ in range(size)]
-        return [(f"{prefix}:{w}>", apply(w)) for w in words if rng is None or w not in held]
+        """The scored set (rng None, SCORED pairs) or `size` training draws from rng (held-out skipped)."""
+        held = _held_out(self.alphabet, self.length)
+        words = held if rng is None else [_word(rng, self.alphabet, self.length) for _ in range(size)]
+        return [(f"{self.prefix}:{w}>", self.apply(w)) for w in words if rng is None or w not in held]
 
     def batch(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Training inputs [size, n] and labels (-100 on the prompt, the answer and <eos> scored)."""
@@ -110,25 +115,16 @@ class Task:
         return prompts, np.array([encode(a) for _, a in pairs], dtype=np.int64)
 
 
-def _table() -> list[tuple[str, str]]:
-    rng = np.random.default_rng(TABLE_SEED)
-    keys: list[str] = []
-    while len(keys) < TABLE_SIZE:
-        key = _word(rng, LOWER, 3)
-        if key not in keys:
-            keys.append(key)
-    return [(f"k:{key}=", _word(rng, LOWER, 3)) for key in keys]
-
-
 def _held_out(alphabet: str, n: int) -> list[str]:
     rng = np.random.default_rng(HELD_OUT_SEED)
-    return [_word(rng, alphabet, n) for _ in range(SCORED)]
+    found: list[str] = []
+    while len(found) < SCORED:
+        word = _word(rng, alphabet, n)
+        if word not in found:
+            found.append(word)
+    return found
 
 
-def _cipher(word: str) -> str:
-    perm = np.random.default_rng(CIPHER_SEED).permutation(len(SYMBOLS))
-    return "".join(SYMBOLS[perm[SYMBOLS.index(c)]] for c in word)
-
-
-TASKS = {t.name: t for t in (Task("kv", 6, 3), Task("mod", 8, 2), Task("rev", 7, 4), Task("sub", 7, 4))}
+TASKS = {t.name: t for t in (Task("lower", "k", LOWER, 31), Task("digits", "m", DIGITS, 32),
+                             Task("upper", "r", UPPER, 33), Task("symbols", "p", SYMBOLS, 34))}  # fmt: skip
 DOMAINS = tuple(TASKS)

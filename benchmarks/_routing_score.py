@@ -109,33 +109,11 @@ def calibration_prompts(count: int = CALIBRATION_EXAMPLES, seed: int = CALIBRATI
     return {d: [[BOS, *encode(p)] for p, _ in TASKS[d].examples(rng, count)] for d in DOMAINS}
 
 
-@torch.inference_mode()
-def mean_hidden(model, ids: list[int]) -> torch.Tensor:
-    """The base's last hidden state (after the final norm) averaged over the prompt's tokens."""
-    out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    return out.hidden_states[-1][0].mean(0)
-
-
-def centroid_router(base: Path, examples: dict[str, list]) -> Callable[[np.ndarray], str]:
-    """Nearest centroid (cosine) of the base's mean hidden states, one centroid per domain's examples."""
-    model = load(base)
-    names = list(examples)
-    cents = [torch.stack([mean_hidden(model, ids) for ids in examples[n]]).mean(0) for n in names]
-    cents = torch.stack(cents)
-    cents = torch.nn.functional.normalize(cents, dim=-1)
-
-    def choose(ids: np.ndarray) -> str:
-        h = torch.nn.functional.normalize(mean_hidden(model, [int(i) for i in ids]), dim=-1)
-        return names[int((cents @ h).argmax())]
-
-    return choose
-
-
 def routed_share(chosen: dict[str, np.ndarray]) -> float:
     """Share of prompts routed to their own domain's adapter (adapters are named after domains)."""
     hits = sum(int((chosen[d] == d).sum()) for d in DOMAINS)
     return hits / sum(len(chosen[d]) for d in DOMAINS)
 
 
-__all__ = ["attached", "bare", "calibration_prompts", "centroid_router", "cross", "merged", "peft_arrow",
+__all__ = ["attached", "bare", "calibration_prompts", "cross", "merged", "peft_arrow",
            "peft_arrow_model", "request_level", "routed_share"]  # fmt: skip

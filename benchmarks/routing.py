@@ -96,6 +96,8 @@ def study(base: Path, adapters: dict[str, Path], work: Path) -> tuple[list[dict]
     else:
         rows.append(row(label, None, "not run: the route pass is not in this checkout"))
     label = "(d) request-level, adaptrix.route (prototype scores)"
+    count = score.CALIBRATION_EXAMPLES
+    calibrated = f"(d) request-level, adaptrix.calibrate_route (centroids of {count} example prompts each)"
     if has_api and has_pass:
         import adaptrix
         from adaptrix.api.route import read_router
@@ -103,13 +105,12 @@ def study(base: Path, adapters: dict[str, Path], work: Path) -> tuple[list[dict]
         router, model = read_router(routed), load(base)
         results, chosen = score.request_level(lambda ids: adaptrix.route(router, ids, model=model), table)
         rows.append(row(label, results, pick=score.routed_share(chosen)))
+        centroids = adaptrix.calibrate_route(router, score.calibration_prompts(), model)
+        results, chosen = score.request_level(lambda ids: adaptrix.route(centroids, ids, model), table)
+        rows.append(row(calibrated, results, pick=score.routed_share(chosen)))
     else:
         rows.append(row(label, None, "not run: adaptrix.route is not in this checkout"))
-    examples = score.calibration_prompts()
-    results, chosen = score.request_level(score.centroid_router(base, examples), table)
-    count = score.CALIBRATION_EXAMPLES
-    label = f"(d) request-level, centroids of the base's hidden states ({count} prompts each)"
-    rows.append(row(label, results, pick=score.routed_share(chosen)))
+        rows.append(row(calibrated, None, "not run: adaptrix.calibrate_route is not in this checkout"))
     return rows, checks | {"cross": {a: {d: float(v.mean()) for d, v in t.items()} for a, t in table.items()}}
 
 
