@@ -109,6 +109,22 @@ def calibration_prompts(count: int = CALIBRATION_EXAMPLES, seed: int = CALIBRATI
     return {d: [[BOS, *encode(p)] for p, _ in TASKS[d].examples(rng, count)] for d in DOMAINS}
 
 
+def token_picks(routed: Path, base: Path) -> dict[str, float]:
+    """Per domain: share of Arrow's top-1 choices (tokens of prompt + answer x routed modules) that pick
+    the domain's own adapter, with the routed artifact's stored prototypes."""
+    from adaptrix.api.route import module_inputs, read_router
+
+    router, model, found = read_router(routed), load(base), {}
+    for d in DOMAINS:
+        prompts, answers = TASKS[d].scored()
+        ids = torch.from_numpy(np.concatenate([prompts, answers], axis=1))
+        inputs = module_inputs(model, list(router.prototypes), ids)
+        own = router.adapters.index(d)
+        picks = [(x @ router.prototypes[name].T).abs().argmax(-1) == own for name, x in inputs.items()]
+        found[d] = float(torch.cat(picks).float().mean())
+    return found
+
+
 def routed_share(chosen: dict[str, np.ndarray]) -> float:
     """Share of prompts routed to their own domain's adapter (adapters are named after domains)."""
     hits = sum(int((chosen[d] == d).sum()) for d in DOMAINS)
@@ -116,4 +132,4 @@ def routed_share(chosen: dict[str, np.ndarray]) -> float:
 
 
 __all__ = ["attached", "bare", "calibration_prompts", "cross", "merged", "peft_arrow",
-           "peft_arrow_model", "request_level", "routed_share"]  # fmt: skip
+           "peft_arrow_model", "request_level", "routed_share", "token_picks"]  # fmt: skip

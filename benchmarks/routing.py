@@ -93,6 +93,7 @@ def study(base: Path, adapters: dict[str, Path], work: Path) -> tuple[list[dict]
         checks["arrow_same_answers"] = mean({d: mine[d] == arrow[d] for d in DOMAINS})
         checks["arrow_max_logit_diff"] = arrow_logit_diff(base, adapters, routed, exact=False)
         checks["arrow_exact_max_logit_diff"] = arrow_logit_diff(base, adapters, routed, exact=True)
+        checks["token_picks_own_adapter"] = score.token_picks(routed, base)
     else:
         rows.append(row(label, None, "not run: the route pass is not in this checkout"))
     label = "(d) request-level, adaptrix.route (prototype scores)"
@@ -199,6 +200,10 @@ def main(argv=None) -> None:
             if key in checks:
                 name = key.replace("_", " ")
                 print(f"check: adaptrix hooks Arrow vs PEFT Arrow, {name}: {checks[key]:.3g}")
+        if "token_picks_own_adapter" in checks:
+            shares = ", ".join(f"{d} {v:.0%}" for d, v in checks["token_picks_own_adapter"].items())
+            print(f"token-level top-1 picks of the own domain's adapter (tokens x modules; chance "
+                  f"{1 / len(DOMAINS):.0%}): {shares}")  # fmt: skip
         over = {} if args.no_overhead else run_overhead(args, root, base, adapters, Path(tmp))
     results = {"rows": rows, "goals": lines, "checks": checks, "overhead": over,
                "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
