@@ -37,7 +37,7 @@ def routed(bases, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_routed_hooks_bundle_equals_peft_arrow(routed, tmp_path, family, top_k):
     base, adapters = routed(family)
@@ -93,7 +93,8 @@ def test_routing_matters(routed, tmp_path):
         ("route:top_k=4", "top_k=4 is more than the 3 adapters"),
         ("route:top_k=0", "top_k=0"),
         ("route:temperature=0", "temperature=0.0"),
-        ("route:use_gks=true", "unknown option 'use_gks'"),
+        ("route:use_gks=true", "GenKnowSub\\) is not supported"),
+        ("route:rng_seed=3", "unknown option 'rng_seed'"),
     ],
 )
 def test_bad_route_options_are_refused(routed, tmp_path, spec, words):

@@ -19,7 +19,7 @@ from adaptrix.ir.errors import AdaptrixError
 FP32_TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
 def test_routed_onnx_cpu_equals_peft_arrow(bases, tmp_path, family):
     needs_onnx_export()
     base = bases(family)
@@ -70,6 +70,8 @@ def test_route_reads_routed_and_unmerged_onnx_artifacts(bases, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert [r["adapter"] for r in json.loads(result.stdout)["results"]] == ["domain0", "domain1", "domain2"]
+    plain = CliRunner().invoke(app, ["run", str(routed), *given[:2], "--max-new-tokens", "2", "--json"])
+    assert plain.exit_code == 0 and len(json.loads(plain.stdout)["results"][0]["generated_ids"]) == 2
     refused = CliRunner().invoke(app, ["run", str(routed), *given[:2], "--route"])
     assert refused.exit_code == 2 and "routes per token in its graph already" in refused.output
 

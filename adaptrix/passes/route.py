@@ -31,15 +31,19 @@ __all__ = ["RouteOptions", "prototype", "prototype_overlap", "route"]
 class RouteOptions:
     """method (arrow); top_k: adapters mixed per token; temperature: the softmax's, as PEFT's Arrow.
 
-    PEFT's GenKnowSub (use_gks, general adapters subtracted first) is not supported.
+    PEFT's GenKnowSub (use_gks=true: general adapters averaged and subtracted first) is refused.
     """
 
     method: str = "arrow"
     top_k: int = 2
     temperature: float = 1.0
+    use_gks: bool = False
 
     def __post_init__(self) -> None:
-        """A known method, top_k >= 1 and a temperature above 0."""
+        """A known method, top_k >= 1, a temperature above 0, no GenKnowSub."""
+        if self.use_gks:
+            raise ValueError("option use_gks=true (PEFT's GenKnowSub) is not supported; route the "
+                             "task adapters as they are")  # fmt: skip
         if self.method not in ROUTE_METHODS:
             raise ValueError(f"option method={self.method!r} is not one of {', '.join(ROUTE_METHODS)}")
         if self.top_k < 1:

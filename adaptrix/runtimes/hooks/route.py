@@ -92,19 +92,21 @@ class RouteHook:
     """The forward hook of a routed module: adds the per-token mix of its adapters' LoRA outputs.
 
     One matmul gives both the scores and every adapter's low-rank codes (x @ [P.T | down_1 ...]);
-    top_k 1 takes the argmax (the softmax of one score is 1); the sum goes into the output in place.
+    each adapter's coefficient reaches its rank's columns through `expand` ([adapters, sum r], ones
+    on its columns): a row lookup for top_k 1 (the softmax of one score is 1), a product otherwise.
+    The sum goes into the output in place.
     """
 
-    __slots__ = ("adapters", "columns", "handle", "joint", "rank", "temperature", "top_k", "up")
+    __slots__ = ("adapters", "expand", "handle", "joint", "temperature", "top_k", "up")
 
     def __init__(self, handle, entry, bundle, device: torch.device, dtype: torch.dtype):
         route = entry.route
         self.handle, self.top_k, self.temperature = handle, route["top_k"], float(route["temperature"])
         experts = route["experts"]
         self.adapters = len(experts)
-        ranks = [expert["rank"] for expert in experts]
-        self.rank = ranks[0] if len(set(ranks)) == 1 else None  # equal ranks: a broadcast, no gather
-        self.columns = torch.repeat_interleave(torch.arange(len(ranks)), torch.tensor(ranks)).to(device)
+        ranks = torch.tensor([expert["rank"] for expert in experts])
+        columns = torch.repeat_interleave(torch.arange(len(experts)), ranks)
+        self.expand = (columns.unsqueeze(0) == torch.arange(len(experts)).unsqueeze(1)).to(device, dtype)
         parts = [bundle.prepared(route["prototypes"], device, dtype).T]
         parts += [bundle.prepared(expert["down"], device, dtype) for expert in experts]
         ups = [bundle.prepared(expert["up"], device, dtype) for expert in experts]
@@ -125,14 +127,10 @@ class RouteHook:
         both = tokens @ self.joint
         scores, low = both[:, : self.adapters], both[:, self.adapters :]
         if self.top_k == 1:
-            index = scores.abs().argmax(-1, keepdim=True)
-            coeff = torch.zeros_like(scores).scatter_(-1, index, 1.0)
+            by_rank = self.expand.index_select(0, scores.abs().argmax(-1))
         else:
-            coeff = arrow_coefficients_of(scores, self.top_k, self.temperature)
-        if self.rank is not None:
-            low = (low.view(-1, self.adapters, self.rank) * coeff.unsqueeze(-1)).view(low.shape)
-        else:
-            low = low * coeff.index_select(1, self.columns)
+            by_rank = arrow_coefficients_of(scores, self.top_k, self.temperature) @ self.expand
+        low = low * by_rank
         if output.dtype == low.dtype and not output.requires_grad and output.is_contiguous():
             output.view(-1, output.shape[-1]).addmm_(low, self.up, alpha=scale)
             return output
@@ -141,5 +139,5 @@ class RouteHook:
 
     def _move(self, device: torch.device) -> None:
         """Follow the module to another device."""
-        for name in ("joint", "up", "columns"):
+        for name in ("joint", "up", "expand"):
             setattr(self, name, getattr(self, name).to(device))
