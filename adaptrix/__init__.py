@@ -13,6 +13,7 @@ __all__ = [
     "__version__",
     "attach",
     "attached",
+    "calibrate_route",
     "compile_adapter",
     "convert_adapter",
     "inspect_adapter",
@@ -37,6 +38,7 @@ _API = {
     "open_onnx": "adaptrix.runtimes.onnx.session",
     "parity": "adaptrix.api.parity",
     "route": "adaptrix.api.route",
+    "calibrate_route": "adaptrix.api.route_centroids",
     "verify_artifact": "adaptrix.api.verify",
 }
 

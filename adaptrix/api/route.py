@@ -58,9 +58,11 @@ def route(
     """The name of the adapter that best fits the prompt `input_ids` (one prompt: [tokens] or [1, tokens]).
 
     `artifact`: a routed artifact, an unmerged ONNX artifact, or a list of hooks bundles of one adapter
-    each (named by their directories). `model`: the plain base as a transformers model (no bundle
-    attached); None loads the base the manifest names.
+    each (named by their directories), or a calibrated router (adaptrix.calibrate_route). `model`:
+    the plain base as a transformers model (no bundle attached); None loads the base the manifest names.
     """
+    if callable(getattr(artifact, "pick", None)):  # a calibrated router: Centroids (route_centroids)
+        return artifact.pick(input_ids, model)
     router = artifact if isinstance(artifact, Router) else read_router(artifact)
     scores = route_scores(router, input_ids, model)
     return router.adapters[int(scores.argmax())]
