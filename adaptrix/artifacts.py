@@ -19,6 +19,8 @@ __all__ = [
     "BUNDLE_FORMAT",
     "DATA_NAME",
     "GENAI_CONFIG",
+    "GGUF_LORA_SUFFIX",
+    "GGUF_MODEL",
     "IDENTITY",
     "KINDS_FORMAT",
     "MANIFEST_NAME",
@@ -53,6 +55,10 @@ ONNX_TARGETS = ("onnx-cpu", "onnx-cuda")
 MODEL_NAME = "model.onnx"
 DATA_NAME = "model.onnx_data"
 GENAI_CONFIG = "genai_config.json"
+
+# GGUF artifacts (llama.cpp): the model, and with --unmerged one LoRA file per adapter beside it
+GGUF_MODEL = "model.gguf"
+GGUF_LORA_SUFFIX = ".lora.gguf"
 ADAPTERS_DIR = "adapters"
 ADAPTER_SUFFIX = ".onnx_adapter"
 

@@ -60,6 +60,17 @@ def _onnx(target: str) -> Callable[..., Written]:
     return write
 
 
+def _gguf(*args, **kwargs) -> Written:
+    """The gguf writer, imported on first use; refused in one line where the `gguf` package is missing."""
+    if importlib.util.find_spec("gguf") is None:
+        raise UnsupportedError("--target gguf writes with llama.cpp's `gguf` package, which is not installed",
+                               fix='pip install "adaptrix[gguf]"')  # fmt: skip
+    module = importlib.import_module("adaptrix.targets.gguf")
+    return module.write_gguf(*args, **kwargs)
+
+
+_gguf.__module__ = "adaptrix.targets.gguf"  # what it runs, as functools.wraps would say
+
 _ONNX_OPTIONS = ("unmerged", "quantize", "block_size", "cache_dir", "calibration")
 _ONNX_CUDA_OPTIONS = ("unmerged", "cache_dir")  # quantized weights are for the CPU provider's edge targets
 
@@ -99,6 +110,13 @@ TARGETS = _register(
         options=_ONNX_CUDA_OPTIONS,
         several=True,
         phases=True,
+    ),
+    Target(
+        "gguf",
+        "one GGUF file for llama.cpp (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1), or GGUF LoRA",
+        _gguf,
+        options=("unmerged", "quantize", "cache_dir"),
+        several=True,
     ),
 )
 

@@ -1,0 +1,134 @@
+"""The GGUF tensors of a merged model: names from llama.cpp's tensor map, types, values streamed one by one.
+
+Each GGUF tensor comes from one planned output tensor of the merge (or, for MoE experts, one per
+expert, stacked), merged in float32, rewritten as the converter rewrites it (families.py) and
+rounded once to its GGML type with the `gguf` package's own quantizers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import gguf
+import numpy as np
+import torch
+
+from adaptrix.io.checkpoint import Checkpoint
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.lowering.tensor_plan import TensorPlan, merged_value
+from adaptrix.targets.gguf.families import GgufFamily, neox_rows, permute_rows
+
+__all__ = ["QTYPES", "GgufTensor", "gguf_tensors", "tensor_value"]
+
+logger = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+QTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0,
+          "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}  # fmt: skip
+# Buffers transformers may save that the converter never writes (its prepare_tensors skips them)
+_NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
+                ".attn.masked_bias")  # fmt: skip
+_EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
+# Kept in float32 whatever the file type, as the converter and llama-quantize keep them
+_F32_KINDS = frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
+                        gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES})  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class GgufTensor:
+    """One GGUF tensor: its name, the merged tensors it is made of, its shape (numpy order) and type."""
+
+    name: str
+    key: str  # the checkpoint name it maps from (experts: the stacked name, without the index)
+    items: tuple[TensorPlan, ...]
+    shape: tuple[int, ...]
+    qtype: gguf.GGMLQuantizationType
+
+    @property
+    def nbytes(self) -> int:
+        """Its size in the file."""
+        block, size = gguf.GGML_QUANT_SIZES[self.qtype]
+        return math.prod(self.shape) // block * size
+
+
+def gguf_tensors(
+    items: list[TensorPlan], base: Checkpoint, family: GgufFamily, qtype: Q, untied: bool
+) -> tuple[list[GgufTensor], list[str]]:
+    """The GGUF tensors of the planned merge, and those kept in float16 (rows the blocks do not divide)."""
+    if untied and "lm_head.weight" in family.dropped:
+        raise UnsupportedError(
+            "the adapter unties the head from the embedding, and llama.cpp ties this family's head",
+            path=base.path, fix="leave embed_tokens / lm_head out of the adapter, or use --target merged",
+        )  # fmt: skip
+    groups: dict[str, list[tuple[int, TensorPlan]]] = {}
+    for item in items:
+        if item.name.endswith(_NOT_WEIGHTS) or item.name in family.dropped:
+            if item.touched:
+                raise UnsupportedError(
+                    f"{item.name}: the adapter changes a tensor that llama.cpp's GGUF leaves out",
+                    path=base.path, fix="leave that module out of the adapter, or use --target merged",
+                )  # fmt: skip
+            continue
+        expert = _EXPERT.fullmatch(item.name)
+        key = f"{expert[1]}.{expert[3]}" if expert else item.name
+        groups.setdefault(key, []).append((int(expert[2]) if expert else 0, item))
+    names = gguf.get_tensor_name_map(family.arch, base.source.num_layers)
+    tensors, kept = [], []
+    for key, group in groups.items():
+        found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise UnsupportedError(f"{key}: llama.cpp's tensor map has no {family.arch.name} tensor for it",
+                                   path=base.path, fix="use --target merged")  # fmt: skip
+        kind, name = found
+        group.sort(key=lambda pair: pair[0])
+        if [index for index, _ in group] != list(range(len(group))):
+            raise UnsupportedError(f"{key}: the experts are not numbered 0..{len(group) - 1}", path=base.path,
+                                   fix="re-save the base with save_pretrained")  # fmt: skip
+        shape = tuple(base.tensors[group[0][1].source].shape) if group[0][1].source else ()
+        shape = shape[::-1] if key.endswith(family.transposed) and family.transposed else shape
+        shape = (len(group), *shape) if len(group) > 1 or _EXPERT.fullmatch(group[0][1].name) else shape
+        chosen = _qtype(kind, name, shape, qtype)
+        if chosen is not qtype and chosen is Q.F16:
+            kept.append(name)
+        tensors.append(GgufTensor(name, key, tuple(item for _, item in group), shape, chosen))
+    return tensors, kept
+
+
+def _qtype(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...], qtype) -> gguf.GGMLQuantizationType:
+    """The converter's choice: norms, biases, vectors and routers in float32; the rest in `qtype`."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or kind in _F32_KINDS:
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if shape[-1] % block:
+        logger.warning("%s: rows of %d do not split into %s blocks of %d: kept in float16 (as llama.cpp's "
+                       "converter keeps it)", name, shape[-1], qtype.name, block)  # fmt: skip
+        return Q.F16
+    return qtype
+
+
+def tensor_value(tensor: GgufTensor, base: Checkpoint, family: GgufFamily) -> np.ndarray:
+    """A GGUF tensor's data: merged in float32, rewritten as the converter does, rounded once."""
+    parts = [merged_value(item, base, torch.float32) for item in tensor.items]
+    value = torch.stack(parts) if len(tensor.shape) == len(parts[0].shape) + 1 else parts[0]
+    value = rewrite(tensor.key, value, family, base.config)
+    array = np.ascontiguousarray(value.numpy(), dtype=np.float32)
+    return gguf.quants.quantize(array, tensor.qtype)
+
+
+def rewrite(key: str, value: torch.Tensor, family: GgufFamily, config: dict) -> torch.Tensor:
+    """The converter's per-family rewrite of one tensor (its rows' order, Gemma's +1, GPT-2's transpose)."""
+    n_head = config.get("num_attention_heads") or config.get("n_head")
+    if family.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias")):
+        value = permute_rows(value, n_head)
+    elif family.permute_qk and key.endswith(("k_proj.weight", "k_proj.bias")):
+        value = permute_rows(value, config.get("num_key_value_heads") or n_head)
+    if family.norm_plus_one and key.endswith("norm.weight"):
+        value = value + 1
+    if family.transposed and key.endswith(family.transposed):
+        value = value.T.contiguous()
+    if family.neox_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")):
+        value = neox_rows(value, n_head)
+    return value

@@ -1,0 +1,98 @@
+"""The tokenizer in the GGUF metadata, as llama.cpp's converter writes a BPE tokenizer (_set_vocab_gpt2).
+
+Tokens and their types from tokenizer.json, the pre-tokenizer named by the converter's hash table,
+merges, special tokens, add_bos / add_eos and the chat template by the `gguf` package's SpecialVocab.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import gguf
+
+from adaptrix.io.jsonfile import read_json
+from adaptrix.ir.errors import UnsupportedError
+from adaptrix.targets.gguf.pre_tokenizers import PRE_TOKENIZERS, PROBE
+
+__all__ = ["add_vocab"]
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZER = "tokenizer.json"
+
+
+def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
+    """Write the base's tokenizer into the metadata; return what the manifest records of it."""
+    file = base / _TOKENIZER
+    if not file.is_file():
+        spm = (base / "tokenizer.model").is_file()
+        raise UnsupportedError(
+            "has no tokenizer.json: llama.cpp reads the vocabulary from the GGUF file"
+            + (" (a SentencePiece tokenizer.model alone is not supported yet)" if spm else ""),
+            path=base,
+            fix="save the base's fast tokenizer into it (AutoTokenizer...save_pretrained(BASE))",
+        )  # fmt: skip
+    spec = read_json(file, what="tokenizer")
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UnsupportedError(f"a {model.get('type')} tokenizer: the gguf target writes BPE tokenizers",
+                               path=file, fix="use --target merged, then llama.cpp's converter")  # fmt: skip
+    tokens, types = _tokens(spec, vocab_size, file)
+    pre = _pre_tokenizer(file)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(base, load_merges=True, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    return {"model": "gpt2", "pre": pre, "tokens": len(tokens), "chat_template": bool(special.chat_template)}
+
+
+def _tokens(spec: dict, vocab_size: int, file: Path) -> tuple[list[str], list[int]]:
+    """Every id's token and type: normal, control (special added tokens), user-defined, unused padding."""
+    by_id = {int(index): text for text, index in spec["model"]["vocab"].items()}
+    added = {int(entry["id"]): entry for entry in spec.get("added_tokens") or []}
+    by_id.update({index: entry["content"] for index, entry in added.items()})
+    if by_id and max(by_id) >= vocab_size:
+        raise UnsupportedError(f"token id {max(by_id)} is beyond the model's vocab_size {vocab_size}",
+                               path=file, fix="use the tokenizer saved with the base")  # fmt: skip
+    tokens, types = [], []
+    for index in range(vocab_size):
+        if index not in by_id:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[index])
+        if index not in added:
+            types.append(gguf.TokenType.NORMAL)
+        elif added[index].get("special") or _looks_special(by_id[index]):
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            tokens[-1] = tokens[-1].replace("\u2581", " ")  # user-defined spaces, pre-normalized
+            types.append(gguf.TokenType.USER_DEFINED)
+    return tokens, types
+
+
+def _looks_special(token: str) -> bool:
+    """The converter's does_token_look_special: <|...|>, <pad>, <mask>, <unused...>."""
+    return (
+        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (token.startswith("<|") and token.endswith("|>"))
+        or (token.startswith("<unused") and token.endswith(">"))
+    )
+
+
+def _pre_tokenizer(file: Path) -> str:
+    """llama.cpp's pre-tokenizer for this tokenizer, by the converter's probe hash; else "default", logged."""
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(file)).encode(PROBE).ids
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
+    if digest in PRE_TOKENIZERS:
+        return PRE_TOKENIZERS[digest]
+    logger.warning("%s: llama.cpp's converter does not know this pre-tokenizer (probe hash %s): written as "
+                   "'default'; token ids are unaffected, llama.cpp's own text splitting may differ", file,
+                   digest[:16])  # fmt: skip
+    return "default"
