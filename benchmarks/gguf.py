@@ -197,11 +197,27 @@ def compare_tensors(files: dict[str, Path]) -> None:
 
 
 def load_llama(path: Path):
-    """A llama-cpp-python model on the CPU with THREADS threads, logits for every evaluated token."""
+    """A llama-cpp-python model on the CPU with THREADS threads, logits for every evaluated token.
+
+    Loaded without llama.cpp's extra CPU buffer types (use_extra_bufts=False: no AMX / repacked
+    weights), which Llama() does not expose: with them, this machine's source build of
+    llama-cpp-python 0.3.36 segfaults in llama_decode on any q8_0 file (the AMX repack of q8_0).
+    """
+    from unittest import mock
+
+    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=2 * PROMPT, n_batch=PROMPT, n_threads=THREADS,
-                 n_threads_batch=THREADS, logits_all=True, verbose=False)  # fmt: skip
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with mock.patch.object(lib, "llama_model_default_params", params):
+        return Llama(model_path=str(path), n_ctx=2 * PROMPT, n_batch=PROMPT, n_threads=THREADS,
+                     n_threads_batch=THREADS, logits_all=True, verbose=False)  # fmt: skip
 
 
 def bench_decode(files: dict[str, Path], rounds: int, steps: int) -> tuple[dict, dict]:
