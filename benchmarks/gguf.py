@@ -6,10 +6,12 @@ Reuses merge.py's cached fixture (1.1B bf16 Llama base + r=16 LoRA), with a synt
 tokenizer beside the base's weights (hard links; benchmarks/_gguf_fixture.py). In one run:
 
 - each step in its own child (wall time, peak RSS with descendants; the base read into the page
-  cache first), `repeat` rounds in rotating order: Adaptrix `compile --target gguf --quantize q8_0`;
+  cache first), `repeat` rounds in rotating order: Adaptrix `compile --target gguf --quantize q8_0`
+  (without adaptrix's hash cache: every input hashed, as on a first compile);
   the usual route, PEFT load + merge_and_unload + save_pretrained (with the tokenizer), then
   llama.cpp's convert_hf_to_gguf.py --outtype q8_0, run from the source package (sdist) of the
-  installed llama-cpp-python with this Python and the installed gguf package;
+  installed llama-cpp-python with this Python (and the gguf-py of that llama.cpp, the converter's
+  default: PyPI's gguf 0.19.0 lacks what this converter calls);
 - decode speed of both q8_0 files in llama.cpp (llama-cpp-python, 2 threads): one decode step on a
   32-token KV cache, in interleaved rounds, ms/token; plus the two files' tensor types and the
   agreement of their prefill logits (random weights: near-flat logits, reported, not judged).
@@ -111,7 +113,9 @@ class Run:
     def adaptrix(self) -> bool:
         """Adaptrix: adapter + base -> q8_0 GGUF in one command."""
         out = self.root / "adaptrix"
-        return self.step(ADAPTRIX, adaptrix_argv(self.adapter, self.base, out), out, self.base)
+        # Every input hashed for the manifest, as on a first compile (no hash cache): the conservative figure.
+        no_cache = {**os.environ, "ADAPTRIX_HASH_CACHE": "0"}
+        return self.step(ADAPTRIX, adaptrix_argv(self.adapter, self.base, out), out, self.base, env=no_cache)
 
     def usual(self) -> bool:
         """PEFT merge + save_pretrained, then convert_hf_to_gguf.py --outtype q8_0 on the merged folder."""
