@@ -39,7 +39,9 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 import _gguf_fixture as fx  # noqa: E402
 import _measure as m  # noqa: E402
-import merge  # noqa: E402
+import merge  # noqa: E402  (puts HERE first again: moved back to the end below)
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 PROMPT = 32
 THREADS = 2
@@ -200,8 +202,8 @@ def compare_tensors(files: dict[str, Path]) -> None:
           + ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in differ[:4])))  # fmt: skip
 
 
-def load_llama(path: Path):
-    """A llama-cpp-python model on the CPU with THREADS threads, logits for every evaluated token.
+def load_llama(path: Path, threads: int):
+    """A llama-cpp-python model on the CPU with `threads` threads, logits for every evaluated token.
 
     Loaded without llama.cpp's extra CPU buffer types (use_extra_bufts=False: no AMX / repacked
     weights), which Llama() does not expose: with them, this machine's source build of
@@ -220,16 +222,16 @@ def load_llama(path: Path):
         return p
 
     with mock.patch.object(lib, "llama_model_default_params", params):
-        return Llama(model_path=str(path), n_ctx=2 * PROMPT, n_batch=PROMPT, n_threads=THREADS,
-                     n_threads_batch=THREADS, logits_all=True, verbose=False)  # fmt: skip
+        return Llama(model_path=str(path), n_ctx=2 * PROMPT, n_batch=PROMPT, n_threads=threads,
+                     n_threads_batch=threads, logits_all=True, verbose=False)  # fmt: skip
 
 
-def bench_decode(files: dict[str, Path], rounds: int, steps: int) -> tuple[dict, dict]:
+def bench_decode(files: dict[str, Path], rounds: int, steps: int, threads: int) -> tuple[dict, dict]:
     """Seconds of a decode step on a PROMPT-token KV cache per file (interleaved rounds); prefill logits."""
     import numpy as np
 
     prompt = np.random.default_rng(merge.SEED).integers(3, merge.BASE_CONFIG["vocab_size"], PROMPT).tolist()
-    models = {name: load_llama(path) for name, path in files.items()}
+    models = {name: load_llama(path, threads) for name, path in files.items()}
     logits = {}
     for name, llm in models.items():
         llm.eval(prompt)
@@ -244,12 +246,12 @@ def bench_decode(files: dict[str, Path], rounds: int, steps: int) -> tuple[dict,
     return bench.interleave(calls, rounds, steps), logits
 
 
-def decode_goal(times: dict, logits: dict) -> bool:
+def decode_goal(times: dict, logits: dict, threads: int) -> bool:
     """Print the decode table, the logits comparison and the same-speed verdict."""
     (a_name, a), (b_name, b) = times.items()
     rows = [[n, f"{statistics.median(t) * 1e3:.2f}", f"{min(t) * 1e3:.2f}", f"{max(t) * 1e3:.2f}"]
             for n, t in times.items()]  # fmt: skip
-    print(f"\ndecode step, {PROMPT}-token KV cache, llama.cpp {THREADS} threads: "
+    print(f"\ndecode step, {PROMPT}-token KV cache, llama.cpp {threads} threads: "
           f"medians over {len(a)} interleaved rounds")  # fmt: skip
     print(m.format_table(["file", "median ms/token", "min ms", "max ms"], rows))
     la, lb = logits.values()
@@ -272,6 +274,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=2, help="rounds of both routes (default 2)")
     ap.add_argument("--rounds", type=int, default=15, help="decode rounds (default 15)")
     ap.add_argument("--steps", type=int, default=5, help="decode steps per file per round (default 5)")
+    ap.add_argument("--threads", type=int, default=THREADS, help=f"llama.cpp threads (default {THREADS})")
     ap.add_argument("--cache", type=Path, default=m.default_cache(), help="fixture cache dir")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (GGUF files, logs)")
     return ap.parse_args(argv)
@@ -306,8 +309,8 @@ def main(argv=None) -> int:
         verdicts += compile_goals(run)
         if all(files.values()):
             compare_tensors(files)
-            times, logits = bench_decode(files, max(1, args.rounds), max(1, args.steps))
-            verdicts.append(decode_goal(times, logits))
+            times, logits = bench_decode(files, max(1, args.rounds), max(1, args.steps), args.threads)
+            verdicts.append(decode_goal(times, logits, args.threads))
         else:
             print("FAIL: decode speed not measured (a GGUF file is missing)")
             verdicts.append(False)
