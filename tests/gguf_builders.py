@@ -46,7 +46,7 @@ def llama_logits(model: Path, ids: list[int], lora: Path | None = None) -> torch
     from llama_cpp import Llama
 
     kwargs = {"lora_path": str(lora)} if lora is not None else {}
-    llm = Llama(model_path=str(model), logits_all=True, n_ctx=64, n_threads=1, verbose=False, **kwargs)
+    llm = Llama(model_path=str(model), logits_all=True, n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0, **kwargs)
     try:
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))

@@ -174,6 +174,8 @@ def _gemma3(w: Writer, config: dict) -> None:
         w.add_final_logit_softcapping(final)
     if config.get("sliding_window_pattern") != 1:
         w.add_sliding_window(config["sliding_window"])
+    if (local := config.get("rope_local_base_freq")) is not None:
+        w.add_rope_freq_base_swa(local)
     w.add_head_count_kv(config.get("num_key_value_heads", 4))
 
 
@@ -189,6 +191,21 @@ def _query_scale(config: dict, path: Path) -> None:
         )
 
 
+def _router_norm(normalized: bool) -> Callable[[dict, Path], None]:
+    """llama.cpp's graph renormalizes the top-k router weights (Qwen3-MoE) or not (Qwen2-MoE), always."""
+
+    def check(config: dict, path: Path) -> None:
+        if bool(config.get("norm_topk_prob", normalized)) != normalized:
+            raise UnsupportedError(
+                f"norm_topk_prob {config.get('norm_topk_prob')}: llama.cpp's graph for this family "
+                f"{'always' if normalized else 'never'} renormalizes the routing weights",
+                path=path / "config.json",
+                fix="use --target merged or hooks",
+            )
+
+    return check
+
+
 _GEMMA_DROPPED = ("lm_head.weight",)  # the converter skips it: llama.cpp ties Gemma's head
 
 FAMILIES: dict[str, GgufFamily] = {
@@ -197,8 +214,8 @@ FAMILIES: dict[str, GgufFamily] = {
     "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, _text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, _text),
-    "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, _qwen_moe),
-    "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, _qwen_moe),
+    "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, _qwen_moe, check=_router_norm(False)),
+    "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, _qwen_moe, check=_router_norm(True)),
     "gpt2": GgufFamily(
         gguf.MODEL_ARCH.GPT2, _gpt2, transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
     ),

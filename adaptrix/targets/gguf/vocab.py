@@ -39,6 +39,8 @@ def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
     if model.get("type") != "BPE":
         raise UnsupportedError(f"a {model.get('type')} tokenizer: the gguf target writes BPE tokenizers",
                                path=file, fix="use --target merged, then llama.cpp's converter")  # fmt: skip
+    if model.get("byte_fallback") and (spec.get("decoder") or {}).get("type") == "Sequence":
+        return _add_llama_hf(writer, base, vocab_size)  # SentencePiece-style BPE (Llama 2, Mistral, Gemma)
     tokens, types = _tokens(spec, vocab_size, file)
     pre = _pre_tokenizer(file)
     writer.add_tokenizer_model("gpt2")
@@ -48,6 +50,33 @@ def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
     special = gguf.SpecialVocab(base, load_merges=True, n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)
     return {"model": "gpt2", "pre": pre, "tokens": len(tokens), "chat_template": bool(special.chat_template)}
+
+
+def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
+    """A SentencePiece-style tokenizer.json as the converter's _set_vocab_llama_hf writes it, padded."""
+    vocab = gguf.LlamaHfVocab(base)
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    for index in range(len(tokens), vocab_size):  # embedding rows past the tokenizer's ids
+        tokens.append(f"[PAD{index}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(base, n_vocab=len(tokens))
+    special.add_to_gguf(writer, quiet=True)
+    return {
+        "model": "llama",
+        "pre": "default",
+        "tokens": len(tokens),
+        "chat_template": bool(special.chat_template),
+    }
 
 
 def _tokens(spec: dict, vocab_size: int, file: Path) -> tuple[list[str], list[int]]:
