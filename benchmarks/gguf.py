@@ -13,8 +13,8 @@ tokenizer beside the base's weights (hard links; benchmarks/_gguf_fixture.py). I
   installed llama-cpp-python with this Python (and the gguf-py of that llama.cpp, the converter's
   default: PyPI's gguf 0.19.0 lacks what this converter calls);
 - decode speed of both q8_0 files in llama.cpp (llama-cpp-python, 2 threads): one decode step on a
-  32-token KV cache, in interleaved rounds, ms/token; plus the two files' tensor types and the
-  agreement of their prefill logits (random weights: near-flat logits, reported, not judged).
+  32-token KV cache, in interleaved rounds, ms/token; plus the two files' tensor types, tokenizer
+  metadata and the agreement of their prefill logits (random weights: near-flat logits, reported, not judged).
 
 Goals (ratios from this run only): Adaptrix >= 5x faster end to end than PEFT merge + save + convert,
 peak RSS <= 1/4 of the usual route's, and the same decode speed (not more than 5% slower).
@@ -186,20 +186,25 @@ def compile_goals(run: Run) -> list[bool]:
     return verdicts
 
 
-def tensor_types(path: Path) -> dict[str, str]:
-    """GGUF tensor name -> quantization type name."""
+def read_gguf(path: Path) -> tuple[dict[str, str], dict]:
+    """GGUF tensor name -> quantization type name; tokenizer.* metadata key -> value."""
     from gguf import GGUFReader
 
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+    reader = GGUFReader(str(path))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    return types, {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
 
 
-def compare_tensors(files: dict[str, Path]) -> None:
-    """Print whether the two files hold the same tensors with the same types (decode speed depends on it)."""
-    (a_name, a), (b_name, b) = ((n, tensor_types(p)) for n, p in files.items())
+def compare_files(files: dict[str, Path]) -> None:
+    """Print whether the two files hold the same tensors and types (decode speed) and tokenizer metadata."""
+    (a_name, (a, a_tok)), (b_name, (b, b_tok)) = ((n, read_gguf(p)) for n, p in files.items())
     counts = {n: len(t) for n, t in ((a_name, a), (b_name, b))}
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     print(f"tensors: {counts}; " + ("same names and types" if not differ else f"{len(differ)} differ, e.g. "
           + ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in differ[:4])))  # fmt: skip
+    keys = sorted(k for k in a_tok.keys() | b_tok.keys() if a_tok.get(k) != b_tok.get(k))
+    print(f"tokenizer metadata: {len(a_tok)} / {len(b_tok)} keys; " + (f"differ: {', '.join(keys)}" if keys
+          else f"identical (tokenizer.ggml.model {a_tok.get('tokenizer.ggml.model')!r})"))  # fmt: skip
 
 
 def load_llama(path: Path, threads: int):
@@ -308,7 +313,7 @@ def main(argv=None) -> int:
         print()
         verdicts += compile_goals(run)
         if all(files.values()):
-            compare_tensors(files)
+            compare_files(files)
             times, logits = bench_decode(files, max(1, args.rounds), max(1, args.steps), args.threads)
             verdicts.append(decode_goal(times, logits, args.threads))
         else:
