@@ -279,7 +279,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=2, help="rounds of both routes (default 2)")
     ap.add_argument("--rounds", type=int, default=15, help="decode rounds (default 15)")
     ap.add_argument("--steps", type=int, default=5, help="decode steps per file per round (default 5)")
-    ap.add_argument("--threads", type=int, default=THREADS, help=f"llama.cpp threads (default {THREADS})")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[THREADS],
+        help=f"llama.cpp thread counts: a decode table and verdict each (default {THREADS})",
+    )
     ap.add_argument("--cache", type=Path, default=m.default_cache(), help="fixture cache dir")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (GGUF files, logs)")
     return ap.parse_args(argv)
@@ -314,8 +320,9 @@ def main(argv=None) -> int:
         verdicts += compile_goals(run)
         if all(files.values()):
             compare_files(files)
-            times, logits = bench_decode(files, max(1, args.rounds), max(1, args.steps), args.threads)
-            verdicts.append(decode_goal(times, logits, args.threads))
+            for threads in args.threads:
+                times, logits = bench_decode(files, max(1, args.rounds), max(1, args.steps), threads)
+                verdicts.append(decode_goal(times, logits, threads))
         else:
             print("FAIL: decode speed not measured (a GGUF file is missing)")
             verdicts.append(False)
