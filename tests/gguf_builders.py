@@ -9,14 +9,16 @@ import torch
 from builders import VOCAB
 
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
-_SPECIAL = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: the tiny configs' bos 1 and eos 2
+# ids 0, 1, 2: the tiny configs' bos 1 and eos 2; <|endoftext|> as Phi-3's tokenizer has it (llama.cpp
+# sets token attributes on it in any model whose general.name says phi3)
+_SPECIAL = ("<unk>", "<s>", "</s>", "<|endoftext|>")
 
 
 def save_tokenizer(base: Path, vocab_size: int = VOCAB) -> Path:
     """A byte-level BPE tokenizer of exactly `vocab_size` tokens saved into `base` (built offline).
 
-    Ids 0..2 are <unk> <s> </s>; then the byte-level symbols of space and printable ASCII; then merges
-    of a space with a letter ("Ġa", "Ġb", ...) up to `vocab_size`.
+    Ids 0..3 are <unk> <s> </s> <|endoftext|>; then the byte-level symbols of space and printable
+    ASCII; then merges of a space with a letter ("Ġa", "Ġb", ...) up to `vocab_size`.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -46,7 +48,9 @@ def llama_logits(model: Path, ids: list[int], lora: Path | None = None) -> torch
     from llama_cpp import Llama
 
     kwargs = {"lora_path": str(lora)} if lora is not None else {}
-    llm = Llama(model_path=str(model), logits_all=True, n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0, **kwargs)
+    # type_k / type_v 0: a float32 KV cache (llama.cpp's default, float16, rounds keys and values)
+    llm = Llama(model_path=str(model), logits_all=True, n_ctx=64, n_threads=1, verbose=False, type_k=0,
+                type_v=0, **kwargs)  # fmt: skip
     try:
         llm.eval(ids)
         return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
@@ -58,7 +62,7 @@ def llama_greedy(model: Path, ids: list[int], count: int) -> list[int]:
     """llama.cpp's greedy continuation of the ids (`count` new tokens)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model), n_ctx=64, n_threads=1, verbose=False)
+    llm = Llama(model_path=str(model), n_ctx=64, n_threads=1, verbose=False, type_k=0, type_v=0)
     try:
         out = []
         for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):

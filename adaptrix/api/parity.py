@@ -42,6 +42,7 @@ TOLERANCES = {
     ("merged", "float32"): 1e-4,  # same maths, rounding order differs (merged W vs x W + x A B)
     ("hooks", "float32"): 1e-4,  # the same LoRA maths as PEFT, in another kernel order
     ("onnx", "float32"): 5e-4,  # onnxruntime fuses attention, layer norm and GELU kernels
+    ("gguf", "float32"): 1e-3,  # llama.cpp: GELU by a float16 table of the tanh approximation (4e-4)
     ("any", "float16"): 1e-2,  # 11-bit mantissa: each of a few hundred roundings ~5e-4 relative
     ("any", "bfloat16"): 5e-2,  # 8-bit mantissa: 4e-3 per rounding
 }

@@ -14,7 +14,8 @@ from adaptrix.ir.errors import BadInputError, UnsupportedError
 
 __all__ = ["BACKENDS", "artifact_manifest", "reference_outputs", "run_backend"]
 
-BACKENDS = ("merged", "hooks", "onnx-cpu", "onnx-cuda")
+BACKENDS = ("merged", "hooks", "onnx-cpu", "onnx-cuda", "gguf")
+_GGUF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}  # the others are quantized
 # (what the backend returns, its dtype name, whether it is quantized, a note for the report)
 Run = tuple[torch.Tensor, str, bool, str]
 
@@ -114,7 +115,30 @@ def run_backend(target: str, path: Path, base: Checkpoint, feeds: dict[str, torc
         model = load_auto(base.path)
         with attach(model, path):
             return forward(model, feeds), dtype, False, "attached to the base loaded in float32"
+    if target == "gguf":
+        return _run_gguf(path, manifest, feeds)
     return _run_onnx(target, path, manifest, feeds)
+
+
+def _run_gguf(path: Path, manifest: dict, feeds: dict[str, torch.Tensor]) -> Run:
+    """llama.cpp's logits of each row (float32 KV cache); an unmerged artifact with its first adapter."""
+    from adaptrix.runtimes.gguf import open_gguf
+
+    if not bool(feeds["attention_mask"].all()):
+        raise UnsupportedError("llama.cpp runs each row unpadded: the inputs' attention_mask has zeros",
+                               fix="give inputs of one length without padding")  # fmt: skip
+    model = open_gguf(path)
+    names = model.adapter_names
+    adapter = names[0] if names else None
+    note = "" if adapter is None else f"unmerged (GGUF LoRA), {adapter} applied"
+    quantize = str(model.section.get("quantize"))
+    dtype = _GGUF_DTYPES.get(quantize, quantize)
+    if quantize not in _GGUF_DTYPES:
+        note = "; ".join(
+            filter(None, [note, f"{quantize} quantized: reported, judged only with --tolerance"])
+        )
+    values = torch.from_numpy(model.logits(feeds["input_ids"].tolist(), adapter=adapter)).float()
+    return values, dtype, quantize not in _GGUF_DTYPES, note
 
 
 def _run_onnx(target: str, path: Path, manifest: dict, feeds: dict[str, torch.Tensor]) -> Run:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptrix.api.manifest import MANIFEST_NAME, check_manifest, is_sha256
-from adaptrix.artifacts import MODEL_NAME
+from adaptrix.artifacts import GGUF_MODEL, MODEL_NAME
 from adaptrix.io.hashing import sha256_file
 from adaptrix.io.jsonfile import loads_strict, read_bounded
 from adaptrix.ir.errors import BadInputError
@@ -80,6 +80,8 @@ def verify_artifact(path: Path | str, *, inputs: bool = True, expect: str | None
             checked_inputs += len(group["files"]) - len(missing)
     if "onnx" in manifest:
         problems.extend(_check_graph(root, real_root, manifest["onnx"]))
+    if "gguf" in manifest:
+        problems.extend(_check_gguf(root, real_root, manifest["gguf"]))
     return VerifyReport(str(root), manifest["target"], len(outputs), checked_inputs, problems, notes, digest)
 
 
@@ -176,4 +178,38 @@ def _check_graph(root: Path, real_root: Path, section: dict) -> list[str]:
     outputs = [value.name for value in graph.output]
     if section.get("outputs") is not None and outputs != section["outputs"]:
         problems.append(f"model.onnx: its outputs {outputs} are not the manifest's {section['outputs']}")
+    return problems
+
+
+def _check_gguf(root: Path, real_root: Path, section: dict) -> list[str]:
+    """The GGUF files parse, hold the manifest's architecture and tensor count; LoRA files are adapters."""
+    from gguf import GGUFReader
+
+    problems = []
+    files = {
+        GGUF_MODEL: "model",
+        **{entry["file"]: "adapter" for entry in (section.get("lora") or {}).values()},
+    }
+    for name, kind in files.items():
+        file = root / name
+        if not file.is_file() or not _inside(real_root, file):
+            continue  # reported as a missing or outside output already
+        try:
+            reader = GGUFReader(file)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{name}: not a GGUF file llama.cpp's reader can parse ({type(exc).__name__})")
+            continue
+        fields = {key: reader.fields[key].contents() for key in ("general.architecture", "general.type")
+                  if key in reader.fields}  # fmt: skip
+        if fields.get("general.type", "model") != kind:
+            problems.append(f"{name}: general.type is {fields.get('general.type')!r}, not {kind!r}")
+        if section.get("architecture") and fields.get("general.architecture") != section["architecture"]:
+            problems.append(f"{name}: architecture {fields.get('general.architecture')!r}, the manifest says "
+                            f"{section['architecture']!r}")  # fmt: skip
+        if (
+            kind == "model"
+            and section.get("tensors") is not None
+            and len(reader.tensors) != section["tensors"]
+        ):
+            problems.append(f"{name}: {len(reader.tensors)} tensors, the manifest says {section['tensors']}")
     return problems

@@ -34,10 +34,11 @@ def compile_command(
         str | None, typer.Option("--dtype", help="Output dtype (default: the target's).")
     ] = None,
     unmerged: Annotated[
-        bool, typer.Option("--unmerged", help="ONNX: LoRA and IA3 as swappable adapter files.")
+        bool, typer.Option("--unmerged", help="ONNX, gguf: LoRA (ONNX: IA3 too) as swappable adapter files.")
     ] = False,
     quantize: Annotated[
-        str | None, typer.Option("--quantize", help="ONNX: int8, int4 or int8-dynamic weights.")
+        str | None,
+        typer.Option("--quantize", help="ONNX: int8, int4, int8-dynamic; gguf: f32 f16 bf16 q8_0 q4_0 ..."),
     ] = None,
     block_size: Annotated[
         int | None, typer.Option("--block-size", help="ONNX int8 / int4: block size (32).")

@@ -1,4 +1,4 @@
-"""`adaptrix run`: try an ONNX artifact without writing onnxruntime code."""
+"""`adaptrix run`: try an ONNX or GGUF artifact without writing onnxruntime or llama.cpp code."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from adaptrix.artifacts import GGUF_MODEL
 from adaptrix.cli.base import app, call, out
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
@@ -18,7 +19,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 @app.command("run")
 def run_command(
-    artifact: Annotated[Path, typer.Argument(help="ONNX artifact directory (onnx-cpu / onnx-cuda).")],
+    artifact: Annotated[Path, typer.Argument(help="ONNX (onnx-cpu / onnx-cuda) or GGUF artifact directory.")],
     prompt_ids: Annotated[
         list[str] | None,
         typer.Option("--prompt-ids", help="Token ids, comma-separated; repeat for more inputs."),
@@ -41,11 +42,16 @@ def run_command(
     eos: Annotated[bool, typer.Option("--stop-at-eos", help="Decoders: stop at EOS.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
-    """Run an ONNX artifact: generated ids for decoders, the output rows for encoders."""
+    """Run an ONNX or GGUF artifact: generated ids for decoders, the output rows for encoders."""
     from adaptrix.runtimes.onnx.session import open_onnx
 
     if bool(prompt_ids) == bool(prompt) or (chat and not prompt):
         call(lambda: _refuse_prompts(chat))
+    if (artifact / GGUF_MODEL).is_file():
+        options = {"threads": threads, "max_new_tokens": max_new_tokens, "adapter": adapter,
+                   "stop_at_eos": eos}  # fmt: skip
+        _run_gguf(artifact, prompt or [], prompt_ids or [], chat, options, as_json)
+        return
     tokenizer = call(lambda: _tokenizer(artifact)) if prompt else None  # loaded once, for both ways
     if prompt:
         prompts = call(lambda: _encode(tokenizer, artifact, prompt, chat))
@@ -85,6 +91,31 @@ def _run_prompts(model, prompts: list[list[int]], max_new_tokens: int | None, ad
     count = 16 if max_new_tokens is None else max_new_tokens
     return [{"prompt_ids": ids, "generated_ids": model.generate(ids, count, adapter=adapter, stop_at_eos=eos)}
             for ids in prompts]  # fmt: skip
+
+
+def _run_gguf(
+    artifact: Path, texts: list[str], ids_text: list[str], chat: bool, options: dict, as_json
+) -> None:
+    """A GGUF artifact, run by llama.cpp: greedy ids, and their text by the GGUF's own tokenizer."""
+    from adaptrix.runtimes.gguf import open_gguf
+
+    model = call(lambda: open_gguf(artifact, options.pop("threads")))
+    count = options.pop("max_new_tokens")
+    if texts:
+        encode = model.chat if chat else model.tokenize
+        prompts = [call(lambda text=text: encode(text)) for text in texts]
+    else:
+        prompts = [call(lambda text=text: _parse_ids(text)) for text in ids_text]
+    results = []
+    for ids in prompts:
+        generated = call(lambda ids=ids: model.generate(ids, 16 if count is None else count, **options))
+        results.append({"prompt_ids": ids, "generated_ids": generated, "text": model.detokenize(generated)})
+    if as_json:
+        out.print_json(json.dumps({"task": model.task, "adapter": options["adapter"], "results": results}))
+        return
+    for result in results:
+        for line in (",".join(map(str, result["generated_ids"])), result["text"]):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _refuse_prompts(chat: bool) -> None:

@@ -15,8 +15,9 @@ import gguf
 import torch
 
 from adaptrix.ir.errors import UnsupportedError
+from adaptrix.targets.gguf.rope import check_rope, rope_params
 
-__all__ = ["FAMILIES", "GgufFamily", "add_rope_scaling", "family_of", "neox_rows", "permute_rows"]
+__all__ = ["FAMILIES", "GgufFamily", "family_of", "neox_rows", "permute_rows"]
 
 Writer = gguf.GGUFWriter
 
@@ -40,32 +41,6 @@ def _get(config: dict, *keys: str, default=None):
     return next((config[key] for key in keys if config.get(key) is not None), default)
 
 
-def _rope(config: dict) -> dict:
-    """The rope parameters as transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters) saves them."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    params.setdefault("rope_theta", _get(config, "rope_theta", "rotary_emb_base"))
-    return params
-
-
-def add_rope_scaling(w: Writer, config: dict) -> None:
-    """Linear rope scaling as the converter writes it (family_of refuses the other kinds)."""
-    params = _rope(config)
-    if params.get("rope_type", params.get("type")) == "linear":
-        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(params["factor"])
-
-
-def _check_rope(config: dict, path: Path) -> None:
-    """Plain rope, or linear scaling; the other kinds (llama3, yarn, longrope) need tensors of their own."""
-    params = _rope(config)
-    kind = params.get("rope_type", params.get("type"))
-    if kind in (None, "default") or (kind == "linear" and params.get("factor") is not None):
-        return
-    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain and linear rope only",
-                           path=path / "config.json",
-                           fix="use --target merged, then llama.cpp's converter")  # fmt: skip
-
-
 def _text(w: Writer, config: dict) -> None:
     """TextModel.set_gguf_parameters: the keys most families share."""
     w.add_block_count(config["num_hidden_layers"])
@@ -76,7 +51,7 @@ def _text(w: Writer, config: dict) -> None:
     w.add_head_count(_get(config, "num_attention_heads", "n_head"))
     if (n_kv := _get(config, "num_key_value_heads", "n_kv_heads")) is not None:
         w.add_head_count_kv(n_kv)
-    if (theta := _rope(config).get("rope_theta")) is not None:
+    if (theta := rope_params(config).get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
     if (eps := _get(config, "rms_norm_eps", "norm_eps")) is not None:
         w.add_layer_norm_rms_eps(eps)
@@ -116,7 +91,7 @@ def _gpt2(w: Writer, config: dict) -> None:
 
 
 def _gpt_neox(w: Writer, config: dict) -> None:
-    rotary = _get(config, "rotary_pct", default=_rope(config).get("partial_rotary_factor", 1.0))
+    rotary = _get(config, "rotary_pct", default=rope_params(config).get("partial_rotary_factor", 1.0))
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
     w.add_block_count(config["num_hidden_layers"])
@@ -125,13 +100,13 @@ def _gpt_neox(w: Writer, config: dict) -> None:
     w.add_head_count(config["num_attention_heads"])
     w.add_parallel_residual(config.get("use_parallel_residual", True))
     w.add_layer_norm_eps(config["layer_norm_eps"])
-    if (theta := _rope(config).get("rope_theta")) is not None:
+    if (theta := rope_params(config).get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
 
 
 def _phi3(w: Writer, config: dict) -> None:
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
-    rotary = _get(config, "partial_rotary_factor", default=_rope(config).get("partial_rotary_factor", 1.0))
+    rotary = _get(config, "partial_rotary_factor") or rope_params(config).get("partial_rotary_factor", 1.0)
     w.add_context_length(config["max_position_embeddings"])
     w.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
                                     or config["max_position_embeddings"])  # fmt: skip
@@ -142,7 +117,7 @@ def _phi3(w: Writer, config: dict) -> None:
     w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_dimension_count(int(rotary * n_embd) // n_head)
-    w.add_rope_freq_base(_rope(config).get("rope_theta") or 10000.0)
+    w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
     w.add_sliding_window(config.get("sliding_window") or 0)
 
 
@@ -156,7 +131,7 @@ def _gemma(w: Writer, config: dict) -> None:
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_key_length(config["head_dim"])
     w.add_value_length(config["head_dim"])
-    if (theta := _rope(config).get("rope_theta")) is not None:
+    if (theta := rope_params(config).get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
 
 
@@ -169,7 +144,7 @@ def _gemma2(w: Writer, config: dict) -> None:
 
 def _gemma3(w: Writer, config: dict) -> None:
     _text(w, config)
-    w.add_rope_freq_base(_rope(config).get("rope_theta") or 1_000_000.0)
+    w.add_rope_freq_base(rope_params(config).get("rope_theta") or 1_000_000.0)
     if final := config.get("final_logit_softcapping"):
         w.add_final_logit_softcapping(final)
     if config.get("sliding_window_pattern") != 1:
@@ -240,7 +215,7 @@ def family_of(config: dict, path: Path) -> GgufFamily:
             fix="use --target merged, then llama.cpp's convert_hf_to_gguf.py if it supports the family",
         )
     family.check(config, path)
-    _check_rope(config, path)
+    check_rope(config, path, llama3=family.permute_qk)  # llama3's rope: the converter's LlamaModel
     return family
 
 

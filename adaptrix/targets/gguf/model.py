@@ -18,7 +18,8 @@ from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.head import new_head_sites, refuse_new_head
 from adaptrix.lowering.merge_bottleneck import fold_bottlenecks
 from adaptrix.lowering.tensor_plan import plan_tensors
-from adaptrix.targets.gguf.families import GgufFamily, add_rope_scaling
+from adaptrix.targets.gguf.families import GgufFamily
+from adaptrix.targets.gguf.rope import add_rope_scaling, rope_tensors
 from adaptrix.targets.gguf.tensors import QTYPES, gguf_tensors, tensor_value
 from adaptrix.targets.gguf.vocab import add_vocab
 
@@ -47,20 +48,26 @@ def write_model_gguf(
     tensors, kept = gguf_tensors(items, base, family, QTYPES[quantize], untied)
     writer = gguf.GGUFWriter(file, gguf.MODEL_ARCH_NAMES[family.arch])
     vocab = add_metadata(writer, base, family, quantize)
+    extra = rope_tensors(base.config)  # first, as the converter writes them
+    for name, value in extra:
+        writer.add_tensor_info(name, value.shape, value.dtype, value.nbytes)
     for tensor in tensors:
         writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes,
                                raw_dtype=tensor.qtype)  # fmt: skip
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
+    for _, value in extra:
+        writer.write_tensor_data(value)
     for tensor in tensors:
         writer.write_tensor_data(tensor_value(tensor, base, family))
         if progress is not None:
             progress(sum(base.tensors[item.source].nbytes for item in tensor.items if item.source))
     writer.close()
     logger.info("wrote %s: %d tensors, %s", file, len(tensors), quantize)
-    return {"quantize": quantize, "architecture": gguf.MODEL_ARCH_NAMES[family.arch], "tensors": len(tensors),
-            "untied_lm_head": untied, "kept_f16": kept, "tokenizer": vocab}  # fmt: skip
+    return {"quantize": quantize, "architecture": gguf.MODEL_ARCH_NAMES[family.arch],
+            "tensors": len(extra) + len(tensors), "untied_lm_head": untied, "kept_f16": kept,
+            "tokenizer": vocab}  # fmt: skip
 
 
 def add_metadata(writer: gguf.GGUFWriter, base: Checkpoint, family: GgufFamily, quantize: str) -> dict:

@@ -1,0 +1,215 @@
+"""The gguf target: llama.cpp (llama-cpp-python) runs the GGUF and computes what PEFT's forward computes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+from builders import VOCAB, load_model, make_adapter, peft_logits, sample_inputs
+from gguf_builders import llama_greedy, llama_logits, save_tokenizer
+from peft import PeftModel
+
+from adaptrix.api.compile import compile_adapter
+from adaptrix.ir.errors import BadInputError, UnsupportedError
+
+# llama.cpp in float32 with a float32 KV cache (gguf_builders.llama_logits) matches PEFT to float32
+# rounding: measured <= 4e-7 on these models. 1e-5 leaves room for another CPU's summation order.
+F32_TOLERANCE = 1e-5
+# Families with a GELU: ggml computes it with the tanh approximation read from a float16 table, where
+# transformers uses exact erf (GPT-NeoX, Gemma's gelu_pytorch_tanh in float32): measured 1.2e-4 (gpt2)
+# to 4e-4 (gpt_neox) on logits of magnitude ~0.4.
+GELU_TOLERANCE = 1e-3
+# The same GELU families, LoRA applied at run time vs merged: the same weights to float32 rounding, but
+# ggml's GELU rounds its input to float16 for the table, which turns 1e-7 differences into up to
+# one float16 step of an activation (measured 2.3e-5 for gpt2).
+GELU_LORA_TOLERANCE = 1e-4
+# float16 weights: each weight rounded to 11 significant bits; measured <= 1.5e-3 here.
+F16_TOLERANCE = 5e-3
+EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
+GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text")
+# What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
+# Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
+OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre_attn_scalar": 16},
+             "qwen3_moe": {"norm_topk_prob": True}}  # fmt: skip
+NEW_TOKENS = 4
+
+
+@pytest.fixture(scope="module")
+def made(bases, tmp_path_factory):
+    """(base with a tokenizer, adapter) per family, built once."""
+    cache = {}
+
+    def get(family: str, **lora):
+        key = (family, repr(sorted(lora.items())))
+        if key not in cache:
+            base = bases(family, "gguf", **OVERRIDES.get(family, {}))
+            if not (base / "tokenizer.json").is_file():
+                save_tokenizer(base)
+            torch.manual_seed(1)
+            path = tmp_path_factory.mktemp(f"gguf-adapter-{family}")
+            cache[key] = base, make_adapter(family, base, path, **lora)
+        return cache[key]
+
+    return get
+
+
+def _ids(family: str) -> list[int]:
+    return sample_inputs(family, batch=1)["input_ids"][0].tolist()
+
+
+@torch.no_grad()
+def _peft_greedy(family, base, adapter, ids: list[int]) -> list[int]:
+    model = PeftModel.from_pretrained(load_model(family, base), adapter).eval()
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         pad_token_id=0)  # fmt: skip
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("family", EXACT + GELU)
+def test_f32_gguf_logits_and_greedy_tokens_equal_pefts(made, tmp_path, family):
+    base, adapter = made(family)
+    out = tmp_path / "out"
+    compile_adapter(adapter, base, "gguf", out, quantize="f32")
+    ids = _ids(family)
+    expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    got = llama_logits(out / "model.gguf", ids)
+    assert got.shape == expected.shape == (len(ids), VOCAB)
+    tolerance = GELU_TOLERANCE if family in GELU else F32_TOLERANCE
+    assert (got - expected).abs().max().item() <= tolerance
+    peft_tokens = _peft_greedy(family, base, adapter, ids)
+    assert llama_greedy(out / "model.gguf", ids, NEW_TOKENS)[: len(peft_tokens)] == peft_tokens
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"] == "gguf" and manifest["gguf"]["quantize"] == "f32"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_f16_gguf_logits_within_f16_tolerance_of_pefts(made, tmp_path, family):
+    base, adapter = made(family)
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f16")
+    ids = _ids(family)
+    expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    got = llama_logits(tmp_path / "out" / "model.gguf", ids)
+    assert (got - expected).abs().max().item() <= F16_TOLERANCE
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+# rank_pattern / alpha_pattern / rsLoRA: per-module scales that the GGUF LoRA must carry folded in B
+_SCALES = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3}}
+
+
+@pytest.mark.parametrize(
+    ("family", "lora"), [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {})]
+)
+def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path, family, lora):
+    base, adapter = made(family, **lora)
+    compile_adapter(adapter, base, "gguf", tmp_path / "merged", quantize="f32")
+    cache = tmp_path / "cache"
+    compile_adapter(adapter, base, "gguf", tmp_path / "lora", quantize="f32", unmerged=True, cache_dir=cache)
+    ids = _ids(family)
+    merged = llama_logits(tmp_path / "merged" / "model.gguf", ids)
+    name = json.loads((tmp_path / "lora" / "manifest.json").read_text())["gguf"]["lora"][adapter.name]["file"]
+    applied = llama_logits(tmp_path / "lora" / "model.gguf", ids, lora=tmp_path / "lora" / name)
+    plain = llama_logits(tmp_path / "lora" / "model.gguf", ids)
+    tolerance = GELU_LORA_TOLERANCE if family in GELU else F32_TOLERANCE
+    assert (applied - merged).abs().max().item() <= tolerance
+    assert (plain - merged).abs().max().item() > 0.01  # the LoRA does change the logits
+    compile_adapter(adapter, base, "gguf", tmp_path / "again", quantize="f32", unmerged=True, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 1  # the base's GGUF was built once, then reused
+
+
+def test_misfit_adapter_is_refused_before_anything_is_written(made, bases, tmp_path):
+    _, adapter = made("llama")
+    wide = bases("llama", "gguf-wide", hidden_size=64)
+    save_tokenizer(wide)
+    with pytest.raises(BadInputError, match="does not fit this base"):
+        compile_adapter(adapter, wide, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_family_is_refused_in_one_line_naming_it(bases, tmp_path):
+    base = bases("opt")
+    adapter = make_adapter("opt", base, tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="'opt' family"):
+        compile_adapter(adapter, base, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_on_a_tensor_the_gguf_drops_is_refused(made, tmp_path):
+    base, adapter = made("gemma", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(UnsupportedError, match="lm_head"):
+        compile_adapter(adapter, base, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# bf16 / q8_0 weights on this tiny random llama: measured max |diff| 7e-3 / 1.4e-2 against PEFT (logits
+# ~0.35); the 4- and 5-bit types are only checked to be written and run (no quality claim on random weights).
+QUANTIZED = {"bf16": 3e-2, "q8_0": 5e-2, "q4_0": None, "q5_1": None}
+
+
+@pytest.mark.parametrize("quantize", QUANTIZED)
+def test_quantized_ggufs_hold_the_type_and_run_in_llama_cpp(made, tmp_path, quantize):
+    import gguf
+
+    from adaptrix.runtimes.gguf import open_gguf
+
+    base, adapter = made("llama")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize=quantize)
+    reader = gguf.GGUFReader(tmp_path / "out" / "model.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == quantize.upper()
+    assert types["blk.0.attn_norm.weight"] == "F32"  # norms stay float32, as the converter keeps them
+    ids = _ids("llama")
+    got = torch.from_numpy(open_gguf(tmp_path / "out").logits([ids])[0])
+    expected = peft_logits("llama", base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    assert got.shape == expected.shape and torch.isfinite(got).all()
+    if QUANTIZED[quantize] is not None:
+        assert (got - expected).abs().max().item() <= QUANTIZED[quantize]
+
+
+def test_a_base_without_tokenizer_json_is_refused_in_one_line(bases, peft_adapters, tmp_path):
+    with pytest.raises(UnsupportedError, match=r"no tokenizer\.json"):
+        compile_adapter(peft_adapters("llama"), bases("llama"), "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}  # fmt: skip
+
+
+def test_llama3_rope_scaling_is_written_as_the_converters_rope_freqs(bases, tmp_path):
+    # theta 5e5 and an original context of 16: of head_dim 8's four frequencies, one is smoothed and
+    # three are divided by 8, so a file without rope_freqs would compute other logits
+    base = bases("llama", "gguf-llama3", rope_scaling=_LLAMA3_ROPE, rope_theta=500000.0)
+    save_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter("llama", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    ids = _ids("llama")
+    expected = peft_logits("llama", base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
+
+
+def test_tensors_are_merged_one_at_a_time_after_the_header_is_written(made, tmp_path, monkeypatch):
+    import gguf
+
+    from adaptrix.targets.gguf import tensors
+
+    base, adapter = made("llama")
+    events = []
+    merged_value, write_data, write_infos = tensors.merged_value, gguf.GGUFWriter.write_tensor_data, None
+    write_infos = gguf.GGUFWriter.write_ti_data_to_file
+    monkeypatch.setattr(
+        tensors, "merged_value", lambda *a, **k: events.append("merge") or merged_value(*a, **k)
+    )
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data",
+                        lambda self, t, *a: events.append("write") or write_data(self, t, *a))  # fmt: skip
+    monkeypatch.setattr(gguf.GGUFWriter, "write_ti_data_to_file",
+                        lambda self: events.append("infos") or write_infos(self))  # fmt: skip
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    assert events[0] == "infos" and events.count("infos") == 1
+    assert events[1:] == ["merge", "write"] * (len(events[1:]) // 2)  # never two tensors held at once
