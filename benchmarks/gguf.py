@@ -210,23 +210,15 @@ def compare_files(files: dict[str, Path]) -> None:
 def load_llama(path: Path, threads: int):
     """A llama-cpp-python model on the CPU with `threads` threads, logits for every evaluated token.
 
-    Loaded without llama.cpp's extra CPU buffer types (use_extra_bufts=False: no AMX / repacked
-    weights), which Llama() does not expose: with them, this machine's source build of
-    llama-cpp-python 0.3.36 segfaults in llama_decode on any q8_0 file (the AMX repack of q8_0).
+    Loaded as Adaptrix's GGUF runtime loads it, without llama.cpp's extra CPU buffer types (no AMX /
+    repacked weights): with them, this machine's source build of llama-cpp-python 0.3.36 segfaults
+    in llama_decode on any q8_0 file, the converter's included.
     """
-    from unittest import mock
-
-    import llama_cpp.llama_cpp as lib
     from llama_cpp import Llama
 
-    default = lib.llama_model_default_params
+    from adaptrix.runtimes.gguf import _plain_weights
 
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    with mock.patch.object(lib, "llama_model_default_params", params):
+    with _plain_weights():
         return Llama(model_path=str(path), n_ctx=2 * PROMPT, n_batch=PROMPT, n_threads=threads,
                      n_threads_batch=threads, logits_all=True, verbose=False)  # fmt: skip
 

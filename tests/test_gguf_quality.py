@@ -4,14 +4,13 @@ Random weights give near-flat logits, where any rounding flips the top-1 and agr
 So a tiny Llama is trained here (seeded, seconds) on arithmetic progressions modulo NUMBERS: each
 sequence is <s> <header> start, start + d, ... with the step d named by the header. The base learns
 d = +1..+3; the LoRA learns d = -1..-3 too, a task the base cannot do. The adapter is compiled to a
-q8_0 GGUF, run by llama.cpp (llama-cpp-python), and scored teacher-forced on held-out sequences of
-every task at every position after the start token.
+q8_0 GGUF, run by llama.cpp (llama-cpp-python, through adaptrix's GGUF runtime), and scored
+teacher-forced on held-out sequences of every task at every position after the start token.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -75,41 +74,13 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     return root / "base", root / "adapter"
 
 
-def _llama_cpp_top1(model: Path, rows: torch.Tensor) -> torch.Tensor:
-    """llama.cpp's top-1 per position of each row (teacher-forced), through llama-cpp-python.
-
-    Loaded without llama.cpp's extra CPU buffer types (no AMX / repacked weights; Llama() does not
-    expose use_extra_bufts): with them, a source build on an AMX machine segfaults on q8_0 files.
-    """
-    import llama_cpp.llama_cpp as lib
-    from llama_cpp import Llama
-
-    default = lib.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    with mock.patch.object(lib, "llama_model_default_params", params):
-        llm = Llama(model_path=str(model), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
-    try:
-        tops = []
-        for row in rows.tolist():
-            llm.reset()
-            llm.eval(row)
-            tops.append(np.array(llm.scores[: len(row)], dtype=np.float32).argmax(-1))
-        return torch.from_numpy(np.stack(tops))
-    finally:
-        llm.close()
-
-
 def test_q8_0_gguf_top1_agrees_with_peft(trained, tmp_path):
     """q8_0 model.gguf in llama.cpp: top-1 agreement with PEFT's forward >= 99% on held-out positions."""
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     from adaptrix.api.compile import compile_adapter
+    from adaptrix.runtimes.gguf import open_gguf
 
     base, adapter = trained
     compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="q8_0")
@@ -124,6 +95,6 @@ def test_q8_0_gguf_top1_agrees_with_peft(trained, tmp_path):
     # The check can fail: without the adapter, the DOWN rows' predictions differ from PEFT's.
     assert (base_only[down, scored] == reference[down, scored]).float().mean() < 0.5
     assert (reference[:, scored] == rows[:, 3:]).float().mean() > 0.9  # trained: clear top-1s
-    ours = _llama_cpp_top1(tmp_path / "out" / "model.gguf", rows)
+    ours = torch.from_numpy(open_gguf(tmp_path / "out").logits(rows.tolist()).argmax(-1))  # llama.cpp's
     agreement = (ours[:, scored] == reference[:, scored]).float().mean().item()
     assert agreement >= GOAL, f"q8_0 GGUF top-1 agreement with PEFT {agreement:.3f} < {GOAL}"
