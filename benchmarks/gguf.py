@@ -95,10 +95,11 @@ class Run:
         self.script, self.convert_env = script, convert_env
         self.results: dict[str, m.Summary] = {}
 
-    def step(self, name: str, argv: list[str], out: Path, warm: Path, env: dict | None = None) -> bool:
-        """Run one child into a fresh `out`, `warm` read into the page cache first; True if it succeeded."""
+    def step(self, name: str, argv: list[str], out: Path, warm: Path, env: dict | None = None,
+             folder: bool = False) -> bool:  # fmt: skip
+        """Run one child into a fresh `out` (made first if `folder`), `warm` read into the page cache."""
         m.remove_and_sync(out)
-        if env is self.convert_env:  # the converter writes a file: its folder must exist
+        if folder:  # the converter writes a file: its folder must exist
             out.mkdir(parents=True)
         m.warm_page_cache(warm)
         log = self.root / f"{name.replace(' ', '_')}.log"
@@ -127,7 +128,7 @@ class Run:
             return False
         convert = [sys.executable, str(self.script), str(merged), "--outtype", QUANT,
                    "--outfile", str(out / "model.gguf")]  # fmt: skip
-        ok = self.step(CONVERT, convert, out, merged, env=self.convert_env)
+        ok = self.step(CONVERT, convert, out, merged, env=self.convert_env, folder=True)
         m.remove_and_sync(merged)
         return ok
 
