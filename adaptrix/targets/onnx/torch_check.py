@@ -46,7 +46,8 @@ def load_model(base: Checkpoint, task: str, attention: str | None) -> torch.nn.M
 
     kwargs = {} if attention is None else {"attn_implementation": attention}
     cls = getattr(transformers, _CLASSES[task])
-    return cls.from_pretrained(base.path, dtype=torch.float32, local_files_only=True, **kwargs).eval()
+    return cls.from_pretrained(base.path, dtype=torch.float32, local_files_only=True, trust_remote_code=False,
+                               **kwargs).eval()  # fmt: skip
 
 
 @torch.no_grad()
