@@ -234,3 +234,28 @@ def test_gpt2_conv1d_weights_quantized_transposed(tmp_path):
     assert diff <= FP32_TOLERANCE, diff
     deq_tensors, sim_tensors = load_file(deq / "model.safetensors"), load_file(sim / "model.safetensors")
     assert all(torch.equal(value, sim_tensors[name]) for name, value in deq_tensors.items())
+
+
+def test_a_bf16_base_trained_in_float32_merges_into_the_float32_dequantized_weights(qlora, tmp_path):
+    """bitsandbytes' 4-bit matmul dequantizes into the compute dtype (float32 here), not into the
+    bfloat16 the weights were quantized from: merging the bfloat16-rounded values is ~1e-3 off."""
+    full, _, _, _ = qlora["nf4-dq"]
+    tf.LlamaForCausalLM.from_pretrained(full, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config = tf.BitsAndBytesConfig(**_SCHEMES["nf4-dq"])
+    quantized = tf.LlamaForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=config,
+                                                    dtype=torch.bfloat16)  # fmt: skip
+    quantized.save_pretrained(tmp_path / "nf4")
+    (tmp_path / "bnb.json").write_text(json.dumps(config.to_dict()))
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=_TARGETS, init_lora_weights=False)
+    get_peft_model(quantized, lora).save_pretrained(tmp_path / "adapter")
+    adapter, inputs = tmp_path / "adapter", sample_inputs("llama")
+    deq = compile_adapter(adapter, tmp_path / "nf4", "merged", tmp_path / "deq", dtype="float32").out
+    merged = tf.LlamaForCausalLM.from_pretrained(deq, dtype=torch.float32)
+    with torch.no_grad():
+        diff = (merged(**inputs).logits - _peft_logits(tmp_path / "nf4", adapter, inputs)).abs().max().item()
+    assert diff <= FP32_TOLERANCE, diff
+    sim = compile_adapter(adapter, tmp_path / "bf16", "merged", tmp_path / "sim", dtype="float32",
+                          qlora_base=tmp_path / "bnb.json").out  # fmt: skip
+    deq_tensors, sim_tensors = load_file(deq / "model.safetensors"), load_file(sim / "model.safetensors")
+    assert all(torch.equal(value, sim_tensors[name]) for name, value in deq_tensors.items())

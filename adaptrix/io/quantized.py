@@ -30,6 +30,7 @@ __all__ = ["Quantization", "bnb_settings", "qlora_quantization", "quantization_o
 _QS = ".quant_state.bitsandbytes__"
 _LINEAR = (Layout.LINEAR, Layout.CONV1D)  # what transformers replaces by bitsandbytes modules
 _BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers keeps
+_COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FIX_BNB = "pip install 'adaptrix[qlora]' (bitsandbytes >= 0.46)"
 Read = Callable[[str], torch.Tensor]
 
@@ -49,7 +50,12 @@ class Quantization:
         return {"merge_into": mode, "scheme": "bitsandbytes", **self.settings}
 
     def read(self, name: str, read: Read, info: TensorInfo) -> torch.Tensor:
-        """The value weight `name` computes with, in its dtype `info.dtype`."""
+        """The value weight `name` computes with: 4-bit in the compute dtype, 8-bit in `info.dtype`.
+
+        bitsandbytes' 4-bit matmul (gemm_4bit, with or without autograd) dequantizes straight into
+        the activations' dtype, `bnb_4bit_compute_dtype`, not into the weight's stored dtype: a
+        bfloat16 base trained in float32 computes with the unrounded float32 values.
+        """
         functional = _bnb()
         flip = name in self.transposed
         if self.mode == "qlora-base":
@@ -61,6 +67,7 @@ class Quantization:
         else:
             stats = {part.removeprefix(name + "."): read(part) for part in self.groups[name]}
             state = functional.QuantState.from_dict(stats, device=torch.device("cpu"))
+            state.dtype = _compute_dtype(self.settings)  # what bitsandbytes' matmul dequantizes into
             value = functional.dequantize_4bit(read(name), state)
         return value.T.contiguous() if flip else value
 
@@ -114,6 +121,11 @@ def bnb_settings(config: object, path: Path) -> dict:
     if loads["bits"] == 4:
         settings["quant_type"] = str(config.get("bnb_4bit_quant_type", "fp4"))
         settings["double_quant"] = bool(config.get("bnb_4bit_use_double_quant", False))
+        compute = config.get("bnb_4bit_compute_dtype") or "float32"  # transformers' default
+        settings["compute_dtype"] = str(compute).removeprefix("torch.")
+        if settings["compute_dtype"] not in _COMPUTE:
+            raise UnsupportedError(f"has bnb_4bit_compute_dtype {settings['compute_dtype']!r}", path=path,
+                                   fix=f"use one of {', '.join(_COMPUTE)}")  # fmt: skip
         if settings["quant_type"] not in ("nf4", "fp4"):
             raise UnsupportedError(f"has bnb_4bit_quant_type {settings['quant_type']!r}", path=path,
                                    fix="bitsandbytes 4-bit is nf4 or fp4")  # fmt: skip
@@ -227,7 +239,13 @@ def _simulate(functional, value: torch.Tensor, settings: dict) -> torch.Tensor:
         value.contiguous(), blocksize=_BLOCKSIZE, compress_statistics=settings["double_quant"],
         quant_type=settings["quant_type"],
     )  # fmt: skip
+    state.dtype = _compute_dtype(settings)
     return functional.dequantize_4bit(packed, state)
+
+
+def _compute_dtype(settings: dict) -> torch.dtype:
+    """The dtype bitsandbytes' 4-bit matmul dequantizes into (transformers' default: float32)."""
+    return _COMPUTE[settings.get("compute_dtype", "float32")]
 
 
 def _bnb():
