@@ -130,6 +130,7 @@ def test_gptq_and_awq_bases_are_refused_naming_the_scheme(qlora, tmp_path, metho
     with pytest.raises(UnsupportedError, match=f"quantized with {method} \\(4-bit\\)") as caught:
         compile_adapter(adapter, fake, "merged", tmp_path / "out")
     assert "\n" not in caught.value.line()
+    assert f"full-precision base the {method} model was made from" in caught.value.line()
 
 
 def test_merge_into_needs_a_quantized_base_and_onnx_refuses_one(qlora, tmp_path):
