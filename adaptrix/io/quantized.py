@@ -12,8 +12,11 @@ each weight transformers would quantize is quantized and dequantized again, as i
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from math import prod
 from pathlib import Path
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from adaptrix.binders.table import Binder, Layout
-from adaptrix.io.jsonfile import read_json
+from adaptrix.io.jsonfile import loads_strict, read_json
 from adaptrix.io.safetensors_io import TensorInfo
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 
@@ -40,6 +43,8 @@ _FIX_OTHER = {  # GPTQ / AWQ: their libraries need a newer torch than Adaptrix's
 _FIX_OTHER["awq"] = _FIX_OTHER["gptq"]
 _FIX_BNB = "pip install 'adaptrix[qlora]' (bitsandbytes >= 0.46)"
 Read = Callable[[str], torch.Tensor]
+_IMPORT_LOCK = threading.Lock()
+_IMPORTING: Future | None = None  # bitsandbytes.functional, imported on a thread (_start_bnb_import)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +150,7 @@ def quantization_of(
     if config.get("quantization_config") is None:
         return None, tensors
     settings = bnb_settings(config["quantization_config"], path)
-    _bnb()  # a clear error before anything else when bitsandbytes is missing
+    _start_bnb_import()  # a clear error now when bitsandbytes is missing; the import itself runs aside
     groups = _groups_8bit(tensors) if settings["bits"] == 8 else _groups_4bit(tensors)
     hidden = {part for parts in groups.values() for part in parts}
     floats = [i.dtype for n, i in tensors.items() if i.dtype.is_floating_point and n not in hidden]
@@ -171,7 +176,7 @@ def qlora_quantization(file: Path, tensors: Mapping[str, TensorInfo], binder: Bi
     raw = read_json(file, what="quantization config")
     config = raw.get("quantization_config", raw) if isinstance(raw, dict) else raw
     settings = bnb_settings(config, file)
-    _bnb()
+    _start_bnb_import()
     skip = settings["skip"] or ["lm_head"]
     groups = {}
     for name, info in tensors.items():
@@ -228,7 +233,8 @@ def _logical(
     if settings["bits"] == 8:
         return info.shape, default
     packed = next(part for part in parts if _QS in part)
-    state = _bnb().unpack_tensor_to_dict(read(packed))
+    state = loads_strict(bytes(read(packed).numpy()), path=info.file, what=f"{packed} (bnb metadata)")
+    state = state if isinstance(state, dict) else {}
     shape, dtype = state.get("shape"), getattr(torch, str(state.get("dtype")), None)
     if not isinstance(shape, list) or not isinstance(dtype, torch.dtype):
         raise BadInputError(f"{packed} has no shape or dtype", path=info.file,
@@ -254,10 +260,26 @@ def _compute_dtype(settings: dict) -> torch.dtype:
     return _COMPUTE[settings.get("compute_dtype", "float32")]
 
 
+def _start_bnb_import() -> None:
+    """Start importing bitsandbytes on a thread; a missing package is an error at once.
+
+    Its import wraps kernels in torch.compile (seconds of torch._dynamo): it runs while the compile
+    reads the adapter and writes the tensors before the first quantized one.
+    """
+    global _IMPORTING
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedError("a bitsandbytes-quantized base needs the bitsandbytes package", fix=_FIX_BNB)
+    with _IMPORT_LOCK:
+        if _IMPORTING is None:
+            _IMPORTING = ThreadPoolExecutor(1, "adaptrix-import").submit(
+                importlib.import_module, "bitsandbytes.functional"
+            )
+
+
 def _bnb():
     """bitsandbytes.functional, imported on first use (a quantized base needs it)."""
+    _start_bnb_import()
     try:
-        return importlib.import_module("bitsandbytes.functional")
-    except ImportError:
-        raise UnsupportedError("a bitsandbytes-quantized base needs the bitsandbytes package",
-                               fix=_FIX_BNB) from None  # fmt: skip
+        return _IMPORTING.result()
+    except ImportError as exc:
+        raise UnsupportedError(f"bitsandbytes does not import ({exc})", fix=_FIX_BNB) from None
