@@ -260,3 +260,18 @@ def test_a_bf16_base_trained_in_float32_merges_into_the_float32_dequantized_weig
                           qlora_base=tmp_path / "bnb.json").out  # fmt: skip
     deq_tensors, sim_tensors = load_file(deq / "model.safetensors"), load_file(sim / "model.safetensors")
     assert all(torch.equal(value, sim_tensors[name]) for name, value in deq_tensors.items())
+
+
+def test_reading_a_quantized_base_leaves_inductor_unimported(qlora):
+    """bitsandbytes wraps kernels in torch.compile on import, which imports inductor (600 modules,
+    seconds: more than merging a 1B model): a read must not pay that for kernels it never calls."""
+    import subprocess
+    import sys
+
+    _, base, _, _ = qlora["nf4-dq"]
+    code = ("import sys, torch; from adaptrix.io.checkpoint import Checkpoint; "
+            f"value = Checkpoint({str(base)!r}).read('model.layers.0.self_attn.q_proj.weight'); "
+            "assert 'bitsandbytes.functional' in sys.modules and value.dtype == torch.float32; "
+            "print('torch._inductor.compile_fx' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial, wraps
 from math import prod
 from pathlib import Path
 
@@ -44,7 +45,6 @@ _FIX_OTHER["awq"] = _FIX_OTHER["gptq"]
 _FIX_BNB = "pip install 'adaptrix[qlora]' (bitsandbytes >= 0.46)"
 Read = Callable[[str], torch.Tensor]
 _IMPORT_LOCK = threading.Lock()
-_IMPORTING: Future | None = None  # bitsandbytes.functional, imported on a thread (_start_bnb_import)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,7 @@ def quantization_of(
     if config.get("quantization_config") is None:
         return None, tensors
     settings = bnb_settings(config["quantization_config"], path)
-    _start_bnb_import()  # a clear error now when bitsandbytes is missing; the import itself runs aside
+    _check_bnb()  # a clear error before anything else when bitsandbytes is missing
     groups = _groups_8bit(tensors) if settings["bits"] == 8 else _groups_4bit(tensors)
     hidden = {part for parts in groups.values() for part in parts}
     floats = [i.dtype for n, i in tensors.items() if i.dtype.is_floating_point and n not in hidden]
@@ -176,7 +176,7 @@ def qlora_quantization(file: Path, tensors: Mapping[str, TensorInfo], binder: Bi
     raw = read_json(file, what="quantization config")
     config = raw.get("quantization_config", raw) if isinstance(raw, dict) else raw
     settings = bnb_settings(config, file)
-    _start_bnb_import()
+    _check_bnb()
     skip = settings["skip"] or ["lm_head"]
     groups = {}
     for name, info in tensors.items():
@@ -260,26 +260,43 @@ def _compute_dtype(settings: dict) -> torch.dtype:
     return _COMPUTE[settings.get("compute_dtype", "float32")]
 
 
-def _start_bnb_import() -> None:
-    """Start importing bitsandbytes on a thread; a missing package is an error at once.
-
-    Its import wraps kernels in torch.compile (seconds of torch._dynamo): it runs while the compile
-    reads the adapter and writes the tensors before the first quantized one.
-    """
-    global _IMPORTING
+def _check_bnb() -> None:
+    """A missing bitsandbytes is an error at once (it is imported for the first weight read)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UnsupportedError("a bitsandbytes-quantized base needs the bitsandbytes package", fix=_FIX_BNB)
-    with _IMPORT_LOCK:
-        if _IMPORTING is None:
-            _IMPORTING = ThreadPoolExecutor(1, "adaptrix-import").submit(
-                importlib.import_module, "bitsandbytes.functional"
-            )
 
 
 def _bnb():
-    """bitsandbytes.functional, imported on first use (a quantized base needs it)."""
-    _start_bnb_import()
-    try:
-        return _IMPORTING.result()
-    except ImportError as exc:
-        raise UnsupportedError(f"bitsandbytes does not import ({exc})", fix=_FIX_BNB) from None
+    """bitsandbytes.functional, imported on first use (a quantized base needs it).
+
+    Its import wraps a few kernels in torch.compile, which imports inductor (600 modules: seconds,
+    more than merging a 1B model). While it imports, torch.compile defers that to a wrapped
+    function's first call (each is compiled then, as bitsandbytes asked); the CPU kernels a merge
+    calls are not among them.
+    """
+    _check_bnb()
+    with _IMPORT_LOCK:
+        if "bitsandbytes.functional" in sys.modules:
+            return sys.modules["bitsandbytes.functional"]
+        real, torch.compile = torch.compile, partial(_compile_on_first_call, torch.compile)
+        try:
+            return importlib.import_module("bitsandbytes.functional")
+        except ImportError as exc:
+            raise UnsupportedError(f"bitsandbytes does not import ({exc})", fix=_FIX_BNB) from None
+        finally:
+            torch.compile = real
+
+
+def _compile_on_first_call(compile_, fn=None, **options):
+    """torch.compile(fn, **options), run when the returned function is first called."""
+    if fn is None:
+        return partial(_compile_on_first_call, compile_, **options)
+    compiled = []
+
+    @wraps(fn)
+    def call(*args, **kwargs):
+        if not compiled:
+            compiled.append(compile_(fn, **options))
+        return compiled[0](*args, **kwargs)
+
+    return call
