@@ -35,13 +35,11 @@ _QS = ".quant_state.bitsandbytes__"
 _LINEAR = (Layout.LINEAR, Layout.CONV1D)  # what transformers replaces by bitsandbytes modules
 _BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers keeps
 _COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_FIX_OTHER = {  # GPTQ / AWQ: their libraries need a newer torch than Adaptrix's environments (docs)
-    "gptq": "merge into the full-precision base the {method} model was made from (--base ORIGINAL), "
-    "then quantize the merged model with {method} again",
-    "bitsandbytes": "pass the full-precision base (with --qlora-base CONFIG if the adapter was trained on "
-    "a bitsandbytes one)",
-}
-_FIX_OTHER["awq"] = _FIX_OTHER["gptq"]
+_FIX_GPTQ = (
+    "merge into the full-precision base the {} model was made from (--base ORIGINAL), then quantize "
+    "the merged model with {} again"
+)  # GPTQ / AWQ: their libraries need torch >= 2.14 (docs)
+_FIX_FULL = "pass the full-precision base (with --qlora-base CONFIG if the adapter was trained on a bnb one)"
 _FIX_BNB = "pip install 'adaptrix[qlora]' (bitsandbytes >= 0.46)"
 Read = Callable[[str], torch.Tensor]
 _IMPORT_LOCK = threading.Lock()
@@ -125,7 +123,7 @@ def bnb_settings(config: object, path: Path) -> dict:
         raise UnsupportedError(
             f"is quantized with {shown}: Adaptrix reads only bitsandbytes 4-bit and 8-bit bases",
             path=path,
-            fix=_FIX_OTHER.get(method, _FIX_OTHER["bitsandbytes"]).format(method=method),
+            fix=_FIX_GPTQ.format(method, method) if method in ("gptq", "awq") else _FIX_FULL,
         )
     skip = config.get("llm_int8_skip_modules") or []
     settings = {"bits": loads["bits"], "skip": [str(s) for s in skip]}
