@@ -1,7 +1,8 @@
 """Benchmark: merge an r=16 LoRA into a 1.1B bf16 Llama base (cp vs PEFT vs adaptrix).
 
-Run: python benchmarks/merge.py [--repeat N] [--cache DIR] [--skip-peft]
-The base model and adapter are built once into the cache (outside the repo) and reused.
+Run: python benchmarks/merge.py [--repeat N] [--cache DIR] [--skip-peft] [--skip-quantized]
+The base model and adapter are built once into the cache (outside the repo) and reused; so is
+the base quantized to NF4 (_quantized_base.py), whose merge (adaptrix-nf4) is timed beside.
 Each step runs in its own child; peak RSS includes the child's descendants and has a floor
 of about 8 MB (the small launcher that _measure uses to time the command).
 """
