@@ -1,7 +1,8 @@
 """Benchmark: merge an r=16 LoRA into a 1.1B bf16 Llama base (cp vs PEFT vs adaptrix).
 
-Run: python benchmarks/merge.py [--repeat N] [--cache DIR] [--skip-peft]
-The base model and adapter are built once into the cache (outside the repo) and reused.
+Run: python benchmarks/merge.py [--repeat N] [--cache DIR] [--skip-peft] [--skip-quantized]
+The base model and adapter are built once into the cache (outside the repo) and reused; so is
+the base quantized to NF4 (_quantized_base.py), whose merge (adaptrix-nf4) is timed beside.
 Each step runs in its own child; peak RSS includes the child's descendants and has a floor
 of about 8 MB (the small launcher that _measure uses to time the command).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _measure as m
+import _quantized_base as qb
 
 FIXTURE = "llama-1.1b-bf16-lora-r16-v1"
 SEED = 1234
@@ -35,6 +37,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SPOT_TENSOR = "model.layers.0.self_attn.q_proj.weight"
 GOAL_WALL_RATIO = 1.5
 GOAL_RSS_MB = 600.0
+GOAL_QUANTIZED_RATIO = 1.5  # the merge from the NF4 base against the merge from the bf16 base
 
 PEFT_SCRIPT = """
 import sys, torch
@@ -141,8 +144,11 @@ def adaptrix_argv(exe: str, adapter: Path, base: Path, out: Path) -> list[str]:
     return [exe, "compile", str(adapter), "--base", str(base), *target, "-o", str(out), "--force"]
 
 
-def commands(base: Path, adapter: Path, skip_peft: bool) -> dict:
-    """Return name -> (function(out_dir) -> argv, extra environment) for the steps that can run."""
+def commands(base: Path, adapter: Path, skip_peft: bool, nf4: Path | None = None) -> dict:
+    """Return name -> (function(out_dir) -> argv, extra environment) for the steps that can run.
+
+    `nf4`: the base quantized to NF4; its merge (dequantized, bf16 out) is step adaptrix-nf4.
+    """
     steps = {
         "cp": (lambda out: ["cp", "-r", str(base), str(out)], None),
         "cp+sync": (lambda out: ["sh", "-c", f'cp -r "{base}" "{out}" && sync'], None),
@@ -160,6 +166,8 @@ def commands(base: Path, adapter: Path, skip_peft: bool) -> dict:
     no_cache = {**os.environ, "ADAPTRIX_HASH_CACHE": "0"}
     steps["adaptrix-first"] = (lambda out: adaptrix_argv(exe, adapter, base, out), no_cache)
     steps["adaptrix"] = (lambda out: adaptrix_argv(exe, adapter, base, out), None)
+    if nf4 is not None:
+        steps["adaptrix-nf4"] = (lambda out: adaptrix_argv(exe, adapter, nf4, out), None)
     return steps
 
 
@@ -176,18 +184,21 @@ def prepare_page_cache(base: Path, mode: str) -> str:
     return mode
 
 
-def run_all(steps: dict, base: Path, run_root: Path, repeat: int, cache_mode: str) -> tuple[dict, dict]:
-    """Run every step repeat times (interleaved); return summaries and last-run output sizes."""
+def run_all(steps: dict, inputs: dict, run_root: Path, repeat: int, cache_mode: str) -> tuple[dict, dict]:
+    """Run every step repeat times (interleaved); return summaries and last-run output sizes.
+
+    `inputs`: the base each step reads (its page cache is dropped or warmed before the step)."""
     results = {name: m.Summary(name) for name in steps}
     sizes = {}
-    if "adaptrix" in steps:  # fill adaptrix's hash cache for the repeat-compile step, untimed
-        argv_for, _ = steps["adaptrix"]
-        m.run_measured(argv_for(run_root / "warmup"), run_root / "warmup.log")
-        m.remove_and_sync(run_root / "warmup")
+    for name in ("adaptrix", "adaptrix-nf4"):  # fill adaptrix's hash cache for repeat compiles, untimed
+        if name in steps:
+            argv_for, _ = steps[name]
+            m.run_measured(argv_for(run_root / "warmup"), run_root / "warmup.log")
+            m.remove_and_sync(run_root / "warmup")
     os.sync()  # flush the fixture build's dirty pages so writeback does not skew the first run
     for i in range(repeat):
         for name, (argv_for, env) in steps.items():
-            state = prepare_page_cache(base, cache_mode)
+            state = prepare_page_cache(inputs[name], cache_mode)
             out, log = run_root / name, run_root / f"{name}.log"
             s = m.run_measured(argv_for(out), log, env=env)
             print(
@@ -248,6 +259,18 @@ def print_goals(results: dict) -> None:
         )
 
 
+def print_quantized_goal(results: dict) -> None:
+    """Print the merge from the NF4 base against the merge from the bf16 base (wall, peak RSS)."""
+    a, q = results.get("adaptrix"), results.get("adaptrix-nf4")
+    if a is None or q is None or any(s.returncode != 0 for s in (*a.samples, *q.samples)):
+        print("adaptrix-nf4: not measured (skipped or failed)")
+        return
+    wall, rss = q.median_wall_s / a.median_wall_s, q.max_rss_mb / a.max_rss_mb
+    met = wall <= GOAL_QUANTIZED_RATIO and rss <= GOAL_QUANTIZED_RATIO
+    print(f"adaptrix-nf4 / adaptrix (bf16 base): wall {wall:.2f}, peak RSS {rss:.2f} "
+          f"(goal <= {GOAL_QUANTIZED_RATIO} each) {'met' if met else 'NOT met'}")  # fmt: skip
+
+
 def spot_check(base: Path, run_root: Path) -> None:
     """Compare one merged tensor between the adaptrix and PEFT outputs (and against the base)."""
     import torch
@@ -285,6 +308,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"fixture cache dir (default ${m.CACHE_ENV} or ~/.cache/adaptrix-bench)",
     )
     ap.add_argument("--skip-peft", action="store_true", help="do not run the PEFT reference merge")
+    ap.add_argument("--skip-quantized", action="store_true",
+                    help="do not time the merge from the base quantized to NF4 (built once)")  # fmt: skip
     ap.add_argument(
         "--page-cache",
         choices=("cold", "warm"),
@@ -308,14 +333,17 @@ def main(argv=None) -> None:
         f"machine: {os.cpu_count()} cpus, python {platform.python_version()}, "
         f"base {m.dir_size_mb(base):.0f} MB, page cache {args.page_cache} before each run"
     )
-    steps = commands(base, adapter, args.skip_peft)
+    nf4 = None if args.skip_quantized else qb.ensure_nf4(fixture)
+    steps = commands(base, adapter, args.skip_peft, nf4)
+    inputs = {name: nf4 if name == "adaptrix-nf4" else base for name in steps}
     run_root = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
     try:
-        results, sizes = run_all(steps, base, run_root, max(1, args.repeat), args.page_cache)
+        results, sizes = run_all(steps, inputs, run_root, max(1, args.repeat), args.page_cache)
         print()
         print_table(results, sizes)
         print()
         print_goals(results)
+        print_quantized_goal(results)
         spot_check(base, run_root)
     finally:
         shutil.rmtree(run_root, ignore_errors=True)

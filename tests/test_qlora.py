@@ -130,6 +130,7 @@ def test_gptq_and_awq_bases_are_refused_naming_the_scheme(qlora, tmp_path, metho
     with pytest.raises(UnsupportedError, match=f"quantized with {method} \\(4-bit\\)") as caught:
         compile_adapter(adapter, fake, "merged", tmp_path / "out")
     assert "\n" not in caught.value.line()
+    assert f"full-precision base the {method} model was made from" in caught.value.line()
 
 
 def test_merge_into_needs_a_quantized_base_and_onnx_refuses_one(qlora, tmp_path):
@@ -234,3 +235,45 @@ def test_gpt2_conv1d_weights_quantized_transposed(tmp_path):
     assert diff <= FP32_TOLERANCE, diff
     deq_tensors, sim_tensors = load_file(deq / "model.safetensors"), load_file(sim / "model.safetensors")
     assert all(torch.equal(value, sim_tensors[name]) for name, value in deq_tensors.items())
+
+
+def test_a_bf16_base_trained_in_float32_merges_into_the_float32_dequantized_weights(qlora, tmp_path):
+    """bitsandbytes' 4-bit matmul dequantizes into the compute dtype (float32 here), not into the
+    bfloat16 the weights were quantized from: merging the bfloat16-rounded values is ~1e-3 off."""
+    full, _, _, _ = qlora["nf4-dq"]
+    tf.LlamaForCausalLM.from_pretrained(full, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config = tf.BitsAndBytesConfig(**_SCHEMES["nf4-dq"])
+    quantized = tf.LlamaForCausalLM.from_pretrained(tmp_path / "bf16", quantization_config=config,
+                                                    dtype=torch.bfloat16)  # fmt: skip
+    for param in quantized.parameters():  # the rest in float32: transformers 5 loads it as stored
+        param.data = param.data.float() if param.dtype == torch.bfloat16 else param.data
+    quantized.save_pretrained(tmp_path / "nf4")
+    (tmp_path / "bnb.json").write_text(json.dumps(config.to_dict()))
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=_TARGETS, init_lora_weights=False)
+    get_peft_model(quantized, lora).save_pretrained(tmp_path / "adapter")
+    adapter, inputs = tmp_path / "adapter", sample_inputs("llama")
+    deq = compile_adapter(adapter, tmp_path / "nf4", "merged", tmp_path / "deq", dtype="float32").out
+    merged = tf.LlamaForCausalLM.from_pretrained(deq, dtype=torch.float32)
+    with torch.no_grad():
+        diff = (merged(**inputs).logits - _peft_logits(tmp_path / "nf4", adapter, inputs)).abs().max().item()
+    assert diff <= FP32_TOLERANCE, diff
+    sim = compile_adapter(adapter, tmp_path / "bf16", "merged", tmp_path / "sim", dtype="float32",
+                          qlora_base=tmp_path / "bnb.json").out  # fmt: skip
+    deq_tensors, sim_tensors = load_file(deq / "model.safetensors"), load_file(sim / "model.safetensors")
+    assert all(torch.equal(value, sim_tensors[name]) for name, value in deq_tensors.items())
+
+
+def test_reading_a_quantized_base_leaves_inductor_unimported(qlora):
+    """bitsandbytes wraps kernels in torch.compile on import, which imports inductor (600 modules,
+    seconds: more than merging a 1B model): a read must not pay that for kernels it never calls."""
+    import subprocess
+    import sys
+
+    _, base, _, _ = qlora["nf4-dq"]
+    code = ("import sys, torch; from adaptrix.io.checkpoint import Checkpoint; "
+            f"value = Checkpoint({str(base)!r}).read('model.layers.0.self_attn.q_proj.weight'); "
+            "assert 'bitsandbytes.functional' in sys.modules and value.dtype == torch.float32; "
+            "print('torch._inductor.compile_fx' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout

@@ -12,16 +12,20 @@ each weight transformers would quantize is quantized and dequantized again, as i
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial, wraps
 from math import prod
 from pathlib import Path
 
 import torch
 
 from adaptrix.binders.table import Binder, Layout
-from adaptrix.io.jsonfile import read_json
+from adaptrix.io.jsonfile import loads_strict, read_json
 from adaptrix.io.safetensors_io import TensorInfo
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 
@@ -30,8 +34,15 @@ __all__ = ["Quantization", "bnb_settings", "qlora_quantization", "quantization_o
 _QS = ".quant_state.bitsandbytes__"
 _LINEAR = (Layout.LINEAR, Layout.CONV1D)  # what transformers replaces by bitsandbytes modules
 _BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers keeps
+_COMPUTE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_FIX_GPTQ = (
+    "merge into the full-precision base the {} model was made from (--base ORIGINAL), then quantize "
+    "the merged model with {} again"
+)  # GPTQ / AWQ: their libraries need torch >= 2.14 (docs)
+_FIX_FULL = "pass the full-precision base (with --qlora-base CONFIG if the adapter was trained on a bnb one)"
 _FIX_BNB = "pip install 'adaptrix[qlora]' (bitsandbytes >= 0.46)"
 Read = Callable[[str], torch.Tensor]
+_IMPORT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +60,12 @@ class Quantization:
         return {"merge_into": mode, "scheme": "bitsandbytes", **self.settings}
 
     def read(self, name: str, read: Read, info: TensorInfo) -> torch.Tensor:
-        """The value weight `name` computes with, in its dtype `info.dtype`."""
+        """The value weight `name` computes with: 4-bit in the compute dtype, 8-bit in `info.dtype`.
+
+        bitsandbytes' 4-bit matmul (gemm_4bit, with or without autograd) dequantizes straight into
+        the activations' dtype, `bnb_4bit_compute_dtype`, not into the weight's stored dtype: a
+        bfloat16 base trained in float32 computes with the unrounded float32 values.
+        """
         functional = _bnb()
         flip = name in self.transposed
         if self.mode == "qlora-base":
@@ -61,6 +77,7 @@ class Quantization:
         else:
             stats = {part.removeprefix(name + "."): read(part) for part in self.groups[name]}
             state = functional.QuantState.from_dict(stats, device=torch.device("cpu"))
+            state.dtype = _compute_dtype(self.settings)  # what bitsandbytes' matmul dequantizes into
             value = functional.dequantize_4bit(read(name), state)
         return value.T.contiguous() if flip else value
 
@@ -106,14 +123,18 @@ def bnb_settings(config: object, path: Path) -> dict:
         raise UnsupportedError(
             f"is quantized with {shown}: Adaptrix reads only bitsandbytes 4-bit and 8-bit bases",
             path=path,
-            fix="pass the full-precision base (with --qlora-base CONFIG if the adapter was trained on a "
-            "bitsandbytes one)",
+            fix=_FIX_GPTQ.format(method, method) if method in ("gptq", "awq") else _FIX_FULL,
         )
     skip = config.get("llm_int8_skip_modules") or []
     settings = {"bits": loads["bits"], "skip": [str(s) for s in skip]}
     if loads["bits"] == 4:
         settings["quant_type"] = str(config.get("bnb_4bit_quant_type", "fp4"))
         settings["double_quant"] = bool(config.get("bnb_4bit_use_double_quant", False))
+        compute = config.get("bnb_4bit_compute_dtype") or "float32"  # transformers' default
+        settings["compute_dtype"] = str(compute).removeprefix("torch.")
+        if settings["compute_dtype"] not in _COMPUTE:
+            raise UnsupportedError(f"has bnb_4bit_compute_dtype {settings['compute_dtype']!r}", path=path,
+                                   fix=f"use one of {', '.join(_COMPUTE)}")  # fmt: skip
         if settings["quant_type"] not in ("nf4", "fp4"):
             raise UnsupportedError(f"has bnb_4bit_quant_type {settings['quant_type']!r}", path=path,
                                    fix="bitsandbytes 4-bit is nf4 or fp4")  # fmt: skip
@@ -127,7 +148,7 @@ def quantization_of(
     if config.get("quantization_config") is None:
         return None, tensors
     settings = bnb_settings(config["quantization_config"], path)
-    _bnb()  # a clear error before anything else when bitsandbytes is missing
+    _check_bnb()  # a clear error before anything else when bitsandbytes is missing
     groups = _groups_8bit(tensors) if settings["bits"] == 8 else _groups_4bit(tensors)
     hidden = {part for parts in groups.values() for part in parts}
     floats = [i.dtype for n, i in tensors.items() if i.dtype.is_floating_point and n not in hidden]
@@ -153,7 +174,7 @@ def qlora_quantization(file: Path, tensors: Mapping[str, TensorInfo], binder: Bi
     raw = read_json(file, what="quantization config")
     config = raw.get("quantization_config", raw) if isinstance(raw, dict) else raw
     settings = bnb_settings(config, file)
-    _bnb()
+    _check_bnb()
     skip = settings["skip"] or ["lm_head"]
     groups = {}
     for name, info in tensors.items():
@@ -210,7 +231,8 @@ def _logical(
     if settings["bits"] == 8:
         return info.shape, default
     packed = next(part for part in parts if _QS in part)
-    state = _bnb().unpack_tensor_to_dict(read(packed))
+    state = loads_strict(bytes(read(packed).numpy()), path=info.file, what=f"{packed} (bnb metadata)")
+    state = state if isinstance(state, dict) else {}
     shape, dtype = state.get("shape"), getattr(torch, str(state.get("dtype")), None)
     if not isinstance(shape, list) or not isinstance(dtype, torch.dtype):
         raise BadInputError(f"{packed} has no shape or dtype", path=info.file,
@@ -227,13 +249,52 @@ def _simulate(functional, value: torch.Tensor, settings: dict) -> torch.Tensor:
         value.contiguous(), blocksize=_BLOCKSIZE, compress_statistics=settings["double_quant"],
         quant_type=settings["quant_type"],
     )  # fmt: skip
+    state.dtype = _compute_dtype(settings)
     return functional.dequantize_4bit(packed, state)
 
 
+def _compute_dtype(settings: dict) -> torch.dtype:
+    """The dtype bitsandbytes' 4-bit matmul dequantizes into (transformers' default: float32)."""
+    return _COMPUTE[settings.get("compute_dtype", "float32")]
+
+
+def _check_bnb() -> None:
+    """A missing bitsandbytes is an error at once (it is imported for the first weight read)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedError("a bitsandbytes-quantized base needs the bitsandbytes package", fix=_FIX_BNB)
+
+
 def _bnb():
-    """bitsandbytes.functional, imported on first use (a quantized base needs it)."""
-    try:
-        return importlib.import_module("bitsandbytes.functional")
-    except ImportError:
-        raise UnsupportedError("a bitsandbytes-quantized base needs the bitsandbytes package",
-                               fix=_FIX_BNB) from None  # fmt: skip
+    """bitsandbytes.functional, imported on first use (a quantized base needs it).
+
+    Its import wraps a few kernels in torch.compile, which imports inductor (600 modules: seconds,
+    more than merging a 1B model). While it imports, torch.compile defers that to a wrapped
+    function's first call (each is compiled then, as bitsandbytes asked); the CPU kernels a merge
+    calls are not among them.
+    """
+    _check_bnb()
+    with _IMPORT_LOCK:
+        if "bitsandbytes.functional" in sys.modules:
+            return sys.modules["bitsandbytes.functional"]
+        real, torch.compile = torch.compile, partial(_compile_on_first_call, torch.compile)
+        try:
+            return importlib.import_module("bitsandbytes.functional")
+        except ImportError as exc:
+            raise UnsupportedError(f"bitsandbytes does not import ({exc})", fix=_FIX_BNB) from None
+        finally:
+            torch.compile = real
+
+
+def _compile_on_first_call(compile_, fn=None, **options):
+    """torch.compile(fn, **options), run when the returned function is first called."""
+    if fn is None:
+        return partial(_compile_on_first_call, compile_, **options)
+    compiled = []
+
+    @wraps(fn)
+    def call(*args, **kwargs):
+        if not compiled:
+            compiled.append(compile_(fn, **options))
+        return compiled[0](*args, **kwargs)
+
+    return call
