@@ -41,6 +41,12 @@ def run_command(
         bool,
         typer.Option("--route", help="Unmerged: run each prompt with the adapter adaptrix.route picks."),
     ] = False,
+    route_examples: Annotated[
+        Path | None,
+        typer.Option(
+            "--route-examples", help="With --route: pick by centroids calibrated on this JSON examples file."
+        ),
+    ] = None,
     provider: Annotated[str, typer.Option("--provider", help="cpu or cuda.")] = "cpu",
     threads: Annotated[int | None, typer.Option("--threads", help="onnxruntime's intra-op threads.")] = None,
     eos: Annotated[bool, typer.Option("--stop-at-eos", help="Decoders: stop at EOS.")] = False,
@@ -51,6 +57,8 @@ def run_command(
 
     if bool(prompt_ids) == bool(prompt) or (chat and not prompt):
         call(lambda: _refuse_prompts(chat))
+    if route_examples is not None and not routed:
+        call(lambda: _refuse_examples(route_examples))
     if (artifact / GGUF_MODEL).is_file():
         options = {"threads": threads, "max_new_tokens": max_new_tokens, "adapter": adapter,
                    "stop_at_eos": eos}  # fmt: skip
@@ -62,7 +70,10 @@ def run_command(
     else:
         prompts = call(lambda: [_parse_ids(text) for text in prompt_ids or ()])
     model = call(lambda: open_onnx(artifact, provider, threads))
-    chosen = call(lambda: _routed(artifact, prompts, adapter)) if routed else [adapter] * len(prompts)
+    if routed:
+        chosen = call(lambda: _routed(artifact, prompts, adapter, route_examples))
+    else:
+        chosen = [adapter] * len(prompts)
     results = []
     for ids, name in zip(prompts, chosen, strict=True):
         found = call(lambda ids=ids, name=name: _run_prompts(model, [ids], max_new_tokens, name, eos))
@@ -88,9 +99,13 @@ def run_command(
             out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def _routed(artifact: Path, prompts: list[list[int]], adapter: str | None) -> list[str]:
-    """The adapter adaptrix.route picks for each prompt (the base, named by the manifest, loaded once)."""
+def _routed(artifact: Path, prompts: list[list[int]], adapter: str | None, examples) -> list[str]:
+    """The adapter adaptrix.route picks for each prompt (the base, named by the manifest, loaded once).
+
+    With `examples` (an examples file): by the centroids adaptrix.calibrate_route makes of it, once.
+    """
     from adaptrix.api.route import base_model, read_router, route
+    from adaptrix.api.route_centroids import calibrate_route
 
     if adapter is not None:
         raise BadInputError("--route picks the adapter itself", fix="give --route or --adapter, not both")
@@ -99,7 +114,13 @@ def _routed(artifact: Path, prompts: list[list[int]], adapter: str | None) -> li
         raise BadInputError("routes per token in its graph already; --route picks one of an unmerged "
                             "artifact's adapters", path=artifact, fix="leave out --route")  # fmt: skip
     model = base_model(router)
-    return [route(router, ids, model) for ids in prompts]
+    picker = router if examples is None else calibrate_route(router, examples, model)
+    return [route(picker, ids, model) for ids in prompts]
+
+
+def _refuse_examples(examples: Path) -> None:
+    raise BadInputError("--route-examples calibrates --route", path=examples,
+                        fix="add --route, or leave out --route-examples")  # fmt: skip
 
 
 def _run_prompts(model, prompts: list[list[int]], max_new_tokens: int | None, adapter, eos) -> list[dict]:
