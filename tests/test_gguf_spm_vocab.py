@@ -57,9 +57,13 @@ def test_the_tokens_equal_llama_hf_vocabs(tmp_path, kind):
     assert spm_tokens(base, spec) == list(gguf.LlamaHfVocab(base).all_tokens())
 
 
-def test_an_unknown_tokenizer_class_is_left_to_llama_hf_vocab(tmp_path):
+OTHERS = [{"tokenizer_class": "SomeOtherTokenizerFast"}, {"extra_special_tokens": {"image_token": "<s>"}}]
+
+
+@pytest.mark.parametrize("config", OTHERS)
+def test_an_unknown_tokenizer_class_or_named_extra_tokens_are_left_to_llama_hf_vocab(tmp_path, config):
     base = save_sentencepiece_style_tokenizer(tmp_path / "base", vocab_size=100)
-    _add_tokens(base, [], {"tokenizer_class": "SomeOtherTokenizerFast"})
+    _add_tokens(base, [], config)
     assert spm_tokens(base, json.loads((base / "tokenizer.json").read_text())) is None
 
 

@@ -22,6 +22,7 @@ _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cl
 _DEFAULTS = {
     None: {},
     "PreTrainedTokenizerFast": {},
+    "TokenizersBackend": {},  # transformers 5's generic class
     "LlamaTokenizer": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
     "LlamaTokenizerFast": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
 }
@@ -69,8 +70,8 @@ def _special_tokens(base: Path) -> list[str] | None:
     if not isinstance(config, dict) or not isinstance(named, dict):
         return None
     cls = config.get("tokenizer_class")
-    if cls not in _DEFAULTS:
-        return None
+    if cls not in _DEFAULTS or config.get("extra_special_tokens"):
+        return None  # another class's defaults, or named extra tokens: transformers versions differ
     if any(_text(named[key]) != _text(config[key]) for key in named.keys() & config.keys()):
         return None  # the two files disagree: which wins is transformers' call
     values = {**_DEFAULTS[cls], **named, **config}
