@@ -20,7 +20,7 @@ from adaptrix.lowering.merge_bottleneck import fold_bottlenecks
 from adaptrix.lowering.tensor_plan import plan_tensors
 from adaptrix.targets.gguf.families import GgufFamily
 from adaptrix.targets.gguf.rope import add_rope_scaling, rope_tensors
-from adaptrix.targets.gguf.tensors import QTYPES, gguf_tensors, tensor_value
+from adaptrix.targets.gguf.tensors import QTYPES, GgufTensor, gguf_tensors, tensor_chunks
 from adaptrix.targets.gguf.vocab import add_vocab
 
 __all__ = ["FILE_TYPES", "write_model_gguf"]
@@ -60,7 +60,7 @@ def write_model_gguf(
     for _, value in extra:
         writer.write_tensor_data(value)
     for tensor in tensors:
-        writer.write_tensor_data(tensor_value(tensor, base, family))
+        writer.write_tensor_data(_Chunked(tensor, base, family))  # type: ignore[arg-type]
         if progress is not None:
             progress(sum(base.tensors[item.source].nbytes for item in tensor.items if item.source))
     writer.close()
@@ -79,3 +79,20 @@ def add_metadata(writer: gguf.GGUFWriter, base: Checkpoint, family: GgufFamily, 
     writer.add_file_type(FILE_TYPES[quantize])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     return add_vocab(writer, base.path, base.source.vocab_size)
+
+
+class _Chunked:
+    """A tensor's data as GGUFWriter.write_tensor_data takes it (nbytes, tofile), rounded by row blocks."""
+
+    def __init__(self, tensor: GgufTensor, base: Checkpoint, family: GgufFamily):
+        self.tensor, self.base, self.family = tensor, base, family
+        self.nbytes = tensor.nbytes
+
+    def tofile(self, out) -> None:
+        """Write the blocks one after another; check the total is the size the tensor info announced."""
+        written = 0
+        for chunk in tensor_chunks(self.tensor, self.base, self.family):
+            chunk.tofile(out)
+            written += chunk.nbytes
+        if written != self.nbytes:
+            raise RuntimeError(f"{self.tensor.name}: wrote {written} bytes, announced {self.nbytes}")

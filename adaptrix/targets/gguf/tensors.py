@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import gguf
@@ -21,13 +22,14 @@ from adaptrix.ir.errors import UnsupportedError
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value
 from adaptrix.targets.gguf.families import GgufFamily, neox_rows, permute_rows
 
-__all__ = ["QTYPES", "GgufTensor", "gguf_tensors", "tensor_value"]
+__all__ = ["CHUNK_BYTES", "QTYPES", "GgufTensor", "gguf_tensors", "tensor_chunks", "tensor_value"]
 
 logger = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
 QTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0,
           "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}  # fmt: skip
+CHUNK_BYTES = 16 << 20  # float32 bytes of rows rounded at a time: peak memory is about one block
 # Buffers transformers may save that the converter never writes (its prepare_tensors skips them)
 _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
                 ".attn.masked_bias")  # fmt: skip
@@ -110,12 +112,45 @@ def _qtype(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...], qtype) ->
 
 
 def tensor_value(tensor: GgufTensor, base: Checkpoint, family: GgufFamily) -> np.ndarray:
-    """A GGUF tensor's data: merged in float32, rewritten as the converter does, rounded once."""
+    """A GGUF tensor's data, whole: merged in float32, rewritten as the converter does, rounded once."""
+    return np.concatenate([chunk.reshape(-1) for chunk in tensor_chunks(tensor, base, family)])
+
+
+def tensor_chunks(
+    tensor: GgufTensor, base: Checkpoint, family: GgufFamily, chunk_bytes: int | None = None
+) -> Iterator[np.ndarray]:
+    """A GGUF tensor's data in blocks of rows, each rounded on its own (the blocks are row-wise).
+
+    An untouched tensor the converter does not rewrite is read in its stored dtype and widened to
+    float32 a block at a time; any other is merged and rewritten whole in float32 first.
+    """
+    value = _value(tensor, base, family)
+    rows = value.reshape(-1, value.shape[-1]) if value.dim() > 1 else value.reshape(1, -1)
+    step = max(1, (chunk_bytes or CHUNK_BYTES) // (4 * max(1, rows.shape[1])))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step].to(torch.float32)
+        yield gguf.quants.quantize(np.ascontiguousarray(block.numpy(), dtype=np.float32), tensor.qtype)
+
+
+def _value(tensor: GgufTensor, base: Checkpoint, family: GgufFamily) -> torch.Tensor:
+    """The tensor before rounding: as stored (untouched, not rewritten), else merged in float32, rewritten."""
+    item = tensor.items[0]
+    stored = item.source is not None and len(tensor.shape) == len(base.tensors[item.source].shape)
+    if len(tensor.items) == 1 and stored and not item.touched and not _rewritten(tensor.key, family):
+        return base.read(item.source)
     parts = [merged_value(item, base, torch.float32) for item in tensor.items]
     value = torch.stack(parts) if len(tensor.shape) == len(parts[0].shape) + 1 else parts[0]
-    value = rewrite(tensor.key, value, family, base.config)
-    array = np.ascontiguousarray(value.numpy(), dtype=np.float32)
-    return gguf.quants.quantize(array, tensor.qtype)
+    return rewrite(tensor.key, value, family, base.config)
+
+
+def _rewritten(key: str, family: GgufFamily) -> bool:
+    """Whether the converter rewrites this tensor (rewrite() changes it)."""
+    return bool(
+        (family.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")))
+        or (family.norm_plus_one and key.endswith("norm.weight"))
+        or (family.transposed and key.endswith(family.transposed))
+        or (family.neox_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")))
+    )
 
 
 def rewrite(key: str, value: torch.Tensor, family: GgufFamily, config: dict) -> torch.Tensor:

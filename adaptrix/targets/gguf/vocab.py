@@ -15,6 +15,7 @@ import gguf
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.gguf.pre_tokenizers import PRE_TOKENIZERS, PROBE
+from adaptrix.targets.gguf.spm_vocab import spm_tokens
 
 __all__ = ["add_vocab"]
 
@@ -41,7 +42,7 @@ def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
                                path=file, fix="use --target merged, then llama.cpp's converter")  # fmt: skip
     if model.get("byte_fallback") and (spec.get("decoder") or {}).get("type") == "Sequence":
         # SentencePiece-style BPE (Llama 2, Mistral, Gemma)
-        return _add_llama_hf(writer, base, vocab_size, _prepends_space(spec))
+        return _add_llama_hf(writer, base, spec, vocab_size)
     tokens, types = _tokens(spec, vocab_size, file)
     pre = _pre_tokenizer(file)
     writer.add_tokenizer_model("gpt2")
@@ -53,11 +54,15 @@ def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
     return {"model": "gpt2", "pre": pre, "tokens": len(tokens), "chat_template": bool(special.chat_template)}
 
 
-def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, vocab_size: int, space_prefix: bool) -> dict:
+def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, spec: dict, vocab_size: int) -> dict:
     """A SentencePiece-style tokenizer.json as the converter's _set_vocab_llama_hf writes it, padded."""
-    vocab = gguf.LlamaHfVocab(base)
+    space_prefix = _prepends_space(spec)
+    read = spm_tokens(base, spec)  # without transformers where the tokenizer class allows
+    if read is None:
+        logger.info("%s: tokenizer read through transformers (gguf's LlamaHfVocab)", base)
+        read = list(gguf.LlamaHfVocab(base).all_tokens())
     tokens, scores, types = [], [], []
-    for text, score, kind in vocab.all_tokens():
+    for text, score, kind in read:
         tokens.append(text)
         scores.append(score)
         types.append(kind)
