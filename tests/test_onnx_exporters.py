@@ -259,6 +259,34 @@ def test_packed_moe_onnx_lora_on_experts_router_attention_equals_peft(family, ba
     _check_decoding(family, base, adapter, tmp_path / "out")
 
 
+def _sliced_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The packed experts run one slice at a time: the exporter folds each slice into a constant."""
+    dense = torch.zeros(hidden_states.shape[0], self.gate_up_proj.shape[0]).scatter(
+        1, top_k_index, top_k_weights
+    )
+    out = torch.zeros_like(hidden_states)
+    for index in range(self.gate_up_proj.shape[0]):
+        gate, up = torch.nn.functional.linear(hidden_states, self.gate_up_proj[index]).chunk(2, dim=-1)
+        out = out + dense[:, index : index + 1] * (self.act_fn(gate) * up) @ self.down_proj[index].T
+    return out
+
+
+@only_5
+def test_packed_experts_the_graph_does_not_keep_whole_are_refused_naming_them(bases, tmp_path, monkeypatch):
+    # an export whose packed parameters were folded away: no rows to patch, never a graph without them
+    from adaptrix.targets.onnx import torch_export
+
+    monkeypatch.setattr(torch_export, "dense_packed_experts_forward", _sliced_experts_forward)
+    base = bases("mixtral")
+    adapter = _adapter("mixtral", base, tmp_path / "adapter", **PACKED_MOE_TARGETS["mixtral"])
+    with pytest.raises(
+        UnsupportedError, match=r"module model\.layers\.0\.block_sparse_moe\.experts\.0\.w"
+    ) as caught:
+        _compile(adapter, base, tmp_path / "out", tmp_path / "cache")
+    assert "gate_up_proj" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+
+
 def test_seq2seq_without_optimum_is_refused_naming_it(bases, peft_adapters, tmp_path, cache, without_optimum):
     with pytest.raises(UnsupportedError, match="optimum-onnx"):
         _compile(peft_adapters("t5"), bases("t5"), tmp_path / "out", cache)
