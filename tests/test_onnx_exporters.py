@@ -30,12 +30,24 @@ needs_builder = pytest.mark.skipif(
     not exporters.has_builder(), reason="onnxruntime-genai's model builder needs transformers 5 and onnx-ir"
 )
 only_457 = pytest.mark.skipif(TRANSFORMERS_5, reason="MoE bases need transformers 4.57 (builders.MOE)")
+only_5 = pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4 keeps experts as Linear modules")
 # GroupQueryAttention's CPU kernel takes head sizes that are multiples of 16: hidden 64 / 4 heads.
 GQA_HEADS = {"hidden_size": 64}
 MOE_TARGETS = {
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", "gate"],
     "qwen2_moe": ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "gate", "shared_expert_gate"],
 }
+
+# transformers 5 packs the experts: PEFT reaches them (and the router, no Linear) as parameters
+_PACKED = ["experts.gate_up_proj", "experts.down_proj"]
+PACKED_MOE_TARGETS = {
+    "mixtral": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                    target_parameters=["gate.weight", *_PACKED]),
+    "qwen2_moe": dict(target_modules=["q_proj", "v_proj", "shared_expert.gate_proj", "shared_expert.up_proj",
+                                      "shared_expert.down_proj", "shared_expert_gate"],
+                      target_parameters=["mlp.gate.weight", *_PACKED]),
+    "qwen3_moe": dict(target_modules=["k_proj", "o_proj"], target_parameters=["mlp.gate.weight", *_PACKED]),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +246,45 @@ def test_moe_onnx_with_lora_on_experts_router_and_attention_equals_peft(family, 
     assert _compile(adapter, base, tmp_path / "out", cache)["exporter"] == "torch.onnx"
     _check_logits(family, base, adapter, tmp_path / "out")
     _check_decoding(family, base, adapter, tmp_path / "out")
+
+
+@only_5
+@pytest.mark.parametrize("family", sorted(PACKED_MOE_TARGETS))
+def test_packed_moe_onnx_lora_on_experts_router_attention_equals_peft(family, bases, tmp_path, cache):
+    base = bases(family)
+    adapter = _adapter(family, base, tmp_path / "adapter", **PACKED_MOE_TARGETS[family])
+    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
+    assert _compile(adapter, base, tmp_path / "out", cache)["exporter"] == "torch.onnx"
+    _check_logits(family, base, adapter, tmp_path / "out")
+    _check_decoding(family, base, adapter, tmp_path / "out")
+
+
+def _sliced_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The packed experts run one slice at a time: the exporter folds each slice into a constant."""
+    dense = torch.zeros(hidden_states.shape[0], self.gate_up_proj.shape[0]).scatter(
+        1, top_k_index, top_k_weights
+    )
+    out = torch.zeros_like(hidden_states)
+    for index in range(self.gate_up_proj.shape[0]):
+        gate, up = torch.nn.functional.linear(hidden_states, self.gate_up_proj[index]).chunk(2, dim=-1)
+        out = out + dense[:, index : index + 1] * (self.act_fn(gate) * up) @ self.down_proj[index].T
+    return out
+
+
+@only_5
+def test_packed_experts_the_graph_does_not_keep_whole_are_refused_naming_them(bases, tmp_path, monkeypatch):
+    # an export whose packed parameters were folded away: no rows to patch, never a graph without them
+    from adaptrix.targets.onnx import torch_export
+
+    monkeypatch.setattr(torch_export, "dense_packed_experts_forward", _sliced_experts_forward)
+    base = bases("mixtral")
+    adapter = _adapter("mixtral", base, tmp_path / "adapter", **PACKED_MOE_TARGETS["mixtral"])
+    with pytest.raises(
+        UnsupportedError, match=r"module model\.layers\.0\.block_sparse_moe\.experts\.0\.w"
+    ) as caught:
+        _compile(adapter, base, tmp_path / "out", tmp_path / "cache")
+    assert "gate_up_proj" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_seq2seq_without_optimum_is_refused_naming_it(bases, peft_adapters, tmp_path, cache, without_optimum):

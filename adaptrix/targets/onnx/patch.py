@@ -31,6 +31,7 @@ from adaptrix.lowering.tensor_plan import TensorPlan, merged_value, plan_tensors
 from adaptrix.targets.onnx.dead import absent_from_graphs
 from adaptrix.targets.onnx.external import Filler, external_location, initializer_bytes, read_initializer
 from adaptrix.targets.onnx.graph import Use, initializer_users, module_of_node, tensor_uses
+from adaptrix.targets.onnx.packed_patch import is_packed_expert, patch_packed_expert, router_tensor_names
 
 __all__ = ["base_uses", "matmul_weights", "merged_patches", "unused_tensor"]
 
@@ -67,6 +68,7 @@ def _tensor_names(base: Checkpoint, scope: str) -> Callable[[str], str | None]:
     """A graph name -> the checkpoint's tensor it stands for, or None."""
     known = set(base.tensors) | {base.binder.lm_head_weight}
     by_suffix = _by_suffix(known)
+    routers = router_tensor_names(base)  # transformers 5 renames Mixtral's routers on load
 
     def lookup(name: str) -> str | None:
         if name in known:
@@ -76,7 +78,10 @@ def _tensor_names(base: Checkpoint, scope: str) -> Callable[[str], str | None]:
             return rest
         # the exporter traced an inner module (OPT's `/decoder/layers.0/...` in `model.decoder`)
         found = by_suffix.get(name, ())
-        return next(iter(found)) if len(found) == 1 else None
+        if len(found) == 1:
+            return next(iter(found))
+        parts = name.split(".")
+        return next((routers[k] for i in range(len(parts)) if (k := ".".join(parts[i:])) in routers), None)
 
     def tensor_name(name: str) -> str | None:
         found = (lookup(scope + name) if scope else None) or lookup(name)
@@ -129,6 +134,11 @@ def merged_patches(
     values: dict[str, np.ndarray] = {}
     taken = _graph_names(graph)
     for item in (item for item in items if item.touched):
+        if is_packed_expert(item):  # transformers 5: rows of a packed expert initializer
+            patch_packed_expert(item, base, graph, folder, values)
+            if progress:
+                progress(base.tensors[item.source].nbytes)
+            continue
         found = uses.get(item.name, [])
         if multiplied.get(item.name, set()) - {use.node for use in found}:
             raise unused_tensor(item.name, base)  # a MatMul of its module reads something else

@@ -12,7 +12,10 @@ Mixture-of-experts blocks (Mixtral, Qwen2-MoE, Qwen3-MoE) route each token throu
 the experts that the batch happens to hit, which a trace would freeze; they are exported dense:
 every expert runs on every token and is weighted by its routing weight, zero where the router did
 not pick it. The result is the same sum (exact up to float rounding); the graph computes all
-experts, so it is slower than a sparse kernel by about experts / experts-per-token.
+experts, so it is slower than a sparse kernel by about experts / experts-per-token. Under
+transformers 5 the block's router is traced as it is and only its experts module (packed 3-D
+parameters) runs dense, as batched MatMuls reading each packed parameter whole: the graph keeps it
+as an initializer named after it, whose rows the patcher replaces (packed_patch.py).
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ from adaptrix.targets.onnx.export_outputs import POOLER_OUTPUT, has_pooler
 from adaptrix.targets.onnx.tasks import CAUSAL_TASK
 from adaptrix.targets.onnx.torch_check import check_export, check_inputs, load_model
 
-__all__ = ["dense_moe_forward", "torch_export"]
+__all__ = ["dense_moe_forward", "dense_packed_experts_forward", "torch_export"]
 
 logger = logging.getLogger(__name__)
 
 _OPSET = 17
-# MoE blocks routed as dense_moe_forward computes (transformers 4.57's classes)
+# MoE blocks routed as dense_moe_forward computes (transformers 4.57's classes; under 5 their
+# routers route and their packed experts run dense_packed_experts_forward)
 _DENSE_MOE = frozenset({"MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
                         "OlmoeSparseMoeBlock"})  # fmt: skip
 _FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError)
@@ -194,6 +198,11 @@ def _densify_experts(model: torch.nn.Module, base: Checkpoint) -> int:
     for name, module in model.named_modules():
         if not hasattr(module, "experts"):
             continue
+        if type(module).__name__ in _DENSE_MOE and _packed_experts(module.experts, model.config):
+            # transformers 5: the block routes (a router module, traced whole); its experts loop
+            module.experts.forward = types.MethodType(dense_packed_experts_forward, module.experts)
+            count += 1
+            continue
         if type(module).__name__ not in _DENSE_MOE or not isinstance(module.experts, torch.nn.ModuleList):
             raise UnsupportedError(
                 f"module {name} ({type(module).__name__}): torch.onnx would trace its expert routing for "
@@ -223,3 +232,32 @@ def dense_moe_forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, 
     if shared is not None:
         out = out + torch.sigmoid(self.shared_expert_gate(flat)) * shared(flat)
     return out.reshape(batch, length, hidden), router_logits
+
+
+def _packed_experts(experts: torch.nn.Module, config) -> bool:
+    """Packed experts (transformers 5): gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    params = dict(experts.named_parameters(recurse=False))
+    gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
+    if set(params) != {"gate_up_proj", "down_proj"} or gate_up.dim() != 3 or down.dim() != 3:
+        return False
+    experts_count, double, hidden = gate_up.shape
+    layout = getattr(experts, "is_concatenated", True) and not getattr(experts, "is_transposed", False)
+    shapes = tuple(down.shape) == (experts_count, hidden, double // 2)
+    return layout and shapes and hidden == config.hidden_size
+
+
+def dense_packed_experts_forward(
+    self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Packed experts (transformers 5) dense: every expert on every token, weighted (zero where unpicked).
+
+    The packed parameters are MatMul inputs as they are (no slice, no transpose for the exporter to
+    fold), so the graph keeps them as initializers named after the parameter, which the patcher finds.
+    """
+    experts = self.gate_up_proj.shape[0]
+    dense = hidden_states.new_zeros(hidden_states.shape[0], experts, dtype=top_k_weights.dtype)
+    dense = dense.scatter(1, top_k_index, top_k_weights).to(hidden_states.dtype)  # [T, E]
+    columns = hidden_states.transpose(0, 1)[None]  # [1, H, T]
+    gate, up = torch.matmul(self.gate_up_proj, columns).chunk(2, dim=1)  # [E, I, T] each
+    out = torch.matmul(self.down_proj, self.act_fn(gate) * up)  # [E, H, T]
+    return (out * dense.transpose(0, 1)[:, None, :]).sum(dim=0).transpose(0, 1)
