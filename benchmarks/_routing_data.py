@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from _transfer_data import pack_lines
 
 PAD, BOS, EOS = 0, 1, 2
 LOWER = "abcdefghijklmnopqrstuvwxyz"
@@ -56,13 +57,7 @@ class Corpus:
 
     def batch(self, rng: np.random.Generator, size: int, length: int) -> np.ndarray:
         """[size, length] int64: lines packed as <bos> line <eos> <bos> line <eos> ..."""
-        rows = []
-        for _ in range(size):
-            ids: list[int] = []
-            while len(ids) < length:
-                ids += [BOS, *encode(self.line(rng)), EOS]
-            rows.append(ids[:length])
-        return np.array(rows, dtype=np.int64)
+        return pack_lines(lambda: encode(self.line(rng)), size, length)
 
 
 @dataclass(frozen=True)

@@ -70,13 +70,18 @@ class Corpus:
 
     def batch(self, rng: np.random.Generator, size: int, length: int) -> np.ndarray:
         """[size, length] int64: lines packed as <bos> line <eos> <bos> line <eos> ..."""
-        rows = []
-        for _ in range(size):
-            ids: list[int] = []
-            while len(ids) < length:
-                ids += [BOS, *encode(self.line(rng)), EOS]
-            rows.append(ids[:length])
-        return np.array(rows, dtype=np.int64)
+        return pack_lines(lambda: encode(self.line(rng)), size, length)
+
+
+def pack_lines(line, size: int, length: int) -> np.ndarray:
+    """[size, length] int64 rows of `line()`'s token ids packed as <bos> ids <eos> <bos> ids <eos> ..."""
+    rows = []
+    for _ in range(size):
+        ids: list[int] = []
+        while len(ids) < length:
+            ids += [BOS, *line(), EOS]
+        rows.append(ids[:length])
+    return np.array(rows, dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from adaptrix.binders.table import Layout
 
-__all__ = ["GraphIndex", "Use", "initializer_users", "module_of_node", "tensor_uses"]
+__all__ = ["GraphIndex", "Use", "initializer_users", "insert_after", "module_of_node", "tensor_uses"]
 
 _PASS_THROUGH = ("Identity", "Transpose")
 
@@ -127,6 +127,16 @@ def _named(chain, tensor_name) -> tuple[str, bool, bool] | None:
             input_t = chain[0][1] != transposed_below
             return tensor, transposed_below, input_t
     return None
+
+
+def insert_after(graph: onnx.GraphProto, after: dict[int, list[onnx.NodeProto]]) -> None:
+    """Put `after[i]`'s nodes right after the graph's node i, keeping the order of everything else."""
+    ordered = []
+    for position, node in enumerate(graph.node):
+        ordered.append(node)
+        ordered.extend(after.get(position, ()))
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def initializer_users(graph: onnx.GraphProto) -> dict[str, int]:

@@ -24,7 +24,7 @@ from onnx import helper
 from adaptrix.artifacts import ADAPTER_SUFFIX, ADAPTERS_DIR
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.lowering.module_pairs import LowRankPair
-from adaptrix.targets.onnx.graph import Use
+from adaptrix.targets.onnx.graph import Use, insert_after
 
 __all__ = [
     "ADAPTERS_DIR",
@@ -86,12 +86,7 @@ def add_lora_inputs(
         names = tuple(n.name for n in nodes[:2])
         np_dtype = np.dtype(helper.tensor_dtype_to_np_dtype(dtype))
         branches.append(LoraBranch(name, a, b, in_features, out_features, np_dtype, names))
-    ordered = []
-    for position, node in enumerate(graph.node):
-        ordered.append(node)
-        ordered.extend(after.get(position, ()))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    insert_after(graph, after)
     return branches
 
 

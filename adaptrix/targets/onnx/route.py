@@ -25,7 +25,7 @@ from adaptrix.ir.errors import UnsupportedError
 from adaptrix.ir.route import route_summary
 from adaptrix.ir.values import AdapterIR
 from adaptrix.lowering.route_entries import RoutedPairs, routed_modules
-from adaptrix.targets.onnx.graph import Use
+from adaptrix.targets.onnx.graph import Use, insert_after
 from adaptrix.targets.onnx.lora import initializer_dtype, module_matmul
 
 __all__ = ["add_route_branches", "routed_of", "write_route_tensors"]
@@ -80,12 +80,7 @@ def add_route_branches(
         prefix = node.name.rpartition("/")[0] + "/route"
         nodes = _nodes(prefix, name, node.input[0], node.output[0], output, dtype)
         after[use.node] = [*_constants(prefix, routed, dtype), *nodes]
-    ordered = []
-    for position, node in enumerate(graph.node):
-        ordered.append(node)
-        ordered.extend(after.get(position, ()))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    insert_after(graph, after)
     return values
 
 
