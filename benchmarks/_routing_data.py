@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from _transfer_data import pack_lines
+from _transfer_data import PairTask, pack_lines
 
 PAD, BOS, EOS = 0, 1, 2
 LOWER = "abcdefghijklmnopqrstuvwxyz"
@@ -61,7 +61,7 @@ class Corpus:
 
 
 @dataclass(frozen=True)
-class Task:
+class Task(PairTask):
     """A domain's task: a fixed random substitution of its own alphabet, applied to each character.
 
     The prompt `P:wxyz>` (P the domain's prefix, wxyz four characters of its alphabet) is answered by
@@ -74,6 +74,7 @@ class Task:
     alphabet: str
     seed: int
     length: int = 4
+    encode_text = staticmethod(encode)  # a class attribute, not a field
 
     @property
     def prompt_len(self) -> int:
@@ -95,19 +96,6 @@ class Task:
         held = _held_out(self.alphabet, self.length)
         words = held if rng is None else [_word(rng, self.alphabet, self.length) for _ in range(size)]
         return [(f"{self.prefix}:{w}>", self.apply(w)) for w in words if rng is None or w not in held]
-
-    def batch(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training inputs [size, n] and labels (-100 on the prompt, the answer and <eos> scored)."""
-        ids = np.array([[BOS, *encode(p + a), EOS] for p, a in self.examples(rng, size)], dtype=np.int64)
-        labels = ids.copy()
-        labels[:, : 1 + self.prompt_len] = -100
-        return ids, labels
-
-    def scored(self, pairs: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The scored prompts [n, 1 + prompt_len] (with <bos>) and answers [n, answer_len]; or of `pairs`."""
-        pairs = self.examples() if pairs is None else pairs
-        prompts = np.array([[BOS, *encode(p)] for p, _ in pairs], dtype=np.int64)
-        return prompts, np.array([encode(a) for _, a in pairs], dtype=np.int64)
 
 
 def _held_out(alphabet: str, n: int) -> list[str]:

@@ -84,13 +84,35 @@ def pack_lines(line, size: int, length: int) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
+class PairTask:
+    """Training batches and scored sets of a task whose `examples()` are (prompt, answer) strings.
+
+    A subclass names its text's tokenizer as `encode_text` and has `examples(rng, size)` and `prompt_len`.
+    """
+
+    def batch(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training inputs [size, n] and labels (-100 on the prompt, the answer and <eos> scored)."""
+        pairs = self.examples(rng, size)
+        ids = np.array([[BOS, *self.encode_text(p + a), EOS] for p, a in pairs], dtype=np.int64)
+        labels = ids.copy()
+        labels[:, : 1 + self.prompt_len] = -100
+        return ids, labels
+
+    def scored(self, pairs: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The scored prompts [n, 1 + prompt_len] (with <bos>) and answers [n, answer_len]; or of `pairs`."""
+        pairs = self.examples() if pairs is None else pairs
+        prompts = np.array([[BOS, *self.encode_text(p)] for p, _ in pairs], dtype=np.int64)
+        return prompts, np.array([self.encode_text(a) for _, a in pairs], dtype=np.int64)
+
+
 @dataclass(frozen=True)
-class Task:
+class Task(PairTask):
     """An adapter's task: prompts with their answers, for training draws and for scoring."""
 
     name: str
     prompt_len: int
     answer_len: int
+    encode_text = staticmethod(encode)  # a class attribute, not a field
 
     def examples(self, rng: np.random.Generator | None = None, size: int = 0) -> list[tuple[str, str]]:
         """The scored set (rng None) or `size` training draws from rng."""
@@ -106,19 +128,6 @@ class Task:
             return [(f"r:{w}>", w[::-1]) for w in held]
         words = [_word(rng, self.answer_len) for _ in range(size)]
         return [(f"r:{w}>", w[::-1]) for w in words if w not in held]
-
-    def batch(self, rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training inputs [size, n] and labels (-100 on the prompt, the answer and <eos> scored)."""
-        ids = np.array([[BOS, *encode(p + a), EOS] for p, a in self.examples(rng, size)], dtype=np.int64)
-        labels = ids.copy()
-        labels[:, : 1 + self.prompt_len] = -100
-        return ids, labels
-
-    def scored(self, pairs: list[tuple[str, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The scored prompts [n, 1 + prompt_len] (with <bos>) and answers [n, answer_len]; or of `pairs`."""
-        pairs = self.examples() if pairs is None else pairs
-        prompts = np.array([[BOS, *encode(p)] for p, _ in pairs], dtype=np.int64)
-        return prompts, np.array([encode(a) for _, a in pairs], dtype=np.int64)
 
 
 def _table() -> list[tuple[str, str]]:
