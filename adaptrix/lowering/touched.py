@@ -70,6 +70,6 @@ def _refuse_packed(base: Checkpoint, site: Site) -> None:
     if module is not None and module.packed is not None:
         raise UnsupportedError(
             f"{site}: the base stores it packed in {module.packed.module}.{module.packed.param}, "
-            "not as a tensor of its own; hooks are compiled against per-expert tensors",
+            "not as a tensor of its own; hooks, ONNX and GGUF are compiled against per-expert tensors",
             path=base.path, fix="use --target merged, or a base saved by save_pretrained (per expert)",
         )  # fmt: skip
