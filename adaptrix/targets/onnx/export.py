@@ -28,7 +28,14 @@ from adaptrix.io.hashing import hash_files
 from adaptrix.io.output import atomic_entry
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.targets.onnx.export_outputs import export_kwargs
-from adaptrix.targets.onnx.exporters import BUILDER, OPTIMUM, choose_exporter, exporter_versions
+from adaptrix.targets.onnx.exporters import (
+    BUILDER,
+    EXPORT_FAILURES,
+    OPTIMUM,
+    choose_exporter,
+    export_failed,
+    exporter_versions,
+)
 from adaptrix.targets.onnx.float16 import to_float16
 from adaptrix.targets.onnx.tasks import CAUSAL_TASK, SEQ2SEQ_TASK, check_exportable, task_of
 from adaptrix.targets.onnx.torch_export import torch_export
@@ -54,8 +61,6 @@ _DTYPES = ("float32", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".json")
 _PLAIN_GRAPHS = ("model",)
 BUILDER_GENAI = "builder_genai_config.json"  # the builder's own genai_config.json, kept with its graph
-_EXPORT_FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError,
-                    NotImplementedError)  # fmt: skip
 # optimum's seq2seq graphs, unmerged (its merged decoder holds both decoders in If subgraphs)
 SEQ2SEQ_GRAPHS = ("encoder_model", "decoder_model", "decoder_with_past_model")
 
@@ -223,14 +228,8 @@ def _export(base: Checkpoint, task: str, dtype: str, into: Path) -> None:
             warnings.simplefilter("ignore")
             main_export(str(base.path), raw, task=task, device="cpu", dtype="fp32", local_files_only=True,
                         do_validation=False, trust_remote_code=False, **kwargs)  # fmt: skip
-    except _EXPORT_FAILURES as exc:  # optimum's or torch's tracer's: the family's export is not supported
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise UnsupportedError(
-            f"optimum's ONNX export of this {base.config.get('model_type')} base failed "
-            f"({type(exc).__name__}: {lines[0][:200]})",
-            path=base.path,
-            fix="use --target merged or --target hooks for this base",
-        ) from None
+    except EXPORT_FAILURES as exc:  # optimum's or torch's tracer's: the family's export is not supported
+        raise export_failed("optimum's ONNX export", base, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     for graph in SEQ2SEQ_GRAPHS if task == SEQ2SEQ_TASK else _PLAIN_GRAPHS:

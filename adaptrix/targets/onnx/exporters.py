@@ -24,8 +24,8 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.onnx.tasks import CAUSAL_TASK, SEQ2SEQ_TASK, check_exportable, exported_tasks
 
-__all__ = ["BUILDER", "BUILDER_ARCHITECTURES", "EXPORTERS", "OPTIMUM", "TORCH", "choose_exporter",
-           "exporter_versions", "has_builder", "has_optimum"]  # fmt: skip
+__all__ = ["BUILDER", "BUILDER_ARCHITECTURES", "EXPORTERS", "EXPORT_FAILURES", "OPTIMUM", "TORCH",
+           "choose_exporter", "export_failed", "exporter_versions", "has_builder", "has_optimum"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +38,22 @@ BUILDER_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
     "SmolLM3ForCausalLM",
 })  # fmt: skip
+# What a family's export raises from the model's own code or the tracer: the export is not supported
+EXPORT_FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+                   NotImplementedError)  # fmt: skip
 _LIBRARIES = {OPTIMUM: ("optimum-onnx",), BUILDER: ("onnxruntime-genai", "onnx-ir"), TORCH: ()}
 _TORCH_TASKS = frozenset({CAUSAL_TASK, "fill-mask", "text-classification", "feature-extraction"})
+
+
+def export_failed(export: str, base: Checkpoint, exc: BaseException) -> UnsupportedError:
+    """The one-line refusal of a base whose `export` ("torch.onnx's export") raised `exc`."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return UnsupportedError(
+        f"{export} of this {base.config.get('model_type')} base failed "
+        f"({type(exc).__name__}: {lines[0][:200]})",
+        path=base.path,
+        fix="use --target merged or --target hooks for this base",
+    )
 
 
 def has_optimum() -> bool:

@@ -30,6 +30,7 @@ import torch
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.onnx.export_outputs import POOLER_OUTPUT, has_pooler
+from adaptrix.targets.onnx.exporters import EXPORT_FAILURES, export_failed
 from adaptrix.targets.onnx.tasks import CAUSAL_TASK
 from adaptrix.targets.onnx.torch_check import check_export, check_inputs, load_model
 
@@ -42,7 +43,6 @@ _OPSET = 17
 # routers route and their packed experts run dense_packed_experts_forward)
 _DENSE_MOE = frozenset({"MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
                         "OlmoeSparseMoeBlock"})  # fmt: skip
-_FAILURES = (RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError, NotImplementedError)
 
 
 def torch_export(base: Checkpoint, task: str, file: Path) -> None:
@@ -53,18 +53,12 @@ def torch_export(base: Checkpoint, task: str, file: Path) -> None:
     """
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-    failures = (*_FAILURES, AssertionError, ort_state.Fail, ort_state.InvalidArgument,
+    failures = (*EXPORT_FAILURES, AssertionError, ort_state.Fail, ort_state.InvalidArgument,
                 ort_state.InvalidGraph, ort_state.NotImplemented, ort_state.RuntimeException)  # fmt: skip
     try:
         _export(base, task, file)
     except failures as exc:
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise UnsupportedError(
-            f"torch.onnx's export of this {base.config.get('model_type')} base failed "
-            f"({type(exc).__name__}: {lines[0][:200]})",
-            path=base.path,
-            fix="use --target merged or --target hooks for this base",
-        ) from None
+        raise export_failed("torch.onnx's export", base, exc) from None
 
 
 def _export(base: Checkpoint, task: str, file: Path) -> None:
