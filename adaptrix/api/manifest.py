@@ -11,6 +11,7 @@ from typing import NoReturn
 
 from adaptrix.artifacts import ADAPTRIX_VERSION, MANIFEST_NAME
 from adaptrix.io.hashing import hash_files
+from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
 __all__ = ["MANIFEST_NAME", "check_manifest", "input_hashes", "is_sha256", "output_hashes", "write_manifest"]
@@ -75,6 +76,17 @@ def write_manifest(
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FIX = "re-create the artifact with `adaptrix compile`: a manifest is written by it, never by hand"
+
+
+def read_artifact_manifest(path: Path, fix: str) -> dict:
+    """The manifest.json of the artifact at `path`, a JSON object; else refused (exit 2) with `fix`."""
+    manifest_file = path / MANIFEST_NAME
+    if not manifest_file.is_file():
+        raise BadInputError("has no manifest.json", path=path, fix=fix)
+    manifest = read_json(manifest_file, what="manifest")
+    if not isinstance(manifest, dict):
+        raise BadInputError("is not an Adaptrix manifest (not a JSON object)", path=manifest_file)
+    return manifest
 
 
 def is_sha256(value: object) -> bool:

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-from adaptrix.artifacts import MANIFEST_NAME
+from adaptrix.api.manifest import read_artifact_manifest
 from adaptrix.calibration.models import forward, load_auto
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 
 __all__ = ["BACKENDS", "arrow_outputs", "artifact_manifest", "reference_outputs", "run_backend"]
@@ -102,16 +101,8 @@ def _reference_base(read, base: Checkpoint) -> torch.nn.Module:
 
 def artifact_manifest(target: str, path: Path) -> dict:
     """The manifest of an artifact a compile for `target` wrote; else the command line is wrong (exit 2)."""
-    manifest_file = path / MANIFEST_NAME
-    if not manifest_file.is_file():
-        raise BadInputError(
-            "has no manifest.json",
-            path=path,
-            fix=f"give a directory `adaptrix compile --target {target}` wrote",
-        )
-    manifest = read_json(manifest_file, what="manifest")
-    if not isinstance(manifest, dict):
-        raise BadInputError("is not an Adaptrix manifest (not a JSON object)", path=manifest_file)
+    fix = f"give a directory `adaptrix compile --target {target}` wrote"
+    manifest = read_artifact_manifest(path, fix=fix)
     if manifest.get("target") != target:
         raise BadInputError(f"was compiled for {manifest.get('target')!r}, not {target}", path=path,
                             fix=f"pass it as {manifest.get('target')}=DIR")  # fmt: skip

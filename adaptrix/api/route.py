@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from adaptrix.artifacts import MANIFEST_NAME, ROUTE_TENSORS
-from adaptrix.io.jsonfile import read_json
+from adaptrix.api.manifest import read_artifact_manifest
+from adaptrix.artifacts import ROUTE_TENSORS
 from adaptrix.ir.errors import BadInputError
 from adaptrix.ir.values import LazyTensor, LowRank
 from adaptrix.passes.route import prototype, prototype_overlap
@@ -128,13 +128,7 @@ def read_router(artifact: Path | str | Sequence[Path | str]) -> Router:
     if not isinstance(artifact, str | Path):
         return _bundles_router([Path(path) for path in artifact])
     root = Path(artifact)
-    manifest_file = root / MANIFEST_NAME
-    if not manifest_file.is_file():
-        raise BadInputError("is not an Adaptrix artifact (no manifest.json)", path=root,
-                            fix="compile one with --pass route, or with --unmerged for ONNX")  # fmt: skip
-    manifest = read_json(manifest_file, what="artifact manifest")
-    if not isinstance(manifest, dict):
-        raise BadInputError("is not an Adaptrix manifest (not a JSON object)", path=manifest_file)
+    manifest = read_artifact_manifest(root, fix="compile one with --pass route, or with --unmerged for ONNX")
     base = _manifest_base(manifest)
     if isinstance(manifest.get("bundle"), dict):
         return _bundle_router(root, base)
