@@ -14,7 +14,8 @@ from adaptrix.io.hashing import hash_files
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["MANIFEST_NAME", "check_manifest", "input_hashes", "is_sha256", "output_hashes", "write_manifest"]
+__all__ = ["MANIFEST_NAME", "check_manifest", "input_hashes", "is_sha256", "output_hashes",
+           "read_artifact_manifest", "write_manifest"]  # fmt: skip
 
 MANIFEST_FORMAT = 1
 
