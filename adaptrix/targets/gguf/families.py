@@ -17,7 +17,7 @@ import torch
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.gguf.rope import check_rope, rope_params
 
-__all__ = ["FAMILIES", "GgufFamily", "family_of", "neox_rows", "permute_rows"]
+__all__ = ["FAMILIES", "GgufFamily", "family_of", "permute_rows"]
 
 Writer = gguf.GGUFWriter
 
@@ -223,9 +223,3 @@ def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Llama's q / k rows regrouped per head for llama.cpp's rotary layout (LlamaModel.permute)."""
     grouped = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
     return grouped.swapaxes(1, 2).reshape(weight.shape)
-
-
-def neox_rows(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
-    """GPT-NeoX's per-head [q k v] rows regrouped as [q | k | v] (GPTNeoXModel.modify_tensors)."""
-    grouped = qkv.reshape(n_head, 3, qkv.shape[0] // n_head // 3, *qkv.shape[1:])
-    return torch.cat([grouped[:, part].reshape(-1, *qkv.shape[1:]) for part in range(3)], dim=0)

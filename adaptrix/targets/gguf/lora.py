@@ -50,7 +50,7 @@ def lora_tensors(ir: AdapterIR, base: Checkpoint, family: GgufFamily) -> list[Lo
         down, up = pair.down.float(), pair.up.float()  # output += (x @ down) @ up
         b = up.T.contiguous()  # [out, r]: the pair is in x's terms, so Conv1D's transpose is not B's
         if not (family.transposed and weight.endswith(family.transposed)):
-            b = rewrite(weight, b, family, base.config)  # the weight's row order (q / k permutation, qkv)
+            b = rewrite(weight, b, family, base)  # the weight's row order (q / k permutation, qkv)
         found.append((name, np.ascontiguousarray(down.T.numpy()), np.ascontiguousarray(b.numpy())))
     return found
 

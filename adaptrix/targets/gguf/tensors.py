@@ -17,10 +17,11 @@ import gguf
 import numpy as np
 import torch
 
+from adaptrix.binders.splits import Split, split_rows
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value
-from adaptrix.targets.gguf.families import GgufFamily, neox_rows, permute_rows
+from adaptrix.targets.gguf.families import GgufFamily, permute_rows
 
 __all__ = ["CHUNK_BYTES", "QTYPES", "GgufTensor", "gguf_tensors", "tensor_chunks", "tensor_value"]
 
@@ -33,6 +34,8 @@ CHUNK_BYTES = 16 << 20  # float32 bytes of rows rounded at a time: peak memory i
 # Buffers transformers may save that the converter never writes (its prepare_tensors skips them)
 _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
                 ".attn.masked_bias")  # fmt: skip
+# GPT-NeoX's query_key_value: per head [q k v] (its binder's split), regrouped by the converter as [q | k | v]
+_HEADWISE_QKV = Split("headwise", ("q", "k", "v"))
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
 # Kept in float32 whatever the file type, as the converter and llama-quantize keep them
 _F32_KINDS = frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
@@ -140,7 +143,7 @@ def _value(tensor: GgufTensor, base: Checkpoint, family: GgufFamily) -> torch.Te
         return base.read(item.source)
     parts = [merged_value(item, base, torch.float32) for item in tensor.items]
     value = torch.stack(parts) if len(tensor.shape) == len(parts[0].shape) + 1 else parts[0]
-    return rewrite(tensor.key, value, family, base.config)
+    return rewrite(tensor.key, value, family, base)
 
 
 def _rewritten(key: str, family: GgufFamily) -> bool:
@@ -153,8 +156,9 @@ def _rewritten(key: str, family: GgufFamily) -> bool:
     )
 
 
-def rewrite(key: str, value: torch.Tensor, family: GgufFamily, config: dict) -> torch.Tensor:
+def rewrite(key: str, value: torch.Tensor, family: GgufFamily, base: Checkpoint) -> torch.Tensor:
     """The converter's per-family rewrite of one tensor (its rows' order, Gemma's +1, GPT-2's transpose)."""
+    config = base.config
     n_head = config.get("num_attention_heads") or config.get("n_head")
     if family.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias")):
         value = permute_rows(value, n_head)
@@ -165,5 +169,5 @@ def rewrite(key: str, value: torch.Tensor, family: GgufFamily, config: dict) -> 
     if family.transposed and key.endswith(family.transposed):
         value = value.T.contiguous()
     if family.neox_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")):
-        value = neox_rows(value, n_head)
+        value = torch.cat([value[rows] for rows in split_rows(_HEADWISE_QKV, base.source)])  # -> [q | k | v]
     return value
