@@ -12,6 +12,7 @@ nearest by cosine. The examples file is JSON:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from adaptrix.api.route import Router, base_model, read_router
+from adaptrix.calibration.prompts import is_token_lists
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
@@ -45,7 +47,7 @@ def read_examples(path: Path | str) -> dict[str, list[list[int]]]:
     if not isinstance(raw, dict) or not raw:
         raise BadInputError("expected an object of adapter names to lists of prompts", path=path, fix=fix)
     for name, prompts in raw.items():
-        if not isinstance(prompts, list) or not prompts or not all(_is_prompt(p) for p in prompts):
+        if not prompts or not is_token_lists(prompts, sys.maxsize):
             raise BadInputError(f"{name!r}: expected a non-empty list of prompts (lists of token ids)",
                                 path=path, fix=fix)  # fmt: skip
     return raw
@@ -110,11 +112,3 @@ def _mean_hidden(model: torch.nn.Module, input_ids: Sequence[int] | torch.Tensor
     means = [torch.nn.functional.normalize(h[0].to(torch.float32).mean(0), dim=-1) for h in states]
     return torch.cat(means).cpu() / len(means) ** 0.5
 
-
-def _is_prompt(prompt: object) -> bool:
-    """A non-empty list of non-negative integers (not booleans)."""
-    return (
-        isinstance(prompt, list)
-        and bool(prompt)
-        and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in prompt)
-    )

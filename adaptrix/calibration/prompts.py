@@ -17,7 +17,7 @@ import torch
 from adaptrix.io.jsonfile import loads_strict
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["batches", "calibration", "is_causal", "read_prompts"]
+__all__ = ["batches", "calibration", "is_causal", "is_token_lists", "read_prompts"]
 
 _FIX = "give a JSON list of token-id lists, or a text file with one prompt per line"
 # Files a tokenizer is loaded from; text prompts need one of them next to the base's config.
@@ -39,7 +39,7 @@ def read_prompts(
         raise BadInputError(f"{what} {path} cannot be read ({exc})", path=file, fix=_FIX) from None
     if file.suffix == ".json":
         prompts = loads_strict(text, path=file, what="prompts file")
-        if not _token_lists(prompts, vocab_size):
+        if not is_token_lists(prompts, vocab_size):
             raise BadInputError(f"{what}: not a list of non-empty token-id lists below {vocab_size}",
                                 path=file, fix=_FIX)  # fmt: skip
     else:
@@ -49,7 +49,8 @@ def read_prompts(
     return prompts
 
 
-def _token_lists(value: object, vocab_size: int) -> bool:
+def is_token_lists(value: object, vocab_size: int) -> bool:
+    """Whether `value` is a list of non-empty lists of token ids in [0, vocab_size)."""
     return isinstance(value, list) and all(
         isinstance(p, list) and p and all(type(t) is int and 0 <= t < vocab_size for t in p) for p in value
     )
