@@ -111,4 +111,3 @@ def _mean_hidden(model: torch.nn.Module, input_ids: Sequence[int] | torch.Tensor
     states = model(input_ids=ids.to(device), output_hidden_states=True).hidden_states
     means = [torch.nn.functional.normalize(h[0].to(torch.float32).mean(0), dim=-1) for h in states]
     return torch.cat(means).cpu() / len(means) ** 0.5
-
