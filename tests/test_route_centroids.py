@@ -53,6 +53,7 @@ def test_calibrate_route_reads_an_examples_file_and_refuses_bad_ones(routed, tmp
         ({**good, "task9": good["task0"]}, "unknown adapters \\['task9'\\]"),
         ({**good, "task1": [[]]}, "'task1': expected a non-empty list of prompts"),
         ({**good, "task1": [[3, -1]]}, "'task1': expected a non-empty list of prompts"),
+        ({**good, "task1": [[3, model.config.vocab_size]]}, "outside the base's vocabulary"),
         ([1, 2], "expected an object"),
     ]
     for content, message in bad:

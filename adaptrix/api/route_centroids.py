@@ -73,6 +73,14 @@ def calibrate_route(
         raise BadInputError(f"{what}; the artifact routes {list(router.adapters)}", path=where,
                             fix="give example prompts for each of the artifact's adapters")  # fmt: skip
     model = base_model(router) if model is None else model
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = [torch.as_tensor(prompt) for name in router.adapters for prompt in examples[name]]
+    if any(t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab) for t in ids):
+        raise BadInputError(
+            f"an example prompt holds a token id outside the base's vocabulary (0..{vocab - 1})",
+            path=where,
+            fix="give token ids of the base's tokenizer",
+        )
     vectors = []
     for name in router.adapters:
         if not examples[name]:
