@@ -194,24 +194,28 @@ def test_llama3_rope_scaling_is_written_as_the_converters_rope_freqs(bases, tmp_
     assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
 
 
-def test_tensors_are_merged_one_at_a_time_after_the_header_is_written(made, tmp_path, monkeypatch):
+def test_tensors_are_merged_at_most_one_ahead_after_the_header_is_written(made, tmp_path, monkeypatch):
     import gguf
 
-    from adaptrix.targets.gguf import tensors
+    from adaptrix.targets.gguf import model
 
     base, adapter = made("llama")
     events = []
-    value, write_data, write_infos = tensors._value, gguf.GGUFWriter.write_tensor_data, None
+    value, write_data = model.source_value, gguf.GGUFWriter.write_tensor_data
     write_infos = gguf.GGUFWriter.write_ti_data_to_file
-    monkeypatch.setattr(tensors, "_value", lambda *a, **k: events.append("value") or value(*a, **k))
+    monkeypatch.setattr(model, "source_value", lambda *a, **k: events.append("value") or value(*a, **k))
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data",
                         lambda self, t, *a: events.append("write") or write_data(self, t, *a))  # fmt: skip
     monkeypatch.setattr(gguf.GGUFWriter, "write_ti_data_to_file",
                         lambda self: events.append("infos") or write_infos(self))  # fmt: skip
     compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
     assert events[0] == "infos" and events.count("infos") == 1
-    rope = events.index("value") - 1  # rope tensors (if any) are written first, computed beforehand
-    assert events[rope:] == ["write", "value"] * (len(events[rope:]) // 2)  # never two tensors held at once
+    rope = events.index("value")  # rope tensors (if any) are written first, computed beforehand
+    tensors = events[rope:]
+    assert tensors.count("value") == tensors.count("write") > 2
+    for index, event in enumerate(tensors):  # merged: at most the tensor being written and the next one
+        merged, written = tensors[: index + 1].count("value"), tensors[: index + 1].count("write")
+        assert merged - written <= 2, f"{merged} merged, {written} written at event {index}: {event}"
 
 
 def test_a_lora_on_a_tied_embedding_writes_the_untied_head_as_output_weight(bases, tmp_path):

@@ -38,10 +38,8 @@ def test_a_tensor_is_rounded_in_blocks_of_rows_with_the_same_bytes(llama, tmp_pa
     base, adapter = llama
     compile_adapter(adapter, base, "gguf", tmp_path / "whole", quantize=quantize)
     seen = []
-    original = gguf.quants.quantize
-    monkeypatch.setattr(
-        gguf.quants, "quantize", lambda data, q: seen.append(data.nbytes) or original(data, q)
-    )
+    original = tensors.quantize_rows
+    monkeypatch.setattr(tensors, "quantize_rows", lambda d, q: seen.append(d.nbytes) or original(d, q))
     monkeypatch.setattr(tensors, "CHUNK_BYTES", 256)  # a few rows of the tiny model's 64-wide tensors
     compile_adapter(adapter, base, "gguf", tmp_path / "blocks", quantize=quantize)
     assert seen and max(seen) <= 256  # never a whole tensor in float32 at once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Annotated
@@ -79,6 +80,7 @@ def compile_command(
     call(lambda: prepare_compile(base))  # before torch loads (adaptrix.api.process)
     from adaptrix.api.compile import compile_adapter
 
+    gc.freeze()  # the modules just imported are never garbage: collections during the compile skip them
     kwargs = {"dtype": dtype, "force": force, "passes": passes or (), "unmerged": unmerged,
               "quantize": quantize, "block_size": block_size, "cache_dir": cache_dir,
               "calibration": calibration, "merge_into": merge_into, "qlora_base": qlora_base,

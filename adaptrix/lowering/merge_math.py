@@ -64,6 +64,7 @@ def merge_tensor(
     target = torch.empty(value.shape, dtype=out_dtype) if out is None else out  # the stored layout
     merged = target.T if conv1d else target
     in_place = out is value
+    direct = out_dtype == torch.float32 and not in_place and not conv1d  # no float32 block besides the output
     index = split_rows(placement.module.split, source) or [None]
     for rows, ops in zip(index, role_ops, strict=True):
         relevant = sorted((op for op in ops if param in op_params(op)), key=lambda o: _ORDER[type(o)])
@@ -75,10 +76,16 @@ def merge_tensor(
                 if not in_place:
                     merged[whole] = stored[whole]
                 continue
-            part = stored[whole].to(torch.float32, copy=True)  # never alias the caller's tensor
-            for kernel in kernels:
-                part = kernel(part, local)
-            merged[whole] = part
+            if direct and isinstance(whole, slice):  # merged in place in the float32 output rows
+                part = merged[whole].copy_(stored[whole])
+                for kernel in kernels:
+                    if (result := kernel(part, local)) is not part:
+                        part.copy_(result)
+            else:
+                part = stored[whole].to(torch.float32, copy=True)  # never alias the caller's tensor
+                for kernel in kernels:
+                    part = kernel(part, local)
+                merged[whole] = part
             if not all_finite(merged[whole]):  # one pass over the output; its cause found only then
                 raise _not_finite(name, part, out_dtype)
     return target

@@ -192,17 +192,20 @@ def new_value(item: TensorPlan) -> LazyTensor:
                 if isinstance(op, Replace) and item.param in op.tensors)  # fmt: skip
 
 
-def merged_value(item: TensorPlan, base: Checkpoint, dtype: torch.dtype) -> torch.Tensor:
-    """An output tensor's value in `dtype`, in the checkpoint's layout."""
+def merged_value(
+    item: TensorPlan, base: Checkpoint, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """An output tensor's value in `dtype`, in the checkpoint's layout (written into `out` when given)."""
     if item.source is None:
         return new_value(item).load().to(dtype)
     value = base.read(item.source)
     if not item.touched:
-        return value.to(dtype)
+        return value.to(dtype) if out is None else out.copy_(value)
     if item.pieces:
-        return _merge_pieces(item, base, value.clone()).to(dtype)
+        merged = _merge_pieces(item, base, value.clone())
+        return merged.to(dtype) if out is None else out.copy_(merged)
     return merge_tensor(
-        value, item.param, item.placement, item.role_ops, base.source, dtype, name=item.source
+        value, item.param, item.placement, item.role_ops, base.source, dtype, out=out, name=item.source
     )
 
 

@@ -55,8 +55,8 @@ def write_gguf(
     quantize = _file_type(quantize, dtype, base)
     family = family_of(base.config, base.path)  # an unsupported family: refused before anything is written
     if not unmerged:
-        section = write_model_gguf(ir, base, out / GGUF_MODEL, family, quantize, progress)
-        return Written([GGUF_MODEL], {"gguf": section})
+        section, digest = write_model_gguf(ir, base, out / GGUF_MODEL, family, quantize, progress)
+        return Written([GGUF_MODEL], {"gguf": section}, {GGUF_MODEL: digest})
     loras = [(name, lora_tensors(each, base, family)) for name, each in adapters]  # refusals come first
     cached, section = cached_base(base, family, quantize, cache_dir)
     shutil.copyfile(cached, out / GGUF_MODEL)

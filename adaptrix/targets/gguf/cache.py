@@ -64,7 +64,8 @@ def cached_base(
         logger.info("writing the base's GGUF (%s) into the cache %s; later compiles reuse it", quantize,
                     entry)  # fmt: skip
         with atomic_entry(entry) as tmp:
-            section = write_model_gguf(AdapterIR((), base.source), base, tmp / GGUF_MODEL, family, quantize)
+            empty = AdapterIR((), base.source)
+            section, _ = write_model_gguf(empty, base, tmp / GGUF_MODEL, family, quantize)
             record = {"key": key, "base": str(base.path), **section}
             (tmp / _RECORD).write_text(json.dumps(record, indent=2) + "\n")
     else:

@@ -2,7 +2,7 @@
 
 Each GGUF tensor comes from one planned output tensor of the merge (or, for MoE experts, one per
 expert, stacked), merged in float32, rewritten as the converter rewrites it (families.py) and
-rounded once to its GGML type with the `gguf` package's own quantizers.
+rounded once to its GGML type with llama.cpp's own quantizer (quantize.py).
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value
 from adaptrix.targets.gguf.families import GgufFamily, permute_rows
+from adaptrix.targets.gguf.quantize import map_ordered, quantize_rows
 
-__all__ = ["CHUNK_BYTES", "QTYPES", "GgufTensor", "gguf_tensors", "tensor_chunks", "tensor_value"]
+__all__ = ["CHUNK_BYTES", "QTYPES", "GgufTensor", "gguf_tensors", "round_rows", "source_value",
+           "tensor_chunks", "tensor_value"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
 QTYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0,
           "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1}  # fmt: skip
-CHUNK_BYTES = 16 << 20  # float32 bytes of rows rounded at a time: peak memory is about one block
+CHUNK_BYTES = 4 << 20  # float32 bytes of rows rounded at a time, a few blocks at once on threads
 # Buffers transformers may save that the converter never writes (its prepare_tensors skips them)
 _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
                 ".attn.masked_bias")  # fmt: skip
@@ -122,25 +124,35 @@ def tensor_value(tensor: GgufTensor, base: Checkpoint, family: GgufFamily) -> np
 def tensor_chunks(
     tensor: GgufTensor, base: Checkpoint, family: GgufFamily, chunk_bytes: int | None = None
 ) -> Iterator[np.ndarray]:
-    """A GGUF tensor's data in blocks of rows, each rounded on its own (the blocks are row-wise).
+    """A GGUF tensor's data in blocks of rows, each rounded on its own (the blocks are row-wise)."""
+    return round_rows(source_value(tensor, base, family), tensor.qtype, chunk_bytes)
 
-    An untouched tensor the converter does not rewrite is read in its stored dtype and widened to
-    float32 a block at a time; any other is merged and rewritten whole in float32 first.
-    """
-    value = _value(tensor, base, family)
+
+def round_rows(value: torch.Tensor, qtype: Q, chunk_bytes: int | None = None) -> Iterator[np.ndarray]:
+    """`value` rounded to `qtype` in blocks of rows, each widened to float32 only when its turn comes."""
     rows = value.reshape(-1, value.shape[-1]) if value.dim() > 1 else value.reshape(1, -1)
     step = max(1, (chunk_bytes or CHUNK_BYTES) // (4 * max(1, rows.shape[1])))
-    for start in range(0, rows.shape[0], step):
-        block = rows[start : start + step].to(torch.float32)
-        yield gguf.quants.quantize(np.ascontiguousarray(block.numpy(), dtype=np.float32), tensor.qtype)
+    blocks = (rows[start : start + step] for start in range(0, rows.shape[0], step))
+    yield from map_ordered(lambda block: quantize_rows(block.to(torch.float32).numpy(), qtype), blocks)
 
 
-def _value(tensor: GgufTensor, base: Checkpoint, family: GgufFamily) -> torch.Tensor:
-    """The tensor before rounding: as stored (untouched, not rewritten), else merged in float32, rewritten."""
+def source_value(
+    tensor: GgufTensor, base: Checkpoint, family: GgufFamily, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The tensor before rounding: as stored (untouched, not rewritten), else merged in float32, rewritten.
+
+    A float32 `buffer` at least the tensor's size is merged into where the merge allows (one stored
+    tensor, not rewritten), instead of a new allocation: its pages are reused from tensor to tensor.
+    """
     item = tensor.items[0]
     stored = item.source is not None and len(tensor.shape) == len(base.tensors[item.source].shape)
     if len(tensor.items) == 1 and stored and not item.touched and not _rewritten(tensor.key, family):
         return base.read(item.source)
+    if len(tensor.items) == 1 and stored and buffer is not None and not _rewritten(tensor.key, family):
+        size = math.prod(tensor.shape)
+        if buffer.numel() >= size:
+            out = buffer[:size].view(base.tensors[item.source].shape)
+            return merged_value(item, base, torch.float32, out=out)
     parts = [merged_value(item, base, torch.float32) for item in tensor.items]
     value = torch.stack(parts) if len(tensor.shape) == len(parts[0].shape) + 1 else parts[0]
     return rewrite(tensor.key, value, family, base)
