@@ -149,6 +149,7 @@ def quantization_of(
         return None, tensors
     settings = bnb_settings(config["quantization_config"], path)
     _check_bnb()  # a clear error before anything else when bitsandbytes is missing
+    _import_ahead()
     groups = _groups_8bit(tensors) if settings["bits"] == 8 else _groups_4bit(tensors)
     hidden = {part for parts in groups.values() for part in parts}
     floats = [i.dtype for n, i in tensors.items() if i.dtype.is_floating_point and n not in hidden]
@@ -283,6 +284,24 @@ def _bnb():
             raise UnsupportedError(f"bitsandbytes does not import ({exc})", fix=_FIX_BNB) from None
         finally:
             torch.compile = real
+
+
+def _import_ahead() -> None:
+    """Import bitsandbytes, and torch._dynamo (imported by its kernels' first call), on a thread.
+
+    About 2 s of imports on the merge's path otherwise; meanwhile the caller plans the merge and
+    the hashing thread reads the base. A failure here is left for the first real use to raise.
+    """
+
+    def run() -> None:
+        try:
+            _bnb()
+            importlib.import_module("torch._dynamo")
+        except (ImportError, UnsupportedError):
+            pass  # raised again, in the caller's thread, by the first dequantization
+
+    if "torch._dynamo" not in sys.modules:
+        threading.Thread(target=run, name="adaptrix-import-bnb", daemon=True).start()
 
 
 def _compile_on_first_call(compile_, fn=None, **options):
