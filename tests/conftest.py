@@ -1,6 +1,8 @@
 """Shared fixtures: builders live in tests/builders.py, tests/onnx_builders.py and tests/pass_builders.py."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +18,8 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="adaptrix-test-cache-")
 
 import torch
 from builders import FAMILIES, ONNX_EXPORT_MISSING, build_base, exports_onnx, make_adapter, pair_of
+
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)  # its caches: ~100 MB
 
 # The asserts of the shared check helpers report their values as a test's own do.
 pytest.register_assert_rewrite("onnx_builders", "pass_builders")
