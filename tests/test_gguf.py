@@ -194,6 +194,32 @@ def test_llama3_rope_scaling_is_written_as_the_converters_rope_freqs(bases, tmp_
     assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
 
 
+_YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_yarn_rope_scaling_is_written_as_the_converter_writes_it(bases, tmp_path, family):
+    # an original context of 8 and a factor of 4: the frequencies are interpolated and the attention
+    # scaled by 1 + 0.1 ln 4, so a file without the YaRN keys computes other logits
+    base = bases(family, "gguf-yarn", rope_scaling=_YARN_ROPE, max_position_embeddings=64)
+    save_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter(family, base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    ids = _ids(family)
+    expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
+
+
+def test_yarn_with_its_own_attention_factor_is_refused(bases, tmp_path):
+    rope = {**_YARN_ROPE, "attention_factor": 1.5}
+    base = bases("llama", "gguf-yarn-attention", rope_scaling=rope, max_position_embeddings=64)
+    save_tokenizer(base)
+    with pytest.raises(UnsupportedError, match="YaRN rope with"):
+        compile_adapter(make_adapter("llama", base, tmp_path / "adapter"), base, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_tensors_are_merged_at_most_one_ahead_after_the_header_is_written(made, tmp_path, monkeypatch):
     import gguf
 

@@ -1,4 +1,4 @@
-"""Rope parameters and scaling as llama.cpp's converter writes them: plain, linear, llama3.
+"""Rope parameters and scaling as llama.cpp's converter writes them: plain, linear, llama3, YaRN.
 
 llama3's scaling is a tensor of its own (`rope_freqs.weight`, one factor per frequency), computed
 from the config as the converter's LlamaModel.generate_extra_tensors computes it.
@@ -16,7 +16,11 @@ from adaptrix.ir.errors import UnsupportedError
 
 __all__ = ["add_rope_scaling", "check_rope", "rope_params", "rope_tensors"]
 
-_SUPPORTED = ("linear", "llama3")
+# YaRN as transformers computes it and llama.cpp too: its mscale from the factor (no attention_factor
+# given: llama.cpp multiplies a given one by that mscale again), rounded correction dims (truncate),
+# no DeepSeek-style mscale / mscale_all_dim.
+_YARN_DEFAULTS = {"attention_factor": None, "attn_factor": None, "truncate": True, "mscale": None,
+                  "mscale_all_dim": None}  # fmt: skip
 
 
 def _get(config: dict, *keys: str):
@@ -37,20 +41,44 @@ def _kind(config: dict) -> str | None:
 
 
 def check_rope(config: dict, path: Path, llama3: bool = False) -> None:
-    """Plain rope, linear scaling, and llama3's where the family is llama; the others are refused."""
+    """Plain rope, linear and YaRN scaling, and llama3's where the family is llama; the others are refused."""
     kind = _kind(config)
+    if kind == "yarn":
+        params = rope_params(config)
+        odd = {
+            key: params[key] for key, default in _YARN_DEFAULTS.items() if params.get(key, default) != default
+        }
+        if odd:
+            raise UnsupportedError(f"YaRN rope with {odd}: llama.cpp's YaRN computes its own attention scale "
+                                   "and rounds its correction range", path=path / "config.json",
+                                   fix="use --target merged or hooks")  # fmt: skip
+        return
     if kind is None or kind == "linear" or (kind == "llama3" and llama3):
         return
-    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain, linear and (llama) llama3 "
-                           "rope", path=path / "config.json",
+    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain, linear, YaRN and (llama) "
+                           "llama3 rope", path=path / "config.json",
                            fix="use --target merged, then llama.cpp's converter")  # fmt: skip
 
 
 def add_rope_scaling(w: gguf.GGUFWriter, config: dict) -> None:
-    """Linear rope scaling's keys, as the converter writes them (llama3's is a tensor: rope_tensors)."""
-    if _kind(config) == "linear":
+    """Linear and YaRN rope scaling's keys, as the converter writes them (llama3's: rope_tensors)."""
+    kind, params = _kind(config), rope_params(config)
+    if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(rope_params(config)["factor"])
+        w.add_rope_scaling_factor(params["factor"])
+    elif kind == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(params["factor"])
+        original = params.get("original_max_position_embeddings") or config.get(
+            "original_max_position_embeddings"
+        )
+        w.add_rope_scaling_orig_ctx_len(original or config["max_position_embeddings"])
+        if (ext := params.get("extrapolation_factor")) is not None:
+            w.add_rope_scaling_yarn_ext_factor(ext)
+        if (fast := params.get("beta_fast")) is not None:
+            w.add_rope_scaling_yarn_beta_fast(fast)
+        if (slow := params.get("beta_slow")) is not None:
+            w.add_rope_scaling_yarn_beta_slow(slow)
 
 
 def rope_tensors(config: dict) -> list[tuple[str, np.ndarray]]:
