@@ -220,6 +220,25 @@ def test_yarn_with_its_own_attention_factor_is_refused(bases, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_phi3_longrope_is_written_as_the_converters_rope_factors(bases, tmp_path):
+    # short factors far from 1: a file without them (or with the long ones) computes other logits.
+    # llama.cpp picks the long factors when its context (256 at least) passes the original one, and
+    # transformers when the sequence does: an original context of 512 keeps both on the short ones.
+    probe = json.loads((bases("phi3") / "config.json").read_text())
+    half = probe["hidden_size"] // probe["num_attention_heads"] // 2
+    rope = {"type": "longrope", "short_factor": [1.0 + i for i in range(half)],
+            "long_factor": [3.0 + i for i in range(half)]}  # fmt: skip
+    base = bases("phi3", "gguf-longrope", rope_scaling=rope, original_max_position_embeddings=512,
+                 max_position_embeddings=2048)  # fmt: skip
+    save_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter("phi3", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    ids = _ids("phi3")
+    expected = peft_logits("phi3", base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
+
+
 def test_tensors_are_merged_at_most_one_ahead_after_the_header_is_written(made, tmp_path, monkeypatch):
     import gguf
 

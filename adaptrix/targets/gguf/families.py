@@ -215,7 +215,7 @@ def family_of(config: dict, path: Path) -> GgufFamily:
             fix="use --target merged, then llama.cpp's convert_hf_to_gguf.py if it supports the family",
         )
     family.check(config, path)
-    check_rope(config, path, llama3=family.permute_qk)  # llama3's rope: the converter's LlamaModel
+    check_rope(config, path, llama3=family.permute_qk, longrope=family.arch is gguf.MODEL_ARCH.PHI3)
     return family
 
 

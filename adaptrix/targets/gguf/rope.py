@@ -1,7 +1,8 @@
-"""Rope parameters and scaling as llama.cpp's converter writes them: plain, linear, llama3, YaRN.
+"""Rope parameters and scaling as llama.cpp's converter writes them: plain, linear, llama3, YaRN, longrope.
 
 llama3's scaling is a tensor of its own (`rope_freqs.weight`, one factor per frequency), computed
-from the config as the converter's LlamaModel.generate_extra_tensors computes it.
+from the config as the converter's LlamaModel.generate_extra_tensors computes it; Phi-3's longrope
+is two (`rope_factors_long` / `_short`) and an attention factor, as Phi3MiniModel writes them.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ def _kind(config: dict) -> str | None:
     return None if kind == "default" else kind
 
 
-def check_rope(config: dict, path: Path, llama3: bool = False) -> None:
-    """Plain rope, linear and YaRN scaling, and llama3's where the family is llama; the others are refused."""
+def check_rope(config: dict, path: Path, llama3: bool = False, longrope: bool = False) -> None:
+    """Plain rope, linear and YaRN scaling, llama3's (llama) and longrope (phi3); the others are refused."""
     kind = _kind(config)
+    if kind in ("longrope", "su") and longrope:
+        _check_longrope(config, path)
+        return
     if kind == "yarn":
         params = rope_params(config)
         odd = {
@@ -55,9 +59,39 @@ def check_rope(config: dict, path: Path, llama3: bool = False) -> None:
         return
     if kind is None or kind == "linear" or (kind == "llama3" and llama3):
         return
-    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain, linear, YaRN and (llama) "
-                           "llama3 rope", path=path / "config.json",
+    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain, linear, YaRN, (llama) "
+                           "llama3 and (phi3) longrope rope", path=path / "config.json",
                            fix="use --target merged, then llama.cpp's converter")  # fmt: skip
+
+
+def _check_longrope(config: dict, path: Path) -> None:
+    """Factors for each rotary frequency, and no attention factor of its own (llama.cpp derives it)."""
+    params = rope_params(config)
+    half = _rope_dims(config) // 2
+    long, short = params.get("long_factor"), params.get("short_factor")
+    if not (isinstance(long, list) and isinstance(short, list) and len(long) == len(short) == half):
+        raise UnsupportedError(f"longrope needs long_factor and short_factor of {half} values each",
+                               path=path / "config.json", fix="fix the config's rope_scaling")  # fmt: skip
+    if params.get("attention_factor") is not None:
+        raise UnsupportedError("longrope with its own attention_factor: llama.cpp derives it from the "
+                               "context lengths", path=path / "config.json",
+                               fix="use --target merged or hooks")  # fmt: skip
+
+
+def _rope_dims(config: dict) -> int:
+    """The rotated dimensions per head (Phi-3: partial_rotary_factor of the head)."""
+    rotary = config.get("partial_rotary_factor") or rope_params(config).get("partial_rotary_factor") or 1.0
+    return int(rotary * config["hidden_size"]) // config["num_attention_heads"]
+
+
+def _longrope_attention(config: dict) -> float:
+    """Phi3MiniModel's attention factor: sqrt(1 + ln(scale) / ln(original context)), 1 unscaled."""
+    original = (
+        rope_params(config).get("original_max_position_embeddings")
+        or config["original_max_position_embeddings"]
+    )
+    scale = config["max_position_embeddings"] / original
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
 
 
 def add_rope_scaling(w: gguf.GGUFWriter, config: dict) -> None:
@@ -79,10 +113,17 @@ def add_rope_scaling(w: gguf.GGUFWriter, config: dict) -> None:
             w.add_rope_scaling_yarn_beta_fast(fast)
         if (slow := params.get("beta_slow")) is not None:
             w.add_rope_scaling_yarn_beta_slow(slow)
+    elif kind in ("longrope", "su"):
+        w.add_rope_scaling_attn_factors(_longrope_attention(config))
 
 
 def rope_tensors(config: dict) -> list[tuple[str, np.ndarray]]:
-    """llama3 rope scaling's `rope_freqs.weight` (the converter's generate_extra_tensors); else none."""
+    """llama3's `rope_freqs.weight`, longrope's long and short factors (generate_extra_tensors); else none."""
+    if _kind(config) in ("longrope", "su"):
+        params = rope_params(config)
+        return [(gguf.TENSOR_NAMES[kind] + ".weight", np.array(params[key], dtype=np.float32))
+                for kind, key in ((gguf.MODEL_TENSOR.ROPE_FACTORS_LONG, "long_factor"),
+                                  (gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT, "short_factor"))]  # fmt: skip
     if _kind(config) != "llama3":
         return []
     params = rope_params(config)
