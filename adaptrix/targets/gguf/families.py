@@ -34,6 +34,7 @@ class GgufFamily:
     neox_qkv: bool = False  # query_key_value per head (n_head, 3, d): regrouped as [q | k | v]
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
+    sentencepiece: str | None = None  # a tokenizer.model alone: "llama", "no-space-prefix" (Gemma 2 / 3)
 
 
 def _get(config: dict, *keys: str, default=None):
@@ -184,9 +185,9 @@ def _router_norm(normalized: bool) -> Callable[[dict, Path], None]:
 _GEMMA_DROPPED = ("lm_head.weight",)  # the converter skips it: llama.cpp ties Gemma's head
 
 FAMILIES: dict[str, GgufFamily] = {
-    "llama": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True),
-    "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True),
-    "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True),
+    "llama": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True, sentencepiece="llama"),
+    "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True, sentencepiece="llama"),
+    "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True, sentencepiece="llama"),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, _text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, _text),
     "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, _qwen_moe, check=_router_norm(False)),
@@ -198,9 +199,20 @@ FAMILIES: dict[str, GgufFamily] = {
     "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, _phi3),
     "gemma": GgufFamily(gguf.MODEL_ARCH.GEMMA, _gemma, norm_plus_one=True, dropped=_GEMMA_DROPPED),
     "gemma2": GgufFamily(
-        gguf.MODEL_ARCH.GEMMA2, _gemma2, norm_plus_one=True, dropped=_GEMMA_DROPPED, check=_query_scale
+        gguf.MODEL_ARCH.GEMMA2,
+        _gemma2,
+        norm_plus_one=True,
+        dropped=_GEMMA_DROPPED,
+        check=_query_scale,
+        sentencepiece="no-space-prefix",
     ),
-    "gemma3_text": GgufFamily(gguf.MODEL_ARCH.GEMMA3, _gemma3, norm_plus_one=True, check=_query_scale),
+    "gemma3_text": GgufFamily(
+        gguf.MODEL_ARCH.GEMMA3,
+        _gemma3,
+        norm_plus_one=True,
+        check=_query_scale,
+        sentencepiece="no-space-prefix",
+    ),
 }
 
 

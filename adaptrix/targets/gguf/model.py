@@ -92,7 +92,7 @@ def add_metadata(writer: gguf.GGUFWriter, base: Checkpoint, family: GgufFamily, 
     add_rope_scaling(writer, base.config)
     writer.add_file_type(FILE_TYPES[quantize])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    return add_vocab(writer, base.path, base.source.vocab_size)
+    return add_vocab(writer, base.path, base.source.vocab_size, family.sentencepiece)
 
 
 def _merged_ahead(

@@ -15,6 +15,7 @@ import gguf
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.gguf.pre_tokenizers import PRE_TOKENIZERS, PROBE
+from adaptrix.targets.gguf.sp_model import SP_MODEL, looks_special, sentencepiece_vocab
 from adaptrix.targets.gguf.spm_vocab import spm_tokens
 
 __all__ = ["add_vocab"]
@@ -24,14 +25,21 @@ logger = logging.getLogger(__name__)
 _TOKENIZER = "tokenizer.json"
 
 
-def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int) -> dict:
-    """Write the base's tokenizer into the metadata; return what the manifest records of it."""
+def add_vocab(writer: gguf.GGUFWriter, base: Path, vocab_size: int, sentencepiece: str | None = None) -> dict:
+    """Write the base's tokenizer into the metadata; return what the manifest records of it.
+
+    `sentencepiece`: how the family's converter writes a tokenizer.model where there is no
+    tokenizer.json ("llama"; "no-space-prefix" for Gemma 2 / 3); None where it does not read one.
+    """
     file = base / _TOKENIZER
+    if not file.is_file() and sentencepiece is not None and (base / SP_MODEL).is_file():
+        return _add_sentencepiece(writer, base, vocab_size, sentencepiece == "llama")
     if not file.is_file():
-        spm = (base / "tokenizer.model").is_file()
+        spm = (base / SP_MODEL).is_file()
         raise UnsupportedError(
             "has no tokenizer.json: llama.cpp reads the vocabulary from the GGUF file"
-            + (" (a SentencePiece tokenizer.model alone is not supported yet)" if spm else ""),
+            + (" (a SentencePiece tokenizer.model alone is read for llama, mistral, mixtral, gemma2 and "
+               "gemma3_text only)" if spm else ""),
             path=base,
             fix="save the base's fast tokenizer into it (AutoTokenizer...save_pretrained(BASE))",
         )  # fmt: skip
@@ -87,6 +95,22 @@ def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, spec: dict, vocab_size: i
     }
 
 
+def _add_sentencepiece(writer: gguf.GGUFWriter, base: Path, vocab_size: int, space_prefix: bool) -> dict:
+    """A tokenizer.model as the converter's _set_vocab_sentencepiece writes it."""
+    tokens, scores, types = sentencepiece_vocab(base, vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(base, n_vocab=len(tokens))
+    special.add_to_gguf(writer, quiet=True)
+    if not space_prefix:  # Gemma's converters: the text is not prefixed with a space
+        writer.add_add_space_prefix(False)
+    return {"model": "llama", "pre": "default", "tokens": len(tokens),
+            "chat_template": bool(special.chat_template), "source": SP_MODEL}  # fmt: skip
+
+
 def _prepends_space(spec: dict) -> bool:
     """Whether the tokenizer's normalizer prepends "▁" to the text (Llama 2, Mistral; not Gemma)."""
     normalizer = spec.get("normalizer") or {}
@@ -111,21 +135,12 @@ def _tokens(spec: dict, vocab_size: int, file: Path) -> tuple[list[str], list[in
         tokens.append(by_id[index])
         if index not in added:
             types.append(gguf.TokenType.NORMAL)
-        elif added[index].get("special") or _looks_special(by_id[index]):
+        elif added[index].get("special") or looks_special(by_id[index]):
             types.append(gguf.TokenType.CONTROL)
         else:
             tokens[-1] = tokens[-1].replace("\u2581", " ")  # user-defined spaces, pre-normalized
             types.append(gguf.TokenType.USER_DEFINED)
     return tokens, types
-
-
-def _looks_special(token: str) -> bool:
-    """The converter's does_token_look_special: <|...|>, <pad>, <mask>, <unused...>."""
-    return (
-        token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-        or (token.startswith("<|") and token.endswith("|>"))
-        or (token.startswith("<unused") and token.endswith(">"))
-    )
 
 
 def _pre_tokenizer(file: Path) -> str:
