@@ -11,20 +11,16 @@ each weight transformers would quantize is quantized and dequantized again, as i
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from functools import partial, wraps
 from math import prod
 from pathlib import Path
 
 import torch
 
 from adaptrix.binders.table import Binder, Layout
+from adaptrix.io.bnb_import import bnb_functional, check_bnb, import_ahead
 from adaptrix.io.jsonfile import loads_strict, read_json
 from adaptrix.io.safetensors_io import TensorInfo
 from adaptrix.ir.errors import BadInputError, UnsupportedError
@@ -40,9 +36,7 @@ _FIX_GPTQ = (
     "the merged model with {} again"
 )  # GPTQ / AWQ: their libraries need torch >= 2.14 (docs)
 _FIX_FULL = "pass the full-precision base (with --qlora-base CONFIG if the adapter was trained on a bnb one)"
-_FIX_BNB = "pip install 'adaptrix[qlora]' (bitsandbytes >= 0.46)"
 Read = Callable[[str], torch.Tensor]
-_IMPORT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +60,7 @@ class Quantization:
         the activations' dtype, `bnb_4bit_compute_dtype`, not into the weight's stored dtype: a
         bfloat16 base trained in float32 computes with the unrounded float32 values.
         """
-        functional = _bnb()
+        functional = bnb_functional()
         flip = name in self.transposed
         if self.mode == "qlora-base":
             value = read(name)
@@ -96,7 +90,7 @@ class Quantization:
 
         `value` is in the weight's own dtype; `packed` is the stored packed weight (its storage dtype).
         """
-        functional = _bnb()
+        functional = bnb_functional()
         value = value.T if name in self.transposed else value
         if self.settings["bits"] == 8:
             codes, scales, _ = functional.int8_vectorwise_quant(value.to(torch.float16))
@@ -148,8 +142,8 @@ def quantization_of(
     if config.get("quantization_config") is None:
         return None, tensors
     settings = bnb_settings(config["quantization_config"], path)
-    _check_bnb()  # a clear error before anything else when bitsandbytes is missing
-    _import_ahead()
+    check_bnb()  # a clear error before anything else when bitsandbytes is missing
+    import_ahead()
     groups = _groups_8bit(tensors) if settings["bits"] == 8 else _groups_4bit(tensors)
     hidden = {part for parts in groups.values() for part in parts}
     floats = [i.dtype for n, i in tensors.items() if i.dtype.is_floating_point and n not in hidden]
@@ -175,7 +169,7 @@ def qlora_quantization(file: Path, tensors: Mapping[str, TensorInfo], binder: Bi
     raw = read_json(file, what="quantization config")
     config = raw.get("quantization_config", raw) if isinstance(raw, dict) else raw
     settings = bnb_settings(config, file)
-    _check_bnb()
+    check_bnb()
     skip = settings["skip"] or ["lm_head"]
     groups = {}
     for name, info in tensors.items():
@@ -257,63 +251,3 @@ def _simulate(functional, value: torch.Tensor, settings: dict) -> torch.Tensor:
 def _compute_dtype(settings: dict) -> torch.dtype:
     """The dtype bitsandbytes' 4-bit matmul dequantizes into (transformers' default: float32)."""
     return _COMPUTE[settings.get("compute_dtype", "float32")]
-
-
-def _check_bnb() -> None:
-    """A missing bitsandbytes is an error at once (it is imported for the first weight read)."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UnsupportedError("a bitsandbytes-quantized base needs the bitsandbytes package", fix=_FIX_BNB)
-
-
-def _bnb():
-    """bitsandbytes.functional, imported on first use (a quantized base needs it).
-
-    Its import wraps a few kernels in torch.compile, which imports inductor (600 modules: seconds,
-    more than merging a 1B model). While it imports, torch.compile defers that to a wrapped
-    function's first call (each is compiled then, as bitsandbytes asked); the CPU kernels a merge
-    calls are not among them.
-    """
-    _check_bnb()
-    with _IMPORT_LOCK:
-        if "bitsandbytes.functional" in sys.modules:
-            return sys.modules["bitsandbytes.functional"]
-        real, torch.compile = torch.compile, partial(_compile_on_first_call, torch.compile)
-        try:
-            return importlib.import_module("bitsandbytes.functional")
-        except ImportError as exc:
-            raise UnsupportedError(f"bitsandbytes does not import ({exc})", fix=_FIX_BNB) from None
-        finally:
-            torch.compile = real
-
-
-def _import_ahead() -> None:
-    """Import bitsandbytes, and torch._dynamo (imported by its kernels' first call), on a thread.
-
-    About 2 s of imports on the merge's path otherwise; meanwhile the caller plans the merge and
-    the hashing thread reads the base. A failure here is left for the first real use to raise.
-    """
-
-    def run() -> None:
-        try:
-            _bnb()
-            importlib.import_module("torch._dynamo")
-        except (ImportError, UnsupportedError):
-            pass  # raised again, in the caller's thread, by the first dequantization
-
-    if "torch._dynamo" not in sys.modules:
-        threading.Thread(target=run, name="adaptrix-import-bnb", daemon=True).start()
-
-
-def _compile_on_first_call(compile_, fn=None, **options):
-    """torch.compile(fn, **options), run when the returned function is first called."""
-    if fn is None:
-        return partial(_compile_on_first_call, compile_, **options)
-    compiled = []
-
-    @wraps(fn)
-    def call(*args, **kwargs):
-        if not compiled:
-            compiled.append(compile_(fn, **options))
-        return compiled[0](*args, **kwargs)
-
-    return call
