@@ -1,0 +1,175 @@
+"""The hooks of routed modules (`--pass route`, PEFT's Arrow): one product per group of modules.
+
+A decode step of a small model costs per torch op, not per byte, so a routed module's work is
+laid out to take as few ops as possible. Each adapter's prototype and its `down` (zero-padded to
+the group's largest rank R) sit side by side, [p_a | down_a], so one matmul gives every score
+and every low-rank code, viewed [tokens, modules, adapters, 1 + R]: column 0 the score, the rest
+the codes. Top_k 1 keeps the codes of the adapter with the largest |score| (a 0/1 mask: the
+softmax of one score is 1); a larger top_k multiplies them by Arrow's softmax coefficients.
+q, k and v (and gate and up) read one input, so, like shared_input.py's groups, the first of
+them to run computes the whole group's product and mix; the others take their columns of it,
+only while they get the very same tensor (same object, same version counter).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from adaptrix.runtimes.hooks.route import arrow_coefficients_of
+
+__all__ = ["RouteGroup", "RouteHook", "group_routes"]
+
+# Roles whose modules read one input in the families Adaptrix binds (as shared_input.py's).
+_INPUTS = {"attn_q": "attn", "attn_k": "attn", "attn_v": "attn", "mlp_gate": "mlp", "mlp_up": "mlp"}
+
+
+def _padded(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """The tensor with zeros appended along `dim` up to `size`."""
+    missing = size - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+class RouteHook:
+    """The forward hook of a routed module: adds scale * (its group's mix of codes) @ up to the output."""
+
+    __slots__ = ("entry", "group", "handle", "number", "own", "up")
+
+    def __init__(self, handle, entry, bundle, device: torch.device, dtype: torch.dtype, rank: int):
+        self.handle, self.entry = handle, entry
+        route, key = entry.route, ("route", entry.name, str(device), dtype, rank)
+        self.up = bundle.derived((*key, "up"), lambda: _up(route, bundle, device, dtype, rank))
+        self.own = bundle.derived((*key, "joint"), lambda: _joint(route, bundle, device, dtype, rank))
+        self.group: RouteGroup | None = None
+        self.number = 0  # this module's place in its group
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+        """The forward hook: output + scale * sum_e coeff_e * x @ down_e @ up_e."""
+        scale = self.handle._scale
+        if scale == 0.0:
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        group = self.group
+        if x.device != group.device:
+            group.move(x.device)
+        mixed = group.mixed(x, self)
+        if output.dtype == mixed.dtype and not output.requires_grad and output.is_contiguous():
+            output.view(-1, output.shape[-1]).addmm_(mixed, self.up, alpha=scale)
+            return output
+        delta = (mixed @ self.up).view(*output.shape[:-1], -1)
+        return torch.add(output, delta.to(output.dtype), alpha=scale)
+
+
+class RouteGroup:
+    """Routed modules that read one input: their joint [in, G * W] (W = A * (1 + R)) and the last mix."""
+
+    __slots__ = ("adapters", "device", "expand", "hooks", "joint", "mix", "owner", "pending", "sharing",
+                 "temperature", "top_k", "version", "width", "x")  # fmt: skip
+
+    def __init__(self, hooks: list[RouteHook], joint: torch.Tensor, rank: int):
+        route = hooks[0].entry.route
+        self.hooks, self.joint, self.device = hooks, joint, joint.device
+        self.adapters, self.top_k = len(route["adapters"]), route["top_k"]
+        self.temperature = float(route["temperature"])
+        self.width = self.adapters * (1 + rank)
+        # Which adapter each column of a module's [scores | codes] belongs to (-1: a score).
+        adapters = torch.arange(self.adapters)
+        self.owner = torch.cat([torch.full((self.adapters,), -1), adapters.repeat_interleave(rank)])
+        self.expand = (self.owner == adapters.unsqueeze(1)).to(joint.dtype)  # [A, W], top_k > 1
+        self.owner, self.expand = self.owner.to(joint.device), self.expand.to(joint.device)
+        for number, hook in enumerate(hooks):
+            hook.group, hook.number = self, number
+        self.sharing = len(hooks) > 1
+        self.x = self.mix = self.version = None
+        self.pending = 0
+
+    def mixed(self, x: torch.Tensor, hook: RouteHook) -> torch.Tensor:
+        """The hook's coefficient-weighted [scores | codes] [tokens, W] for input x."""
+        if not self.sharing:
+            return self._mix(x, hook.own, 1)
+        version = None if x.is_inference() else x._version
+        if x is self.x and version == self.version:
+            self.pending -= 1
+            mix = self.mix
+            if self.pending <= 0:
+                self.x = self.mix = None  # drop the references: activations are not kept
+            return mix[hook.number]
+        if self.pending > 0:  # a member expected the group's input and got another one
+            self.sharing, self.x, self.mix = False, None, None
+            return self._mix(x, hook.own, 1)
+        mix = self._mix(x, self.joint, len(self.hooks))
+        self.mix, self.x, self.version, self.pending = mix, x, version, len(self.hooks) - 1
+        return mix[hook.number]
+
+    def _mix(self, x: torch.Tensor, joint: torch.Tensor, modules: int) -> torch.Tensor | tuple:
+        """Each column of [scores | codes] times its adapter's Arrow coefficient (scores: 0).
+
+        [tokens, W] for one module, else a tuple of one per module. Top_k 1 needs no softmax
+        (the softmax of one score is 1): a column is kept where its owner is the argmax.
+        """
+        x = x if x.dtype == joint.dtype else x.to(joint.dtype)
+        both = (x @ joint).view(-1, modules, self.width) if modules > 1 else (x @ joint).view(-1, self.width)
+        scores = both[..., : self.adapters]
+        if self.top_k == 1:
+            weights = scores.abs().argmax(-1, keepdim=True) == self.owner
+        else:
+            weights = arrow_coefficients_of(scores, self.top_k, self.temperature) @ self.expand
+        return (both * weights).unbind(1) if modules > 1 else both * weights
+
+    def move(self, device: torch.device) -> None:
+        """Follow the modules to another device."""
+        self.joint, self.device = self.joint.to(device), device
+        self.owner, self.expand = self.owner.to(device), self.expand.to(device)
+        for hook in self.hooks:
+            hook.up, hook.own = hook.up.to(device), hook.own.to(device)
+        self.x = self.mix = None
+        self.pending = 0
+
+
+def _joint(route: dict, bundle, device: torch.device, dtype: torch.dtype, rank: int) -> torch.Tensor:
+    """[in, W]: the prototypes, then each adapter's down padded to rank R."""
+    parts = [bundle.prepared(route["prototypes"], device, dtype).T]
+    parts += [_padded(bundle.prepared(expert["down"], device, dtype), rank, 1) for expert in route["experts"]]
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def _up(route: dict, bundle, device: torch.device, dtype: torch.dtype, rank: int) -> torch.Tensor:
+    """[W, out]: zero rows for the scores, then each adapter's up (scale folded in) padded to rank R."""
+    ups = [_padded(bundle.prepared(expert["up"], device, dtype), rank, 0) for expert in route["experts"]]
+    return torch.cat([ups[0].new_zeros(len(ups), ups[0].shape[1]), *ups], dim=0).contiguous()
+
+
+def _side_by_side(hooks: list[RouteHook]) -> torch.Tensor:
+    """The members' joints side by side."""
+    return torch.cat([hook.own for hook in hooks], dim=1).contiguous()
+
+
+def group_routes(handle, entries: list, bundle, device_dtype) -> list[tuple[RouteHook, torch.nn.Module]]:
+    """A RouteHook per routed (entry, module); modules of one layer that read one input share a group.
+
+    `device_dtype(module)` gives the device and compute dtype of a module's deltas. A group's
+    members have the same adapters, device and dtype; R is the largest rank among them.
+    """
+    groups: dict[tuple, list] = defaultdict(list)
+    for entry, module in entries:
+        device, dtype = device_dtype(module)
+        layer, _, role = entry.sites[0].rpartition(" ") if len(entry.sites) == 1 else ("", "", "")
+        adapters = tuple(entry.route["adapters"])
+        shared = (layer, _INPUTS[role]) if role in _INPUTS and layer else (entry.name,)
+        key = (*shared, adapters, entry.route["top_k"], entry.route["temperature"], str(device), dtype)
+        groups[key].append((entry, module, device, dtype))
+    hooks = []
+    for members in groups.values():
+        rank = max(expert["rank"] for entry, *_ in members for expert in entry.route["experts"])
+        made = [RouteHook(handle, entry, bundle, device, dtype, rank) for entry, _, device, dtype in members]
+        _, _, device, dtype = members[0]
+        key = ("route group", tuple(entry.name for entry, *_ in members), str(device), dtype, rank)
+        joint = made[0].own if len(made) == 1 else bundle.derived(key, lambda made=made: _side_by_side(made))
+        RouteGroup(made, joint, rank)
+        hooks += [(hook, module) for hook, (_, module, *_) in zip(made, members, strict=True)]
+    return hooks
