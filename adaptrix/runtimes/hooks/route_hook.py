@@ -1,14 +1,16 @@
 """The hooks of routed modules (`--pass route`, PEFT's Arrow): one product per group of modules.
 
-A decode step of a small model costs per torch op, not per byte, so a routed module's work is
-laid out to take as few ops as possible. Each adapter's prototype and its `down` (zero-padded to
-the group's largest rank R) sit side by side, [p_a | down_a], so one matmul gives every score
-and every low-rank code, viewed [tokens, modules, adapters, 1 + R]: column 0 the score, the rest
-the codes. Top_k 1 keeps the codes of the adapter with the largest |score| (a 0/1 mask: the
-softmax of one score is 1); a larger top_k multiplies them by Arrow's softmax coefficients.
-q, k and v (and gate and up) read one input, so, like shared_input.py's groups, the first of
-them to run computes the whole group's product and mix; the others take their columns of it,
-only while they get the very same tensor (same object, same version counter).
+A decode step of a small model costs per torch op, not per byte, so a routed module's work takes
+as few ops as it can. Its joint [P.T | -P.T | down_1 ... down_A] (each down zero-padded to the
+group's largest rank R; W = A * (2 + R) columns) gives in one matmul every signed score, its
+negative and every low-rank code. Top_k 1: the argmax over [s | -s] is the adapter with the
+largest |s| (index mod A), and one row lookup in a 0/1 table [2A, W] keeps that adapter's codes
+(the softmax of one score is 1); a larger top_k multiplies the codes by Arrow's softmax
+coefficients. The masked row goes into one addmm with [0 | up_1 ... up_A] (zero rows for the
+scores, each up with its adapter's scale folded in). q, k and v (and gate and up) read one
+input, so, like shared_input.py's groups, the first of them to run computes the whole group's
+product and mask; the others take their part of it, only while they get the very same tensor
+(same object, same version counter).
 """
 
 from __future__ import annotations
@@ -66,22 +68,22 @@ class RouteHook:
 
 
 class RouteGroup:
-    """Routed modules that read one input: their joint [in, G * W] (W = A * (1 + R)) and the last mix."""
+    """Routed modules that read one input: their joint [in, G * W] and the last input's mix."""
 
-    __slots__ = ("adapters", "device", "expand", "hooks", "joint", "mix", "owner", "pending", "sharing",
-                 "temperature", "top_k", "version", "width", "x")  # fmt: skip
+    __slots__ = ("adapters", "device", "hooks", "joint", "mix", "pending", "sharing", "table", "temperature",
+                 "top_k", "version", "width", "x")  # fmt: skip
 
     def __init__(self, hooks: list[RouteHook], joint: torch.Tensor, rank: int):
         route = hooks[0].entry.route
         self.hooks, self.joint, self.device = hooks, joint, joint.device
         self.adapters, self.top_k = len(route["adapters"]), route["top_k"]
         self.temperature = float(route["temperature"])
-        self.width = self.adapters * (1 + rank)
-        # Which adapter each column of a module's [scores | codes] belongs to (-1: a score).
-        adapters = torch.arange(self.adapters)
-        self.owner = torch.cat([torch.full((self.adapters,), -1), adapters.repeat_interleave(rank)])
-        self.expand = (self.owner == adapters.unsqueeze(1)).to(joint.dtype)  # [A, W], top_k > 1
-        self.owner, self.expand = self.owner.to(joint.device), self.expand.to(joint.device)
+        self.width = self.adapters * (2 + rank)
+        # Row j: ones on the codes of adapter j mod A, the one whose |score| is the j-th of [s | -s].
+        count = self.adapters
+        owner = torch.cat([torch.full((2 * count,), -1), torch.arange(count).repeat_interleave(rank)])
+        rows = torch.arange(2 * count) % count
+        self.table = (owner == rows.unsqueeze(1)).to(device=joint.device, dtype=joint.dtype)  # [2A, W]
         for number, hook in enumerate(hooks):
             hook.group, hook.number = self, number
         self.sharing = len(hooks) > 1
@@ -89,7 +91,7 @@ class RouteGroup:
         self.pending = 0
 
     def mixed(self, x: torch.Tensor, hook: RouteHook) -> torch.Tensor:
-        """The hook's coefficient-weighted [scores | codes] [tokens, W] for input x."""
+        """The hook's coefficient-weighted codes [tokens, W] for input x."""
         if not self.sharing:
             return self._mix(x, hook.own, 1)
         version = None if x.is_inference() else x._version
@@ -107,24 +109,24 @@ class RouteGroup:
         return mix[hook.number]
 
     def _mix(self, x: torch.Tensor, joint: torch.Tensor, modules: int) -> torch.Tensor | tuple:
-        """Each column of [scores | codes] times its adapter's Arrow coefficient (scores: 0).
+        """Each code times its adapter's Arrow coefficient (the scores' columns meet zero rows of up).
 
-        [tokens, W] for one module, else a tuple of one per module. Top_k 1 needs no softmax
-        (the softmax of one score is 1): a column is kept where its owner is the argmax.
+        [tokens, W] for one module, else a tuple of one per module.
         """
         x = x if x.dtype == joint.dtype else x.to(joint.dtype)
         both = (x @ joint).view(-1, modules, self.width) if modules > 1 else (x @ joint).view(-1, self.width)
-        scores = both[..., : self.adapters]
-        if self.top_k == 1:
-            weights = scores.abs().argmax(-1, keepdim=True) == self.owner
+        if self.top_k == 1:  # the largest of [s | -s] is the largest |s|
+            weights = torch.embedding(self.table, both[..., : 2 * self.adapters].argmax(-1))
         else:
-            weights = arrow_coefficients_of(scores, self.top_k, self.temperature) @ self.expand
-        return (both * weights).unbind(1) if modules > 1 else both * weights
+            coefficients = arrow_coefficients_of(both[..., : self.adapters], self.top_k, self.temperature)
+            weights = coefficients @ self.table[: self.adapters]
+        both = both * weights if both.requires_grad else both.mul_(weights)
+        return both.unbind(1) if modules > 1 else both
 
     def move(self, device: torch.device) -> None:
         """Follow the modules to another device."""
         self.joint, self.device = self.joint.to(device), device
-        self.owner, self.expand = self.owner.to(device), self.expand.to(device)
+        self.table = self.table.to(device)
         for hook in self.hooks:
             hook.up, hook.own = hook.up.to(device), hook.own.to(device)
         self.x = self.mix = None
@@ -132,8 +134,9 @@ class RouteGroup:
 
 
 def _joint(route: dict, bundle, device: torch.device, dtype: torch.dtype, rank: int) -> torch.Tensor:
-    """[in, W]: the prototypes, then each adapter's down padded to rank R."""
-    parts = [bundle.prepared(route["prototypes"], device, dtype).T]
+    """[in, W]: the prototypes, their negatives, then each adapter's down padded to rank R."""
+    prototypes = bundle.prepared(route["prototypes"], device, dtype).T
+    parts = [prototypes, -prototypes]
     parts += [_padded(bundle.prepared(expert["down"], device, dtype), rank, 1) for expert in route["experts"]]
     return torch.cat(parts, dim=1).contiguous()
 
@@ -141,7 +144,7 @@ def _joint(route: dict, bundle, device: torch.device, dtype: torch.dtype, rank: 
 def _up(route: dict, bundle, device: torch.device, dtype: torch.dtype, rank: int) -> torch.Tensor:
     """[W, out]: zero rows for the scores, then each adapter's up (scale folded in) padded to rank R."""
     ups = [_padded(bundle.prepared(expert["up"], device, dtype), rank, 0) for expert in route["experts"]]
-    return torch.cat([ups[0].new_zeros(len(ups), ups[0].shape[1]), *ups], dim=0).contiguous()
+    return torch.cat([ups[0].new_zeros(2 * len(ups), ups[0].shape[1]), *ups], dim=0).contiguous()
 
 
 def _side_by_side(hooks: list[RouteHook]) -> torch.Tensor:
