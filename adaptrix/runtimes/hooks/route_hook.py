@@ -40,13 +40,14 @@ def _padded(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
 class RouteHook:
     """The forward hook of a routed module: adds scale * (its group's mix of codes) @ up to the output."""
 
-    __slots__ = ("entry", "group", "handle", "number", "own", "up")
+    __slots__ = ("entry", "group", "handle", "number", "own", "up", "up3")
 
     def __init__(self, handle, entry, bundle, device: torch.device, dtype: torch.dtype, rank: int):
         self.handle, self.entry = handle, entry
         route, key = entry.route, ("route", entry.name, str(device), dtype, rank)
         self.up = bundle.derived((*key, "up"), lambda: _up(route, bundle, device, dtype, rank))
         self.own = bundle.derived((*key, "joint"), lambda: _joint(route, bundle, device, dtype, rank))
+        self.up3 = self.up.unsqueeze(0)  # [1, W, out]: a batch of one for baddbmm_
         self.group: RouteGroup | None = None
         self.number = 0  # this module's place in its group
 
@@ -59,12 +60,15 @@ class RouteHook:
         group = self.group
         if x.device != group.device:
             group.move(x.device)
-        mixed = group.mixed(x, self)
-        if output.dtype == mixed.dtype and not output.requires_grad and output.is_contiguous():
-            output.view(-1, output.shape[-1]).addmm_(mixed, self.up, alpha=scale)
-            return output
-        delta = (mixed @ self.up).view(*output.shape[:-1], -1)
-        return torch.add(output, delta.to(output.dtype), alpha=scale)
+        mixed = group.mixed(x, self)  # x's shape but the last axis: [..., W]
+        if output.dtype != mixed.dtype or output.requires_grad or not output.is_contiguous():
+            return torch.add(output, (mixed @ self.up).to(output.dtype), alpha=scale)
+        if mixed.dim() == 3:  # [batch, tokens, W]: no view to make
+            batch = mixed.shape[0]
+            up = self.up3 if batch == 1 else self.up3.expand(batch, -1, -1)
+            return output.baddbmm_(mixed, up, alpha=scale)
+        output.view(-1, output.shape[-1]).addmm_(mixed.reshape(-1, mixed.shape[-1]), self.up, alpha=scale)
+        return output
 
 
 class RouteGroup:
@@ -91,7 +95,7 @@ class RouteGroup:
         self.pending = 0
 
     def mixed(self, x: torch.Tensor, hook: RouteHook) -> torch.Tensor:
-        """The hook's coefficient-weighted codes [tokens, W] for input x."""
+        """The hook's coefficient-weighted codes [..., W] for input x."""
         if not self.sharing:
             return self._mix(x, hook.own, 1)
         version = None if x.is_inference() else x._version
@@ -111,17 +115,19 @@ class RouteGroup:
     def _mix(self, x: torch.Tensor, joint: torch.Tensor, modules: int) -> torch.Tensor | tuple:
         """Each code times its adapter's Arrow coefficient (the scores' columns meet zero rows of up).
 
-        [tokens, W] for one module, else a tuple of one per module.
+        [..., W] (x's leading axes) for one module, else a tuple of one per module.
         """
         x = x if x.dtype == joint.dtype else x.to(joint.dtype)
-        both = (x @ joint).view(-1, modules, self.width) if modules > 1 else (x @ joint).view(-1, self.width)
+        both = x @ joint
+        if modules > 1:
+            both = both.view(*both.shape[:-1], modules, self.width)
         if self.top_k == 1:  # the largest of [s | -s] is the largest |s|
             weights = torch.embedding(self.table, both[..., : 2 * self.adapters].argmax(-1))
         else:
             coefficients = arrow_coefficients_of(both[..., : self.adapters], self.top_k, self.temperature)
             weights = coefficients @ self.table[: self.adapters]
         both = both * weights if both.requires_grad else both.mul_(weights)
-        return both.unbind(1) if modules > 1 else both
+        return both.unbind(-2) if modules > 1 else both
 
     def move(self, device: torch.device) -> None:
         """Follow the modules to another device."""
@@ -129,6 +135,7 @@ class RouteGroup:
         self.table = self.table.to(device)
         for hook in self.hooks:
             hook.up, hook.own = hook.up.to(device), hook.own.to(device)
+            hook.up3 = hook.up.unsqueeze(0)
         self.x = self.mix = None
         self.pending = 0
 
