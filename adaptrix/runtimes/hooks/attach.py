@@ -23,7 +23,7 @@ from adaptrix.runtimes.hooks.fit import fit_bottlenecks, fit_modules
 from adaptrix.runtimes.hooks.module_hook import ModuleHook, compute_dtype
 from adaptrix.runtimes.hooks.packed_hook import PackedHook
 from adaptrix.runtimes.hooks.quantized_weight import plain_dtype
-from adaptrix.runtimes.hooks.route import RouteHook
+from adaptrix.runtimes.hooks.route_hook import group_routes
 from adaptrix.runtimes.hooks.shared_input import share_inputs
 
 __all__ = ["Handle", "attach", "attached", "switch"]
@@ -108,14 +108,14 @@ class Handle:
                     packed.setdefault((id(module), entry.packed["param"]), [module]).append(entry)
             for module, *entries in packed.values():
                 self._removers.extend(PackedHook(self, module, entries, self.bundle).register(module))
-            hooked = []
+            hooked, routed = [], []
             for entry, module in fitted:
                 if entry.packed is not None:
                     continue
                 for name, key in entry.replace.items():
                     self._swap(module, name, self.bundle.tensors[key])
                 if entry.route:
-                    self._route(entry, module)
+                    routed.append((entry, module))
                 if entry.lora or entry.bias or entry.dense or entry.scale_out or entry.scale_in:
                     hook = ModuleHook(self, module, entry, self.bundle)
                     self._hooks.append(hook)
@@ -124,12 +124,8 @@ class Handle:
                     if entry.scale_in:
                         self._removers.append(module.register_forward_pre_hook(hook.pre, with_kwargs=True))
             share_inputs(hooked, self.bundle)
-
-    def _route(self, entry: ModuleEntry, module: torch.nn.Module) -> None:
-        """Hook a routed module (several adapters mixed per token)."""
-        reference = next(module.parameters())
-        hook = RouteHook(self, entry, self.bundle, reference.device, compute_dtype(plain_dtype(reference)))
-        self._removers.append(module.register_forward_hook(hook, with_kwargs=True))
+            for hook, module in group_routes(self, routed, self.bundle, _device_dtype):
+                self._removers.append(module.register_forward_hook(hook, with_kwargs=True))
 
     def _swap(self, module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         current = module._parameters[name]
@@ -151,6 +147,12 @@ def switch(model: torch.nn.Module, bundle: Path | str | Bundle, scale: float = 1
 def attached(model: torch.nn.Module) -> list[Handle]:
     """The handles attached to `model`, in the order they were attached."""
     return list(_ATTACHED.get(model, []))
+
+
+def _device_dtype(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a routed module's deltas live and the dtype they are computed in."""
+    reference = next(module.parameters())
+    return reference.device, compute_dtype(plain_dtype(reference))
 
 
 def _finite_scale(value: object) -> float:

@@ -4,7 +4,8 @@ The entry's `route` section: `method` ("arrow"), `top_k`, `temperature`, `adapte
 `prototypes` (a tensor key, [adapters, in]) and `experts` (one {rank, down [in, r], up [r, out]}
 per adapter, each adapter's scale folded into its `up`). Per token x the module's output gains
 sum_e coeff_e * x @ down_e @ up_e, with coeff the softmax over the top_k of |x @ prototypes.T|
-divided by the temperature (zero for the others), times the handle's scale.
+divided by the temperature (zero for the others), times the handle's scale. The hooks that
+compute it: route_hook.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from adaptrix.runtimes.hooks.bundle_schema import _finite, _object, _refuse, positive_int, string
 
 __all__ = [
-    "RouteHook",
     "arrow_coefficients",
     "arrow_coefficients_of",
     "check_route",
@@ -86,58 +86,3 @@ def arrow_coefficients_of(scores: torch.Tensor, top_k: int, temperature: float) 
     top, index = torch.topk(scores, top_k, dim=-1)
     full = torch.full_like(scores, float("-inf")).scatter(-1, index, top)
     return torch.softmax(full / temperature, dim=-1)
-
-
-class RouteHook:
-    """The forward hook of a routed module: adds the per-token mix of its adapters' LoRA outputs.
-
-    One matmul gives both the scores and every adapter's low-rank codes (x @ [P.T | down_1 ...]);
-    each adapter's coefficient reaches its rank's columns through `expand` ([adapters, sum r], ones
-    on its columns): a row lookup for top_k 1 (the softmax of one score is 1), a product otherwise.
-    The sum goes into the output in place.
-    """
-
-    __slots__ = ("adapters", "expand", "handle", "joint", "temperature", "top_k", "up")
-
-    def __init__(self, handle, entry, bundle, device: torch.device, dtype: torch.dtype):
-        route = entry.route
-        self.handle, self.top_k, self.temperature = handle, route["top_k"], float(route["temperature"])
-        experts = route["experts"]
-        self.adapters = len(experts)
-        ranks = torch.tensor([expert["rank"] for expert in experts])
-        columns = torch.repeat_interleave(torch.arange(len(experts)), ranks)
-        self.expand = (columns.unsqueeze(0) == torch.arange(len(experts)).unsqueeze(1)).to(device, dtype)
-        parts = [bundle.prepared(route["prototypes"], device, dtype).T]
-        parts += [bundle.prepared(expert["down"], device, dtype) for expert in experts]
-        ups = [bundle.prepared(expert["up"], device, dtype) for expert in experts]
-        key = ("route", entry.name, str(device), dtype)
-        self.joint = bundle.derived((*key, "joint"), lambda: torch.cat(parts, dim=1).contiguous())
-        self.up = bundle.derived((*key, "up"), lambda: torch.cat(ups, dim=0))  # [sum r, out]
-
-    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        """The forward hook: output + scale * sum_e coeff_e * x @ down_e @ up_e."""
-        scale = self.handle._scale
-        if scale == 0.0:
-            return output
-        x = args[0] if args else next(iter(kwargs.values()))
-        if x.device != self.joint.device:
-            self._move(x.device)
-        tokens = x.reshape(-1, x.shape[-1])
-        tokens = tokens if tokens.dtype == self.joint.dtype else tokens.to(self.joint.dtype)
-        both = tokens @ self.joint
-        scores, low = both[:, : self.adapters], both[:, self.adapters :]
-        if self.top_k == 1:
-            by_rank = self.expand.index_select(0, scores.abs().argmax(-1))
-        else:
-            by_rank = arrow_coefficients_of(scores, self.top_k, self.temperature) @ self.expand
-        low = low * by_rank
-        if output.dtype == low.dtype and not output.requires_grad and output.is_contiguous():
-            output.view(-1, output.shape[-1]).addmm_(low, self.up, alpha=scale)
-            return output
-        delta = (low @ self.up).view(*output.shape[:-1], -1)
-        return torch.add(output, delta.to(output.dtype), alpha=scale)
-
-    def _move(self, device: torch.device) -> None:
-        """Follow the module to another device."""
-        for name in ("joint", "up", "expand"):
-            setattr(self, name, getattr(self, name).to(device))
