@@ -72,8 +72,10 @@ def test_fp32_graph_has_fused_norms_packed_qkv_and_no_constants(head16):
     assert found["SkipSimplifiedLayerNormalization"] == 2 * LAYERS  # every norm after the first takes its Add
     for op in ("Pow", "ReduceMean", "Sqrt", "Div", "Constant", "Identity", "ConstantOfShape", "Reshape"):
         assert found[op] == 0, op  # the last two: optimum's mask, now 12 nodes (mask.py)
-    assert sum(found.values()) == 14 * LAYERS + 22  # per layer 14, then the mask, embedding, head
-    assert found["MatMul"] == MATMULS and found["GroupQueryAttention"] == found["Split"] == LAYERS
+    assert sum(found.values()) == 11 * LAYERS + 22  # per layer 11, then the mask, embedding, head
+    # the packed q/k/v goes into the attention, which rotates q and k itself (attention_rotary.py)
+    assert found["MatMul"] == MATMULS and found["GroupQueryAttention"] == LAYERS
+    assert found["Split"] == found["RotaryEmbedding"] == 0
     names = node_names(out)
     for layer in range(LAYERS):
         assert f"/model/layers.{layer}/self_attn/qkv_proj/MatMul" in names
@@ -146,3 +148,22 @@ def test_a_graph_without_the_patterns_is_left_as_exported_and_the_report_says_wh
     with torch.no_grad():
         expected = PeftModel.from_pretrained(load_model("gpt2", base), adapter).eval()(**inputs).logits
     assert max_diff(prefill(session(tmp_path / "out"), inputs), expected) <= ONNX_FP32_TOLERANCE
+
+
+def test_heads_of_eight_keep_their_rotary_nodes_and_the_report_says_why(bases, tmp_path):
+    """GroupQueryAttention's own rotary takes head sizes that are multiples of 16 only."""
+    base = bases("llama")  # head size 8
+    adapter = seeded_adapter("llama", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "onnx-cpu", tmp_path / "out")
+    found = ops(tmp_path / "out")
+    assert found["RotaryEmbedding"] == 2 * LAYERS and found["Split"] == LAYERS
+    report = graph_section(tmp_path / "out")["rotary_in_attention"]
+    assert report["fused"] == 0 and all("multiple of 16" in why for why in report["declined"].values())
+    inputs = sample_inputs("llama")
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(load_model("llama", base), adapter).eval()(**inputs).logits
+    assert max_diff(prefill(session(tmp_path / "out"), inputs), expected) <= ONNX_FP32_TOLERANCE
+
+
+def test_head16_report_counts_every_layer_rotating_inside_the_attention(head16):
+    assert graph_section(head16[2])["rotary_in_attention"] == {"fused": LAYERS, "declined": {}}

@@ -2,7 +2,8 @@
 
 Runs after the patches, LoRA / IA3 inputs and bottleneck nodes are in the graph and before
 quantization: norm.py (RMSNorm -> (Skip)SimplifiedLayerNormalization), pack.py (q/k/v in one
-MatMul and a Split), mask.py (the fused attention's mask in 12 nodes), fold.py (no dead nodes,
+MatMul and a Split), attention_rotary.py (the packed projection into GroupQueryAttention, which
+rotates q and k itself), mask.py (the fused attention's mask in 12 nodes), fold.py (no dead nodes,
 Identity or Constant). Each step reports what it did or why it declined, in the manifest.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from adaptrix.targets.onnx.attention_rotary import rotary_in_attention
 from adaptrix.targets.onnx.fold import fold_graph
 from adaptrix.targets.onnx.mask import compact_mask
 from adaptrix.targets.onnx.norm import fuse_norms
@@ -45,6 +47,7 @@ def lean_decoder(model: onnx.ModelProto, values: dict, folder: Path) -> LeanRepo
     """Fuse the norms, pack q/k/v and fold the graph in place; packed weights' values go into `values`."""
     norms = fuse_norms(model)
     packed = pack_qkv(model, values, folder)
+    rotary = rotary_in_attention(model)
     mask = compact_mask(model)
     folded = fold_graph(model)
     manifest = {
@@ -53,6 +56,7 @@ def lean_decoder(model: onnx.ModelProto, values: dict, folder: Path) -> LeanRepo
             "packed_layers": packed.packed,
             "declined": packed.declined,
         },
+        "rotary_in_attention": asdict(rotary),
         "mask": asdict(mask),
         "folded": asdict(folded),
     }

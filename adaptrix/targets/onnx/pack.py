@@ -5,10 +5,7 @@ concatenated along the output ([in, q + k + v]) and a Split back into the three 
 quantized graph runs one MatMulNBits per layer where it ran three (the blocks run along the
 input, so the packed weight quantizes to the same bytes as the three).
 
-Not done: handing the packed projection to GroupQueryAttention itself (do_rotary, as the builder
-does) and dropping the Split and both RotaryEmbedding nodes. onnxruntime 1.32's kernel then takes
-a decode step's rotary positions from seqlens_k, not from position_ids: a left-padded row of a
-batch (optimum's ORTModel) would get the wrong positions (measured: logits 0.11 off PEFT's).
+attention_rotary.py then hands the packed projection to GroupQueryAttention where it can.
 
 Runs after the patches and the LoRA / IA3 / bottleneck nodes are in: a merged weight is read
 where the patch left it (`values`). A layer is packed only where it is safe, and the report says
