@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from adaptrix.api.dequantized import dequantized_base
 from adaptrix.api.manifest import input_hashes, write_manifest
 from adaptrix.api.process import prepare_compile
 from adaptrix.frontends.air.adapter import AirAdapter
@@ -115,6 +116,11 @@ def compile_adapter(
     checkpoint = Checkpoint(base, qlora_base=options.pop("qlora_base", None))
     _check_merge_into(options.pop("merge_into", None), checkpoint, emit)
     _check_requantize(requantize, checkpoint, dtype)
+    given_base = checkpoint  # a quantized base: the ONNX targets read its dequantized copy
+    if checkpoint.quantization is not None and emit.name.startswith("onnx"):
+        if phase is not None:
+            phase("dequantizing the base (once; later compiles reuse it)")
+        checkpoint = dequantized_base(checkpoint, options.get("cache_dir"))
     read = [read_adapter(path) for path in adapters]
     guarded = _read_paths(adapters, Path(base), options, passes)
     guarded += [Path(qlora_base)] if qlora_base is not None else []
@@ -135,7 +141,7 @@ def compile_adapter(
     out_dtype = str(torch_dtype or checkpoint.dtype()).removeprefix("torch.")
     inputs = {"adapter" if i == 0 else f"adapter.{i + 1}": (path, adapter_read.files())
               for i, (path, adapter_read) in enumerate(zip(adapters, read, strict=True))}  # fmt: skip
-    inputs["base"] = (Path(base), checkpoint.files())
+    inputs["base"] = (Path(base), given_base.files())
     if qlora_base is not None:
         inputs["qlora_base"] = (Path(qlora_base), [Path(qlora_base)])
     total = sum(info.nbytes for info in checkpoint.tensors.values())
@@ -164,7 +170,7 @@ def compile_adapter(
                 "sites": len(irs[0].sites()),
                 "source": irs[0].source.as_dict(),
                 **written.manifest,
-                **_quantized_base(checkpoint, requantize),
+                **_quantized_base(given_base, requantize),
             },
         )
     logger.info("compiled %s for %s into %s (%s)", adapter, base, out, target)
@@ -200,7 +206,8 @@ def _check_merge_into(merge_into: str | None, checkpoint: Checkpoint, emit: Targ
             raise BadInputError(f"--merge-into {merge_into} needs a quantized base", path=checkpoint.path,
                                 fix="for a full-precision base: --qlora-base CONFIG")  # fmt: skip
         return
-    if "qlora_base" not in emit.options:
+    if "qlora_base" not in emit.options and not (emit.name.startswith("onnx") and checkpoint.quantization.mode
+                                                  == "dequantized"):  # fmt: skip
         raise UnsupportedError(f"--target {emit.name} does not take a quantized base", path=checkpoint.path,
                                fix="compile to merged first, then from the merged model")  # fmt: skip
 
