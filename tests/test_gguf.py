@@ -30,13 +30,15 @@ GELU_TOLERANCE = 1e-3
 GELU_LORA_TOLERANCE = 1e-4
 # float16 weights: each weight rounded to 11 significant bits; measured <= 1.5e-3 here.
 F16_TOLERANCE = 5e-3
-EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite")
+EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
+         "olmo", "olmo2")  # fmt: skip
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text")
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
 OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre_attn_scalar": 16},
              "qwen3_moe": {"norm_topk_prob": True},
              # not llama's 1 and 1/sqrt(head_dim): each multiplier must reach llama.cpp's graph
+             "olmo": {"clip_qkv": 0.1},  # clamps these q / k / v (the logits move by ~0.1)
              "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
                          "logits_scaling": 3.0}}  # fmt: skip
 NEW_TOKENS = 4

@@ -69,6 +69,8 @@ FAMILIES: dict[str, GgufFamily] = {
     "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
     "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
     "granite": GgufFamily(gguf.MODEL_ARCH.GRANITE, hp.granite, permute_qk=True),
+    "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
+    "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.text),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),
     "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, hp.qwen_moe, check=_router_norm(False)),

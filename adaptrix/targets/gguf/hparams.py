@@ -16,6 +16,7 @@ __all__ = [
     "gpt_neox",
     "granite",
     "llama",
+    "olmo",
     "phi3",
     "qwen_moe",
     "text",
@@ -158,3 +159,11 @@ def granite(w: Writer, config: dict) -> None:
     for key, add in scales.items():
         if value := config.get(key):
             add(value)
+
+
+def olmo(w: Writer, config: dict) -> None:
+    """OlmoModel: TextModel's keys, the weightless LayerNorm's eps (1e-5) and clip_qkv as the clamp."""
+    text(w, config)
+    w.add_layer_norm_eps(1e-5)
+    if (clip := config.get("clip_qkv")) is not None:
+        w.add_clamp_kqv(clip)
