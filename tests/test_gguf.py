@@ -31,7 +31,7 @@ GELU_LORA_TOLERANCE = 1e-4
 # float16 weights: each weight rounded to 11 significant bits; measured <= 1.5e-3 here.
 F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
-         "olmo", "olmo2")  # fmt: skip
+         "olmo", "olmo2", "stablelm")  # fmt: skip
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text")
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
@@ -39,6 +39,7 @@ OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre
              "qwen3_moe": {"norm_topk_prob": True},
              # not llama's 1 and 1/sqrt(head_dim): each multiplier must reach llama.cpp's graph
              "olmo": {"clip_qkv": 0.1},  # clamps these q / k / v (the logits move by ~0.1)
+             "stablelm": {"use_qkv_bias": True},  # as StableLM 2 1.6B
              "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
                          "logits_scaling": 3.0}}  # fmt: skip
 NEW_TOKENS = 4
@@ -52,8 +53,9 @@ def made(bases, tmp_path_factory):
     def get(family: str, **lora):
         key = (family, repr(sorted(lora.items())))
         if key not in cache:
-            base = bases(family, "gguf", **OVERRIDES.get(family, {}))
+            base = bases(family, "gguf-vectors", **OVERRIDES.get(family, {}))
             if not (base / "tokenizer.json").is_file():
+                _jitter_vectors(base)
                 save_tokenizer(base)
             torch.manual_seed(1)
             path = tmp_path_factory.mktemp(f"gguf-adapter-{family}")
@@ -61,6 +63,19 @@ def made(bases, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def _jitter_vectors(base) -> None:
+    """Seeded noise on every norm weight and bias: a family's freshly built ones (all 1 or all 0) would
+    not tell a swapped or dropped vector from the right one."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(3)
+    tensors = load_file(base / "model.safetensors")
+    for name, value in tensors.items():
+        if value.dim() == 1 and value.is_floating_point():
+            tensors[name] = value + 0.1 * torch.randn(value.shape, generator=generator)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
 
 
 def _ids(family: str) -> list[int]:
@@ -142,6 +157,23 @@ def test_unsupported_family_is_refused_in_one_line_naming_it(bases, tmp_path):
     with pytest.raises(UnsupportedError, match="'opt' family"):
         compile_adapter(adapter, base, "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# Config values llama.cpp's graph (or the gguf target) cannot honour: (family, overrides, the refusal's words)
+REFUSED_CONFIGS = [("stablelm", {"qk_layernorm": True}, "qk_layernorm")]
+
+
+@pytest.mark.parametrize(("family", "overrides", "words"), REFUSED_CONFIGS)
+def test_config_values_llama_cpp_cannot_honour_are_refused(made, tmp_path, family, overrides, words):
+    import shutil
+
+    base, adapter = made(family)
+    edited = shutil.copytree(base, tmp_path / "base")  # the config says it; the check reads only that
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, **overrides}))
+    with pytest.raises(UnsupportedError, match=words) as info:
+        compile_adapter(adapter, edited, "gguf", tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
 def test_lora_on_a_tensor_the_gguf_drops_is_refused(made, tmp_path):

@@ -19,6 +19,7 @@ __all__ = [
     "olmo",
     "phi3",
     "qwen_moe",
+    "stablelm",
     "text",
 ]
 
@@ -167,3 +168,21 @@ def olmo(w: Writer, config: dict) -> None:
     w.add_layer_norm_eps(1e-5)
     if (clip := config.get("clip_qkv")) is not None:
         w.add_clamp_kqv(clip)
+
+
+def stablelm(w: Writer, config: dict) -> None:
+    """StableLMModel, plus the rope base (the converter leaves llama.cpp's default, 10000)."""
+    n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
+    rotary = get(
+        config, "partial_rotary_factor", default=rope_params(config).get("partial_rotary_factor", 1.0)
+    )
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(n_embd)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_rope_dimension_count(int(rotary * (n_embd // n_head)))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_parallel_residual(config.get("use_parallel_residual", True))
+    w.add_layer_norm_eps(get(config, "layer_norm_eps", "norm_eps"))
+    w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
