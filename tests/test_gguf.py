@@ -32,7 +32,7 @@ GELU_LORA_TOLERANCE = 1e-4
 F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm")  # fmt: skip
-GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text")
+GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi")
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
 OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre_attn_scalar": 16},
@@ -160,7 +160,10 @@ def test_unsupported_family_is_refused_in_one_line_naming_it(bases, tmp_path):
 
 
 # Config values llama.cpp's graph (or the gguf target) cannot honour: (family, overrides, the refusal's words)
-REFUSED_CONFIGS = [("stablelm", {"qk_layernorm": True}, "qk_layernorm")]
+REFUSED_CONFIGS = [
+    ("stablelm", {"qk_layernorm": True}, "qk_layernorm"),
+    ("phi", {"qk_layernorm": True}, "qk_layernorm"),
+]
 
 
 @pytest.mark.parametrize(("family", "overrides", "words"), REFUSED_CONFIGS)

@@ -62,12 +62,13 @@ def _router_norm(normalized: bool) -> Callable[[dict, Path], None]:
     return check
 
 
-def _stablelm_qk_norm(config: dict, path: Path) -> None:
-    """StableLM 2 12B's per-head q / k LayerNorms: the converter stacks them (not done here)."""
+def _qk_layernorm(config: dict, path: Path) -> None:
+    """StableLM's per-head q / k LayerNorms (the converter stacks them); Phi's (none in llama.cpp)."""
     if config.get("qk_layernorm"):
-        raise UnsupportedError("qk_layernorm: the converter stacks StableLM's per-head q / k norms into one "
-                               "tensor, which the gguf target does not do yet", path=path / "config.json",
-                               fix="use --target merged, then llama.cpp's converter")  # fmt: skip
+        raise UnsupportedError(f"qk_layernorm: the gguf target does not write {config['model_type']}'s q / k "
+                               "norms (StableLM's per-head norms are stacked by llama.cpp's converter; "
+                               "llama.cpp's phi2 graph has none)", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
 
 
 _GEMMA_DROPPED = ("lm_head.weight",)  # the converter skips it: llama.cpp ties Gemma's head
@@ -79,7 +80,9 @@ FAMILIES: dict[str, GgufFamily] = {
     "granite": GgufFamily(gguf.MODEL_ARCH.GRANITE, hp.granite, permute_qk=True),
     "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
     "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.text),
-    "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, hp.stablelm, check=_stablelm_qk_norm),
+    "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, hp.stablelm, check=_qk_layernorm),
+    "starcoder2": GgufFamily(gguf.MODEL_ARCH.STARCODER2, hp.text),
+    "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, hp.phi2, check=_qk_layernorm),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),
     "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, hp.qwen_moe, check=_router_norm(False)),

@@ -17,6 +17,7 @@ __all__ = [
     "granite",
     "llama",
     "olmo",
+    "phi2",
     "phi3",
     "qwen_moe",
     "stablelm",
@@ -186,3 +187,19 @@ def stablelm(w: Writer, config: dict) -> None:
     w.add_parallel_residual(config.get("use_parallel_residual", True))
     w.add_layer_norm_eps(get(config, "layer_norm_eps", "norm_eps"))
     w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
+
+
+def phi2(w: Writer, config: dict) -> None:
+    """Phi2Model, with the config's feed-forward width, kv heads and rope base (the converter: phi-2's)."""
+    n_embd, n_head = get(config, "hidden_size", "n_embd"), get(config, "num_attention_heads", "n_head")
+    rotary = get(config, "partial_rotary_factor") or rope_params(config).get("partial_rotary_factor", 1.0)
+    w.add_context_length(get(config, "n_positions", "max_position_embeddings"))
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(get(config, "intermediate_size", default=4 * n_embd))
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(get(config, "num_key_value_heads", default=n_head))
+    w.add_layer_norm_eps(get(config, "layer_norm_epsilon", "layer_norm_eps"))
+    w.add_rope_dimension_count(int(rotary * n_embd) // n_head)
+    w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
+    w.add_add_bos_token(False)
