@@ -71,6 +71,19 @@ def _qk_layernorm(config: dict, path: Path) -> None:
                                fix="use --target merged")  # fmt: skip
 
 
+def _smollm3_layers(config: dict, path: Path) -> None:
+    """llama.cpp's SmolLM3 graph: rope in every layer but each fourth, full attention everywhere."""
+    n_layers = config["num_hidden_layers"]
+    expected = [int((layer + 1) % 4 != 0) for layer in range(n_layers)]
+    if (rope := config.get("no_rope_layers")) is not None and list(rope) != expected:
+        raise UnsupportedError(f"no_rope_layers {rope}: llama.cpp's SmolLM3 graph leaves out rope in every "
+                               f"fourth layer only ({expected})", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+    if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ()):
+        raise UnsupportedError("sliding-window attention: llama.cpp's SmolLM3 graph attends over the whole "
+                               "context", path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
 _GEMMA_DROPPED = ("lm_head.weight",)  # the converter skips it: llama.cpp ties Gemma's head
 
 FAMILIES: dict[str, GgufFamily] = {
@@ -83,6 +96,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, hp.stablelm, check=_qk_layernorm),
     "starcoder2": GgufFamily(gguf.MODEL_ARCH.STARCODER2, hp.text),
     "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, hp.phi2, check=_qk_layernorm),
+    "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),
     "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, hp.qwen_moe, check=_router_norm(False)),
