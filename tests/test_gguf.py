@@ -31,7 +31,7 @@ GELU_LORA_TOLERANCE = 1e-4
 # float16 weights: each weight rounded to 11 significant bits; measured <= 1.5e-3 here.
 F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
-         "olmo", "olmo2", "stablelm", "smollm3")  # fmt: skip
+         "olmo", "olmo2", "stablelm", "smollm3", "cohere")  # fmt: skip
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi")
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
@@ -166,6 +166,7 @@ REFUSED_CONFIGS = [
     ("phi", {"qk_layernorm": True}, "qk_layernorm"),
     ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
     ("smollm3", {"use_sliding_window": True, "sliding_window": 4}, "sliding-window"),
+    ("cohere", {"use_qk_norm": True}, "use_qk_norm"),
 ]
 
 
@@ -180,6 +181,15 @@ def test_config_values_llama_cpp_cannot_honour_are_refused(made, tmp_path, famil
     with pytest.raises(UnsupportedError, match=words) as info:
         compile_adapter(adapter, edited, "gguf", tmp_path / "out")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+def test_an_untied_command_r_head_is_refused(bases, tmp_path):
+    base = bases("cohere", "gguf-untied", tie_word_embeddings=False)
+    save_tokenizer(base)
+    adapter = make_adapter("cohere", base, tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="tie_word_embeddings false"):
+        compile_adapter(adapter, base, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_lora_on_a_tensor_the_gguf_drops_is_refused(made, tmp_path):

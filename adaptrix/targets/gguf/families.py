@@ -71,6 +71,19 @@ def _qk_layernorm(config: dict, path: Path) -> None:
                                fix="use --target merged")  # fmt: skip
 
 
+def _cohere(config: dict, path: Path) -> None:
+    """llama.cpp's Command-R graph: the head tied, q / k norms exactly in models of 64 layers or more."""
+    if not config.get("tie_word_embeddings", True):
+        raise UnsupportedError("tie_word_embeddings false: llama.cpp's Command-R graph ties the head to the "
+                               "embedding", path=path / "config.json", fix="use --target merged")  # fmt: skip
+    deep = config["num_hidden_layers"] >= 64
+    if bool(config.get("use_qk_norm")) != deep:
+        raise UnsupportedError(f"use_qk_norm {config.get('use_qk_norm')} with {config['num_hidden_layers']} "
+                               "layers: llama.cpp's Command-R graph has q / k norms exactly in models of 64 "
+                               "layers or more", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
 def _smollm3_layers(config: dict, path: Path) -> None:
     """llama.cpp's SmolLM3 graph: rope in every layer but each fourth, full attention everywhere."""
     n_layers = config["num_hidden_layers"]
@@ -84,7 +97,7 @@ def _smollm3_layers(config: dict, path: Path) -> None:
                                "context", path=path / "config.json", fix="use --target merged")  # fmt: skip
 
 
-_GEMMA_DROPPED = ("lm_head.weight",)  # the converter skips it: llama.cpp ties Gemma's head
+_GEMMA_DROPPED = _TIED_HEAD = ("lm_head.weight",)  # llama.cpp ties the head: the converter skips it
 
 FAMILIES: dict[str, GgufFamily] = {
     "llama": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
@@ -96,6 +109,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, hp.stablelm, check=_qk_layernorm),
     "starcoder2": GgufFamily(gguf.MODEL_ARCH.STARCODER2, hp.text),
     "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, hp.phi2, check=_qk_layernorm),
+    "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),

@@ -8,6 +8,7 @@ from adaptrix.targets.gguf.rope import rope_params
 
 __all__ = [
     "Writer",
+    "cohere",
     "gemma",
     "gemma2",
     "gemma3",
@@ -203,3 +204,10 @@ def phi2(w: Writer, config: dict) -> None:
     w.add_rope_dimension_count(int(rotary * n_embd) // n_head)
     w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
     w.add_add_bos_token(False)
+
+
+def cohere(w: Writer, config: dict) -> None:
+    """CommandR2Model: TextModel's keys (context: model_max_length), the logit scale, no rope scaling."""
+    text(w, {**config, "max_position_embeddings": get(config, "model_max_length", "max_position_embeddings")})
+    w.add_logit_scale(config["logit_scale"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
