@@ -32,7 +32,7 @@ GELU_LORA_TOLERANCE = 1e-4
 F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm", "smollm3", "cohere")  # fmt: skip
-GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi")
+GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon")
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
 OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre_attn_scalar": 16},
@@ -124,7 +124,8 @@ _SCALES = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {
 
 
 @pytest.mark.parametrize(
-    ("family", "lora"), [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {})]
+    ("family", "lora"),
+    [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {}), ("falcon", {})],
 )
 def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path, family, lora):
     base, adapter = made(family, **lora)
@@ -167,6 +168,8 @@ REFUSED_CONFIGS = [
     ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
     ("smollm3", {"use_sliding_window": True, "sliding_window": 4}, "sliding-window"),
     ("cohere", {"use_qk_norm": True}, "use_qk_norm"),
+    ("falcon", {"alibi": True}, "alibi"),
+    ("falcon", {"parallel_attn": False}, "parallel_attn"),
 ]
 
 
@@ -181,6 +184,26 @@ def test_config_values_llama_cpp_cannot_honour_are_refused(made, tmp_path, famil
     with pytest.raises(UnsupportedError, match=words) as info:
         compile_adapter(adapter, edited, "gguf", tmp_path / "out")
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+# Falcon's other two attention layouts (the tiny default is Falcon 7B's multi-query): 40B's kv groups
+# with their own attention norm, and per-head q, k, v
+FALCONS = {"40b": {"new_decoder_architecture": True, "num_kv_heads": 2}, "headwise": {"multi_query": False}}
+
+
+@pytest.mark.parametrize("variant", FALCONS)
+def test_falcon_attention_layouts_are_regrouped_as_the_converter_does(bases, tmp_path, variant):
+    base = bases("falcon", f"gguf-{variant}", **FALCONS[variant])
+    _jitter_vectors(base)
+    save_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter("falcon", base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    ids = _ids("falcon")
+    expected = peft_logits("falcon", base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    assert (
+        llama_logits(tmp_path / "out" / "model.gguf", ids) - expected
+    ).abs().max().item() <= GELU_TOLERANCE
 
 
 def test_an_untied_command_r_head_is_refused(bases, tmp_path):

@@ -2,7 +2,8 @@
 
 Each family names its GGUF architecture, the hyperparameters the converter writes from config.json,
 and the few tensor rewrites it makes: llama's rotary permutation of q/k rows, Gemma's RMSNorm
-weights stored as (1 + w), GPT-2's Conv1D weights transposed, GPT-NeoX's per-head qkv regrouped.
+weights stored as (1 + w), GPT-2's Conv1D weights transposed, GPT-NeoX's, Bloom's and Falcon's fused
+qkv regrouped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import gguf
 import torch
 
+from adaptrix.binders.splits import Split
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.gguf import hparams as hp
 from adaptrix.targets.gguf.rope import check_rope
@@ -30,7 +32,7 @@ class GgufFamily:
     permute_qk: bool = False  # llama's rotary layout: q / k rows regrouped per head (LlamaModel.permute)
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w); llama.cpp by its stored weight: w + 1
     transposed: tuple[str, ...] = ()  # Conv1D weights stored [in, out]: name suffixes
-    neox_qkv: bool = False  # query_key_value per head (n_head, 3, d): regrouped as [q | k | v]
+    qkv: Split | None = None  # query_key_value's layout (the binder's split): regrouped as [q | k | v]
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
 
@@ -71,6 +73,15 @@ def _qk_layernorm(config: dict, path: Path) -> None:
                                fix="use --target merged")  # fmt: skip
 
 
+def _falcon(config: dict, path: Path) -> None:
+    """llama.cpp's Falcon graph: rotary, parallel attention and MLP, no biases in the linear layers."""
+    for key, says in (("alibi", True), ("parallel_attn", False), ("bias", True)):
+        if bool(config.get(key, not says)) == says:
+            raise UnsupportedError(f"{key} {str(says).lower()}: llama.cpp's Falcon graph has rotary "
+                                   "positions, parallel attention and MLP and no biases in its linear layers",
+                                   path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
 def _cohere(config: dict, path: Path) -> None:
     """llama.cpp's Command-R graph: the head tied, q / k norms exactly in models of 64 layers or more."""
     if not config.get("tie_word_embeddings", True):
@@ -97,6 +108,8 @@ def _smollm3_layers(config: dict, path: Path) -> None:
                                "context", path=path / "config.json", fix="use --target merged")  # fmt: skip
 
 
+_HEADWISE = Split("headwise", ("q", "k", "v"))  # per head q, k, v (GPT-NeoX, Bloom)
+_GROUPED = Split("grouped", ("q", "k", "v"))  # per kv head its query heads, key, value (Falcon)
 _GEMMA_DROPPED = _TIED_HEAD = ("lm_head.weight",)  # llama.cpp ties the head: the converter skips it
 
 FAMILIES: dict[str, GgufFamily] = {
@@ -109,6 +122,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, hp.stablelm, check=_qk_layernorm),
     "starcoder2": GgufFamily(gguf.MODEL_ARCH.STARCODER2, hp.text),
     "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, hp.phi2, check=_qk_layernorm),
+    "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, hp.falcon, qkv=_GROUPED, check=_falcon),
     "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
@@ -118,7 +132,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "gpt2": GgufFamily(
         gguf.MODEL_ARCH.GPT2, hp.gpt2, transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
     ),
-    "gpt_neox": GgufFamily(gguf.MODEL_ARCH.GPTNEOX, hp.gpt_neox, neox_qkv=True),
+    "gpt_neox": GgufFamily(gguf.MODEL_ARCH.GPTNEOX, hp.gpt_neox, qkv=_HEADWISE),
     "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, hp.phi3),
     "gemma": GgufFamily(gguf.MODEL_ARCH.GEMMA, hp.gemma, norm_plus_one=True, dropped=_GEMMA_DROPPED),
     "gemma2": GgufFamily(

@@ -9,6 +9,7 @@ from adaptrix.targets.gguf.rope import rope_params
 __all__ = [
     "Writer",
     "cohere",
+    "falcon",
     "gemma",
     "gemma2",
     "gemma3",
@@ -211,3 +212,22 @@ def cohere(w: Writer, config: dict) -> None:
     text(w, {**config, "max_position_embeddings": get(config, "model_max_length", "max_position_embeddings")})
     w.add_logit_scale(config["logit_scale"])
     w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+
+def falcon(w: Writer, config: dict) -> None:
+    """FalconModel, with the kv heads FalconAttention reads, the config's context, ffn width, rope base."""
+    n_embd, n_head = get(config, "n_embed", "hidden_size"), config["num_attention_heads"]
+    if config.get("new_decoder_architecture"):
+        n_kv = config.get("num_kv_heads") or n_head
+    else:
+        n_kv = 1 if config.get("multi_query", True) else n_head
+    w.add_context_length(config.get("max_position_embeddings") or 2048)
+    w.add_tensor_data_layout("jploski")  # the qkv rows regrouped as [q | k | v]
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(config.get("ffn_hidden_size") or 4 * n_embd)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_eps(config["layer_norm_epsilon"])
+    if (theta := rope_params(config).get("rope_theta")) is not None:
+        w.add_rope_freq_base(theta)

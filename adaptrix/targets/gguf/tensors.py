@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import torch
 
-from adaptrix.binders.splits import Split, split_rows
+from adaptrix.binders.splits import split_rows
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value
@@ -36,8 +36,6 @@ CHUNK_BYTES = 4 << 20  # float32 bytes of rows rounded at a time, a few blocks a
 # Buffers transformers may save that the converter never writes (its prepare_tensors skips them)
 _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
                 ".attn.masked_bias")  # fmt: skip
-# GPT-NeoX's query_key_value: per head [q k v] (its binder's split), regrouped by the converter as [q | k | v]
-_HEADWISE_QKV = Split("headwise", ("q", "k", "v"))
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
 # Kept in float32 whatever the file type, as the converter and llama-quantize keep them
 _F32_KINDS = frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
@@ -164,7 +162,7 @@ def _rewritten(key: str, family: GgufFamily) -> bool:
         (family.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")))
         or (family.norm_plus_one and key.endswith("norm.weight"))
         or (family.transposed and key.endswith(family.transposed))
-        or (family.neox_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")))
+        or (family.qkv is not None and key.endswith(("query_key_value.weight", "query_key_value.bias")))
     )
 
 
@@ -180,6 +178,6 @@ def rewrite(key: str, value: torch.Tensor, family: GgufFamily, base: Checkpoint)
         value = value + 1
     if family.transposed and key.endswith(family.transposed):
         value = value.T.contiguous()
-    if family.neox_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")):
-        value = torch.cat([value[rows] for rows in split_rows(_HEADWISE_QKV, base.source)])  # -> [q | k | v]
+    if family.qkv is not None and key.endswith(("query_key_value.weight", "query_key_value.bias")):
+        value = torch.cat([value[rows] for rows in split_rows(family.qkv, base.source)])  # -> [q | k | v]
     return value
