@@ -32,7 +32,7 @@ GELU_LORA_TOLERANCE = 1e-4
 F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm", "smollm3", "cohere")  # fmt: skip
-GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon")
+GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom")
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
 OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre_attn_scalar": 16},
@@ -125,7 +125,15 @@ _SCALES = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {
 
 @pytest.mark.parametrize(
     ("family", "lora"),
-    [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {}), ("falcon", {})],
+    [
+        ("llama", _SCALES),
+        ("gpt2", {}),
+        ("gpt_neox", {}),
+        ("phi3", {}),
+        ("mixtral", {}),
+        ("falcon", {}),
+        ("bloom", {}),
+    ],
 )
 def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path, family, lora):
     base, adapter = made(family, **lora)
@@ -169,6 +177,9 @@ REFUSED_CONFIGS = [
     ("smollm3", {"use_sliding_window": True, "sliding_window": 4}, "sliding-window"),
     ("cohere", {"use_qk_norm": True}, "use_qk_norm"),
     ("falcon", {"alibi": True}, "alibi"),
+    ("olmo2", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ("stablelm", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ("phi", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("falcon", {"parallel_attn": False}, "parallel_attn"),
 ]
 

@@ -34,7 +34,12 @@ class GgufFamily:
     transposed: tuple[str, ...] = ()  # Conv1D weights stored [in, out]: name suffixes
     qkv: Split | None = None  # query_key_value's layout (the binder's split): regrouped as [q | k | v]
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
+    strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
+
+    def map_key(self, key: str) -> str:
+        """The checkpoint name as the converter looks it up in llama.cpp's tensor map."""
+        return key.removeprefix(self.strip) if self.strip else key
 
 
 def _query_scale(config: dict, path: Path) -> None:
@@ -71,6 +76,24 @@ def _qk_layernorm(config: dict, path: Path) -> None:
                                "norms (StableLM's per-head norms are stacked by llama.cpp's converter; "
                                "llama.cpp's phi2 graph has none)", path=path / "config.json",
                                fix="use --target merged")  # fmt: skip
+
+
+def _own_head(config: dict, path: Path) -> None:
+    """llama.cpp's OLMo 2, StableLM and Phi-2 graphs read a head of their own, which a tied base has not."""
+    if config.get("tie_word_embeddings"):
+        raise UnsupportedError(f"tie_word_embeddings true: llama.cpp's {config['model_type']} graph reads a "
+                               "head of its own (output.weight), which the converter writes from lm_head",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def _both(*checks: Callable[[dict, Path], None]) -> Callable[[dict, Path], None]:
+    """A check made of several."""
+
+    def check(config: dict, path: Path) -> None:
+        for one in checks:
+            one(config, path)
+
+    return check
 
 
 def _falcon(config: dict, path: Path) -> None:
@@ -118,11 +141,12 @@ FAMILIES: dict[str, GgufFamily] = {
     "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
     "granite": GgufFamily(gguf.MODEL_ARCH.GRANITE, hp.granite, permute_qk=True),
     "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
-    "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.text),
-    "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, hp.stablelm, check=_qk_layernorm),
+    "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.text, check=_own_head),
+    "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, hp.stablelm, check=_both(_qk_layernorm, _own_head)),
     "starcoder2": GgufFamily(gguf.MODEL_ARCH.STARCODER2, hp.text),
-    "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, hp.phi2, check=_qk_layernorm),
+    "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, hp.phi2, check=_both(_qk_layernorm, _own_head)),
     "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, hp.falcon, qkv=_GROUPED, check=_falcon),
+    "bloom": GgufFamily(gguf.MODEL_ARCH.BLOOM, hp.bloom, qkv=_HEADWISE, strip="transformer."),
     "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),

@@ -8,6 +8,7 @@ from adaptrix.targets.gguf.rope import rope_params
 
 __all__ = [
     "Writer",
+    "bloom",
     "cohere",
     "falcon",
     "gemma",
@@ -231,3 +232,15 @@ def falcon(w: Writer, config: dict) -> None:
     w.add_layer_norm_eps(config["layer_norm_epsilon"])
     if (theta := rope_params(config).get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
+
+
+def bloom(w: Writer, config: dict) -> None:
+    """BloomModel."""
+    n_embd, n_head = get(config, "hidden_size", "n_embed"), get(config, "n_head", "num_attention_heads")
+    w.add_context_length(config.get("seq_length", n_embd))
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(4 * n_embd)
+    w.add_block_count(config["n_layer"] if "n_layer" in config else config["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_layer_norm_eps(config["layer_norm_epsilon"])

@@ -83,7 +83,7 @@ def gguf_tensors(
     names = gguf.get_tensor_name_map(family.arch, base.source.num_layers)
     tensors, kept = [], []
     for key, group in groups.items():
-        found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+        found = names.get_type_and_name(family.map_key(key), try_suffixes=(".weight", ".bias"))
         if found is None:
             raise UnsupportedError(f"{key}: llama.cpp's tensor map has no {family.arch.name} tensor for it",
                                    path=base.path, fix="use --target merged")  # fmt: skip
