@@ -32,7 +32,8 @@ GELU_LORA_TOLERANCE = 1e-4
 F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm", "smollm3", "cohere")  # fmt: skip
-GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom")
+GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
+        "gpt_bigcode")  # fmt: skip
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
 OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre_attn_scalar": 16},
@@ -197,24 +198,26 @@ def test_config_values_llama_cpp_cannot_honour_are_refused(made, tmp_path, famil
     assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
 
 
-# Falcon's other two attention layouts (the tiny default is Falcon 7B's multi-query): 40B's kv groups
-# with their own attention norm, and per-head q, k, v
-FALCONS = {"40b": {"new_decoder_architecture": True, "num_kv_heads": 2}, "headwise": {"multi_query": False}}
+# The fused qkv's other layouts: Falcon 40B's kv groups with their own attention norm, per-head q, k, v
+# in Falcon and GPTBigCode (the tiny defaults are multi-query: q | k | v in blocks)
+LAYOUTS = {"falcon-40b": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+           "falcon-headwise": ("falcon", {"multi_query": False}),
+           "gpt_bigcode-headwise": ("gpt_bigcode", {"multi_query": False})}  # fmt: skip
 
 
-@pytest.mark.parametrize("variant", FALCONS)
-def test_falcon_attention_layouts_are_regrouped_as_the_converter_does(bases, tmp_path, variant):
-    base = bases("falcon", f"gguf-{variant}", **FALCONS[variant])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_qkv_layouts_are_regrouped_as_the_converter_does(bases, tmp_path, layout):
+    family, overrides = LAYOUTS[layout]
+    base = bases(family, f"gguf-{layout}", **overrides)
     _jitter_vectors(base)
     save_tokenizer(base)
     torch.manual_seed(1)
-    adapter = make_adapter("falcon", base, tmp_path / "adapter")
+    adapter = make_adapter(family, base, tmp_path / "adapter")
     compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
-    ids = _ids("falcon")
-    expected = peft_logits("falcon", base, adapter, {"input_ids": torch.tensor([ids])})[0]
-    assert (
-        llama_logits(tmp_path / "out" / "model.gguf", ids) - expected
-    ).abs().max().item() <= GELU_TOLERANCE
+    ids = _ids(family)
+    expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    got = llama_logits(tmp_path / "out" / "model.gguf", ids)
+    assert (got - expected).abs().max().item() <= GELU_TOLERANCE
 
 
 def test_an_untied_command_r_head_is_refused(bases, tmp_path):

@@ -32,7 +32,8 @@ class GgufFamily:
     permute_qk: bool = False  # llama's rotary layout: q / k rows regrouped per head (LlamaModel.permute)
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w); llama.cpp by its stored weight: w + 1
     transposed: tuple[str, ...] = ()  # Conv1D weights stored [in, out]: name suffixes
-    qkv: Split | None = None  # query_key_value's layout (the binder's split): regrouped as [q | k | v]
+    qkv: Split | None = None  # the fused qkv's layout (the binder's split): regrouped as [q | k | v]
+    qkv_name: str = "query_key_value"  # the fused qkv module
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
@@ -132,7 +133,7 @@ def _smollm3_layers(config: dict, path: Path) -> None:
 
 
 _HEADWISE = Split("headwise", ("q", "k", "v"))  # per head q, k, v (GPT-NeoX, Bloom)
-_GROUPED = Split("grouped", ("q", "k", "v"))  # per kv head its query heads, key, value (Falcon)
+_GROUPED = Split("grouped", ("q", "k", "v"))  # per kv head its query heads, key, value (Falcon, GPTBigCode)
 _GEMMA_DROPPED = _TIED_HEAD = ("lm_head.weight",)  # llama.cpp ties the head: the converter skips it
 
 FAMILIES: dict[str, GgufFamily] = {
@@ -147,6 +148,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, hp.phi2, check=_both(_qk_layernorm, _own_head)),
     "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, hp.falcon, qkv=_GROUPED, check=_falcon),
     "bloom": GgufFamily(gguf.MODEL_ARCH.BLOOM, hp.bloom, qkv=_HEADWISE, strip="transformer."),
+    "gpt_bigcode": GgufFamily(gguf.MODEL_ARCH.STARCODER, hp.gpt_bigcode, qkv=_GROUPED, qkv_name="c_attn"),
     "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),

@@ -16,6 +16,7 @@ __all__ = [
     "gemma3",
     "get",
     "gpt2",
+    "gpt_bigcode",
     "gpt_neox",
     "granite",
     "llama",
@@ -243,4 +244,15 @@ def bloom(w: Writer, config: dict) -> None:
     w.add_block_count(config["n_layer"] if "n_layer" in config else config["num_hidden_layers"])
     w.add_head_count(n_head)
     w.add_head_count_kv(n_head)
+    w.add_layer_norm_eps(config["layer_norm_epsilon"])
+
+
+def gpt_bigcode(w: Writer, config: dict) -> None:
+    """StarCoderModel, with the config's kv heads and ffn width (the converter: multi-query, 4 * n_embd)."""
+    w.add_context_length(config["n_positions"])
+    w.add_embedding_length(config["n_embd"])
+    w.add_feed_forward_length(config.get("n_inner") or 4 * config["n_embd"])
+    w.add_block_count(config["n_layer"])
+    w.add_head_count(config["n_head"])
+    w.add_head_count_kv(1 if config.get("multi_query", True) else config["n_head"])
     w.add_layer_norm_eps(config["layer_norm_epsilon"])

@@ -162,7 +162,7 @@ def _rewritten(key: str, family: GgufFamily) -> bool:
         (family.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")))
         or (family.norm_plus_one and key.endswith("norm.weight"))
         or (family.transposed and key.endswith(family.transposed))
-        or (family.qkv is not None and key.endswith(("query_key_value.weight", "query_key_value.bias")))
+        or (family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")))
     )
 
 
@@ -178,6 +178,6 @@ def rewrite(key: str, value: torch.Tensor, family: GgufFamily, base: Checkpoint)
         value = value + 1
     if family.transposed and key.endswith(family.transposed):
         value = value.T.contiguous()
-    if family.qkv is not None and key.endswith(("query_key_value.weight", "query_key_value.bias")):
+    if family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")):
         value = torch.cat([value[rows] for rows in split_rows(family.qkv, base.source)])  # -> [q | k | v]
     return value
