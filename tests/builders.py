@@ -146,6 +146,12 @@ FAMILIES: dict[str, Family] = {
         tf.SmolLM3Config, tf.SmolLM3ForCausalLM,
         dict(_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2), _LLAMA_TARGETS,
     ),
+    # Families the generic (module-tree) binder compiles; here for the gguf target's parity tests
+    "mpt": Family(
+        tf.MptConfig, tf.MptForCausalLM,
+        dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),
+        ("Wqkv", "out_proj", "up_proj", "down_proj"),
+    ),
     # DeBERTa-v3's layout: relative attention, no absolute positions.
     "deberta-v2": Family(
         tf.DebertaV2Config, tf.DebertaV2ForSequenceClassification,

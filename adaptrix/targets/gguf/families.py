@@ -149,6 +149,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, hp.falcon, qkv=_GROUPED, check=_falcon),
     "bloom": GgufFamily(gguf.MODEL_ARCH.BLOOM, hp.bloom, qkv=_HEADWISE, strip="transformer."),
     "gpt_bigcode": GgufFamily(gguf.MODEL_ARCH.STARCODER, hp.gpt_bigcode, qkv=_GROUPED, qkv_name="c_attn"),
+    "mpt": GgufFamily(gguf.MODEL_ARCH.MPT, hp.mpt),
     "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),

@@ -20,6 +20,7 @@ __all__ = [
     "gpt_neox",
     "granite",
     "llama",
+    "mpt",
     "olmo",
     "phi2",
     "phi3",
@@ -256,3 +257,19 @@ def gpt_bigcode(w: Writer, config: dict) -> None:
     w.add_head_count(config["n_head"])
     w.add_head_count_kv(1 if config.get("multi_query", True) else config["n_head"])
     w.add_layer_norm_eps(config["layer_norm_epsilon"])
+
+
+def mpt(w: Writer, config: dict) -> None:
+    """MPTModel, with the config's ffn width and LayerNorm eps (the converter: 4 * d_model, 1e-5)."""
+    attn = config.get("attn_config") or {}
+    w.add_context_length(config["max_seq_len"])
+    w.add_embedding_length(config["d_model"])
+    w.add_block_count(config["n_layers"])
+    w.add_feed_forward_length(int(config.get("expansion_ratio", 4) * config["d_model"]))
+    w.add_head_count(config["n_heads"])
+    if kv_heads := attn.get("kv_n_heads"):
+        w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_eps(config.get("layer_norm_epsilon", 1e-5))
+    if attn.get("clip_qkv") is not None:
+        w.add_clamp_kqv(attn["clip_qkv"])
+    w.add_max_alibi_bias(attn.get("alibi_bias_max", 8) if attn.get("alibi", True) else 0.0)
