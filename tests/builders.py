@@ -147,6 +147,9 @@ FAMILIES: dict[str, Family] = {
         dict(_DECODER, pad_token_id=0, bos_token_id=1, eos_token_id=2), _LLAMA_TARGETS,
     ),
     # Families the generic (module-tree) binder compiles; here for the gguf target's parity tests
+    "olmo3": Family(
+        tf.Olmo3Config, tf.Olmo3ForCausalLM, _DECODER, _LLAMA_TARGETS, unnamed=(_POST_NORMS, _QK_NORM)
+    ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
         dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),

@@ -31,7 +31,7 @@ GELU_LORA_TOLERANCE = 1e-4
 # float16 weights: each weight rounded to 11 significant bits; measured <= 1.5e-3 here.
 F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
-         "olmo", "olmo2", "stablelm", "smollm3", "cohere")  # fmt: skip
+         "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3")  # fmt: skip
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
         "gpt_bigcode", "mpt")  # fmt: skip
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
@@ -42,6 +42,7 @@ OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre
              "olmo": {"clip_qkv": 0.1},  # clamps these q / k / v (the logits move by ~0.1)
              "stablelm": {"use_qkv_bias": True},  # as StableLM 2 1.6B
              "smollm3": {"num_hidden_layers": 4},  # the fourth layer has no rope
+             "olmo3": {"num_hidden_layers": 4, "sliding_window": 4},  # 3 sliding layers: the window bites
              "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
                          "logits_scaling": 3.0}}  # fmt: skip
 NEW_TOKENS = 4

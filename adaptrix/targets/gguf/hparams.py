@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gguf
 
-from adaptrix.targets.gguf.rope import rope_params
+from adaptrix.targets.gguf.rope import rope_params, swa_rope_theta
 
 __all__ = [
     "Writer",
@@ -22,6 +22,7 @@ __all__ = [
     "llama",
     "mpt",
     "olmo",
+    "olmo2",
     "phi2",
     "phi3",
     "qwen_moe",
@@ -49,6 +50,8 @@ def text(w: Writer, config: dict) -> None:
         w.add_head_count_kv(n_kv)
     if (theta := rope_params(config).get("rope_theta")) is not None:
         w.add_rope_freq_base(theta)
+    if (theta := swa_rope_theta(config)) is not None:
+        w.add_rope_freq_base_swa(theta)
     if (eps := get(config, "rms_norm_eps", "norm_eps")) is not None:
         w.add_layer_norm_rms_eps(eps)
     if (eps := get(config, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")) is not None:
@@ -63,7 +66,7 @@ def text(w: Writer, config: dict) -> None:
 
 
 def llama(w: Writer, config: dict) -> None:
-    """The first of `keys` the config sets (the converter's find_hparam)."""
+    """LlamaModel: TextModel's keys, the vocabulary size and the rotary width."""
     text(w, config)
     w.add_vocab_size(config["vocab_size"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -71,7 +74,7 @@ def llama(w: Writer, config: dict) -> None:
 
 
 def qwen_moe(w: Writer, config: dict) -> None:
-    """LlamaModel: TextModel's keys, the vocabulary size and the rotary width."""
+    """Qwen2MoeModel / Qwen3MoeModel: TextModel's keys and the experts' widths."""
     text(w, config)
     if (n := config.get("moe_intermediate_size")) is not None:
         w.add_expert_feed_forward_length(n)
@@ -80,7 +83,7 @@ def qwen_moe(w: Writer, config: dict) -> None:
 
 
 def gpt2(w: Writer, config: dict) -> None:
-    """Qwen2MoeModel / Qwen3MoeModel: TextModel's keys and the experts' widths."""
+    """GPT2Model."""
     w.add_block_count(config["n_layer"])
     w.add_context_length(config["n_ctx"] if "n_ctx" in config else config["n_positions"])
     w.add_embedding_length(config["n_embd"])
@@ -90,7 +93,7 @@ def gpt2(w: Writer, config: dict) -> None:
 
 
 def gpt_neox(w: Writer, config: dict) -> None:
-    """GPT2Model."""
+    """GPTNeoXModel."""
     rotary = get(config, "rotary_pct", default=rope_params(config).get("partial_rotary_factor", 1.0))
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
@@ -105,7 +108,7 @@ def gpt_neox(w: Writer, config: dict) -> None:
 
 
 def phi3(w: Writer, config: dict) -> None:
-    """GPTNeoXModel."""
+    """Phi3MiniModel (no longrope)."""
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
     rotary = get(config, "partial_rotary_factor") or rope_params(config).get("partial_rotary_factor", 1.0)
     w.add_context_length(config["max_position_embeddings"])
@@ -123,7 +126,7 @@ def phi3(w: Writer, config: dict) -> None:
 
 
 def gemma(w: Writer, config: dict) -> None:
-    """Phi3MiniModel (no longrope)."""
+    """GemmaModel."""
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
     w.add_block_count(config["num_hidden_layers"])
@@ -138,7 +141,7 @@ def gemma(w: Writer, config: dict) -> None:
 
 
 def gemma2(w: Writer, config: dict) -> None:
-    """GemmaModel."""
+    """Gemma2Model: Gemma's keys, softcapping and the sliding window."""
     gemma(w, config)
     w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
     w.add_final_logit_softcapping(config["final_logit_softcapping"])
@@ -146,14 +149,14 @@ def gemma2(w: Writer, config: dict) -> None:
 
 
 def gemma3(w: Writer, config: dict) -> None:
-    """Gemma2Model: Gemma's keys, softcapping and the sliding window."""
+    """Gemma3Model (text)."""
     text(w, config)
     w.add_rope_freq_base(rope_params(config).get("rope_theta") or 1_000_000.0)
     if final := config.get("final_logit_softcapping"):
         w.add_final_logit_softcapping(final)
     if config.get("sliding_window_pattern") != 1:
         w.add_sliding_window(config["sliding_window"])
-    if (local := config.get("rope_local_base_freq")) is not None:
+    if (local := config.get("rope_local_base_freq")) is not None and swa_rope_theta(config) is None:
         w.add_rope_freq_base_swa(local)
     w.add_head_count_kv(config.get("num_key_value_heads", 4))
 
@@ -273,3 +276,16 @@ def mpt(w: Writer, config: dict) -> None:
     if attn.get("clip_qkv") is not None:
         w.add_clamp_kqv(attn["clip_qkv"])
     w.add_max_alibi_bias(attn.get("alibi_bias_max", 8) if attn.get("alibi", True) else 0.0)
+
+
+def olmo2(w: Writer, config: dict) -> None:
+    """Olmo2Model (OLMo 2 and 3): TextModel's keys; OLMo 3's sliding window and its layers."""
+    text(w, config)
+    if "sliding_window" in config:
+        w.add_sliding_window(config["sliding_window"])
+        if (types := config.get("layer_types")) is not None:
+            w.add_sliding_window_pattern([kind == "sliding_attention" for kind in types])
+        else:
+            w.add_sliding_window_pattern(
+                [(layer + 1) % 4 != 0 for layer in range(config["num_hidden_layers"])]
+            )
