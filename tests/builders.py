@@ -150,6 +150,11 @@ FAMILIES: dict[str, Family] = {
     "olmo3": Family(
         tf.Olmo3Config, tf.Olmo3ForCausalLM, _DECODER, _LLAMA_TARGETS, unnamed=(_POST_NORMS, _QK_NORM)
     ),
+    "arcee": Family(tf.ArceeConfig, tf.ArceeForCausalLM, _DECODER, (*_ATTENTION, "up_proj", "down_proj")),
+    "seed_oss": Family(tf.SeedOssConfig, tf.SeedOssForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS),
+    "exaone4": Family(
+        tf.Exaone4Config, tf.Exaone4ForCausalLM, _DECODER, _LLAMA_TARGETS, unnamed=(_POST_NORMS, _QK_NORM)
+    ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
         dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),

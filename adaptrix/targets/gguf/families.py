@@ -18,6 +18,7 @@ import torch
 from adaptrix.binders.splits import Split
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.gguf import hparams as hp
+from adaptrix.targets.gguf import hparams_own as own
 from adaptrix.targets.gguf.rope import check_rope
 
 __all__ = ["FAMILIES", "GgufFamily", "family_of", "permute_rows"]
@@ -119,6 +120,15 @@ def _cohere(config: dict, path: Path) -> None:
                                fix="use --target merged")  # fmt: skip
 
 
+def _exaone4(config: dict, path: Path) -> None:
+    """llama.cpp's EXAONE 4 graph: sliding windows, rope-less global layers exactly in 64-layer models."""
+    n_layers, window = config["num_hidden_layers"], config.get("sliding_window")
+    if (n_layers == 64) != (window is not None):
+        raise UnsupportedError(f"sliding_window {window} with {n_layers} layers: llama.cpp's EXAONE 4 graph "
+                               "has sliding windows and rope-less global layers exactly in 64-layer models "
+                               "(the 32B)", path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
 def _smollm3_layers(config: dict, path: Path) -> None:
     """llama.cpp's SmolLM3 graph: rope in every layer but each fourth, full attention everywhere."""
     n_layers = config["num_hidden_layers"]
@@ -144,13 +154,16 @@ FAMILIES: dict[str, GgufFamily] = {
     "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
     "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),
     "olmo3": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),
-    "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, hp.stablelm, check=_both(_qk_layernorm, _own_head)),
+    "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, own.stablelm, check=_both(_qk_layernorm, _own_head)),
     "starcoder2": GgufFamily(gguf.MODEL_ARCH.STARCODER2, hp.text),
-    "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, hp.phi2, check=_both(_qk_layernorm, _own_head)),
-    "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, hp.falcon, qkv=_GROUPED, check=_falcon),
-    "bloom": GgufFamily(gguf.MODEL_ARCH.BLOOM, hp.bloom, qkv=_HEADWISE, strip="transformer."),
-    "gpt_bigcode": GgufFamily(gguf.MODEL_ARCH.STARCODER, hp.gpt_bigcode, qkv=_GROUPED, qkv_name="c_attn"),
-    "mpt": GgufFamily(gguf.MODEL_ARCH.MPT, hp.mpt),
+    "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, own.phi2, check=_both(_qk_layernorm, _own_head)),
+    "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, own.falcon, qkv=_GROUPED, check=_falcon),
+    "bloom": GgufFamily(gguf.MODEL_ARCH.BLOOM, own.bloom, qkv=_HEADWISE, strip="transformer."),
+    "gpt_bigcode": GgufFamily(gguf.MODEL_ARCH.STARCODER, own.gpt_bigcode, qkv=_GROUPED, qkv_name="c_attn"),
+    "mpt": GgufFamily(gguf.MODEL_ARCH.MPT, own.mpt),
+    "arcee": GgufFamily(gguf.MODEL_ARCH.ARCEE, hp.llama, permute_qk=True),
+    "seed_oss": GgufFamily(gguf.MODEL_ARCH.SEED_OSS, hp.text),
+    "exaone4": GgufFamily(gguf.MODEL_ARCH.EXAONE4, hp.exaone4, check=_exaone4),
     "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
@@ -158,9 +171,9 @@ FAMILIES: dict[str, GgufFamily] = {
     "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, hp.qwen_moe, check=_router_norm(False)),
     "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, hp.qwen_moe, check=_router_norm(True)),
     "gpt2": GgufFamily(
-        gguf.MODEL_ARCH.GPT2, hp.gpt2, transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+        gguf.MODEL_ARCH.GPT2, own.gpt2, transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
     ),
-    "gpt_neox": GgufFamily(gguf.MODEL_ARCH.GPTNEOX, hp.gpt_neox, qkv=_HEADWISE),
+    "gpt_neox": GgufFamily(gguf.MODEL_ARCH.GPTNEOX, own.gpt_neox, qkv=_HEADWISE),
     "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, hp.phi3),
     "gemma": GgufFamily(gguf.MODEL_ARCH.GEMMA, hp.gemma, norm_plus_one=True, dropped=_GEMMA_DROPPED),
     "gemma2": GgufFamily(
