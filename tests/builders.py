@@ -155,6 +155,14 @@ FAMILIES: dict[str, Family] = {
     "exaone4": Family(
         tf.Exaone4Config, tf.Exaone4ForCausalLM, _DECODER, _LLAMA_TARGETS, unnamed=(_POST_NORMS, _QK_NORM)
     ),
+    "cohere2": Family(tf.Cohere2Config, tf.Cohere2ForCausalLM, _DECODER, _LLAMA_TARGETS),
+    "glm4": Family(
+        tf.Glm4Config, tf.Glm4ForCausalLM, dict(_DECODER, head_dim=8, pad_token_id=0),
+        (*_ATTENTION, "gate_up_proj", "down_proj"),
+    ),
+    "ernie4_5": Family(
+        tf.Ernie4_5Config, tf.Ernie4_5ForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS
+    ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
         dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),

@@ -32,7 +32,8 @@ GELU_LORA_TOLERANCE = 1e-4
 F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3",
-         "arcee", "seed_oss", "exaone4")  # fmt: skip
+         "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
+         "ernie4_5")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -48,6 +49,8 @@ OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre
              "olmo3": {"num_hidden_layers": 4, "sliding_window": 4},  # 3 sliding layers: the window bites
              # llama.cpp's EXAONE 4 has sliding windows and rope-less global layers only with 64 layers
              "exaone4": {"num_hidden_layers": 64, "sliding_window": 4},
+             # 3 sliding layers and a global one without rope; logits scaled by 0.5, not 0.0625
+             "cohere2": {"num_hidden_layers": 4, "sliding_window": 4, "logit_scale": 0.5},
              "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
                          "logits_scaling": 3.0}}  # fmt: skip
 NEW_TOKENS = 4
@@ -183,6 +186,8 @@ REFUSED_CONFIGS = [
     ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
     ("smollm3", {"use_sliding_window": True, "sliding_window": 4}, "sliding-window"),
     ("cohere", {"use_qk_norm": True}, "use_qk_norm"),
+    ("cohere2", {"attention_bias": True}, "attention_bias"),
+    ("ernie4_5", {"use_bias": True}, "use_bias"),
     ("falcon", {"alibi": True}, "alibi"),
     ("exaone4", {"sliding_window": None}, "sliding_window"),
     ("olmo2", {"tie_word_embeddings": True}, "tie_word_embeddings"),
@@ -231,7 +236,7 @@ def test_an_untied_command_r_head_is_refused(bases, tmp_path):
     base = bases("cohere", "gguf-untied", tie_word_embeddings=False)
     save_tokenizer(base)
     adapter = make_adapter("cohere", base, tmp_path / "adapter")
-    with pytest.raises(UnsupportedError, match="tie_word_embeddings false"):
+    with pytest.raises(UnsupportedError, match="tie_word_embeddings False"):
         compile_adapter(adapter, base, "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

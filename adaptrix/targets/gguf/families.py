@@ -107,11 +107,25 @@ def _falcon(config: dict, path: Path) -> None:
                                    path=path / "config.json", fix="use --target merged")  # fmt: skip
 
 
+def _tied(config: dict, path: Path) -> None:
+    """llama.cpp's Command-R graphs tie the head to the embedding and have no attention biases."""
+    if not config.get("tie_word_embeddings", True) or config.get("attention_bias"):
+        raise UnsupportedError(f"tie_word_embeddings {config.get('tie_word_embeddings')}, attention_bias "
+                               f"{config.get('attention_bias')}: llama.cpp's {config['model_type']} graph "
+                               "ties the head to the embedding and has no attention biases",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def _ernie_bias(config: dict, path: Path) -> None:
+    """llama.cpp's ERNIE 4.5 graph reads no q / k / v / MLP biases."""
+    if config.get("use_bias"):
+        raise UnsupportedError("use_bias true: llama.cpp's ERNIE 4.5 graph has no q / k / v or MLP biases",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
 def _cohere(config: dict, path: Path) -> None:
     """llama.cpp's Command-R graph: the head tied, q / k norms exactly in models of 64 layers or more."""
-    if not config.get("tie_word_embeddings", True):
-        raise UnsupportedError("tie_word_embeddings false: llama.cpp's Command-R graph ties the head to the "
-                               "embedding", path=path / "config.json", fix="use --target merged")  # fmt: skip
+    _tied(config, path)
     deep = config["num_hidden_layers"] >= 64
     if bool(config.get("use_qk_norm")) != deep:
         raise UnsupportedError(f"use_qk_norm {config.get('use_qk_norm')} with {config['num_hidden_layers']} "
@@ -165,6 +179,9 @@ FAMILIES: dict[str, GgufFamily] = {
     "seed_oss": GgufFamily(gguf.MODEL_ARCH.SEED_OSS, hp.text),
     "exaone4": GgufFamily(gguf.MODEL_ARCH.EXAONE4, hp.exaone4, check=_exaone4),
     "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
+    "cohere2": GgufFamily(gguf.MODEL_ARCH.COHERE2, hp.cohere2, dropped=_TIED_HEAD, check=_tied),
+    "glm4": GgufFamily(gguf.MODEL_ARCH.GLM4, hp.glm4),
+    "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=_ernie_bias),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),

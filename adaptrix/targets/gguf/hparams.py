@@ -9,11 +9,13 @@ from adaptrix.targets.gguf.rope import rope_params, swa_rope_theta
 __all__ = [
     "Writer",
     "cohere",
+    "cohere2",
     "exaone4",
     "gemma",
     "gemma2",
     "gemma3",
     "get",
+    "glm4",
     "granite",
     "llama",
     "olmo",
@@ -180,3 +182,24 @@ def exaone4(w: Writer, config: dict) -> None:
             w.add_sliding_window_pattern([pattern[layer % len(pattern)] == "L" for layer in range(n_layers)])
         elif isinstance(pattern, int):
             w.add_sliding_window_pattern([(layer + 1) % pattern != 0 for layer in range(n_layers)])
+
+
+def cohere2(w: Writer, config: dict) -> None:
+    """Cohere2Model: TextModel's keys, the logit scale, the sliding window and layers, the rotary width."""
+    text(w, config)
+    w.add_logit_scale(config["logit_scale"])
+    w.add_sliding_window(config["sliding_window"])
+    if (types := config.get("layer_types")) is not None:  # llama.cpp's default: 3 sliding layers, 1 global
+        w.add_sliding_window_pattern([kind == "sliding_attention" for kind in types])
+    w.add_vocab_size(config["vocab_size"])
+    rotary = get(config, "rotary_pct", "partial_rotary_factor", default=1.0)
+    w.add_rope_dimension_count(int(rotary * (config["hidden_size"] // config["num_attention_heads"])))
+    w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+
+def glm4(w: Writer, config: dict) -> None:
+    """Glm4Model: TextModel's keys and the partial rotary width."""
+    text(w, config)
+    rotary = rope_params(config).get("partial_rotary_factor") or config.get("partial_rotary_factor", 0.5)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    w.add_rope_dimension_count(int(head_dim * rotary))
