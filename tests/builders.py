@@ -163,6 +163,9 @@ FAMILIES: dict[str, Family] = {
     "ernie4_5": Family(
         tf.Ernie4_5Config, tf.Ernie4_5ForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS
     ),
+    "nemotron": Family(
+        tf.NemotronConfig, tf.NemotronForCausalLM, _DECODER, (*_ATTENTION, "up_proj", "down_proj")
+    ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
         dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),

@@ -182,6 +182,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "cohere2": GgufFamily(gguf.MODEL_ARCH.COHERE2, hp.cohere2, dropped=_TIED_HEAD, check=_tied),
     "glm4": GgufFamily(gguf.MODEL_ARCH.GLM4, hp.glm4),
     "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=_ernie_bias),
+    "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),

@@ -18,6 +18,7 @@ __all__ = [
     "glm4",
     "granite",
     "llama",
+    "nemotron",
     "olmo",
     "olmo2",
     "phi3",
@@ -203,3 +204,14 @@ def glm4(w: Writer, config: dict) -> None:
     rotary = rope_params(config).get("partial_rotary_factor") or config.get("partial_rotary_factor", 0.5)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     w.add_rope_dimension_count(int(head_dim * rotary))
+
+
+def nemotron(w: Writer, config: dict) -> None:
+    """NemotronModel: TextModel's keys, the vocabulary size, the LayerNorm eps, the partial rotary width."""
+    text(w, config)
+    w.add_vocab_size(config["vocab_size"])
+    w.add_layer_norm_eps(get(config, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps"))
+    rotary = get(config, "partial_rotary_factor") or rope_params(config).get("partial_rotary_factor", 1.0)
+    w.add_rope_dimension_count(int(rotary * config["hidden_size"]) // config["num_attention_heads"])
+    if rope_params(config).get("factor") is None:  # linear scaling's keys: add_rope_scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
