@@ -166,6 +166,11 @@ FAMILIES: dict[str, Family] = {
     "nemotron": Family(
         tf.NemotronConfig, tf.NemotronForCausalLM, _DECODER, (*_ATTENTION, "up_proj", "down_proj")
     ),
+    "olmoe": Family(
+        tf.OlmoeConfig, tf.OlmoeForCausalLM,
+        dict(_DECODER, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, intermediate_size=16),
+        _ATTENTION, unnamed=(r"mlp\..+", _QK_NORM),
+    ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
         dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),
@@ -214,7 +219,7 @@ ONNX_FAMILIES = ("bert", "gpt2", "gpt_neox", "llama", "mistral", "phi3", "qwen2"
 # transformers 5 keeps MoE experts packed in 3-D parameters and renames them on load, while the
 # checkpoint stores them one by one (adaptrix.binders.packed).
 TRANSFORMERS_5 = int(tf.__version__.split(".")[0]) >= 5
-MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe"})
+MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"})
 
 
 def build_base(

@@ -134,6 +134,15 @@ def _cohere(config: dict, path: Path) -> None:
                                fix="use --target merged")  # fmt: skip
 
 
+def _olmoe(config: dict, path: Path) -> None:
+    """llama.cpp's OLMoE graph: q / k norms as wide as the model (no grouped kv heads), no clip_qkv."""
+    n_kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    if n_kv != config["num_attention_heads"] or config.get("clip_qkv") is not None:
+        raise UnsupportedError(f"num_key_value_heads {n_kv}, clip_qkv {config.get('clip_qkv')}: llama.cpp's "
+                               "OLMoE graph has a kv head per head and no clamp", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
 def _exaone4(config: dict, path: Path) -> None:
     """llama.cpp's EXAONE 4 graph: sliding windows, rope-less global layers exactly in 64-layer models."""
     n_layers, window = config["num_hidden_layers"], config.get("sliding_window")
@@ -183,6 +192,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "glm4": GgufFamily(gguf.MODEL_ARCH.GLM4, hp.glm4),
     "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=_ernie_bias),
     "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
+    "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=_both(_router_norm(False), _olmoe)),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),
