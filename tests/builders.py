@@ -171,6 +171,10 @@ FAMILIES: dict[str, Family] = {
         dict(_DECODER, num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, intermediate_size=16),
         _ATTENTION, unnamed=(r"mlp\..+", _QK_NORM),
     ),
+    "glm": Family(
+        tf.GlmConfig, tf.GlmForCausalLM, dict(_DECODER, head_dim=8, pad_token_id=0),
+        (*_ATTENTION, "gate_up_proj", "down_proj"),
+    ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
         dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),

@@ -193,6 +193,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=_ernie_bias),
     "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
     "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=_both(_router_norm(False), _olmoe)),
+    "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),

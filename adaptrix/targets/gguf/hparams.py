@@ -15,6 +15,7 @@ __all__ = [
     "gemma2",
     "gemma3",
     "get",
+    "glm",
     "glm4",
     "granite",
     "llama",
@@ -215,3 +216,20 @@ def nemotron(w: Writer, config: dict) -> None:
     w.add_rope_dimension_count(int(rotary * config["hidden_size"]) // config["num_attention_heads"])
     if rope_params(config).get("factor") is None:  # linear scaling's keys: add_rope_scaling
         w.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+
+
+def glm(w: Writer, config: dict) -> None:
+    """ChatGLMModel for transformers' GlmForCausalLM, with the config's rms eps, rope base and head width."""
+    n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
+    w.add_context_length(config.get("seq_length") or config["max_position_embeddings"])
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    head_dim = config.get("head_dim") or n_embd // n_head
+    rotary = rope_params(config).get("partial_rotary_factor") or config.get("partial_rotary_factor", 0.5)
+    w.add_rope_dimension_count(int(head_dim * rotary))
+    w.add_add_bos_token(False)
+    w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
