@@ -175,6 +175,11 @@ FAMILIES: dict[str, Family] = {
         tf.GlmConfig, tf.GlmForCausalLM, dict(_DECODER, head_dim=8, pad_token_id=0),
         (*_ATTENTION, "gate_up_proj", "down_proj"),
     ),
+    "mamba": Family(
+        tf.MambaConfig, tf.MambaForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8),
+        ("in_proj", "x_proj"),  # PEFT refuses conv1d and out_proj on Mamba
+    ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
         dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),

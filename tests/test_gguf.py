@@ -33,7 +33,7 @@ F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3",
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
-         "ernie4_5", "nemotron", "olmoe", "glm")  # fmt: skip
+         "ernie4_5", "nemotron", "olmoe", "glm", "mamba")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -135,16 +135,9 @@ _SCALES = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {
 
 @pytest.mark.parametrize(
     ("family", "lora"),
-    [
-        ("llama", _SCALES),
-        ("gpt2", {}),
-        ("gpt_neox", {}),
-        ("phi3", {}),
-        ("mixtral", {}),
-        ("falcon", {}),
-        ("bloom", {}),
-    ],
-)
+    [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {}), ("falcon", {}),
+     ("bloom", {}), ("mamba", {})],
+)  # fmt: skip
 def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path, family, lora):
     base, adapter = made(family, **lora)
     compile_adapter(adapter, base, "gguf", tmp_path / "merged", quantize="f32")
@@ -190,6 +183,7 @@ REFUSED_CONFIGS = [
     ("ernie4_5", {"use_bias": True}, "use_bias"),
     ("olmoe", {"norm_topk_prob": True}, "norm_topk_prob"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("mamba", {"pad_vocab_size_multiple": 48}, "pads the vocabulary"),
     ("falcon", {"alibi": True}, "alibi"),
     ("exaone4", {"sliding_window": None}, "sliding_window"),
     ("olmo2", {"tie_word_embeddings": True}, "tie_word_embeddings"),

@@ -36,6 +36,7 @@ class GgufFamily:
     qkv: Split | None = None  # the fused qkv's layout (the binder's split): regrouped as [q | k | v]
     qkv_name: str = "query_key_value"  # the fused qkv module
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
+    ssm: bool = False  # Mamba: A_log stored as A = -exp(A_log), conv1d's weight squeezed
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
 
@@ -143,6 +144,17 @@ def _olmoe(config: dict, path: Path) -> None:
                                fix="use --target merged")  # fmt: skip
 
 
+def _mamba(config: dict, path: Path) -> None:
+    """The converter pads Mamba's vocabulary to pad_vocab_size_multiple and assumes an expansion of 2."""
+    pad = config.get("pad_vocab_size_multiple", 8)
+    d_model = config["hidden_size"]
+    if config["vocab_size"] % pad or (config.get("intermediate_size") or 2 * d_model) != 2 * d_model:
+        raise UnsupportedError(f"vocab_size {config['vocab_size']} (pad_vocab_size_multiple {pad}), "
+                               f"intermediate_size {config.get('intermediate_size')}: the converter pads the "
+                               "vocabulary and writes Mamba with an expansion of 2",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
 def _exaone4(config: dict, path: Path) -> None:
     """llama.cpp's EXAONE 4 graph: sliding windows, rope-less global layers exactly in 64-layer models."""
     n_layers, window = config["num_hidden_layers"], config.get("sliding_window")
@@ -194,6 +206,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
     "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=_both(_router_norm(False), _olmoe)),
     "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
+    "mamba": GgufFamily(gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, check=_mamba),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),

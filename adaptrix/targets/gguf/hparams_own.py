@@ -10,7 +10,7 @@ from __future__ import annotations
 from adaptrix.targets.gguf.hparams import Writer, get
 from adaptrix.targets.gguf.rope import rope_params
 
-__all__ = ["bloom", "falcon", "gpt2", "gpt_bigcode", "gpt_neox", "mpt", "phi2", "stablelm"]
+__all__ = ["bloom", "falcon", "gpt2", "gpt_bigcode", "gpt_neox", "mamba", "mpt", "phi2", "stablelm"]
 
 
 def gpt2(w: Writer, config: dict) -> None:
@@ -128,3 +128,19 @@ def mpt(w: Writer, config: dict) -> None:
     if attn.get("clip_qkv") is not None:
         w.add_clamp_kqv(attn["clip_qkv"])
     w.add_max_alibi_bias(attn.get("alibi_bias_max", 8) if attn.get("alibi", True) else 0.0)
+
+
+def mamba(w: Writer, config: dict) -> None:
+    """MambaModel."""
+    d_model = get(config, "hidden_size", "d_model")
+    w.add_context_length(2**20)  # the converter's: Mamba has no context limit
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_ssm_conv_kernel(get(config, "conv_kernel", "d_conv", default=4))
+    w.add_ssm_inner_size(get(config, "intermediate_size", "d_inner", default=2 * d_model))
+    w.add_ssm_state_size(get(config, "state_size", "d_state", default=16))
+    w.add_ssm_time_step_rank(get(config, "time_step_rank", "dt_rank", default=-(d_model // -16)))
+    w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-5))
+    w.add_ssm_dt_b_c_rms(config.get("model_type") == "falcon_mamba")
