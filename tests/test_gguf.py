@@ -33,11 +33,13 @@ F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3",
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
-         "ernie4_5", "nemotron", "olmoe", "glm", "mamba")  # fmt: skip
+         "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
         "gpt_bigcode", "mpt")  # fmt: skip
+_GRANITE = {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+            "logits_scaling": 3.0}  # fmt: skip
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
 OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre_attn_scalar": 16},
@@ -51,8 +53,7 @@ OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre
              "exaone4": {"num_hidden_layers": 64, "sliding_window": 4},
              # 3 sliding layers and a global one without rope; logits scaled by 0.5, not 0.0625
              "cohere2": {"num_hidden_layers": 4, "sliding_window": 4, "logit_scale": 0.5},
-             "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
-                         "logits_scaling": 3.0}}  # fmt: skip
+             "granite": _GRANITE, "granitemoe": _GRANITE}  # fmt: skip
 NEW_TOKENS = 4
 
 

@@ -37,6 +37,7 @@ class GgufFamily:
     qkv_name: str = "query_key_value"  # the fused qkv module
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
     ssm: bool = False  # Mamba: A_log stored as A = -exp(A_log), conv1d's weight squeezed
+    gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
 
@@ -186,6 +187,12 @@ FAMILIES: dict[str, GgufFamily] = {
     "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
     "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
     "granite": GgufFamily(gguf.MODEL_ARCH.GRANITE, hp.granite, permute_qk=True),
+    "granitemoe": GgufFamily(
+        gguf.MODEL_ARCH.GRANITE_MOE,
+        hp.granite,
+        permute_qk=True,
+        gate_up="block_sparse_moe.input_linear.weight",
+    ),
     "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
     "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),
     "olmo3": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),

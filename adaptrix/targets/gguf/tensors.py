@@ -7,6 +7,7 @@ rounded once to its GGML type with llama.cpp's own quantizer (quantize.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -53,6 +54,7 @@ class GgufTensor:
     items: tuple[TensorPlan, ...]
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
+    half: int | None = None  # of a fused [experts, gate | up, in] tensor, the gate (0) or up (1) rows
 
     @property
     def nbytes(self) -> int:
@@ -85,6 +87,9 @@ def gguf_tensors(
     names = gguf.get_tensor_name_map(family.arch, base.source.num_layers)
     tensors, kept = [], []
     for key, group in groups.items():
+        if family.gate_up and key.endswith(family.gate_up):  # split in two, as the converter does
+            tensors.extend(_halves(key, tuple(item for _, item in group), base, qtype))
+            continue
         found = names.get_type_and_name(family.map_key(key), try_suffixes=(".weight", ".bias"))
         if found is None:
             raise UnsupportedError(f"{key}: llama.cpp's tensor map has no {family.arch.name} tensor for it",
@@ -103,6 +108,17 @@ def gguf_tensors(
             kept.append(name)
         tensors.append(GgufTensor(name, key, tuple(item for _, item in group), shape, chosen))
     return tensors, kept
+
+
+def _halves(key: str, items: tuple[TensorPlan, ...], base: Checkpoint, qtype: Q) -> list[GgufTensor]:
+    """A fused [experts, gate | up, in] tensor as the converter writes it: ffn_gate_exps and ffn_up_exps."""
+    experts, rows, columns = base.tensors[items[0].source].shape
+    layer = int(re.search(r"\.(\d+)\.", key)[1])
+    kinds = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)
+    shape = (experts, rows // 2, columns)
+    names = [gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight" for kind in kinds]
+    return [GgufTensor(name, key, items, shape, _qtype(kind, name, shape, qtype), half)
+            for half, (kind, name) in enumerate(zip(kinds, names, strict=True))]  # fmt: skip
 
 
 def _qtype(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...], qtype) -> gguf.GGMLQuantizationType:
@@ -145,6 +161,11 @@ def source_value(
     A float32 `buffer` at least the tensor's size is merged into where the merge allows (one stored
     tensor, not rewritten), instead of a new allocation: its pages are reused from tensor to tensor.
     """
+    if tensor.half is not None:  # the whole fused tensor, then its half
+        shape = tuple(base.tensors[tensor.items[0].source].shape)
+        whole = source_value(dataclasses.replace(tensor, half=None, shape=shape), base, family)
+        rows = whole.shape[-2] // 2
+        return whole.narrow(-2, tensor.half * rows, rows).contiguous()
     item = tensor.items[0]
     stored = item.source is not None and len(tensor.shape) == len(base.tensors[item.source].shape)
     if len(tensor.items) == 1 and stored and not item.touched and not _rewritten(tensor.key, family):
