@@ -184,6 +184,12 @@ FAMILIES: dict[str, Family] = {
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,
     ),
+    "lfm2": Family(
+        tf.Lfm2Config, tf.Lfm2ForCausalLM,
+        dict(_DECODER, layer_types=["conv", "full_attention", "conv", "full_attention"], num_hidden_layers=4,
+             block_multiple_of=32),
+        ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"),
+    ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
         dict(d_model=32, n_heads=4, n_layers=2, vocab_size=VOCAB, max_seq_len=64),

@@ -36,7 +36,8 @@ class GgufFamily:
     qkv: Split | None = None  # the fused qkv's layout (the binder's split): regrouped as [q | k | v]
     qkv_name: str = "query_key_value"  # the fused qkv module
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
-    ssm: bool = False  # Mamba: A_log stored as A = -exp(A_log), conv1d's weight squeezed
+    ssm: bool = False  # Mamba: A_log stored as A = -exp(A_log)
+    squeeze: tuple[str, ...] = ()  # conv weights [channels, 1, kernel] stored as [channels, kernel]
     gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
@@ -213,7 +214,10 @@ FAMILIES: dict[str, GgufFamily] = {
     "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
     "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=_both(_router_norm(False), _olmoe)),
     "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
-    "mamba": GgufFamily(gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, check=_mamba),
+    "mamba": GgufFamily(
+        gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=_mamba
+    ),
+    "lfm2": GgufFamily(gguf.MODEL_ARCH.LFM2, hp.lfm2, squeeze=("conv.conv.weight",)),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),

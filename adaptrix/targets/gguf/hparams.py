@@ -18,6 +18,7 @@ __all__ = [
     "glm",
     "glm4",
     "granite",
+    "lfm2",
     "llama",
     "nemotron",
     "olmo",
@@ -233,3 +234,20 @@ def glm(w: Writer, config: dict) -> None:
     w.add_rope_dimension_count(int(head_dim * rotary))
     w.add_add_bos_token(False)
     w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
+
+
+def lfm2(w: Writer, config: dict) -> None:
+    """LFM2Model: TextModel's keys (kv heads per layer, 0 in conv layers), the conv cache, the ffn width."""
+    kinds = config["layer_types"]
+    kv = [config["num_key_value_heads"] if kind != "conv" else 0 for kind in kinds]
+    text(w, {**config, "num_key_value_heads": kv, "intermediate_size": None, "n_inner": None})
+    w.add_vocab_size(config["vocab_size"])
+    w.add_shortconv_l_cache(config["conv_L_cache"])
+    ff = get(config, "block_ff_dim", "intermediate_size")
+    if config["block_auto_adjust_ff_dim"]:
+        ff = int(2 * ff / 3)
+        if (multiplier := config.get("block_ffn_dim_multiplier")) is not None:
+            ff = int(multiplier * ff)
+        multiple = config["block_multiple_of"]
+        ff = multiple * ((ff + multiple - 1) // multiple)
+    w.add_feed_forward_length(ff)

@@ -38,11 +38,11 @@ CHUNK_BYTES = 4 << 20  # float32 bytes of rows rounded at a time, a few blocks a
 _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
                 ".attn.masked_bias")  # fmt: skip
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
-_CONV1D, _A_LOG = "mixer.conv1d.weight", "mixer.A_log"  # Mamba's: squeezed; stored as A = -exp(A_log)
+_A_LOG = "mixer.A_log"  # Mamba's: stored as A = -exp(A_log)
 # Kept in float32 whatever the file type, as the converter and llama-quantize keep them
 _F32_KINDS = frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
                         gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES,
-                        gguf.MODEL_TENSOR.SSM_CONV1D})  # fmt: skip
+                        gguf.MODEL_TENSOR.SSM_CONV1D, gguf.MODEL_TENSOR.SHORTCONV_CONV})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,9 @@ def gguf_tensors(
                                    fix="re-save the base with save_pretrained")  # fmt: skip
         shape = tuple(base.tensors[group[0][1].source].shape) if group[0][1].source else ()
         shape = shape[::-1] if key.endswith(family.transposed) and family.transposed else shape
-        shape = tuple(n for n in shape if n != 1) if family.ssm and key.endswith(_CONV1D) else shape
+        shape = (
+            tuple(n for n in shape if n != 1) if family.squeeze and key.endswith(family.squeeze) else shape
+        )
         shape = (len(group), *shape) if len(group) > 1 or _EXPERT.fullmatch(group[0][1].name) else shape
         chosen = _qtype(kind, name, shape, qtype)
         if chosen is not qtype and chosen is Q.F16:
@@ -186,7 +188,8 @@ def _rewritten(key: str, family: GgufFamily) -> bool:
         (family.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")))
         or (family.norm_plus_one and key.endswith("norm.weight"))
         or (family.transposed and key.endswith(family.transposed))
-        or (family.ssm and key.endswith((_CONV1D, _A_LOG)))
+        or (family.ssm and key.endswith(_A_LOG))
+        or (family.squeeze and key.endswith(family.squeeze))
         or (family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")))
     )
 
@@ -205,8 +208,8 @@ def rewrite(key: str, value: torch.Tensor, family: GgufFamily, base: Checkpoint)
         value = value.T.contiguous()
     if family.ssm and key.endswith(_A_LOG):
         value = -torch.exp(value)
-    if family.ssm and key.endswith(_CONV1D):
-        value = value.squeeze()  # [d_inner, 1, d_conv] -> [d_inner, d_conv]
+    if family.squeeze and key.endswith(family.squeeze):
+        value = value.squeeze(1)  # conv weights [channels, 1, kernel] -> [channels, kernel]
     if family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")):
         value = torch.cat([value[rows] for rows in split_rows(family.qkv, base.source)])  # -> [q | k | v]
     return value
