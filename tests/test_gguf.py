@@ -185,6 +185,15 @@ REFUSED_CONFIGS = [
     ("olmoe", {"norm_topk_prob": True}, "norm_topk_prob"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
     ("mamba", {"pad_vocab_size_multiple": 48}, "pads the vocabulary"),
+    # llama.cpp's SmolLM3 graph reads no rope_freqs (the converter writes one for it all the same)
+    (
+        "smollm3",
+        {
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+            "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4},
+        },
+        "llama3",
+    ),
     ("falcon", {"alibi": True}, "alibi"),
     ("exaone4", {"sliding_window": None}, "sliding_window"),
     ("olmo2", {"tie_word_embeddings": True}, "tie_word_embeddings"),

@@ -40,6 +40,7 @@ class GgufFamily:
     squeeze: tuple[str, ...] = ()  # conv weights [channels, 1, kernel] stored as [channels, kernel]
     gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
+    llama3_rope: bool = False  # llama3 rope scaling as rope_freqs: graphs of llama.cpp that read it
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
 
     def map_key(self, key: str) -> str:
@@ -179,20 +180,18 @@ def _smollm3_layers(config: dict, path: Path) -> None:
                                "context", path=path / "config.json", fix="use --target merged")  # fmt: skip
 
 
+_GATE_UP = "block_sparse_moe.input_linear.weight"  # Granite MoE's experts: [experts, gate | up, in]
 _HEADWISE = Split("headwise", ("q", "k", "v"))  # per head q, k, v (GPT-NeoX, Bloom)
 _GROUPED = Split("grouped", ("q", "k", "v"))  # per kv head its query heads, key, value (Falcon, GPTBigCode)
 _GEMMA_DROPPED = _TIED_HEAD = ("lm_head.weight",)  # llama.cpp ties the head: the converter skips it
 
 FAMILIES: dict[str, GgufFamily] = {
-    "llama": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
-    "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
-    "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True),
-    "granite": GgufFamily(gguf.MODEL_ARCH.GRANITE, hp.granite, permute_qk=True),
+    "llama": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True, llama3_rope=True),
+    "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True, llama3_rope=True),
+    "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True, llama3_rope=True),
+    "granite": GgufFamily(gguf.MODEL_ARCH.GRANITE, hp.granite, permute_qk=True, llama3_rope=True),
     "granitemoe": GgufFamily(
-        gguf.MODEL_ARCH.GRANITE_MOE,
-        hp.granite,
-        permute_qk=True,
-        gate_up="block_sparse_moe.input_linear.weight",
+        gguf.MODEL_ARCH.GRANITE_MOE, hp.granite, permute_qk=True, llama3_rope=True, gate_up=_GATE_UP
     ),
     "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
     "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),
@@ -204,9 +203,9 @@ FAMILIES: dict[str, GgufFamily] = {
     "bloom": GgufFamily(gguf.MODEL_ARCH.BLOOM, own.bloom, qkv=_HEADWISE, strip="transformer."),
     "gpt_bigcode": GgufFamily(gguf.MODEL_ARCH.STARCODER, own.gpt_bigcode, qkv=_GROUPED, qkv_name="c_attn"),
     "mpt": GgufFamily(gguf.MODEL_ARCH.MPT, own.mpt),
-    "arcee": GgufFamily(gguf.MODEL_ARCH.ARCEE, hp.llama, permute_qk=True),
+    "arcee": GgufFamily(gguf.MODEL_ARCH.ARCEE, hp.llama, permute_qk=True, llama3_rope=True),
     "seed_oss": GgufFamily(gguf.MODEL_ARCH.SEED_OSS, hp.text),
-    "exaone4": GgufFamily(gguf.MODEL_ARCH.EXAONE4, hp.exaone4, check=_exaone4),
+    "exaone4": GgufFamily(gguf.MODEL_ARCH.EXAONE4, hp.exaone4, llama3_rope=True, check=_exaone4),
     "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
     "cohere2": GgufFamily(gguf.MODEL_ARCH.COHERE2, hp.cohere2, dropped=_TIED_HEAD, check=_tied),
     "glm4": GgufFamily(gguf.MODEL_ARCH.GLM4, hp.glm4),
@@ -247,7 +246,7 @@ def family_of(config: dict, path: Path) -> GgufFamily:
             fix="use --target merged, then llama.cpp's convert_hf_to_gguf.py if it supports the family",
         )
     family.check(config, path)
-    check_rope(config, path, llama3=family.permute_qk)  # llama3's rope: the converter's LlamaModel
+    check_rope(config, path, llama3=family.llama3_rope)
     return family
 
 

@@ -47,8 +47,8 @@ def check_rope(config: dict, path: Path, llama3: bool = False) -> None:
     kind = _kind(config)
     if kind is None or kind == "linear" or (kind == "llama3" and llama3):
         return
-    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain, linear and (llama) llama3 "
-                           "rope", path=path / "config.json",
+    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain, linear and (llama-like "
+                           "graphs that read rope_freqs) llama3 rope", path=path / "config.json",
                            fix="use --target merged, then llama.cpp's converter")  # fmt: skip
 
 
