@@ -30,12 +30,30 @@ GELU_TOLERANCE = 1e-3
 GELU_LORA_TOLERANCE = 1e-4
 # float16 weights: each weight rounded to 11 significant bits; measured <= 1.5e-3 here.
 F16_TOLERANCE = 5e-3
-EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe")
-GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text")
+EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
+         "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3",
+         "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
+         "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2")  # fmt: skip
+# 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
+DEEP = {"exaone4": 1e-4}
+GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
+        "gpt_bigcode", "mpt")  # fmt: skip
+_GRANITE = {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
+            "logits_scaling": 3.0}  # fmt: skip
 # What llama.cpp's graph hard-codes, set in the tiny configs (real checkpoints have these values):
 # Gemma 2 / 3 scale queries by 1/sqrt(head_dim); Qwen3-MoE renormalizes the top-k routing weights.
 OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre_attn_scalar": 16},
-             "qwen3_moe": {"norm_topk_prob": True}}  # fmt: skip
+             "qwen3_moe": {"norm_topk_prob": True},
+             # not llama's 1 and 1/sqrt(head_dim): each multiplier must reach llama.cpp's graph
+             "olmo": {"clip_qkv": 0.1},  # clamps these q / k / v (the logits move by ~0.1)
+             "stablelm": {"use_qkv_bias": True},  # as StableLM 2 1.6B
+             "smollm3": {"num_hidden_layers": 4},  # the fourth layer has no rope
+             "olmo3": {"num_hidden_layers": 4, "sliding_window": 4},  # 3 sliding layers: the window bites
+             # llama.cpp's EXAONE 4 has sliding windows and rope-less global layers only with 64 layers
+             "exaone4": {"num_hidden_layers": 64, "sliding_window": 4},
+             # 3 sliding layers and a global one without rope; logits scaled by 0.5, not 0.0625
+             "cohere2": {"num_hidden_layers": 4, "sliding_window": 4, "logit_scale": 0.5},
+             "granite": _GRANITE, "granitemoe": _GRANITE}  # fmt: skip
 NEW_TOKENS = 4
 
 
@@ -47,8 +65,9 @@ def made(bases, tmp_path_factory):
     def get(family: str, **lora):
         key = (family, repr(sorted(lora.items())))
         if key not in cache:
-            base = bases(family, "gguf", **OVERRIDES.get(family, {}))
+            base = bases(family, "gguf-vectors", **OVERRIDES.get(family, {}))
             if not (base / "tokenizer.json").is_file():
+                _jitter_vectors(base)
                 save_tokenizer(base)
             torch.manual_seed(1)
             path = tmp_path_factory.mktemp(f"gguf-adapter-{family}")
@@ -56,6 +75,19 @@ def made(bases, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def _jitter_vectors(base) -> None:
+    """Seeded noise on every norm weight and bias: a family's freshly built ones (all 1 or all 0) would
+    not tell a swapped or dropped vector from the right one."""
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(3)
+    tensors = load_file(base / "model.safetensors")
+    for name, value in tensors.items():
+        if value.dim() == 1 and value.is_floating_point():
+            tensors[name] = value + 0.1 * torch.randn(value.shape, generator=generator)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
 
 
 def _ids(family: str) -> list[int]:
@@ -79,7 +111,7 @@ def test_f32_gguf_logits_and_greedy_tokens_equal_pefts(made, tmp_path, family):
     expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
     got = llama_logits(out / "model.gguf", ids)
     assert got.shape == expected.shape == (len(ids), VOCAB)
-    tolerance = GELU_TOLERANCE if family in GELU else F32_TOLERANCE
+    tolerance = GELU_TOLERANCE if family in GELU else DEEP.get(family, F32_TOLERANCE)
     assert (got - expected).abs().max().item() <= tolerance
     peft_tokens = _peft_greedy(family, base, adapter, ids)
     assert llama_greedy(out / "model.gguf", ids, NEW_TOKENS)[: len(peft_tokens)] == peft_tokens
@@ -103,8 +135,10 @@ _SCALES = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {
 
 
 @pytest.mark.parametrize(
-    ("family", "lora"), [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {})]
-)
+    ("family", "lora"),
+    [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {}), ("falcon", {}),
+     ("bloom", {}), ("mamba", {})],
+)  # fmt: skip
 def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path, family, lora):
     base, adapter = made(family, **lora)
     compile_adapter(adapter, base, "gguf", tmp_path / "merged", quantize="f32")
@@ -135,6 +169,80 @@ def test_unsupported_family_is_refused_in_one_line_naming_it(bases, tmp_path):
     base = bases("opt")
     adapter = make_adapter("opt", base, tmp_path / "adapter")
     with pytest.raises(UnsupportedError, match="'opt' family"):
+        compile_adapter(adapter, base, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# Config values llama.cpp's graph (or the gguf target) cannot honour: (family, overrides, the refusal's words)
+REFUSED_CONFIGS = [
+    ("stablelm", {"qk_layernorm": True}, "qk_layernorm"),
+    ("phi", {"qk_layernorm": True}, "qk_layernorm"),
+    ("smollm3", {"no_rope_layers": [1, 0, 1, 1]}, "no_rope_layers"),
+    ("smollm3", {"use_sliding_window": True, "sliding_window": 4}, "sliding-window"),
+    ("cohere", {"use_qk_norm": True}, "use_qk_norm"),
+    ("cohere2", {"attention_bias": True}, "attention_bias"),
+    ("ernie4_5", {"use_bias": True}, "use_bias"),
+    ("olmoe", {"norm_topk_prob": True}, "norm_topk_prob"),
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
+    ("mamba", {"pad_vocab_size_multiple": 48}, "pads the vocabulary"),
+    # llama.cpp's SmolLM3 graph reads no rope_freqs (the converter writes one for it all the same)
+    (
+        "smollm3",
+        {
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+            "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4},
+        },
+        "llama3",
+    ),
+    ("falcon", {"alibi": True}, "alibi"),
+    ("exaone4", {"sliding_window": None}, "sliding_window"),
+    ("olmo2", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ("stablelm", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ("phi", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ("falcon", {"parallel_attn": False}, "parallel_attn"),
+]
+
+
+@pytest.mark.parametrize(("family", "overrides", "words"), REFUSED_CONFIGS)
+def test_config_values_llama_cpp_cannot_honour_are_refused(made, tmp_path, family, overrides, words):
+    import shutil
+
+    base, adapter = made(family)
+    edited = shutil.copytree(base, tmp_path / "base")  # the config says it; the check reads only that
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, **overrides}))
+    with pytest.raises(UnsupportedError, match=words) as info:
+        compile_adapter(adapter, edited, "gguf", tmp_path / "out")
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+
+
+# The fused qkv's other layouts: Falcon 40B's kv groups with their own attention norm, per-head q, k, v
+# in Falcon and GPTBigCode (the tiny defaults are multi-query: q | k | v in blocks)
+LAYOUTS = {"falcon-40b": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+           "falcon-headwise": ("falcon", {"multi_query": False}),
+           "gpt_bigcode-headwise": ("gpt_bigcode", {"multi_query": False})}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fused_qkv_layouts_are_regrouped_as_the_converter_does(bases, tmp_path, layout):
+    family, overrides = LAYOUTS[layout]
+    base = bases(family, f"gguf-{layout}", **overrides)
+    _jitter_vectors(base)
+    save_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter(family, base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    ids = _ids(family)
+    expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    got = llama_logits(tmp_path / "out" / "model.gguf", ids)
+    assert (got - expected).abs().max().item() <= GELU_TOLERANCE
+
+
+def test_an_untied_command_r_head_is_refused(bases, tmp_path):
+    base = bases("cohere", "gguf-untied", tie_word_embeddings=False)
+    save_tokenizer(base)
+    adapter = make_adapter("cohere", base, tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="tie_word_embeddings False"):
         compile_adapter(adapter, base, "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

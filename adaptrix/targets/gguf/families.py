@@ -2,7 +2,8 @@
 
 Each family names its GGUF architecture, the hyperparameters the converter writes from config.json,
 and the few tensor rewrites it makes: llama's rotary permutation of q/k rows, Gemma's RMSNorm
-weights stored as (1 + w), GPT-2's Conv1D weights transposed, GPT-NeoX's per-head qkv regrouped.
+weights stored as (1 + w), GPT-2's Conv1D weights transposed, GPT-NeoX's, Bloom's and Falcon's fused
+qkv regrouped.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from pathlib import Path
 import gguf
 import torch
 
+from adaptrix.binders.splits import Split
 from adaptrix.ir.errors import UnsupportedError
-from adaptrix.targets.gguf.rope import check_rope, rope_params
+from adaptrix.targets.gguf import hparams as hp
+from adaptrix.targets.gguf import hparams_own as own
+from adaptrix.targets.gguf.rope import check_rope
 
 __all__ = ["FAMILIES", "GgufFamily", "family_of", "permute_rows"]
-
-Writer = gguf.GGUFWriter
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,132 +29,24 @@ class GgufFamily:
     """One family's GGUF architecture, hyperparameters and tensor rewrites."""
 
     arch: gguf.MODEL_ARCH
-    hparams: Callable[[Writer, dict], None]
+    hparams: Callable[[hp.Writer, dict], None]
     permute_qk: bool = False  # llama's rotary layout: q / k rows regrouped per head (LlamaModel.permute)
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + w); llama.cpp by its stored weight: w + 1
     transposed: tuple[str, ...] = ()  # Conv1D weights stored [in, out]: name suffixes
-    neox_qkv: bool = False  # query_key_value per head (n_head, 3, d): regrouped as [q | k | v]
+    qkv: Split | None = None  # the fused qkv's layout (the binder's split): regrouped as [q | k | v]
+    qkv_name: str = "query_key_value"  # the fused qkv module
     dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
+    ssm: bool = False  # Mamba: A_log stored as A = -exp(A_log)
+    squeeze: tuple[str, ...] = ()  # conv weights [channels, 1, kernel] stored as [channels, kernel]
+    gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
+    strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
+    llama3_rope: bool = False  # llama3 rope scaling as rope_freqs: graphs of llama.cpp that read it
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
     sentencepiece: str | None = None  # a tokenizer.model alone: "llama", "no-space-prefix" (Gemma 2 / 3)
 
-
-def _get(config: dict, *keys: str, default=None):
-    """The first of `keys` the config sets (the converter's find_hparam)."""
-    return next((config[key] for key in keys if config.get(key) is not None), default)
-
-
-def _text(w: Writer, config: dict) -> None:
-    """TextModel.set_gguf_parameters: the keys most families share."""
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(_get(config, "max_position_embeddings", "n_ctx", "n_positions"))
-    w.add_embedding_length(_get(config, "hidden_size", "n_embd"))
-    if (n_ff := _get(config, "intermediate_size", "n_inner")) is not None:
-        w.add_feed_forward_length(n_ff)
-    w.add_head_count(_get(config, "num_attention_heads", "n_head"))
-    if (n_kv := _get(config, "num_key_value_heads", "n_kv_heads")) is not None:
-        w.add_head_count_kv(n_kv)
-    if (theta := rope_params(config).get("rope_theta")) is not None:
-        w.add_rope_freq_base(theta)
-    if (eps := _get(config, "rms_norm_eps", "norm_eps")) is not None:
-        w.add_layer_norm_rms_eps(eps)
-    if (eps := _get(config, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")) is not None:
-        w.add_layer_norm_eps(eps)
-    if (n := _get(config, "num_local_experts", "num_experts")) is not None:
-        w.add_expert_count(n)
-    if (n := _get(config, "num_experts_per_tok")) is not None:
-        w.add_expert_used_count(n)
-    if (head_dim := config.get("head_dim")) is not None:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
-
-
-def _llama(w: Writer, config: dict) -> None:
-    _text(w, config)
-    w.add_vocab_size(config["vocab_size"])
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    w.add_rope_dimension_count(head_dim)
-
-
-def _qwen_moe(w: Writer, config: dict) -> None:
-    _text(w, config)
-    if (n := config.get("moe_intermediate_size")) is not None:
-        w.add_expert_feed_forward_length(n)
-    if (n := config.get("shared_expert_intermediate_size")) is not None:
-        w.add_expert_shared_feed_forward_length(n)
-
-
-def _gpt2(w: Writer, config: dict) -> None:
-    w.add_block_count(config["n_layer"])
-    w.add_context_length(config["n_ctx"] if "n_ctx" in config else config["n_positions"])
-    w.add_embedding_length(config["n_embd"])
-    w.add_feed_forward_length(config.get("n_inner") or 4 * config["n_embd"])
-    w.add_head_count(config["n_head"])
-    w.add_layer_norm_eps(config["layer_norm_epsilon"])
-
-
-def _gpt_neox(w: Writer, config: dict) -> None:
-    rotary = _get(config, "rotary_pct", default=rope_params(config).get("partial_rotary_factor", 1.0))
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_rope_dimension_count(int(rotary * (config["hidden_size"] // config["num_attention_heads"])))
-    w.add_head_count(config["num_attention_heads"])
-    w.add_parallel_residual(config.get("use_parallel_residual", True))
-    w.add_layer_norm_eps(config["layer_norm_eps"])
-    if (theta := rope_params(config).get("rope_theta")) is not None:
-        w.add_rope_freq_base(theta)
-
-
-def _phi3(w: Writer, config: dict) -> None:
-    n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
-    rotary = _get(config, "partial_rotary_factor") or rope_params(config).get("partial_rotary_factor", 1.0)
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
-                                    or config["max_position_embeddings"])  # fmt: skip
-    w.add_embedding_length(n_embd)
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_head_count(n_head)
-    w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_dimension_count(int(rotary * n_embd) // n_head)
-    w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
-    w.add_sliding_window(config.get("sliding_window") or 0)
-
-
-def _gemma(w: Writer, config: dict) -> None:
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_key_length(config["head_dim"])
-    w.add_value_length(config["head_dim"])
-    if (theta := rope_params(config).get("rope_theta")) is not None:
-        w.add_rope_freq_base(theta)
-
-
-def _gemma2(w: Writer, config: dict) -> None:
-    _gemma(w, config)
-    w.add_attn_logit_softcapping(config["attn_logit_softcapping"])
-    w.add_final_logit_softcapping(config["final_logit_softcapping"])
-    w.add_sliding_window(config["sliding_window"])
-
-
-def _gemma3(w: Writer, config: dict) -> None:
-    _text(w, config)
-    w.add_rope_freq_base(rope_params(config).get("rope_theta") or 1_000_000.0)
-    if final := config.get("final_logit_softcapping"):
-        w.add_final_logit_softcapping(final)
-    if config.get("sliding_window_pattern") != 1:
-        w.add_sliding_window(config["sliding_window"])
-    if (local := config.get("rope_local_base_freq")) is not None:
-        w.add_rope_freq_base_swa(local)
-    w.add_head_count_kv(config.get("num_key_value_heads", 4))
+    def map_key(self, key: str) -> str:
+        """The checkpoint name as the converter looks it up in llama.cpp's tensor map."""
+        return key.removeprefix(self.strip) if self.strip else key
 
 
 def _query_scale(config: dict, path: Path) -> None:
@@ -182,35 +76,171 @@ def _router_norm(normalized: bool) -> Callable[[dict, Path], None]:
     return check
 
 
-_GEMMA_DROPPED = ("lm_head.weight",)  # the converter skips it: llama.cpp ties Gemma's head
+def _qk_layernorm(config: dict, path: Path) -> None:
+    """StableLM's per-head q / k LayerNorms (the converter stacks them); Phi's (none in llama.cpp)."""
+    if config.get("qk_layernorm"):
+        raise UnsupportedError(f"qk_layernorm: the gguf target does not write {config['model_type']}'s q / k "
+                               "norms (StableLM's per-head norms are stacked by llama.cpp's converter; "
+                               "llama.cpp's phi2 graph has none)", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def _own_head(config: dict, path: Path) -> None:
+    """llama.cpp's OLMo 2, StableLM and Phi-2 graphs read a head of their own, which a tied base has not."""
+    if config.get("tie_word_embeddings"):
+        raise UnsupportedError(f"tie_word_embeddings true: llama.cpp's {config['model_type']} graph reads a "
+                               "head of its own (output.weight), which the converter writes from lm_head",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def _both(*checks: Callable[[dict, Path], None]) -> Callable[[dict, Path], None]:
+    """A check made of several."""
+
+    def check(config: dict, path: Path) -> None:
+        for one in checks:
+            one(config, path)
+
+    return check
+
+
+def _falcon(config: dict, path: Path) -> None:
+    """llama.cpp's Falcon graph: rotary, parallel attention and MLP, no biases in the linear layers."""
+    for key, says in (("alibi", True), ("parallel_attn", False), ("bias", True)):
+        if bool(config.get(key, not says)) == says:
+            raise UnsupportedError(f"{key} {str(says).lower()}: llama.cpp's Falcon graph has rotary "
+                                   "positions, parallel attention and MLP and no biases in its linear layers",
+                                   path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def _tied(config: dict, path: Path) -> None:
+    """llama.cpp's Command-R graphs tie the head to the embedding and have no attention biases."""
+    if not config.get("tie_word_embeddings", True) or config.get("attention_bias"):
+        raise UnsupportedError(f"tie_word_embeddings {config.get('tie_word_embeddings')}, attention_bias "
+                               f"{config.get('attention_bias')}: llama.cpp's {config['model_type']} graph "
+                               "ties the head to the embedding and has no attention biases",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def _ernie_bias(config: dict, path: Path) -> None:
+    """llama.cpp's ERNIE 4.5 graph reads no q / k / v / MLP biases."""
+    if config.get("use_bias"):
+        raise UnsupportedError("use_bias true: llama.cpp's ERNIE 4.5 graph has no q / k / v or MLP biases",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def _cohere(config: dict, path: Path) -> None:
+    """llama.cpp's Command-R graph: the head tied, q / k norms exactly in models of 64 layers or more."""
+    _tied(config, path)
+    deep = config["num_hidden_layers"] >= 64
+    if bool(config.get("use_qk_norm")) != deep:
+        raise UnsupportedError(f"use_qk_norm {config.get('use_qk_norm')} with {config['num_hidden_layers']} "
+                               "layers: llama.cpp's Command-R graph has q / k norms exactly in models of 64 "
+                               "layers or more", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def _olmoe(config: dict, path: Path) -> None:
+    """llama.cpp's OLMoE graph: q / k norms as wide as the model (no grouped kv heads), no clip_qkv."""
+    n_kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    if n_kv != config["num_attention_heads"] or config.get("clip_qkv") is not None:
+        raise UnsupportedError(f"num_key_value_heads {n_kv}, clip_qkv {config.get('clip_qkv')}: llama.cpp's "
+                               "OLMoE graph has a kv head per head and no clamp", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def _mamba(config: dict, path: Path) -> None:
+    """The converter pads Mamba's vocabulary to pad_vocab_size_multiple and assumes an expansion of 2."""
+    pad = config.get("pad_vocab_size_multiple", 8)
+    d_model = config["hidden_size"]
+    if config["vocab_size"] % pad or (config.get("intermediate_size") or 2 * d_model) != 2 * d_model:
+        raise UnsupportedError(f"vocab_size {config['vocab_size']} (pad_vocab_size_multiple {pad}), "
+                               f"intermediate_size {config.get('intermediate_size')}: the converter pads the "
+                               "vocabulary and writes Mamba with an expansion of 2",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def _exaone4(config: dict, path: Path) -> None:
+    """llama.cpp's EXAONE 4 graph: sliding windows, rope-less global layers exactly in 64-layer models."""
+    n_layers, window = config["num_hidden_layers"], config.get("sliding_window")
+    if (n_layers == 64) != (window is not None):
+        raise UnsupportedError(f"sliding_window {window} with {n_layers} layers: llama.cpp's EXAONE 4 graph "
+                               "has sliding windows and rope-less global layers exactly in 64-layer models "
+                               "(the 32B)", path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def _smollm3_layers(config: dict, path: Path) -> None:
+    """llama.cpp's SmolLM3 graph: rope in every layer but each fourth, full attention everywhere."""
+    n_layers = config["num_hidden_layers"]
+    expected = [int((layer + 1) % 4 != 0) for layer in range(n_layers)]
+    if (rope := config.get("no_rope_layers")) is not None and list(rope) != expected:
+        raise UnsupportedError(f"no_rope_layers {rope}: llama.cpp's SmolLM3 graph leaves out rope in every "
+                               f"fourth layer only ({expected})", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+    if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ()):
+        raise UnsupportedError("sliding-window attention: llama.cpp's SmolLM3 graph attends over the whole "
+                               "context", path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+_GATE_UP = "block_sparse_moe.input_linear.weight"  # Granite MoE's experts: [experts, gate | up, in]
+_HEADWISE = Split("headwise", ("q", "k", "v"))  # per head q, k, v (GPT-NeoX, Bloom)
+_GROUPED = Split("grouped", ("q", "k", "v"))  # per kv head its query heads, key, value (Falcon, GPTBigCode)
+_GEMMA_DROPPED = _TIED_HEAD = ("lm_head.weight",)  # llama.cpp ties the head: the converter skips it
 
 FAMILIES: dict[str, GgufFamily] = {
-    "llama": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True, sentencepiece="llama"),
-    "mistral": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True, sentencepiece="llama"),
-    "mixtral": GgufFamily(gguf.MODEL_ARCH.LLAMA, _llama, permute_qk=True, sentencepiece="llama"),
-    "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, _text),
-    "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, _text),
-    "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, _qwen_moe, check=_router_norm(False)),
-    "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, _qwen_moe, check=_router_norm(True)),
-    "gpt2": GgufFamily(
-        gguf.MODEL_ARCH.GPT2, _gpt2, transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+    "llama": GgufFamily(
+        gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True, llama3_rope=True, sentencepiece="llama"
     ),
-    "gpt_neox": GgufFamily(gguf.MODEL_ARCH.GPTNEOX, _gpt_neox, neox_qkv=True),
-    "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, _phi3),
-    "gemma": GgufFamily(gguf.MODEL_ARCH.GEMMA, _gemma, norm_plus_one=True, dropped=_GEMMA_DROPPED),
+    "mistral": GgufFamily(
+        gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True, llama3_rope=True, sentencepiece="llama"
+    ),
+    "mixtral": GgufFamily(
+        gguf.MODEL_ARCH.LLAMA, hp.llama, permute_qk=True, llama3_rope=True, sentencepiece="llama"
+    ),
+    "granite": GgufFamily(gguf.MODEL_ARCH.GRANITE, hp.granite, permute_qk=True, llama3_rope=True),
+    "granitemoe": GgufFamily(
+        gguf.MODEL_ARCH.GRANITE_MOE, hp.granite, permute_qk=True, llama3_rope=True, gate_up=_GATE_UP
+    ),
+    "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
+    "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),
+    "olmo3": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),
+    "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, own.stablelm, check=_both(_qk_layernorm, _own_head)),
+    "starcoder2": GgufFamily(gguf.MODEL_ARCH.STARCODER2, hp.text),
+    "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, own.phi2, check=_both(_qk_layernorm, _own_head)),
+    "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, own.falcon, qkv=_GROUPED, check=_falcon),
+    "bloom": GgufFamily(gguf.MODEL_ARCH.BLOOM, own.bloom, qkv=_HEADWISE, strip="transformer."),
+    "gpt_bigcode": GgufFamily(gguf.MODEL_ARCH.STARCODER, own.gpt_bigcode, qkv=_GROUPED, qkv_name="c_attn"),
+    "mpt": GgufFamily(gguf.MODEL_ARCH.MPT, own.mpt),
+    "arcee": GgufFamily(gguf.MODEL_ARCH.ARCEE, hp.llama, permute_qk=True, llama3_rope=True),
+    "seed_oss": GgufFamily(gguf.MODEL_ARCH.SEED_OSS, hp.text),
+    "exaone4": GgufFamily(gguf.MODEL_ARCH.EXAONE4, hp.exaone4, llama3_rope=True, check=_exaone4),
+    "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
+    "cohere2": GgufFamily(gguf.MODEL_ARCH.COHERE2, hp.cohere2, dropped=_TIED_HEAD, check=_tied),
+    "glm4": GgufFamily(gguf.MODEL_ARCH.GLM4, hp.glm4),
+    "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=_ernie_bias),
+    "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
+    "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=_both(_router_norm(False), _olmoe)),
+    "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
+    "mamba": GgufFamily(
+        gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=_mamba
+    ),
+    "lfm2": GgufFamily(gguf.MODEL_ARCH.LFM2, hp.lfm2, squeeze=("conv.conv.weight",)),
+    "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
+    "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
+    "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),
+    "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, hp.qwen_moe, check=_router_norm(False)),
+    "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, hp.qwen_moe, check=_router_norm(True)),
+    "gpt2": GgufFamily(
+        gguf.MODEL_ARCH.GPT2, own.gpt2, transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+    ),
+    "gpt_neox": GgufFamily(gguf.MODEL_ARCH.GPTNEOX, own.gpt_neox, qkv=_HEADWISE),
+    "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, hp.phi3),
+    "gemma": GgufFamily(gguf.MODEL_ARCH.GEMMA, hp.gemma, norm_plus_one=True, dropped=_GEMMA_DROPPED),
     "gemma2": GgufFamily(
-        gguf.MODEL_ARCH.GEMMA2,
-        _gemma2,
-        norm_plus_one=True,
-        dropped=_GEMMA_DROPPED,
-        check=_query_scale,
+        gguf.MODEL_ARCH.GEMMA2, hp.gemma2, norm_plus_one=True, dropped=_GEMMA_DROPPED, check=_query_scale,
         sentencepiece="no-space-prefix",
     ),
     "gemma3_text": GgufFamily(
-        gguf.MODEL_ARCH.GEMMA3,
-        _gemma3,
-        norm_plus_one=True,
-        check=_query_scale,
+        gguf.MODEL_ARCH.GEMMA3, hp.gemma3, norm_plus_one=True, check=_query_scale,
         sentencepiece="no-space-prefix",
     ),
 }
@@ -227,7 +257,7 @@ def family_of(config: dict, path: Path) -> GgufFamily:
             fix="use --target merged, then llama.cpp's convert_hf_to_gguf.py if it supports the family",
         )
     family.check(config, path)
-    check_rope(config, path, llama3=family.permute_qk, longrope=family.arch is gguf.MODEL_ARCH.PHI3)
+    check_rope(config, path, llama3=family.llama3_rope, longrope=family.arch is gguf.MODEL_ARCH.PHI3)
     return family
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from adaptrix.ir.errors import UnsupportedError
 
-__all__ = ["add_rope_scaling", "check_rope", "rope_params", "rope_tensors"]
+__all__ = ["add_rope_scaling", "check_rope", "rope_params", "rope_tensors", "swa_rope_theta"]
 
 # YaRN as transformers computes it and llama.cpp too: its mscale from the factor (no attention_factor
 # given: llama.cpp multiplies a given one by that mscale again), rounded correction dims (truncate),
@@ -31,8 +31,14 @@ def _get(config: dict, *keys: str):
 def rope_params(config: dict) -> dict:
     """The rope parameters as transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters) saves them."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params = dict(params.get("full_attention", params))  # transformers 5, per layer type: the global layers'
     params.setdefault("rope_theta", _get(config, "rope_theta", "rotary_emb_base"))
     return params
+
+
+def swa_rope_theta(config: dict) -> float | None:
+    """The sliding-window layers' own rope base, where transformers 5 saves one per layer type."""
+    return ((config.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
 
 
 def _kind(config: dict) -> str | None:
@@ -59,8 +65,9 @@ def check_rope(config: dict, path: Path, llama3: bool = False, longrope: bool = 
         return
     if kind is None or kind == "linear" or (kind == "llama3" and llama3):
         return
-    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain, linear, YaRN, (llama) "
-                           "llama3 and (phi3) longrope rope", path=path / "config.json",
+    raise UnsupportedError(f"rope scaling {kind!r}: the gguf target writes plain, linear, YaRN, llama3 "
+                           "(llama-like graphs that read rope_freqs) and (phi3) longrope rope",
+                           path=path / "config.json",
                            fix="use --target merged, then llama.cpp's converter")  # fmt: skip
 
 

@@ -7,6 +7,7 @@ rounded once to its GGML type with llama.cpp's own quantizer (quantize.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -17,7 +18,7 @@ import gguf
 import numpy as np
 import torch
 
-from adaptrix.binders.splits import Split, split_rows
+from adaptrix.binders.splits import split_rows
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.lowering.tensor_plan import TensorPlan, merged_value
@@ -36,12 +37,12 @@ CHUNK_BYTES = 4 << 20  # float32 bytes of rows rounded at a time, a few blocks a
 # Buffers transformers may save that the converter never writes (its prepare_tensors skips them)
 _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
                 ".attn.masked_bias")  # fmt: skip
-# GPT-NeoX's query_key_value: per head [q k v] (its binder's split), regrouped by the converter as [q | k | v]
-_HEADWISE_QKV = Split("headwise", ("q", "k", "v"))
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
+_A_LOG = "mixer.A_log"  # Mamba's: stored as A = -exp(A_log)
 # Kept in float32 whatever the file type, as the converter and llama-quantize keep them
 _F32_KINDS = frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
-                        gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES})  # fmt: skip
+                        gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES,
+                        gguf.MODEL_TENSOR.SSM_CONV1D, gguf.MODEL_TENSOR.SHORTCONV_CONV})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,7 @@ class GgufTensor:
     items: tuple[TensorPlan, ...]
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
+    half: int | None = None  # of a fused [experts, gate | up, in] tensor, the gate (0) or up (1) rows
 
     @property
     def nbytes(self) -> int:
@@ -85,7 +87,10 @@ def gguf_tensors(
     names = gguf.get_tensor_name_map(family.arch, base.source.num_layers)
     tensors, kept = [], []
     for key, group in groups.items():
-        found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
+        if family.gate_up and key.endswith(family.gate_up):  # split in two, as the converter does
+            tensors.extend(_halves(key, tuple(item for _, item in group), base, qtype))
+            continue
+        found = names.get_type_and_name(family.map_key(key), try_suffixes=(".weight", ".bias"))
         if found is None:
             raise UnsupportedError(f"{key}: llama.cpp's tensor map has no {family.arch.name} tensor for it",
                                    path=base.path, fix="use --target merged")  # fmt: skip
@@ -96,12 +101,26 @@ def gguf_tensors(
                                    fix="re-save the base with save_pretrained")  # fmt: skip
         shape = tuple(base.tensors[group[0][1].source].shape) if group[0][1].source else ()
         shape = shape[::-1] if key.endswith(family.transposed) and family.transposed else shape
+        shape = (
+            tuple(n for n in shape if n != 1) if family.squeeze and key.endswith(family.squeeze) else shape
+        )
         shape = (len(group), *shape) if len(group) > 1 or _EXPERT.fullmatch(group[0][1].name) else shape
         chosen = _qtype(kind, name, shape, qtype)
         if chosen is not qtype and chosen is Q.F16:
             kept.append(name)
         tensors.append(GgufTensor(name, key, tuple(item for _, item in group), shape, chosen))
     return tensors, kept
+
+
+def _halves(key: str, items: tuple[TensorPlan, ...], base: Checkpoint, qtype: Q) -> list[GgufTensor]:
+    """A fused [experts, gate | up, in] tensor as the converter writes it: ffn_gate_exps and ffn_up_exps."""
+    experts, rows, columns = base.tensors[items[0].source].shape
+    layer = int(re.search(r"\.(\d+)\.", key)[1])
+    kinds = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)
+    shape = (experts, rows // 2, columns)
+    names = [gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight" for kind in kinds]
+    return [GgufTensor(name, key, items, shape, _qtype(kind, name, shape, qtype), half)
+            for half, (kind, name) in enumerate(zip(kinds, names, strict=True))]  # fmt: skip
 
 
 def _qtype(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...], qtype) -> gguf.GGMLQuantizationType:
@@ -144,6 +163,11 @@ def source_value(
     A float32 `buffer` at least the tensor's size is merged into where the merge allows (one stored
     tensor, not rewritten), instead of a new allocation: its pages are reused from tensor to tensor.
     """
+    if tensor.half is not None:  # the whole fused tensor, then its half
+        shape = tuple(base.tensors[tensor.items[0].source].shape)
+        whole = source_value(dataclasses.replace(tensor, half=None, shape=shape), base, family)
+        rows = whole.shape[-2] // 2
+        return whole.narrow(-2, tensor.half * rows, rows).contiguous()
     item = tensor.items[0]
     stored = item.source is not None and len(tensor.shape) == len(base.tensors[item.source].shape)
     if len(tensor.items) == 1 and stored and not item.touched and not _rewritten(tensor.key, family):
@@ -164,7 +188,9 @@ def _rewritten(key: str, family: GgufFamily) -> bool:
         (family.permute_qk and key.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")))
         or (family.norm_plus_one and key.endswith("norm.weight"))
         or (family.transposed and key.endswith(family.transposed))
-        or (family.neox_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")))
+        or (family.ssm and key.endswith(_A_LOG))
+        or (family.squeeze and key.endswith(family.squeeze))
+        or (family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")))
     )
 
 
@@ -180,6 +206,10 @@ def rewrite(key: str, value: torch.Tensor, family: GgufFamily, base: Checkpoint)
         value = value + 1
     if family.transposed and key.endswith(family.transposed):
         value = value.T.contiguous()
-    if family.neox_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")):
-        value = torch.cat([value[rows] for rows in split_rows(_HEADWISE_QKV, base.source)])  # -> [q | k | v]
+    if family.ssm and key.endswith(_A_LOG):
+        value = -torch.exp(value)
+    if family.squeeze and key.endswith(family.squeeze):
+        value = value.squeeze(1)  # conv weights [channels, 1, kernel] -> [channels, kernel]
+    if family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")):
+        value = torch.cat([value[rows] for rows in split_rows(family.qkv, base.source)])  # -> [q | k | v]
     return value
