@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -80,46 +79,23 @@ def _planned(item: TensorPlan, base: Checkpoint, dtype: torch.dtype | None) -> P
 
 
 def _write_shard(file: Path, batch: list[TensorPlan], base: Checkpoint, dtype, progress) -> str:
-    """Write one shard; return its sha256.
-
-    A tensor kept in its dtype is read ahead and merged in place in the bytes read. Any other (a
-    dtype change, a dequantized weight, a new head) is computed whole: the next such tensor on a
-    thread while the current one is written (torch's kernels and bitsandbytes' release the GIL),
-    so dequantizing overlaps writing. At most two are held at once.
-    """
+    """Write one shard; return its sha256."""
     planned = [_planned(item, base, dtype) for item in batch]
-    in_place = [_in_place(item, plan, base) for item, plan in zip(batch, planned, strict=True)]
-    whole = [
-        (item, plan.dtype) for item, plan, kept in zip(batch, planned, in_place, strict=True) if not kept
-    ]
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="adaptrix-merge") as pool,
-        write_safetensors(file, planned, {"format": "pt"}) as writer,
-    ):
-        ahead = (pool.submit(merged_value, item, base, out) for item, out in whole)
-        pending = next(ahead, None)
+    with write_safetensors(file, planned, {"format": "pt"}) as writer:
         run = []  # tensors kept in their dtype: read ahead, merged in place in the bytes read
-        for item, kept in zip(batch, in_place, strict=True):
+        for item, plan in zip(batch, planned, strict=True):
             info = base.tensors.get(item.source)
-            if kept:
+            if info is not None and plan.dtype == info.dtype and not base.computed(item.source):
                 change = partial(merge_into, item, base) if item.touched else None
                 run.append((item.name, info, change))
                 continue
             writer.write_each(run, progress)
             run = []
-            value, pending = pending.result(), next(ahead, None)
-            writer.write(item.name, value)
-            del value
+            writer.write(item.name, merged_value(item, base, plan.dtype))
             if progress and info is not None:
                 progress(info.nbytes)
         writer.write_each(run, progress)
     return writer.digest
-
-
-def _in_place(item: TensorPlan, plan: PlannedTensor, base: Checkpoint) -> bool:
-    """Whether a tensor is written from its stored bytes (its dtype kept, not dequantized)."""
-    info = base.tensors.get(item.source)
-    return info is not None and plan.dtype == info.dtype and not base.computed(item.source)
 
 
 def _write_index(out: Path, items: list[TensorPlan], base: Checkpoint, dtype) -> None:
