@@ -28,7 +28,8 @@ def decoded(codes, scales, zeros, block_size, k):
 
 def matmul_nbits(arrays: dict, name: str, k: int, n: int, bits: int, block_size: int, x: np.ndarray):
     """onnxruntime's MatMulNBits on x with the arrays as its weight."""
-    inputs = ["x", f"{name}_Q{bits}", f"{name}_scales"] + ([f"{name}_zero_points"] if bits == 4 else [])
+    zero_points = [key for key in (f"{name}_zero_points",) if key in arrays]  # asymmetric int4 only
+    inputs = ["x", f"{name}_Q{bits}", f"{name}_scales", *zero_points]
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=k, N=n, bits=bits,
                             block_size=block_size)  # fmt: skip
     graph = helper.make_graph(
@@ -48,7 +49,9 @@ def correlated(rng, tokens: int, k: int) -> np.ndarray:
     return (rng.standard_normal((tokens, k)) @ rng.standard_normal((k, k))).astype(np.float32)
 
 
-@pytest.mark.parametrize(("scheme", "bits", "k"), [("int4", 4, 64), ("int4", 4, 40), ("int8", 8, 64)])
+@pytest.mark.parametrize(
+    ("scheme", "bits", "k"), [("int4", 4, 64), ("int4", 4, 40), ("int4-sym", 4, 64), ("int8", 8, 64)]
+)
 def test_packed_codes_are_what_onnxruntime_computes_with(scheme, bits, k):
     """The arrays decode, through onnxruntime's kernel, to the weights GPTQ chose (K not whole blocks too)."""
     rng = np.random.default_rng(0)
@@ -56,7 +59,7 @@ def test_packed_codes_are_what_onnxruntime_computes_with(scheme, bits, k):
     x = correlated(rng, 50, k)
     hessian = x.T.astype(np.float64) @ x / len(x)
     arrays = gptq_arrays(scheme, weight, "w", 32, hessian)
-    codes, scales, zeros = gptq_blocks(weight, hessian, bits, 32, scheme == "int8")
+    codes, scales, zeros = gptq_blocks(weight, hessian, bits, 32, scheme in ("int8", "int4-sym"))
     expected = x @ decoded(codes, scales, zeros, 32, k)
     got = matmul_nbits(arrays, "w", k, 24, bits, 32, x[:7])
     # onnxruntime's accuracy level 0 default: float activations; the packing is exact or far off
@@ -145,6 +148,7 @@ def test_calibrated_blocks_stay_nearer_float32_than_rounded_ones(scheme, calibra
     [
         ({"calibration": "CAL"}, "--quantize is None"),
         ({"quantize": "int8-dynamic", "calibration": "CAL"}, "--quantize is int8-dynamic"),
+        ({"quantize": "int4-sym", "calibration": "CAL"}, "--quantize is int4-sym"),
         ({"quantize": "int4", "calibration": "CAL", "unmerged": True}, "merged model's weights"),
         ({"quantize": "int4", "calibration": "MISSING"}, "no such file"),
     ],

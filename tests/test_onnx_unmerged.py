@@ -46,8 +46,9 @@ pytestmark = pytest.mark.onnx_export
 # merged on an AVX512-VNNI CPU, 0.070 on an AVX2 one (u8s8 pairs saturate in int16), <= 0.02
 # unmerged; int8 (symmetric blocks) 0.034 merged on the AVX2 one; int4 (asymmetric) 0.25
 # merged, <= 0.17 unmerged (the LoRA branch stays float32).
-QUANTIZED_TOLERANCE = {"int8": 0.06, "int4": 0.4, "int8-dynamic": 0.1}
-QUANTIZED_OPS = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int8-dynamic": "DynamicQuantizeMatMul"}
+QUANTIZED_TOLERANCE = {"int8": 0.06, "int4": 0.4, "int4-sym": 0.4, "int8-dynamic": 0.1}
+QUANTIZED_OPS = {"int8": "MatMulNBits", "int4": "MatMulNBits", "int4-sym": "MatMulNBits",
+                 "int8-dynamic": "DynamicQuantizeMatMul"}  # fmt: skip
 SCHEMES = list(QUANTIZED_OPS)
 
 
@@ -166,7 +167,7 @@ def test_quantized_merged_output_stays_near_float32(scheme, float32_merged, tmp_
     assert packed == 32 * bits // 8 and dims[node.input[2]] == [n, blocks]
     if scheme == "int4":  # asymmetric blocks: zero points, two per byte
         assert dims[node.input[3]] == [n, (blocks + 1) // 2]
-    else:  # symmetric int8 blocks: no zero points
+    else:  # symmetric int8 / int4-sym blocks: no zero points (MatMulNBits' default: 128 / 8)
         assert len(node.input) == 3
 
 

@@ -91,7 +91,7 @@ def compile_adapter(
     """Compile adapters (PEFT directories or AIR files), after `passes` (`NAME:k=v,...`), into `out`.
 
     The ONNX targets take `unmerged` (LoRA and IA3 as swappable .onnx_adapter files), `quantize`
-    ("int8", "int4", "int8-dynamic") with `block_size` and `calibration` (a prompts file: GPTQ
+    ("int8", "int4", "int4-sym", "int8-dynamic") with `block_size` and `calibration` (a prompts file: GPTQ
     rounding), and `cache_dir` (where base exports are cached); another target refuses them.
     The merged and hooks targets take a bitsandbytes-quantized base, merged into its dequantized
     weights (`merge_into="dequantized"`, the default for such a base), and `qlora_base` (a

@@ -39,7 +39,7 @@ def compile_command(
     ] = False,
     quantize: Annotated[
         str | None,
-        typer.Option("--quantize", help="ONNX: int8, int4, int8-dynamic; gguf: f32 f16 bf16 q8_0 q4_0 ..."),
+        typer.Option("--quantize", help="ONNX: int8 int4 int4-sym int8-dynamic; gguf: f32 f16 q8_0 q4_0 ..."),
     ] = None,
     block_size: Annotated[
         int | None, typer.Option("--block-size", help="ONNX int8 / int4: block size (32).")
