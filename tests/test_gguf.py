@@ -228,14 +228,7 @@ def test_fused_qkv_layouts_are_regrouped_as_the_converter_does(bases, tmp_path, 
     family, overrides = LAYOUTS[layout]
     base = bases(family, f"gguf-{layout}", **overrides)
     _jitter_vectors(base)
-    save_tokenizer(base)
-    torch.manual_seed(1)
-    adapter = make_adapter(family, base, tmp_path / "adapter")
-    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
-    ids = _ids(family)
-    expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
-    got = llama_logits(tmp_path / "out" / "model.gguf", ids)
-    assert (got - expected).abs().max().item() <= GELU_TOLERANCE
+    _assert_f32_equals_peft(family, base, tmp_path, GELU_TOLERANCE)
 
 
 def test_an_untied_command_r_head_is_refused(bases, tmp_path):
@@ -285,6 +278,17 @@ def test_a_base_without_tokenizer_json_is_refused_in_one_line(bases, peft_adapte
     assert not (tmp_path / "out").exists()
 
 
+def _assert_f32_equals_peft(family: str, base, tmp_path, tolerance: float = F32_TOLERANCE) -> None:
+    """The base's f32 GGUF with a seeded adapter merged: llama.cpp's logits equal PEFT's."""
+    save_tokenizer(base)
+    torch.manual_seed(1)
+    adapter = make_adapter(family, base, tmp_path / "adapter")
+    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
+    ids = _ids(family)
+    expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
+    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= tolerance
+
+
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 16}  # fmt: skip
 
@@ -293,13 +297,7 @@ def test_llama3_rope_scaling_is_written_as_the_converters_rope_freqs(bases, tmp_
     # theta 5e5 and an original context of 16: of head_dim 8's four frequencies, one is smoothed and
     # three are divided by 8, so a file without rope_freqs would compute other logits
     base = bases("llama", "gguf-llama3", rope_scaling=_LLAMA3_ROPE, rope_theta=500000.0)
-    save_tokenizer(base)
-    torch.manual_seed(1)
-    adapter = make_adapter("llama", base, tmp_path / "adapter")
-    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
-    ids = _ids("llama")
-    expected = peft_logits("llama", base, adapter, {"input_ids": torch.tensor([ids])})[0]
-    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
+    _assert_f32_equals_peft("llama", base, tmp_path)
 
 
 _YARN_ROPE = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
@@ -310,13 +308,7 @@ def test_yarn_rope_scaling_is_written_as_the_converter_writes_it(bases, tmp_path
     # an original context of 8 and a factor of 4: the frequencies are interpolated and the attention
     # scaled by 1 + 0.1 ln 4, so a file without the YaRN keys computes other logits
     base = bases(family, "gguf-yarn", rope_scaling=_YARN_ROPE, max_position_embeddings=64)
-    save_tokenizer(base)
-    torch.manual_seed(1)
-    adapter = make_adapter(family, base, tmp_path / "adapter")
-    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
-    ids = _ids(family)
-    expected = peft_logits(family, base, adapter, {"input_ids": torch.tensor([ids])})[0]
-    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
+    _assert_f32_equals_peft(family, base, tmp_path)
 
 
 def test_yarn_with_its_own_attention_factor_is_refused(bases, tmp_path):
@@ -338,13 +330,7 @@ def test_phi3_longrope_is_written_as_the_converters_rope_factors(bases, tmp_path
             "long_factor": [3.0 + i for i in range(half)]}  # fmt: skip
     base = bases("phi3", "gguf-longrope", rope_scaling=rope, original_max_position_embeddings=512,
                  max_position_embeddings=2048)  # fmt: skip
-    save_tokenizer(base)
-    torch.manual_seed(1)
-    adapter = make_adapter("phi3", base, tmp_path / "adapter")
-    compile_adapter(adapter, base, "gguf", tmp_path / "out", quantize="f32")
-    ids = _ids("phi3")
-    expected = peft_logits("phi3", base, adapter, {"input_ids": torch.tensor([ids])})[0]
-    assert (llama_logits(tmp_path / "out" / "model.gguf", ids) - expected).abs().max().item() <= F32_TOLERANCE
+    _assert_f32_equals_peft("phi3", base, tmp_path)
 
 
 def test_tensors_are_merged_at_most_one_ahead_after_the_header_is_written(made, tmp_path, monkeypatch):
