@@ -25,8 +25,7 @@ from adaptrix.lowering.tensor_plan import TensorPlan, merged_value
 from adaptrix.targets.gguf.families import GgufFamily, permute_rows
 from adaptrix.targets.gguf.quantize import map_ordered, quantize_rows
 
-__all__ = ["CHUNK_BYTES", "QTYPES", "GgufTensor", "gguf_tensors", "round_rows", "source_value",
-           "tensor_chunks", "tensor_value"]  # fmt: skip
+__all__ = ["CHUNK_BYTES", "QTYPES", "GgufTensor", "gguf_tensors", "round_rows", "source_value"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,18 +132,6 @@ def _qtype(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...], qtype) ->
                        "converter keeps it)", name, shape[-1], qtype.name, block)  # fmt: skip
         return Q.F16
     return qtype
-
-
-def tensor_value(tensor: GgufTensor, base: Checkpoint, family: GgufFamily) -> np.ndarray:
-    """A GGUF tensor's data, whole: merged in float32, rewritten as the converter does, rounded once."""
-    return np.concatenate([chunk.reshape(-1) for chunk in tensor_chunks(tensor, base, family)])
-
-
-def tensor_chunks(
-    tensor: GgufTensor, base: Checkpoint, family: GgufFamily, chunk_bytes: int | None = None
-) -> Iterator[np.ndarray]:
-    """A GGUF tensor's data in blocks of rows, each rounded on its own (the blocks are row-wise)."""
-    return round_rows(source_value(tensor, base, family), tensor.qtype, chunk_bytes)
 
 
 def round_rows(value: torch.Tensor, qtype: Q, chunk_bytes: int | None = None) -> Iterator[np.ndarray]:
