@@ -236,11 +236,18 @@ FAMILIES: dict[str, GgufFamily] = {
     "phi3": GgufFamily(gguf.MODEL_ARCH.PHI3, hp.phi3),
     "gemma": GgufFamily(gguf.MODEL_ARCH.GEMMA, hp.gemma, norm_plus_one=True, dropped=_GEMMA_DROPPED),
     "gemma2": GgufFamily(
-        gguf.MODEL_ARCH.GEMMA2, hp.gemma2, norm_plus_one=True, dropped=_GEMMA_DROPPED, check=_query_scale,
+        gguf.MODEL_ARCH.GEMMA2,
+        hp.gemma2,
+        norm_plus_one=True,
+        dropped=_GEMMA_DROPPED,
+        check=_query_scale,
         sentencepiece="no-space-prefix",
     ),
     "gemma3_text": GgufFamily(
-        gguf.MODEL_ARCH.GEMMA3, hp.gemma3, norm_plus_one=True, check=_query_scale,
+        gguf.MODEL_ARCH.GEMMA3,
+        hp.gemma3,
+        norm_plus_one=True,
+        check=_query_scale,
         sentencepiece="no-space-prefix",
     ),
 }
