@@ -10,14 +10,14 @@ full-precision base: dequantized, then quantized again (`--quantize`) as issue 2
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+from importlib.metadata import version
 from pathlib import Path
 
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.io.hashing import hash_files
-from adaptrix.io.output import atomic_entry
+from adaptrix.io.hashing import files_key
+from adaptrix.io.output import atomic_entry, make_cache_root
 from adaptrix.ir.values import AdapterIR
 from adaptrix.targets.merged import write_merged
 from adaptrix.targets.onnx.export import cache_root
@@ -32,18 +32,17 @@ _RECORD = "dequantized.json"
 
 def dequantized_base(base: Checkpoint, cache_dir: Path | str | None = None) -> Checkpoint:
     """The cached dequantized copy of a bitsandbytes-quantized `base` (made on first use), opened."""
-    files = sorted(base.files())
-    digests = hash_files(files)
+    # bitsandbytes' dequantization and Adaptrix's writer decide the bytes: their versions are in the key
+    versions = {"bitsandbytes": version("bitsandbytes"), "adaptrix": version("adaptrix")}
     scheme = base.quantization.manifest()
-    key = {"format": FORMAT, "files": {f.name: digests[f] for f in files}, "scheme": scheme}
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    entry = cache_root(cache_dir) / "dequantized" / name
+    key = files_key(sorted(base.files()), format=FORMAT, scheme=scheme, versions=versions)
+    entry = cache_root(cache_dir) / "dequantized" / key[:16]
     if not (entry / _RECORD).is_file():
-        entry.parent.mkdir(parents=True, exist_ok=True)
+        make_cache_root(entry.parent)
         logger.info("writing %s dequantized into the cache %s; later compiles reuse it", base.path, entry)
         with atomic_entry(entry) as tmp:
             write_merged(AdapterIR((), base.source), base, tmp)
-            (tmp / _RECORD).write_text(json.dumps({**key, "base": str(base.path)}, indent=2) + "\n")
+            (tmp / _RECORD).write_text(json.dumps({"key": key, "base": str(base.path)}, indent=2) + "\n")
     else:
         logger.info("using the cached dequantized base %s", entry)
     return Checkpoint(entry)

@@ -24,7 +24,7 @@ from adaptrix.io import staging
 from adaptrix.io.jsonfile import read_json
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["hash_early", "hash_files", "sha256_file"]
+__all__ = ["files_key", "hash_early", "hash_files", "sha256_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,3 +152,10 @@ def hash_files(files: Sequence[Path], workers: int = 2) -> dict[Path, str]:
                 entries[key] = [ident, digests[f]]
         _save(cache, entries)
     return digests
+
+
+def files_key(files: Sequence[Path], **parts: object) -> str:
+    """A cache entry's key: sha256 of the JSON of `parts` and the files' digests by name."""
+    digests = hash_files(files)
+    keyed = {**parts, "files": {f.name: digests[f] for f in files}}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()

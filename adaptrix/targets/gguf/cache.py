@@ -5,7 +5,6 @@ An unmerged compile ships it beside the GGUF LoRA files; later compiles for the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,9 +13,8 @@ from pathlib import Path
 
 from adaptrix.artifacts import GGUF_MODEL, MANIFEST_NAME
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.io.hashing import hash_files
-from adaptrix.io.output import atomic_entry
-from adaptrix.ir.errors import BadInputError
+from adaptrix.io.hashing import files_key
+from adaptrix.io.output import atomic_entry, make_cache_root
 from adaptrix.ir.values import AdapterIR
 from adaptrix.targets.gguf.families import GgufFamily
 from adaptrix.targets.gguf.model import write_model_gguf
@@ -42,10 +40,8 @@ def cache_root(cache_dir: Path | str | None = None) -> Path:
 def _key(base: Checkpoint, quantize: str) -> str:
     """The cache key: the base's files, the file type and the writer's versions."""
     files = [f for f in base.files() if f.name.endswith(_READ) and f.name != MANIFEST_NAME]
-    digests = hash_files(files)
-    parts = {"format": CACHE_FORMAT, "files": {f.name: digests[f] for f in files}, "quantize": quantize,
-             "versions": {"gguf": version("gguf"), "adaptrix": version("adaptrix")}}  # fmt: skip
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return files_key(files, format=CACHE_FORMAT, quantize=quantize,
+                     versions={"gguf": version("gguf"), "adaptrix": version("adaptrix")})  # fmt: skip
 
 
 def cached_base(
@@ -56,11 +52,7 @@ def cached_base(
     root = cache_root(cache_dir)
     entry = root / f"gguf-{key[:32]}"
     if not (entry / _RECORD).is_file():
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BadInputError(f"cannot create the cache directory: {exc.strerror}", path=root,
-                                fix="pass --cache-dir with a writable directory") from None  # fmt: skip
+        make_cache_root(root)
         logger.info("writing the base's GGUF (%s) into the cache %s; later compiles reuse it", quantize,
                     entry)  # fmt: skip
         with atomic_entry(entry) as tmp:

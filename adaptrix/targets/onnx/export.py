@@ -11,7 +11,6 @@ A seq2seq export holds optimum's three graphs instead (`encoder_model`, `decoder
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,8 +23,8 @@ import onnx
 
 from adaptrix.artifacts import DATA_NAME, MANIFEST_NAME, MODEL_NAME
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.io.hashing import hash_files
-from adaptrix.io.output import atomic_entry
+from adaptrix.io.hashing import files_key
+from adaptrix.io.output import atomic_entry, make_cache_root
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.targets.onnx.export_outputs import export_kwargs
 from adaptrix.targets.onnx.exporters import (
@@ -121,18 +120,16 @@ def export_key(
 ) -> str:
     """The cache key: the base's files, the dtype, the task, the exporter and its libraries' versions."""
     files = [f for f in base.files() if f.name.endswith(_WEIGHT_SUFFIXES) and f.name != MANIFEST_NAME]
-    digests = hash_files(files)
-    parts = {
-        "format": EXPORT_FORMAT,
-        "files": {f.name: digests[f] for f in files},
-        "dtype": dtype,
-        "task": task,
-        "exporter": exporter,
-        "provider": provider if exporter == BUILDER else "any",
-        "packed": packed or exporter != BUILDER,
-        "versions": exporter_versions(exporter),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return files_key(
+        files,
+        format=EXPORT_FORMAT,
+        dtype=dtype,
+        task=task,
+        exporter=exporter,
+        provider=provider if exporter == BUILDER else "any",
+        packed=packed or exporter != BUILDER,
+        versions=exporter_versions(exporter),
+    )
 
 
 def export_base(
@@ -163,11 +160,7 @@ def export_base(
         return cached
     if exporter == OPTIMUM:
         check_exportable(base, task)  # a family optimum cannot export: one line, before its long error
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"cannot create the cache directory: {exc.strerror}", path=root,
-                            fix="pass --cache-dir with a writable directory") from None  # fmt: skip
+    make_cache_root(root)
     if os.path.lexists(entry):
         if _complete(cached):  # another process finished the same export since the check above
             return cached
