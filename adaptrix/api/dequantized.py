@@ -15,12 +15,12 @@ import logging
 from importlib.metadata import version
 from pathlib import Path
 
+from adaptrix.io.cache_dirs import cache_root, make_cache_root
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import files_key
-from adaptrix.io.output import atomic_entry, make_cache_root
+from adaptrix.io.output import atomic_entry
 from adaptrix.ir.values import AdapterIR
 from adaptrix.targets.merged import write_merged
-from adaptrix.targets.onnx.export import cache_root
 
 __all__ = ["dequantized_base"]
 
@@ -36,7 +36,7 @@ def dequantized_base(base: Checkpoint, cache_dir: Path | str | None = None) -> C
     versions = {"bitsandbytes": version("bitsandbytes"), "adaptrix": version("adaptrix")}
     scheme = base.quantization.manifest()
     key = files_key(sorted(base.files()), format=FORMAT, scheme=scheme, versions=versions)
-    entry = cache_root(cache_dir) / "dequantized" / key[:16]
+    entry = cache_root("onnx", cache_dir) / "dequantized" / key[:16]
     if not (entry / _RECORD).is_file():
         make_cache_root(entry.parent)
         logger.info("writing %s dequantized into the cache %s; later compiles reuse it", base.path, entry)

@@ -31,7 +31,7 @@ from pathlib import Path
 from adaptrix.io.output_guard import check_output, check_replaceable
 from adaptrix.ir.errors import BadInputError
 
-__all__ = ["MARKER", "atomic_entry", "atomic_file", "atomic_output", "make_cache_root", "remove_stale"]
+__all__ = ["MARKER", "atomic_entry", "atomic_file", "atomic_output", "remove_stale"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +104,6 @@ def atomic_file(out: Path, *, force: bool, inputs: Sequence[Path] = ()) -> Itera
             os.replace(tmp / target.name, target)
         elif not _rename_noreplace(tmp / target.name, target):
             raise _appeared(given)
-
-
-def make_cache_root(root: Path) -> None:
-    """Create a cache folder (and its parents), or say in one line that it cannot be created."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"cannot create the cache directory: {exc.strerror}", path=root,
-                            fix="pass --cache-dir with a writable directory") from None  # fmt: skip
 
 
 @contextmanager

@@ -7,34 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from importlib.metadata import version
 from pathlib import Path
 
 from adaptrix.artifacts import GGUF_MODEL, MANIFEST_NAME
+from adaptrix.io.cache_dirs import cache_root, make_cache_root
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import files_key
-from adaptrix.io.output import atomic_entry, make_cache_root
+from adaptrix.io.output import atomic_entry
 from adaptrix.ir.values import AdapterIR
 from adaptrix.targets.gguf.families import GgufFamily
 from adaptrix.targets.gguf.model import write_model_gguf
 
-__all__ = ["CACHE_FORMAT", "cache_root", "cached_base"]
+__all__ = ["CACHE_FORMAT", "cached_base"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when what a cached base GGUF holds changes
 _RECORD = "gguf.json"
 _READ = (".safetensors", ".json", ".model", ".jinja")  # weights, config, tokenizer, chat template
-
-
-def cache_root(cache_dir: Path | str | None = None) -> Path:
-    """Where base GGUFs are cached: `cache_dir`, else $ADAPTRIX_CACHE_DIR, else the XDG cache."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("ADAPTRIX_CACHE_DIR"):
-        return Path(os.environ["ADAPTRIX_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptrix" / "gguf"
 
 
 def _key(base: Checkpoint, quantize: str) -> str:
@@ -49,7 +40,7 @@ def cached_base(
 ) -> tuple[Path, dict]:
     """The cached GGUF of the base alone (built on first use), and the manifest's record of it."""
     key = _key(base, quantize)
-    root = cache_root(cache_dir)
+    root = cache_root("gguf", cache_dir)
     entry = root / f"gguf-{key[:32]}"
     if not (entry / _RECORD).is_file():
         make_cache_root(root)

@@ -22,9 +22,10 @@ from pathlib import Path
 import onnx
 
 from adaptrix.artifacts import DATA_NAME, MANIFEST_NAME, MODEL_NAME
+from adaptrix.io.cache_dirs import cache_root, make_cache_root
 from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.io.hashing import files_key
-from adaptrix.io.output import atomic_entry, make_cache_root
+from adaptrix.io.output import atomic_entry
 from adaptrix.ir.errors import BadInputError, UnsupportedError
 from adaptrix.targets.onnx.export_outputs import export_kwargs
 from adaptrix.targets.onnx.exporters import (
@@ -46,7 +47,6 @@ __all__ = [
     "MODEL_NAME",
     "SEQ2SEQ_GRAPHS",
     "BaseExport",
-    "cache_root",
     "data_name",
     "export_base",
     "model_name",
@@ -100,16 +100,6 @@ class BaseExport:
         return self.path / data_name(self.graphs[0])
 
 
-def cache_root(cache_dir: Path | str | None = None) -> Path:
-    """Where exports are cached: `cache_dir`, else $ADAPTRIX_CACHE_DIR, else the XDG cache."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("ADAPTRIX_CACHE_DIR"):
-        return Path(os.environ["ADAPTRIX_CACHE_DIR"])
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "adaptrix" / "onnx"
-
-
 def export_key(
     base: Checkpoint,
     dtype: str,
@@ -152,7 +142,7 @@ def export_base(
     task = task_of(base)
     exporter = choose_exporter(base, task)
     key = export_key(base, dtype, task, exporter, provider, packed)
-    root = cache_root(cache_dir)
+    root = cache_root("onnx", cache_dir)
     entry = root / key[:32]
     cached = BaseExport(entry, key, task, dtype, exporter)
     if _complete(cached):
