@@ -78,37 +78,37 @@ def _add_llama_hf(writer: gguf.GGUFWriter, base: Path, spec: dict, vocab_size: i
         tokens.append(f"[PAD{index}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    if not space_prefix:  # llama.cpp prepends a space to SentencePiece input unless told not to (Gemma)
-        writer.add_add_space_prefix(False)
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(base, n_vocab=len(tokens))
-    special.add_to_gguf(writer, quiet=True)
-    return {
-        "model": "llama",
-        "pre": "default",
-        "tokens": len(tokens),
-        "chat_template": bool(special.chat_template),
-    }
+    return _write_llama(writer, base, tokens, scores, types, space_prefix, prefix_last=False)
 
 
 def _add_sentencepiece(writer: gguf.GGUFWriter, base: Path, vocab_size: int, space_prefix: bool) -> dict:
     """A tokenizer.model as the converter's _set_vocab_sentencepiece writes it."""
     tokens, scores, types = sentencepiece_vocab(base, vocab_size)
+    written = _write_llama(writer, base, tokens, scores, types, space_prefix, prefix_last=True)
+    return {**written, "source": SP_MODEL}
+
+
+def _write_llama(writer: gguf.GGUFWriter, base: Path, tokens: list, scores: list, types: list,
+                 space_prefix: bool, prefix_last: bool) -> dict:  # fmt: skip
+    """The converter's `llama` vocabulary keys, special tokens and chat template; the manifest's record.
+
+    llama.cpp prepends a space to SentencePiece input unless told not to (Gemma). Where the
+    converter writes that key differs (before the tokens for a tokenizer.json, after the special
+    tokens for a tokenizer.model), and so does the file's key order: `prefix_last` follows it.
+    """
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
+    if not space_prefix and not prefix_last:
+        writer.add_add_space_prefix(False)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(base, n_vocab=len(tokens))
     special.add_to_gguf(writer, quiet=True)
-    if not space_prefix:  # Gemma's converters: the text is not prefixed with a space
+    if not space_prefix and prefix_last:
         writer.add_add_space_prefix(False)
-    return {"model": "llama", "pre": "default", "tokens": len(tokens),
-            "chat_template": bool(special.chat_template), "source": SP_MODEL}  # fmt: skip
+    chat_template = bool(special.chat_template)
+    return {"model": "llama", "pre": "default", "tokens": len(tokens), "chat_template": chat_template}
 
 
 def _prepends_space(spec: dict) -> bool:
