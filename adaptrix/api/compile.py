@@ -117,7 +117,7 @@ def compile_adapter(
     _check_merge_into(options.pop("merge_into", None), checkpoint, emit)
     _check_requantize(requantize, checkpoint, dtype)
     given_base = checkpoint  # a quantized base: the ONNX targets read its dequantized copy
-    if checkpoint.quantization is not None and emit.name.startswith("onnx"):
+    if checkpoint.quantization is not None and emit.dequantized_copy:
         if phase is not None:
             phase("dequantizing the base (once; later compiles reuse it)")
         checkpoint = dequantized_base(checkpoint, options.get("cache_dir"))
@@ -206,8 +206,8 @@ def _check_merge_into(merge_into: str | None, checkpoint: Checkpoint, emit: Targ
             raise BadInputError(f"--merge-into {merge_into} needs a quantized base", path=checkpoint.path,
                                 fix="for a full-precision base: --qlora-base CONFIG")  # fmt: skip
         return
-    if "qlora_base" not in emit.options and not (emit.name.startswith("onnx") and checkpoint.quantization.mode
-                                                  == "dequantized"):  # fmt: skip
+    copied = emit.dequantized_copy and checkpoint.quantization.mode == "dequantized"
+    if "qlora_base" not in emit.options and not copied:
         raise UnsupportedError(f"--target {emit.name} does not take a quantized base", path=checkpoint.path,
                                fix="compile to merged first, then from the merged model")  # fmt: skip
 

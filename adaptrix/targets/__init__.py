@@ -30,6 +30,7 @@ class Target:
     several: bool = False  # takes several adapters at once (`adapters=[(name, ir), ...]`)
     phases: bool = False  # `write` takes `phase=`, a callable it gives the label of each long phase
     routes: bool = False  # emits the router of a routed IR (`--pass route`)
+    dequantized_copy: bool = False  # reads a quantized base as its cached dequantized copy (api/dequantized)
 
 
 def _onnx(target: str) -> Callable[..., Written]:
@@ -86,6 +87,7 @@ TARGETS = _register(
         several=True,
         phases=True,
         routes=True,
+        dequantized_copy=True,
     ),
     Target(
         "onnx-cuda",
@@ -96,6 +98,7 @@ TARGETS = _register(
         several=True,
         phases=True,
         routes=True,
+        dequantized_copy=True,
     ),
     Target(
         "gguf",
