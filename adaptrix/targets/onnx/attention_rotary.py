@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from adaptrix.targets.onnx.graph import GraphIndex
 
 __all__ = ["RotaryReport", "rotary_in_attention"]
 
@@ -37,20 +39,16 @@ class RotaryReport:
 def rotary_in_attention(model: onnx.ModelProto) -> RotaryReport:
     """Rewrite each layer's Split + 2 RotaryEmbedding + GroupQueryAttention; return what was done."""
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    g = GraphIndex(graph)
     dropped: set[int] = set()
     fused, declined = 0, {}
     for gqa in [node for node in graph.node if node.op_type == "GroupQueryAttention"]:
-        why = _why_not(gqa, producer, readers, graph)
+        why = _why_not(gqa, g)
         if why is not None:
             declined[gqa.name] = why
             continue
-        q_rot, k_rot = producer[gqa.input[0]], producer[gqa.input[1]]
-        split = producer[q_rot.input[0]]
+        q_rot, k_rot = g.producer[gqa.input[0]], g.producer[gqa.input[1]]
+        split = g.producer[q_rot.input[0]]
         inputs = list(gqa.input) + [""] * (11 - len(gqa.input))
         inputs[0:3] = [split.input[0], "", ""]
         inputs[7:9] = [q_rot.input[2], q_rot.input[3]]
@@ -69,14 +67,14 @@ def rotary_in_attention(model: onnx.ModelProto) -> RotaryReport:
     return RotaryReport(fused, declined)
 
 
-def _why_not(gqa: onnx.NodeProto, producer: dict, readers: dict, graph: onnx.GraphProto) -> str | None:
+def _why_not(gqa: onnx.NodeProto, g: GraphIndex) -> str | None:
     """Why a layer's attention keeps its own RotaryEmbedding nodes (None: it can take them in)."""
     if len(gqa.input) < 3 or any(name for name in gqa.input[7:9]):
         return "not fuse.py's attention (no q/k/v inputs, or its own rotary caches)"
-    q_rot, k_rot, v = producer.get(gqa.input[0]), producer.get(gqa.input[1]), gqa.input[2]
+    q_rot, k_rot, v = g.producer.get(gqa.input[0]), g.producer.get(gqa.input[1]), gqa.input[2]
     if q_rot is None or k_rot is None or q_rot.op_type != k_rot.op_type or q_rot.op_type != "RotaryEmbedding":
         return "q and k are not RotaryEmbedding outputs"
-    split = producer.get(q_rot.input[0])
+    split = g.producer.get(q_rot.input[0])
     if split is None or split.op_type != "Split" or list(split.output) != [q_rot.input[0], k_rot.input[0], v]:
         return "q, k and v are not one packed projection's Split (pack.py declined this layer)"
     if q_rot.input[1:4] != k_rot.input[1:4]:
@@ -88,12 +86,10 @@ def _why_not(gqa: onnx.NodeProto, producer: dict, readers: dict, graph: onnx.Gra
         if attributes.get("scale", 1.0) != 1.0 or attributes.get("is_packed_batching", 0):
             return "a scaled or packed-batching rotary"
     heads = {a.name: a.i for a in gqa.attribute}.get("num_heads", 0)
-    found = (init for init in graph.initializer if init.name == split.input[1])
-    sizes = next((numpy_helper.to_array(init) for init in found), None)
+    sizes = g.constant(split.input[1])
     if not heads or sizes is None or (int(sizes[0]) // heads) % 16:
         return "a head size that is not a multiple of 16 (the kernel's rotary takes no other)"
-    outputs = {value.name for value in graph.output}
     for name in (*split.output, q_rot.output[0], k_rot.output[0]):
-        if name in outputs or len(readers.get(name, [])) != 1:
+        if name in g.outputs or len(g.readers.get(name, [])) != 1:
             return f"{name} is read elsewhere"
     return None
