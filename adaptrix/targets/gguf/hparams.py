@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gguf
 
-from adaptrix.targets.gguf.rope import rope_params, swa_rope_theta
+from adaptrix.targets.gguf.rope import rope_dims, rope_params, swa_rope_theta
 
 __all__ = [
     "Writer",
@@ -81,9 +81,8 @@ def qwen_moe(w: Writer, config: dict) -> None:
 
 
 def phi3(w: Writer, config: dict) -> None:
-    """Phi3MiniModel (no longrope)."""
+    """Phi3MiniModel (longrope's factors and attention factor: rope.py)."""
     n_embd, n_head = config["hidden_size"], config["num_attention_heads"]
-    rotary = get(config, "partial_rotary_factor") or rope_params(config).get("partial_rotary_factor", 1.0)
     w.add_context_length(config["max_position_embeddings"])
     w.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings")
                                     or config["max_position_embeddings"])  # fmt: skip
@@ -93,7 +92,7 @@ def phi3(w: Writer, config: dict) -> None:
     w.add_head_count(n_head)
     w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_dimension_count(int(rotary * n_embd) // n_head)
+    w.add_rope_dimension_count(rope_dims(config))
     w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
     w.add_sliding_window(config.get("sliding_window") or 0)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from adaptrix.ir.errors import UnsupportedError
 
-__all__ = ["add_rope_scaling", "check_rope", "rope_params", "rope_tensors", "swa_rope_theta"]
+__all__ = ["add_rope_scaling", "check_rope", "rope_dims", "rope_params", "rope_tensors", "swa_rope_theta"]
 
 # YaRN as transformers computes it and llama.cpp too: its mscale from the factor (no attention_factor
 # given: llama.cpp multiplies a given one by that mscale again), rounded correction dims (truncate),
@@ -74,7 +74,7 @@ def check_rope(config: dict, path: Path, llama3: bool = False, longrope: bool = 
 def _check_longrope(config: dict, path: Path) -> None:
     """Factors for each rotary frequency, and no attention factor of its own (llama.cpp derives it)."""
     params = rope_params(config)
-    half = _rope_dims(config) // 2
+    half = rope_dims(config) // 2
     long, short = params.get("long_factor"), params.get("short_factor")
     if not (isinstance(long, list) and isinstance(short, list) and len(long) == len(short) == half):
         raise UnsupportedError(f"longrope needs long_factor and short_factor of {half} values each",
@@ -85,8 +85,8 @@ def _check_longrope(config: dict, path: Path) -> None:
                                fix="use --target merged or hooks")  # fmt: skip
 
 
-def _rope_dims(config: dict) -> int:
-    """The rotated dimensions per head (Phi-3: partial_rotary_factor of the head)."""
+def rope_dims(config: dict) -> int:
+    """The rotated dimensions per head, as Phi3MiniModel counts them (partial_rotary_factor of the width)."""
     rotary = config.get("partial_rotary_factor") or rope_params(config).get("partial_rotary_factor") or 1.0
     return int(rotary * config["hidden_size"]) // config["num_attention_heads"]
 
