@@ -1,4 +1,4 @@
-"""The gguf target rounds with llama.cpp's C quantizer: the same bytes as the gguf package's own."""
+"""The gguf target rounds as llama.cpp does (its C quantizer; torch for q8_0): the gguf package's bytes."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ def _rows() -> np.ndarray:
     data[3] *= 6e4  # near float16's largest
     data[4, :64] = 2.5
     data[5] = np.linspace(-1, 1, 256) * 127  # exact multiples of the block scale
+    # q8_0's scale is 1 where a block's largest is 127: these are rounded as they are, so every tie
+    # n + 0.5 and its float32 neighbours meet roundf (0.49999997 is where adding 0.5 would round up)
+    below, above = np.float32(0.5) - np.float32(2.0**-25), np.nextafter(np.float32(2.5), np.float32(3))
+    edges = [127, below, 0.5, 1.5, 2.5, 126.5, np.nextafter(np.float32(2.5), np.float32(0)), above, 0.25]
+    for row, sign in ((6, 1), (7, -1)):
+        data[row, :32] = np.resize(np.float32(sign) * np.array(edges, np.float32), 32)
+        data[row, 32:64] = np.float32(sign) * (np.arange(32, dtype=np.float32) * 4 + 0.5)  # 124.5 largest
     return data
 
 
@@ -60,3 +67,15 @@ def test_a_failure_on_a_thread_is_raised_in_order():
     with pytest.raises(RuntimeError, match="block 7"):
         seen.extend(quantize.map_ordered(work, range(20)))
     assert seen == list(range(7))
+
+
+def test_torch_runs_on_one_thread_while_the_target_writes_and_is_given_back_after():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with quantize.one_torch_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -24,6 +24,7 @@ from adaptrix.lowering.head import new_head_sites, refuse_new_head
 from adaptrix.lowering.merge_bottleneck import fold_bottlenecks
 from adaptrix.lowering.tensor_plan import plan_tensors
 from adaptrix.targets.gguf.families import GgufFamily
+from adaptrix.targets.gguf.quantize import one_torch_thread
 from adaptrix.targets.gguf.rope import add_rope_scaling, rope_tensors
 from adaptrix.targets.gguf.tensors import QTYPES, GgufTensor, gguf_tensors, round_rows, source_value
 from adaptrix.targets.gguf.vocab import add_vocab
@@ -68,12 +69,13 @@ def write_model_gguf(
     writer.write_ti_data_to_file()
     streamed.start(extra, tensors, writer.data_alignment)
     try:
-        for _, value in extra:
-            writer.write_tensor_data(_Rounded(value))  # type: ignore[arg-type]
-        for tensor, value in _merged_ahead(tensors, base, family):
-            writer.write_tensor_data(_Rounded(value, tensor))  # type: ignore[arg-type]
-            if progress is not None:
-                progress(sum(base.tensors[item.source].nbytes for item in tensor.items if item.source))
+        with one_torch_thread():
+            for _, value in extra:
+                writer.write_tensor_data(_Rounded(value))  # type: ignore[arg-type]
+            for tensor, value in _merged_ahead(tensors, base, family):
+                writer.write_tensor_data(_Rounded(value, tensor))  # type: ignore[arg-type]
+                if progress is not None:
+                    progress(sum(base.tensors[i.source].nbytes for i in tensor.items if i.source))
     except BaseException:
         streamed.abort()  # the writing threads stop; the unfinished file goes with the temporary folder
         raise

@@ -5,10 +5,15 @@ The `gguf` package's numpy quantizers are ports of the same reference code: both
 bytes (checked once per process on a probe block, and in tests/test_gguf_quantize.py), but the C
 one is several times faster and releases the GIL, so blocks of rows are rounded on threads. Without
 llama-cpp-python, or when its library fails the probe, the `gguf` package's quantizers are used.
+
+q8_0, the type most files use, is rounded by torch's vector kernels instead (`_q8_0`): the same
+arithmetic as the reference (scale = amax / 127 in float32, x times its reciprocal, `roundf`),
+about twice as fast as the reference's scalar C loop, and the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -21,8 +26,9 @@ from typing import TypeVar
 
 import gguf
 import numpy as np
+import torch
 
-__all__ = ["ggml_library", "map_ordered", "quantize_rows"]
+__all__ = ["ggml_library", "map_ordered", "one_torch_thread", "quantize_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +37,16 @@ Q = gguf.GGMLQuantizationType
 _C_TYPES = frozenset({Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1})
 _MAX_THREADS = 8
 T, R = TypeVar("T"), TypeVar("R")
+# The largest float32 below 0.5: trunc(q + copysign(_HALF, q)) is C's roundf(q) for every float32 q
+# (adding 0.5 itself would round 0.49999997 up); checked on every float32 in [-128, 128].
+_HALF = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
+_Q8_BLOCKS = 4096  # q8_0 blocks rounded at once: a few hundred KB, cache-sized
 
 
 def quantize_rows(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """`rows` (float32, [n, width]) rounded to `qtype`: the bytes `gguf.quants.quantize` gives."""
+    if qtype == Q.Q8_0 and rows.ndim == 2:
+        return _q8_0(np.ascontiguousarray(rows, dtype=np.float32))
     lib = ggml_library()
     if lib is None or qtype not in _C_TYPES or rows.ndim != 2:
         return gguf.quants.quantize(rows, qtype)
@@ -45,6 +57,31 @@ def quantize_rows(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndar
     out = np.empty((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
     _chunk(lib, qtype, rows, out, 0, rows.shape[0])
     return out
+
+
+def _q8_0(rows: np.ndarray) -> np.ndarray:
+    """q8_0 blocks of `rows` (float32, [n, width]), as `quantize_row_q8_0_ref` writes them.
+
+    Each block of 32: d = max|x| / 127, kept as float16; q = roundf(x * (1 / d)) as int8 (0 where d
+    is 0). Rounded a few thousand blocks at a time in reused buffers; torch's kernels release the GIL.
+    """
+    if rows.shape[1] % 32:
+        raise ValueError(f"rows of {rows.shape[1]} do not split into Q8_0 blocks of 32")
+    blocks = torch.from_numpy(rows).reshape(-1, 32)
+    out = torch.empty((blocks.shape[0], 34), dtype=torch.uint8)
+    step = min(_Q8_BLOCKS, blocks.shape[0])
+    work, scale, inverse = torch.empty((step, 32)), torch.empty((step, 1)), torch.empty((step, 1))
+    for start in range(0, blocks.shape[0], step):
+        x = blocks[start : start + step]
+        n = x.shape[0]
+        q = torch.abs(x, out=work[:n])
+        d = torch.amax(q, 1, keepdim=True, out=scale[:n]).div_(127.0)
+        inv = torch.reciprocal(d, out=inverse[:n]).masked_fill_(d == 0, 0.0)
+        q.mul_(inv).add_(_HALF).copysign_(x)  # |x| / d + 0.4999..., signed: truncated below
+        target = out[start : start + n]
+        target[:, :2] = d.half().view(torch.uint8)
+        target[:, 2:].view(torch.int8).copy_(q)  # float to int8 truncates toward zero
+    return out.view(rows.shape[0], -1).numpy()
 
 
 def map_ordered(work: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
@@ -65,6 +102,21 @@ def map_ordered(work: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
     finally:
         for job in pending:
             job.cancel()
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch's own kernels on one thread for the block: the target's threads already fill the cores.
+
+    With torch's thread pool too (a merge thread and the rounding threads each starting it), threads
+    outnumber cores and spin at its barriers: one 1.1B compile took 6.9 s instead of 5.9 s.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _chunk(lib: ctypes.CDLL, qtype, rows: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
