@@ -32,6 +32,7 @@ from test_onnx_parity import (
 from test_onnx_unmerged import QUANTIZED_TOLERANCE, relative_error
 
 from adaptrix.api.compile import compile_adapter
+from adaptrix.runtimes.onnx.session import open_onnx
 
 pytestmark = pytest.mark.onnx_export
 
@@ -159,6 +160,8 @@ def test_heads_of_eight_keep_their_rotary_nodes_and_the_report_says_why(bases, t
     assert found["RotaryEmbedding"] == 2 * LAYERS and found["Split"] == LAYERS
     report = graph_section(tmp_path / "out")["rotary_in_attention"]
     assert report["fused"] == 0 and all("multiple of 16" in why for why in report["declined"].values())
+    assert graph_section(tmp_path / "out")["dropped_inputs"] == []  # the rotary nodes read position_ids
+    assert "position_ids" in open_onnx(tmp_path / "out").inputs
     inputs = sample_inputs("llama")
     with torch.no_grad():
         expected = PeftModel.from_pretrained(load_model("llama", base), adapter).eval()(**inputs).logits
@@ -167,3 +170,22 @@ def test_heads_of_eight_keep_their_rotary_nodes_and_the_report_says_why(bases, t
 
 def test_head16_report_counts_every_layer_rotating_inside_the_attention(head16):
     assert graph_section(head16[2])["rotary_in_attention"] == {"fused": LAYERS, "declined": {}}
+
+
+def test_position_ids_leave_the_graph_once_nothing_reads_them_and_the_runtime_still_takes_padding(head16):
+    """Every layer rotates inside the attention: position_ids is dropped, padding masked by the bias."""
+    base, adapter, out = head16
+    assert graph_section(out)["dropped_inputs"] == ["position_ids"]
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    assert "position_ids" not in {value.name for value in graph.input}
+    genai = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["inputs"]
+    assert "position_ids" not in genai and genai["attention_mask"] == "attention_mask"
+    ids = sample_inputs("llama")["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(load_model("llama", base), adapter).eval()
+        want = peft(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask)).logits
+    got = torch.from_numpy(open_onnx(out).logits(ids.numpy(), mask.numpy()))
+    valid = mask.bool()
+    assert max_diff(got[valid], want[valid]) <= ONNX_FP32_TOLERANCE

@@ -2,7 +2,7 @@
 
 Needs numpy and onnxruntime only (no torch, transformers or optimum), so serving code can use it
 alone. Decoder graphs (optimum's, torch.onnx's, onnxruntime-genai builder's) take `input_ids`,
-`attention_mask`, `position_ids` (if the graph has it: not the builder's, nor padding then) and
+`attention_mask`, `position_ids` (if the graph has it; the builder's graphs take no padding) and
 `past_key_values.N.key/value` [batch, kv_heads, past, head_dim] by the graph's input names, return
 `logits`, `present.N.*`; one graph prefills and decodes. Adapter files are checked before loading.
 """
@@ -75,11 +75,7 @@ def open_onnx(
 
 
 def _preload_cuda() -> None:
-    """Load CUDA and cuDNN from the nvidia-* pip packages.
-
-    onnxruntime-gpu looks there only when asked (or finds them loaded by torch); the messages are
-    dropped: the provider check after the session starts says what is missing.
-    """
+    """Load CUDA and cuDNN from the nvidia-* pip packages (the provider check says what is missing)."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return
@@ -227,7 +223,8 @@ class OnnxArtifact:
                                 f"found {sorted(past)}")  # fmt: skip
         past_len = past[self.past_names[0]].shape[2]
         mask = self._mask(mask, ids.shape, past_len)
-        if "position_ids" not in self.inputs and not mask.all():  # GroupQueryAttention's own positions
+        lean = "position_ids" in self.section.get("graph", {}).get("dropped_inputs", [])  # its bias masks
+        if "position_ids" not in self.inputs and not lean and not mask.all():  # the builder's graphs
             raise BadInputError("this graph (onnxruntime-genai's builder: no position_ids) takes no padding",
                                 fix="run each prompt alone, unpadded")  # fmt: skip
         positions = np.cumsum(mask, axis=1) - 1
