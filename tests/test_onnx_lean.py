@@ -22,7 +22,9 @@ from test_onnx_parity import (
     ONNX_FP32_TOLERANCE,
     assert_matches,
     base_logits,
+    genai_tokens,
     max_diff,
+    peft_tokens,
     positions_of,
     prefill,
     seeded_adapter,
@@ -162,6 +164,9 @@ def test_heads_of_eight_keep_their_rotary_nodes_and_the_report_says_why(bases, t
     assert report["fused"] == 0 and all("multiple of 16" in why for why in report["declined"].values())
     assert graph_section(tmp_path / "out")["dropped_inputs"] == []  # the rotary nodes read position_ids
     assert "position_ids" in open_onnx(tmp_path / "out").inputs
+    # GroupQueryAttention alone reads the past (the rotary nodes sit before it): one shared buffer
+    genai = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
     inputs = sample_inputs("llama")
     with torch.no_grad():
         expected = PeftModel.from_pretrained(load_model("llama", base), adapter).eval()(**inputs).logits
@@ -189,3 +194,12 @@ def test_position_ids_leave_the_graph_once_nothing_reads_them_and_the_runtime_st
     got = torch.from_numpy(open_onnx(out).logits(ids.numpy(), mask.numpy()))
     valid = mask.bool()
     assert max_diff(got[valid], want[valid]) <= ONNX_FP32_TOLERANCE
+
+
+def test_genai_shares_the_kv_buffer_of_a_lean_graph_and_generates_peft_tokens(head16):
+    """Every past key / value is GroupQueryAttention's alone: one buffer, appended in place."""
+    pytest.importorskip("onnxruntime_genai")
+    base, adapter, out = head16
+    assert json.loads((out / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    prompt = tuple(sample_inputs("llama", batch=1)["input_ids"][0].tolist())
+    assert genai_tokens(out, prompt) == peft_tokens("llama", base, adapter, prompt)

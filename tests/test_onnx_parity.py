@@ -299,6 +299,10 @@ def test_genai_generates_peft_tokens(family, merged):
     case = merged(family)
     prompt = prompt_of(family)
     assert genai_tokens(case.out, prompt) == peft_tokens(family, case.base, case.adapter, prompt)
+    # the KV buffer is shared (appended in place) exactly where GroupQueryAttention holds the cache
+    graph = onnx.load(case.out / "model.onnx", load_external_data=False).graph
+    share = json.loads((case.out / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    assert share is any(node.op_type == "GroupQueryAttention" for node in graph.node)
 
 
 @pytest.mark.parametrize("family", ENCODERS)

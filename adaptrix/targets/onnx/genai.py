@@ -1,8 +1,11 @@
 """genai_config.json: what onnxruntime-genai needs to run a decoder graph exported by optimum.
 
 optimum's decoder graphs concatenate past and present key/values and take position_ids, so the
-KV buffers cannot be shared (`past_present_share_buffer` false). onnxruntime-genai knows the
-Llama-family names as model types; GPT-2 and GPT-NeoX graphs run as its generic "decoder".
+KV buffers cannot be shared (`past_present_share_buffer` false). Where every past key / value is
+read by GroupQueryAttention alone and every present one is its output (lean.py's graphs), the
+kernel appends in place to one buffer of `max_length` as in the builder's graphs: shared (true),
+which saves copying the whole cache each step. onnxruntime-genai knows the Llama-family names as
+model types; GPT-2 and GPT-NeoX graphs run as its generic "decoder".
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import onnx
 from adaptrix.artifacts import GENAI_CONFIG
 from adaptrix.io.checkpoint import Checkpoint
 
-__all__ = ["GENAI_CONFIG", "write_genai_config"]
+__all__ = ["GENAI_CONFIG", "shares_kv_buffers", "write_genai_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,7 @@ def write_genai_config(
             "min_length": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": shares_kv_buffers(graph),
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -90,3 +93,17 @@ def write_genai_config(
     }
     (out / GENAI_CONFIG).write_text(json.dumps(genai, indent=2, sort_keys=True) + "\n")
     return GENAI_CONFIG
+
+
+def shares_kv_buffers(graph: onnx.GraphProto) -> bool:
+    """Whether GroupQueryAttention alone reads each past key / value and writes each present one."""
+    attention = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    past = {value.name for value in graph.input if value.name.startswith("past_key_values.")}
+    present = {value.name for value in graph.output if value.name.startswith("present.")}
+    if not attention or not past or len(past) != len(present):
+        return False
+    by_attention = {name for node in attention for name in node.input[3:5] if name}
+    read_elsewhere = any(name in past for node in graph.node if node.op_type != "GroupQueryAttention"
+                         for name in node.input)  # fmt: skip
+    written = {name for node in attention for name in node.output[1:3] if name}
+    return by_attention == past and not read_elsewhere and written == present
