@@ -7,15 +7,17 @@ Reuses merge.py's cached fixture (1.1B bf16 Llama base + r=16 LoRA). In one run:
 - compiles, each in its own child (wall time, peak RSS with descendants): the first compile of the
   fixture adapter into a fresh export cache (optimum export + patch), a second adapter's compile on
   the cached export, a plain `cp` of the cached model.onnx + model.onnx_data, PEFT merge_and_unload
-  then optimum's main_export (the usual route), and int8 / int4 / int8-dynamic compiles on the
-  cached export;
+  then optimum's main_export (the usual route), and int8 / int4 / int4-sym / int8-dynamic
+  compiles on the cached export;
 - latency with 2 intra-op threads: one decode step on a 32-token KV cache and a 32-token prefill,
   PyTorch eager float32 (the PEFT-merged model) against onnxruntime's CPU provider on the fp32,
-  int8, int4 and int8-dynamic artifacts, in interleaved rounds (medians and ratios from this run);
+  int8, int4, int4-sym and int8-dynamic artifacts, in interleaved rounds (medians and ratios from this run);
 - against onnxruntime-genai's model builder (_onnx_builder.py): its int4 and int8 graphs of the same
-  base built in this run, and Adaptrix's int4 / int8 graphs beside them, all run by onnxruntime-genai
-  with one harness (32-token prompt, greedy, 2 threads, interleaved rounds of 16 tokens): decode
-  ms/token, prefill ms, nodes, ratio Adaptrix / builder;
+  base built in this run, and Adaptrix's int4-sym / int4 / int8 graphs beside them, all run by
+  onnxruntime-genai with one harness (32-token prompt, greedy, 2 threads, interleaved rounds of 16
+  tokens): decode ms/token, prefill ms, nodes, ratio Adaptrix / builder. The builder's int4 is
+  symmetric blocks without zero points, so int4-sym (the same kernel) carries the int4 goal;
+  Adaptrix's int4, with zero points, is reported beside it;
 - quality: greedy top-1 agreement of each quantized scheme with fp32 on a small decoder trained on a
   synthetic corpus (benchmarks/_onnx_quality.py; trained once, cached), the builder's graphs of the
   PEFT-merged decoder beside Adaptrix's.
@@ -51,7 +53,7 @@ GOAL_SECOND_VS_CP = 2.0  # second compile wall <= 2x copying the ONNX weights
 GOAL_REEXPORT_SPEEDUP = 5.0  # second compile >= 5x faster than PEFT merge + optimum export
 GOAL_DECODE_SPEEDUP = 4.0  # fastest quantized decode >= 4x faster than PyTorch eager fp32
 NEW_TOKENS, GENAI_ROUNDS = 16, 5  # the builder comparison: tokens per round, interleaved rounds
-SCHEMES = ("int8", "int4", "int8-dynamic")  # adaptrix --quantize
+SCHEMES = ("int8", "int4", "int4-sym", "int8-dynamic")  # adaptrix --quantize
 
 PEFT_OPTIMUM_SCRIPT = """
 import sys, torch
@@ -328,8 +330,8 @@ def run_versus(python: str, base: Path, ours: dict, root: Path, rounds: int) -> 
     """The builder's graphs of `base` beside Adaptrix's (`ours`), timed under onnxruntime-genai."""
     import torch
 
-    if "int4" not in ours:
-        print("FAIL: no Adaptrix int4 graph to compare with the builder's")
+    if "int4-sym" not in ours:
+        print("FAIL: no Adaptrix int4-sym graph to compare with the builder's int4")
         return [False]
     gen = torch.Generator().manual_seed(merge.SEED)
     prompt = torch.randint(0, merge.BASE_CONFIG["vocab_size"], (PROMPT,), generator=gen).tolist()
@@ -353,7 +355,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     only.add_argument("--compile-only", action="store_true", help="first and second compiles, cp, PEFT")
     only.add_argument("--versus-builder", action="store_true",
                       help="fp32, int4, int8 compiles; the builder beside them; quality")  # fmt: skip
-    ap.add_argument("--genai-schemes", default="int4,int8", help="schemes set beside the builder's")
+    ap.add_argument("--genai-schemes", default="int4-sym,int4,int8", help="schemes set beside the builder's")
     ap.add_argument("--versus-from", type=Path, help="a kept run dir: time its graphs again, then quality")
     ap.add_argument("--cache", type=Path, default=m.default_cache(), help="fixture cache dir")
     ap.add_argument("--keep", action="store_true", help="keep the run directory (artifacts, logs)")
@@ -381,7 +383,9 @@ def main(argv=None) -> int:
             base, adapter = fixture / "base", fixture / "adapter"
             repeat = 0 if args.latency_only or args.versus_builder else max(1, args.repeat)
             skip_peft = args.skip_peft or args.latency_only or args.versus_builder
-            schemes = () if args.compile_only else ("int8", "int4") if args.versus_builder else SCHEMES
+            schemes = (
+                () if args.compile_only else ("int8", "int4", "int4-sym") if args.versus_builder else SCHEMES
+            )
             steps = run_compiles(exe, base, adapter, run_root, repeat, skip_peft, args.block_size, schemes)
             print_compile_table(steps)
             print()
