@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from builders import TRANSFORMERS_5, load_model, make_adapter, model_logits, peft_logits, sample_inputs
+from builders import TRANSFORMERS_5, VOCAB, load_model, make_adapter, model_logits, peft_logits, sample_inputs
 from peft import PeftModel
 
 from adaptrix.api.compile import compile_adapter
@@ -212,6 +212,15 @@ def test_builder_graph_quantized_int4_keeps_the_adapter(bases, tmp_path, cache):
 
 
 @needs_builder
+@needs_builder
+def test_a_base_with_an_mlp_as_wide_as_the_vocabulary_is_exported_by_torch_onnx(bases, tmp_path, cache):
+    """The builder would take its gate / up projections for the LM head (vocab_size outputs)."""
+    base = bases("llama", "gqa-heads-vocab-mlp", **GQA_HEADS, intermediate_size=VOCAB)
+    adapter = _adapter("llama", base, tmp_path / "adapter")
+    assert _compile(adapter, base, tmp_path / "out", cache)["exporter"] == "torch.onnx"
+    _check_logits("llama", base, adapter, tmp_path / "out")
+
+
 def test_builder_graph_refuses_what_it_cannot_take(bases, tmp_path, cache):
     base = bases("llama", "gqa-heads", **GQA_HEADS)
     adapter = _adapter("llama", base, tmp_path / "adapter")

@@ -92,7 +92,8 @@ def choose_exporter(base: Checkpoint, task: str) -> str:
             fix='pip install "adaptrix[onnx]" (it needs transformers < 4.58), or --target merged or hooks',
         )
     architectures = set(base.config.get("architectures") or [])
-    if task == CAUSAL_TASK and has_builder() and architectures & BUILDER_ARCHITECTURES and _gqa_heads(base):
+    builds = architectures & BUILDER_ARCHITECTURES and _gqa_heads(base) and _one_vocab_wide(base)
+    if task == CAUSAL_TASK and has_builder() and builds:
         return BUILDER
     if task in _TORCH_TASKS:
         return TORCH
@@ -101,6 +102,20 @@ def choose_exporter(base: Checkpoint, task: str) -> str:
         path=base.path,
         fix="use --target merged or --target hooks for this base",
     )
+
+
+def _one_vocab_wide(base: Checkpoint) -> bool:
+    """Whether only the LM head has vocab_size outputs: the builder takes any such Linear for the head.
+
+    With an MLP as wide as the vocabulary (intermediate_size == vocab_size) it wires its head to
+    layer 0's projections and its graph fails the check against the forward: torch.onnx exports it.
+    """
+    config = base.config
+    heads = max(config.get("num_attention_heads", 1), 1)
+    head = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    kv = config.get("num_key_value_heads") or heads
+    widths = {config.get("hidden_size"), config.get("intermediate_size"), heads * head, kv * head}
+    return config.get("vocab_size") not in widths
 
 
 def _gqa_heads(base: Checkpoint) -> bool:
