@@ -293,6 +293,25 @@ def test_reading_a_quantized_base_leaves_inductor_unimported(qlora):
     code = ("import sys, torch; from adaptrix.io.checkpoint import Checkpoint; "
             f"value = Checkpoint({str(base)!r}).read('model.layers.0.self_attn.q_proj.weight'); "
             "assert 'bitsandbytes.functional' in sys.modules and value.dtype == torch.float32; "
-            "print('torch._inductor.compile_fx' in sys.modules)")  # fmt: skip
+            "print('torch._inductor.compile_fx' in sys.modules, 'torch._dynamo' in sys.modules)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout
+    # nor torch._dynamo, which a first call of bitsandbytes' torch ops imports (bnb_cpu.py skips them)
+    assert done.stdout.strip().splitlines()[-1] == "False False", done.stdout
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_the_4bit_kernel_called_directly_gives_bitsandbytes_own_values(quant_type, nested, dtype):
+    from adaptrix.io import bnb_cpu
+    from adaptrix.io.bnb_import import bnb_functional
+
+    functional = bnb_functional()
+    assert bnb_cpu._native() is not None  # bitsandbytes' native library loads here: the direct call is tested
+    for shape in ((96, 320), (3, 64), (64,)):  # a 1-D weight goes to bitsandbytes itself
+        weight = torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape))) * 0.05
+        packed, state = functional.quantize_4bit(weight, blocksize=64, compress_statistics=nested,
+                                                 quant_type=quant_type)  # fmt: skip
+        state.dtype = dtype
+        assert torch.equal(bnb_cpu.dequantize_4bit(functional, packed, state),
+                           functional.dequantize_4bit(packed, state))  # fmt: skip

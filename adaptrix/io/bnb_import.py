@@ -2,7 +2,8 @@
 
 Its import wraps a few kernels in torch.compile, which imports inductor (600 modules: seconds,
 more than merging a 1B model); and the first call of any of its kernels (custom ops) imports
-torch._dynamo (about 1 s). Both are kept off a merge's path where they can be.
+torch._dynamo (about 1 s). Both are kept off a merge's path where they can be (bnb_cpu.py calls
+the 4-bit kernel without the custom op).
 """
 
 from __future__ import annotations
@@ -50,21 +51,24 @@ def bnb_functional():
             torch.compile = real
 
 
-def import_ahead() -> None:
-    """Import bitsandbytes, and torch._dynamo (imported by its kernels' first call), on a thread.
+def import_ahead(dynamo: bool = False) -> None:
+    """Import bitsandbytes on a thread, and with `dynamo` torch._dynamo (its kernels' first call does).
 
     About 2 s of imports on the merge's path otherwise; meanwhile the caller plans the merge and
-    the hashing thread reads the base. A failure here is left for the first real use to raise.
+    the hashing thread reads the base. 4-bit weights are dequantized by bitsandbytes' C kernel
+    called directly (bnb_cpu.py), which needs no torch._dynamo; 8-bit ones go through its torch
+    op. A failure here is left for the first real use to raise.
     """
 
     def run() -> None:
         try:
             bnb_functional()
-            importlib.import_module("torch._dynamo")
+            if dynamo:
+                importlib.import_module("torch._dynamo")
         except (ImportError, UnsupportedError):
             pass  # raised again, in the caller's thread, by the first dequantization
 
-    if "torch._dynamo" not in sys.modules:
+    if "bitsandbytes.functional" not in sys.modules or (dynamo and "torch._dynamo" not in sys.modules):
         threading.Thread(target=run, name="adaptrix-import-bnb", daemon=True).start()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from adaptrix.binders.table import Binder, Layout
+from adaptrix.io.bnb_cpu import dequantize_4bit
 from adaptrix.io.bnb_import import bnb_functional, check_bnb, import_ahead
 from adaptrix.io.jsonfile import loads_strict, read_json
 from adaptrix.io.safetensors_io import TensorInfo
@@ -72,7 +73,7 @@ class Quantization:
             stats = {part.removeprefix(name + "."): read(part) for part in self.groups[name]}
             state = functional.QuantState.from_dict(stats, device=torch.device("cpu"))
             state.dtype = _compute_dtype(self.settings)  # what bitsandbytes' matmul dequantizes into
-            value = functional.dequantize_4bit(read(name), state)
+            value = dequantize_4bit(functional, read(name), state)  # its C kernel, not via torch.ops
         return value.T.contiguous() if flip else value
 
     def owner(self, name: str) -> str | None:
@@ -143,7 +144,7 @@ def quantization_of(
         return None, tensors
     settings = bnb_settings(config["quantization_config"], path)
     check_bnb()  # a clear error before anything else when bitsandbytes is missing
-    import_ahead()
+    import_ahead(dynamo=settings["bits"] == 8)  # 8-bit weights: a torch op, whose first call imports it
     groups = _groups_8bit(tensors) if settings["bits"] == 8 else _groups_4bit(tensors)
     hidden = {part for parts in groups.values() for part in parts}
     floats = [i.dtype for n, i in tensors.items() if i.dtype.is_floating_point and n not in hidden]
