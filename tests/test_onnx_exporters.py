@@ -212,7 +212,6 @@ def test_builder_graph_quantized_int4_keeps_the_adapter(bases, tmp_path, cache):
 
 
 @needs_builder
-@needs_builder
 def test_a_base_with_an_mlp_as_wide_as_the_vocabulary_is_exported_by_torch_onnx(bases, tmp_path, cache):
     """The builder would take its gate / up projections for the LM head (vocab_size outputs)."""
     base = bases("llama", "gqa-heads-vocab-mlp", **GQA_HEADS, intermediate_size=VOCAB)
@@ -221,6 +220,7 @@ def test_a_base_with_an_mlp_as_wide_as_the_vocabulary_is_exported_by_torch_onnx(
     _check_logits("llama", base, adapter, tmp_path / "out")
 
 
+@needs_builder
 def test_builder_graph_refuses_what_it_cannot_take(bases, tmp_path, cache):
     base = bases("llama", "gqa-heads", **GQA_HEADS)
     adapter = _adapter("llama", base, tmp_path / "adapter")
