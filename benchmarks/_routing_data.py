@@ -1,13 +1,16 @@
-"""The routing study's text: four domains, each with its own alphabet and prefix, and their tasks.
+"""The routing study's text: four domains, each with its own alphabet and separator, and their tasks.
 
 A realistic domain split (code, maths, prose, ...) shows in the prompts' tokens; here each domain
-owns one alphabet, and its prompts start with its own prefix: lower (`k:abcd>`), digits
-(`m:0123>`), upper (`r:ABCD>`), symbols (`p:!#$%>`). Each domain's task is a fixed random
-substitution of its alphabet, applied to four characters, scored on 64 held-out strings.
+owns one alphabet and one separator, and every token of its prompts is its own: lower (`abcd;`),
+digits (`0123/`), upper (`ABCD|`), symbols (`!#$%_`). (Version 1 wrote `k:abcd>`, `m:0123>`, ...:
+`:` and `>` were shared by all domains, and `>` is the token whose hidden state predicts the first
+answer character; docs/routing.md.) Each domain's task is its own reordering of four characters
+(reverse, rotate left, swap pairs, rotate right), scored on 64 held-out strings.
 
-The base corpus shows copying, shifting and summing in every alphabet, so the base sees every
-token but none of the four tasks. Task objects follow the transfer study's interface
-(_transfer_data.Task: examples, batch, scored), so _transfer_models trains and scores them.
+The base corpus shows copying (`abc;abc`) and shifting (`;abc;bcd`) in every alphabet with its
+separator, and sums of two-digit numbers, so the base sees every token but none of the four tasks.
+Task objects follow the transfer study's interface (_transfer_data.Task: examples, batch, scored),
+so _transfer_models trains and scores them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ LOWER = "abcdefghijklmnopqrstuvwxyz"
 UPPER = LOWER.upper()
 DIGITS = "0123456789"
 SYMBOLS = "!#$%&*()[]{}@?^~"
-CHARS = LOWER + UPPER + DIGITS + SYMBOLS + ":+=>. "
+SEPARATORS = ";|/_"  # of ALPHABETS: lower, upper, digits, symbols
+CHARS = LOWER + UPPER + DIGITS + SYMBOLS + SEPARATORS + ":+=>. "
 VOCAB = 3 + len(CHARS)
 ALPHABETS = (LOWER, UPPER, DIGITS, SYMBOLS)
 SCORED, HELD_OUT_SEED = 64, 22
@@ -51,9 +55,10 @@ class Corpus:
         if kind == 4:
             a, b = (int(x) for x in rng.integers(0, 50, 2))
             return f"a:{a:02d}+{b:02d}={a + b:02d}"
-        alphabet = ALPHABETS[int(rng.integers(len(ALPHABETS)))]
+        which = int(rng.integers(len(ALPHABETS)))
+        alphabet, sep = ALPHABETS[which], SEPARATORS[which]
         word = _word(rng, alphabet, int(rng.integers(3, 8)))
-        return f"c:{word}>{word}" if kind < 2 else f"s:{word}>{_shift(word, alphabet)}"
+        return f"{word}{sep}{word}" if kind < 2 else f"{sep}{word}{sep}{_shift(word, alphabet)}"
 
     def batch(self, rng: np.random.Generator, size: int, length: int) -> np.ndarray:
         """[size, length] int64: lines packed as <bos> line <eos> <bos> line <eos> ..."""
@@ -62,24 +67,24 @@ class Corpus:
 
 @dataclass(frozen=True)
 class Task(PairTask):
-    """A domain's task: a fixed random substitution of its own alphabet, applied to each character.
+    """A domain's task: its own reordering of four characters of its alphabet.
 
-    The prompt `P:wxyz>` (P the domain's prefix, wxyz four characters of its alphabet) is answered by
-    the four characters through the domain's permutation. Scored on SCORED held-out strings that no
-    training draw shows.
+    The prompt `wxyzS` (four characters of the domain's alphabet, S its separator) is answered by
+    the four characters in the domain's `order` (indices into the prompt's string). Scored on SCORED
+    held-out strings that no training draw shows.
     """
 
     name: str
-    prefix: str
+    separator: str
     alphabet: str
-    seed: int
+    order: tuple[int, ...]
     length: int = 4
     encode_text = staticmethod(encode)  # a class attribute, not a field
 
     @property
     def prompt_len(self) -> int:
-        """Characters of a prompt: prefix, colon, the string, `>`."""
-        return len(self.prefix) + self.length + 2
+        """Characters of a prompt: the string and the separator."""
+        return self.length + 1
 
     @property
     def answer_len(self) -> int:
@@ -87,15 +92,14 @@ class Task(PairTask):
         return self.length
 
     def apply(self, word: str) -> str:
-        """The word through the domain's permutation."""
-        perm = np.random.default_rng(self.seed).permutation(len(self.alphabet))
-        return "".join(self.alphabet[perm[self.alphabet.index(c)]] for c in word)
+        """The word's characters in the domain's order."""
+        return "".join(word[i] for i in self.order)
 
     def examples(self, rng: np.random.Generator | None = None, size: int = 0) -> list[tuple[str, str]]:
         """The scored set (rng None, SCORED pairs) or `size` training draws from rng (held-out skipped)."""
         held = _held_out(self.alphabet, self.length)
         words = held if rng is None else [_word(rng, self.alphabet, self.length) for _ in range(size)]
-        return [(f"{self.prefix}:{w}>", self.apply(w)) for w in words if rng is None or w not in held]
+        return [(f"{w}{self.separator}", self.apply(w)) for w in words if rng is None or w not in held]
 
 
 def _held_out(alphabet: str, n: int) -> list[str]:
@@ -108,6 +112,8 @@ def _held_out(alphabet: str, n: int) -> list[str]:
     return found
 
 
-TASKS = {t.name: t for t in (Task("lower", "k", LOWER, 31), Task("digits", "m", DIGITS, 32),
-                             Task("upper", "r", UPPER, 33), Task("symbols", "p", SYMBOLS, 34))}  # fmt: skip
+TASKS = {t.name: t for t in (Task("lower", ";", LOWER, (3, 2, 1, 0)),  # reverse
+                             Task("digits", "/", DIGITS, (1, 2, 3, 0)),  # rotate left
+                             Task("upper", "|", UPPER, (1, 0, 3, 2)),  # swap pairs
+                             Task("symbols", "_", SYMBOLS, (3, 0, 1, 2)))}  # rotate right  # fmt: skip
 DOMAINS = tuple(TASKS)

@@ -14,8 +14,8 @@ from _routing_data import BOS, DOMAINS, EOS, PAD, TASKS, VOCAB, Corpus
 from _transfer_models import SOURCE_CONFIG, cached, fit, load, train_lora
 
 CONFIG = {**SOURCE_CONFIG, "vocab_size": VOCAB, "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD}
-BASE_RECIPE = {"config": CONFIG, "seed": 1, "steps": 800, "lr": 3e-3, "corpus": "routing-v1", "length": 48}
-LORA_STEPS = {"lower": 400, "digits": 400, "upper": 400, "symbols": 400}
+BASE_RECIPE = {"config": CONFIG, "seed": 1, "steps": 4000, "lr": 3e-3, "corpus": "routing-v2", "length": 48}
+LORA_STEPS = {"lower": 800, "digits": 800, "upper": 800, "symbols": 800}
 BATCH = 32
 
 

@@ -1,14 +1,15 @@
 """Benchmark: routing between four domain adapters on one base, per token and per request.
 
 Run: python benchmarks/routing.py [--cache DIR] [--json FILE] [--threads N] [--rounds N] [--no-fixture]
-CPU only and offline. Trains (once, cached under CACHE/routing-v1) a small Llama on a four-alphabet
-corpus and one PEFT LoRA per domain (_routing_data: kv, mod, rev, sub, each with its own alphabet
-and prefix), then scores the mixed prompts of all four domains (exact greedy answer) served by:
-(a) each prompt's own adapter (oracle); (b) one average of all four (PEFT add_weighted_adapter,
-cat, exact); (c) token-level Arrow at top_k 1 (PEFT's create_arrow_model, and adaptrix's hooks
-artifact compiled with --pass route:method=arrow); (d) request-level routing, each prompt served
-by the one adapter a router picks (adaptrix.route's prototype scoring, and nearest centroid of the
-base's hidden states from 8 example prompts per domain). Then the decode overhead of the routed
+CPU only and offline. Trains (once, cached under CACHE/routing-v2) a small Llama on a four-alphabet
+corpus and one PEFT LoRA per domain (_routing_data: lower, digits, upper, symbols, each with its own
+alphabet, separator and reordering of four characters), then scores the mixed prompts of all four
+domains (exact greedy answer) served by: (a) each prompt's own adapter (oracle); (b) one average
+of all four (PEFT add_weighted_adapter, cat, exact); (c) token-level Arrow at top_k 1 (PEFT's
+create_arrow_model, and adaptrix's hooks artifact compiled with --pass route:method=arrow);
+(d) request-level routing, each prompt served by the one adapter a router picks (adaptrix.route's
+prototype scoring, and nearest centroid of the base's hidden states from 8 example prompts per
+domain). Then the decode overhead of the routed
 hooks artifact against one attached adapter (_routing_overhead). Goals are printed, not asserted.
 """
 
@@ -31,7 +32,7 @@ import torch
 from _routing_data import DOMAINS
 from _routing_models import build, load
 
-CACHE_NAME = "routing-v1"
+CACHE_NAME = "routing-v2"
 TOP_K = 1
 ROUTE_PASS = f"route:method=arrow,top_k={TOP_K}"
 GOAL_PICK, GOAL_OF_ORACLE, GOAL_ARROW_GAP = 0.95, 0.95, 0.1
@@ -173,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Score routing between four domain adapters.")
     ap.add_argument("--cache", type=Path, default=m.default_cache(),
                     help=f"cache dir (default ${m.CACHE_ENV} or ~/.cache/adaptrix-bench)")  # fmt: skip
-    ap.add_argument("--json", type=Path, help="results file (default CACHE/routing-v1/results.json)")
+    ap.add_argument("--json", type=Path, help="results file (default CACHE/routing-v2/results.json)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the study (default 1)")
     ap.add_argument("--rounds", type=int, default=20, help="decode rounds per overhead model (default 20)")
     ap.add_argument("--steps", type=int, default=3, help="decode steps per variant per round (default 3)")
