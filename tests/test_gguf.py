@@ -33,7 +33,7 @@ F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3",
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
-         "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2")  # fmt: skip
+         "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2", "apertus")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -87,6 +87,8 @@ def _jitter_vectors(base) -> None:
     for name, value in tensors.items():
         if value.dim() == 1 and value.is_floating_point():
             tensors[name] = value + 0.1 * torch.randn(value.shape, generator=generator)
+        if ".act_fn." in name:  # Apertus' xIELU parameters: bfloat16-exact, as transformers 4.57 loads them
+            tensors[name] = tensors[name].bfloat16().float()
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
 
 

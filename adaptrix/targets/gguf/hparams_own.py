@@ -7,10 +7,11 @@ then computes what the checkpoint computes.
 
 from __future__ import annotations
 
+from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.targets.gguf.hparams import Writer, get
 from adaptrix.targets.gguf.rope import rope_params
 
-__all__ = ["bloom", "falcon", "gpt2", "gpt_bigcode", "gpt_neox", "mamba", "mpt", "phi2", "stablelm"]
+__all__ = ["bloom", "falcon", "gpt2", "gpt_bigcode", "gpt_neox", "mamba", "mpt", "phi2", "stablelm", "xielu"]
 
 
 def gpt2(w: Writer, config: dict) -> None:
@@ -144,3 +145,18 @@ def mamba(w: Writer, config: dict) -> None:
     w.add_ssm_time_step_rank(get(config, "time_step_rank", "dt_rank", default=-(d_model // -16)))
     w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-5))
     w.add_ssm_dt_b_c_rms(config.get("model_type") == "falcon_mamba")
+
+
+_XIELU = ("alpha_n", "alpha_p", "beta", "eps")
+
+
+def xielu(w: Writer, base: Checkpoint) -> None:
+    """ApertusModel: each layer's xIELU parameters (stored as tensors) as per-layer metadata arrays."""
+    values = {key: [] for key in _XIELU}
+    for layer in range(base.config["num_hidden_layers"]):
+        for key in _XIELU:
+            values[key].append(base.read(f"model.layers.{layer}.mlp.act_fn.{key}").float().item())
+    w.add_xielu_alpha_n(values["alpha_n"])
+    w.add_xielu_alpha_p(values["alpha_p"])
+    w.add_xielu_beta(values["beta"])
+    w.add_xielu_eps(values["eps"])

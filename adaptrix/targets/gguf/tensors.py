@@ -73,7 +73,7 @@ def gguf_tensors(
         )  # fmt: skip
     groups: dict[str, list[tuple[int, TensorPlan]]] = {}
     for item in items:
-        if item.name.endswith(_NOT_WEIGHTS) or item.name in family.dropped:
+        if item.name.endswith((*_NOT_WEIGHTS, *family.dropped)):
             if item.touched:
                 raise UnsupportedError(
                     f"{item.name}: the adapter changes a tensor that llama.cpp's GGUF leaves out",

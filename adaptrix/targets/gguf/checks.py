@@ -1,0 +1,156 @@
+"""The configs llama.cpp's graphs cannot honour, per family: one-line refusals (families.py uses them)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from adaptrix.ir.errors import UnsupportedError
+
+__all__ = [
+    "both",
+    "cohere",
+    "ernie_bias",
+    "exaone4",
+    "falcon",
+    "mamba",
+    "olmoe",
+    "own_head",
+    "qk_layernorm",
+    "query_scale",
+    "router_norm",
+    "smollm3_layers",
+    "tied",
+]
+
+
+def query_scale(config: dict, path: Path) -> None:
+    """llama.cpp scales Gemma 2 / 3 queries by 1/sqrt(head_dim): a config that says otherwise is refused."""
+    scalar = config.get("query_pre_attn_scalar")
+    if scalar is not None and scalar != config["head_dim"]:
+        raise UnsupportedError(
+            f"query_pre_attn_scalar {scalar} != head_dim {config['head_dim']}: llama.cpp scales the "
+            "queries by 1/sqrt(head_dim) (except for its 27B models)",
+            path=path / "config.json",
+            fix="use --target merged or hooks",
+        )
+
+
+def router_norm(normalized: bool) -> Callable[[dict, Path], None]:
+    """llama.cpp's graph renormalizes the top-k router weights (Qwen3-MoE) or not (Qwen2-MoE), always."""
+
+    def check(config: dict, path: Path) -> None:
+        if bool(config.get("norm_topk_prob", normalized)) != normalized:
+            raise UnsupportedError(
+                f"norm_topk_prob {config.get('norm_topk_prob')}: llama.cpp's graph for this family "
+                f"{'always' if normalized else 'never'} renormalizes the routing weights",
+                path=path / "config.json",
+                fix="use --target merged or hooks",
+            )
+
+    return check
+
+
+def qk_layernorm(config: dict, path: Path) -> None:
+    """StableLM's per-head q / k LayerNorms (the converter stacks them); Phi's (none in llama.cpp)."""
+    if config.get("qk_layernorm"):
+        raise UnsupportedError(f"qk_layernorm: the gguf target does not write {config['model_type']}'s q / k "
+                               "norms (StableLM's per-head norms are stacked by llama.cpp's converter; "
+                               "llama.cpp's phi2 graph has none)", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def own_head(config: dict, path: Path) -> None:
+    """llama.cpp's OLMo 2, StableLM and Phi-2 graphs read a head of their own, which a tied base has not."""
+    if config.get("tie_word_embeddings"):
+        raise UnsupportedError(f"tie_word_embeddings true: llama.cpp's {config['model_type']} graph reads a "
+                               "head of its own (output.weight), which the converter writes from lm_head",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def both(*checks: Callable[[dict, Path], None]) -> Callable[[dict, Path], None]:
+    """A check made of several."""
+
+    def check(config: dict, path: Path) -> None:
+        for one in checks:
+            one(config, path)
+
+    return check
+
+
+def falcon(config: dict, path: Path) -> None:
+    """llama.cpp's Falcon graph: rotary, parallel attention and MLP, no biases in the linear layers."""
+    for key, says in (("alibi", True), ("parallel_attn", False), ("bias", True)):
+        if bool(config.get(key, not says)) == says:
+            raise UnsupportedError(f"{key} {str(says).lower()}: llama.cpp's Falcon graph has rotary "
+                                   "positions, parallel attention and MLP and no biases in its linear layers",
+                                   path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def tied(config: dict, path: Path) -> None:
+    """llama.cpp's Command-R graphs tie the head to the embedding and have no attention biases."""
+    if not config.get("tie_word_embeddings", True) or config.get("attention_bias"):
+        raise UnsupportedError(f"tie_word_embeddings {config.get('tie_word_embeddings')}, attention_bias "
+                               f"{config.get('attention_bias')}: llama.cpp's {config['model_type']} graph "
+                               "ties the head to the embedding and has no attention biases",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def ernie_bias(config: dict, path: Path) -> None:
+    """llama.cpp's ERNIE 4.5 graph reads no q / k / v / MLP biases."""
+    if config.get("use_bias"):
+        raise UnsupportedError("use_bias true: llama.cpp's ERNIE 4.5 graph has no q / k / v or MLP biases",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def cohere(config: dict, path: Path) -> None:
+    """llama.cpp's Command-R graph: the head tied, q / k norms exactly in models of 64 layers or more."""
+    tied(config, path)
+    deep = config["num_hidden_layers"] >= 64
+    if bool(config.get("use_qk_norm")) != deep:
+        raise UnsupportedError(f"use_qk_norm {config.get('use_qk_norm')} with {config['num_hidden_layers']} "
+                               "layers: llama.cpp's Command-R graph has q / k norms exactly in models of 64 "
+                               "layers or more", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def olmoe(config: dict, path: Path) -> None:
+    """llama.cpp's OLMoE graph: q / k norms as wide as the model (no grouped kv heads), no clip_qkv."""
+    n_kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    if n_kv != config["num_attention_heads"] or config.get("clip_qkv") is not None:
+        raise UnsupportedError(f"num_key_value_heads {n_kv}, clip_qkv {config.get('clip_qkv')}: llama.cpp's "
+                               "OLMoE graph has a kv head per head and no clamp", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def mamba(config: dict, path: Path) -> None:
+    """The converter pads Mamba's vocabulary to pad_vocab_size_multiple and assumes an expansion of 2."""
+    pad = config.get("pad_vocab_size_multiple", 8)
+    d_model = config["hidden_size"]
+    if config["vocab_size"] % pad or (config.get("intermediate_size") or 2 * d_model) != 2 * d_model:
+        raise UnsupportedError(f"vocab_size {config['vocab_size']} (pad_vocab_size_multiple {pad}), "
+                               f"intermediate_size {config.get('intermediate_size')}: the converter pads the "
+                               "vocabulary and writes Mamba with an expansion of 2",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def exaone4(config: dict, path: Path) -> None:
+    """llama.cpp's EXAONE 4 graph: sliding windows, rope-less global layers exactly in 64-layer models."""
+    n_layers, window = config["num_hidden_layers"], config.get("sliding_window")
+    if (n_layers == 64) != (window is not None):
+        raise UnsupportedError(f"sliding_window {window} with {n_layers} layers: llama.cpp's EXAONE 4 graph "
+                               "has sliding windows and rope-less global layers exactly in 64-layer models "
+                               "(the 32B)", path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def smollm3_layers(config: dict, path: Path) -> None:
+    """llama.cpp's SmolLM3 graph: rope in every layer but each fourth, full attention everywhere."""
+    n_layers = config["num_hidden_layers"]
+    expected = [int((layer + 1) % 4 != 0) for layer in range(n_layers)]
+    if (rope := config.get("no_rope_layers")) is not None and list(rope) != expected:
+        raise UnsupportedError(f"no_rope_layers {rope}: llama.cpp's SmolLM3 graph leaves out rope in every "
+                               f"fourth layer only ({expected})", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+    if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ()):
+        raise UnsupportedError("sliding-window attention: llama.cpp's SmolLM3 graph attends over the whole "
+                               "context", path=path / "config.json", fix="use --target merged")  # fmt: skip
