@@ -180,6 +180,12 @@ FAMILIES: dict[str, Family] = {
         dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8),
         ("in_proj", "x_proj"),  # PEFT refuses conv1d and out_proj on Mamba
     ),
+    # mixer_rms_eps as the layers' eps: llama.cpp normalizes dt / B / C with that (gguf target)
+    "falcon_mamba": Family(
+        tf.FalconMambaConfig, tf.FalconMambaForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, mixer_rms_eps=1e-5),
+        ("in_proj", "x_proj"),
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,

@@ -13,6 +13,7 @@ __all__ = [
     "ernie_bias",
     "exaone4",
     "falcon",
+    "falcon_mamba",
     "mamba",
     "olmoe",
     "own_head",
@@ -132,6 +133,17 @@ def mamba(config: dict, path: Path) -> None:
                                f"intermediate_size {config.get('intermediate_size')}: the converter pads the "
                                "vocabulary and writes Mamba with an expansion of 2",
                                path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def falcon_mamba(config: dict, path: Path) -> None:
+    """llama.cpp normalizes Falcon Mamba's dt / B / C with the layers' RMS eps, not mixer_rms_eps."""
+    mamba(config, path)
+    mixer = config.get("mixer_rms_eps", 1e-6)  # FalconMambaConfig's default
+    layer = config.get("layer_norm_epsilon") or config.get("rms_norm_eps") or 1e-5  # the converter's
+    if mixer != layer:
+        raise UnsupportedError(f"mixer_rms_eps {mixer} != layer_norm_epsilon {layer}: llama.cpp normalizes "
+                               "Falcon Mamba's dt / B / C with the layers' eps", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
 
 
 def exaone4(config: dict, path: Path) -> None:

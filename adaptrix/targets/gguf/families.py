@@ -100,6 +100,9 @@ FAMILIES: dict[str, GgufFamily] = {
     "mamba": GgufFamily(
         gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.mamba
     ),
+    "falcon_mamba": GgufFamily(
+        gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.falcon_mamba
+    ),
     "lfm2": GgufFamily(gguf.MODEL_ARCH.LFM2, hp.lfm2, squeeze=("conv.conv.weight",)),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=ck.smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
