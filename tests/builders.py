@@ -186,6 +186,13 @@ FAMILIES: dict[str, Family] = {
         dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, mixer_rms_eps=1e-5),
         ("in_proj", "x_proj"),
     ),
+    "hunyuan_v1_dense": Family(
+        tf.HunYuanDenseV1Config, tf.HunYuanDenseV1ForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS
+    ),
+    "hunyuan_v1_moe": Family(
+        tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM,
+        dict(_DECODER, head_dim=8, intermediate_size=16, num_experts=4, moe_topk=2), _ATTENTION,
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,

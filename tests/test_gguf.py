@@ -34,7 +34,7 @@ EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "
          "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3",
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
          "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2", "apertus",
-         "falcon_mamba")  # fmt: skip
+         "falcon_mamba", "hunyuan_v1_dense", "hunyuan_v1_moe")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -205,6 +205,7 @@ REFUSED_CONFIGS = [
     ("stablelm", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("phi", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("falcon", {"parallel_attn": False}, "parallel_attn"),
+    ("hunyuan_v1_dense", {"attention_bias": True}, "attention_bias"),
 ]
 
 

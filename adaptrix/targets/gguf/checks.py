@@ -14,6 +14,7 @@ __all__ = [
     "exaone4",
     "falcon",
     "falcon_mamba",
+    "hunyuan",
     "mamba",
     "olmoe",
     "own_head",
@@ -144,6 +145,16 @@ def falcon_mamba(config: dict, path: Path) -> None:
         raise UnsupportedError(f"mixer_rms_eps {mixer} != layer_norm_epsilon {layer}: llama.cpp normalizes "
                                "Falcon Mamba's dt / B / C with the layers' eps", path=path / "config.json",
                                fix="use --target merged")  # fmt: skip
+
+
+def hunyuan(config: dict, path: Path) -> None:
+    """llama.cpp's HunYuan graphs: no attention biases, one expert count and top-k for every layer."""
+    per_layer = [key for key in ("num_experts", "moe_topk") if isinstance(config.get(key), list)]
+    if config.get("attention_bias") or per_layer:
+        bias = config.get("attention_bias")
+        raise UnsupportedError(f"attention_bias {bias}, per-layer {per_layer or 'none'}: llama.cpp's HunYuan "
+                               "graphs have no attention biases, one expert count and top-k for all layers",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
 
 
 def exaone4(config: dict, path: Path) -> None:

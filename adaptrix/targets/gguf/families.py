@@ -96,6 +96,8 @@ FAMILIES: dict[str, GgufFamily] = {
     "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=ck.ernie_bias),
     "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
     "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=ck.both(ck.router_norm(False), ck.olmoe)),
+    "hunyuan_v1_dense": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_DENSE, hp.text, check=ck.hunyuan),
+    "hunyuan_v1_moe": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_MOE, hp.hunyuan_moe, check=ck.hunyuan),
     "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
     "mamba": GgufFamily(
         gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.mamba

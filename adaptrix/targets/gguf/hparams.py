@@ -18,6 +18,7 @@ __all__ = [
     "glm",
     "glm4",
     "granite",
+    "hunyuan_moe",
     "lfm2",
     "llama",
     "nemotron",
@@ -250,3 +251,17 @@ def lfm2(w: Writer, config: dict) -> None:
         multiple = config["block_multiple_of"]
         ff = multiple * ((ff + multiple - 1) // multiple)
     w.add_feed_forward_length(ff)
+
+
+def hunyuan_moe(w: Writer, config: dict) -> None:
+    """HunYuanMoEModel's keys from transformers' config: one shared expert, experts intermediate_size wide."""
+    text(w, {**config, "num_experts_per_tok": None})
+    w.add_expert_shared_feed_forward_length(config["intermediate_size"])
+    w.add_expert_feed_forward_length(_one(config.get("moe_intermediate_size") or config["intermediate_size"]))
+    w.add_expert_used_count(_one(config["moe_topk"]))
+    w.add_expert_shared_count(_one(config.get("num_shared_expert") or 1))
+
+
+def _one(value):
+    """A per-layer list's one value (the converter asserts they are all equal), or the value."""
+    return value[0] if isinstance(value, list) else value
