@@ -48,6 +48,23 @@ _GEMMA_NORMS = (r"\w+_layernorm", r"model\.norm")  # (1 + weight) RMSNorms: see 
 # head_dim 16, not hidden / heads = 8, as in Gemma 7B and Qwen3: the config's head_dim must be read
 # (Qwen2-MoE refuses it).
 _MOE = dict(_DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+_DEEPSEEK = dict(
+    _DECODER,
+    num_key_value_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=1.5,
+)
+_MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 _GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
 
 _T5 = dict(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)
@@ -192,6 +209,15 @@ FAMILIES: dict[str, Family] = {
     "hunyuan_v1_moe": Family(
         tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM,
         dict(_DECODER, head_dim=8, intermediate_size=16, num_experts=4, moe_topk=2), _ATTENTION,
+    ),
+    # MLA (q and kv low-rank, rope on 4 of each head's 12 key dims), a dense first layer, then experts
+    "deepseek_v2": Family(
+        tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM, _DEEPSEEK, (*_MLA, "o_proj"),
+    ),
+    # the same with V3's router: sigmoid, a correction bias, 2 groups of 2 experts (1 chosen), renormalized
+    "deepseek_v3": Family(
+        tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, dict(_DEEPSEEK, n_group=2, topk_group=1),
+        (*_MLA, "o_proj"),
     ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,

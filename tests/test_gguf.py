@@ -34,7 +34,7 @@ EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "
          "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3",
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
          "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2", "apertus",
-         "falcon_mamba", "hunyuan_v1_dense", "hunyuan_v1_moe")  # fmt: skip
+         "falcon_mamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -140,7 +140,7 @@ _SCALES = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {
 @pytest.mark.parametrize(
     ("family", "lora"),
     [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {}), ("falcon", {}),
-     ("bloom", {}), ("mamba", {})],
+     ("bloom", {}), ("mamba", {}), ("deepseek_v2", {"target_modules": ["o_proj"]})],
 )  # fmt: skip
 def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path, family, lora):
     base, adapter = made(family, **lora)
@@ -157,6 +157,15 @@ def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path
     assert (plain - merged).abs().max().item() > 0.01  # the LoRA does change the logits
     compile_adapter(adapter, base, "gguf", tmp_path / "again", quantize="f32", unmerged=True, cache_dir=cache)
     assert len(list(cache.iterdir())) == 1  # the base's GGUF was built once, then reused
+
+
+@pytest.mark.parametrize("module", ["q_a_proj", "kv_b_proj"])
+def test_a_gguf_lora_llama_cpp_would_not_apply_is_refused(made, tmp_path, module):
+    # llama.cpp's deepseek2 graph multiplies q_a / q_b / kv_a without LoRA; kv_b is split into k_b and v_b
+    base, adapter = made("deepseek_v2", target_modules=[module])
+    with pytest.raises(UnsupportedError, match=f"{module}: llama.cpp's DEEPSEEK2 graph applies no LoRA"):
+        compile_adapter(adapter, base, "gguf", tmp_path / "out", unmerged=True, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
 
 
 def test_misfit_adapter_is_refused_before_anything_is_written(made, bases, tmp_path):
@@ -206,6 +215,8 @@ REFUSED_CONFIGS = [
     ("phi", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("falcon", {"parallel_attn": False}, "parallel_attn"),
     ("hunyuan_v1_dense", {"attention_bias": True}, "attention_bias"),
+    ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob True"),
+    ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "group_limited"),
 ]
 
 

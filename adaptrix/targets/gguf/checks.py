@@ -10,6 +10,7 @@ from adaptrix.ir.errors import UnsupportedError
 __all__ = [
     "both",
     "cohere",
+    "deepseek",
     "ernie_bias",
     "exaone4",
     "falcon",
@@ -155,6 +156,25 @@ def hunyuan(config: dict, path: Path) -> None:
         raise UnsupportedError(f"attention_bias {bias}, per-layer {per_layer or 'none'}: llama.cpp's HunYuan "
                                "graphs have no attention biases, one expert count and top-k for all layers",
                                path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def deepseek(config: dict, path: Path) -> None:
+    """llama.cpp's deepseek2 graph: no attention biases, q_lora_rank outside its lite (26, 27 layers) ones."""
+    lite = config["num_hidden_layers"] in (26, 27)
+    if config.get("attention_bias") or (config.get("q_lora_rank") is None) != lite:
+        raise UnsupportedError(f"attention_bias {config.get('attention_bias')}, q_lora_rank "
+                               f"{config.get('q_lora_rank')} with {config['num_hidden_layers']} layers: "
+                               "llama.cpp's deepseek2 graph has no attention biases and reads a q_lora_rank "
+                               "exactly outside 26- and 27-layer models", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+    if config["model_type"] != "deepseek_v2":
+        return
+    method, norm = config.get("topk_method", "greedy"), config.get("norm_topk_prob")
+    if method != "greedy" or norm:
+        raise UnsupportedError(f"topk_method {method}, norm_topk_prob {norm}: transformers' DeepSeek-V2 gate "
+                               "ranks expert groups by their best score, never renormalizes; llama.cpp's by "
+                               "the sum of their top two, renormalizing as told", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
 
 
 def exaone4(config: dict, path: Path) -> None:

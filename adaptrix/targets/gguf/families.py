@@ -41,6 +41,8 @@ class GgufFamily:
     from_tensors: Callable[[hp.Writer, Checkpoint], None] | None = None  # metadata read from tensors
     ssm: bool = False  # Mamba: A_log stored as A = -exp(A_log)
     squeeze: tuple[str, ...] = ()  # conv weights [channels, 1, kernel] stored as [channels, kernel]
+    mla: bool = False  # DeepSeek's kv_b_proj split into k_b (transposed) and v_b per head
+    no_lora: tuple[str, ...] = ()  # weights llama.cpp's graph multiplies without a GGUF LoRA: name suffixes
     gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     llama3_rope: bool = False  # llama3 rope scaling as rope_freqs: graphs of llama.cpp that read it
@@ -49,11 +51,14 @@ class GgufFamily:
 
     def map_key(self, key: str) -> str:
         """The checkpoint name as the converter looks it up in llama.cpp's tensor map."""
-        return key.removeprefix(self.strip) if self.strip else key
+        key = key.removeprefix(self.strip) if self.strip else key
+        return key.replace("e_score_correction_bias", "e_score_correction.bias")  # filter_tensors' rename
 
 
 _GATE_UP = "block_sparse_moe.input_linear.weight"  # Granite MoE's experts: [experts, gate | up, in]
 _XIELU = tuple(f".act_fn.{key}" for key in ("alpha_n", "alpha_p", "beta", "eps"))  # Apertus' activation
+# llama.cpp's deepseek2 graph multiplies these with ggml_mul_mat, not build_lora_mm (kv_b: split in the GGUF)
+_MLA_NO_LORA = tuple(f"{name}.weight" for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"))
 _HEADWISE = Split("headwise", ("q", "k", "v"))  # per head q, k, v (GPT-NeoX, Bloom)
 _GROUPED = Split("grouped", ("q", "k", "v"))  # per kv head its query heads, key, value (Falcon, GPTBigCode)
 _GEMMA_DROPPED = _TIED_HEAD = ("lm_head.weight",)  # llama.cpp ties the head: the converter skips it
@@ -98,6 +103,12 @@ FAMILIES: dict[str, GgufFamily] = {
     "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=ck.both(ck.router_norm(False), ck.olmoe)),
     "hunyuan_v1_dense": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_DENSE, hp.text, check=ck.hunyuan),
     "hunyuan_v1_moe": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_MOE, hp.hunyuan_moe, check=ck.hunyuan),
+    "deepseek_v2": GgufFamily(
+        gguf.MODEL_ARCH.DEEPSEEK2, own.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
+    ),
+    "deepseek_v3": GgufFamily(
+        gguf.MODEL_ARCH.DEEPSEEK2, own.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
+    ),
     "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
     "mamba": GgufFamily(
         gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.mamba

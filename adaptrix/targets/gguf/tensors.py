@@ -37,6 +37,7 @@ CHUNK_BYTES = 4 << 20  # float32 bytes of rows rounded at a time, a few blocks a
 _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
                 ".attn.masked_bias")  # fmt: skip
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
+_KV_B = "kv_b_proj.weight"  # DeepSeek's MLA: split into k_b and v_b
 _A_LOG = "mixer.A_log"  # Mamba's: stored as A = -exp(A_log)
 # Kept in float32 whatever the file type, as the converter and llama-quantize keep them
 _F32_KINDS = frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
@@ -89,6 +90,9 @@ def gguf_tensors(
         if family.gate_up and key.endswith(family.gate_up):  # split in two, as the converter does
             tensors.extend(_halves(key, tuple(item for _, item in group), base, qtype))
             continue
+        if family.mla and key.endswith(_KV_B):
+            tensors.extend(_kv_b(key, group[0][1], base, qtype))
+            continue
         found = names.get_type_and_name(family.map_key(key), try_suffixes=(".weight", ".bias"))
         if found is None:
             raise UnsupportedError(f"{key}: llama.cpp's tensor map has no {family.arch.name} tensor for it",
@@ -122,6 +126,20 @@ def _halves(key: str, items: tuple[TensorPlan, ...], base: Checkpoint, qtype: Q)
             for half, (kind, name) in enumerate(zip(kinds, names, strict=True))]  # fmt: skip
 
 
+def _kv_b(key: str, item: TensorPlan, base: Checkpoint, qtype: Q) -> list[GgufTensor]:
+    """DeepSeek's kv_b_proj as the converter writes it for MLA: k_b [heads, rank, nope] and v_b."""
+    config, layer = base.config, int(re.search(r"\.(\d+)\.", key)[1])
+    n_head, nope = config["num_attention_heads"], config["qk_nope_head_dim"]
+    rank = base.tensors[item.source].shape[-1]
+    shapes = {gguf.MODEL_TENSOR.ATTN_K_B: (n_head, rank, nope),
+              gguf.MODEL_TENSOR.ATTN_V_B: (n_head, config["v_head_dim"], rank)}  # fmt: skip
+    tensors = []
+    for half, (kind, shape) in enumerate(shapes.items()):
+        name = gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
+        tensors.append(GgufTensor(name, key, (item,), shape, _qtype(kind, name, shape, qtype), half))
+    return tensors
+
+
 def _qtype(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...], qtype) -> gguf.GGMLQuantizationType:
     """The converter's choice: norms, biases, vectors and routers in float32; the rest in `qtype`."""
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or kind in _F32_KINDS:
@@ -153,6 +171,15 @@ def source_value(
     if tensor.half is not None:  # the whole fused tensor, then its half
         shape = tuple(base.tensors[tensor.items[0].source].shape)
         whole = source_value(dataclasses.replace(tensor, half=None, shape=shape), base, family)
+        if family.mla and tensor.key.endswith(_KV_B):  # per head [nope | v] rows: k_b transposed, v_b
+            config = base.config
+            nope = config["qk_nope_head_dim"]
+            heads = whole.reshape(config["num_attention_heads"], nope + config["v_head_dim"], shape[-1])
+            return (
+                heads[:, :nope].transpose(1, 2).contiguous()
+                if tensor.half == 0
+                else heads[:, nope:].contiguous()
+            )
         rows = whole.shape[-2] // 2
         return whole.narrow(-2, tensor.half * rows, rows).contiguous()
     item = tensor.items[0]
