@@ -219,6 +219,13 @@ FAMILIES: dict[str, Family] = {
         tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, dict(_DEEPSEEK, n_group=2, topk_group=1),
         (*_MLA, "o_proj"),
     ),
+    "dbrx": Family(
+        tf.DbrxConfig, tf.DbrxForCausalLM,
+        dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
+             attn_config=dict(kv_n_heads=2, clip_qkv=0.1, rope_theta=10000.0),
+             ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)),
+        ("Wqkv", "out_proj"),
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,

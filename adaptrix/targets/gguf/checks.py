@@ -10,6 +10,7 @@ from adaptrix.ir.errors import UnsupportedError
 __all__ = [
     "both",
     "cohere",
+    "dbrx",
     "deepseek",
     "ernie_bias",
     "exaone4",
@@ -174,6 +175,14 @@ def deepseek(config: dict, path: Path) -> None:
         raise UnsupportedError(f"topk_method {method}, norm_topk_prob {norm}: transformers' DeepSeek-V2 gate "
                                "ranks expert groups by their best score, never renormalizes; llama.cpp's by "
                                "the sum of their top two, renormalizing as told", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def dbrx(config: dict, path: Path) -> None:
+    """llama.cpp's DBRX graph divides the top-k router weights by their sum (a p-norm of 1)."""
+    if (norm := config["ffn_config"].get("moe_normalize_expert_weights", 1)) != 1:
+        raise UnsupportedError(f"moe_normalize_expert_weights {norm}: llama.cpp's DBRX graph divides the "
+                               "top-k router weights by their sum", path=path / "config.json",
                                fix="use --target merged")  # fmt: skip
 
 

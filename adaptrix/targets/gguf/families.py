@@ -43,15 +43,24 @@ class GgufFamily:
     squeeze: tuple[str, ...] = ()  # conv weights [channels, 1, kernel] stored as [channels, kernel]
     mla: bool = False  # DeepSeek's kv_b_proj split into k_b (transposed) and v_b per head
     no_lora: tuple[str, ...] = ()  # weights llama.cpp's graph multiplies without a GGUF LoRA: name suffixes
+    fused_experts: tuple[
+        str, ...
+    ] = ()  # [experts * ff, embd] tensors stored 3-D: gate, up, down (transposed)
     gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     llama3_rope: bool = False  # llama3 rope scaling as rope_freqs: graphs of llama.cpp that read it
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
     sentencepiece: str | None = None  # a tokenizer.model alone: "llama", "no-space-prefix" (Gemma 2 / 3)
 
+    @staticmethod
+    def expert_count(config: dict) -> int:
+        """The number of experts of a fused-experts (DBRX) config."""
+        return config["ffn_config"]["moe_num_experts"]
+
     def map_key(self, key: str) -> str:
         """The checkpoint name as the converter looks it up in llama.cpp's tensor map."""
         key = key.removeprefix(self.strip) if self.strip else key
+        key = key + ".weight" if self.fused_experts and key.endswith(self.fused_experts) else key
         return key.replace("e_score_correction_bias", "e_score_correction.bias")  # filter_tensors' rename
 
 
@@ -59,6 +68,7 @@ _GATE_UP = "block_sparse_moe.input_linear.weight"  # Granite MoE's experts: [exp
 _XIELU = tuple(f".act_fn.{key}" for key in ("alpha_n", "alpha_p", "beta", "eps"))  # Apertus' activation
 # llama.cpp's deepseek2 graph multiplies these with ggml_mul_mat, not build_lora_mm (kv_b: split in the GGUF)
 _MLA_NO_LORA = tuple(f"{name}.weight" for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"))
+_DBRX_EXPERTS = ("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2")  # gate, up, down
 _HEADWISE = Split("headwise", ("q", "k", "v"))  # per head q, k, v (GPT-NeoX, Bloom)
 _GROUPED = Split("grouped", ("q", "k", "v"))  # per kv head its query heads, key, value (Falcon, GPTBigCode)
 _GEMMA_DROPPED = _TIED_HEAD = ("lm_head.weight",)  # llama.cpp ties the head: the converter skips it
@@ -109,6 +119,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "deepseek_v3": GgufFamily(
         gguf.MODEL_ARCH.DEEPSEEK2, own.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
     ),
+    "dbrx": GgufFamily(gguf.MODEL_ARCH.DBRX, own.dbrx, fused_experts=_DBRX_EXPERTS, check=ck.dbrx),
     "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
     "mamba": GgufFamily(
         gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.mamba

@@ -15,6 +15,7 @@ from adaptrix.targets.gguf.rope import rope_params
 
 __all__ = [
     "bloom",
+    "dbrx",
     "deepseek2",
     "falcon",
     "gpt2",
@@ -214,3 +215,19 @@ def deepseek2(w: Writer, config: dict) -> None:
     if config.get("norm_topk_prob"):
         w.add_expert_weights_norm(True)
     w.add_rope_dimension_count(rope)
+
+
+def dbrx(w: Writer, config: dict) -> None:
+    """DbrxModel, with no clamp where clip_qkv is None (the converter fails there)."""
+    ffn, attn = config["ffn_config"], config["attn_config"]
+    w.add_block_count(config["n_layers"])
+    w.add_context_length(config["max_seq_len"])
+    w.add_embedding_length(config["d_model"])
+    w.add_feed_forward_length(ffn["ffn_hidden_size"])
+    w.add_head_count(config["n_heads"])
+    w.add_head_count_kv(attn["kv_n_heads"])
+    w.add_rope_freq_base(attn["rope_theta"])
+    w.add_clamp_kqv(attn.get("clip_qkv") or 0.0)  # 0: llama.cpp does not clamp
+    w.add_expert_count(ffn["moe_num_experts"])
+    w.add_expert_used_count(ffn["moe_top_k"])
+    w.add_layer_norm_eps(1e-5)

@@ -108,6 +108,10 @@ def gguf_tensors(
             tuple(n for n in shape if n != 1) if family.squeeze and key.endswith(family.squeeze) else shape
         )
         shape = (len(group), *shape) if len(group) > 1 or _EXPERT.fullmatch(group[0][1].name) else shape
+        if family.fused_experts and key.endswith(family.fused_experts):  # DBRX's [experts * ff, embd]
+            experts = family.expert_count(base.config)
+            shape = (experts, shape[0] // experts, shape[1])
+            shape = (experts, shape[2], shape[1]) if key.endswith(family.fused_experts[-1]) else shape
         chosen = _qtype(kind, name, shape, qtype)
         if chosen is not qtype and chosen is Q.F16:
             kept.append(name)
@@ -203,6 +207,7 @@ def _rewritten(key: str, family: GgufFamily) -> bool:
         or (family.norm_plus_one and key.endswith("norm.weight"))
         or (family.transposed and key.endswith(family.transposed))
         or (family.ssm and key.endswith(_A_LOG))
+        or bool(family.fused_experts and key.endswith(family.fused_experts))
         or (family.squeeze and key.endswith(family.squeeze))
         or (family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")))
     )
@@ -222,6 +227,9 @@ def rewrite(key: str, value: torch.Tensor, family: GgufFamily, base: Checkpoint)
         value = value.T.contiguous()
     if family.ssm and key.endswith(_A_LOG):
         value = -torch.exp(value)
+    if family.fused_experts and key.endswith(family.fused_experts):  # per expert [ff, embd]; down: [embd, ff]
+        value = value.reshape(family.expert_count(config), -1, value.shape[-1])
+        value = value.transpose(1, 2).contiguous() if key.endswith(family.fused_experts[-1]) else value
     if family.squeeze and key.endswith(family.squeeze):
         value = value.squeeze(1)  # conv weights [channels, 1, kernel] -> [channels, kernel]
     if family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")):
