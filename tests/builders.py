@@ -226,6 +226,14 @@ FAMILIES: dict[str, Family] = {
              ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)),
         ("Wqkv", "out_proj"),
     ),
+    # Mamba layers 0 and 2 with a dense MLP, attention layers 1 and 3 with experts
+    "jamba": Family(
+        tf.JambaConfig, tf.JambaForCausalLM,
+        dict(_DECODER, num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+             expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False,
+             mamba_d_state=8, mamba_dt_rank=4),
+        (*_ATTENTION, "in_proj", "x_proj"),
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,
@@ -296,6 +304,8 @@ MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"})
 TRANSFORMERS_4_ONLY = {
     "granitemoe": "transformers 5 loads GraniteMoE's fused experts under other names than the checkpoint's "
     "(block_sparse_moe.input_linear): Adaptrix compiles these bases with transformers 4.57",
+    "jamba": "transformers 5 packs Jamba's experts on load, under other names than the checkpoint's "
+    "(feed_forward.experts.N): Adaptrix compiles these bases with transformers 4.57",
 }
 
 

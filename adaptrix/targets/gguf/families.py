@@ -120,6 +120,7 @@ FAMILIES: dict[str, GgufFamily] = {
         gguf.MODEL_ARCH.DEEPSEEK2, own.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
     ),
     "dbrx": GgufFamily(gguf.MODEL_ARCH.DBRX, own.dbrx, fused_experts=_DBRX_EXPERTS, check=ck.dbrx),
+    "jamba": GgufFamily(gguf.MODEL_ARCH.JAMBA, own.jamba, ssm=True, squeeze=("mamba.conv1d.weight",)),
     "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
     "mamba": GgufFamily(
         gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.mamba

@@ -21,6 +21,7 @@ __all__ = [
     "gpt2",
     "gpt_bigcode",
     "gpt_neox",
+    "jamba",
     "mamba",
     "mpt",
     "phi2",
@@ -231,3 +232,26 @@ def dbrx(w: Writer, config: dict) -> None:
     w.add_expert_count(ffn["moe_num_experts"])
     w.add_expert_used_count(ffn["moe_top_k"])
     w.add_layer_norm_eps(1e-5)
+
+
+def jamba(w: Writer, config: dict) -> None:
+    """JambaModel: kv heads per layer (0 in its Mamba layers), the SSM's sizes, the experts."""
+    d_model, n_layers = config["hidden_size"], config["num_hidden_layers"]
+    offset, period = config["attn_layer_offset"], config["attn_layer_period"]
+    kv = [
+        config["num_key_value_heads"] if i >= offset and (i - offset) % period == 0 else 0
+        for i in range(n_layers)
+    ]
+    w.add_block_count(n_layers)
+    w.add_context_length(get(config, "max_position_embeddings", "n_ctx"))
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(kv)
+    w.add_ssm_conv_kernel(config.get("mamba_d_conv") or 4)
+    w.add_ssm_inner_size(config["mamba_expand"] * d_model)
+    w.add_ssm_state_size(config.get("mamba_d_state") or 16)
+    w.add_ssm_time_step_rank(config.get("mamba_dt_rank") or -(d_model // -16))
+    w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-6))
+    w.add_expert_count(get(config, "num_local_experts", "num_experts"))
+    w.add_expert_used_count(get(config, "num_experts_per_tok", "num_experts_per_token"))

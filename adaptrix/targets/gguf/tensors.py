@@ -38,7 +38,7 @@ _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_fr
                 ".attn.masked_bias")  # fmt: skip
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
 _KV_B = "kv_b_proj.weight"  # DeepSeek's MLA: split into k_b and v_b
-_A_LOG = "mixer.A_log"  # Mamba's: stored as A = -exp(A_log)
+_A_LOG = ".A_log"  # Mamba's and Jamba's: stored as A = -exp(A_log)
 # Kept in float32 whatever the file type, as the converter and llama-quantize keep them
 _F32_KINDS = frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
                         gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES,
