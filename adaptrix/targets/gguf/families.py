@@ -3,7 +3,7 @@
 Each family names its GGUF architecture, the hyperparameters the converter writes from config.json,
 and the few tensor rewrites it makes: llama's rotary permutation of q/k rows, Gemma's RMSNorm
 weights stored as (1 + w), GPT-2's Conv1D weights transposed, GPT-NeoX's, Bloom's and Falcon's fused
-qkv regrouped.
+qkv regrouped, DeepSeek's kv_b split, DBRX's fused experts stored 3-D. The refusals are in checks.py.
 """
 
 from __future__ import annotations
@@ -43,9 +43,7 @@ class GgufFamily:
     squeeze: tuple[str, ...] = ()  # conv weights [channels, 1, kernel] stored as [channels, kernel]
     mla: bool = False  # DeepSeek's kv_b_proj split into k_b (transposed) and v_b per head
     no_lora: tuple[str, ...] = ()  # weights llama.cpp's graph multiplies without a GGUF LoRA: name suffixes
-    fused_experts: tuple[
-        str, ...
-    ] = ()  # [experts * ff, embd] tensors stored 3-D: gate, up, down (transposed)
+    fused_experts: tuple[str, ...] = ()  # DBRX's [experts * ff, embd] gate, up, down: 3-D, down transposed
     gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     llama3_rope: bool = False  # llama3 rope scaling as rope_freqs: graphs of llama.cpp that read it
