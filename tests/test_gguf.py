@@ -186,6 +186,7 @@ def test_unsupported_family_is_refused_in_one_line_naming_it(bases, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+_DBRX_FFN = {"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}  # builders' tiny DBRX
 # Config values llama.cpp's graph (or the gguf target) cannot honour: (family, overrides, the refusal's words)
 REFUSED_CONFIGS = [
     ("stablelm", {"qk_layernorm": True}, "qk_layernorm"),
@@ -216,18 +217,7 @@ REFUSED_CONFIGS = [
     ("phi", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("falcon", {"parallel_attn": False}, "parallel_attn"),
     ("hunyuan_v1_dense", {"attention_bias": True}, "attention_bias"),
-    (
-        "dbrx",
-        {
-            "ffn_config": {
-                "ffn_hidden_size": 16,
-                "moe_num_experts": 4,
-                "moe_top_k": 2,
-                "moe_normalize_expert_weights": 2,
-            }
-        },
-        "moe_normalize_expert_weights 2",
-    ),
+    ("dbrx", {"ffn_config": _DBRX_FFN | {"moe_normalize_expert_weights": 2.0}}, "expert_weights 2.0"),
     ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob True"),
     ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "group_limited"),
 ]
