@@ -234,6 +234,13 @@ FAMILIES: dict[str, Family] = {
              mamba_d_state=8, mamba_dt_rank=4),
         (*_ATTENTION, "in_proj", "x_proj"),
     ),
+    # a dense first layer, then 4 experts and a shared one
+    "ernie4_5_moe": Family(
+        tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM,
+        dict(_DECODER, head_dim=8, moe_intermediate_size=16, moe_num_experts=4, moe_k=2,
+             moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=1, moe_layer_interval=1),
+        _LLAMA_TARGETS,
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,

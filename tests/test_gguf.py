@@ -35,7 +35,7 @@ EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
          "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2", "apertus",
          "falcon_mamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3",
-         "dbrx", "jamba")  # fmt: skip
+         "dbrx", "jamba", "ernie4_5_moe")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -256,6 +256,16 @@ def test_an_untied_command_r_head_is_refused(bases, tmp_path):
     save_tokenizer(base)
     adapter = make_adapter("cohere", base, tmp_path / "adapter")
     with pytest.raises(UnsupportedError, match="tie_word_embeddings False"):
+        compile_adapter(adapter, base, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ernie_moe_without_experts_in_its_last_layers_is_refused(bases, tmp_path):
+    # llama.cpp's ERNIE 4.5 MoE graph has experts from the start index to the last layer
+    base = bases("ernie4_5_moe", "gguf-end", num_hidden_layers=3, moe_layer_end_index=1)
+    save_tokenizer(base)
+    adapter = make_adapter("ernie4_5_moe", base, tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="moe_layer_end_index 1 with 3 layers"):
         compile_adapter(adapter, base, "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

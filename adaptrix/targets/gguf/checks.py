@@ -12,6 +12,7 @@ __all__ = [
     "cohere",
     "dbrx",
     "deepseek",
+    "ernie4_5_moe",
     "ernie_bias",
     "exaone4",
     "falcon",
@@ -105,6 +106,16 @@ def ernie_bias(config: dict, path: Path) -> None:
     if config.get("use_bias"):
         raise UnsupportedError("use_bias true: llama.cpp's ERNIE 4.5 graph has no q / k / v or MLP biases",
                                path=path / "config.json", fix="use --target merged")  # fmt: skip
+
+
+def ernie4_5_moe(config: dict, path: Path) -> None:
+    """llama.cpp's ERNIE 4.5 MoE graph: no biases, experts from the start index to the last layer."""
+    ernie_bias(config, path)
+    last, n_layers = config.get("moe_layer_end_index", -1), config["num_hidden_layers"]
+    if last not in (-1, None) and last < n_layers - 1:
+        raise UnsupportedError(f"moe_layer_end_index {last} with {n_layers} layers: llama.cpp's ERNIE 4.5 "
+                               "MoE graph has experts up to the last layer", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
 
 
 def cohere(config: dict, path: Path) -> None:

@@ -20,6 +20,7 @@ from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
 from adaptrix.targets.gguf import checks as ck
 from adaptrix.targets.gguf import hparams as hp
+from adaptrix.targets.gguf import hparams_moe as moe
 from adaptrix.targets.gguf import hparams_own as own
 from adaptrix.targets.gguf.rope import check_rope
 
@@ -107,17 +108,18 @@ FAMILIES: dict[str, GgufFamily] = {
     "cohere2": GgufFamily(gguf.MODEL_ARCH.COHERE2, hp.cohere2, dropped=_TIED_HEAD, check=ck.tied),
     "glm4": GgufFamily(gguf.MODEL_ARCH.GLM4, hp.glm4),
     "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=ck.ernie_bias),
+    "ernie4_5_moe": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5_MOE, moe.ernie4_5_moe, check=ck.ernie4_5_moe),
     "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
     "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=ck.both(ck.router_norm(False), ck.olmoe)),
     "hunyuan_v1_dense": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_DENSE, hp.text, check=ck.hunyuan),
-    "hunyuan_v1_moe": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_MOE, hp.hunyuan_moe, check=ck.hunyuan),
+    "hunyuan_v1_moe": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_MOE, moe.hunyuan_moe, check=ck.hunyuan),
     "deepseek_v2": GgufFamily(
-        gguf.MODEL_ARCH.DEEPSEEK2, own.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
+        gguf.MODEL_ARCH.DEEPSEEK2, moe.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
     ),
     "deepseek_v3": GgufFamily(
-        gguf.MODEL_ARCH.DEEPSEEK2, own.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
+        gguf.MODEL_ARCH.DEEPSEEK2, moe.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
     ),
-    "dbrx": GgufFamily(gguf.MODEL_ARCH.DBRX, own.dbrx, fused_experts=_DBRX_EXPERTS, check=ck.dbrx),
+    "dbrx": GgufFamily(gguf.MODEL_ARCH.DBRX, moe.dbrx, fused_experts=_DBRX_EXPERTS, check=ck.dbrx),
     "jamba": GgufFamily(gguf.MODEL_ARCH.JAMBA, own.jamba, ssm=True, squeeze=("mamba.conv1d.weight",)),
     "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
     "mamba": GgufFamily(
@@ -130,8 +132,8 @@ FAMILIES: dict[str, GgufFamily] = {
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=ck.smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),
-    "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, hp.qwen_moe, check=ck.router_norm(False)),
-    "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, hp.qwen_moe, check=ck.router_norm(True)),
+    "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, moe.qwen_moe, check=ck.router_norm(False)),
+    "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, moe.qwen_moe, check=ck.router_norm(True)),
     "gpt2": GgufFamily(
         gguf.MODEL_ARCH.GPT2, own.gpt2, transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
     ),

@@ -18,14 +18,12 @@ __all__ = [
     "glm",
     "glm4",
     "granite",
-    "hunyuan_moe",
     "lfm2",
     "llama",
     "nemotron",
     "olmo",
     "olmo2",
     "phi3",
-    "qwen_moe",
     "text",
 ]
 
@@ -70,15 +68,6 @@ def llama(w: Writer, config: dict) -> None:
     w.add_vocab_size(config["vocab_size"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     w.add_rope_dimension_count(head_dim)
-
-
-def qwen_moe(w: Writer, config: dict) -> None:
-    """Qwen2MoeModel / Qwen3MoeModel: TextModel's keys and the experts' widths."""
-    text(w, config)
-    if (n := config.get("moe_intermediate_size")) is not None:
-        w.add_expert_feed_forward_length(n)
-    if (n := config.get("shared_expert_intermediate_size")) is not None:
-        w.add_expert_shared_feed_forward_length(n)
 
 
 def phi3(w: Writer, config: dict) -> None:
@@ -251,17 +240,3 @@ def lfm2(w: Writer, config: dict) -> None:
         multiple = config["block_multiple_of"]
         ff = multiple * ((ff + multiple - 1) // multiple)
     w.add_feed_forward_length(ff)
-
-
-def hunyuan_moe(w: Writer, config: dict) -> None:
-    """HunYuanMoEModel's keys from transformers' config: one shared expert, experts intermediate_size wide."""
-    text(w, {**config, "num_experts_per_tok": None})
-    w.add_expert_shared_feed_forward_length(config["intermediate_size"])
-    w.add_expert_feed_forward_length(_one(config.get("moe_intermediate_size") or config["intermediate_size"]))
-    w.add_expert_used_count(_one(config["moe_topk"]))
-    w.add_expert_shared_count(_one(config.get("num_shared_expert") or 1))
-
-
-def _one(value):
-    """A per-layer list's one value (the converter asserts they are all equal), or the value."""
-    return value[0] if isinstance(value, list) else value

@@ -7,16 +7,12 @@ then computes what the checkpoint computes.
 
 from __future__ import annotations
 
-from gguf import ExpertGatingFuncType
-
 from adaptrix.io.checkpoint import Checkpoint
-from adaptrix.targets.gguf.hparams import Writer, get, text
+from adaptrix.targets.gguf.hparams import Writer, get
 from adaptrix.targets.gguf.rope import rope_params
 
 __all__ = [
     "bloom",
-    "dbrx",
-    "deepseek2",
     "falcon",
     "gpt2",
     "gpt_bigcode",
@@ -176,62 +172,6 @@ def xielu(w: Writer, base: Checkpoint) -> None:
     w.add_xielu_alpha_p(values["alpha_p"])
     w.add_xielu_beta(values["beta"])
     w.add_xielu_eps(values["eps"])
-
-
-def deepseek2(w: Writer, config: dict) -> None:
-    """DeepseekV2Model (V2 and V3): MLA as MQA of kv_lora_rank + rope wide keys, the experts and routing."""
-    text(w, {**config, "num_key_value_heads": 1, "head_dim": None,
-             "rms_norm_eps": config.get("rms_norm_eps", 1e-6)})  # fmt: skip
-    if (n := config.get("n_group")) is not None:
-        w.add_expert_group_count(n)
-    if (n := config.get("topk_group")) is not None:
-        w.add_expert_group_used_count(n)
-    # transformers' DeepSeek-V3 router is sigmoid-only and its config names no scoring_func
-    if (
-        score := config.get("scoring_func", "sigmoid" if config["model_type"] == "deepseek_v3" else None)
-    ) is not None:
-        w.add_expert_gating_func(
-            ExpertGatingFuncType.SIGMOID if score == "sigmoid" else ExpertGatingFuncType.SOFTMAX
-        )
-    moe = config.get("n_routed_experts") is not None
-    dense = config.get("first_k_dense_replace")
-    w.add_leading_dense_block_count(
-        dense if dense is not None else (0 if moe else config["num_hidden_layers"])
-    )
-    rank, rope = config.get("kv_lora_rank", 512), config["qk_rope_head_dim"]
-    w.add_vocab_size(config["vocab_size"])
-    if config.get("q_lora_rank") is not None:
-        w.add_q_lora_rank(config["q_lora_rank"])
-    w.add_kv_lora_rank(rank)
-    w.add_key_length(rank + rope)
-    w.add_value_length(rank)
-    w.add_key_length_mla(config["qk_nope_head_dim"] + rope)
-    w.add_value_length_mla(config["v_head_dim"])
-    w.add_expert_feed_forward_length(get(config, "moe_intermediate_size", "intermediate_size"))
-    if moe:
-        w.add_expert_count(config["n_routed_experts"])
-    w.add_expert_shared_count(config.get("n_shared_experts") or 0)
-    if (scale := config.get("routed_scaling_factor")) is not None:
-        w.add_expert_weights_scale(scale)
-    if config.get("norm_topk_prob"):
-        w.add_expert_weights_norm(True)
-    w.add_rope_dimension_count(rope)
-
-
-def dbrx(w: Writer, config: dict) -> None:
-    """DbrxModel, with no clamp where clip_qkv is None (the converter fails there)."""
-    ffn, attn = config["ffn_config"], config["attn_config"]
-    w.add_block_count(config["n_layers"])
-    w.add_context_length(config["max_seq_len"])
-    w.add_embedding_length(config["d_model"])
-    w.add_feed_forward_length(ffn["ffn_hidden_size"])
-    w.add_head_count(config["n_heads"])
-    w.add_head_count_kv(attn["kv_n_heads"])
-    w.add_rope_freq_base(attn["rope_theta"])
-    w.add_clamp_kqv(attn.get("clip_qkv") or 0.0)  # 0: llama.cpp does not clamp
-    w.add_expert_count(ffn["moe_num_experts"])
-    w.add_expert_used_count(ffn["moe_top_k"])
-    w.add_layer_norm_eps(1e-5)
 
 
 def jamba(w: Writer, config: dict) -> None:
