@@ -241,6 +241,15 @@ FAMILIES: dict[str, Family] = {
              moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=1, moe_layer_interval=1),
         _LLAMA_TARGETS,
     ),
+    # a dense first layer, then a sigmoid router with a correction bias over 2 groups of 2 experts
+    "dots1": Family(
+        tf.Dots1Config, tf.Dots1ForCausalLM,
+        dict(_DECODER, num_key_value_heads=4, head_dim=8, n_routed_experts=4, n_shared_experts=1,
+             num_experts_per_tok=2,
+             moe_intermediate_size=16, first_k_dense_replace=1, norm_topk_prob=True, n_group=2, topk_group=1,
+             routed_scaling_factor=1.5),
+        _LLAMA_TARGETS,
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,

@@ -12,11 +12,13 @@ __all__ = [
     "cohere",
     "dbrx",
     "deepseek",
+    "dots1",
     "ernie4_5_moe",
     "ernie_bias",
     "exaone4",
     "falcon",
     "falcon_mamba",
+    "full_attention",
     "hunyuan",
     "mamba",
     "olmoe",
@@ -115,6 +117,24 @@ def ernie4_5_moe(config: dict, path: Path) -> None:
     if last not in (-1, None) and last < n_layers - 1:
         raise UnsupportedError(f"moe_layer_end_index {last} with {n_layers} layers: llama.cpp's ERNIE 4.5 "
                                "MoE graph has experts up to the last layer", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def full_attention(config: dict, path: Path) -> None:
+    """llama.cpp's graph for this family attends over the whole context in every layer."""
+    if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ()):
+        raise UnsupportedError(f"sliding-window attention: llama.cpp's {config['model_type']} graph attends "
+                               "over the whole context", path=path / "config.json",
+                               fix="use --target merged")  # fmt: skip
+
+
+def dots1(config: dict, path: Path) -> None:
+    """llama.cpp's dots1 graph: a kv head per head, full attention in every layer."""
+    full_attention(config, path)
+    n_kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    if n_kv != config["num_attention_heads"]:
+        raise UnsupportedError(f"num_key_value_heads {n_kv}: llama.cpp's dots1 graph has a kv head per head "
+                               f"({config['num_attention_heads']})", path=path / "config.json",
                                fix="use --target merged")  # fmt: skip
 
 

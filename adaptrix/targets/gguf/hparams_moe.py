@@ -10,7 +10,7 @@ from gguf import ExpertGatingFuncType
 
 from adaptrix.targets.gguf.hparams import Writer, get, text
 
-__all__ = ["dbrx", "deepseek2", "ernie4_5_moe", "hunyuan_moe", "qwen_moe"]
+__all__ = ["dbrx", "deepseek2", "dots1", "ernie4_5_moe", "hunyuan_moe", "qwen_moe"]
 
 
 def qwen_moe(w: Writer, config: dict) -> None:
@@ -107,3 +107,19 @@ def dbrx(w: Writer, config: dict) -> None:
     w.add_expert_count(ffn["moe_num_experts"])
     w.add_expert_used_count(ffn["moe_top_k"])
     w.add_layer_norm_eps(1e-5)
+
+
+def dots1(w: Writer, config: dict) -> None:
+    """Dots1Model, with the groups and the sigmoid gating transformers' router computes.
+
+    transformers' config names no scoring_func: the converter writes none, which llama.cpp's dots1
+    graph cannot run.
+    """
+    qwen_moe(w, {**config, "num_experts": config["n_routed_experts"]})
+    w.add_leading_dense_block_count(config["first_k_dense_replace"])
+    w.add_expert_shared_count(config["n_shared_experts"])
+    w.add_expert_weights_scale(config["routed_scaling_factor"])
+    w.add_expert_weights_norm(config["norm_topk_prob"])
+    w.add_expert_group_count(config.get("n_group") or 1)
+    w.add_expert_group_used_count(config.get("topk_group") or 1)
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
