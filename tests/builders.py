@@ -250,6 +250,14 @@ FAMILIES: dict[str, Family] = {
              routed_scaling_factor=1.5),
         _LLAMA_TARGETS,
     ),
+    # a dense first layer, then a sigmoid router over 2 groups of 2 experts; half of each head rotated
+    "glm4_moe": Family(
+        tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM,
+        dict(_DECODER, head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+             moe_intermediate_size=16, first_k_dense_replace=1, n_group=2, topk_group=1,
+             routed_scaling_factor=1.5, attention_bias=True, use_qk_norm=True),
+        _LLAMA_TARGETS,
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,

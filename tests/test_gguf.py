@@ -35,7 +35,7 @@ EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
          "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2", "apertus",
          "falcon_mamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3",
-         "dbrx", "jamba", "ernie4_5_moe", "dots1")  # fmt: skip
+         "dbrx", "jamba", "ernie4_5_moe", "dots1", "glm4_moe")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",

@@ -110,6 +110,7 @@ FAMILIES: dict[str, GgufFamily] = {
     "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=ck.ernie_bias),
     "ernie4_5_moe": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5_MOE, moe.ernie4_5_moe, check=ck.ernie4_5_moe),
     "dots1": GgufFamily(gguf.MODEL_ARCH.DOTS1, moe.dots1, check=ck.dots1),
+    "glm4_moe": GgufFamily(gguf.MODEL_ARCH.GLM4_MOE, moe.glm4_moe),
     "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
     "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=ck.both(ck.router_norm(False), ck.olmoe)),
     "hunyuan_v1_dense": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_DENSE, hp.text, check=ck.hunyuan),

@@ -9,8 +9,9 @@ from __future__ import annotations
 from gguf import ExpertGatingFuncType
 
 from adaptrix.targets.gguf.hparams import Writer, get, text
+from adaptrix.targets.gguf.rope import rope_params
 
-__all__ = ["dbrx", "deepseek2", "dots1", "ernie4_5_moe", "hunyuan_moe", "qwen_moe"]
+__all__ = ["dbrx", "deepseek2", "dots1", "ernie4_5_moe", "glm4_moe", "hunyuan_moe", "qwen_moe"]
 
 
 def qwen_moe(w: Writer, config: dict) -> None:
@@ -123,3 +124,19 @@ def dots1(w: Writer, config: dict) -> None:
     w.add_expert_group_count(config.get("n_group") or 1)
     w.add_expert_group_used_count(config.get("topk_group") or 1)
     w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+
+
+def glm4_moe(w: Writer, config: dict) -> None:
+    """Glm4MoeModel without its multi-token-prediction layers (transformers' checkpoints have none)."""
+    text(w, config)
+    w.add_expert_group_count(config.get("n_group") or 1)
+    w.add_expert_group_used_count(config.get("topk_group") or 1)
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    w.add_rope_dimension_count(int(head_dim * (rope_params(config).get("partial_rotary_factor") or 0.5)))
+    w.add_expert_count(config["n_routed_experts"])
+    w.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    w.add_expert_shared_count(config["n_shared_experts"])
+    w.add_leading_dense_block_count(config["first_k_dense_replace"])
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(config["routed_scaling_factor"])
+    w.add_expert_weights_norm(config["norm_topk_prob"])
