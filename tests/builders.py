@@ -258,6 +258,13 @@ FAMILIES: dict[str, Family] = {
              routed_scaling_factor=1.5, attention_bias=True, use_qk_norm=True),
         _LLAMA_TARGETS,
     ),
+    # 4 heads of 16, state 8; a finite time_step_limit (Adaptrix reads no Infinity in config.json)
+    "mamba2": Family(
+        tf.Mamba2Config, tf.Mamba2ForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, num_heads=4, head_dim=16,
+             n_groups=1, expand=2, chunk_size=4, time_step_limit=(0.0, 1e9)),
+        ("in_proj",),
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,

@@ -35,7 +35,7 @@ EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
          "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2", "apertus",
          "falcon_mamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3",
-         "dbrx", "jamba", "ernie4_5_moe", "dots1", "glm4_moe")  # fmt: skip
+         "dbrx", "jamba", "ernie4_5_moe", "dots1", "glm4_moe", "mamba2")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -217,6 +217,7 @@ REFUSED_CONFIGS = [
     ("phi", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("falcon", {"parallel_attn": False}, "parallel_attn"),
     ("hunyuan_v1_dense", {"attention_bias": True}, "attention_bias"),
+    ("mamba2", {"time_step_limit": [0.0, 10.0]}, "time_step_limit"),
     ("dots1", {"layer_types": ["sliding_attention", "full_attention"]}, "sliding-window"),
     ("dbrx", {"ffn_config": _DBRX_FFN | {"moe_normalize_expert_weights": 2.0}}, "expert_weights 2.0"),
     ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob True"),

@@ -21,6 +21,7 @@ __all__ = [
     "full_attention",
     "hunyuan",
     "mamba",
+    "mamba2",
     "olmoe",
     "own_head",
     "qk_layernorm",
@@ -215,6 +216,24 @@ def dbrx(config: dict, path: Path) -> None:
         raise UnsupportedError(f"moe_normalize_expert_weights {norm}: llama.cpp's DBRX graph divides the "
                                "top-k router weights by their sum", path=path / "config.json",
                                fix="use --target merged")  # fmt: skip
+
+
+def mamba2(config: dict, path: Path) -> None:
+    """Mamba 2 as llama.cpp computes it: an unpadded vocabulary, one group, dt unclamped.
+
+    The converter pads the vocabulary to pad_vocab_size_multiple (16 where unset); transformers
+    normalizes the gated output over its whole width, llama.cpp per group; llama.cpp has no
+    time_step_limit.
+    """
+    pad = config.get("pad_vocab_size_multiple") or 16
+    low, high = config.get("time_step_limit") or (0.0, 1e30)
+    groups = config.get("n_groups") or 1
+    if config["vocab_size"] % pad or groups != 1 or low > 0 or high < 1e3:
+        raise UnsupportedError(f"vocab_size {config['vocab_size']} (pad_vocab_size_multiple {pad}), n_groups "
+                               f"{groups}, time_step_limit {[low, high]}: the converter pads the vocabulary; "
+                               "llama.cpp normalizes the gated output per group where transformers does over "
+                               "its whole width, and clamps no dt (a limit below 1e3 may bite)",
+                               path=path / "config.json", fix="use --target merged")  # fmt: skip
 
 
 def exaone4(config: dict, path: Path) -> None:

@@ -45,6 +45,8 @@ class GgufFamily:
     mla: bool = False  # DeepSeek's kv_b_proj split into k_b (transposed) and v_b per head
     no_lora: tuple[str, ...] = ()  # weights llama.cpp's graph multiplies without a GGUF LoRA: name suffixes
     fused_experts: tuple[str, ...] = ()  # DBRX's [experts * ff, embd] gate, up, down: 3-D, down transposed
+    reshaped: tuple[str, ...] = ()  # Mamba 2's A, D (columns) and gated norm (per group): name suffixes
+    renamed: tuple[tuple[str, str], ...] = ()  # the converter's renames before its tensor map
     gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     llama3_rope: bool = False  # llama3 rope scaling as rope_freqs: graphs of llama.cpp that read it
@@ -60,6 +62,8 @@ class GgufFamily:
         """The checkpoint name as the converter looks it up in llama.cpp's tensor map."""
         key = key.removeprefix(self.strip) if self.strip else key
         key = key + ".weight" if self.fused_experts and key.endswith(self.fused_experts) else key
+        for old, new in self.renamed:
+            key = key.replace(old, new)
         return key.replace("e_score_correction_bias", "e_score_correction.bias")  # filter_tensors' rename
 
 
@@ -129,6 +133,15 @@ FAMILIES: dict[str, GgufFamily] = {
     ),
     "falcon_mamba": GgufFamily(
         gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.falcon_mamba
+    ),
+    "mamba2": GgufFamily(
+        gguf.MODEL_ARCH.MAMBA2,
+        own.mamba2,
+        ssm=True,
+        squeeze=("mixer.conv1d.weight",),
+        check=ck.mamba2,
+        reshaped=("mixer.A_log", "mixer.D", "mixer.norm.weight"),
+        renamed=((".dt_bias", ".dt_proj.bias"),),
     ),
     "lfm2": GgufFamily(gguf.MODEL_ARCH.LFM2, hp.lfm2, squeeze=("conv.conv.weight",)),
     "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=ck.smollm3_layers),

@@ -19,6 +19,7 @@ __all__ = [
     "gpt_neox",
     "jamba",
     "mamba",
+    "mamba2",
     "mpt",
     "phi2",
     "stablelm",
@@ -195,3 +196,20 @@ def jamba(w: Writer, config: dict) -> None:
     w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-6))
     w.add_expert_count(get(config, "num_local_experts", "num_experts"))
     w.add_expert_used_count(get(config, "num_experts_per_tok", "num_experts_per_token"))
+
+
+def mamba2(w: Writer, config: dict) -> None:
+    """Mamba2Model."""
+    d_model = get(config, "hidden_size", "d_model", "dim")
+    d_inner = get(config, "mamba_d_ssm", "intermediate_size", "d_inner") or config.get("expand", 2) * d_model
+    w.add_context_length(2**20)  # the converter's: Mamba has no context limit
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_ssm_conv_kernel(get(config, "conv_kernel", "d_conv", default=4))
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(get(config, "state_size", "d_state", default=128))
+    w.add_ssm_time_step_rank(d_inner // get(config, "mamba_d_head", "head_dim", default=64))
+    w.add_ssm_group_count(config.get("n_groups") or 1)
+    w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-5))

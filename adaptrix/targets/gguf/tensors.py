@@ -108,6 +108,9 @@ def gguf_tensors(
             tuple(n for n in shape if n != 1) if family.squeeze and key.endswith(family.squeeze) else shape
         )
         shape = (len(group), *shape) if len(group) > 1 or _EXPERT.fullmatch(group[0][1].name) else shape
+        shape = (
+            _reshaped(key, shape, base.config) if family.reshaped and key.endswith(family.reshaped) else shape
+        )
         if family.fused_experts and key.endswith(family.fused_experts):  # DBRX's [experts * ff, embd]
             experts = family.expert_count(base.config)
             shape = (experts, shape[0] // experts, shape[1])
@@ -142,6 +145,14 @@ def _kv_b(key: str, item: TensorPlan, base: Checkpoint, qtype: Q) -> list[GgufTe
         name = gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
         tensors.append(GgufTensor(name, key, (item,), shape, _qtype(kind, name, shape, qtype), half))
     return tensors
+
+
+def _reshaped(key: str, shape: tuple[int, ...], config: dict) -> tuple[int, ...]:
+    """Mamba 2's vectors as the converter reshapes them: the gated norm per group, A and D as columns."""
+    if key.endswith("norm.weight"):
+        groups = config.get("n_groups") or 1
+        return (groups, shape[0] // groups)
+    return (*shape, 1)
 
 
 def _qtype(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...], qtype) -> gguf.GGMLQuantizationType:
@@ -196,7 +207,7 @@ def source_value(
             out = buffer[:size].view(base.tensors[item.source].shape)
             return merged_value(item, base, torch.float32, out=out)
     parts = [merged_value(item, base, torch.float32) for item in tensor.items]
-    value = torch.stack(parts) if len(tensor.shape) == len(parts[0].shape) + 1 else parts[0]
+    value = torch.stack(parts) if len(parts) > 1 or _EXPERT.fullmatch(tensor.items[0].name) else parts[0]
     return rewrite(tensor.key, value, family, base)
 
 
@@ -208,6 +219,7 @@ def _rewritten(key: str, family: GgufFamily) -> bool:
         or (family.transposed and key.endswith(family.transposed))
         or (family.ssm and key.endswith(_A_LOG))
         or bool(family.fused_experts and key.endswith(family.fused_experts))
+        or bool(family.reshaped and key.endswith(family.reshaped))
         or (family.squeeze and key.endswith(family.squeeze))
         or (family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")))
     )
@@ -227,6 +239,8 @@ def rewrite(key: str, value: torch.Tensor, family: GgufFamily, base: Checkpoint)
         value = value.T.contiguous()
     if family.ssm and key.endswith(_A_LOG):
         value = -torch.exp(value)
+    if family.reshaped and key.endswith(family.reshaped):
+        value = value.reshape(_reshaped(key, tuple(value.shape), config))
     if family.fused_experts and key.endswith(family.fused_experts):  # per expert [ff, embd]; down: [embd, ff]
         value = value.reshape(family.expert_count(config), -1, value.shape[-1])
         value = value.transpose(1, 2).contiguous() if key.endswith(family.fused_experts[-1]) else value
