@@ -269,6 +269,12 @@ FAMILIES: dict[str, Family] = {
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,
     ),
+    "granitemoeshared": Family(
+        tf.GraniteMoeSharedConfig, tf.GraniteMoeSharedForCausalLM,
+        dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+             shared_intermediate_size=24),
+        _ATTENTION,
+    ),
     "lfm2": Family(
         tf.Lfm2Config, tf.Lfm2ForCausalLM,
         dict(_DECODER, layer_types=["conv", "full_attention", "conv", "full_attention"], num_hidden_layers=4,
@@ -335,6 +341,8 @@ MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"})
 TRANSFORMERS_4_ONLY = {
     "granitemoe": "transformers 5 loads GraniteMoE's fused experts under other names than the checkpoint's "
     "(block_sparse_moe.input_linear): Adaptrix compiles these bases with transformers 4.57",
+    "granitemoeshared": "transformers 5 loads GraniteMoeShared's fused experts under other names than the "
+    "checkpoint's (block_sparse_moe.input_linear): Adaptrix compiles these bases with transformers 4.57",
     "jamba": "transformers 5 packs Jamba's experts on load, under other names than the checkpoint's "
     "(feed_forward.experts.N): Adaptrix compiles these bases with transformers 4.57",
 }

@@ -35,7 +35,7 @@ EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
          "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2", "apertus",
          "falcon_mamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3",
-         "dbrx", "jamba", "ernie4_5_moe", "dots1", "glm4_moe", "mamba2")  # fmt: skip
+         "dbrx", "jamba", "ernie4_5_moe", "dots1", "glm4_moe", "mamba2", "granitemoeshared")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -55,7 +55,7 @@ OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre
              "exaone4": {"num_hidden_layers": 64, "sliding_window": 4},
              # 3 sliding layers and a global one without rope; logits scaled by 0.5, not 0.0625
              "cohere2": {"num_hidden_layers": 4, "sliding_window": 4, "logit_scale": 0.5},
-             "granite": _GRANITE, "granitemoe": _GRANITE}  # fmt: skip
+             "granite": _GRANITE, "granitemoe": _GRANITE, "granitemoeshared": _GRANITE}  # fmt: skip
 NEW_TOKENS = 4
 
 

@@ -47,7 +47,7 @@ class GgufFamily:
     fused_experts: tuple[str, ...] = ()  # DBRX's [experts * ff, embd] gate, up, down: 3-D, down transposed
     reshaped: tuple[str, ...] = ()  # Mamba 2's A, D (columns) and gated norm (per group): name suffixes
     renamed: tuple[tuple[str, str], ...] = ()  # the converter's renames before its tensor map
-    gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
+    gate_up: tuple[str, ...] = ()  # fused [experts,] gate | up tensors the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     llama3_rope: bool = False  # llama3 rope scaling as rope_freqs: graphs of llama.cpp that read it
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
@@ -67,7 +67,7 @@ class GgufFamily:
         return key.replace("e_score_correction_bias", "e_score_correction.bias")  # filter_tensors' rename
 
 
-_GATE_UP = "block_sparse_moe.input_linear.weight"  # Granite MoE's experts: [experts, gate | up, in]
+_GATE_UP = ("block_sparse_moe.input_linear.weight",)  # Granite MoE's experts: [experts, gate | up, in]
 _XIELU = tuple(f".act_fn.{key}" for key in ("alpha_n", "alpha_p", "beta", "eps"))  # Apertus' activation
 # llama.cpp's deepseek2 graph multiplies these with ggml_mul_mat, not build_lora_mm (kv_b: split in the GGUF)
 _MLA_NO_LORA = tuple(f"{name}.weight" for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"))
@@ -89,6 +89,13 @@ FAMILIES: dict[str, GgufFamily] = {
     "granite": GgufFamily(gguf.MODEL_ARCH.GRANITE, hp.granite, permute_qk=True, llama3_rope=True),
     "granitemoe": GgufFamily(
         gguf.MODEL_ARCH.GRANITE_MOE, hp.granite, permute_qk=True, llama3_rope=True, gate_up=_GATE_UP
+    ),
+    "granitemoeshared": GgufFamily(  # its shared MLP's fused input_linear split likewise
+        gguf.MODEL_ARCH.GRANITE_MOE,
+        moe.granitemoeshared,
+        permute_qk=True,
+        llama3_rope=True,
+        gate_up=(*_GATE_UP, "shared_mlp.input_linear.weight"),
     ),
     "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
     "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=ck.own_head),

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from gguf import ExpertGatingFuncType
 
-from adaptrix.targets.gguf.hparams import Writer, get, text
+from adaptrix.targets.gguf.hparams import Writer, get, granite, text
 from adaptrix.targets.gguf.rope import rope_params
 
-__all__ = ["dbrx", "deepseek2", "dots1", "ernie4_5_moe", "glm4_moe", "hunyuan_moe", "qwen_moe"]
+__all__ = [
+    "dbrx",
+    "deepseek2",
+    "dots1",
+    "ernie4_5_moe",
+    "glm4_moe",
+    "granitemoeshared",
+    "hunyuan_moe",
+    "qwen_moe",
+]
 
 
 def qwen_moe(w: Writer, config: dict) -> None:
@@ -140,3 +149,10 @@ def glm4_moe(w: Writer, config: dict) -> None:
     w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
     w.add_expert_weights_scale(config["routed_scaling_factor"])
     w.add_expert_weights_norm(config["norm_topk_prob"])
+
+
+def granitemoeshared(w: Writer, config: dict) -> None:
+    """GraniteMoeModel for GraniteMoeShared: Granite's keys and the shared MLP's width."""
+    granite(w, config)
+    if width := config.get("shared_intermediate_size"):
+        w.add_expert_shared_feed_forward_length(width)

@@ -123,11 +123,12 @@ def gguf_tensors(
 
 
 def _halves(key: str, items: tuple[TensorPlan, ...], base: Checkpoint, qtype: Q) -> list[GgufTensor]:
-    """A fused [experts, gate | up, in] tensor as the converter writes it: ffn_gate_exps and ffn_up_exps."""
-    experts, rows, columns = base.tensors[items[0].source].shape
+    """A fused [experts, gate | up, in] (or shared [gate | up, in]) tensor as the converter splits it."""
+    *lead, rows, columns = base.tensors[items[0].source].shape
     layer = int(re.search(r"\.(\d+)\.", key)[1])
-    kinds = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)
-    shape = (experts, rows // 2, columns)
+    shared = (gguf.MODEL_TENSOR.FFN_GATE_SHEXP, gguf.MODEL_TENSOR.FFN_UP_SHEXP)
+    kinds = shared if not lead else (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)
+    shape = (*lead, rows // 2, columns)
     names = [gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight" for kind in kinds]
     return [GgufTensor(name, key, items, shape, _qtype(kind, name, shape, qtype), half)
             for half, (kind, name) in enumerate(zip(kinds, names, strict=True))]  # fmt: skip
