@@ -48,6 +48,23 @@ _GEMMA_NORMS = (r"\w+_layernorm", r"model\.norm")  # (1 + weight) RMSNorms: see 
 # head_dim 16, not hidden / heads = 8, as in Gemma 7B and Qwen3: the config's head_dim must be read
 # (Qwen2-MoE refuses it).
 _MOE = dict(_DECODER, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+_DEEPSEEK = dict(
+    _DECODER,
+    num_key_value_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=1.5,
+)
+_MLA = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 _GPT2_LIKE = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
 
 _T5 = dict(d_model=32, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4, d_kv=8, vocab_size=VOCAB)
@@ -180,15 +197,96 @@ FAMILIES: dict[str, Family] = {
         dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8),
         ("in_proj", "x_proj"),  # PEFT refuses conv1d and out_proj on Mamba
     ),
+    # mixer_rms_eps as the layers' eps: llama.cpp normalizes dt / B / C with that (gguf target)
+    "falcon_mamba": Family(
+        tf.FalconMambaConfig, tf.FalconMambaForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, mixer_rms_eps=1e-5),
+        ("in_proj", "x_proj"),
+    ),
+    "hunyuan_v1_dense": Family(
+        tf.HunYuanDenseV1Config, tf.HunYuanDenseV1ForCausalLM, dict(_DECODER, head_dim=8), _LLAMA_TARGETS
+    ),
+    "hunyuan_v1_moe": Family(
+        tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM,
+        dict(_DECODER, head_dim=8, intermediate_size=16, num_experts=4, moe_topk=2), _ATTENTION,
+    ),
+    # MLA (q and kv low-rank, rope on 4 of each head's 12 key dims), a dense first layer, then experts
+    "deepseek_v2": Family(
+        tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM, _DEEPSEEK, (*_MLA, "o_proj"),
+    ),
+    # the same with V3's router: sigmoid, a correction bias, 2 groups of 2 experts (1 chosen), renormalized
+    "deepseek_v3": Family(
+        tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM, dict(_DEEPSEEK, n_group=2, topk_group=1),
+        (*_MLA, "o_proj"),
+    ),
+    "dbrx": Family(
+        tf.DbrxConfig, tf.DbrxForCausalLM,
+        dict(d_model=32, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=VOCAB,
+             attn_config=dict(kv_n_heads=2, clip_qkv=0.1, rope_theta=10000.0),
+             ffn_config=dict(ffn_hidden_size=16, moe_num_experts=4, moe_top_k=2)),
+        ("Wqkv", "out_proj"),
+    ),
+    # Mamba layers 0 and 2 with a dense MLP, attention layers 1 and 3 with experts
+    "jamba": Family(
+        tf.JambaConfig, tf.JambaForCausalLM,
+        dict(_DECODER, num_hidden_layers=4, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+             expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False,
+             mamba_d_state=8, mamba_dt_rank=4),
+        (*_ATTENTION, "in_proj", "x_proj"),
+    ),
+    # a dense first layer, then 4 experts and a shared one
+    "ernie4_5_moe": Family(
+        tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM,
+        dict(_DECODER, head_dim=8, moe_intermediate_size=16, moe_num_experts=4, moe_k=2,
+             moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=1, moe_layer_interval=1),
+        _LLAMA_TARGETS,
+    ),
+    # a dense first layer, then a sigmoid router with a correction bias over 2 groups of 2 experts
+    "dots1": Family(
+        tf.Dots1Config, tf.Dots1ForCausalLM,
+        dict(_DECODER, num_key_value_heads=4, head_dim=8, n_routed_experts=4, n_shared_experts=1,
+             num_experts_per_tok=2,
+             moe_intermediate_size=16, first_k_dense_replace=1, norm_topk_prob=True, n_group=2, topk_group=1,
+             routed_scaling_factor=1.5),
+        _LLAMA_TARGETS,
+    ),
+    # a dense first layer, then a sigmoid router over 2 groups of 2 experts; half of each head rotated
+    "glm4_moe": Family(
+        tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM,
+        dict(_DECODER, head_dim=8, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+             moe_intermediate_size=16, first_k_dense_replace=1, n_group=2, topk_group=1,
+             routed_scaling_factor=1.5, attention_bias=True, use_qk_norm=True),
+        _LLAMA_TARGETS,
+    ),
+    # 4 heads of 16, state 8; a finite time_step_limit (Adaptrix reads no Infinity in config.json)
+    "mamba2": Family(
+        tf.Mamba2Config, tf.Mamba2ForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, num_heads=4, head_dim=16,
+             n_groups=1, expand=2, chunk_size=4, time_step_limit=(0.0, 1e9)),
+        ("in_proj",),
+    ),
     "granitemoe": Family(
         tf.GraniteMoeConfig, tf.GraniteMoeForCausalLM,
         dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2), _ATTENTION,
+    ),
+    "granitemoeshared": Family(
+        tf.GraniteMoeSharedConfig, tf.GraniteMoeSharedForCausalLM,
+        dict(_DECODER, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+             shared_intermediate_size=24),
+        _ATTENTION,
     ),
     "lfm2": Family(
         tf.Lfm2Config, tf.Lfm2ForCausalLM,
         dict(_DECODER, layer_types=["conv", "full_attention", "conv", "full_attention"], num_hidden_layers=4,
              block_multiple_of=32),
         ("q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"),
+    ),
+    "apertus": Family(
+        tf.ApertusConfig, tf.ApertusForCausalLM,
+        # llama3 rope (Apertus' own) with an original context of 16: three of four frequencies scaled
+        dict(_DECODER, rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        (*_ATTENTION, "up_proj", "down_proj"),
     ),
     "mpt": Family(
         tf.MptConfig, tf.MptForCausalLM,
@@ -243,6 +341,10 @@ MOE = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"})
 TRANSFORMERS_4_ONLY = {
     "granitemoe": "transformers 5 loads GraniteMoE's fused experts under other names than the checkpoint's "
     "(block_sparse_moe.input_linear): Adaptrix compiles these bases with transformers 4.57",
+    "granitemoeshared": "transformers 5 loads GraniteMoeShared's fused experts under other names than the "
+    "checkpoint's (block_sparse_moe.input_linear): Adaptrix compiles these bases with transformers 4.57",
+    "jamba": "transformers 5 packs Jamba's experts on load, under other names than the checkpoint's "
+    "(feed_forward.experts.N): Adaptrix compiles these bases with transformers 4.57",
 }
 
 
@@ -263,7 +365,13 @@ def build_base(
 
 def load_model(family: str, path: Path, dtype=torch.float32):
     """Load a saved model of `family` in eval mode."""
-    return FAMILIES[family].model.from_pretrained(path, dtype=dtype).eval()
+    model = FAMILIES[family].model.from_pretrained(path, dtype=dtype).eval()
+    # transformers 4.57 keeps Apertus' xIELU parameters in bfloat16 whatever the model's dtype (its softplus
+    # too); 5 keeps them in the model's. As 5 does: the tests' bases store bfloat16-exact values there.
+    for module in model.modules():
+        if type(module).__name__ == "XIELUActivation":
+            module.to(dtype)
+    return model
 
 
 def make_adapter(

@@ -33,7 +33,9 @@ F16_TOLERANCE = 5e-3
 EXACT = ("llama", "mistral", "qwen2", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "granite",
          "olmo", "olmo2", "stablelm", "smollm3", "cohere", "olmo3",
          "arcee", "seed_oss", "exaone4", "cohere2", "glm4",
-         "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2")  # fmt: skip
+         "ernie4_5", "nemotron", "olmoe", "glm", "mamba", "granitemoe", "lfm2", "apertus",
+         "falcon_mamba", "hunyuan_v1_dense", "hunyuan_v1_moe", "deepseek_v2", "deepseek_v3",
+         "dbrx", "jamba", "ernie4_5_moe", "dots1", "glm4_moe", "mamba2", "granitemoeshared")  # fmt: skip
 # 64 layers of float32 rounding (EXAONE 4's tiny model): measured 8e-6
 DEEP = {"exaone4": 1e-4}
 GELU = ("gpt2", "gpt_neox", "gemma", "gemma2", "gemma3_text", "starcoder2", "phi", "falcon", "bloom",
@@ -53,7 +55,7 @@ OVERRIDES = {"gemma2": {"query_pre_attn_scalar": 16}, "gemma3_text": {"query_pre
              "exaone4": {"num_hidden_layers": 64, "sliding_window": 4},
              # 3 sliding layers and a global one without rope; logits scaled by 0.5, not 0.0625
              "cohere2": {"num_hidden_layers": 4, "sliding_window": 4, "logit_scale": 0.5},
-             "granite": _GRANITE, "granitemoe": _GRANITE}  # fmt: skip
+             "granite": _GRANITE, "granitemoe": _GRANITE, "granitemoeshared": _GRANITE}  # fmt: skip
 NEW_TOKENS = 4
 
 
@@ -87,6 +89,8 @@ def _jitter_vectors(base) -> None:
     for name, value in tensors.items():
         if value.dim() == 1 and value.is_floating_point():
             tensors[name] = value + 0.1 * torch.randn(value.shape, generator=generator)
+        if ".act_fn." in name:  # Apertus' xIELU parameters: bfloat16-exact, as transformers 4.57 loads them
+            tensors[name] = tensors[name].bfloat16().float()
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -137,7 +141,7 @@ _SCALES = {"use_rslora": True, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {
 @pytest.mark.parametrize(
     ("family", "lora"),
     [("llama", _SCALES), ("gpt2", {}), ("gpt_neox", {}), ("phi3", {}), ("mixtral", {}), ("falcon", {}),
-     ("bloom", {}), ("mamba", {})],
+     ("bloom", {}), ("mamba", {}), ("deepseek_v2", {"target_modules": ["o_proj"]})],
 )  # fmt: skip
 def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path, family, lora):
     base, adapter = made(family, **lora)
@@ -154,6 +158,15 @@ def test_gguf_lora_on_the_base_gguf_gives_the_merged_ggufs_logits(made, tmp_path
     assert (plain - merged).abs().max().item() > 0.01  # the LoRA does change the logits
     compile_adapter(adapter, base, "gguf", tmp_path / "again", quantize="f32", unmerged=True, cache_dir=cache)
     assert len(list(cache.iterdir())) == 1  # the base's GGUF was built once, then reused
+
+
+@pytest.mark.parametrize("module", ["q_a_proj", "kv_b_proj"])
+def test_a_gguf_lora_llama_cpp_would_not_apply_is_refused(made, tmp_path, module):
+    # llama.cpp's deepseek2 graph multiplies q_a / q_b / kv_a without LoRA; kv_b is split into k_b and v_b
+    base, adapter = made("deepseek_v2", target_modules=[module])
+    with pytest.raises(UnsupportedError, match=f"{module}: llama.cpp's DEEPSEEK2 graph applies no LoRA"):
+        compile_adapter(adapter, base, "gguf", tmp_path / "out", unmerged=True, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
 
 
 def test_misfit_adapter_is_refused_before_anything_is_written(made, bases, tmp_path):
@@ -173,6 +186,7 @@ def test_unsupported_family_is_refused_in_one_line_naming_it(bases, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+_DBRX_FFN = {"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}  # builders' tiny DBRX
 # Config values llama.cpp's graph (or the gguf target) cannot honour: (family, overrides, the refusal's words)
 REFUSED_CONFIGS = [
     ("stablelm", {"qk_layernorm": True}, "qk_layernorm"),
@@ -185,6 +199,8 @@ REFUSED_CONFIGS = [
     ("olmoe", {"norm_topk_prob": True}, "norm_topk_prob"),
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv"),
     ("mamba", {"pad_vocab_size_multiple": 48}, "pads the vocabulary"),
+    # llama.cpp normalizes dt / B / C with the layers' eps: 5e-4 off PEFT on the tiny model if written
+    ("falcon_mamba", {"mixer_rms_eps": 1e-6}, "mixer_rms_eps 1e-06 != layer_norm_epsilon 1e-05"),
     # llama.cpp's SmolLM3 graph reads no rope_freqs (the converter writes one for it all the same)
     (
         "smollm3",
@@ -200,6 +216,12 @@ REFUSED_CONFIGS = [
     ("stablelm", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("phi", {"tie_word_embeddings": True}, "tie_word_embeddings"),
     ("falcon", {"parallel_attn": False}, "parallel_attn"),
+    ("hunyuan_v1_dense", {"attention_bias": True}, "attention_bias"),
+    ("mamba2", {"time_step_limit": [0.0, 10.0]}, "time_step_limit"),
+    ("dots1", {"layer_types": ["sliding_attention", "full_attention"]}, "sliding-window"),
+    ("dbrx", {"ffn_config": _DBRX_FFN | {"moe_normalize_expert_weights": 2.0}}, "expert_weights 2.0"),
+    ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob True"),
+    ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "group_limited"),
 ]
 
 
@@ -236,6 +258,16 @@ def test_an_untied_command_r_head_is_refused(bases, tmp_path):
     save_tokenizer(base)
     adapter = make_adapter("cohere", base, tmp_path / "adapter")
     with pytest.raises(UnsupportedError, match="tie_word_embeddings False"):
+        compile_adapter(adapter, base, "gguf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ernie_moe_without_experts_in_its_last_layers_is_refused(bases, tmp_path):
+    # llama.cpp's ERNIE 4.5 MoE graph has experts from the start index to the last layer
+    base = bases("ernie4_5_moe", "gguf-end", num_hidden_layers=3, moe_layer_end_index=1)
+    save_tokenizer(base)
+    adapter = make_adapter("ernie4_5_moe", base, tmp_path / "adapter")
+    with pytest.raises(UnsupportedError, match="moe_layer_end_index 1 with 3 layers"):
         compile_adapter(adapter, base, "gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

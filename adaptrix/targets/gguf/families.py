@@ -3,7 +3,7 @@
 Each family names its GGUF architecture, the hyperparameters the converter writes from config.json,
 and the few tensor rewrites it makes: llama's rotary permutation of q/k rows, Gemma's RMSNorm
 weights stored as (1 + w), GPT-2's Conv1D weights transposed, GPT-NeoX's, Bloom's and Falcon's fused
-qkv regrouped.
+qkv regrouped, DeepSeek's kv_b split, DBRX's fused experts stored 3-D. The refusals are in checks.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ import gguf
 import torch
 
 from adaptrix.binders.splits import Split
+from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.ir.errors import UnsupportedError
+from adaptrix.targets.gguf import checks as ck
 from adaptrix.targets.gguf import hparams as hp
+from adaptrix.targets.gguf import hparams_moe as moe
 from adaptrix.targets.gguf import hparams_own as own
 from adaptrix.targets.gguf.rope import check_rope
 
@@ -35,153 +38,40 @@ class GgufFamily:
     transposed: tuple[str, ...] = ()  # Conv1D weights stored [in, out]: name suffixes
     qkv: Split | None = None  # the fused qkv's layout (the binder's split): regrouped as [q | k | v]
     qkv_name: str = "query_key_value"  # the fused qkv module
-    dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out
+    dropped: tuple[str, ...] = ()  # checkpoint tensors the converter leaves out: name suffixes
+    from_tensors: Callable[[hp.Writer, Checkpoint], None] | None = None  # metadata read from tensors
     ssm: bool = False  # Mamba: A_log stored as A = -exp(A_log)
     squeeze: tuple[str, ...] = ()  # conv weights [channels, 1, kernel] stored as [channels, kernel]
-    gate_up: str = ""  # a fused [experts, gate | up, in] tensor the converter splits (Granite MoE's)
+    mla: bool = False  # DeepSeek's kv_b_proj split into k_b (transposed) and v_b per head
+    no_lora: tuple[str, ...] = ()  # weights llama.cpp's graph multiplies without a GGUF LoRA: name suffixes
+    fused_experts: tuple[str, ...] = ()  # DBRX's [experts * ff, embd] gate, up, down: 3-D, down transposed
+    reshaped: tuple[str, ...] = ()  # Mamba 2's A, D (columns) and gated norm (per group): name suffixes
+    renamed: tuple[tuple[str, str], ...] = ()  # the converter's renames before its tensor map
+    gate_up: tuple[str, ...] = ()  # fused [experts,] gate | up tensors the converter splits (Granite MoE's)
     strip: str = ""  # a prefix the converter drops from checkpoint names before its tensor map (Bloom's)
     llama3_rope: bool = False  # llama3 rope scaling as rope_freqs: graphs of llama.cpp that read it
     check: Callable[[dict, Path], None] = field(default=lambda config, path: None)
     sentencepiece: str | None = None  # a tokenizer.model alone: "llama", "no-space-prefix" (Gemma 2 / 3)
 
+    @staticmethod
+    def expert_count(config: dict) -> int:
+        """The number of experts of a fused-experts (DBRX) config."""
+        return config["ffn_config"]["moe_num_experts"]
+
     def map_key(self, key: str) -> str:
         """The checkpoint name as the converter looks it up in llama.cpp's tensor map."""
-        return key.removeprefix(self.strip) if self.strip else key
+        key = key.removeprefix(self.strip) if self.strip else key
+        key = key + ".weight" if self.fused_experts and key.endswith(self.fused_experts) else key
+        for old, new in self.renamed:
+            key = key.replace(old, new)
+        return key.replace("e_score_correction_bias", "e_score_correction.bias")  # filter_tensors' rename
 
 
-def _query_scale(config: dict, path: Path) -> None:
-    """llama.cpp scales Gemma 2 / 3 queries by 1/sqrt(head_dim): a config that says otherwise is refused."""
-    scalar = config.get("query_pre_attn_scalar")
-    if scalar is not None and scalar != config["head_dim"]:
-        raise UnsupportedError(
-            f"query_pre_attn_scalar {scalar} != head_dim {config['head_dim']}: llama.cpp scales the "
-            "queries by 1/sqrt(head_dim) (except for its 27B models)",
-            path=path / "config.json",
-            fix="use --target merged or hooks",
-        )
-
-
-def _router_norm(normalized: bool) -> Callable[[dict, Path], None]:
-    """llama.cpp's graph renormalizes the top-k router weights (Qwen3-MoE) or not (Qwen2-MoE), always."""
-
-    def check(config: dict, path: Path) -> None:
-        if bool(config.get("norm_topk_prob", normalized)) != normalized:
-            raise UnsupportedError(
-                f"norm_topk_prob {config.get('norm_topk_prob')}: llama.cpp's graph for this family "
-                f"{'always' if normalized else 'never'} renormalizes the routing weights",
-                path=path / "config.json",
-                fix="use --target merged or hooks",
-            )
-
-    return check
-
-
-def _qk_layernorm(config: dict, path: Path) -> None:
-    """StableLM's per-head q / k LayerNorms (the converter stacks them); Phi's (none in llama.cpp)."""
-    if config.get("qk_layernorm"):
-        raise UnsupportedError(f"qk_layernorm: the gguf target does not write {config['model_type']}'s q / k "
-                               "norms (StableLM's per-head norms are stacked by llama.cpp's converter; "
-                               "llama.cpp's phi2 graph has none)", path=path / "config.json",
-                               fix="use --target merged")  # fmt: skip
-
-
-def _own_head(config: dict, path: Path) -> None:
-    """llama.cpp's OLMo 2, StableLM and Phi-2 graphs read a head of their own, which a tied base has not."""
-    if config.get("tie_word_embeddings"):
-        raise UnsupportedError(f"tie_word_embeddings true: llama.cpp's {config['model_type']} graph reads a "
-                               "head of its own (output.weight), which the converter writes from lm_head",
-                               path=path / "config.json", fix="use --target merged")  # fmt: skip
-
-
-def _both(*checks: Callable[[dict, Path], None]) -> Callable[[dict, Path], None]:
-    """A check made of several."""
-
-    def check(config: dict, path: Path) -> None:
-        for one in checks:
-            one(config, path)
-
-    return check
-
-
-def _falcon(config: dict, path: Path) -> None:
-    """llama.cpp's Falcon graph: rotary, parallel attention and MLP, no biases in the linear layers."""
-    for key, says in (("alibi", True), ("parallel_attn", False), ("bias", True)):
-        if bool(config.get(key, not says)) == says:
-            raise UnsupportedError(f"{key} {str(says).lower()}: llama.cpp's Falcon graph has rotary "
-                                   "positions, parallel attention and MLP and no biases in its linear layers",
-                                   path=path / "config.json", fix="use --target merged")  # fmt: skip
-
-
-def _tied(config: dict, path: Path) -> None:
-    """llama.cpp's Command-R graphs tie the head to the embedding and have no attention biases."""
-    if not config.get("tie_word_embeddings", True) or config.get("attention_bias"):
-        raise UnsupportedError(f"tie_word_embeddings {config.get('tie_word_embeddings')}, attention_bias "
-                               f"{config.get('attention_bias')}: llama.cpp's {config['model_type']} graph "
-                               "ties the head to the embedding and has no attention biases",
-                               path=path / "config.json", fix="use --target merged")  # fmt: skip
-
-
-def _ernie_bias(config: dict, path: Path) -> None:
-    """llama.cpp's ERNIE 4.5 graph reads no q / k / v / MLP biases."""
-    if config.get("use_bias"):
-        raise UnsupportedError("use_bias true: llama.cpp's ERNIE 4.5 graph has no q / k / v or MLP biases",
-                               path=path / "config.json", fix="use --target merged")  # fmt: skip
-
-
-def _cohere(config: dict, path: Path) -> None:
-    """llama.cpp's Command-R graph: the head tied, q / k norms exactly in models of 64 layers or more."""
-    _tied(config, path)
-    deep = config["num_hidden_layers"] >= 64
-    if bool(config.get("use_qk_norm")) != deep:
-        raise UnsupportedError(f"use_qk_norm {config.get('use_qk_norm')} with {config['num_hidden_layers']} "
-                               "layers: llama.cpp's Command-R graph has q / k norms exactly in models of 64 "
-                               "layers or more", path=path / "config.json",
-                               fix="use --target merged")  # fmt: skip
-
-
-def _olmoe(config: dict, path: Path) -> None:
-    """llama.cpp's OLMoE graph: q / k norms as wide as the model (no grouped kv heads), no clip_qkv."""
-    n_kv = config.get("num_key_value_heads") or config["num_attention_heads"]
-    if n_kv != config["num_attention_heads"] or config.get("clip_qkv") is not None:
-        raise UnsupportedError(f"num_key_value_heads {n_kv}, clip_qkv {config.get('clip_qkv')}: llama.cpp's "
-                               "OLMoE graph has a kv head per head and no clamp", path=path / "config.json",
-                               fix="use --target merged")  # fmt: skip
-
-
-def _mamba(config: dict, path: Path) -> None:
-    """The converter pads Mamba's vocabulary to pad_vocab_size_multiple and assumes an expansion of 2."""
-    pad = config.get("pad_vocab_size_multiple", 8)
-    d_model = config["hidden_size"]
-    if config["vocab_size"] % pad or (config.get("intermediate_size") or 2 * d_model) != 2 * d_model:
-        raise UnsupportedError(f"vocab_size {config['vocab_size']} (pad_vocab_size_multiple {pad}), "
-                               f"intermediate_size {config.get('intermediate_size')}: the converter pads the "
-                               "vocabulary and writes Mamba with an expansion of 2",
-                               path=path / "config.json", fix="use --target merged")  # fmt: skip
-
-
-def _exaone4(config: dict, path: Path) -> None:
-    """llama.cpp's EXAONE 4 graph: sliding windows, rope-less global layers exactly in 64-layer models."""
-    n_layers, window = config["num_hidden_layers"], config.get("sliding_window")
-    if (n_layers == 64) != (window is not None):
-        raise UnsupportedError(f"sliding_window {window} with {n_layers} layers: llama.cpp's EXAONE 4 graph "
-                               "has sliding windows and rope-less global layers exactly in 64-layer models "
-                               "(the 32B)", path=path / "config.json", fix="use --target merged")  # fmt: skip
-
-
-def _smollm3_layers(config: dict, path: Path) -> None:
-    """llama.cpp's SmolLM3 graph: rope in every layer but each fourth, full attention everywhere."""
-    n_layers = config["num_hidden_layers"]
-    expected = [int((layer + 1) % 4 != 0) for layer in range(n_layers)]
-    if (rope := config.get("no_rope_layers")) is not None and list(rope) != expected:
-        raise UnsupportedError(f"no_rope_layers {rope}: llama.cpp's SmolLM3 graph leaves out rope in every "
-                               f"fourth layer only ({expected})", path=path / "config.json",
-                               fix="use --target merged")  # fmt: skip
-    if config.get("use_sliding_window") or "sliding_attention" in (config.get("layer_types") or ()):
-        raise UnsupportedError("sliding-window attention: llama.cpp's SmolLM3 graph attends over the whole "
-                               "context", path=path / "config.json", fix="use --target merged")  # fmt: skip
-
-
-_GATE_UP = "block_sparse_moe.input_linear.weight"  # Granite MoE's experts: [experts, gate | up, in]
+_GATE_UP = ("block_sparse_moe.input_linear.weight",)  # Granite MoE's experts: [experts, gate | up, in]
+_XIELU = tuple(f".act_fn.{key}" for key in ("alpha_n", "alpha_p", "beta", "eps"))  # Apertus' activation
+# llama.cpp's deepseek2 graph multiplies these with ggml_mul_mat, not build_lora_mm (kv_b: split in the GGUF)
+_MLA_NO_LORA = tuple(f"{name}.weight" for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"))
+_DBRX_EXPERTS = ("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2")  # gate, up, down
 _HEADWISE = Split("headwise", ("q", "k", "v"))  # per head q, k, v (GPT-NeoX, Bloom)
 _GROUPED = Split("grouped", ("q", "k", "v"))  # per kv head its query heads, key, value (Falcon, GPTBigCode)
 _GEMMA_DROPPED = _TIED_HEAD = ("lm_head.weight",)  # llama.cpp ties the head: the converter skips it
@@ -200,35 +90,72 @@ FAMILIES: dict[str, GgufFamily] = {
     "granitemoe": GgufFamily(
         gguf.MODEL_ARCH.GRANITE_MOE, hp.granite, permute_qk=True, llama3_rope=True, gate_up=_GATE_UP
     ),
+    "granitemoeshared": GgufFamily(  # its shared MLP's fused input_linear split likewise
+        gguf.MODEL_ARCH.GRANITE_MOE,
+        moe.granitemoeshared,
+        permute_qk=True,
+        llama3_rope=True,
+        gate_up=(*_GATE_UP, "shared_mlp.input_linear.weight"),
+    ),
     "olmo": GgufFamily(gguf.MODEL_ARCH.OLMO, hp.olmo, permute_qk=True),
-    "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),
-    "olmo3": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=_own_head),
-    "stablelm": GgufFamily(gguf.MODEL_ARCH.STABLELM, own.stablelm, check=_both(_qk_layernorm, _own_head)),
+    "olmo2": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=ck.own_head),
+    "olmo3": GgufFamily(gguf.MODEL_ARCH.OLMO2, hp.olmo2, check=ck.own_head),
+    "stablelm": GgufFamily(
+        gguf.MODEL_ARCH.STABLELM, own.stablelm, check=ck.both(ck.qk_layernorm, ck.own_head)
+    ),
     "starcoder2": GgufFamily(gguf.MODEL_ARCH.STARCODER2, hp.text),
-    "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, own.phi2, check=_both(_qk_layernorm, _own_head)),
-    "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, own.falcon, qkv=_GROUPED, check=_falcon),
+    "phi": GgufFamily(gguf.MODEL_ARCH.PHI2, own.phi2, check=ck.both(ck.qk_layernorm, ck.own_head)),
+    "falcon": GgufFamily(gguf.MODEL_ARCH.FALCON, own.falcon, qkv=_GROUPED, check=ck.falcon),
     "bloom": GgufFamily(gguf.MODEL_ARCH.BLOOM, own.bloom, qkv=_HEADWISE, strip="transformer."),
     "gpt_bigcode": GgufFamily(gguf.MODEL_ARCH.STARCODER, own.gpt_bigcode, qkv=_GROUPED, qkv_name="c_attn"),
     "mpt": GgufFamily(gguf.MODEL_ARCH.MPT, own.mpt),
     "arcee": GgufFamily(gguf.MODEL_ARCH.ARCEE, hp.llama, permute_qk=True, llama3_rope=True),
+    "apertus": GgufFamily(  # xIELU's parameters as metadata; q / k rows as stored (undo_permute False)
+        gguf.MODEL_ARCH.APERTUS, hp.llama, llama3_rope=True, dropped=_XIELU, from_tensors=own.xielu
+    ),
     "seed_oss": GgufFamily(gguf.MODEL_ARCH.SEED_OSS, hp.text),
-    "exaone4": GgufFamily(gguf.MODEL_ARCH.EXAONE4, hp.exaone4, llama3_rope=True, check=_exaone4),
-    "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=_cohere),
-    "cohere2": GgufFamily(gguf.MODEL_ARCH.COHERE2, hp.cohere2, dropped=_TIED_HEAD, check=_tied),
+    "exaone4": GgufFamily(gguf.MODEL_ARCH.EXAONE4, hp.exaone4, llama3_rope=True, check=ck.exaone4),
+    "cohere": GgufFamily(gguf.MODEL_ARCH.COMMAND_R, hp.cohere, dropped=_TIED_HEAD, check=ck.cohere),
+    "cohere2": GgufFamily(gguf.MODEL_ARCH.COHERE2, hp.cohere2, dropped=_TIED_HEAD, check=ck.tied),
     "glm4": GgufFamily(gguf.MODEL_ARCH.GLM4, hp.glm4),
-    "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=_ernie_bias),
+    "ernie4_5": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5, hp.text, check=ck.ernie_bias),
+    "ernie4_5_moe": GgufFamily(gguf.MODEL_ARCH.ERNIE4_5_MOE, moe.ernie4_5_moe, check=ck.ernie4_5_moe),
+    "dots1": GgufFamily(gguf.MODEL_ARCH.DOTS1, moe.dots1, check=ck.dots1),
+    "glm4_moe": GgufFamily(gguf.MODEL_ARCH.GLM4_MOE, moe.glm4_moe),
     "nemotron": GgufFamily(gguf.MODEL_ARCH.NEMOTRON, hp.nemotron, norm_plus_one=True),  # layernorm1p: w + 1
-    "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=_both(_router_norm(False), _olmoe)),
+    "olmoe": GgufFamily(gguf.MODEL_ARCH.OLMOE, hp.text, check=ck.both(ck.router_norm(False), ck.olmoe)),
+    "hunyuan_v1_dense": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_DENSE, hp.text, check=ck.hunyuan),
+    "hunyuan_v1_moe": GgufFamily(gguf.MODEL_ARCH.HUNYUAN_MOE, moe.hunyuan_moe, check=ck.hunyuan),
+    "deepseek_v2": GgufFamily(
+        gguf.MODEL_ARCH.DEEPSEEK2, moe.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
+    ),
+    "deepseek_v3": GgufFamily(
+        gguf.MODEL_ARCH.DEEPSEEK2, moe.deepseek2, mla=True, no_lora=_MLA_NO_LORA, check=ck.deepseek
+    ),
+    "dbrx": GgufFamily(gguf.MODEL_ARCH.DBRX, moe.dbrx, fused_experts=_DBRX_EXPERTS, check=ck.dbrx),
+    "jamba": GgufFamily(gguf.MODEL_ARCH.JAMBA, own.jamba, ssm=True, squeeze=("mamba.conv1d.weight",)),
     "glm": GgufFamily(gguf.MODEL_ARCH.CHATGLM, hp.glm),
     "mamba": GgufFamily(
-        gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=_mamba
+        gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.mamba
+    ),
+    "falcon_mamba": GgufFamily(
+        gguf.MODEL_ARCH.MAMBA, own.mamba, ssm=True, squeeze=("mixer.conv1d.weight",), check=ck.falcon_mamba
+    ),
+    "mamba2": GgufFamily(
+        gguf.MODEL_ARCH.MAMBA2,
+        own.mamba2,
+        ssm=True,
+        squeeze=("mixer.conv1d.weight",),
+        check=ck.mamba2,
+        reshaped=("mixer.A_log", "mixer.D", "mixer.norm.weight"),
+        renamed=((".dt_bias", ".dt_proj.bias"),),
     ),
     "lfm2": GgufFamily(gguf.MODEL_ARCH.LFM2, hp.lfm2, squeeze=("conv.conv.weight",)),
-    "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=_smollm3_layers),
+    "smollm3": GgufFamily(gguf.MODEL_ARCH.SMOLLM3, hp.llama, permute_qk=True, check=ck.smollm3_layers),
     "qwen2": GgufFamily(gguf.MODEL_ARCH.QWEN2, hp.text),
     "qwen3": GgufFamily(gguf.MODEL_ARCH.QWEN3, hp.text),
-    "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, hp.qwen_moe, check=_router_norm(False)),
-    "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, hp.qwen_moe, check=_router_norm(True)),
+    "qwen2_moe": GgufFamily(gguf.MODEL_ARCH.QWEN2MOE, moe.qwen_moe, check=ck.router_norm(False)),
+    "qwen3_moe": GgufFamily(gguf.MODEL_ARCH.QWEN3MOE, moe.qwen_moe, check=ck.router_norm(True)),
     "gpt2": GgufFamily(
         gguf.MODEL_ARCH.GPT2, own.gpt2, transposed=(".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
     ),
@@ -240,14 +167,14 @@ FAMILIES: dict[str, GgufFamily] = {
         hp.gemma2,
         norm_plus_one=True,
         dropped=_GEMMA_DROPPED,
-        check=_query_scale,
+        check=ck.query_scale,
         sentencepiece="no-space-prefix",
     ),
     "gemma3_text": GgufFamily(
         gguf.MODEL_ARCH.GEMMA3,
         hp.gemma3,
         norm_plus_one=True,
-        check=_query_scale,
+        check=ck.query_scale,
         sentencepiece="no-space-prefix",
     ),
 }

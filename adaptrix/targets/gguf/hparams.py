@@ -24,7 +24,6 @@ __all__ = [
     "olmo",
     "olmo2",
     "phi3",
-    "qwen_moe",
     "text",
 ]
 
@@ -69,15 +68,6 @@ def llama(w: Writer, config: dict) -> None:
     w.add_vocab_size(config["vocab_size"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     w.add_rope_dimension_count(head_dim)
-
-
-def qwen_moe(w: Writer, config: dict) -> None:
-    """Qwen2MoeModel / Qwen3MoeModel: TextModel's keys and the experts' widths."""
-    text(w, config)
-    if (n := config.get("moe_intermediate_size")) is not None:
-        w.add_expert_feed_forward_length(n)
-    if (n := config.get("shared_expert_intermediate_size")) is not None:
-        w.add_expert_shared_feed_forward_length(n)
 
 
 def phi3(w: Writer, config: dict) -> None:

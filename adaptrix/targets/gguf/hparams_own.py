@@ -7,10 +7,24 @@ then computes what the checkpoint computes.
 
 from __future__ import annotations
 
+from adaptrix.io.checkpoint import Checkpoint
 from adaptrix.targets.gguf.hparams import Writer, get
 from adaptrix.targets.gguf.rope import rope_params
 
-__all__ = ["bloom", "falcon", "gpt2", "gpt_bigcode", "gpt_neox", "mamba", "mpt", "phi2", "stablelm"]
+__all__ = [
+    "bloom",
+    "falcon",
+    "gpt2",
+    "gpt_bigcode",
+    "gpt_neox",
+    "jamba",
+    "mamba",
+    "mamba2",
+    "mpt",
+    "phi2",
+    "stablelm",
+    "xielu",
+]
 
 
 def gpt2(w: Writer, config: dict) -> None:
@@ -144,3 +158,58 @@ def mamba(w: Writer, config: dict) -> None:
     w.add_ssm_time_step_rank(get(config, "time_step_rank", "dt_rank", default=-(d_model // -16)))
     w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-5))
     w.add_ssm_dt_b_c_rms(config.get("model_type") == "falcon_mamba")
+
+
+_XIELU = ("alpha_n", "alpha_p", "beta", "eps")
+
+
+def xielu(w: Writer, base: Checkpoint) -> None:
+    """ApertusModel: each layer's xIELU parameters (stored as tensors) as per-layer metadata arrays."""
+    values = {key: [] for key in _XIELU}
+    for layer in range(base.config["num_hidden_layers"]):
+        for key in _XIELU:
+            values[key].append(base.read(f"model.layers.{layer}.mlp.act_fn.{key}").float().item())
+    w.add_xielu_alpha_n(values["alpha_n"])
+    w.add_xielu_alpha_p(values["alpha_p"])
+    w.add_xielu_beta(values["beta"])
+    w.add_xielu_eps(values["eps"])
+
+
+def jamba(w: Writer, config: dict) -> None:
+    """JambaModel: kv heads per layer (0 in its Mamba layers), the SSM's sizes, the experts."""
+    d_model, n_layers = config["hidden_size"], config["num_hidden_layers"]
+    offset, period = config["attn_layer_offset"], config["attn_layer_period"]
+    kv = [
+        config["num_key_value_heads"] if i >= offset and (i - offset) % period == 0 else 0
+        for i in range(n_layers)
+    ]
+    w.add_block_count(n_layers)
+    w.add_context_length(get(config, "max_position_embeddings", "n_ctx"))
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(kv)
+    w.add_ssm_conv_kernel(config.get("mamba_d_conv") or 4)
+    w.add_ssm_inner_size(config["mamba_expand"] * d_model)
+    w.add_ssm_state_size(config.get("mamba_d_state") or 16)
+    w.add_ssm_time_step_rank(config.get("mamba_dt_rank") or -(d_model // -16))
+    w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-6))
+    w.add_expert_count(get(config, "num_local_experts", "num_experts"))
+    w.add_expert_used_count(get(config, "num_experts_per_tok", "num_experts_per_token"))
+
+
+def mamba2(w: Writer, config: dict) -> None:
+    """Mamba2Model."""
+    d_model = get(config, "hidden_size", "d_model", "dim")
+    d_inner = get(config, "mamba_d_ssm", "intermediate_size", "d_inner") or config.get("expand", 2) * d_model
+    w.add_context_length(2**20)  # the converter's: Mamba has no context limit
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_ssm_conv_kernel(get(config, "conv_kernel", "d_conv", default=4))
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(get(config, "state_size", "d_state", default=128))
+    w.add_ssm_time_step_rank(d_inner // get(config, "mamba_d_head", "head_dim", default=64))
+    w.add_ssm_group_count(config.get("n_groups") or 1)
+    w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-5))

@@ -39,7 +39,13 @@ def lora_tensors(ir: AdapterIR, base: Checkpoint, family: GgufFamily) -> list[Lo
     for pair in low_rank_pairs(factored_as_low_rank(ir), base, torch.float32):
         weight = pair.weight
         name = names.get_name(family.map_key(weight), try_suffixes=(".weight",))
-        missing = weight in family.dropped or weight not in base.tensors or name is None
+        missing = weight.endswith(family.dropped) or weight not in base.tensors or name is None
+        if weight.endswith(family.no_lora):
+            raise UnsupportedError(
+                f"{pair.placement.name}: llama.cpp's {family.arch.name} graph applies no LoRA to this module",
+                path=base.path,
+                fix="compile without --unmerged (merged into the weights), or leave the module out",
+            )  # fmt: skip
         if missing or _EXPERT.fullmatch(weight):
             raise UnsupportedError(
                 f"{pair.placement.name}: the GGUF model has no tensor of its own for this module"

@@ -91,6 +91,8 @@ def add_metadata(writer: gguf.GGUFWriter, base: Checkpoint, family: GgufFamily, 
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(base.path.name)
     family.hparams(writer, base.config)
+    if family.from_tensors is not None:
+        family.from_tensors(writer, base)
     add_rope_scaling(writer, base.config)
     writer.add_file_type(FILE_TYPES[quantize])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

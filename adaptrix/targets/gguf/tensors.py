@@ -37,7 +37,8 @@ CHUNK_BYTES = 4 << 20  # float32 bytes of rows rounded at a time, a few blocks a
 _NOT_WEIGHTS = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq", ".attn.bias",
                 ".attn.masked_bias")  # fmt: skip
 _EXPERT = re.compile(r"(.+\.experts)\.(\d+)\.(.+)")
-_A_LOG = "mixer.A_log"  # Mamba's: stored as A = -exp(A_log)
+_KV_B = "kv_b_proj.weight"  # DeepSeek's MLA: split into k_b and v_b
+_A_LOG = ".A_log"  # Mamba's and Jamba's: stored as A = -exp(A_log)
 # Kept in float32 whatever the file type, as the converter and llama-quantize keep them
 _F32_KINDS = frozenset({gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP,
                         gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES,
@@ -73,7 +74,7 @@ def gguf_tensors(
         )  # fmt: skip
     groups: dict[str, list[tuple[int, TensorPlan]]] = {}
     for item in items:
-        if item.name.endswith(_NOT_WEIGHTS) or item.name in family.dropped:
+        if item.name.endswith((*_NOT_WEIGHTS, *family.dropped)):
             if item.touched:
                 raise UnsupportedError(
                     f"{item.name}: the adapter changes a tensor that llama.cpp's GGUF leaves out",
@@ -88,6 +89,9 @@ def gguf_tensors(
     for key, group in groups.items():
         if family.gate_up and key.endswith(family.gate_up):  # split in two, as the converter does
             tensors.extend(_halves(key, tuple(item for _, item in group), base, qtype))
+            continue
+        if family.mla and key.endswith(_KV_B):
+            tensors.extend(_kv_b(key, group[0][1], base, qtype))
             continue
         found = names.get_type_and_name(family.map_key(key), try_suffixes=(".weight", ".bias"))
         if found is None:
@@ -104,6 +108,13 @@ def gguf_tensors(
             tuple(n for n in shape if n != 1) if family.squeeze and key.endswith(family.squeeze) else shape
         )
         shape = (len(group), *shape) if len(group) > 1 or _EXPERT.fullmatch(group[0][1].name) else shape
+        shape = (
+            _reshaped(key, shape, base.config) if family.reshaped and key.endswith(family.reshaped) else shape
+        )
+        if family.fused_experts and key.endswith(family.fused_experts):  # DBRX's [experts * ff, embd]
+            experts = family.expert_count(base.config)
+            shape = (experts, shape[0] // experts, shape[1])
+            shape = (experts, shape[2], shape[1]) if key.endswith(family.fused_experts[-1]) else shape
         chosen = _qtype(kind, name, shape, qtype)
         if chosen is not qtype and chosen is Q.F16:
             kept.append(name)
@@ -112,14 +123,37 @@ def gguf_tensors(
 
 
 def _halves(key: str, items: tuple[TensorPlan, ...], base: Checkpoint, qtype: Q) -> list[GgufTensor]:
-    """A fused [experts, gate | up, in] tensor as the converter writes it: ffn_gate_exps and ffn_up_exps."""
-    experts, rows, columns = base.tensors[items[0].source].shape
+    """A fused [experts, gate | up, in] (or shared [gate | up, in]) tensor as the converter splits it."""
+    *lead, rows, columns = base.tensors[items[0].source].shape
     layer = int(re.search(r"\.(\d+)\.", key)[1])
-    kinds = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)
-    shape = (experts, rows // 2, columns)
+    shared = (gguf.MODEL_TENSOR.FFN_GATE_SHEXP, gguf.MODEL_TENSOR.FFN_UP_SHEXP)
+    kinds = shared if not lead else (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP)
+    shape = (*lead, rows // 2, columns)
     names = [gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight" for kind in kinds]
     return [GgufTensor(name, key, items, shape, _qtype(kind, name, shape, qtype), half)
             for half, (kind, name) in enumerate(zip(kinds, names, strict=True))]  # fmt: skip
+
+
+def _kv_b(key: str, item: TensorPlan, base: Checkpoint, qtype: Q) -> list[GgufTensor]:
+    """DeepSeek's kv_b_proj as the converter writes it for MLA: k_b [heads, rank, nope] and v_b."""
+    config, layer = base.config, int(re.search(r"\.(\d+)\.", key)[1])
+    n_head, nope = config["num_attention_heads"], config["qk_nope_head_dim"]
+    rank = base.tensors[item.source].shape[-1]
+    shapes = {gguf.MODEL_TENSOR.ATTN_K_B: (n_head, rank, nope),
+              gguf.MODEL_TENSOR.ATTN_V_B: (n_head, config["v_head_dim"], rank)}  # fmt: skip
+    tensors = []
+    for half, (kind, shape) in enumerate(shapes.items()):
+        name = gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"
+        tensors.append(GgufTensor(name, key, (item,), shape, _qtype(kind, name, shape, qtype), half))
+    return tensors
+
+
+def _reshaped(key: str, shape: tuple[int, ...], config: dict) -> tuple[int, ...]:
+    """Mamba 2's vectors as the converter reshapes them: the gated norm per group, A and D as columns."""
+    if key.endswith("norm.weight"):
+        groups = config.get("n_groups") or 1
+        return (groups, shape[0] // groups)
+    return (*shape, 1)
 
 
 def _qtype(kind: gguf.MODEL_TENSOR, name: str, shape: tuple[int, ...], qtype) -> gguf.GGMLQuantizationType:
@@ -153,6 +187,15 @@ def source_value(
     if tensor.half is not None:  # the whole fused tensor, then its half
         shape = tuple(base.tensors[tensor.items[0].source].shape)
         whole = source_value(dataclasses.replace(tensor, half=None, shape=shape), base, family)
+        if family.mla and tensor.key.endswith(_KV_B):  # per head [nope | v] rows: k_b transposed, v_b
+            config = base.config
+            nope = config["qk_nope_head_dim"]
+            heads = whole.reshape(config["num_attention_heads"], nope + config["v_head_dim"], shape[-1])
+            return (
+                heads[:, :nope].transpose(1, 2).contiguous()
+                if tensor.half == 0
+                else heads[:, nope:].contiguous()
+            )
         rows = whole.shape[-2] // 2
         return whole.narrow(-2, tensor.half * rows, rows).contiguous()
     item = tensor.items[0]
@@ -165,7 +208,7 @@ def source_value(
             out = buffer[:size].view(base.tensors[item.source].shape)
             return merged_value(item, base, torch.float32, out=out)
     parts = [merged_value(item, base, torch.float32) for item in tensor.items]
-    value = torch.stack(parts) if len(tensor.shape) == len(parts[0].shape) + 1 else parts[0]
+    value = torch.stack(parts) if len(parts) > 1 or _EXPERT.fullmatch(tensor.items[0].name) else parts[0]
     return rewrite(tensor.key, value, family, base)
 
 
@@ -176,6 +219,8 @@ def _rewritten(key: str, family: GgufFamily) -> bool:
         or (family.norm_plus_one and key.endswith("norm.weight"))
         or (family.transposed and key.endswith(family.transposed))
         or (family.ssm and key.endswith(_A_LOG))
+        or bool(family.fused_experts and key.endswith(family.fused_experts))
+        or bool(family.reshaped and key.endswith(family.reshaped))
         or (family.squeeze and key.endswith(family.squeeze))
         or (family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")))
     )
@@ -195,6 +240,11 @@ def rewrite(key: str, value: torch.Tensor, family: GgufFamily, base: Checkpoint)
         value = value.T.contiguous()
     if family.ssm and key.endswith(_A_LOG):
         value = -torch.exp(value)
+    if family.reshaped and key.endswith(family.reshaped):
+        value = value.reshape(_reshaped(key, tuple(value.shape), config))
+    if family.fused_experts and key.endswith(family.fused_experts):  # per expert [ff, embd]; down: [embd, ff]
+        value = value.reshape(family.expert_count(config), -1, value.shape[-1])
+        value = value.transpose(1, 2).contiguous() if key.endswith(family.fused_experts[-1]) else value
     if family.squeeze and key.endswith(family.squeeze):
         value = value.squeeze(1)  # conv weights [channels, 1, kernel] -> [channels, kernel]
     if family.qkv is not None and key.endswith((f"{family.qkv_name}.weight", f"{family.qkv_name}.bias")):
