@@ -147,12 +147,7 @@ def mpt(w: Writer, config: dict) -> None:
 def mamba(w: Writer, config: dict) -> None:
     """MambaModel."""
     d_model = get(config, "hidden_size", "d_model")
-    w.add_context_length(2**20)  # the converter's: Mamba has no context limit
-    w.add_embedding_length(d_model)
-    w.add_feed_forward_length(0)
-    w.add_head_count(0)
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_ssm_conv_kernel(get(config, "conv_kernel", "d_conv", default=4))
+    _ssm_layout(w, config, d_model)
     w.add_ssm_inner_size(get(config, "intermediate_size", "d_inner", default=2 * d_model))
     w.add_ssm_state_size(get(config, "state_size", "d_state", default=16))
     w.add_ssm_time_step_rank(get(config, "time_step_rank", "dt_rank", default=-(d_model // -16)))
@@ -202,14 +197,19 @@ def mamba2(w: Writer, config: dict) -> None:
     """Mamba2Model."""
     d_model = get(config, "hidden_size", "d_model", "dim")
     d_inner = get(config, "mamba_d_ssm", "intermediate_size", "d_inner") or config.get("expand", 2) * d_model
+    _ssm_layout(w, config, d_model)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(get(config, "state_size", "d_state", default=128))
+    w.add_ssm_time_step_rank(d_inner // get(config, "mamba_d_head", "head_dim", default=64))
+    w.add_ssm_group_count(config.get("n_groups") or 1)
+    w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-5))
+
+
+def _ssm_layout(w: Writer, config: dict, d_model: int) -> None:
+    """The keys Mamba and Mamba 2 write first, in the converter's order (part of the file's bytes)."""
     w.add_context_length(2**20)  # the converter's: Mamba has no context limit
     w.add_embedding_length(d_model)
     w.add_feed_forward_length(0)
     w.add_head_count(0)
     w.add_block_count(config["num_hidden_layers"])
     w.add_ssm_conv_kernel(get(config, "conv_kernel", "d_conv", default=4))
-    w.add_ssm_inner_size(d_inner)
-    w.add_ssm_state_size(get(config, "state_size", "d_state", default=128))
-    w.add_ssm_time_step_rank(d_inner // get(config, "mamba_d_head", "head_dim", default=64))
-    w.add_ssm_group_count(config.get("n_groups") or 1)
-    w.add_layer_norm_rms_eps(get(config, "layer_norm_epsilon", "rms_norm_eps", default=1e-5))
