@@ -392,7 +392,9 @@ def make_adapter(
     model = load_model(family, base)
     lora_kwargs.setdefault("target_modules", list(FAMILIES[family].targets))
     config = LoraConfig(init_lora_weights=False, **{"r": 4, "lora_alpha": 8, **lora_kwargs})
-    peft_model = get_peft_model(model, config)
+    with torch.random.fork_rng():  # PEFT draws A and B from torch's global generator: seeded here, so
+        torch.manual_seed(seed)  # an adapter does not depend on which tests ran before it
+        peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():

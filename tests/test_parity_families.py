@@ -1,14 +1,27 @@
 """Merged output equals PEFT's forward for every family, plain LoRA and DoRA, fused modules included."""
 
 import pytest
-from builders import FAMILIES, FP32_TOLERANCE, make_adapter, model_logits, peft_logits, sample_inputs
+from builders import (
+    FAMILIES,
+    FP32_TOLERANCE,
+    TRANSFORMERS_5,
+    make_adapter,
+    model_logits,
+    peft_logits,
+    sample_inputs,
+)
 
 from adaptrix import compile_adapter
+
+# Their MLP targets reach transformers 5's packed experts, which PEFT wraps as parameters (no DoRA)
+_DORA_REFUSED_5 = frozenset({"dots1", "ernie4_5_moe", "glm4_moe"})
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_merged_matches_peft(family, use_dora, bases, tmp_path):
+    if use_dora and TRANSFORMERS_5 and family in _DORA_REFUSED_5:
+        pytest.skip("PEFT refuses DoRA on transformers 5's packed experts (lora.ParamWrapper)")
     base = bases(family)
     adapter = make_adapter(family, base, tmp_path / "adapter", use_dora=use_dora)
     out = tmp_path / "merged"
