@@ -33,8 +33,9 @@ __all__ = ["ggml_library", "map_ordered", "one_torch_thread", "quantize_rows"]
 logger = logging.getLogger(__name__)
 
 Q = gguf.GGMLQuantizationType
-# The types this target writes; their enum values are part of the GGUF format (stable across builds)
-_C_TYPES = frozenset({Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1})
+# The types rounded by llama.cpp's C (q8_0 is torch's: _q8_0); their enum values are part of the GGUF
+# format (stable across builds)
+_C_TYPES = frozenset({Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1})
 _MAX_THREADS = 8
 T, R = TypeVar("T"), TypeVar("R")
 # The largest float32 below 0.5: trunc(q + copysign(_HALF, q)) is C's roundf(q) for every float32 q
@@ -45,28 +46,26 @@ _Q8_BLOCKS = 4096  # q8_0 blocks rounded at once: a few hundred KB, cache-sized
 
 def quantize_rows(rows: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """`rows` (float32, [n, width]) rounded to `qtype`: the bytes `gguf.quants.quantize` gives."""
-    if qtype == Q.Q8_0 and rows.ndim == 2:
-        return _q8_0(np.ascontiguousarray(rows, dtype=np.float32))
-    lib = ggml_library()
-    if lib is None or qtype not in _C_TYPES or rows.ndim != 2:
+    lib = ggml_library() if qtype in _C_TYPES else None
+    if rows.ndim != 2 or (lib is None and qtype != Q.Q8_0):
         return gguf.quants.quantize(rows, qtype)
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     if rows.shape[1] % block:
         raise ValueError(f"rows of {rows.shape[1]} do not split into {qtype.name} blocks of {block}")
+    if qtype == Q.Q8_0:
+        return _q8_0(rows)
     out = np.empty((rows.shape[0], rows.shape[1] // block * size), dtype=np.uint8)
     _chunk(lib, qtype, rows, out, 0, rows.shape[0])
     return out
 
 
 def _q8_0(rows: np.ndarray) -> np.ndarray:
-    """q8_0 blocks of `rows` (float32, [n, width]), as `quantize_row_q8_0_ref` writes them.
+    """q8_0 blocks of `rows` (float32, contiguous, [n, 32 k]), as `quantize_row_q8_0_ref` writes them.
 
     Each block of 32: d = max|x| / 127, kept as float16; q = roundf(x * (1 / d)) as int8 (0 where d
     is 0). Rounded a few thousand blocks at a time in reused buffers; torch's kernels release the GIL.
     """
-    if rows.shape[1] % 32:
-        raise ValueError(f"rows of {rows.shape[1]} do not split into Q8_0 blocks of 32")
     blocks = torch.from_numpy(rows).reshape(-1, 32)
     out = torch.empty((blocks.shape[0], 34), dtype=torch.uint8)
     step = min(_Q8_BLOCKS, blocks.shape[0])
