@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gguf
 
+from adaptrix.targets.gguf.config_keys import get, head_dim
 from adaptrix.targets.gguf.rope import rope_dims, rope_params, swa_rope_theta
 
 __all__ = [
@@ -30,11 +31,6 @@ __all__ = [
 Writer = gguf.GGUFWriter
 
 
-def get(config: dict, *keys: str, default=None):
-    """The first of `keys` the config sets (the converter's find_hparam)."""
-    return next((config[key] for key in keys if config.get(key) is not None), default)
-
-
 def text(w: Writer, config: dict) -> None:
     """TextModel.set_gguf_parameters: the keys most families share."""
     w.add_block_count(config["num_hidden_layers"])
@@ -57,17 +53,16 @@ def text(w: Writer, config: dict) -> None:
         w.add_expert_count(n)
     if (n := get(config, "num_experts_per_tok")) is not None:
         w.add_expert_used_count(n)
-    if (head_dim := config.get("head_dim")) is not None:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    if (width := config.get("head_dim")) is not None:
+        w.add_key_length(width)
+        w.add_value_length(width)
 
 
 def llama(w: Writer, config: dict) -> None:
     """LlamaModel: TextModel's keys, the vocabulary size and the rotary width."""
     text(w, config)
     w.add_vocab_size(config["vocab_size"])
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(head_dim(config))
 
 
 def phi3(w: Writer, config: dict) -> None:
@@ -193,8 +188,7 @@ def glm4(w: Writer, config: dict) -> None:
     """Glm4Model: TextModel's keys and the partial rotary width."""
     text(w, config)
     rotary = rope_params(config).get("partial_rotary_factor") or config.get("partial_rotary_factor", 0.5)
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    w.add_rope_dimension_count(int(head_dim * rotary))
+    w.add_rope_dimension_count(int(head_dim(config) * rotary))
 
 
 def nemotron(w: Writer, config: dict) -> None:
@@ -218,9 +212,8 @@ def glm(w: Writer, config: dict) -> None:
     w.add_head_count(n_head)
     w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    head_dim = config.get("head_dim") or n_embd // n_head
     rotary = rope_params(config).get("partial_rotary_factor") or config.get("partial_rotary_factor", 0.5)
-    w.add_rope_dimension_count(int(head_dim * rotary))
+    w.add_rope_dimension_count(int(head_dim(config) * rotary))
     w.add_add_bos_token(False)
     w.add_rope_freq_base(rope_params(config).get("rope_theta") or 10000.0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gguf import ExpertGatingFuncType
 
+from adaptrix.targets.gguf.config_keys import head_dim
 from adaptrix.targets.gguf.hparams import Writer, get, granite, text
 from adaptrix.targets.gguf.rope import rope_params
 
@@ -140,8 +141,8 @@ def glm4_moe(w: Writer, config: dict) -> None:
     text(w, config)
     w.add_expert_group_count(config.get("n_group") or 1)
     w.add_expert_group_used_count(config.get("topk_group") or 1)
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    w.add_rope_dimension_count(int(head_dim * (rope_params(config).get("partial_rotary_factor") or 0.5)))
+    rotary = rope_params(config).get("partial_rotary_factor") or 0.5
+    w.add_rope_dimension_count(int(head_dim(config) * rotary))
     w.add_expert_count(config["n_routed_experts"])
     w.add_expert_feed_forward_length(config["moe_intermediate_size"])
     w.add_expert_shared_count(config["n_shared_experts"])

@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 
 from adaptrix.ir.errors import UnsupportedError
+from adaptrix.targets.gguf.config_keys import get, head_dim
 
 __all__ = ["add_rope_scaling", "check_rope", "rope_dims", "rope_params", "rope_tensors", "swa_rope_theta"]
 
@@ -24,15 +25,11 @@ _YARN_DEFAULTS = {"attention_factor": None, "attn_factor": None, "truncate": Tru
                   "mscale_all_dim": None}  # fmt: skip
 
 
-def _get(config: dict, *keys: str):
-    return next((config[key] for key in keys if config.get(key) is not None), None)
-
-
 def rope_params(config: dict) -> dict:
     """The rope parameters as transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters) saves them."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     params = dict(params.get("full_attention", params))  # transformers 5, per layer type: the global layers'
-    params.setdefault("rope_theta", _get(config, "rope_theta", "rotary_emb_base"))
+    params.setdefault("rope_theta", get(config, "rope_theta", "rotary_emb_base"))
     return params
 
 
@@ -135,7 +132,7 @@ def rope_tensors(config: dict) -> list[tuple[str, np.ndarray]]:
         return []
     params = rope_params(config)
     base = params.get("rope_theta") or 10000.0
-    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    dim = head_dim(config)
     factor = params.get("factor", 8.0)
     low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
     old = params.get("original_max_position_embeddings", 8192)

@@ -111,8 +111,7 @@ def _one_vocab_wide(base: Checkpoint) -> bool:
     layer 0's projections and its graph fails the check against the forward: torch.onnx exports it.
     """
     config = base.config
-    heads = max(config.get("num_attention_heads", 1), 1)
-    head = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    heads, head = _heads(config)
     kv = config.get("num_key_value_heads") or heads
     widths = {config.get("hidden_size"), config.get("intermediate_size"), heads * head, kv * head}
     return config.get("vocab_size") not in widths
@@ -120,10 +119,14 @@ def _one_vocab_wide(base: Checkpoint) -> bool:
 
 def _gqa_heads(base: Checkpoint) -> bool:
     """Whether onnxruntime's GroupQueryAttention runs the base's heads (CPU kernel: head size % 16 == 0)."""
-    config = base.config
-    heads = max(config.get("num_attention_heads", 1), 1)
-    head = config.get("head_dim") or config.get("hidden_size", 0) // heads
+    head = _heads(base.config)[1]
     return bool(head) and head % 16 == 0
+
+
+def _heads(config: dict) -> tuple[int, int]:
+    """(attention heads, head size) of a config: its head_dim, else hidden_size / heads."""
+    heads = max(config.get("num_attention_heads", 1), 1)
+    return heads, config.get("head_dim") or config.get("hidden_size", 0) // heads
 
 
 def exporter_versions(exporter: str) -> dict[str, str]:
