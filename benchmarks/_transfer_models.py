@@ -65,11 +65,16 @@ def load(directory: Path):
 
 
 def fit(
-    model, batches: Callable[[np.random.Generator], tuple], steps: int, lr: float, seed: int
+    model,
+    batches: Callable[[np.random.Generator], tuple],
+    steps: int,
+    lr: float,
+    seed: int,
+    weight_decay: float = 0.0,
 ) -> list[float]:
     """AdamW with a one-cycle schedule on fresh batches; returns the loss at 10 points."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng, losses = np.random.default_rng(seed), []
     model.train()

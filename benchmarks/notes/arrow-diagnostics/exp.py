@@ -7,26 +7,14 @@ torch.set_num_threads(1)
 import importlib
 data = importlib.import_module(sys.argv[3] if len(sys.argv) > 3 else "_routing_data")
 DOMAINS, TASKS = data.DOMAINS, data.TASKS
-from _transfer_models import load
+from _transfer_models import fit as _fit, load
 import _routing_models as rm
 rm.TASKS = TASKS
 from _routing_models import correct
 import diag
 
 def fit(model, batches, steps, lr, seed, wd):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng, losses = np.random.default_rng(seed), []
-    model.train()
-    for step in range(steps):
-        ids, labels = (torch.from_numpy(x) for x in batches(rng))
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); sched.step()
-        if step % max(1, steps // 5) == 0 or step == steps - 1:
-            losses.append(round(loss.item(), 3))
-    model.eval()
-    return losses
+    return _fit(model, batches, steps, lr, seed, weight_decay=wd)
 
 def train(base, out, task, r, seed):
     from peft import LoraConfig, get_peft_model
